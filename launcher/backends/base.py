@@ -1,0 +1,38 @@
+"""What the training loop needs from a backend (Accelerate now, DeepSpeed later)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    world_size: int
+    rank: int
+    device: torch.device
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """Wrap model and optimizer for distributed, mixed-precision training."""
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        """The plain module inside whatever `prepare` wrapped it in."""
+
+    def no_sync(self, model: Any) -> AbstractContextManager:
+        """Skip the gradient all-reduce for a micro-step that is not the last of its step."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate (with loss scaling where the precision needs it)."""
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all ranks."""
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor from every rank, rank order."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value of a picklable object, on every rank."""
+
+    def close(self) -> None:
+        """Synchronise ranks and tear the process group down."""

@@ -1,0 +1,83 @@
+"""Command line: parse, dispatch, exit codes. No logic lives here.
+
+    python -m launcher [+recipe=NAME] [key=value ...]      plan, then train
+    python -m launcher -m key=a,b [...]                    one job per combination (Hydra sweep)
+
+Exit codes: 0 done, 2 bad input (one line on stderr; nothing written).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from launcher.config import ConfigError
+
+USAGE = """usage: python -m launcher [-m|--multirun] [+recipe=NAME] [key=value ...]
+
+  +recipe=NAME        a recipe from recipes/ ({recipes}); default {default}
+  global_batch=N      samples per optimizer step over all devices (the plan derives the rest)
+  micro_batch=auto|N  per-device micro-batch; max_micro_batch=N caps auto
+  plan_only=true      print and save the plan, do not train (with cluster=NAME: {clusters})
+  GROUP=OPTION        pick a config option: {groups}
+  -m a=1,2 b=x,y      sweep: one job per combination, run one after another
+Any key of the composed config can be overridden, e.g. optim.base_lr=0.2 trainer.epochs=5.
+"""
+
+
+def _usage() -> str:
+    from launcher.compose import DEFAULT_RECIPE, group_options, recipe_names
+
+    groups = ("model", "data", "optim", "schedule", "backend", "trainer", "cluster")
+    return USAGE.format(
+        recipes=", ".join(recipe_names()),
+        default=DEFAULT_RECIPE,
+        clusters=", ".join(group_options("cluster")),
+        groups="; ".join(f"{g}={'|'.join(group_options(g))}" for g in groups),
+    )
+
+
+def run(args: list[str]) -> None:
+    from launcher.compose import compose_run, split_sweep
+    from launcher.run import check_run_dir, default_run_dir, execute, plan_for
+    from launcher.topology import from_env
+
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        raise ConfigError(f"{flags[0]}: unknown option; options are -m/--multirun and -h/--help")
+    jobs = split_sweep(overrides) if multirun else [overrides]
+    configs = [compose_run(job) for job in jobs]
+    launched = from_env()
+    for cfg in configs:  # every job is validated before anything is written
+        plan_for(cfg, launched)
+        check_run_dir(cfg)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    for i, cfg in enumerate(configs):
+        if multirun:
+            print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
+        sweep = (stamp, i) if multirun else None
+        run_dir = cfg.run_dir if cfg.run_dir is not None else default_run_dir(cfg, sweep)
+        execute(cfg, launched, run_dir if not isinstance(run_dir, str) else _path(run_dir))
+
+
+def _path(text: str):  # noqa: ANN202 - tiny helper to keep pathlib out of module import
+    from pathlib import Path
+
+    return Path(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(_usage())
+        return 0
+    try:
+        run(args)
+    except ConfigError as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0

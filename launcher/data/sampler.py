@@ -1,0 +1,82 @@
+"""Exact, resumable global-batch sampling across ranks and accumulation steps.
+
+The sample stream is one seeded permutation of the training set per epoch, concatenated. Optimizer
+step s consumes stream positions [s*G, (s+1)*G) for global batch G, whatever the world size or
+accumulation: rank r takes the r-th contiguous slice of G / world positions and splits it into
+micro-batches in order. So the samples of every step depend only on (seed, G), and a run can
+resume from any step, at any world size, by its consumed-sample count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffle of epoch `epoch`: the same on every rank and every restart."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's micro-batches (index arrays), `accumulation` per optimizer step."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        global_batch: int,
+        micro_batch: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        steps: int,
+        start_step: int = 0,
+    ) -> None:
+        per_device, rem = divmod(global_batch, world_size)
+        if rem or per_device % micro_batch:
+            raise ValueError(
+                f"global batch {global_batch} does not split into micro-batches of {micro_batch} "
+                f"on {world_size} ranks"
+            )
+        self.n = num_samples
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.per_device = per_device
+        self.rank = rank
+        self.seed = seed
+        self.steps = steps
+        self.start_step = start_step
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _positions(self, start: int, count: int) -> np.ndarray:
+        """Dataset indices at stream positions [start, start + count)."""
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, offset = divmod(start + done, self.n)
+            if epoch not in self._perms:
+                self._perms = {e: p for e, p in self._perms.items() if e >= epoch}
+                self._perms[epoch] = epoch_permutation(self.n, self.seed, epoch)
+            take = min(count - done, self.n - offset)
+            out[done : done + take] = self._perms[epoch][offset : offset + take]
+            done += take
+        return out
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * (self.per_device // self.micro_batch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for step in range(self.start_step, self.steps):
+            mine = self._positions(
+                step * self.global_batch + self.rank * self.per_device, self.per_device
+            )
+            for j in range(0, self.per_device, self.micro_batch):
+                yield mine[j : j + self.micro_batch]
+
+
+def eval_shards(num_samples: int, world_size: int, rank: int, batch: int) -> list[np.ndarray]:
+    """This rank's eval batches: indices rank, rank + world, ... (each sample exactly once)."""
+    mine = np.arange(rank, num_samples, world_size)
+    return [mine[i : i + batch] for i in range(0, len(mine), batch)]

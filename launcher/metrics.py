@@ -1,0 +1,81 @@
+"""Rank-0 outputs of a run: metrics.jsonl, TensorBoard event files and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsSink:
+    """Writes what the loop reports. On ranks other than 0 every method does nothing."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        *,
+        total_steps: int,
+        global_batch: int,
+        tensorboard: bool,
+        progress: bool,
+    ) -> None:
+        self.enabled = run_dir is not None
+        self.global_batch = global_batch
+        self._file = self._tb = self._bar = None
+        self._t0, self._step0 = time.perf_counter(), 0
+        if not self.enabled:
+            return
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=True)
+
+    def start(self, step: int) -> None:
+        """Mark where timing starts (the first step of this process)."""
+        self._t0, self._step0 = time.perf_counter(), step
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def samples_per_second(self, step: int) -> float:
+        elapsed = time.perf_counter() - self._t0
+        return (step - self._step0) * self.global_batch / elapsed if elapsed > 0 else 0.0
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One line in metrics.jsonl; numeric fields also go to TensorBoard at `step`."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "samples") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, global_step=record["step"])
+        if self._bar is not None and "loss" in record:
+            self._bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.4g}",
+                samples_s=f"{record.get('samples_per_s', 0):,.0f}",
+                refresh=False,
+            )
+        if self._bar is not None and "eval_accuracy" in record:
+            self._bar.write(
+                f"step {record['step']}: eval accuracy {record['eval_accuracy']:.4f}, "
+                f"eval loss {record['eval_loss']:.4f}"
+            )
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()

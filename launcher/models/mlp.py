@@ -1,0 +1,20 @@
+"""A plain MLP over the flattened input (MNIST-1D paper baseline)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from launcher.config import MLPConfig
+from launcher.data import DataSpec
+
+
+def build(cfg: MLPConfig, spec: DataSpec) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(spec.input_shape)
+    for _ in range(cfg.depth):
+        layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
+        width = cfg.hidden
+    layers.append(nn.Linear(width, spec.num_classes))
+    return nn.Sequential(*layers)

@@ -1,0 +1,280 @@
+"""BatchPlan: every derived training number, with the reason it was chosen. Pure functions only.
+
+global_batch = micro_batch x accumulation x world_size, exactly. LR, warmup and decay follow the
+large-batch policy (DESIGN.md) and are defined in samples, so they do not move when world size,
+micro-batch or accumulation do. Nothing is rounded silently: what does not divide raises with
+both numbers and the nearest valid choices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from launcher.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig
+
+LARGE_BATCH_SWAP = {"sgd": "lars", "adam": "lamb", "adamw": "lamb"}
+SWAP_POLY_POWER = {"lars": 2.0, "lamb": 1.0}  # You et al. 2017 (LARS), You et al. 2019 (LAMB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPlan:
+    """The numbers a run trains with; `reasons` says why for each one."""
+
+    global_batch: int
+    world_size: int
+    per_device_batch: int
+    micro_batch: int
+    accumulation: int
+    optimizer: str
+    lr_rule: str
+    base_lr: float
+    lr: float
+    warmup_samples: int
+    warmup_start_lr: float
+    decay: str
+    decay_power: float
+    milestone_samples: tuple[int, ...]
+    gamma: float
+    end_lr: float
+    epoch_samples: int
+    steps: int
+    total_samples: int
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def warmup_steps(self) -> float:
+        return self.warmup_samples / self.global_batch
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _nearest_multiples(value: int, unit: int) -> str:
+    low = (value // unit) * unit
+    options = [m for m in (low, low + unit) if m > 0 and m != value]
+    return " or ".join(str(m) for m in options)
+
+
+def split_batch(
+    global_batch: int,
+    world_size: int,
+    micro_batch: int | str,
+    max_micro_batch: int,
+    memory_cap: int | None = None,
+) -> tuple[int, int, dict[str, str]]:
+    """(micro_batch, accumulation, reasons) with micro x accumulation x world == global, exactly.
+
+    `memory_cap` is the largest micro-batch the measured device memory allows (None: not measured).
+    """
+    if world_size > global_batch:
+        raise ConfigError(
+            f"global_batch={global_batch}: smaller than the world size {world_size}; every device "
+            f"needs at least one sample per step, so use global_batch >= {world_size}"
+        )
+    if global_batch % world_size:
+        raise ConfigError(
+            f"global_batch={global_batch}: not divisible by the world size {world_size} "
+            f"(remainder {global_batch % world_size}); nearest valid: "
+            f"{_nearest_multiples(global_batch, world_size)}"
+        )
+    per_device = global_batch // world_size
+    caps = {"max_micro_batch": max_micro_batch}
+    if memory_cap is not None:
+        caps["measured memory"] = memory_cap
+    cap_source, cap = min(caps.items(), key=lambda kv: kv[1])
+    reasons = {"per_device_batch": f"{per_device} = global {global_batch} / world {world_size}"}
+
+    if micro_batch != "auto":
+        micro = int(micro_batch)
+        if micro > cap:
+            raise ConfigError(
+                f"micro_batch={micro}: larger than the cap {cap} ({cap_source}); "
+                f"use micro_batch <= {cap} or micro_batch=auto"
+            )
+        if per_device % micro:
+            fitting = [d for d in _divisors(per_device) if d <= cap]
+            raise ConfigError(
+                f"micro_batch={micro}: does not divide the per-device batch {per_device} "
+                f"(global {global_batch} / world {world_size}); valid micro-batches: "
+                f"{', '.join(map(str, fitting))}; or keep it with global_batch "
+                f"{_nearest_multiples(global_batch, micro * world_size)}"
+            )
+        reasons["micro_batch"] = f"{micro} (micro_batch={micro}, divides {per_device})"
+    else:
+        micro = max(d for d in _divisors(per_device) if d <= cap)
+        why = f"largest divisor of {per_device} that is <= {cap} ({cap_source})"
+        if micro < per_device and micro * 2 <= cap:
+            better = world_size * cap * math.ceil(per_device / cap)
+            why += (
+                f"; {per_device} has no divisor in ({micro}, {cap}]: "
+                f"global_batch {better} would allow micro {cap}"
+            )
+        reasons["micro_batch"] = f"{micro} = {why}"
+    accumulation = per_device // micro
+    reasons["accumulation"] = (
+        f"{accumulation} = {global_batch} / ({micro} micro x {world_size} devices)"
+    )
+    return micro, accumulation, reasons
+
+
+def scale_lr(optim: OptimConfig, global_batch: int) -> tuple[float, str, str]:
+    """(lr, rule, reason) from the recipe's base_lr at ref_batch."""
+    rule = optim.scaling
+    if rule == "auto":
+        rule = "linear" if optim.family == "sgd" else "sqrt"
+    k = global_batch / optim.ref_batch
+    base, ratio = _fmt(optim.base_lr), f"{global_batch}/{optim.ref_batch}"
+    if rule == "linear":
+        lr, why = optim.base_lr * k, f"{base} x {ratio}, linear rule (Goyal et al. 2017)"
+    elif rule == "sqrt":
+        lr, why = optim.base_lr * math.sqrt(k), f"{base} x sqrt({ratio}), square-root rule"
+    else:
+        lr, why = optim.base_lr, f"{base}, not scaled (optim.scaling=none)"
+    if optim.scaling == "auto":
+        why += f"; auto picks {rule} for the {optim.family} family"
+    return lr, rule, f"{_fmt(lr)} = {why}"
+
+
+def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, str]:
+    """(optimizer, swapped, reason): SGD -> LARS and Adam -> LAMB above the threshold."""
+    big = optim.large_batch
+    target = LARGE_BATCH_SWAP.get(optim.name)
+    if target is None:
+        return optim.name, False, f"{optim.name} (optim.name)"
+    if not big.enabled:
+        return optim.name, False, f"{optim.name} (optim.large_batch.enabled=false)"
+    if global_batch <= big.threshold:
+        return (
+            optim.name,
+            False,
+            (f"{optim.name}: global batch {global_batch} <= large-batch threshold {big.threshold}"),
+        )
+    paper = "You et al. 2017" if target == "lars" else "You et al. 2019"
+    return (
+        target,
+        True,
+        (
+            f"{target} instead of {optim.name}: global batch {global_batch} > "
+            f"optim.large_batch.threshold {big.threshold} ({paper})"
+        ),
+    )
+
+
+def plan_batch(
+    cfg: RunConfig,
+    world_size: int,
+    epoch_samples: int,
+    memory_cap: int | None = None,
+    epoch_source: str = "",
+) -> BatchPlan:
+    """The whole plan for one run. Raises ConfigError on anything that does not fit exactly."""
+    if epoch_samples <= 0:
+        raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
+    micro, accum, reasons = split_batch(
+        cfg.global_batch, world_size, cfg.micro_batch, cfg.max_micro_batch, memory_cap
+    )
+    gb = cfg.global_batch
+    reasons["global_batch"] = f"{gb} (global_batch)"
+    reasons["world_size"] = f"{world_size} processes"
+    lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb)
+    optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
+
+    sched: ScheduleConfig = cfg.schedule
+    decay, power = sched.decay, sched.power
+    warmup_epochs = sched.warmup_epochs
+    if swapped:
+        decay, power = "poly", SWAP_POLY_POWER[optimizer]
+        warmup_epochs = cfg.optim.large_batch.warmup_epochs
+        reasons["decay"] = f"poly power {_fmt(power)} ({optimizer} policy)"
+    else:
+        reasons["decay"] = f"{decay} (schedule.decay)"
+
+    reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
+    total_exact = cfg.trainer.epochs * epoch_samples
+    steps = math.ceil(total_exact / gb)
+    reasons["steps"] = (
+        f"{steps:,} = ceil({_fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} / {gb})"
+    )
+    if steps * gb != total_exact:
+        reasons["steps"] += (
+            f"; the last step runs {steps * gb - total_exact:,.0f} samples into the next epoch's "
+            "shuffle, so no sample of the last epoch is skipped"
+        )
+
+    start = cfg.optim.base_lr if sched.warmup_from == "ref" else 0.0
+    start = min(start, lr)
+    warmup = round(warmup_epochs * epoch_samples)
+    if warmup_epochs == 0:
+        warmup, why = 0, "no warmup (warmup_epochs=0)"
+    elif sched.warmup_from == "ref" and lr <= cfg.optim.base_lr:
+        warmup, why = 0, f"no warmup: lr {_fmt(lr)} is not above the reference lr"
+    else:
+        why = (
+            f"{_fmt(warmup_epochs)} epochs = {warmup:,} samples ({warmup / gb:.1f} steps), "
+            f"linear from {_fmt(start)} to {_fmt(lr)}"
+        )
+        if warmup > steps * gb:
+            why += " (longer than the run: the peak lr is never reached)"
+    reasons["warmup_samples"] = why
+
+    milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
+    return BatchPlan(
+        global_batch=gb,
+        world_size=world_size,
+        per_device_batch=gb // world_size,
+        micro_batch=micro,
+        accumulation=accum,
+        optimizer=optimizer,
+        lr_rule=rule,
+        base_lr=cfg.optim.base_lr,
+        lr=lr,
+        warmup_samples=warmup,
+        warmup_start_lr=start,
+        decay=decay,
+        decay_power=power,
+        milestone_samples=milestones if decay == "step" else (),
+        gamma=sched.gamma,
+        end_lr=sched.end_lr,
+        epoch_samples=epoch_samples,
+        steps=steps,
+        total_samples=steps * gb,
+        reasons=reasons,
+    )
+
+
+TABLE_ROWS = (
+    "global_batch",
+    "world_size",
+    "per_device_batch",
+    "micro_batch",
+    "accumulation",
+    "optimizer",
+    "lr",
+    "warmup_samples",
+    "decay",
+    "epoch_samples",
+    "steps",
+)
+
+
+def format_plan(plan: BatchPlan) -> str:
+    """The plan as a table: one row per derived number, with its reason."""
+    values = {
+        "lr": _fmt(plan.lr),
+        "warmup_samples": f"{plan.warmup_samples:,}",
+        "epoch_samples": f"{plan.epoch_samples:,}",
+        "steps": f"{plan.steps:,}",
+    }
+    rows = [(k, values.get(k, str(getattr(plan, k))), plan.reasons.get(k, "")) for k in TABLE_ROWS]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'':-<{w0 + w1 + 40}}", "batch plan", f"{'':-<{w0 + w1 + 40}}"]
+    lines += [f"{k:<{w0}}  {v:>{w1}}  {why}" for k, v, why in rows]
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""One job, end to end: topology -> plan -> run directory -> build -> train -> outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError, RunConfig, to_dict
+from launcher.data import declared_epoch_samples
+from launcher.plan import BatchPlan, format_plan, plan_batch
+from launcher.topology import Topology, resolve
+
+
+def plan_for(
+    cfg: RunConfig, launched: Topology, epoch: tuple[int, str] | None = None
+) -> tuple[Topology, BatchPlan]:
+    """Topology and plan; the epoch size is the data config's declared one unless given."""
+    topology = resolve(cfg.cluster, launched, cfg.plan_only)
+    samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
+    return topology, plan_batch(cfg, topology.world_size, samples, epoch_source=source)
+
+
+def default_run_dir(cfg: RunConfig, sweep: tuple[str, int] | None = None) -> Path:
+    """outputs/<recipe>/<timestamp>, or outputs/<recipe>/multirun-<timestamp>/<job> in a sweep."""
+    if sweep is not None:
+        stamp, job = sweep
+        return Path("outputs") / cfg.recipe / f"multirun-{stamp}" / str(job)
+    return Path("outputs") / cfg.recipe / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """An explicit run_dir must not already hold a run."""
+    if cfg.run_dir is not None and (Path(cfg.run_dir) / "plan.json").exists():
+        raise ConfigError(
+            f"run_dir={cfg.run_dir!r}: already holds a run (plan.json); choose a new directory"
+        )
+
+
+def create_run_dir(path: Path, explicit: bool) -> Path:
+    """Create the run directory; a default one that exists already gets a -2, -3 ... suffix."""
+    if explicit:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
+def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan) -> None:
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+
+
+def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+    """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
+    if cfg.plan_only:
+        _, plan = plan_for(cfg, launched)
+        run_dir = create_run_dir(run_dir, cfg.run_dir is not None)
+        write_plan_files(run_dir, cfg, plan)
+        print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
+        return {}
+    return _train(cfg, launched, run_dir)
+
+
+def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+    import torch
+
+    from launcher.backends import build_backend
+    from launcher.data import build_splits, make_loader
+    from launcher.data.sampler import GlobalBatchSampler, eval_shards
+    from launcher.metrics import MetricsSink
+    from launcher.models import build_model
+    from launcher.optim import build_optimizer
+    from launcher.train import check_replicas, fit
+
+    topology, _ = plan_for(cfg, launched)  # fail on a bad batch before loading any data
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    splits = build_splits(cfg.data)
+    _, plan = plan_for(cfg, launched, (len(splits.train), " (counted in the training split)"))
+
+    backend = build_backend(cfg.backend, topology.device)
+    try:
+        if backend.world_size != topology.world_size:
+            raise RuntimeError(
+                f"backend sees {backend.world_size} processes, the environment says "
+                f"{topology.world_size}"
+            )
+        main = backend.rank == 0
+        run_dir = backend.broadcast_object(
+            create_run_dir(run_dir, cfg.run_dir is not None) if main else None
+        )
+        if main:
+            write_plan_files(run_dir, cfg, plan)
+            print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
+
+        dtype = getattr(torch, cfg.trainer.dtype)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, splits.spec).to(dtype)
+        optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+        model, optimizer = backend.prepare(model, optimizer)
+        sampler = GlobalBatchSampler(
+            len(splits.train),
+            global_batch=plan.global_batch,
+            micro_batch=plan.micro_batch,
+            world_size=plan.world_size,
+            rank=backend.rank,
+            seed=cfg.seed,
+            steps=plan.steps,
+        )
+        workers = getattr(cfg.data, "workers", 0)
+        pin = topology.device == "cuda"
+        train_batches = make_loader(splits.train, sampler, workers, pin)
+        shards = eval_shards(len(splits.eval), plan.world_size, backend.rank, plan.micro_batch)
+
+        sink = MetricsSink(
+            run_dir if main else None,
+            total_steps=plan.steps,
+            global_batch=plan.global_batch,
+            tensorboard=cfg.trainer.tensorboard,
+            progress=cfg.trainer.progress,
+        )
+        try:
+            result = fit(
+                model,
+                optimizer,
+                plan,
+                backend,
+                train_batches,
+                lambda: make_loader(splits.eval, shards, workers, pin),
+                sink,
+                log_every=cfg.trainer.log_every,
+                eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
+                dtype=dtype,
+            )
+            digest = check_replicas(model, backend)
+            sink.log({"final": True, "step": plan.steps, "param_digest": digest})
+        finally:
+            sink.close()
+        if main:
+            torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
+            print(
+                f"test accuracy {result['eval_accuracy']:.4f} "
+                f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
+                flush=True,
+            )
+        return result
+    finally:
+        backend.close()
