@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from launcher.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig
 
@@ -197,15 +198,15 @@ def plan_batch(
         reasons["decay"] = f"{decay} (schedule.decay)"
 
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
-    total_exact = cfg.trainer.epochs * epoch_samples
+    total_exact = Fraction(repr(cfg.trainer.epochs)) * epoch_samples  # 1.1 x 50000 is 55000
     steps = math.ceil(total_exact / gb)
     reasons["steps"] = (
         f"{steps:,} = ceil({_fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} / {gb})"
     )
     if steps * gb != total_exact:
         reasons["steps"] += (
-            f"; the last step runs {steps * gb - total_exact:,.0f} samples into the next epoch's "
-            "shuffle, so no sample of the last epoch is skipped"
+            f"; the last step runs {math.ceil(steps * gb - total_exact):,} samples into the "
+            "next epoch's shuffle, so no sample of the last epoch is skipped"
         )
 
     start = cfg.optim.base_lr if sched.warmup_from == "ref" else 0.0

@@ -1,0 +1,140 @@
+"""The launcher as a user runs it: exit codes, one-line errors, run-directory contents."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.cli import main
+from tests.conftest import read_metrics, run_cli
+
+BAD_INPUTS = [
+    (["+recipe=nope"], "recipe='nope': unknown; choose from mnist1d, resnet50"),
+    (["model=transformer9"], "model='transformer9': unknown; choose from"),
+    (["optim=rmsprop"], "optim='rmsprop': unknown; choose from"),
+    (["optim.name=rmsprop"], "optim.name='rmsprop': must be one of"),
+    (["global_batch=-8"], "global_batch=-8: must be > 0"),
+    (["global_batch=abc"], "global_batch='abc': must be an integer"),
+    (["global_batch=1.5"], "global_batch=1.5: must be an integer"),
+    (["micro_batch=48"], "micro_batch=48: does not divide the per-device batch 512"),
+    (["micro_batch=lots"], "micro_batch='lots': must be an integer or one of auto"),
+    (["global_batch=500", "micro_batch=auto", "max_micro_batch=0"], "max_micro_batch=0"),
+    (["no_such_key=1"], "Could not override 'no_such_key'"),
+    (["recipe=resnet50"], "select a recipe with +recipe=NAME"),
+    (["--fast"], "--fast: unknown option"),
+    (["+recipe=resnet50"], "data.root is not set: point it at an ImageNet-style folder"),
+    (["cluster=a100x8"], "cluster='a100x8': declares 1 x 8 = 8 devices"),
+    (["-m", "global_batch=64,100", "micro_batch=64"], "micro_batch=64: does not divide"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
+    assert message in err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no outputs/
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
+    res = run_cli(["global_batch=1000", "cluster=h100x256", "plan_only=true"], tmp_path)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        "launcher: error: global_batch=1000: not divisible by the world size 256 (remainder 232); "
+        "nearest valid: 768 or 1024"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
+    run_dir = tmp_path / "plan"
+    res = run_cli(
+        [
+            "+recipe=resnet50",
+            "global_batch=8192",
+            "plan_only=true",
+            "cluster=h100x256",
+            f"run_dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "plan.json"]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["world_size"], plan["micro_batch"], plan["accumulation"]) == (256, 32, 1)
+    assert plan["lr"] == pytest.approx(3.2) and plan["optimizer"] == "sgd"
+    assert plan["warmup_samples"] == 5 * 1281167
+    assert "3.2 = 0.1 x 8192/256, linear rule" in res.stdout
+    for row in ("micro_batch", "accumulation", "warmup_samples", "optimizer"):
+        assert row in res.stdout
+
+
+def test_plan_only_lars_above_8k_and_multirun(tmp_path):
+    res = run_cli(
+        ["-m", "+recipe=resnet50", "global_batch=8192,32768", "plan_only=true", "cluster=h100x256"],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    plans = sorted((tmp_path / "outputs" / "resnet50").glob("multirun-*/*/plan.json"))
+    assert len(plans) == 2
+    by_batch = {p["global_batch"]: p for p in (json.loads(f.read_text()) for f in plans)}
+    assert by_batch[8192]["optimizer"] == "sgd"
+    assert by_batch[32768]["optimizer"] == "lars" and by_batch[32768]["decay"] == "poly"
+    assert by_batch[32768]["micro_batch"] == 128 and by_batch[32768]["lr"] == pytest.approx(12.8)
+
+
+def test_explicit_run_dir_holding_a_run_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan_only=true", "run_dir=r"]) == 0
+    before = (tmp_path / "r" / "plan.json").read_text()
+    assert main(["plan_only=true", "run_dir=r", "global_batch=64"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "r" / "plan.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_default_run_shortened_reaches_90_percent(tmp_path, data_cache):
+    """`python -m launcher` (full MNIST-1D, global batch 512), cut to 8 epochs."""
+    res = run_cli([f"data.cache_dir={data_cache}", "trainer.epochs=8", "run_dir=run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert res.stdout.index("batch plan") < res.stdout.index("test accuracy")
+    metrics = read_metrics(run_dir)
+    final_eval = [m for m in metrics if "eval_accuracy" in m][-1]
+    assert final_eval["eval_accuracy"] >= 0.90
+    assert final_eval["eval_samples"] == 8000
+    train_lines = [m for m in metrics if "loss" in m]
+    assert train_lines[-1]["samples"] == 500 * 512  # ceil(8 x 32,000 / 512) steps, exact
+    assert all({"step", "samples", "loss", "lr"} <= m.keys() for m in train_lines)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").exists() and (run_dir / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_resnet_recipe_trains_on_synthetic_data(tmp_path):
+    """The torchvision path end to end (ResNet-18 on tiny synthetic images, accumulation 2)."""
+    res = run_cli(
+        [
+            "+recipe=resnet50",
+            "data=synthetic",
+            "model.arch=resnet18",
+            "data.train_samples=32",
+            "data.eval_samples=8",
+            "data.input_shape=[3,32,32]",
+            "data.num_classes=10",
+            "data.workers=0",
+            "global_batch=16",
+            "micro_batch=8",
+            "trainer.epochs=1",
+            "run_dir=run",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["accumulation"], plan["steps"]) == (8, 2, 2)
+    assert "test accuracy" in res.stdout

@@ -1,0 +1,167 @@
+"""Tests for composition (conf/ + recipes/ + CLI) and validation into RunConfig."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import yaml
+
+from launcher.compose import CONF_DIR, RECIPES_DIR, compose_run, split_sweep
+from launcher.config import ConfigError, RunConfig, to_dict, to_run_config
+
+GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
+RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+@functools.cache
+def _cfg(*overrides: str) -> RunConfig:
+    return compose_run(list(overrides))
+
+
+def _recipe_values(name: str) -> dict:
+    return yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+
+
+def _mismatches(want: dict, got: dict, prefix: str = "") -> list[str]:
+    """Keys of `want` (recursively) whose value in `got` differs."""
+    out = []
+    for key, value in want.items():
+        if isinstance(value, dict):
+            out += _mismatches(value, got[key], f"{prefix}{key}.")
+        elif got[key] != value:
+            out.append(f"{prefix}{key}: {got[key]!r} != {value!r}")
+    return out
+
+
+def test_there_is_something_to_compose():
+    groups = {p.parent.name for p in GROUP_FILES}
+    assert {"model", "data", "optim", "schedule", "backend", "trainer", "cluster"} <= groups
+    assert {"mnist1d", "resnet50"} <= {p.stem for p in RECIPE_FILES}
+
+
+@pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: f"{p.parent.name}={p.stem}")
+def test_every_group_option_composes(path):
+    group = path.parent.name
+    cfg = _cfg(f"{group}={path.stem}")  # on the default recipe (mnist1d)
+    assert isinstance(cfg, RunConfig) and cfg.recipe == "mnist1d"
+    got = to_dict(cfg)[group]
+    set_by_recipe = _recipe_values("mnist1d").get(group, {})
+    for key, value in yaml.safe_load(path.read_text()).items():
+        if key not in set_by_recipe:
+            assert got[key] == value, f"{group}.{key}"
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_every_recipe_composes(path):
+    cfg = _cfg(f"+recipe={path.stem}")
+    raw = _recipe_values(path.stem)
+    assert cfg.recipe == path.stem
+    values = {k: v for k, v in raw.items() if k != "defaults"}
+    assert "global_batch" in values and "optim" in values
+    assert _mismatches(values, to_dict(cfg)) == []
+
+
+def test_default_recipe_is_mnist1d():
+    assert _cfg() == _cfg("+recipe=mnist1d")
+
+
+def test_resnet50_recipe():
+    cfg = _cfg("+recipe=resnet50")
+    assert (cfg.model.name, cfg.model.arch, cfg.model.zero_init_residual) == (
+        "resnet",
+        "resnet50",
+        True,
+    )
+    assert cfg.optim.name == "sgd" and cfg.optim.nesterov is True
+    assert (cfg.optim.base_lr, cfg.optim.ref_batch) == (0.1, 256)
+    assert cfg.optim.large_batch.threshold == 8192
+    assert cfg.schedule.decay == "step" and cfg.schedule.milestones == (30.0, 60.0, 80.0)
+    assert cfg.trainer.epochs == 90 and cfg.data.name == "imagefolder"
+
+
+@pytest.mark.parametrize("recipe_last", [False, True])
+def test_cli_overrides_beat_recipe(recipe_last):
+    overrides = [
+        "optim.base_lr=0.2",
+        "trainer.epochs=10",
+        "schedule=cosine",
+        "model=mlp",
+        "optim.large_batch.threshold=100",
+        "global_batch=1024",
+    ]
+    cfg = _cfg(
+        *(overrides + ["+recipe=resnet50"] if recipe_last else ["+recipe=resnet50"] + overrides)
+    )
+    assert (cfg.optim.base_lr, cfg.trainer.epochs, cfg.global_batch) == (0.2, 10, 1024)
+    assert cfg.schedule.decay == "cosine" and cfg.model.name == "mlp"
+    assert cfg.optim.large_batch.threshold == 100
+    assert cfg.optim.nesterov is True and cfg.optim.large_batch.warmup_epochs == 12  # recipe kept
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["+recipe=nope"], ["recipe", "nope", "mnist1d", "resnet50"]),
+        (["model=nope"], ["model", "nope", "cnn1d", "mlp", "resnet50"]),
+        (["optim=rmsprop"], ["optim", "rmsprop", "adamw", "lars"]),
+        (["foo=1"], ["foo=1"]),
+        (["+foo=1"], ["foo=1", "unknown key"]),
+        (["+optim.foo=1"], ["optim.foo=1", "unknown key"]),
+        (["global_batch=abc"], ["global_batch", "abc", "integer"]),
+        (["global_batch=-5"], ["global_batch=-5", "> 0"]),
+        (["global_batch=0"], ["global_batch=0", "> 0"]),
+        (["global_batch=true"], ["global_batch=True", "integer"]),
+        (["micro_batch=x"], ["micro_batch", "x", "auto"]),
+        (["micro_batch=0"], ["micro_batch=0", "auto"]),
+        (["optim.name=rmsprop"], ["optim.name", "rmsprop", "sgd", "lamb"]),
+        (["optim.base_lr=0"], ["optim.base_lr=0", "> 0"]),
+        (
+            ["+recipe=resnet50", "schedule.milestones=[60,30]"],
+            ["schedule.milestones=[60.0, 30.0]", "increasing"],
+        ),
+        (["recipe=resnet50"], ["recipe=resnet50", "+recipe=NAME"]),
+    ],
+)
+def test_bad_input_raises_one_line_config_error(overrides, needles):
+    with pytest.raises(ConfigError) as err:
+        compose_run(overrides)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert [n for n in needles if n not in msg] == [], msg
+
+
+def test_missing_required_key():
+    node = to_dict(_cfg())
+    del node["global_batch"]
+    with pytest.raises(ConfigError, match="global_batch is required"):
+        to_run_config(node)
+
+
+def test_split_sweep():
+    jobs = split_sweep(["global_batch=32,512", "seed=1,2", "+recipe=mnist1d"])
+    assert len(jobs) == 4
+    assert {(c.global_batch, c.seed) for c in map(compose_run, jobs)} == {
+        (32, 1),
+        (32, 2),
+        (512, 1),
+        (512, 2),
+    }
+    assert split_sweep(["global_batch=32"]) == [["global_batch=32"]]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("+recipe=resnet50",),
+        ("+recipe=resnet50", "data=synthetic", "cluster=a100x8", "optim=adamw"),
+        ("model=mlp", "micro_batch=16", "run_dir=/tmp/x", "schedule=poly"),
+    ],
+)
+def test_to_dict_round_trips_through_yaml(overrides):
+    cfg = _cfg(*overrides)
+    node = to_dict(cfg)
+    assert node["recipe"] == cfg.recipe
+    back = to_run_config(yaml.safe_load(yaml.safe_dump(node)))
+    assert back == cfg
