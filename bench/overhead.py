@@ -1,0 +1,137 @@
+"""Loop overhead: the launcher's training loop vs a hand-written PyTorch loop, same model and data.
+
+Both train the MNIST-1D CNN at global batch 512 on one CPU thread for the same number of steps,
+in this process, alternating runs; the ratio of median samples/s is the result (target >= 0.98).
+The launcher side is the real path: plan, Accelerate backend, sampler, DataLoader, LR per step,
+metrics.jsonl + TensorBoard every `log_every` steps, one evaluation at the end (both sides).
+The progress bar is off on the launcher side (it only writes to the terminal).
+
+    python bench/overhead.py [--epochs 5] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from launcher.backends.accelerate import AccelerateBackend
+from launcher.compose import compose_run
+from launcher.data import build_splits, make_loader
+from launcher.data.sampler import GlobalBatchSampler, epoch_permutation, eval_shards
+from launcher.metrics import MetricsSink
+from launcher.models import build_model
+from launcher.optim import build_optimizer
+from launcher.plan import plan_batch
+from launcher.train import fit
+
+
+def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
+    """The launcher's real loop, `fit()`, with one final evaluation; returns seconds."""
+    plan = plan_batch(cfg, 1, len(splits.train))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, splits.spec)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+    model, optimizer = backend.prepare(model, optimizer)
+    sampler = GlobalBatchSampler(
+        len(splits.train),
+        global_batch=512,
+        micro_batch=512,
+        world_size=1,
+        rank=0,
+        seed=0,
+        steps=plan.steps,
+    )
+    run_dir.mkdir()
+    sink = MetricsSink(
+        run_dir, total_steps=plan.steps, global_batch=512, tensorboard=True, progress=False
+    )
+    shards = eval_shards(len(splits.eval), 1, 0, 512)
+    start = time.perf_counter()
+    fit(
+        model,
+        optimizer,
+        plan,
+        backend,
+        make_loader(splits.train, sampler),
+        lambda: make_loader(splits.eval, shards),
+        sink,
+        log_every=cfg.trainer.log_every,
+        eval_every_samples=plan.total_samples,
+        dtype=torch.float32,
+    )
+    elapsed = time.perf_counter() - start
+    sink.close()
+    return elapsed
+
+
+def handwritten_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int) -> float:
+    """What one would write by hand: index tensors, cosine with warmup, SGD; returns seconds."""
+    x_all, y_all = splits.train.x, splits.train.y
+    n = len(x_all)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, splits.spec)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.base_lr, momentum=0.9)
+    start = time.perf_counter()
+    for step in range(steps):
+        seen = step * 512
+        epoch, offset = divmod(seen, n)
+        idx = torch.from_numpy(epoch_permutation(n, 0, epoch)[offset : offset + 512])
+        if seen < warmup:
+            lr = cfg.optim.base_lr + (peak - cfg.optim.base_lr) * seen / warmup
+        else:
+            lr = 0.5 * peak * (1 + math.cos(math.pi * (seen - warmup) / (total - warmup)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # the same single evaluation at the end
+        model.eval()
+        correct = sum(
+            int((model(splits.eval.x[i : i + 512]).argmax(1) == splits.eval.y[i : i + 512]).sum())
+            for i in range(0, len(splits.eval), 512)
+        )
+    assert correct > 0
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = compose_run(["global_batch=512", f"trainer.epochs={args.epochs}"])
+    splits = build_splits(cfg.data)
+    plan = plan_batch(cfg, 1, len(splits.train))
+    backend = AccelerateBackend(cfg.backend, "cpu")
+    times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            times["hand-written"].append(
+                handwritten_loop(
+                    cfg, splits, plan.steps, plan.lr, plan.warmup_samples, plan.total_samples
+                )
+            )
+            times["launcher"].append(launcher_loop(cfg, splits, backend, Path(tmp) / str(r)))
+    samples = plan.steps * 512
+    rate = {k: samples / statistics.median(v) for k, v in times.items()}
+    print(f"steps per run {plan.steps}, global batch 512, repeats {args.repeats}, 1 thread")
+    for k, v in times.items():
+        print(
+            f"{k:>12}: median {statistics.median(v):.3f} s, {rate[k]:,.0f} samples/s "
+            f"(runs: {', '.join(f'{t:.3f}' for t in v)})"
+        )
+    print(f"ratio launcher / hand-written = {rate['launcher'] / rate['hand-written']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
