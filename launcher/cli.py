@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from launcher.config import ConfigError
 
@@ -50,6 +51,11 @@ def run(args: list[str]) -> None:
         raise ConfigError(f"{flags[0]}: unknown option; options are -m/--multirun and -h/--help")
     jobs = split_sweep(overrides) if multirun else [overrides]
     configs = [compose_run(job) for job in jobs]
+    if len({cfg.backend for cfg in configs}) > 1:
+        raise ConfigError(
+            "-m: a sweep cannot vary backend.* (Accelerate's state is fixed per process); "
+            "launch one sweep per backend setting"
+        )
     launched = from_env()
     for cfg in configs:  # every job is validated before anything is written
         plan_for(cfg, launched)
@@ -60,13 +66,7 @@ def run(args: list[str]) -> None:
             print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
         sweep = (stamp, i) if multirun else None
         run_dir = cfg.run_dir if cfg.run_dir is not None else default_run_dir(cfg, sweep)
-        execute(cfg, launched, run_dir if not isinstance(run_dir, str) else _path(run_dir))
-
-
-def _path(text: str):  # noqa: ANN202 - tiny helper to keep pathlib out of module import
-    from pathlib import Path
-
-    return Path(text)
+        execute(cfg, launched, Path(run_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,4 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if "torch" in sys.modules:  # a process group can only exist once torch was imported
+        from launcher.backends import teardown
+
+        teardown()
     return 0

@@ -174,6 +174,7 @@ def plan_batch(
     epoch_samples: int,
     memory_cap: int | None = None,
     epoch_source: str = "",
+    world_source: str = " processes",
 ) -> BatchPlan:
     """The whole plan for one run. Raises ConfigError on anything that does not fit exactly."""
     if epoch_samples <= 0:
@@ -183,7 +184,7 @@ def plan_batch(
     )
     gb = cfg.global_batch
     reasons["global_batch"] = f"{gb} (global_batch)"
-    reasons["world_size"] = f"{world_size} processes"
+    reasons["world_size"] = f"{world_size}{world_source}"
     lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb)
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
 

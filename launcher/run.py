@@ -20,7 +20,15 @@ def plan_for(
     """Topology and plan; the epoch size is the data config's declared one unless given."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
     samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
-    return topology, plan_batch(cfg, topology.world_size, samples, epoch_source=source)
+    c = cfg.cluster
+    if cfg.plan_only and c.declared_world_size is not None:
+        memory = "" if c.device_memory_gb == "auto" else f", {c.device_memory_gb:g} GB each"
+        shape = f"{c.nodes} nodes x {c.devices_per_node} {c.device} devices"
+        where = f" = {shape} (cluster={c.name}{memory})"
+    else:
+        where = f" {topology.device} process(es) on {topology.nodes} node(s), as launched"
+    plan = plan_batch(cfg, topology.world_size, samples, epoch_source=source, world_source=where)
+    return topology, plan
 
 
 def default_run_dir(cfg: RunConfig, sweep: tuple[str, int] | None = None) -> Path:
@@ -91,70 +99,67 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     _, plan = plan_for(cfg, launched, (len(splits.train), " (counted in the training split)"))
 
     backend = build_backend(cfg.backend, topology.device)
+    if backend.world_size != topology.world_size:
+        raise RuntimeError(
+            f"backend sees {backend.world_size} processes, the environment says "
+            f"{topology.world_size}"
+        )
+    main = backend.rank == 0
+    run_dir = backend.broadcast_object(
+        create_run_dir(run_dir, cfg.run_dir is not None) if main else None
+    )
+    if main:
+        write_plan_files(run_dir, cfg, plan)
+        print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
+
+    dtype = getattr(torch, cfg.trainer.dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.spec).to(dtype)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+    model, optimizer = backend.prepare(model, optimizer)
+    sampler = GlobalBatchSampler(
+        len(splits.train),
+        global_batch=plan.global_batch,
+        micro_batch=plan.micro_batch,
+        world_size=plan.world_size,
+        rank=backend.rank,
+        seed=cfg.seed,
+        steps=plan.steps,
+    )
+    workers = getattr(cfg.data, "workers", 0)
+    pin = topology.device == "cuda"
+    train_batches = make_loader(splits.train, sampler, workers, pin)
+    shards = eval_shards(len(splits.eval), plan.world_size, backend.rank, plan.micro_batch)
+
+    sink = MetricsSink(
+        run_dir if main else None,
+        total_steps=plan.steps,
+        global_batch=plan.global_batch,
+        tensorboard=cfg.trainer.tensorboard,
+        progress=cfg.trainer.progress,
+    )
     try:
-        if backend.world_size != topology.world_size:
-            raise RuntimeError(
-                f"backend sees {backend.world_size} processes, the environment says "
-                f"{topology.world_size}"
-            )
-        main = backend.rank == 0
-        run_dir = backend.broadcast_object(
-            create_run_dir(run_dir, cfg.run_dir is not None) if main else None
+        result = fit(
+            model,
+            optimizer,
+            plan,
+            backend,
+            train_batches,
+            lambda: make_loader(splits.eval, shards, workers, pin),
+            sink,
+            log_every=cfg.trainer.log_every,
+            eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
+            dtype=dtype,
         )
-        if main:
-            write_plan_files(run_dir, cfg, plan)
-            print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
-
-        dtype = getattr(torch, cfg.trainer.dtype)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, splits.spec).to(dtype)
-        optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
-        model, optimizer = backend.prepare(model, optimizer)
-        sampler = GlobalBatchSampler(
-            len(splits.train),
-            global_batch=plan.global_batch,
-            micro_batch=plan.micro_batch,
-            world_size=plan.world_size,
-            rank=backend.rank,
-            seed=cfg.seed,
-            steps=plan.steps,
-        )
-        workers = getattr(cfg.data, "workers", 0)
-        pin = topology.device == "cuda"
-        train_batches = make_loader(splits.train, sampler, workers, pin)
-        shards = eval_shards(len(splits.eval), plan.world_size, backend.rank, plan.micro_batch)
-
-        sink = MetricsSink(
-            run_dir if main else None,
-            total_steps=plan.steps,
-            global_batch=plan.global_batch,
-            tensorboard=cfg.trainer.tensorboard,
-            progress=cfg.trainer.progress,
-        )
-        try:
-            result = fit(
-                model,
-                optimizer,
-                plan,
-                backend,
-                train_batches,
-                lambda: make_loader(splits.eval, shards, workers, pin),
-                sink,
-                log_every=cfg.trainer.log_every,
-                eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
-                dtype=dtype,
-            )
-            digest = check_replicas(model, backend)
-            sink.log({"final": True, "step": plan.steps, "param_digest": digest})
-        finally:
-            sink.close()
-        if main:
-            torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
-            print(
-                f"test accuracy {result['eval_accuracy']:.4f} "
-                f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
-                flush=True,
-            )
-        return result
+        digest = check_replicas(model, backend)
+        sink.log({"final": True, "step": plan.steps, "param_digest": digest})
     finally:
-        backend.close()
+        sink.close()
+    if main:
+        torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
+        print(
+            f"test accuracy {result['eval_accuracy']:.4f} "
+            f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
+            flush=True,
+        )
+    return result

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launcher.cli import main
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import SMALL_DATA, read_metrics, run_cli
 
 BAD_INPUTS = [
     (["+recipe=nope"], "recipe='nope': unknown; choose from mnist1d, resnet50"),
@@ -138,3 +138,33 @@ def test_resnet_recipe_trains_on_synthetic_data(tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert (plan["micro_batch"], plan["accumulation"], plan["steps"]) == (8, 2, 2)
     assert "test accuracy" in res.stdout
+
+
+@pytest.mark.slow
+def test_multirun_trains_each_job_in_its_own_run_dir(tmp_path, data_cache):
+    res = run_cli(
+        [
+            "-m",
+            "global_batch=32,64",
+            *SMALL_DATA,
+            f"data.cache_dir={data_cache}",
+            "trainer.epochs=0.4",
+            "trainer.progress=false",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("test accuracy") == 2
+    runs = sorted((tmp_path / "outputs" / "mnist1d").glob("multirun-*/*"))
+    assert [r.name for r in runs] == ["0", "1"]
+    for run, batch in zip(runs, (32, 64), strict=True):
+        assert json.loads((run / "plan.json").read_text())["global_batch"] == batch
+        assert read_metrics(run)[-1]["step"] == 640 // batch  # 0.4 x 1,600 samples
+        assert (run / "model.pt").exists()
+
+
+def test_sweep_over_backend_settings_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-m", "backend.mixed_precision=no,bf16"]) == 2
+    assert "cannot vary backend" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

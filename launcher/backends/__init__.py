@@ -10,6 +10,19 @@ from launcher.config import BackendConfig
 BACKENDS = {"accelerate": "launcher.backends.accelerate:AccelerateBackend"}
 
 
+def teardown() -> None:
+    """Once per process, after the last job: barrier, then destroy the process group.
+
+    gloo aborts 10-20% of exits without both (shared/notes/environment-facts.md). The group lives
+    across the jobs of a sweep, so this is not per job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_backend(cfg: BackendConfig, device: str) -> Any:
     module, _, cls = BACKENDS[cfg.name].partition(":")
     return getattr(importlib.import_module(module), cls)(cfg, device)

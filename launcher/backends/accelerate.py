@@ -50,9 +50,3 @@ class AccelerateBackend:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([obj], from_process=0)[0]
-
-    def close(self) -> None:
-        # gloo aborts 10-20% of exits without a barrier + destroy (environment-facts.md)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()

@@ -33,6 +33,3 @@ class Backend(Protocol):
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""
-
-    def close(self) -> None:
-        """Synchronise ranks and tear the process group down."""
