@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from launcher.optim.layerwise import closure_loss, params_with_grads, trust_ratio
+
 
 class LAMB(torch.optim.Optimizer):
     """Adam-style update with decoupled weight decay scaled by a per-parameter trust ratio."""
@@ -43,18 +45,10 @@ class LAMB(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("LAMB does not support sparse gradients")
+            for p, g in params_with_grads(group, "LAMB"):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -72,7 +66,6 @@ class LAMB(torch.optim.Optimizer):
                 if group["adapt"]:
                     w_norm = torch.linalg.vector_norm(p)
                     u_norm = torch.linalg.vector_norm(u)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, 1.0)
-                    u.mul_(trust)
+                    u.mul_(trust_ratio(w_norm / u_norm, w_norm, u_norm))
                 p.add_(u, alpha=-lr)
         return loss

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from launcher.optim.layerwise import closure_loss, params_with_grads, trust_ratio
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a per-parameter trust ratio; groups with ``adapt=False`` skip it."""
@@ -49,18 +51,10 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
+            for p, g in params_with_grads(group, "LARS"):
                 d = g.add(p, alpha=wd) if wd != 0 else g.clone()
                 if group["adapt"]:
                     w_norm = torch.linalg.vector_norm(p)
@@ -68,8 +62,7 @@ class LARS(torch.optim.Optimizer):
                     ratio = (
                         group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
                     )
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
-                    d.mul_(trust)
+                    d.mul_(trust_ratio(ratio, w_norm, g_norm))
                 if mom != 0:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
