@@ -37,7 +37,7 @@ def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
     plan = plan_batch(cfg, 1, len(splits.train))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
     sampler = GlobalBatchSampler(
         len(splits.train),

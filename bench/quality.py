@@ -3,7 +3,7 @@
 Runs the real CLI (`python -m launcher ...`) for each config and seed, two processes at a time
 (one torch thread each), and prints a markdown table of final test accuracy.
 
-    python bench/quality.py [--seeds 0 1 2] [--epochs 20] [--out bench/results/quality.json]
+    python bench/quality.py [--seeds 0 1 2] [--epochs 20] [--only B2048] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 CONFIGS = {
     "B32 reference (lr 0.03)": ["global_batch=32"],
     "B512 launcher default policy": ["global_batch=512"],
+    "B2048 launcher default policy (LAMB swap)": ["global_batch=2048"],
     "B512 no scaling, no warmup": [
         "global_batch=512",
         "optim.scaling=none",
@@ -51,8 +52,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=20)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--only", default="", help="run the configs whose name contains this")
     args = parser.parse_args()
-    jobs = [(name, ov, s) for name, ov in CONFIGS.items() for s in args.seeds]
+    configs = {k: v for k, v in CONFIGS.items() if args.only in k}
+    jobs = [(name, ov, s) for name, ov in configs.items() for s in args.seeds]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
         accs = list(pool.map(lambda j: run_one(*j, args.epochs, Path(tmp)), jobs))
     results: dict[str, list[float]] = {}

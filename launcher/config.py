@@ -162,11 +162,29 @@ class LargeBatchConfig:
     """swap SGD -> LARS and Adam -> LAMB when the global batch exceeds the threshold"""
     threshold: int = 8192
     """largest global batch that keeps the plain optimizer"""
+    optimizer: Literal["auto", "lars", "lamb"] = "auto"
+    """what to swap in; auto = LARS for SGD, LAMB for Adam/AdamW"""
+    base_lr: float | Literal["same"] = "same"
+    """the swapped optimizer's LR at optim.ref_batch (then scaled); same = optim.base_lr"""
+    weight_decay: float | Literal["same"] = "same"
+    """the swapped optimizer's weight decay; same = optim.weight_decay"""
     warmup_epochs: float = 5.0
     """warmup length once swapped (LARS/LAMB papers use longer warmups at 16k+)"""
 
     def __post_init__(self) -> None:
         _require(self.threshold > 0, "optim.large_batch.threshold", self.threshold, "must be > 0")
+        _require(
+            self.base_lr == "same" or self.base_lr > 0,
+            "optim.large_batch.base_lr",
+            self.base_lr,
+            "must be > 0 or same",
+        )
+        _require(
+            self.weight_decay == "same" or self.weight_decay >= 0,
+            "optim.large_batch.weight_decay",
+            self.weight_decay,
+            "must be >= 0 or same",
+        )
         _require(
             self.warmup_epochs >= 0,
             "optim.large_batch.warmup_epochs",

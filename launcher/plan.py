@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from launcher.config import ConfigError, OptimConfig, RunConfig, ScheduleConfig
+from launcher.config import SGD_FAMILY, ConfigError, OptimConfig, RunConfig, ScheduleConfig
 
 LARGE_BATCH_SWAP = {"sgd": "lars", "adam": "lamb", "adamw": "lamb"}
 SWAP_POLY_POWER = {"lars": 2.0, "lamb": 1.0}  # You et al. 2017 (LARS), You et al. 2019 (LAMB)
@@ -31,6 +31,7 @@ class BatchPlan:
     lr_rule: str
     base_lr: float
     lr: float
+    weight_decay: float
     warmup_samples: int
     warmup_start_lr: float
     decay: str
@@ -125,29 +126,46 @@ def split_batch(
     return micro, accumulation, reasons
 
 
-def scale_lr(optim: OptimConfig, global_batch: int) -> tuple[float, str, str]:
-    """(lr, rule, reason) from the recipe's base_lr at ref_batch."""
+def base_lr_for(optim: OptimConfig, optimizer: str) -> tuple[float, str]:
+    """(LR at ref_batch, its config key) for `optimizer`, which may be a large-batch swap."""
+    if optimizer != optim.name and optim.large_batch.base_lr != "same":
+        return optim.large_batch.base_lr, "optim.large_batch.base_lr"
+    return optim.base_lr, "optim.base_lr"
+
+
+def scale_lr(
+    optim: OptimConfig, global_batch: int, optimizer: str | None = None
+) -> tuple[float, str, str]:
+    """(lr, rule, reason) for `optimizer` (default optim.name) at `global_batch`.
+
+    The base LR is the recipe's at ref_batch, or optim.large_batch.base_lr for a swapped-in
+    optimizer; auto scaling is linear for the SGD family and square-root for the Adam family.
+    """
+    optimizer = optimizer or optim.name
+    base, base_key = base_lr_for(optim, optimizer)
+    family = "sgd" if optimizer in SGD_FAMILY else "adam"
     rule = optim.scaling
     if rule == "auto":
-        rule = "linear" if optim.family == "sgd" else "sqrt"
+        rule = "linear" if family == "sgd" else "sqrt"
     k = global_batch / optim.ref_batch
-    base, ratio = _fmt(optim.base_lr), f"{global_batch}/{optim.ref_batch}"
+    ratio = f"{global_batch}/{optim.ref_batch}"
     if rule == "linear":
-        lr, why = optim.base_lr * k, f"{base} x {ratio}, linear rule (Goyal et al. 2017)"
+        lr, why = base * k, f"{_fmt(base)} x {ratio}, linear rule (Goyal et al. 2017)"
     elif rule == "sqrt":
-        lr, why = optim.base_lr * math.sqrt(k), f"{base} x sqrt({ratio}), square-root rule"
+        lr, why = base * math.sqrt(k), f"{_fmt(base)} x sqrt({ratio}), square-root rule"
     else:
-        lr, why = optim.base_lr, f"{base}, not scaled (optim.scaling=none)"
+        lr, why = base, f"{_fmt(base)}, not scaled (optim.scaling=none)"
     if optim.scaling == "auto":
-        why += f"; auto picks {rule} for the {optim.family} family"
+        why += f"; auto picks {rule} for {optimizer}"
+    if base_key != "optim.base_lr":
+        why += f"; base from {base_key}"
     return lr, rule, f"{_fmt(lr)} = {why}"
 
 
 def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, str]:
     """(optimizer, swapped, reason): SGD -> LARS and Adam -> LAMB above the threshold."""
     big = optim.large_batch
-    target = LARGE_BATCH_SWAP.get(optim.name)
-    if target is None:
+    if optim.name not in LARGE_BATCH_SWAP:
         return optim.name, False, f"{optim.name} (optim.name)"
     if not big.enabled:
         return optim.name, False, f"{optim.name} (optim.large_batch.enabled=false)"
@@ -157,6 +175,7 @@ def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, 
             False,
             (f"{optim.name}: global batch {global_batch} <= large-batch threshold {big.threshold}"),
         )
+    target = LARGE_BATCH_SWAP[optim.name] if big.optimizer == "auto" else big.optimizer
     paper = "You et al. 2017" if target == "lars" else "You et al. 2019"
     return (
         target,
@@ -166,6 +185,13 @@ def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, 
             f"optim.large_batch.threshold {big.threshold} ({paper})"
         ),
     )
+
+
+def weight_decay(optim: OptimConfig, swapped: bool) -> tuple[float, str]:
+    """(weight decay, reason); never applied to norm and bias parameters."""
+    if swapped and optim.large_batch.weight_decay != "same":
+        return optim.large_batch.weight_decay, "optim.large_batch.weight_decay"
+    return optim.weight_decay, "optim.weight_decay"
 
 
 def plan_batch(
@@ -185,8 +211,10 @@ def plan_batch(
     gb = cfg.global_batch
     reasons["global_batch"] = f"{gb} (global_batch)"
     reasons["world_size"] = f"{world_size}{world_source}"
-    lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb)
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
+    lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb, optimizer)
+    decay_wd, wd_source = weight_decay(cfg.optim, swapped)
+    reasons["weight_decay"] = f"{_fmt(decay_wd)} ({wd_source}; none on norm and bias parameters)"
 
     sched: ScheduleConfig = cfg.schedule
     decay, power = sched.decay, sched.power
@@ -210,12 +238,12 @@ def plan_batch(
             "next epoch's shuffle, so no sample of the last epoch is skipped"
         )
 
-    start = cfg.optim.base_lr if sched.warmup_from == "ref" else 0.0
-    start = min(start, lr)
+    base_lr, _ = base_lr_for(cfg.optim, optimizer)
+    start = min(base_lr, lr) if sched.warmup_from == "ref" else 0.0
     warmup = round(warmup_epochs * epoch_samples)
     if warmup_epochs == 0:
         warmup, why = 0, "no warmup (warmup_epochs=0)"
-    elif sched.warmup_from == "ref" and lr <= cfg.optim.base_lr:
+    elif sched.warmup_from == "ref" and lr <= base_lr:
         warmup, why = 0, f"no warmup: lr {_fmt(lr)} is not above the reference lr"
     else:
         why = (
@@ -235,8 +263,9 @@ def plan_batch(
         accumulation=accum,
         optimizer=optimizer,
         lr_rule=rule,
-        base_lr=cfg.optim.base_lr,
+        base_lr=base_lr,
         lr=lr,
+        weight_decay=decay_wd,
         warmup_samples=warmup,
         warmup_start_lr=start,
         decay=decay,
@@ -259,6 +288,7 @@ TABLE_ROWS = (
     "accumulation",
     "optimizer",
     "lr",
+    "weight_decay",
     "warmup_samples",
     "decay",
     "epoch_samples",
@@ -270,6 +300,7 @@ def format_plan(plan: BatchPlan) -> str:
     """The plan as a table: one row per derived number, with its reason."""
     values = {
         "lr": _fmt(plan.lr),
+        "weight_decay": _fmt(plan.weight_decay),
         "warmup_samples": f"{plan.warmup_samples:,}",
         "epoch_samples": f"{plan.epoch_samples:,}",
         "steps": f"{plan.steps:,}",

@@ -115,7 +115,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
     sampler = GlobalBatchSampler(
         len(splits.train),

@@ -46,7 +46,7 @@ def _train_in_process(backend, micro_batch: int, optim: str) -> dict[str, torch.
     assert plan.steps == 6 and plan.micro_batch == micro_batch
     torch.manual_seed(0)
     model = build_model(cfg.model, _spec()).double()
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
     sampler = GlobalBatchSampler(
         len(data),

@@ -189,3 +189,37 @@ def test_format_plan_lists_every_row_with_its_reason():
     lr_line = next(line for line in text.splitlines() if line.split()[0] == "lr")
     assert lr_line.split()[1] == "3.2"
     assert "6,405,835" in text and "14,076" in text
+
+
+def test_mnist1d_recipe_swaps_to_lamb_with_its_own_lr_and_decay():
+    """Above 512 the mnist1d recipe swaps SGD for LAMB: own base LR, sqrt rule, own weight decay."""
+    plan = plan_batch(_cfg("global_batch=2048"), 1, 32000)
+    assert plan.optimizer == "lamb" and plan.lr_rule == "sqrt"
+    assert plan.lr == pytest.approx(0.00625 * 8)  # sqrt(2048 / 32) = 8
+    assert plan.weight_decay == 0.01 and plan.decay == "poly" and plan.decay_power == 1.0
+    assert plan.warmup_start_lr == 0.00625 and plan.warmup_samples == 5 * 32000
+    assert "optim.large_batch.base_lr" in plan.reasons["lr"]
+    assert "optim.large_batch.weight_decay" in plan.reasons["weight_decay"]
+    at_threshold = plan_batch(_cfg("global_batch=512"), 1, 32000)
+    assert (at_threshold.optimizer, at_threshold.lr, at_threshold.weight_decay) == (
+        "sgd",
+        0.48,
+        0.0,
+    )
+
+
+def test_swapped_optimizer_is_built_with_the_plans_weight_decay():
+    from torch import nn
+
+    from launcher.optim import build_optimizer
+    from launcher.optim.lamb import LAMB
+
+    cfg = _cfg("global_batch=2048")
+    plan = plan_batch(cfg, 1, 32000)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    opt = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    assert isinstance(opt, LAMB)
+    decay, plain = opt.param_groups
+    assert (decay["weight_decay"], decay["adapt"], len(decay["params"])) == (0.01, True, 1)
+    assert (plain["weight_decay"], plain["adapt"], len(plain["params"])) == (0.0, False, 3)
+    assert decay["eps"] == 1e-6 and decay["lr"] == pytest.approx(0.05)

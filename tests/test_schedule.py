@@ -27,6 +27,7 @@ def _plan(**kw: object) -> BatchPlan:
         lr_rule="linear",
         base_lr=0.1,
         lr=1.0,
+        weight_decay=0.0,
         warmup_samples=1000,
         warmup_start_lr=0.1,
         decay="cosine",

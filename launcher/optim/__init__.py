@@ -68,9 +68,9 @@ OPTIMIZERS: dict[str, Callable[[list, OptimConfig, float], torch.optim.Optimizer
 
 
 def build_optimizer(
-    name: str, cfg: OptimConfig, model: nn.Module, lr: float
+    name: str, cfg: OptimConfig, model: nn.Module, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
-    """The plan's optimizer `name` over `model`, hyperparameters from `cfg`, starting at `lr`."""
+    """The plan's optimizer over `model`: its name, LR and weight decay, the rest from `cfg`."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[name](param_groups(model, cfg.weight_decay), cfg, lr)
+    return OPTIMIZERS[name](param_groups(model, weight_decay), cfg, lr)
