@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from pathlib import Path
 
 from launcher.config import ConfigError
 
@@ -40,33 +38,14 @@ def _usage() -> str:
 
 
 def run(args: list[str]) -> None:
-    from launcher.compose import compose_run, split_sweep
-    from launcher.run import check_run_dir, default_run_dir, execute, plan_for
-    from launcher.topology import from_env
+    from launcher.run import launch
 
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
         raise ConfigError(f"{flags[0]}: unknown option; options are -m/--multirun and -h/--help")
-    jobs = split_sweep(overrides) if multirun else [overrides]
-    configs = [compose_run(job) for job in jobs]
-    if len({cfg.backend for cfg in configs}) > 1:
-        raise ConfigError(
-            "-m: a sweep cannot vary backend.* (Accelerate's state is fixed per process); "
-            "launch one sweep per backend setting"
-        )
-    launched = from_env()
-    for cfg in configs:  # every job is validated before anything is written
-        plan_for(cfg, launched)
-        check_run_dir(cfg)
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    for i, cfg in enumerate(configs):
-        if multirun:
-            print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
-        sweep = (stamp, i) if multirun else None
-        run_dir = cfg.run_dir if cfg.run_dir is not None else default_run_dir(cfg, sweep)
-        execute(cfg, launched, Path(run_dir))
+    launch(overrides, multirun)
 
 
 def main(argv: list[str] | None = None) -> int:

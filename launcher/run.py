@@ -31,20 +31,36 @@ def plan_for(
     return topology, plan
 
 
-def default_run_dir(cfg: RunConfig, sweep: tuple[str, int] | None = None) -> Path:
-    """outputs/<recipe>/<timestamp>, or outputs/<recipe>/multirun-<timestamp>/<job> in a sweep."""
-    if sweep is not None:
-        stamp, job = sweep
-        return Path("outputs") / cfg.recipe / f"multirun-{stamp}" / str(job)
-    return Path("outputs") / cfg.recipe / time.strftime("%Y-%m-%d_%H-%M-%S")
+def job_run_dir(cfg: RunConfig, stamp: str, job: int | None) -> Path:
+    """run_dir, or outputs/<recipe>/<stamp>; in a sweep (job set) one numbered folder per job."""
+    if job is None:
+        return Path(cfg.run_dir or Path("outputs") / cfg.recipe / stamp)
+    return Path(cfg.run_dir or Path("outputs") / cfg.recipe / f"multirun-{stamp}") / str(job)
 
 
-def check_run_dir(cfg: RunConfig) -> None:
-    """An explicit run_dir must not already hold a run."""
-    if cfg.run_dir is not None and (Path(cfg.run_dir) / "plan.json").exists():
+def launch(overrides: list[str], multirun: bool) -> None:
+    """Compose and validate every job before anything is written, then run them in order."""
+    from launcher.compose import compose_run, split_sweep
+    from launcher.topology import from_env
+
+    jobs = split_sweep(overrides) if multirun else [overrides]
+    configs = [compose_run(job) for job in jobs]
+    if len({cfg.backend for cfg in configs}) > 1:
         raise ConfigError(
-            f"run_dir={cfg.run_dir!r}: already holds a run (plan.json); choose a new directory"
+            "-m: a sweep cannot vary backend.* (Accelerate's state is fixed per process); "
+            "launch one sweep per backend setting"
         )
+    launched = from_env()
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
+    for cfg, run_dir in zip(configs, run_dirs, strict=True):
+        plan_for(cfg, launched)
+        if (run_dir / "plan.json").exists():
+            raise ConfigError(f"run_dir={str(run_dir)!r}: already holds a run; choose a new one")
+    for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
+        if multirun:
+            print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
+        execute(cfg, launched, run_dir)
 
 
 def create_run_dir(path: Path, explicit: bool) -> Path:
@@ -97,6 +113,10 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     splits = build_splits(cfg.data)
     _, plan = plan_for(cfg, launched, (len(splits.train), " (counted in the training split)"))
+    dtype = getattr(torch, cfg.trainer.dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
 
     backend = build_backend(cfg.backend, topology.device)
     if backend.world_size != topology.world_size:
@@ -112,10 +132,6 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         write_plan_files(run_dir, cfg, plan)
         print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
 
-    dtype = getattr(torch, cfg.trainer.dtype)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.spec).to(dtype)
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
     sampler = GlobalBatchSampler(
         len(splits.train),

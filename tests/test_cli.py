@@ -24,6 +24,10 @@ BAD_INPUTS = [
     (["recipe=resnet50"], "select a recipe with +recipe=NAME"),
     (["--fast"], "--fast: unknown option"),
     (["+recipe=resnet50"], "data.root is not set: point it at an ImageNet-style folder"),
+    (
+        ["data=synthetic", "data.input_shape=[3,8,8]"],
+        "model.name='cnn1d': needs (channels, length)",
+    ),
     (["cluster=a100x8"], "cluster='a100x8': declares 1 x 8 = 8 devices"),
     (["-m", "global_batch=64,100", "micro_batch=64"], "micro_batch=64: does not divide"),
 ]
@@ -168,3 +172,10 @@ def test_sweep_over_backend_settings_is_refused(tmp_path, monkeypatch, capsys):
     assert main(["-m", "backend.mixed_precision=no,bf16"]) == 2
     assert "cannot vary backend" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_with_explicit_run_dir_gets_one_folder_per_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["-m", "plan_only=true", "run_dir=sweep", "global_batch=64,128"]) == 0
+    batches = [json.loads((tmp_path / "sweep" / j / "plan.json").read_text()) for j in "01"]
+    assert [p["global_batch"] for p in batches] == [64, 128]
