@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,39 @@ def test_sweep_with_explicit_run_dir_gets_one_folder_per_job(tmp_path, monkeypat
     assert main(["-m", "plan_only=true", "run_dir=sweep", "global_batch=64,128"]) == 0
     batches = [json.loads((tmp_path / "sweep" / j / "plan.json").read_text()) for j in "01"]
     assert [p["global_batch"] for p in batches] == [64, 128]
+
+
+def _image_folder(root: Path, per_class: int) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for label, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40 + i, 36), color).save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_resnet_recipe_trains_on_an_image_folder(tmp_path):
+    """torchvision ImageFolder + transforms + ResNet-18; the epoch is counted from the folder."""
+    _image_folder(tmp_path / "imgs", per_class=8)
+    common = ["+recipe=resnet50", f"data.root={tmp_path / 'imgs'}", "model.arch=resnet18"]
+    common += ["data.image_size=32", "data.workers=0", "global_batch=8", "trainer.epochs=1"]
+    res = run_cli([*common, "data.num_classes=2", "run_dir=run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["epoch_samples"], plan["steps"]) == (16, 2)
+    final_eval = [m for m in read_metrics(tmp_path / "run") if "eval_accuracy" in m][-1]
+    assert final_eval["eval_samples"] == 16
+    wrong = run_cli([*common, "data.num_classes=1000", "run_dir=run2"], tmp_path)
+    assert wrong.returncode == 2 and not (tmp_path / "run2").exists()
+    assert "data.num_classes=1000: " in wrong.stderr and "has 2 class folders" in wrong.stderr
+
+
+def test_image_folder_without_train_split_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs" / "val").mkdir(parents=True)
+    assert main(["+recipe=resnet50", "data.root=imgs"]) == 2
+    assert "data.root='imgs': no train/ folder inside" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["imgs"]
