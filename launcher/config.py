@@ -343,6 +343,31 @@ class ClusterConfig:
         return self.nodes * self.devices_per_node
 
 
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    probe: bool = True
+    """measure the model's memory and cap micro_batch=auto by it"""
+    budget_gb: float | Literal["auto"] = "auto"
+    """bytes a step may use: on CPU the budget per process (auto = its share of available RAM);
+    on GPU an optional cap below the device's free memory"""
+    fraction: float = 0.9
+    """share of the free memory the budget may take"""
+    margin_gb: float = 0.5
+    """held back from the budget (fragmentation, workspaces, what the probe cannot see)"""
+    cache_dir: str = "~/.cache/launcher/memory"
+    """measured profiles, keyed by everything that changes them"""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.budget_gb == "auto" or self.budget_gb > 0,
+            "memory.budget_gb",
+            self.budget_gb,
+            "must be > 0 or auto",
+        )
+        _require(0 < self.fraction <= 1, "memory.fraction", self.fraction, "must be in (0, 1]")
+        _require(self.margin_gb >= 0, "memory.margin_gb", self.margin_gb, "must be >= 0")
+
+
 # ---------------------------------------------------------------------------------------- run
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -374,6 +399,8 @@ class RunConfig:
     """trainer group"""
     cluster: ClusterConfig
     """cluster group"""
+    memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
+    """memory probing and budget"""
 
     def __post_init__(self) -> None:
         _require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")

@@ -42,6 +42,7 @@ class BatchPlan:
     epoch_samples: int
     steps: int
     total_samples: int
+    memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -89,7 +90,7 @@ def split_batch(
     per_device = global_batch // world_size
     caps = {"max_micro_batch": max_micro_batch}
     if memory_cap is not None:
-        caps["measured memory"] = memory_cap
+        caps["memory"] = memory_cap
     cap_source, cap = min(caps.items(), key=lambda kv: kv[1])
     reasons = {"per_device_batch": f"{per_device} = global {global_batch} / world {world_size}"}
 
@@ -198,18 +199,32 @@ def plan_batch(
     cfg: RunConfig,
     world_size: int,
     epoch_samples: int,
-    memory_cap: int | None = None,
     epoch_source: str = "",
     world_source: str = " processes",
+    memory: dict | None = None,
 ) -> BatchPlan:
-    """The whole plan for one run. Raises ConfigError on anything that does not fit exactly."""
+    """The whole plan for one run. Raises ConfigError on anything that does not fit exactly.
+
+    `memory` is the profile report of launcher/probe.py, whose `cap` is the largest micro-batch
+    the device memory allows; None when memory was not probed.
+    """
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
     micro, accum, reasons = split_batch(
-        cfg.global_batch, world_size, cfg.micro_batch, cfg.max_micro_batch, memory_cap
+        cfg.global_batch,
+        world_size,
+        cfg.micro_batch,
+        cfg.max_micro_batch,
+        memory["cap"] if memory else None,
     )
     gb = cfg.global_batch
     reasons["global_batch"] = f"{gb} (global_batch)"
+    if memory is not None:
+        reasons["memory"] = memory["reason"]
+    elif cfg.micro_batch != "auto":
+        reasons["memory"] = "not probed: micro_batch is set explicitly"
+    else:
+        reasons["memory"] = "not probed (memory.probe=false): micro-batch capped by max_micro_batch"
     reasons["world_size"] = f"{world_size}{world_source}"
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
     lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb, optimizer)
@@ -276,6 +291,7 @@ def plan_batch(
         epoch_samples=epoch_samples,
         steps=steps,
         total_samples=steps * gb,
+        memory=memory or {},
         reasons=reasons,
     )
 
@@ -283,6 +299,7 @@ def plan_batch(
 TABLE_ROWS = (
     "global_batch",
     "world_size",
+    "memory",
     "per_device_batch",
     "micro_batch",
     "accumulation",
@@ -304,6 +321,7 @@ def format_plan(plan: BatchPlan) -> str:
         "warmup_samples": f"{plan.warmup_samples:,}",
         "epoch_samples": f"{plan.epoch_samples:,}",
         "steps": f"{plan.steps:,}",
+        "memory": f"{plan.memory['cap']:,}" if plan.memory else "-",
     }
     rows = [(k, values.get(k, str(getattr(plan, k))), plan.reasons.get(k, "")) for k in TABLE_ROWS]
     w0 = max(len(r[0]) for r in rows)

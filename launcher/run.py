@@ -15,20 +15,43 @@ from launcher.topology import Topology, resolve
 
 
 def plan_for(
-    cfg: RunConfig, launched: Topology, epoch: tuple[int, str] | None = None
+    cfg: RunConfig,
+    launched: Topology,
+    epoch: tuple[int, str] | None = None,
+    memory: dict | None = None,
 ) -> tuple[Topology, BatchPlan]:
     """Topology and plan; the epoch size is the data config's declared one unless given."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
     samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
     c = cfg.cluster
     if cfg.plan_only and c.declared_world_size is not None:
-        memory = "" if c.device_memory_gb == "auto" else f", {c.device_memory_gb:g} GB each"
+        each = "" if c.device_memory_gb == "auto" else f", {c.device_memory_gb:g} GiB each"
         shape = f"{c.nodes} nodes x {c.devices_per_node} {c.device} devices"
-        where = f" = {shape} (cluster={c.name}{memory})"
+        where = f" = {shape} (cluster={c.name}{each})"
     else:
         where = f" {topology.device} process(es) on {topology.nodes} node(s), as launched"
-    plan = plan_batch(cfg, topology.world_size, samples, epoch_source=source, world_source=where)
+    plan = plan_batch(
+        cfg, topology.world_size, samples, epoch_source=source, world_source=where, memory=memory
+    )
     return topology, plan
+
+
+def probes_memory(cfg: RunConfig) -> bool:
+    return cfg.memory.probe and cfg.micro_batch == "auto"
+
+
+def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dict:
+    """plan_only: the profile estimated with fake tensors, against the declared device memory."""
+    from launcher.data import data_spec
+    from launcher.memory import GB, free_bytes
+    from launcher.probe import estimated_cap
+
+    declared = cfg.cluster.device_memory_gb
+    if declared == "auto":
+        device_bytes = free_bytes(topology.device, topology.local_world_size)
+    else:
+        device_bytes = int(declared * GB)
+    return estimated_cap(cfg, data_spec(cfg.data), plan, device_bytes)[1]
 
 
 def job_run_dir(cfg: RunConfig, stamp: str, job: int | None) -> Path:
@@ -89,7 +112,9 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan) -> None:
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
     if cfg.plan_only:
-        _, plan = plan_for(cfg, launched)
+        topology, plan = plan_for(cfg, launched)
+        if probes_memory(cfg):
+            _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
         run_dir = create_run_dir(run_dir, cfg.run_dir is not None)
         write_plan_files(run_dir, cfg, plan)
         print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
@@ -112,11 +137,12 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     splits = build_splits(cfg.data)
-    _, plan = plan_for(cfg, launched, (len(splits.train), " (counted in the training split)"))
+    epoch = (len(splits.train), " (counted in the training split)")
+    _, plan = plan_for(cfg, launched, epoch)
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    del model
 
     backend = build_backend(cfg.backend, topology.device)
     if backend.world_size != topology.world_size:
@@ -124,6 +150,16 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             f"backend sees {backend.world_size} processes, the environment says "
             f"{topology.world_size}"
         )
+    if probes_memory(cfg):
+        from launcher.probe import measured_cap
+
+        _, report = measured_cap(
+            cfg, splits.spec, plan, str(backend.device), topology.local_world_size, backend.all_min
+        )
+        _, plan = plan_for(cfg, launched, epoch, memory=report)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.spec).to(dtype)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
     run_dir = backend.broadcast_object(
         create_run_dir(run_dir, cfg.run_dir is not None) if main else None

@@ -73,6 +73,7 @@ def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
     assert (plan["world_size"], plan["micro_batch"], plan["accumulation"]) == (256, 32, 1)
     assert plan["lr"] == pytest.approx(3.2) and plan["optimizer"] == "sgd"
     assert plan["warmup_samples"] == 5 * 1281167
+    assert plan["memory"]["source"] == "estimated" and plan["memory"]["cap"] >= 32
     assert "3.2 = 0.1 x 8192/256, linear rule" in res.stdout
     for row in ("micro_batch", "accumulation", "warmup_samples", "optimizer"):
         assert row in res.stdout
@@ -216,3 +217,33 @@ def test_image_folder_without_train_split_is_refused(tmp_path, monkeypatch, caps
     assert main(["+recipe=resnet50", "data.root=imgs"]) == 2
     assert "data.root='imgs': no train/ folder inside" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["imgs"]
+
+
+@pytest.mark.slow
+def test_measured_memory_caps_the_micro_batch_and_is_cached(tmp_path, data_cache):
+    """A 1 MiB budget fits ~170 samples of the CNN: micro 128 x 4; the second launch reuses it."""
+    args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "trainer.epochs=0.64"]
+    args += ["memory.budget_gb=0.001", "memory.margin_gb=0", f"memory.cache_dir={tmp_path}/mem"]
+    plans = []
+    for run in ("first", "second"):
+        res = run_cli([*args, f"run_dir={run}"], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        plans.append(json.loads((tmp_path / run / "plan.json").read_text()))
+    first, second = plans
+    assert (first["micro_batch"], first["accumulation"]) == (128, 4)
+    assert first["memory"]["source"] == "measured" and first["memory"]["probe_steps"] == 3
+    assert second["memory"]["source"] == "cached" and second["memory"]["probe_steps"] == 0
+    assert second["memory"]["cap"] == first["memory"]["cap"]
+    assert 128 <= first["memory"]["cap"] < 256  # so 128 is the largest divisor of 512 that fits
+    assert (second["micro_batch"], second["accumulation"]) == (128, 4)
+
+
+@pytest.mark.parametrize("extra", [["plan_only=true"], []])
+def test_a_budget_below_one_sample_is_refused(extra, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["data=synthetic", "data.input_shape=[1,40]", "data.num_classes=10", *extra]
+    args += ["memory.budget_gb=0.00001", "memory.margin_gb=0", "memory.cache_dir=mem"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("launcher: error: memory: one sample needs") and err.count("\n") == 1
+    assert not (tmp_path / "outputs").exists()

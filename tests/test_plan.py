@@ -28,7 +28,7 @@ def _resnet(*overrides: str) -> RunConfig:
     [
         (8192, 256, "auto", 256, None, 32, 1, "max_micro_batch"),  # Goyal et al.
         (8192, 8, "auto", 256, None, 256, 4, "max_micro_batch"),
-        (8192, 8, "auto", 256, 128, 128, 8, "measured memory"),  # memory cap below max wins
+        (8192, 8, "auto", 256, 128, 128, 8, "(memory)"),  # memory cap below max wins
         (8192, 8, "auto", 64, 128, 64, 16, "max_micro_batch"),  # max below memory cap wins
         (96, 1, "auto", 1024, 64, 48, 2, "largest divisor of 96"),
         (192, 2, "auto", 64, None, 48, 2, "largest divisor of 96"),
@@ -54,7 +54,7 @@ def test_split_batch(gb, world, micro, max_micro, cap, want_micro, want_accum, w
         (4, 8, "auto", 1024, None, ["global_batch=4", "world size 8", "global_batch >= 8"]),
         (512, 4, 24, 64, None, ["micro_batch=24", "128", "1, 2, 4, 8, 16, 32, 64;", "480", "576"]),
         (512, 4, 128, 64, None, ["micro_batch=128", "cap 64", "max_micro_batch", "<= 64"]),
-        (512, 4, 128, 1024, 32, ["micro_batch=128", "cap 32", "measured memory", "<= 32"]),
+        (512, 4, 128, 1024, 32, ["micro_batch=128", "cap 32", "(memory)", "<= 32"]),
     ],
 )
 def test_split_batch_errors(gb, world, micro, max_micro, cap, needles):

@@ -41,6 +41,13 @@ class AccelerateBackend:
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(tensor, reduction="sum") if self.world_size > 1 else tensor
 
+    def all_min(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return int(t.item())
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(tensor) if self.world_size > 1 else tensor
 

@@ -28,6 +28,9 @@ class Backend(Protocol):
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all ranks."""
 
+    def all_min(self, value: int) -> int:
+        """The minimum of an integer over all ranks."""
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor from every rank, rank order."""
 

@@ -40,6 +40,11 @@ def build_splits(cfg: DataConfig) -> Splits:
     return _module(cfg).build(cfg)
 
 
+def data_spec(cfg: DataConfig) -> DataSpec:
+    """Input shape and classes from the config alone (for probing and plan_only estimates)."""
+    return _module(cfg).spec(cfg)
+
+
 def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:
     """(samples per epoch, where that number comes from) without loading any data."""
     return _module(cfg).epoch_samples(cfg)

@@ -26,6 +26,11 @@ def _root(cfg: ImageFolderConfig) -> Path:
     return root
 
 
+def spec(cfg: ImageFolderConfig) -> DataSpec:
+    """Every training crop is image_size x image_size: the worst case is the only case."""
+    return DataSpec((3, cfg.image_size, cfg.image_size), cfg.num_classes)
+
+
 def epoch_samples(cfg: ImageFolderConfig) -> tuple[int, str]:
     return cfg.train_samples, " (data.train_samples; counted from data.root when training)"
 
@@ -58,6 +63,4 @@ def build(cfg: ImageFolderConfig) -> Splits:
             f"data.num_classes={cfg.num_classes}: {root / 'train'} has {len(train.classes)} "
             "class folders; set data.num_classes to match"
         )
-    return Splits(
-        train=train, eval=val, spec=DataSpec((3, cfg.image_size, cfg.image_size), cfg.num_classes)
-    )
+    return Splits(train=train, eval=val, spec=spec(cfg))

@@ -17,6 +17,12 @@ from launcher.config import Mnist1DConfig
 from launcher.data import DataSpec, Splits
 from launcher.data.tensors import TensorPairs
 
+SEQ_LEN = 40  # mnist1d's final_seq_length, which this config does not change
+
+
+def spec(cfg: Mnist1DConfig) -> DataSpec:
+    return DataSpec((1, SEQ_LEN), 10)
+
 
 def epoch_samples(cfg: Mnist1DConfig) -> tuple[int, str]:
     return cfg.train_samples, f" ({cfg.num_samples:,} generated x train_split {cfg.train_split})"
@@ -53,4 +59,5 @@ def build(cfg: Mnist1DConfig) -> Splits:
         return TensorPairs(torch.from_numpy(x).float().unsqueeze(1), torch.from_numpy(y).long())
 
     train, test = pairs(a["x"], a["y"]), pairs(a["x_test"], a["y_test"])
-    return Splits(train=train, eval=test, spec=DataSpec(tuple(train.x.shape[1:]), 10))
+    assert tuple(train.x.shape[1:]) == spec(cfg).input_shape, train.x.shape
+    return Splits(train=train, eval=test, spec=spec(cfg))

@@ -26,6 +26,10 @@ class SyntheticDataset(Dataset):
         return torch.randn(self.shape, generator=g), label
 
 
+def spec(cfg: SyntheticConfig) -> DataSpec:
+    return DataSpec(tuple(cfg.input_shape), cfg.num_classes)
+
+
 def epoch_samples(cfg: SyntheticConfig) -> tuple[int, str]:
     return cfg.train_samples, " (data.train_samples, synthetic)"
 
@@ -35,5 +39,5 @@ def build(cfg: SyntheticConfig) -> Splits:
     return Splits(
         train=SyntheticDataset(cfg.train_samples, shape, cfg.num_classes, seed=1),
         eval=SyntheticDataset(cfg.eval_samples, shape, cfg.num_classes, seed=2),
-        spec=DataSpec(shape, cfg.num_classes),
+        spec=spec(cfg),
     )

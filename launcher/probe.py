@@ -1,0 +1,196 @@
+"""The memory cap on micro_batch=auto: probe steps of the real model on the real device.
+
+`measured_cap` runs at most three probe steps (two sizes to fit, one to verify the chosen size),
+or none when a cached profile matches; every rank probes its own device and the cap is the minimum
+over ranks (one collective). `estimated_cap` does the same with fake tensors for plan_only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from launcher.config import ConfigError, RunConfig, to_dict
+from launcher.data import DataSpec
+from launcher.memory import (
+    PROBE_SIZES,
+    CudaMeter,
+    MemoryProfile,
+    StorageMeter,
+    Trace,
+    budget_bytes,
+    fit_traces,
+    free_bytes,
+    human_bytes,
+    load_cached,
+    save_cached,
+)
+from launcher.models import build_model
+from launcher.optim import build_optimizer
+from launcher.plan import BatchPlan, split_batch
+
+
+def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
+    """One training step of a fresh model in steady state, at `micro` samples.
+
+    The model, its optimizer state (made by a step on zero gradients, as training has it from the
+    second step on), the batch, forward, loss, backward and the step all run, with the run's dtype
+    and autocast precision; everything is freed on return.
+    """
+    dtype = getattr(torch, cfg.trainer.dtype)
+    precision = cfg.backend.mixed_precision
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: fake tensors cannot be moved by .to()
+        model = build_model(cfg.model, spec)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    opt = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    x = torch.randn(micro, *spec.input_shape, device=device, dtype=dtype)
+    y = torch.randint(spec.num_classes, (micro,), device=device)
+    with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def probe_trace(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> Trace:
+    """Live tensor bytes after every op of one probe step, and the ops."""
+    with StorageMeter() as meter:
+        _step(cfg, spec, plan, device, micro)
+    return meter.trace, meter.ops
+
+
+def probe_peak(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> int:
+    """The step's peak as the device sees it: the CUDA allocator's, or counted tensor bytes."""
+    with CudaMeter() if device.startswith("cuda") else StorageMeter() as meter:
+        _step(cfg, spec, plan, device, micro)
+    return meter.peak()
+
+
+def param_bytes(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> int:
+    """Bytes of the model's parameters, counted on the meta device (nothing allocated)."""
+    dtype = getattr(torch, cfg.trainer.dtype)
+    with torch.device("meta"):
+        model = build_model(cfg.model, spec)
+    return sum(p.numel() * dtype.itemsize for p in model.parameters())
+
+
+def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> dict[str, Any]:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        device_id = f"{props.name}, {props.total_memory} B"
+    else:
+        device_id = f"cpu {platform.machine()}"
+    return {
+        "model": to_dict(cfg.model),
+        "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes,
+        "dtype": cfg.trainer.dtype,
+        "precision": cfg.backend.mixed_precision,
+        "backend": cfg.backend.name,
+        "optimizer": plan.optimizer,
+        "device": device_id,
+        "torch": torch.__version__,
+        "probe_sizes": list(PROBE_SIZES),
+        "ddp": plan.world_size > 1,
+    }
+
+
+def _auto_micro(plan: BatchPlan, cfg: RunConfig, cap: int) -> int:
+    return split_batch(plan.global_batch, plan.world_size, "auto", cfg.max_micro_batch, cap)[0]
+
+
+def measured_cap(
+    cfg: RunConfig,
+    spec: DataSpec,
+    plan: BatchPlan,
+    device: str,
+    local_processes: int,
+    all_min: Callable[[int], int],
+) -> tuple[int, dict[str, Any]]:
+    """(cap, what the plan reports) from this device's profile, minimum over all ranks."""
+    budget, budget_why = budget_bytes(cfg.memory, free_bytes(device, local_processes))
+    key = _cache_key(cfg, spec, plan, device)
+    profile, note = load_cached(cfg.memory.cache_dir, key)
+    steps = 0
+    if profile is None:
+        n1, n2 = PROBE_SIZES
+        traces = [probe_trace(cfg, spec, plan, device, n) for n in PROBE_SIZES]
+        profile, steps = fit_traces(n1, traces[0], n2, traces[1], "measured"), 2
+        if profile.max_micro(budget) >= 1:  # verify the size the plan will pick, with a real step
+            micro = _auto_micro(plan, cfg, profile.max_micro(budget))
+            predicted = profile.peak(micro)
+            try:
+                observed = probe_peak(cfg, spec, plan, device, micro)
+            except torch.OutOfMemoryError:
+                observed = budget + 1  # what matters: it did not fit
+            steps += 1
+            note += (
+                f"; verify step at {micro}: {human_bytes(observed)}, predicted "
+                f"{human_bytes(predicted)}"
+            )
+            profile = dataclasses.replace(
+                profile,
+                overhead_bytes=max(observed - predicted, 0),  # what the tensor count missed
+                points=(*profile.points, (micro, observed)),
+            )
+        if plan.world_size > 1:  # DDP keeps a flat gradient bucket copy of the parameters
+            overhead = profile.overhead_bytes + param_bytes(cfg, spec, plan)
+            profile = dataclasses.replace(profile, overhead_bytes=overhead)
+        note = f"{note}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+    cap = all_min(profile.max_micro(budget))
+    if cap < 1:
+        raise ConfigError(
+            f"memory: one sample needs {human_bytes(profile.peak(1))} ({profile.describe()}) "
+            f"but the budget on at least one rank is smaller (here: {budget_why}); raise "
+            "memory.budget_gb, lower memory.margin_gb, or use a device with more memory"
+        )
+    return cap, _report(profile, budget, budget_why, cap, steps, note)
+
+
+def estimated_cap(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device_memory_bytes: int
+) -> tuple[int, dict[str, Any]]:
+    """(cap, report) for a device this process does not have: fake tensors, no memory used."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def fake_trace(n: int) -> Trace:
+        with FakeTensorMode():
+            return probe_trace(cfg, spec, plan, "cpu", n)
+
+    n1, n2 = PROBE_SIZES
+    profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
+    budget, budget_why = budget_bytes(cfg.memory, device_memory_bytes)
+    cap = profile.max_micro(budget)
+    if cap < 1:
+        raise ConfigError(
+            f"memory: one sample needs an estimated {human_bytes(profile.peak(1))} "
+            f"({profile.describe()}) but the budget is {budget_why}"
+        )
+    note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
+    return cap, _report(profile, budget, budget_why, cap, 0, note)
+
+
+def _report(
+    profile: MemoryProfile, budget: int, budget_why: str, cap: int, steps: int, note: str
+) -> dict[str, Any]:
+    return dataclasses.asdict(profile) | {
+        "lines": [list(line) for line in profile.lines],
+        "points": [list(p) for p in profile.points],
+        "budget_bytes": budget,
+        "cap": cap,
+        "probe_steps": steps,
+        "reason": f"{profile.describe()}; budget {budget_why}; fits {cap:,} samples",
+        "note": note,
+    }

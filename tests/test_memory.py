@@ -1,0 +1,192 @@
+"""Memory profiles: counting, fitting, estimating, caching, and the minimum across ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from launcher.compose import compose_run
+from launcher.data import data_spec
+from launcher.memory import GB, MemoryProfile, StorageMeter, budget_bytes, fit_traces, upper_lines
+from launcher.plan import plan_batch
+from launcher.probe import _step, estimated_cap, measured_cap, probe_peak
+
+
+def test_storage_meter_counts_bytes_exactly():
+    """Independent reference: float32 tensors of n x 1000; at most three live at once."""
+
+    def step(n: int) -> None:
+        a = torch.ones(n, 1000)
+        b = torch.ones(n, 1000) * 2  # peak: a, b and the ones() temporary = 3 x 4000 n
+        del a
+        c = b[:, :10] + 1  # a view shares b's storage; c is new: 40 n
+        assert c.sum() > 0
+
+    for n in (1, 7, 100):
+        with StorageMeter() as meter:
+            step(n)
+        assert meter.peak() == 3 * 4000 * n
+        assert meter.live == 0  # everything was freed again
+
+
+def test_storage_meter_agrees_with_torch_memtracker():
+    """A second, independent count (torch.distributed._tools MemTracker) of a probe step."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg, spec, plan = _setup("model=mlp", "optim=adamw")
+    for n in (3, 64):
+        tracker = MemTracker()
+        with tracker:
+            _step(cfg, spec, plan, "cpu", n)
+        theirs = sum(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())
+        assert probe_peak(cfg, spec, plan, "cpu", n) == theirs
+
+
+def test_upper_lines_keeps_only_lines_that_can_be_highest():
+    lines = [(100, 0), (50, 10), (40, 10), (10, 20), (5, 5), (120, 1), (0, 20)]
+    assert upper_lines(lines) == ((10, 20), (50, 10), (120, 1))
+
+
+def test_fit_traces_aligns_ops_and_predicts_exactly():
+    """live_t(n) = c_t + a_t n per op; a one-off set-up op at the start of one trace is skipped."""
+    c, a = [10, 50, 90, 40], [1, 8, 2, 0]
+    ops = ["w", "act", "opt", "free"]
+
+    def trace(n, extra=()):
+        return [*extra, *(ci + ai * n for ci, ai in zip(c, a, strict=True))], [
+            *("setup" for _ in extra),
+            *ops,
+        ]
+
+    profile = fit_traces(2, trace(2, extra=[7]), 8, trace(8), "measured")
+    for n in (1, 5, 100, 1000):
+        assert profile.peak(n) == max(ci + ai * n for ci, ai in zip(c, a, strict=True))
+    assert profile.per_sample_bytes == 8
+    with pytest.raises(ValueError, match="two different"):
+        fit_traces(4, trace(4), 4, trace(4), "measured")
+
+
+def test_max_micro_and_budget():
+    p = MemoryProfile(((1000, 100), (1500, 0)), 0, (), "measured")
+    assert [p.max_micro(b) for b in (999, 1099, 1499, 1500, 1550, 2000)] == [0, 0, 0, 5, 5, 10]
+    assert MemoryProfile(((1000, 100),), 400, (), "measured").max_micro(2000) == 6
+    cfg = compose_run(["memory.budget_gb=2", "memory.margin_gb=0.5", "memory.fraction=0.5"])
+    assert budget_bytes(cfg.memory, 10 * GB)[0] == int(1.5 * GB)  # 2 GiB cap < 0.5 x 10 GiB
+    assert budget_bytes(cfg.memory, 3 * GB)[0] == int(1.0 * GB)  # 0.5 x 3 GiB - 0.5 GiB
+
+
+def _setup(*overrides: str, tmp_path=None):
+    cache = [f"memory.cache_dir={tmp_path / 'memcache'}"] if tmp_path else []
+    cfg = compose_run(["global_batch=512", *cache, *overrides])
+    plan = plan_batch(cfg, 1, 32000)
+    return cfg, data_spec(cfg.data), plan
+
+
+def _profile(report: dict) -> MemoryProfile:
+    lines = tuple(tuple(line) for line in report["lines"])
+    return MemoryProfile(lines, report["overhead_bytes"], (), report["source"])
+
+
+RECIPES = {
+    "cnn1d": [],
+    "mlp-adamw": ["model=mlp", "optim=adamw"],  # peak in the optimizer step at small batches
+    "resnet18": ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "global_batch=64"]
+    + ["data.input_shape=[3,32,32]", "data.num_classes=10"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_measured_profile_predicts_unseen_sizes_exactly_on_cpu(name, tmp_path):
+    """3 probe steps (sizes 2 and 8, then the chosen size) predict counted peaks at other sizes."""
+    cfg, spec, plan = _setup(*RECIPES[name], "memory.budget_gb=0.003", tmp_path=tmp_path)
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, margin_gb=0.0))
+    if name == "resnet18":  # ResNet-18 needs ~130 MiB before any sample
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget_gb=0.2))
+    cap, report = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+    assert report["source"] == "measured" and report["probe_steps"] == 3
+    assert report["overhead_bytes"] == 0  # on CPU the verify step counts what the fit predicted
+    profile = _profile(report)
+    for n in (3, 5, 32, 100):  # (ResNet's BatchNorm cannot train on 1 sample)
+        assert profile.peak(n) == probe_peak(cfg, spec, plan, "cpu", n), n
+    assert probe_peak(cfg, spec, plan, "cpu", cap) <= report["budget_bytes"]
+    assert probe_peak(cfg, spec, plan, "cpu", cap + 1) > report["budget_bytes"]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_estimate_with_fake_tensors_matches_measurement(name, tmp_path):
+    """Estimated (fake tensors, nothing allocated) vs measured on this CPU: equal at every size."""
+    cfg, spec, plan = _setup(*RECIPES[name], tmp_path=tmp_path)
+    _, estimated = estimated_cap(cfg, spec, plan, 16 * GB)
+    assert estimated["source"] == "estimated" and estimated["probe_steps"] == 0
+    for n in (3, 16, 64):
+        assert _profile(estimated).peak(n) == probe_peak(cfg, spec, plan, "cpu", n), n
+
+
+def test_cache_hit_miss_and_corrupt_entries(tmp_path):
+    cfg, spec, plan = _setup(tmp_path=tmp_path)
+    _, first = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+    assert first["source"] == "measured" and first["probe_steps"] == 3
+    _, again = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+    assert again["source"] == "cached" and again["probe_steps"] == 0
+    assert again["lines"] == first["lines"]
+    wider, spec2, plan2 = _setup("model.channels=50", tmp_path=tmp_path)  # another key: a miss
+    _, other = measured_cap(wider, spec2, plan2, "cpu", 1, lambda v: v)
+    assert other["source"] == "measured" and other["lines"] != first["lines"]
+    entries = sorted((tmp_path / "memcache").glob("*.json"))
+    assert len(entries) == 2
+    for bad in ("{not json", json.dumps({"key": {}, "lines": [[1, 1]]}), "[]"):
+        for entry in entries:
+            entry.write_text(bad)
+        _, redo = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+        assert redo["source"] == "measured" and "ignored" in redo["note"]
+        assert redo["lines"] == first["lines"]
+
+
+def test_one_sample_over_budget_is_a_config_error(tmp_path):
+    from launcher.config import ConfigError
+
+    cfg, spec, plan = _setup("memory.budget_gb=0.00001", "memory.margin_gb=0", tmp_path=tmp_path)
+    with pytest.raises(ConfigError, match="memory: one sample needs"):
+        measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+
+
+def _rank_main(rank: int, port: int, budgets: tuple[float, float], cache: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = compose_run(
+        ["global_batch=512", f"memory.budget_gb={budgets[rank]}", "memory.margin_gb=0"]
+        + [f"memory.cache_dir={cache}/{rank}"]
+    )
+    plan = plan_batch(cfg, 2, 32000)
+
+    def all_min(v: int) -> int:
+        t = torch.tensor([v])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t)
+
+    cap, report = measured_cap(cfg, data_spec(cfg.data), plan, "cpu", 2, all_min)
+    local = report["budget_bytes"]
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"cap": cap, "local_fit": _profile(report).max_micro(local)}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "result")
+    mp.spawn(_rank_main, args=(port, (0.002, 0.001), str(tmp_path), out), nprocs=2, join=True)
+    results = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert results[0]["cap"] == results[1]["cap"] == results[1]["local_fit"]
+    assert results[0]["local_fit"] > results[1]["local_fit"]  # rank 0 alone would pick more
