@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
-from launcher.data import build_splits, make_loader
-from launcher.data.sampler import GlobalBatchSampler, epoch_permutation, eval_shards
+from launcher.data import build_splits, eval_loader, train_loader
+from launcher.data.sampler import epoch_permutation
 from launcher.metrics import MetricsSink
 from launcher.models import build_model
 from launcher.optim import build_optimizer
@@ -39,28 +39,18 @@ def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
     model = build_model(cfg.model, splits.spec)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
-    sampler = GlobalBatchSampler(
-        len(splits.train),
-        global_batch=512,
-        micro_batch=512,
-        world_size=1,
-        rank=0,
-        seed=0,
-        steps=plan.steps,
-    )
     run_dir.mkdir()
     sink = MetricsSink(
         run_dir, total_steps=plan.steps, global_batch=512, tensorboard=True, progress=False
     )
-    shards = eval_shards(len(splits.eval), 1, 0, 512)
     start = time.perf_counter()
     fit(
         model,
         optimizer,
         plan,
         backend,
-        make_loader(splits.train, sampler),
-        lambda: make_loader(splits.eval, shards),
+        lambda plan, step: train_loader(splits.train, plan, 0, 0, step),
+        lambda plan: eval_loader(splits.eval, plan, 0),
         sink,
         log_every=cfg.trainer.log_every,
         eval_every_samples=plan.total_samples,

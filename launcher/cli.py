@@ -53,12 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(_usage())
         return 0
+    from launcher.plan import OutOfMemoryAtOneSample
+
     try:
         run(args)
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OutOfMemoryAtOneSample as exc:  # every rank stops here together
+        if os.environ.get("RANK", "0") == "0":
+            print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     if "torch" in sys.modules:  # a process group can only exist once torch was imported
         from launcher.backends import teardown
 

@@ -305,6 +305,9 @@ class TrainerConfig:
     """parameter dtype (float64 for numerical parity checks)"""
     tensorboard: bool = True
     """write TensorBoard event files to the run directory"""
+    oom_recovery: bool = True
+    """on out of memory anywhere: drop the step, halve the micro-batch, double the accumulation
+    (gradients are then reduced after every rank's micro-steps, not overlapped with backward)"""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")

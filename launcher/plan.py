@@ -8,6 +8,7 @@ both numbers and the nearest valid choices.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -132,6 +133,32 @@ def base_lr_for(optim: OptimConfig, optimizer: str) -> tuple[float, str]:
     if optimizer != optim.name and optim.large_batch.base_lr != "same":
         return optim.large_batch.base_lr, "optim.large_batch.base_lr"
     return optim.base_lr, "optim.base_lr"
+
+
+class OutOfMemoryAtOneSample(RuntimeError):
+    """Even a micro-batch of one sample ran out of memory."""
+
+
+def shrink_micro_batch(plan: BatchPlan, step: int, ranks: list[int]) -> BatchPlan:
+    """The plan after an out-of-memory error: the largest micro-batch <= half the old one that
+    divides the per-device batch, with the accumulation that keeps the global batch exact."""
+    if plan.micro_batch == 1:
+        raise OutOfMemoryAtOneSample(
+            f"out of memory on rank(s) {ranks} at step {step} with micro-batch 1: the model does "
+            "not fit this device; use one with more memory, mixed precision, or a smaller model"
+        )
+    micro = max(d for d in _divisors(plan.per_device_batch) if d <= plan.micro_batch // 2)
+    accumulation = plan.per_device_batch // micro
+    why = (
+        f"{micro} after out of memory on rank(s) {ranks} at step {step} with micro-batch "
+        f"{plan.micro_batch} (was: {plan.reasons.get('micro_batch', '')})"
+    )
+    reasons = plan.reasons | {
+        "micro_batch": why,
+        "accumulation": f"{accumulation} = {plan.global_batch} / ({micro} micro x "
+        f"{plan.world_size} devices)",
+    }
+    return dataclasses.replace(plan, micro_batch=micro, accumulation=accumulation, reasons=reasons)
 
 
 def scale_lr(

@@ -182,6 +182,21 @@ def estimated_cap(
     return cap, _report(profile, budget, budget_why, cap, 0, note)
 
 
+def record_oom(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, report: dict, micro: int
+) -> None:
+    """Teach the cached profile that `micro` did not fit: raise its overhead past the budget."""
+    key = _cache_key(cfg, spec, plan, device)
+    lines = tuple(tuple(line) for line in report["lines"])
+    profile = MemoryProfile(
+        lines, report["overhead_bytes"], tuple(map(tuple, report["points"])), ""
+    )
+    missing = report["budget_bytes"] + 1 - profile.peak(micro)
+    if missing > 0:
+        profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + missing)
+        save_cached(cfg.memory.cache_dir, key, profile)
+
+
 def _report(
     profile: MemoryProfile, budget: int, budget_why: str, cap: int, steps: int, note: str
 ) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from launcher.backends import build_backend
-    from launcher.data import build_splits, make_loader
-    from launcher.data.sampler import GlobalBatchSampler, eval_shards
+    from launcher.data import build_splits, eval_loader, train_loader
     from launcher.metrics import MetricsSink
     from launcher.models import build_model
     from launcher.optim import build_optimizer
@@ -150,6 +150,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             f"backend sees {backend.world_size} processes, the environment says "
             f"{topology.world_size}"
         )
+    report = None
     if probes_memory(cfg):
         from launcher.probe import measured_cap
 
@@ -169,19 +170,14 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
 
     model, optimizer = backend.prepare(model, optimizer)
-    sampler = GlobalBatchSampler(
-        len(splits.train),
-        global_batch=plan.global_batch,
-        micro_batch=plan.micro_batch,
-        world_size=plan.world_size,
-        rank=backend.rank,
-        seed=cfg.seed,
-        steps=plan.steps,
-    )
     workers = getattr(cfg.data, "workers", 0)
     pin = topology.device == "cuda"
-    train_batches = make_loader(splits.train, sampler, workers, pin)
-    shards = eval_shards(len(splits.eval), plan.world_size, backend.rank, plan.micro_batch)
+
+    def batches_from(plan: BatchPlan, step: int) -> Any:
+        return train_loader(splits.train, plan, backend.rank, cfg.seed, step, workers, pin)
+
+    def eval_batches(plan: BatchPlan) -> Any:
+        return eval_loader(splits.eval, plan, backend.rank, workers, pin)
 
     sink = MetricsSink(
         run_dir if main else None,
@@ -190,18 +186,45 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         tensorboard=cfg.trainer.tensorboard,
         progress=cfg.trainer.progress,
     )
+
+    def on_oom(old: BatchPlan, new: BatchPlan, step: int, ranks: list[int]) -> None:
+        message = (
+            f"launcher: OUT OF MEMORY on rank(s) {ranks} at step {step} with micro-batch "
+            f"{old.micro_batch}: dropped the partial step on every rank; rerunning its samples "
+            f"with micro-batch {new.micro_batch} x accumulation {new.accumulation} (global batch "
+            f"{new.global_batch}, LR and schedule unchanged)"
+        )
+        sink.log(
+            {
+                "event": "out_of_memory",
+                "step": step,
+                "ranks": ranks,
+                "micro_batch": new.micro_batch,
+                "accumulation": new.accumulation,
+            }
+        )
+        if main:
+            print(message, file=sys.stderr, flush=True)
+            write_plan_files(run_dir, cfg, new)
+        if report is not None:
+            from launcher.probe import record_oom
+
+            record_oom(cfg, splits.spec, old, str(backend.device), report, old.micro_batch)
+
     try:
-        result = fit(
+        result, plan = fit(
             model,
             optimizer,
             plan,
             backend,
-            train_batches,
-            lambda: make_loader(splits.eval, shards, workers, pin),
+            batches_from,
+            eval_batches,
             sink,
             log_every=cfg.trainer.log_every,
             eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
             dtype=dtype,
+            oom_recovery=cfg.trainer.oom_recovery,
+            on_oom=on_oom,
         )
         digest = check_replicas(model, backend)
         sink.log({"final": True, "step": plan.steps, "param_digest": digest})

@@ -8,6 +8,8 @@ the backend's all-reduce then averages over ranks, which is the mean over the gl
 
 from __future__ import annotations
 
+import gc
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from launcher.backends.base import Backend
 from launcher.metrics import MetricsSink
-from launcher.plan import BatchPlan
+from launcher.plan import BatchPlan, shrink_micro_batch
 from launcher.schedule import lr_at
 
 
@@ -31,6 +33,35 @@ def to_device(
     return x, torch.as_tensor(y).to(device, non_blocking=True)
 
 
+def accumulate(
+    model: Any,
+    micro_batches: Iterator[Any],
+    backend: Backend,
+    plan: BatchPlan,
+    dtype: torch.dtype,
+    sync_in_backward: bool = True,
+    before_micro_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss.
+
+    Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
+    (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
+    """
+    total = torch.zeros((), device=backend.device, dtype=torch.float64)
+    for j in range(plan.accumulation):
+        if before_micro_step is not None:
+            before_micro_step(j)
+        x, y = to_device(next(micro_batches), backend.device, dtype)
+        if len(y) != plan.micro_batch:
+            raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
+        last = j == plan.accumulation - 1
+        with nullcontext() if last and sync_in_backward else backend.no_sync(model):
+            loss = F.cross_entropy(model(x), y, reduction="sum") / plan.per_device_batch
+            backend.backward(loss)
+        total += loss.detach()
+    return total
+
+
 def train_step(
     model: Any,
     optimizer: Any,
@@ -40,16 +71,7 @@ def train_step(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
-    total = torch.zeros((), device=backend.device, dtype=torch.float64)
-    for j in range(plan.accumulation):
-        x, y = to_device(next(micro_batches), backend.device, dtype)
-        if len(y) != plan.micro_batch:
-            raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
-        last = j == plan.accumulation - 1
-        with nullcontext() if last else backend.no_sync(model):
-            loss = F.cross_entropy(model(x), y, reduction="sum") / plan.per_device_batch
-            backend.backward(loss)
-        total += loss.detach()
+    total = accumulate(model, micro_batches, backend, plan, dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -73,50 +95,125 @@ def evaluate(
     return {"eval_accuracy": correct / count, "eval_loss": loss / count, "eval_samples": int(count)}
 
 
+OOM_ERRORS = (torch.OutOfMemoryError,)
+
+
+def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], None] | None:
+    """Test hook: LAUNCHER_TEST_OOM=RANK:STEP:MAX_MICRO makes that rank run out of memory before
+    the last micro-step of every step >= STEP while its micro-batch is above MAX_MICRO (a CPU
+    stand-in for a GPU that cannot hold the activations)."""
+    spec = os.environ.get("LAUNCHER_TEST_OOM")
+    if not spec:
+        return None
+    oom_rank, from_step, max_micro = (int(v) for v in spec.split(":"))
+    if rank != oom_rank or step < from_step or plan.micro_batch <= max_micro:
+        return None
+
+    def hook(j: int) -> None:
+        if j == plan.accumulation - 1:
+            raise torch.OutOfMemoryError(f"LAUNCHER_TEST_OOM={spec}: injected at step {step}")
+
+    return hook
+
+
+def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step) -> torch.Tensor | list:  # noqa: ANN001
+    """One step whose gradients are reduced only once every rank got through its micro-steps.
+
+    Returns the loss, or the list of ranks that ran out of memory (then every rank has dropped
+    its partial gradients and no optimizer step was taken). No collective runs inside the
+    micro-steps, so a rank that fails cannot leave the others waiting.
+    """
+    try:
+        loss = accumulate(
+            model,
+            batches,
+            backend,
+            plan,
+            dtype,
+            sync_in_backward=False,
+            before_micro_step=_test_oom_hook(backend.rank, step, plan),
+        )
+        failed = 0
+    except OOM_ERRORS:
+        loss, failed = None, 1
+    flags = backend.flags(failed)
+    if any(flags):
+        optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return [r for r, f in enumerate(flags) if f]
+    backend.reduce_gradients(model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    backend.sync_buffers(model)
+    return loss
+
+
 def fit(
     model: Any,
     optimizer: Any,
     plan: BatchPlan,
     backend: Backend,
-    train_batches: Iterable[Any],
-    eval_batches: Callable[[], Iterable[Any]],
+    batches_from: Callable[[BatchPlan, int], Iterable[Any]],
+    eval_batches: Callable[[BatchPlan], Iterable[Any]],
     sink: MetricsSink,
     *,
     log_every: int,
     eval_every_samples: int,
     dtype: torch.dtype,
     start_step: int = 0,
-) -> dict[str, float]:
-    """Train from `start_step` to `plan.steps`; returns the final evaluation."""
+    oom_recovery: bool = True,
+    on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
+) -> tuple[dict[str, float], BatchPlan]:
+    """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
+
+    With `oom_recovery`, an out-of-memory error on any rank drops the partial step on every rank,
+    halves the micro-batch, doubles the accumulation and reruns the same samples: the global
+    batch, LR and schedule do not change. Without it, DDP's overlapped reduction is used and an
+    out-of-memory error ends the run.
+    """
     model.train()
-    batches = iter(train_batches)
+    batches = iter(batches_from(plan, start_step))
     sink.start(start_step)
     next_eval = (start_step * plan.global_batch // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
-    for step in range(start_step, plan.steps):
+    step = start_step
+    while step < plan.steps:
         lr = lr_at(plan, step * plan.global_batch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(model, optimizer, batches, backend, plan, dtype)
-        done, samples = step + 1, (step + 1) * plan.global_batch
-        if done % log_every == 0 or done == plan.steps:
+        if not oom_recovery:
+            loss = train_step(model, optimizer, batches, backend, plan, dtype)
+        else:
+            loss = _step_or_oom(model, optimizer, batches, backend, plan, dtype, step)
+            if isinstance(loss, list):
+                smaller = shrink_micro_batch(plan, step, loss)
+                if on_oom is not None:
+                    on_oom(plan, smaller, step, loss)
+                plan = smaller
+                batches = iter(batches_from(plan, step))
+                continue
+        step += 1
+        samples = step * plan.global_batch
+        if step % log_every == 0 or step == plan.steps:
             mean_loss = float(backend.sum(loss)) / plan.world_size
             sink.log(
                 {
-                    "step": done,
+                    "step": step,
                     "samples": samples,
                     "epoch": samples / plan.epoch_samples,
                     "loss": mean_loss,
                     "lr": lr,
-                    "samples_per_s": sink.samples_per_second(done),
+                    "samples_per_s": sink.samples_per_second(step),
                 }
             )
-        if samples >= next_eval or done == plan.steps:
-            result = evaluate(model, eval_batches(), backend, dtype)
-            sink.log({"step": done, "samples": samples, **result})
+        if samples >= next_eval or step == plan.steps:
+            result = evaluate(model, eval_batches(plan), backend, dtype)
+            sink.log({"step": step, "samples": samples, **result})
             next_eval = (samples // eval_every_samples + 1) * eval_every_samples
         sink.advance()
-    return result
+    return result, plan
 
 
 def check_replicas(model: Any, backend: Backend) -> float:

@@ -32,11 +32,22 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, prefix: list[str] | None = None, timeout: int = 600):
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    prefix: list[str] | None = None,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+):
     """Run `python -m launcher ARGS` (or PREFIX -m launcher ARGS) in `cwd`; returns the result."""
     cmd = (prefix or [sys.executable]) + ["-m", "launcher", *args]
     return subprocess.run(
-        cmd, cwd=cwd, env=launcher_env(), capture_output=True, text=True, timeout=timeout
+        cmd,
+        cwd=cwd,
+        env=launcher_env() | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -6,6 +6,7 @@ Stated tolerances: float64 throughout; 1e-10 absolute on parameters after severa
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,15 +17,14 @@ import torch
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
 from launcher.config import BackendConfig
-from launcher.data import make_loader
-from launcher.data.sampler import GlobalBatchSampler, eval_shards
+from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.metrics import MetricsSink
 from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
-from tests.conftest import SMALL_DATA, run_cli
+from tests.conftest import SMALL_DATA, read_metrics, run_cli
 
 TOL = 1e-10
 
@@ -34,7 +34,9 @@ def backend() -> AccelerateBackend:
     return AccelerateBackend(BackendConfig(name="accelerate"), "cpu")
 
 
-def _train_in_process(backend, micro_batch: int, optim: str) -> dict[str, torch.Tensor]:
+def _train_in_process(
+    backend, micro_batch: int, optim: str, oom_recovery: bool = True
+) -> dict[str, torch.Tensor]:
     """Six optimizer steps of the real loop on fixed random data, float64."""
     cfg = compose_run(
         ["model=mlp", "global_batch=64", f"micro_batch={micro_batch}", f"optim={optim}"]
@@ -48,15 +50,6 @@ def _train_in_process(backend, micro_batch: int, optim: str) -> dict[str, torch.
     model = build_model(cfg.model, _spec()).double()
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer)
-    sampler = GlobalBatchSampler(
-        len(data),
-        global_batch=64,
-        micro_batch=micro_batch,
-        world_size=1,
-        rank=0,
-        seed=0,
-        steps=plan.steps,
-    )
     sink = MetricsSink(
         None, total_steps=plan.steps, global_batch=64, tensorboard=False, progress=False
     )
@@ -65,12 +58,13 @@ def _train_in_process(backend, micro_batch: int, optim: str) -> dict[str, torch.
         optimizer,
         plan,
         backend,
-        make_loader(data, sampler),
-        lambda: make_loader(data, eval_shards(len(data), 1, 0, 64)),
+        lambda plan, step: train_loader(data, plan, 0, 0, step),
+        lambda plan: eval_loader(data, plan, 0),
         sink,
         log_every=1,
         eval_every_samples=len(data),
         dtype=torch.float64,
+        oom_recovery=oom_recovery,
     )
     return {k: v.detach().clone() for k, v in backend.unwrap(model).state_dict().items()}
 
@@ -83,8 +77,8 @@ def _spec():
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw", "lars", "lamb"])
 def test_accumulation_matches_one_big_batch(backend, optim: str) -> None:
-    big = _train_in_process(backend, 64, optim)  # accumulation 1
-    for micro in (16, 8):  # accumulation 4 and 8
+    big = _train_in_process(backend, 64, optim, oom_recovery=False)  # accumulation 1, DDP path
+    for micro in (16, 8):  # accumulation 4 and 8, the out-of-memory-safe path
         accumulated = _train_in_process(backend, micro, optim)
         for name, ref in big.items():
             torch.testing.assert_close(accumulated[name], ref, atol=TOL, rtol=0, msg=name)
@@ -162,3 +156,48 @@ def test_two_gloo_ranks_match_one_rank(launch, one_rank_reference, tmp_path, dat
         torch.testing.assert_close(two[name], ref, atol=TOL, rtol=0, msg=name)
     assert "parameters differ" not in res.stderr
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_keeps_the_global_batch_and_matches_a_clean_run(
+    tmp_path, data_cache
+):
+    """Rank 1 of 2 runs out of memory at step 2 with micro 16: both ranks drop the step and go on
+    with micro 8 x accumulation 4; the result equals a run with micro 8 from the start."""
+    torchrun = [sys.executable, *LAUNCHERS["torchrun"]]
+    common = [*PARITY_ARGS, f"data.cache_dir={data_cache}"]
+    clean = run_cli([*common, "micro_batch=8", "run_dir=clean"], tmp_path, prefix=torchrun)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    env = {"LAUNCHER_TEST_OOM": "1:2:8"}
+    hit = run_cli([*common, "micro_batch=16", "run_dir=oom"], tmp_path, prefix=torchrun, env=env)
+    assert hit.returncode == 0, hit.stderr[-3000:]
+    assert "OUT OF MEMORY on rank(s) [1] at step 2 with micro-batch 16" in hit.stderr
+    plan = json.loads((tmp_path / "oom" / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["accumulation"], plan["global_batch"]) == (8, 4, 64)
+    metrics = read_metrics(tmp_path / "oom")
+    events = [m for m in metrics if m.get("event") == "out_of_memory"]
+    assert events == [
+        {"event": "out_of_memory", "step": 2, "ranks": [1], "micro_batch": 8, "accumulation": 4}
+    ]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5]  # the dropped step is rerun, not skipped or counted twice
+    lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "clean") if "loss" in m}
+    assert {m["step"]: m["lr"] for m in metrics if "loss" in m} == lrs  # schedule untouched
+    ref, got = _final_state(tmp_path / "clean"), _final_state(tmp_path / "oom")
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=TOL, rtol=0, msg=name)
+
+
+def test_out_of_memory_at_one_sample_stops_with_one_line(tmp_path, data_cache):
+    res = run_cli(
+        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=2", "run_dir=r"],
+        tmp_path,
+        env={"LAUNCHER_TEST_OOM": "0:1:0"},
+    )
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "OUT OF MEMORY on rank(s) [0] at step 1 with micro-batch 2" in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "launcher: error: out of memory on rank(s) [0] at step 1 with micro-batch 1: the model "
+        "does not fit this device; use one with more memory, mixed precision, or a smaller model"
+    )

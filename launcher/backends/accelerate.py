@@ -22,6 +22,7 @@ class AccelerateBackend:
         self.world_size = self.acc.num_processes
         self.rank = self.acc.process_index
         self.device = self.acc.device
+        self._cpu_group = None
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         return self.acc.prepare(model, optimizer)
@@ -47,6 +48,34 @@ class AccelerateBackend:
         t = torch.tensor([value], device=self.device, dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return int(t.item())
+
+    def flags(self, flag: int) -> list[int]:
+        """Every rank's flag, gathered on the CPU (over gloo), so no GPU work is waited for."""
+        if self.world_size == 1:
+            return [flag]
+        if self._cpu_group is None:
+            self._cpu_group = torch.distributed.new_group(backend="gloo")
+        out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, torch.tensor([flag]), group=self._cpu_group)
+        return [int(t) for t in out]
+
+    def reduce_gradients(self, model: Any) -> None:
+        """Average the gradients over ranks (for steps whose backward ran without DDP's sync)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.world_size)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+    def sync_buffers(self, model: Any) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's synced forward does."""
+        if self.world_size == 1:
+            return
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(tensor) if self.world_size > 1 else tensor

@@ -31,6 +31,15 @@ class Backend(Protocol):
     def all_min(self, value: int) -> int:
         """The minimum of an integer over all ranks."""
 
+    def flags(self, flag: int) -> list[int]:
+        """Every rank's integer flag, in rank order (a host-side collective)."""
+
+    def reduce_gradients(self, model: Any) -> None:
+        """Average the gradients over ranks (for steps whose backward ran without a sync)."""
+
+    def sync_buffers(self, model: Any) -> None:
+        """Copy rank 0's buffers to every rank."""
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor from every rank, rank order."""
 

@@ -63,3 +63,38 @@ def make_loader(dataset: Any, batches: Any, workers: int = 0, pin_memory: bool =
         persistent_workers=False,
         pin_memory=pin_memory,
     )
+
+
+def train_loader(
+    dataset: Any,
+    plan: Any,
+    rank: int,
+    seed: int,
+    start_step: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Any:
+    """This rank's micro-batches of the plan's global batches, from optimizer step `start_step`."""
+    from launcher.data.sampler import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(
+        len(dataset),
+        global_batch=plan.global_batch,
+        micro_batch=plan.micro_batch,
+        world_size=plan.world_size,
+        rank=rank,
+        seed=seed,
+        steps=plan.steps,
+        start_step=start_step,
+    )
+    return make_loader(dataset, sampler, workers, pin_memory)
+
+
+def eval_loader(
+    dataset: Any, plan: Any, rank: int, workers: int = 0, pin_memory: bool = False
+) -> Any:
+    """This rank's share of the evaluation split, each sample exactly once over all ranks."""
+    from launcher.data.sampler import eval_shards
+
+    shards = eval_shards(len(dataset), plan.world_size, rank, plan.micro_batch)
+    return make_loader(dataset, shards, workers, pin_memory)
