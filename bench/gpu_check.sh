@@ -36,3 +36,15 @@ step resnet50_bf16 +recipe=resnet50 data=synthetic data.train_samples=7680 data.
 step resnet50_accum +recipe=resnet50 data=synthetic data.train_samples=2560 data.eval_samples=256 \
   data.workers=12 global_batch=256 micro_batch=64 backend.mixed_precision=bf16 trainer.epochs=1
 grep -h samples_per_s "$OUT"/resnet50_bf16.metrics.jsonl | tail -n 3
+for run in default resnet50_bf16; do  # the measured memory profile behind each plan
+  python3 -c "import json,sys; p=json.load(open(sys.argv[1])); m=p['memory']; print(sys.argv[1], \
+    'micro', p['micro_batch'], 'accum', p['accumulation'], {k: m.get(k) for k in \
+    ('source', 'cap', 'probe_steps', 'overhead_bytes', 'budget_bytes', 'note')})" \
+    "/tmp/gpu-$run/plan.json"
+done
+# 4. Choosing the micro-batch from memory on a real allocator limit (8 GiB per process):
+#    the launcher's probe vs Accelerate's and Lightning's finders vs the true largest size.
+echo "== memory finder (bench/memory_finder.py, cuda, 8 GiB)"
+python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 --arch resnet50 \
+  --precision bf16 --start 256 --out "$OUT/memory_finder.json" > "$OUT/memory_finder.log" 2>&1
+echo "rc=$?"; grep -E "^\||true largest|Error" "$OUT/memory_finder.log" | tail -n 8
