@@ -131,10 +131,8 @@ def budget_bytes(cfg: MemoryConfig, device_free_bytes: int) -> tuple[int, str]:
 
 def free_bytes(device: str, local_processes: int) -> int:
     """Free memory this process may count on: the GPU's, or its share of available RAM."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[0]
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
     available = None
     try:
         with open("/proc/meminfo") as f:
