@@ -45,6 +45,6 @@ done
 # 4. Choosing the micro-batch from memory on a real allocator limit (8 GiB per process):
 #    the launcher's probe vs Accelerate's and Lightning's finders vs the true largest size.
 echo "== memory finder (bench/memory_finder.py, cuda, 8 GiB)"
-python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 --arch resnet50 \
+timeout 300 python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 --arch resnet50 \
   --precision bf16 --start 256 --out "$OUT/memory_finder.json" > "$OUT/memory_finder.log" 2>&1
 echo "rc=$?"; grep -E "^\||true largest|Error" "$OUT/memory_finder.log" | tail -n 8

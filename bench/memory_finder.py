@@ -155,7 +155,8 @@ def lightning_finder(cfg, spec, plan, device: str, budget: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator="cpu" if device == "cpu" else "gpu",
+            precision="bf16-mixed" if cfg.backend.mixed_precision == "bf16" else "32-true",
             devices=1,
             max_epochs=1,
             logger=False,
@@ -194,28 +195,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         cfg, spec, plan = setup(args, cache)
         truth, truth_steps = ground_truth(cfg, spec, plan, device, budget)
-        rows = {
-            "launcher (probe: 2 traces + verify)": launcher_probe(cfg, spec, plan, device),
-            "launcher, cached (a requeue or resume)": launcher_probe(cfg, spec, plan, device),
-            f"accelerate find_executable_batch_size({args.start})": accelerate_finder(
+        print(
+            f"{args.arch}, 3x{args.image}x{args.image}, SGD, precision {args.precision}, {where}; "
+            f"true largest micro-batch {truth} ({truth_steps} real steps to find)"
+        )
+        print("| method | micro-batch found | / true | training steps run | wall s | fits? |")
+        print("|---|---|---|---|---|---|", flush=True)
+        methods = {
+            "launcher (probe: 2 traces + verify)": lambda: launcher_probe(cfg, spec, plan, device),
+            "launcher, cached (a requeue or resume)": lambda: launcher_probe(
+                cfg, spec, plan, device
+            ),
+            f"accelerate find_executable_batch_size({args.start})": lambda: accelerate_finder(
                 cfg, spec, plan, device, budget, args.start
             ),
-            "lightning Tuner.scale_batch_size(binsearch)": lightning_finder(
+            "lightning Tuner.scale_batch_size(binsearch)": lambda: lightning_finder(
                 cfg, spec, plan, device, budget
             ),
         }
-    print(
-        f"{args.arch}, 3x{args.image}x{args.image}, SGD, precision {args.precision}, {where}; "
-        f"true largest micro-batch {truth} ({truth_steps} real steps to find)"
-    )
-    print("| method | micro-batch found | / true | training steps run | wall s | fits? |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        r["fits"] = fits(cfg, spec, plan, device, budget, r["found"])
-        print(
-            f"| {name} | {r['found']} | {r['found'] / truth:.3f} | {r['steps']} | "
-            f"{r['seconds']:.1f} | {'yes' if r['fits'] else 'NO'} |"
-        )
+        rows = {}
+        for name, method in methods.items():  # each row as soon as it is known
+            r = rows[name] = method()
+            r["fits"] = fits(cfg, spec, plan, device, budget, r["found"])
+            print(
+                f"| {name} | {r['found']} | {r['found'] / truth:.3f} | {r['steps']} | "
+                f"{r['seconds']:.1f} | {'yes' if r['fits'] else 'NO'} |",
+                flush=True,
+            )
     if args.out:
         args.out.write_text(json.dumps({"truth": truth, "rows": rows}, indent=2) + "\n")
 
