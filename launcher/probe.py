@@ -8,6 +8,7 @@ over ranks (one collective). `estimated_cap` does the same with fake tensors for
 from __future__ import annotations
 
 import dataclasses
+import gc
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -111,6 +112,20 @@ def _auto_micro(plan: BatchPlan, cfg: RunConfig, cap: int) -> int:
     return split_batch(plan.global_batch, plan.world_size, "auto", cfg.max_micro_batch, cap)[0]
 
 
+def _first_traces(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> list:
+    """Traces at the probe sizes, or at 1 and 2 samples when those do not fit the device."""
+    for sizes in (PROBE_SIZES, (1, 2)):
+        try:
+            return [(n, probe_trace(cfg, spec, plan, device, n)) for n in sizes]
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+    raise ConfigError(
+        f"memory: a training step of 2 samples does not fit on {device}; use a device with more "
+        "memory, mixed precision (backend.mixed_precision=bf16), or a smaller model"
+    )
+
+
 def measured_cap(
     cfg: RunConfig,
     spec: DataSpec,
@@ -125,9 +140,8 @@ def measured_cap(
     profile, note = load_cached(cfg.memory.cache_dir, key)
     steps = 0
     if profile is None:
-        n1, n2 = PROBE_SIZES
-        traces = [probe_trace(cfg, spec, plan, device, n) for n in PROBE_SIZES]
-        profile, steps = fit_traces(n1, traces[0], n2, traces[1], "measured"), 2
+        (n1, trace1), (n2, trace2) = _first_traces(cfg, spec, plan, device)
+        profile, steps = fit_traces(n1, trace1, n2, trace2, "measured"), 2
         if profile.max_micro(budget) >= 1:  # verify the size the plan will pick, with a real step
             micro = _auto_micro(plan, cfg, profile.max_micro(budget))
             predicted = profile.peak(micro)

@@ -190,3 +190,19 @@ def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
     results = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert results[0]["cap"] == results[1]["cap"] == results[1]["local_fit"]
     assert results[0]["local_fit"] > results[1]["local_fit"]  # rank 0 alone would pick more
+
+
+def test_an_out_of_memory_in_training_teaches_the_cache(tmp_path):
+    """After record_oom at micro m, the cached profile no longer lets m fit the same budget."""
+    from launcher.memory import load_cached
+    from launcher.probe import _cache_key, record_oom
+
+    cfg, spec, plan = _setup("memory.budget_gb=0.002", "memory.margin_gb=0", tmp_path=tmp_path)
+    cap, report = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+    failed = cap // 2  # the device disagreed with the profile at half the cap
+    record_oom(cfg, spec, plan, "cpu", report, failed)
+    cached, note = load_cached(cfg.memory.cache_dir, _cache_key(cfg, spec, plan, "cpu"))
+    assert cached is not None, note
+    assert cached.max_micro(report["budget_bytes"]) == failed - 1
+    again, report2 = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
+    assert report2["source"] == "cached" and again == failed - 1
