@@ -41,8 +41,14 @@ def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: i
 
     The model, its optimizer state (made by a step on zero gradients, as training has it from the
     second step on), the batch, forward, loss, backward and the step all run, with the run's dtype
-    and autocast precision; everything is freed on return.
+    and autocast precision; everything is freed on return, and the caller's RNG state is untouched.
     """
+    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):
+        _seeded_step(cfg, spec, plan, device, micro)
+
+
+def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
     dtype = getattr(torch, cfg.trainer.dtype)
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16

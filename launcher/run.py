@@ -142,7 +142,6 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
-    del model
 
     backend = build_backend(cfg.backend, topology.device)
     if backend.world_size != topology.world_size:
@@ -157,9 +156,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         _, report = measured_cap(
             cfg, splits.spec, plan, str(backend.device), topology.local_world_size, backend.all_min
         )
-        _, plan = plan_for(cfg, launched, epoch, memory=report)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.spec).to(dtype)
+        _, plan = plan_for(cfg, launched, epoch, memory=report)  # probing kept our RNG state
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
     run_dir = backend.broadcast_object(
