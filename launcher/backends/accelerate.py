@@ -61,21 +61,16 @@ class AccelerateBackend:
 
     def reduce_gradients(self, model: Any) -> None:
         """Average the gradients over ranks (for steps whose backward ran without DDP's sync)."""
-        if self.world_size == 1:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat.div_(self.world_size)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(part.view_as(g))
+        if self.world_size > 1:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            _flat_in_place(grads, torch.distributed.all_reduce)
+            for g in grads:
+                g.div_(self.world_size)
 
     def sync_buffers(self, model: Any) -> None:
         """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP's synced forward does."""
-        if self.world_size == 1:
-            return
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+        if self.world_size > 1:
+            _flat_in_place(list(model.buffers()), lambda t: torch.distributed.broadcast(t, src=0))
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.acc.gather(tensor) if self.world_size > 1 else tensor
@@ -86,3 +81,15 @@ class AccelerateBackend:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([obj], from_process=0)[0]
+
+
+def _flat_in_place(tensors: list[torch.Tensor], collective: Any) -> None:
+    """Run `collective` once per dtype on a flat copy of `tensors`, then copy the result back."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        collective(flat)
+        for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.copy_(part.view_as(t))
