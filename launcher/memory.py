@@ -210,6 +210,11 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _as_json(parts: dict[str, Any]) -> Any:
+    """The key as it reads back from the cache file."""
+    return json.loads(json.dumps(parts, sort_keys=True, default=str))
+
+
 def load_cached(cache_dir: str, key_parts: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
     """(profile, note): None when missing, stale or corrupt (never trusted, never fatal)."""
     path = Path(os.path.expanduser(cache_dir)) / f"{cache_key(key_parts)}.json"
@@ -217,7 +222,7 @@ def load_cached(cache_dir: str, key_parts: dict[str, Any]) -> tuple[MemoryProfil
         return None, "no cache entry"
     try:
         data = json.loads(path.read_text())
-        if data["key"] != json.loads(json.dumps(key_parts, sort_keys=True, default=str)):
+        if data["key"] != _as_json(key_parts):
             return None, f"stale cache entry {path} ignored"
         lines = tuple((int(c), int(a)) for c, a in data["lines"])
         points = tuple((int(n), int(p)) for n, p in data["points"])
@@ -226,7 +231,7 @@ def load_cached(cache_dir: str, key_parts: dict[str, Any]) -> tuple[MemoryProfil
             raise ValueError("negative or missing values")
         profile = MemoryProfile(lines, overhead, points, "cached")
         return profile, f"cache entry {path}"
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"corrupt cache entry {path} ignored ({type(exc).__name__})"
 
 
@@ -235,7 +240,7 @@ def save_cached(cache_dir: str, key_parts: dict[str, Any], profile: MemoryProfil
     folder = Path(os.path.expanduser(cache_dir))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{cache_key(key_parts)}.json"
-    data = asdict(profile) | {"key": json.loads(json.dumps(key_parts, sort_keys=True, default=str))}
+    data = asdict(profile) | {"key": _as_json(key_parts)}
     data.pop("source")
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
         json.dump(data, tmp)
