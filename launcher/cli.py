@@ -55,18 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from launcher.plan import OutOfMemoryAtOneSample
 
+    # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
+    # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
+    # every path below may tear the process group down with a barrier.
+    code = 0
     try:
         run(args)
     except ConfigError as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except OutOfMemoryAtOneSample as exc:  # every rank stops here together
-        if os.environ.get("RANK", "0") == "0":
-            print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        code = 2
+        message = str(exc)
+    except OutOfMemoryAtOneSample as exc:
+        code = 1
+        message = str(exc)
+    if code and os.environ.get("RANK", "0") == "0":
+        print(f"launcher: error: {message}", file=sys.stderr, flush=True)
     if "torch" in sys.modules:  # a process group can only exist once torch was imported
         from launcher.backends import teardown
 
         teardown()
-    return 0
+    return code
