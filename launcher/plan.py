@@ -46,10 +46,6 @@ class BatchPlan:
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def warmup_steps(self) -> float:
-        return self.warmup_samples / self.global_batch
-
 
 def _fmt(x: float) -> str:
     return f"{x:.6g}"

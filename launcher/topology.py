@@ -25,10 +25,6 @@ class Topology:
     def nodes(self) -> int:
         return self.world_size // self.local_world_size
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
