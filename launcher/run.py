@@ -223,7 +223,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             oom_recovery=cfg.trainer.oom_recovery,
             on_oom=on_oom,
         )
-        digest = check_replicas(model, backend)
+        digest = check_replicas(model, backend, buffers=cfg.trainer.oom_recovery)
         sink.log({"final": True, "step": plan.steps, "param_digest": digest})
     finally:
         sink.close()

@@ -216,12 +216,15 @@ def fit(
     return result, plan
 
 
-def check_replicas(model: Any, backend: Backend) -> float:
-    """Raise if the ranks' parameters differ; returns the digest (float64 sum of squares)."""
+def check_replicas(model: Any, backend: Backend, buffers: bool) -> float:
+    """Raise if the ranks' parameters (and `buffers`, e.g. BatchNorm statistics) differ; returns
+    the digest (float64 sum of squares). DDP's own path syncs buffers only before a forward, so
+    they are compared only where the loop syncs them after each step (oom_recovery)."""
     digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
-    for p in model.parameters():
-        digest += p.detach().double().square().sum()
+    tensors = list(model.parameters()) + (list(model.buffers()) if buffers else [])
+    for t in tensors:
+        digest += t.detach().double().square().sum()
     every = backend.gather(digest).tolist()
     if any(d != every[0] for d in every):
-        raise RuntimeError(f"parameters differ across ranks after training: digests {every}")
+        raise RuntimeError(f"replicas differ across ranks after training: digests {every}")
     return every[0]

@@ -201,3 +201,18 @@ def test_out_of_memory_at_one_sample_stops_with_one_line(tmp_path, data_cache):
         "launcher: error: out of memory on rank(s) [0] at step 1 with micro-batch 1: the model "
         "does not fit this device; use one with more memory, mixed precision, or a smaller model"
     )
+
+
+@pytest.mark.slow
+def test_two_ranks_with_batchnorm_end_with_identical_parameters_and_buffers(tmp_path):
+    """ResNet-18 (BatchNorm) on 2 gloo ranks: rank 0's running statistics reach every rank after
+    each step, so the end-of-run replica check over parameters and buffers passes."""
+    args = ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "data.train_samples=64"]
+    args += ["data.eval_samples=16", "data.input_shape=[3,16,16]", "data.num_classes=10"]
+    args += ["data.workers=0", "global_batch=16", "trainer.epochs=1", "memory.probe=false"]
+    res = run_cli([*args, "run_dir=run"], tmp_path, prefix=[sys.executable, *LAUNCHERS["torchrun"]])
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = read_metrics(tmp_path / "run")[-1]
+    assert final["final"] and final["step"] == 4
+    stats = [k for k in _final_state(tmp_path / "run") if k.endswith("running_mean")]
+    assert len(stats) == 20  # the buffers the check covered
