@@ -133,7 +133,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     from launcher.optim import build_optimizer
     from launcher.train import check_replicas, fit
 
-    topology, _ = plan_for(cfg, launched)  # fail on a bad batch before loading any data
+    topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     splits = build_splits(cfg.data)
