@@ -41,7 +41,7 @@ def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
-    model, optimizer = backend.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer, plan)
     run_dir.mkdir()
     sink = MetricsSink(
         run_dir, total_steps=plan.steps, global_batch=512, tensorboard=True, progress=False
@@ -113,7 +113,7 @@ def main() -> None:
     cfg = compose_run(["global_batch=512", f"trainer.epochs={args.epochs}"])
     splits = build_splits(cfg.data)
     plan = plan_batch(cfg, 1, len(splits.train))
-    backend = AccelerateBackend(cfg.backend, "cpu")
+    backend = AccelerateBackend(cfg, "cpu")
     times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

@@ -25,6 +25,9 @@ Any key of the composed config can be overridden, e.g. optim.base_lr=0.2 trainer
 """
 
 
+LOCAL_RANK = ("--local_rank=", "--local-rank=")
+
+
 def _usage() -> str:
     from launcher.compose import DEFAULT_RECIPE, group_options, recipe_names
 
@@ -41,7 +44,8 @@ def run(args: list[str]) -> None:
     from launcher.run import launch
 
     multirun = any(a in ("-m", "--multirun") for a in args)
-    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    overrides = [a for a in args if a not in ("-m", "--multirun") and not a.startswith(LOCAL_RANK)]
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
         raise ConfigError(f"{flags[0]}: unknown option; options are -m/--multirun and -h/--help")

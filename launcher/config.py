@@ -28,7 +28,14 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 # ----------------------------------------------------------------------------------------- models
 @dataclass(frozen=True, kw_only=True)
-class MLPConfig:
+class _ModelOptions:
+    activation_checkpointing: bool = False
+    """recompute each block's activations in backward instead of keeping them (less memory per
+    sample, about one more forward of compute); the memory probe measures it"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPConfig(_ModelOptions):
     name: Literal["mlp"]
     """registry name"""
     hidden: int = 100
@@ -42,7 +49,7 @@ class MLPConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CNN1DConfig:
+class CNN1DConfig(_ModelOptions):
     name: Literal["cnn1d"]
     """registry name"""
     channels: int = 25
@@ -56,7 +63,7 @@ RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 @dataclass(frozen=True, kw_only=True)
-class ResNetConfig:
+class ResNetConfig(_ModelOptions):
     name: Literal["resnet"]
     """registry name"""
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
@@ -215,6 +222,8 @@ class OptimConfig:
     """Adam-family epsilon (LAMB uses 1e-6 when swapped in)"""
     trust_coefficient: float = 0.001
     """LARS eta"""
+    clip_grad_norm: float = 0.0
+    """clip the global gradient norm to this before each step; 0 = no clipping"""
     large_batch: LargeBatchConfig = dataclasses.field(default_factory=LargeBatchConfig)
     """the large-batch optimizer swap"""
 
@@ -241,10 +250,18 @@ class OptimConfig:
             self.trust_coefficient,
             "must be > 0",
         )
+        _require(
+            self.clip_grad_norm >= 0, "optim.clip_grad_norm", self.clip_grad_norm, "must be >= 0"
+        )
 
     @property
     def family(self) -> str:
         return "sgd" if self.name in SGD_FAMILY else "adam"
+
+    @property
+    def lamb_eps(self) -> float:
+        """LAMB's epsilon: optim.eps, or the LAMB paper's 1e-6 when LAMB is swapped in for Adam"""
+        return self.eps if self.name == "lamb" else 1e-6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,11 +299,39 @@ class ScheduleConfig:
 
 # ------------------------------------------------------------------ backend / trainer / cluster
 @dataclass(frozen=True, kw_only=True)
-class BackendConfig:
+class AccelerateConfig:
     name: Literal["accelerate"]
     """training backend, from the BACKENDS registry"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """autocast precision; parameters and optimizer state stay float32"""
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    name: Literal["deepspeed"]
+    """training backend, from the BACKENDS registry"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """DeepSpeed's bf16/fp16 modes: half-precision parameters with float32 master weights"""
+    zero_stage: int = 0
+    """ZeRO stage: 0 replicated, 1 optimizer state, 2 + gradients, 3 + parameters partitioned"""
+    fused_optimizer: bool = False
+    """CUDA only: DeepSpeed's fused Adam/AdamW/LAMB instead of the launcher's own optimizer"""
+    config_file: str | None = None
+    """a ds_config.json to start from (e.g. one a run wrote); its batch keys must match the plan"""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.zero_stage in ZERO_STAGES,
+            "backend.zero_stage",
+            self.zero_stage,
+            "must be 0, 1, 2 or 3",
+        )
+
+
+BackendConfig = AccelerateConfig | DeepSpeedConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,9 +350,10 @@ class TrainerConfig:
     """parameter dtype (float64 for numerical parity checks)"""
     tensorboard: bool = True
     """write TensorBoard event files to the run directory"""
-    oom_recovery: bool = True
+    oom_recovery: bool | Literal["auto"] = "auto"
     """on out of memory anywhere: drop the step, halve the micro-batch, double the accumulation
-    (gradients are then reduced after every rank's micro-steps, not overlapped with backward)"""
+    (gradients are then reduced after every rank's micro-steps, not overlapped with backward);
+    auto = on wherever the backend allows it (not under ZeRO 2/3, which reduce inside backward)"""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")

@@ -43,6 +43,7 @@ class BatchPlan:
     epoch_samples: int
     steps: int
     total_samples: int
+    oom_recovery: bool = True
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -218,6 +219,29 @@ def weight_decay(optim: OptimConfig, swapped: bool) -> tuple[float, str]:
     return optim.weight_decay, "optim.weight_decay"
 
 
+def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
+    """(on, reason): whether an out-of-memory step can be dropped on every rank and rerun."""
+    wanted = cfg.trainer.oom_recovery
+    if wanted is False:
+        return False, "trainer.oom_recovery=false: an out-of-memory error ends the run"
+    b = cfg.backend
+    if b.name == "deepspeed" and b.zero_stage >= 2:
+        why = (
+            f"ZeRO stage {b.zero_stage} reduces gradients inside backward, so a rank that runs out "
+            "of memory would leave the others waiting in a collective"
+        )
+        if wanted is True:
+            raise ConfigError(
+                f"trainer.oom_recovery=true: not possible with backend.zero_stage={b.zero_stage}: "
+                f"{why}; use zero_stage 0 or 1, or trainer.oom_recovery=auto|false"
+            )
+        return False, f"auto: {why}; an out-of-memory error ends the run"
+    return True, (
+        "an out-of-memory error on any rank drops the step everywhere, halves the micro-batch "
+        "and doubles the accumulation (global batch, LR and schedule unchanged)"
+    )
+
+
 def plan_batch(
     cfg: RunConfig,
     world_size: int,
@@ -293,6 +317,7 @@ def plan_batch(
     reasons["warmup_samples"] = why
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
+    recover, reasons["oom_recovery"] = oom_recovery(cfg)
     return BatchPlan(
         global_batch=gb,
         world_size=world_size,
@@ -314,6 +339,7 @@ def plan_batch(
         epoch_samples=epoch_samples,
         steps=steps,
         total_samples=steps * gb,
+        oom_recovery=recover,
         memory=memory or {},
         reasons=reasons,
     )
@@ -333,6 +359,7 @@ TABLE_ROWS = (
     "decay",
     "epoch_samples",
     "steps",
+    "oom_recovery",
 )
 
 
@@ -345,6 +372,7 @@ def format_plan(plan: BatchPlan) -> str:
         "epoch_samples": f"{plan.epoch_samples:,}",
         "steps": f"{plan.steps:,}",
         "memory": f"{plan.memory['cap']:,}" if plan.memory else "-",
+        "oom_recovery": "on" if plan.oom_recovery else "off",
     }
     rows = [(k, values.get(k, str(getattr(plan, k))), plan.reasons.get(k, "")) for k in TABLE_ROWS]
     w0 = max(len(r[0]) for r in rows)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher.backends import check as check_backend
 from launcher.config import ConfigError, RunConfig, to_dict
 from launcher.data import declared_epoch_samples
 from launcher.plan import BatchPlan, format_plan, plan_batch
@@ -34,6 +35,7 @@ def plan_for(
     plan = plan_batch(
         cfg, topology.world_size, samples, epoch_source=source, world_source=where, memory=memory
     )
+    check_backend(cfg, plan, topology.device)
     return topology, plan
 
 
@@ -103,11 +105,16 @@ def create_run_dir(path: Path, explicit: bool) -> Path:
             candidate = path.with_name(f"{path.name}-{n}")
 
 
-def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan) -> None:
+def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str) -> None:
+    """config.yaml, plan.json and, for DeepSpeed, the ds_config.json the plan implies."""
     import yaml
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+    if cfg.backend.name == "deepspeed":
+        from launcher.backends.ds_config import ds_config, write_ds_config
+
+        write_ds_config(run_dir, ds_config(cfg, plan, device))
 
 
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
         if probes_memory(cfg):
             _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
         run_dir = create_run_dir(run_dir, cfg.run_dir is not None)
-        write_plan_files(run_dir, cfg, plan)
+        write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
         return {}
     return _train(cfg, launched, run_dir)
@@ -143,7 +150,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
 
-    backend = build_backend(cfg.backend, topology.device)
+    backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:
         raise RuntimeError(
             f"backend sees {backend.world_size} processes, the environment says "
@@ -163,10 +170,10 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         create_run_dir(run_dir, cfg.run_dir is not None) if main else None
     )
     if main:
-        write_plan_files(run_dir, cfg, plan)
+        write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
 
-    model, optimizer = backend.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer, plan)
     workers = getattr(cfg.data, "workers", 0)
     pin = topology.device == "cuda"
 
@@ -202,7 +209,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         )
         if main:
             print(message, file=sys.stderr, flush=True)
-            write_plan_files(run_dir, cfg, new)
+            write_plan_files(run_dir, cfg, new, topology.device)
         if report is not None:
             from launcher.probe import record_oom
 
@@ -220,15 +227,17 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             log_every=cfg.trainer.log_every,
             eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
             dtype=dtype,
-            oom_recovery=cfg.trainer.oom_recovery,
+            oom_recovery=plan.oom_recovery,
             on_oom=on_oom,
         )
-        digest = check_replicas(model, backend, buffers=cfg.trainer.oom_recovery)
+        with backend.gathered(model):
+            digest = check_replicas(model, backend)
+            if main:
+                torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
         sink.log({"final": True, "step": plan.steps, "param_digest": digest})
     finally:
         sink.close()
     if main:
-        torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
         print(
             f"test accuracy {result['eval_accuracy']:.4f} "
             f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",

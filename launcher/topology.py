@@ -1,6 +1,7 @@
 """Where this process sits: world size, ranks and device, from the launcher's environment.
 
-torchrun and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain
+torchrun and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE (the
+`deepspeed` launcher: LOCAL_SIZE); a plain
 `python -m launcher` is one process. `plan_only` can instead plan for a declared cluster.
 """
 
@@ -44,7 +45,7 @@ def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> 
 
         cuda = torch.cuda.is_available()
     world = _env_int(env, "WORLD_SIZE", 1)
-    local_world = _env_int(env, "LOCAL_WORLD_SIZE", world)
+    local_world = _env_int(env, "LOCAL_WORLD_SIZE", _env_int(env, "LOCAL_SIZE", world))
     return Topology(
         world_size=world,
         rank=_env_int(env, "RANK", 0),

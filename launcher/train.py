@@ -72,8 +72,8 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
     total = accumulate(model, micro_batches, backend, plan, dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    backend.step(model, optimizer)
+    backend.sync_buffers(model)
     return total
 
 
@@ -138,14 +138,13 @@ def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step) -> torch
         loss, failed = None, 1
     flags = backend.flags(failed)
     if any(flags):
-        optimizer.zero_grad(set_to_none=True)
+        backend.drop_gradients(model, optimizer)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return [r for r, f in enumerate(flags) if f]
     backend.reduce_gradients(model)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    backend.step(model, optimizer)
     backend.sync_buffers(model)
     return loss
 
@@ -192,6 +191,7 @@ def fit(
                 if on_oom is not None:
                     on_oom(plan, smaller, step, loss)
                 plan = smaller
+                backend.replan(model, plan)
                 batches = iter(batches_from(plan, step))
                 continue
         step += 1
@@ -216,12 +216,11 @@ def fit(
     return result, plan
 
 
-def check_replicas(model: Any, backend: Backend, buffers: bool) -> float:
-    """Raise if the ranks' parameters (and `buffers`, e.g. BatchNorm statistics) differ; returns
-    the digest (float64 sum of squares). DDP's own path syncs buffers only before a forward, so
-    they are compared only where the loop syncs them after each step (oom_recovery)."""
+def check_replicas(model: Any, backend: Backend) -> float:
+    """Raise if the ranks' parameters or buffers (BatchNorm statistics, synced after every step)
+    differ; returns the digest (float64 sum of squares). Call inside `backend.gathered`."""
     digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
-    tensors = list(model.parameters()) + (list(model.buffers()) if buffers else [])
+    tensors = list(model.parameters()) + list(model.buffers())
     for t in tensors:
         digest += t.detach().double().square().sum()
     every = backend.gather(digest).tolist()

@@ -16,7 +16,6 @@ import torch
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
-from launcher.config import BackendConfig
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.metrics import MetricsSink
@@ -31,7 +30,7 @@ TOL = 1e-10
 
 @pytest.fixture(scope="module")
 def backend() -> AccelerateBackend:
-    return AccelerateBackend(BackendConfig(name="accelerate"), "cpu")
+    return AccelerateBackend(compose_run([]), "cpu")
 
 
 def _train_in_process(
@@ -49,7 +48,7 @@ def _train_in_process(
     torch.manual_seed(0)
     model = build_model(cfg.model, _spec()).double()
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
-    model, optimizer = backend.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer, plan)
     sink = MetricsSink(
         None, total_steps=plan.steps, global_batch=64, tensorboard=False, progress=False
     )

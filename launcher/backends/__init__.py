@@ -5,9 +5,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from launcher.config import BackendConfig
+from launcher.config import RunConfig
+from launcher.plan import BatchPlan
 
-BACKENDS = {"accelerate": "launcher.backends.accelerate:AccelerateBackend"}
+BACKENDS = {
+    "accelerate": "launcher.backends.accelerate:AccelerateBackend",
+    "deepspeed": "launcher.backends.deepspeed:DeepSpeedBackend",
+}
+
+
+def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
+    """Raise ConfigError where the backend cannot run `plan` (before any process starts work)."""
+    if cfg.backend.name == "deepspeed":
+        from launcher.backends.ds_config import ds_config
+
+        ds_config(cfg, plan, device)
 
 
 def teardown() -> None:
@@ -23,6 +35,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def build_backend(cfg: BackendConfig, device: str) -> Any:
-    module, _, cls = BACKENDS[cfg.name].partition(":")
+def build_backend(cfg: RunConfig, device: str) -> Any:
+    module, _, cls = BACKENDS[cfg.backend.name].partition(":")
     return getattr(importlib.import_module(module), cls)(cfg, device)

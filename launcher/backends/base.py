@@ -1,4 +1,4 @@
-"""What the training loop needs from a backend (Accelerate now, DeepSpeed later)."""
+"""What the training loop needs from a backend (Accelerate, DeepSpeed)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,40 @@ from typing import Any, Protocol
 
 import torch
 
+from launcher.plan import BatchPlan
+
 
 class Backend(Protocol):
     world_size: int
     rank: int
     device: torch.device
 
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        """Wrap model and optimizer for distributed, mixed-precision training."""
+    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
+        """Wrap model and optimizer for distributed, mixed-precision training with `plan`."""
+
+    def replan(self, model: Any, plan: BatchPlan) -> None:
+        """Take a new micro-batch and accumulation (after an out-of-memory error)."""
 
     def unwrap(self, model: Any) -> torch.nn.Module:
         """The plain module inside whatever `prepare` wrapped it in."""
+
+    def gathered(self, model: Any) -> AbstractContextManager:
+        """Inside it, every rank's module holds all parameters (ZeRO 3 gathers its shards)."""
 
     def no_sync(self, model: Any) -> AbstractContextManager:
         """Skip the gradient all-reduce for a micro-step that is not the last of its step."""
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate (with loss scaling where the precision needs it)."""
+
+    def reduce_gradients(self, model: Any) -> None:
+        """Average the gradients over ranks (for steps whose backward ran without a sync)."""
+
+    def step(self, model: Any, optimizer: Any) -> None:
+        """Clip (optim.clip_grad_norm), apply the optimizer step, zero the gradients."""
+
+    def drop_gradients(self, model: Any, optimizer: Any) -> None:
+        """Discard the partial gradients of a step that will not be taken."""
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over all ranks."""
@@ -33,9 +50,6 @@ class Backend(Protocol):
 
     def flags(self, flag: int) -> list[int]:
         """Every rank's integer flag, in rank order (a host-side collective)."""
-
-    def reduce_gradients(self, model: Any) -> None:
-        """Average the gradients over ranks (for steps whose backward ran without a sync)."""
 
     def sync_buffers(self, model: Any) -> None:
         """Copy rank 0's buffers to every rank."""

@@ -54,8 +54,7 @@ def _lars(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
 
 
 def _lamb(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    eps = cfg.eps if cfg.name == "lamb" else 1e-6  # swapped in from Adam: the LAMB paper's eps
-    return LAMB(groups, lr=lr, betas=cfg.betas, eps=eps)
+    return LAMB(groups, lr=lr, betas=cfg.betas, eps=cfg.lamb_eps)
 
 
 OPTIMIZERS: dict[str, Callable[[list, OptimConfig, float], torch.optim.Optimizer]] = {

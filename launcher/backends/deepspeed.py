@@ -1,0 +1,97 @@
+"""DeepSpeed backend: the plan run by `deepspeed.initialize` directly (ZeRO 0-3, bf16/fp16).
+
+The loop owns the step boundary (`managed_gradient_accumulation: false`): one `engine.backward`
+per micro-batch with the loop's own loss normalisation (`scale_wrt_gas=False`), one
+`engine.step()` per optimizer step. Under ZeRO 0/1 backward then runs no collective at all
+(gradients are reduced inside `step()`), which is what lets a step be dropped on every rank after
+an out-of-memory error; ZeRO 2/3 reduce inside backward. The launcher's optimizer (SGD, AdamW,
+LARS, LAMB) is the client optimizer, so nothing is JIT-compiled; DeepSpeed's fused CUDA
+optimizers are opt-in (`backend.fused_optimizer`).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+from launcher.backends.collectives import Collectives
+from launcher.backends.ds_config import ds_config
+from launcher.config import RunConfig
+from launcher.plan import BatchPlan
+
+
+class DeepSpeedBackend(Collectives):
+    def __init__(self, cfg: RunConfig, device: str) -> None:
+        import deepspeed
+
+        if device == "cpu":
+            # the shared-memory all-reduce op is JIT-compiled C++ (~50 s on first use); gloo
+            # does the job on CPU. Private switch, checked by the tests (no compile, no stall).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if device == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        kwargs: dict[str, Any] = {}
+        if "WORLD_SIZE" not in os.environ:  # one plain process: no launcher, no MPI to discover
+            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
+            kwargs = {"auto_mpi_discovery": False, "rank": 0, "world_size": 1}
+            kwargs["init_method"] = "tcp://127.0.0.1:0"  # a free port, picked by the store
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", **kwargs)
+        self.cfg = cfg
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        self.engine: Any = None
+
+    def config(self, plan: BatchPlan) -> dict[str, Any]:
+        return ds_config(self.cfg, plan, self.device.type)
+
+    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
+        import deepspeed
+
+        config = self.config(plan)
+        if "optimizer" in config:  # DeepSpeed builds its fused optimizer over our param groups
+            groups = [
+                {k: v for k, v in g.items() if k not in ("adapt", "lr")}
+                for g in optimizer.param_groups
+            ]
+            kwargs = {"model_parameters": groups}
+        else:
+            kwargs = {"optimizer": optimizer}
+        self.engine, opt, _, _ = deepspeed.initialize(model=model, config=config, **kwargs)
+        return self.engine, opt
+
+    def replan(self, model: Any, plan: BatchPlan) -> None:
+        """Tell the engine the new micro-batch and accumulation (its sample counters use them)."""
+        model.set_train_micro_batch_size(plan.micro_batch)
+        model.set_train_batch_size(plan.global_batch)
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        return model.module
+
+    def gathered(self, model: Any) -> AbstractContextManager:
+        """Under ZeRO 3 every rank holds a shard: gather the full parameters for reading."""
+        if self.cfg.backend.zero_stage < 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+
+    def no_sync(self, model: Any) -> AbstractContextManager:
+        return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss already
+
+    def reduce_gradients(self, model: Any) -> None:
+        """Nothing here: `engine.step()` reduces (ZeRO 0/1) or finalises (ZeRO 2/3)."""
+
+    def step(self, model: Any, optimizer: Any) -> None:
+        model.step()  # clips, steps, zeroes the gradients
+
+    def drop_gradients(self, model: Any, optimizer: Any) -> None:
+        optimizer.zero_grad()  # the engine's optimizer: also its own accumulation buffers
