@@ -101,6 +101,7 @@ RECIPES = {
     "resnet18": ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "global_batch=64"]
     + ["data.input_shape=[3,32,32]", "data.num_classes=10"],
 }
+RECIPES["resnet18-checkpointing"] = [*RECIPES["resnet18"], "model.activation_checkpointing=true"]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -108,7 +109,7 @@ def test_measured_profile_predicts_unseen_sizes_exactly_on_cpu(name, tmp_path):
     """3 probe steps (sizes 2 and 8, then the chosen size) predict counted peaks at other sizes."""
     cfg, spec, plan = _setup(*RECIPES[name], "memory.budget_gb=0.003", tmp_path=tmp_path)
     cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, margin_gb=0.0))
-    if name == "resnet18":  # ResNet-18 needs ~130 MiB before any sample
+    if name.startswith("resnet18"):  # ResNet-18 needs ~130 MiB before any sample
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget_gb=0.2))
     cap, report = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
     assert report["source"] == "measured" and report["probe_steps"] == 3

@@ -1,4 +1,5 @@
-"""Models by name: each module exposes `build(cfg, spec) -> torch.nn.Module`."""
+"""Models by name: each module exposes `build(cfg, spec) -> torch.nn.Module` and `BLOCKS`, the
+submodule types that activation checkpointing recomputes as a whole."""
 
 from __future__ import annotations
 
@@ -16,4 +17,10 @@ MODELS = {
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> Any:
-    return importlib.import_module(MODELS[cfg.name]).build(cfg, spec)
+    module = importlib.import_module(MODELS[cfg.name])
+    model = module.build(cfg, spec)
+    if cfg.activation_checkpointing:
+        from launcher.models.checkpointing import checkpoint_blocks
+
+        checkpoint_blocks(model, module.BLOCKS)
+    return model

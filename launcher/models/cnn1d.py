@@ -6,6 +6,9 @@ from torch import nn
 
 from launcher.config import CNN1DConfig, ConfigError
 from launcher.data import DataSpec
+from launcher.models.checkpointing import Block
+
+BLOCKS = (Block,)
 
 
 def _out_len(length: int, kernel: int, stride: int, pad: int) -> int:
@@ -22,12 +25,9 @@ def build(cfg: CNN1DConfig, spec: DataSpec) -> nn.Module:
     for kernel in (5, 3, 3):
         length = _out_len(length, kernel, 2, 1)
     return nn.Sequential(
-        nn.Conv1d(in_ch, c, 5, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv1d(c, c, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv1d(c, c, 3, stride=2, padding=1),
-        nn.ReLU(),
+        Block(nn.Conv1d(in_ch, c, 5, stride=2, padding=1), nn.ReLU()),
+        Block(nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU()),
+        Block(nn.Conv1d(c, c, 3, stride=2, padding=1), nn.ReLU()),
         nn.Flatten(),
         nn.Linear(c * length, spec.num_classes),
     )

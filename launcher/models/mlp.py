@@ -8,13 +8,16 @@ from torch import nn
 
 from launcher.config import MLPConfig
 from launcher.data import DataSpec
+from launcher.models.checkpointing import Block
+
+BLOCKS = (Block,)
 
 
 def build(cfg: MLPConfig, spec: DataSpec) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(spec.input_shape)
     for _ in range(cfg.depth):
-        layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
+        layers.append(Block(nn.Linear(width, cfg.hidden), nn.ReLU()))
         width = cfg.hidden
     layers.append(nn.Linear(width, spec.num_classes))
     return nn.Sequential(*layers)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from launcher.config import ConfigError, ResNetConfig
 from launcher.data import DataSpec
+
+BLOCKS = (BasicBlock, Bottleneck)
 
 
 def build(cfg: ResNetConfig, spec: DataSpec) -> nn.Module:
