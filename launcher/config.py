@@ -314,7 +314,11 @@ class DeepSpeedConfig:
     name: Literal["deepspeed"]
     """training backend, from the BACKENDS registry"""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """DeepSpeed's bf16/fp16 modes: half-precision parameters with float32 master weights"""
+    """bf16/fp16 compute: DeepSpeed's bf16/fp16 modes (half-precision parameters and gradients,
+    float32 master weights), or with `autocast` its torch_autocast mode"""
+    autocast: bool = False
+    """mixed precision as autocast: float32 parameters (as backend=accelerate); needed for models
+    with float buffers such as BatchNorm, which the half modes keep in float32"""
     zero_stage: int = 0
     """ZeRO stage: 0 replicated, 1 optimizer state, 2 + gradients, 3 + parameters partitioned"""
     fused_optimizer: bool = False

@@ -134,6 +134,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     import torch
 
     from launcher.backends import build_backend
+    from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits, eval_loader, train_loader
     from launcher.metrics import MetricsSink
     from launcher.models import build_model
@@ -149,6 +150,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
+    check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
 
     backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:
@@ -215,6 +217,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
 
             record_oom(cfg, splits.spec, old, str(backend.device), report, old.micro_batch)
 
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)  # the probe steps are not training
     try:
         result, plan = fit(
             model,
@@ -226,15 +230,19 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             sink,
             log_every=cfg.trainer.log_every,
             eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
-            dtype=dtype,
+            dtype=backend.input_dtype(dtype),
             oom_recovery=plan.oom_recovery,
             on_oom=on_oom,
         )
+        final = {"final": True, "step": plan.steps}
+        if backend.device.type == "cuda":  # what training needed, against the plan's prediction
+            final["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
         with backend.gathered(model):
-            digest = check_replicas(model, backend)
-            if main:
-                torch.save(backend.unwrap(model).state_dict(), run_dir / "model.pt")
-        sink.log({"final": True, "step": plan.steps, "param_digest": digest})
+            final["param_digest"] = check_replicas(model, backend)
+            state = backend.state_dict(model)
+        if main:
+            torch.save(state, run_dir / "model.pt")
+        sink.log(final)
     finally:
         sink.close()
     if main:

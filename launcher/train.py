@@ -33,6 +33,11 @@ def to_device(
     return x, torch.as_tensor(y).to(device, non_blocking=True)
 
 
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (DeepSpeed's bf16/fp16 models) -> float32 for the loss."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def accumulate(
     model: Any,
     micro_batches: Iterator[Any],
@@ -56,7 +61,7 @@ def accumulate(
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
         last = j == plan.accumulation - 1
         with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-            loss = F.cross_entropy(model(x), y, reduction="sum") / plan.per_device_batch
+            loss = F.cross_entropy(_full(model(x)), y, reduction="sum") / plan.per_device_batch
             backend.backward(loss)
         total += loss.detach()
     return total
@@ -86,9 +91,9 @@ def evaluate(
     sums = torch.zeros(3, device=backend.device, dtype=torch.float64)  # correct, loss, count
     for batch in batches:
         x, y = to_device(batch, backend.device, dtype)
-        logits = model(x)
+        logits = _full(model(x))
         sums[0] += (logits.argmax(dim=1) == y).sum()
-        sums[1] += F.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1] += F.cross_entropy(logits, y, reduction="sum")
         sums[2] += len(y)
     model.train()
     correct, loss, count = backend.sum(sums).tolist()

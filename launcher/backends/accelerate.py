@@ -32,11 +32,17 @@ class AccelerateBackend(Collectives):
     def replan(self, model: Any, plan: BatchPlan) -> None:
         """Nothing to tell: the loop drives accumulation."""
 
+    def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # autocast casts inside the forward
+
     def unwrap(self, model: Any) -> torch.nn.Module:
         # Accelerator.unwrap_model imports deepspeed (seconds) just to rule it out; DDP is all here
         return (
             model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         )
+
+    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        return self.unwrap(model).state_dict()
 
     def gathered(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # every rank holds all parameters

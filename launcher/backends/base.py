@@ -21,8 +21,14 @@ class Backend(Protocol):
     def replan(self, model: Any, plan: BatchPlan) -> None:
         """Take a new micro-batch and accumulation (after an out-of-memory error)."""
 
+    def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype floating inputs are cast to, for parameters of `dtype` (trainer.dtype)."""
+
     def unwrap(self, model: Any) -> torch.nn.Module:
         """The plain module inside whatever `prepare` wrapped it in."""
+
+    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        """The plain module's full-precision state; every rank calls it, inside `gathered`."""
 
     def gathered(self, model: Any) -> AbstractContextManager:
         """Inside it, every rank's module holds all parameters (ZeRO 3 gathers its shards)."""

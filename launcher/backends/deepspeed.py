@@ -70,6 +70,12 @@ class DeepSpeedBackend(Collectives):
         model.set_train_micro_batch_size(plan.micro_batch)
         model.set_train_batch_size(plan.global_batch)
 
+    def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """bf16/fp16 modes hold the module in half precision: its inputs must match."""
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        b = self.cfg.backend
+        return dtype if b.autocast else half.get(b.mixed_precision, dtype)
+
     def unwrap(self, model: Any) -> torch.nn.Module:
         return model.module
 
@@ -80,6 +86,30 @@ class DeepSpeedBackend(Collectives):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+
+    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        """The module's state with the float32 master weights of bf16/fp16 modes (collective
+        under ZeRO 2/3, so every rank calls it, inside `gathered`)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = {}
+        for p in model.module.parameters():
+            full = safe_get_full_fp32_param(p)  # ZeRO 1-3 and their bf16 optimizer
+            if full is not None and p.numel():
+                master[p.data_ptr()] = full.detach().cpu()
+        opt = model.optimizer  # ZeRO 0 in bf16/fp16: float32 copies, per tensor or flat (fused)
+        if not master and hasattr(opt, "fp16_groups"):
+            from torch._utils import _unflatten_dense_tensors
+
+            copies = getattr(opt, "fp32_groups", None) or [
+                _unflatten_dense_tensors(flat, params)
+                for flat, params in zip(opt.fp32_groups_flat, opt.fp16_groups, strict=True)
+            ]
+            for params, fulls in zip(opt.fp16_groups, copies, strict=True):
+                for p, full in zip(params, fulls, strict=True):
+                    master[p.data_ptr()] = full.detach().cpu()
+        state = model.module.state_dict()
+        return {k: master.get(v.data_ptr(), v) if v.numel() else v for k, v in state.items()}
 
     def no_sync(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward

@@ -17,6 +17,7 @@ from launcher.plan import BatchPlan
 
 LAYERWISE = ("lars", "lamb")  # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
 FUSED = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb"}  # DeepSpeed's fused CUDA optimizers
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def _check(b: DeepSpeedConfig, cfg: RunConfig, optimizer: str, device: str) -> N
             "trust ratio is per parameter tensor, but ZeRO 1-3 hand the optimizer flat shards "
             "of many tensors; use backend.zero_stage=0 (or optim.large_batch.enabled=false)"
         )
-    if b.mixed_precision == "fp16" and device != "cuda":
+    if b.mixed_precision == "fp16" and not b.autocast and device != "cuda":
         raise ConfigError(
             "backend.mixed_precision='fp16': DeepSpeed's fp16 mode needs CUDA; use bf16 or no"
         )
@@ -94,6 +95,7 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
     _check(b, cfg, optimizer, device)
     base = _load(b.config_file) if b.config_file else {}
     path = b.config_file or ""
+    half = "no" if b.autocast else b.mixed_precision
     ours: dict[str, tuple[Any, str]] = {
         "train_batch_size": (plan.global_batch, "plan (global batch)"),
         "train_micro_batch_size_per_gpu": (plan.micro_batch, "plan (micro-batch)"),
@@ -101,8 +103,9 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
         # the launcher's loop owns the step: backward per micro-batch, one engine.step() per step
         "managed_gradient_accumulation": (False, "loop (it calls step() once per step)"),
         "zero_optimization.stage": (b.zero_stage, "backend.zero_stage"),
-        "bf16.enabled": (b.mixed_precision == "bf16", "backend.mixed_precision"),
-        "fp16.enabled": (b.mixed_precision == "fp16", "backend.mixed_precision"),
+        "bf16.enabled": (half == "bf16", "backend.mixed_precision"),
+        "fp16.enabled": (half == "fp16", "backend.mixed_precision"),
+        "torch_autocast.enabled": (b.autocast and b.mixed_precision != "no", "backend.autocast"),
         "gradient_clipping": (cfg.optim.clip_grad_norm, "optim.clip_grad_norm"),
     }
     for key, (value, source) in ours.items():
@@ -121,6 +124,8 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
         if head:
             node = out[head] = dict(out.get(head, {}))
         node[leaf] = value
+    if out["torch_autocast"]["enabled"]:
+        out["torch_autocast"]["dtype"] = AUTOCAST_DTYPES[b.mixed_precision]
     if b.zero_stage >= 1:  # the launcher's optimizers are torch optimizers DeepSpeed does not list
         out["zero_allow_untested_optimizer"] = True
     if b.fused_optimizer:
@@ -133,3 +138,16 @@ def write_ds_config(run_dir: Path, config: dict[str, Any]) -> Path:
     path = run_dir / "ds_config.json"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def check_buffers(cfg: RunConfig, float_buffers: list[str]) -> None:
+    """DeepSpeed's half modes cast parameters, not buffers: BatchNorm cannot mix the two."""
+    b = cfg.backend
+    if b.name == "deepspeed" and b.mixed_precision != "no" and not b.autocast and float_buffers:
+        raise ConfigError(
+            f"backend.mixed_precision={b.mixed_precision!r}: DeepSpeed's {b.mixed_precision} mode "
+            f"makes the parameters {b.mixed_precision} but keeps buffers such as "
+            f"{float_buffers[0]!r} ({len(float_buffers)} in all, e.g. BatchNorm statistics) in "
+            "float32, which the layer cannot mix; add backend.autocast=true (float32 parameters, "
+            f"{b.mixed_precision} compute)"
+        )
