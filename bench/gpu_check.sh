@@ -33,19 +33,20 @@ step() {  # name, timeout in s, then launcher arguments
 
 R50=(+recipe=resnet50 data=synthetic data.train_samples=7680 data.eval_samples=512 data.workers=12
      global_batch=256 trainer.epochs=1 trainer.log_every=5)
-# 1-3. ResNet-50 bf16 at global batch 256: Accelerate DDP vs DeepSpeed ZeRO 0 and 2, all autocast
+# 1-4. ResNet-50 bf16 at global batch 256: Accelerate DDP vs DeepSpeed ZeRO 0, 1 and 2, all autocast
 #      (BatchNorm); micro-batch from the probe; throughput, training peak vs the plan's prediction.
 DSAC=(backend=deepspeed backend.mixed_precision=bf16 backend.autocast=true)
 step r50_accelerate 150 "${R50[@]}" backend.mixed_precision=bf16
 step r50_ds_zero0 150 "${R50[@]}" "${DSAC[@]}"
+step r50_ds_zero1 150 "${R50[@]}" "${DSAC[@]}" backend.zero_stage=1
 step r50_ds_zero2 150 "${R50[@]}" "${DSAC[@]}" backend.zero_stage=2
-# 4. Activation checkpointing: the measured cap with and without (2 training steps).
+# 5. Activation checkpointing: the measured cap with and without (2 training steps).
 step r50_ckpt 120 "${R50[@]}" data.train_samples=512 backend.mixed_precision=bf16 \
   model.activation_checkpointing=true
-# 5. DeepSpeed's bf16 mode with its fused AdamW (JIT-compiled on first use): default recipe, 4 epochs.
-step ds_fused_adamw 240 optim=adamw backend=deepspeed backend.fused_optimizer=true \
+# 6. DeepSpeed's bf16 mode with its fused AdamW (JIT-compiled on first use): default recipe, 4 epochs.
+TORCH_CUDA_ARCH_LIST=9.0 step ds_fused_adamw 240 optim=adamw backend=deepspeed backend.fused_optimizer=true \
   backend.mixed_precision=bf16 trainer.epochs=4 data.cache_dir=/tmp/m1d
-# 6. The default recipe (MNIST-1D CNN, Accelerate, global batch 512): must still reach ~97%.
+# 7. The default recipe (MNIST-1D CNN, Accelerate, global batch 512): must still reach ~97%.
 step default 120 data.cache_dir=/tmp/m1d
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
@@ -74,9 +75,11 @@ for d in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
           f"{m.get('cap', '-')} | {peak / gib:.2f} GiB | {final.get('cuda_peak_bytes', 0) / gib:.2f} GiB | "
           f"{rate:,.0f} | {acc:.4f} |")
 PY
-# 7. Choosing the micro-batch from memory on a real allocator limit (8 GiB per process):
-#    the launcher's probe vs Accelerate's and Lightning's finders vs the true largest size.
+# 8. Choosing the micro-batch from memory on a real allocator limit (8 GiB per process):
+#    the launcher's probe (its default 0.5 GiB margin) vs Accelerate's and Lightning's finders vs
+#    the true largest size.
 echo "== memory finder (bench/memory_finder.py, cuda, 8 GiB)"
 timeout 200 python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 --arch resnet50 \
-  --precision bf16 --start 256 --out "$OUT/memory_finder.json" > "$OUT/memory_finder.log" 2>&1
+  --precision bf16 --start 256 --margin-gib 0.5 --out "$OUT/memory_finder.json" \
+  > "$OUT/memory_finder.log" 2>&1
 echo "rc=$?"; grep -E "^\||true largest|Error" "$OUT/memory_finder.log" | tail -n 8

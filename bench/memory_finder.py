@@ -58,7 +58,7 @@ def setup(args: argparse.Namespace, cache: str):
     cfg = compose_run(
         ["+recipe=resnet50", f"model.arch={args.arch}", "data=synthetic", "data.num_classes=10"]
         + [f"data.input_shape=[3,{args.image},{args.image}]", "global_batch=8192"]
-        + [f"memory.budget_gb={args.budget_mib / 1024}", "memory.margin_gb=0"]
+        + [f"memory.budget_gb={args.budget_mib / 1024}", f"memory.margin_gb={args.margin_gib}"]
         + ["memory.fraction=1.0", f"memory.cache_dir={cache}", "max_micro_batch=8192"]
         + [f"backend.mixed_precision={args.precision}"]
     )
@@ -181,6 +181,13 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--start", type=int, default=512, help="Accelerate's starting size")
+    parser.add_argument(
+        "--margin-gib",
+        type=float,
+        default=0.0,
+        help="the launcher's memory.margin_gb (0: the virtual CPU device has no fragmentation; "
+        "on a GPU the launcher's default 0.5 covers the allocator's)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     budget = int(args.budget_mib * MIB)

@@ -110,7 +110,7 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         "device": device_id,
         "torch": torch.__version__,
         "probe_sizes": list(PROBE_SIZES),
-        "ddp": plan.world_size > 1,
+        "profile": 2,  # backend overheads (DDP/ZeRO buckets) are added on load, not stored
     }
 
 
@@ -165,10 +165,8 @@ def measured_cap(
                 overhead_bytes=max(observed - predicted, 0),  # what the tensor count missed
                 points=(*profile.points, (micro, observed)),
             )
-        if plan.world_size > 1:  # DDP keeps a flat gradient bucket copy of the parameters
-            overhead = profile.overhead_bytes + param_bytes(cfg, spec, plan)
-            profile = dataclasses.replace(profile, overhead_bytes=overhead)
         note = f"{note}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
     cap = all_min(profile.max_micro(budget))
     if cap < 1:
         raise ConfigError(
@@ -177,6 +175,32 @@ def measured_cap(
             "memory.budget_gb, lower memory.margin_gb, or use a device with more memory"
         )
     return cap, _report(profile, budget, budget_why, cap, steps, note)
+
+
+def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
+    """Bytes the backend holds beyond one plain training step, and what they are."""
+    b = cfg.backend
+    if b.name == "deepspeed" and b.zero_stage in (1, 2):
+        from launcher.backends.ds_config import reduce_bucket_elements
+
+        bucket = reduce_bucket_elements(b)
+        itemsize = 2 if b.mixed_precision != "no" and not b.autocast else 4
+        extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
+        return extra, f"ZeRO-{b.zero_stage} gradient buckets {human_bytes(extra)}"
+    if plan.world_size > 1:  # DDP (and ZeRO 0) keep a flat gradient bucket copy of the parameters
+        extra = param_bytes(cfg, spec, plan)
+        return extra, f"gradient all-reduce buckets {human_bytes(extra)}"
+    return 0, ""
+
+
+def _with_backend_overhead(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, profile: MemoryProfile, note: str
+) -> tuple[MemoryProfile, str]:
+    extra, why = backend_overhead(cfg, spec, plan)
+    if not extra:
+        return profile, note
+    profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + extra)
+    return profile, f"{note}; + {why}"
 
 
 def estimated_cap(
@@ -191,6 +215,8 @@ def estimated_cap(
 
     n1, n2 = PROBE_SIZES
     profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
+    note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
+    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
     budget, budget_why = budget_bytes(cfg.memory, device_memory_bytes)
     cap = profile.max_micro(budget)
     if cap < 1:
@@ -198,7 +224,6 @@ def estimated_cap(
             f"memory: one sample needs an estimated {human_bytes(profile.peak(1))} "
             f"({profile.describe()}) but the budget is {budget_why}"
         )
-    note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
     return cap, _report(profile, budget, budget_why, cap, 0, note)
 
 
@@ -208,10 +233,14 @@ def record_oom(
     """Teach the cached profile that `micro` did not fit: raise its overhead past the budget."""
     key = _cache_key(cfg, spec, plan, device)
     lines = tuple(tuple(line) for line in report["lines"])
-    profile = MemoryProfile(
-        lines, report["overhead_bytes"], tuple(map(tuple, report["points"])), ""
+    device_overhead = report["overhead_bytes"] - backend_overhead(cfg, spec, plan)[0]
+    profile = MemoryProfile(lines, device_overhead, tuple(map(tuple, report["points"])), "")
+    missing = (
+        report["budget_bytes"]
+        + 1
+        - profile.peak(micro)
+        - (report["overhead_bytes"] - device_overhead)
     )
-    missing = report["budget_bytes"] + 1 - profile.peak(micro)
     if missing > 0:
         profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + missing)
         save_cached(cfg.memory.cache_dir, key, profile)

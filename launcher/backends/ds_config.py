@@ -18,6 +18,7 @@ from launcher.plan import BatchPlan
 LAYERWISE = ("lars", "lamb")  # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
 FUSED = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb"}  # DeepSpeed's fused CUDA optimizers
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -151,3 +152,14 @@ def check_buffers(cfg: RunConfig, float_buffers: list[str]) -> None:
             "float32, which the layer cannot mix; add backend.autocast=true (float32 parameters, "
             f"{b.mixed_precision} compute)"
         )
+
+
+def reduce_bucket_elements(b: DeepSpeedConfig) -> int:
+    """ZeRO's gradient reduce bucket (elements): the config file's, else DeepSpeed's default."""
+    base = _load(b.config_file) if b.config_file else {}
+    zero = base.get("zero_optimization", {})
+    return (
+        int(zero.get("reduce_bucket_size", REDUCE_BUCKET))
+        if isinstance(zero, dict)
+        else REDUCE_BUCKET
+    )
