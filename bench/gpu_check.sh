@@ -3,7 +3,8 @@
 #   here: python3 -m pip download ... -d .whl  (hydra-core omegaconf antlr4-python3-runtime mnist1d,
 #         and a deepspeed wheel with its pure/cp312 dependencies: README "GPU check")
 #   device run: bash bench/gpu_check.sh   (carry .whl)
-# Writes logs, plans and metrics under $OUT (or ./gpu-check-out); prints a summary table at the end.
+# Writes under $OUT (or ./gpu-check-out): env.txt, summary.txt, runs.tgz (plans, metrics, ds_configs),
+# the memory-finder log and the logs of failed steps; prints a summary table.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
@@ -25,10 +26,10 @@ step() {  # name, timeout in s, then launcher arguments
   local t0=$SECONDS
   timeout "$limit" python3 -m launcher "$@" trainer.progress=false "run_dir=/tmp/gpu-$name" \
     > "$OUT/$name.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s"
+  local rc=$?
+  echo "rc=$rc wall=$((SECONDS - t0))s"
   tail -n 2 "$OUT/$name.log"
-  mkdir -p "$OUT/$name"
-  cp /tmp/gpu-"$name"/{metrics.jsonl,plan.json,ds_config.json} "$OUT/$name/" 2>/dev/null
+  [ "$rc" = 0 ] && rm "$OUT/$name.log"  # few files come back from the device: keep failures only
 }
 
 R50=(+recipe=resnet50 data=synthetic data.train_samples=7680 data.eval_samples=512 data.workers=12
@@ -49,17 +50,18 @@ TORCH_CUDA_ARCH_LIST=9.0 step ds_fused_adamw 240 optim=adamw backend=deepspeed b
 # 7. The default recipe (MNIST-1D CNN, Accelerate, global batch 512): must still reach ~97%.
 step default 120 data.cache_dir=/tmp/m1d
 
-python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+tar czf "$OUT/runs.tgz" -C /tmp $(cd /tmp && ls -d gpu-*/plan.json gpu-*/metrics.jsonl gpu-*/ds_config.json 2>/dev/null)
+python3 - /tmp <<'PY' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 print("| run | finished | micro x accum | memory cap | predicted peak | training peak | samples/s (steps 10-end) | test acc |")
 print("|---|---|---|---|---|---|---|---|")
-for d in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
+for d in sorted(p for p in Path(sys.argv[1]).glob("gpu-*") if p.is_dir()):
     try:
         plan = json.loads((d / "plan.json").read_text())
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     except (OSError, ValueError) as exc:
-        print(f"| {d.name} | no result ({exc.__class__.__name__}) |"); continue
+        print(f"| {d.name[4:]} | no result ({exc.__class__.__name__}) |"); continue
     m = plan["memory"]
     peak = (m["overhead_bytes"] + max(c + a * plan["micro_batch"] for c, a in m["lines"])) if m else 0
     final = next((r for r in rows if r.get("final")), {})
@@ -71,7 +73,7 @@ for d in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
         rate = (s2 - s1) * gb / (s2 * gb / v2 - s1 * gb / v1)
     acc = next((r["eval_accuracy"] for r in reversed(rows) if "eval_accuracy" in r), float("nan"))
     gib = 2**30
-    print(f"| {d.name} | {bool(final)} | {plan['micro_batch']} x {plan['accumulation']} | "
+    print(f"| {d.name[4:]} | {bool(final)} | {plan['micro_batch']} x {plan['accumulation']} | "
           f"{m.get('cap', '-')} | {peak / gib:.2f} GiB | {final.get('cuda_peak_bytes', 0) / gib:.2f} GiB | "
           f"{rate:,.0f} | {acc:.4f} |")
 PY
