@@ -233,14 +233,10 @@ def record_oom(
     """Teach the cached profile that `micro` did not fit: raise its overhead past the budget."""
     key = _cache_key(cfg, spec, plan, device)
     lines = tuple(tuple(line) for line in report["lines"])
-    device_overhead = report["overhead_bytes"] - backend_overhead(cfg, spec, plan)[0]
-    profile = MemoryProfile(lines, device_overhead, tuple(map(tuple, report["points"])), "")
-    missing = (
-        report["budget_bytes"]
-        + 1
-        - profile.peak(micro)
-        - (report["overhead_bytes"] - device_overhead)
-    )
+    extra = backend_overhead(cfg, spec, plan)[0]  # added on load, so not stored
+    points = tuple(map(tuple, report["points"]))
+    profile = MemoryProfile(lines, report["overhead_bytes"] - extra, points, "")
+    missing = report["budget_bytes"] + 1 - (profile.peak(micro) + extra)
     if missing > 0:
         profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + missing)
         save_cached(cfg.memory.cache_dir, key, profile)

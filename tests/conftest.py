@@ -40,7 +40,11 @@ def run_cli(
     env: dict[str, str] | None = None,
 ):
     """Run `python -m launcher ARGS` (or PREFIX -m launcher ARGS) in `cwd`; returns the result."""
-    cmd = (prefix or [sys.executable]) + ["-m", "launcher", *args]
+    return run_process((prefix or [sys.executable]) + ["-m", "launcher", *args], cwd, timeout, env)
+
+
+def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run `cmd` in `cwd` with the tests' environment (and `env` on top); returns the result."""
     return subprocess.run(
         cmd,
         cwd=cwd,

@@ -9,7 +9,6 @@ and every logged loss within 1e-6 relative.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from launcher.cli import main
 from launcher.compose import compose_run
 from launcher.config import ConfigError
 from launcher.plan import plan_batch
-from tests.conftest import SMALL_DATA, launcher_env, read_metrics, run_cli
+from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
 
 ATOL = 1e-6
 LOSS_RTOL = 1e-6
@@ -210,26 +209,32 @@ RUN_ARGS = [
 ]  # 5 steps of micro 16 x accumulation 2 x 2 ranks, inside the warmup
 
 
-def _torchrun(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-    ]
+def _launcher(name: str, port: int) -> list[str]:
+    """2 CPU processes through torchrun or `accelerate launch` (MULTI_CPU on gloo)."""
+    if name == "torchrun":
+        args = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    else:
+        args = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+        args += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        args += ["--main_process_port", str(port)]
+    return [sys.executable, "-m", *args]
 
 
-def _run(args: list[str], cwd: Path, name: str, port: int, env: dict | None = None) -> Path:
+def _run(
+    args: list[str],
+    cwd: Path,
+    name: str,
+    port: int,
+    env: dict | None = None,
+    launcher: str = "torchrun",
+) -> Path:
     """A 2-rank run with no C++ extension built: TORCH_EXTENSIONS_DIR must stay empty."""
     ext = cwd / f"{name}-torch-extensions"
     ext.mkdir()
     res = run_cli(
         [*RUN_ARGS, *args, f"run_dir={name}"],
         cwd,
-        prefix=_torchrun(port),
+        prefix=_launcher(launcher, port),
         env={"TORCH_EXTENSIONS_DIR": str(ext), **(env or {})},
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -273,9 +278,10 @@ def accelerate_runs(tmp_path_factory, data_cache) -> dict[str, Path]:
     ids=["zero0", "zero1", "zero2-checkpointing", "zero3", "lars-zero0", "lamb-zero0"],
 )
 def test_deepspeed_matches_accelerate(optim, extra, accelerate_runs, tmp_path, data_cache):
-    got = _run(
-        [DS, f"optim={optim}", f"data.cache_dir={data_cache}", *extra], tmp_path, "ds", 29532
-    )
+    """(ZeRO 0 is started by `accelerate launch`, the others by torchrun.)"""
+    launcher = "accelerate" if extra == ["backend.zero_stage=0"] and optim == "sgd" else "torchrun"
+    args = [DS, f"optim={optim}", f"data.cache_dir={data_cache}", *extra]
+    got = _run(args, tmp_path, "ds", 29532, launcher=launcher)
     _assert_same_training(got, accelerate_runs[optim])
     config = json.loads((got / "ds_config.json").read_text())
     assert config["gradient_accumulation_steps"] == 2 and config["train_batch_size"] == 64
@@ -329,14 +335,7 @@ def test_the_deepspeed_launcher_runs_a_written_ds_config_unchanged(
         "--module",
         "launcher",
     ]  # adds --local_rank=N
-    res = subprocess.run(
-        [*deepspeed, *use, "run_dir=run"],
-        cwd=tmp_path,
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = run_process([*deepspeed, *use, "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 cpu process(es) on 1 node(s)" in res.stdout
     _assert_same_training(tmp_path / "run", accelerate_runs["sgd"])
@@ -380,13 +379,6 @@ def test_the_accelerate_backend_never_imports_deepspeed(tmp_path, data_cache):
         "import sys; from launcher.cli import main; code = main(sys.argv[1:]); "
         "sys.exit(code or ('deepspeed' in sys.modules and 'deepspeed was imported'))"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=tmp_path,
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_process([sys.executable, "-c", code, *args], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "r" / "model.pt").exists()

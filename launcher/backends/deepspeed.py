@@ -56,7 +56,7 @@ class DeepSpeedBackend(Collectives):
         config = self.config(plan)
         if "optimizer" in config:  # DeepSpeed builds its fused optimizer over our param groups
             groups = [
-                {k: v for k, v in g.items() if k not in ("adapt", "lr")}
+                {"params": g["params"], "weight_decay": g["weight_decay"]}
                 for g in optimizer.param_groups
             ]
             kwargs = {"model_parameters": groups}
