@@ -421,6 +421,31 @@ class MemoryConfig:
         _require(self.margin_gb >= 0, "memory.margin_gb", self.margin_gb, "must be >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every_samples: int = 0
+    """save after the step that crosses each multiple of this many samples; 0 = not by samples"""
+    every_minutes: float = 30.0
+    """save when this long has passed since the last save; 0 = not by time"""
+    keep: int = 2
+    """checkpoints kept in run_dir/checkpoints (the newest); the final one is always written"""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.every_samples >= 0,
+            "checkpoint.every_samples",
+            self.every_samples,
+            "must be >= 0",
+        )
+        _require(
+            self.every_minutes >= 0,
+            "checkpoint.every_minutes",
+            self.every_minutes,
+            "must be >= 0",
+        )
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
 # ---------------------------------------------------------------------------------------- run
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -454,6 +479,11 @@ class RunConfig:
     """cluster group"""
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     """memory probing and budget"""
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    """when checkpoints are written and how many are kept"""
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint in run_dir; never; or a checkpoint file or
+    run directory to start from"""
 
     def __post_init__(self) -> None:
         _require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")

@@ -9,7 +9,9 @@ from typing import Any
 
 
 class MetricsSink:
-    """Writes what the loop reports. On ranks other than 0 every method does nothing."""
+    """Writes what the loop reports. On ranks other than 0 every method does nothing. A restart
+    at `resume_step` drops the lines and TensorBoard events of later steps (the checkpoint it
+    continues from had not seen them)."""
 
     def __init__(
         self,
@@ -19,6 +21,7 @@ class MetricsSink:
         global_batch: int,
         tensorboard: bool,
         progress: bool,
+        resume_step: int = 0,
     ) -> None:
         self.enabled = run_dir is not None
         self.global_batch = global_batch
@@ -26,11 +29,21 @@ class MetricsSink:
         self._t0, self._step0 = time.perf_counter(), 0
         if not self.enabled:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        if path.exists():  # a restart: keep what the checkpoint it continues from had seen
+            kept = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(kept))
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(
+                log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1
+            )
         if progress:
             from tqdm import tqdm
 

@@ -44,6 +44,7 @@ class BatchPlan:
     steps: int
     total_samples: int
     oom_recovery: bool = True
+    checkpoints: bool = True
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -242,6 +243,25 @@ def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
     )
 
 
+def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
+    """(on, reason): whether checkpoints are written (and can be resumed) with this backend."""
+    b, c = cfg.backend, cfg.checkpoint
+    if b.name == "deepspeed" and (
+        b.zero_stage or (b.mixed_precision != "no" and not b.autocast) or b.fused_optimizer
+    ):
+        return False, (
+            "resuming backend=deepspeed needs zero_stage=0, float32 parameters "
+            "(mixed_precision=no or autocast=true) and the launcher's optimizer so far; "
+            "model_final.pt is still written"
+        )
+    when = [f"every {c.every_samples:,} samples"] if c.every_samples else []
+    when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
+    return True, (
+        f"{' and '.join(when + ['at the end'])}, the newest {c.keep} kept in "
+        "run_dir/checkpoints (atomic, digest-checked)"
+    )
+
+
 def plan_batch(
     cfg: RunConfig,
     world_size: int,
@@ -318,6 +338,7 @@ def plan_batch(
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
     recover, reasons["oom_recovery"] = oom_recovery(cfg)
+    saves, reasons["checkpoints"] = checkpointing(cfg)
     return BatchPlan(
         global_batch=gb,
         world_size=world_size,
@@ -340,6 +361,7 @@ def plan_batch(
         steps=steps,
         total_samples=steps * gb,
         oom_recovery=recover,
+        checkpoints=saves,
         memory=memory or {},
         reasons=reasons,
     )
@@ -360,6 +382,7 @@ TABLE_ROWS = (
     "epoch_samples",
     "steps",
     "oom_recovery",
+    "checkpoints",
 )
 
 
@@ -373,6 +396,7 @@ def format_plan(plan: BatchPlan) -> str:
         "steps": f"{plan.steps:,}",
         "memory": f"{plan.memory['cap']:,}" if plan.memory else "-",
         "oom_recovery": "on" if plan.oom_recovery else "off",
+        "checkpoints": "on" if plan.checkpoints else "off",
     }
     rows = [(k, values.get(k, str(getattr(plan, k))), plan.reasons.get(k, "")) for k in TABLE_ROWS]
     w0 = max(len(r[0]) for r in rows)

@@ -81,8 +81,11 @@ def launch(overrides: list[str], multirun: bool) -> None:
     run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
-        if (run_dir / "plan.json").exists():
-            raise ConfigError(f"run_dir={str(run_dir)!r}: already holds a run; choose a new one")
+        if (run_dir / "plan.json").exists() and (cfg.resume == "never" or cfg.plan_only):
+            raise ConfigError(
+                f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
+                "to continue it)"
+            )
     for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
         if multirun:
             print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
@@ -117,6 +120,10 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
         write_ds_config(run_dir, ds_config(cfg, plan, device))
 
 
+def print_error(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
     if cfg.plan_only:
@@ -133,6 +140,7 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
 def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     import torch
 
+    from launcher import checkpoint, resume
     from launcher.backends import build_backend
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits, eval_loader, train_loader
@@ -151,6 +159,10 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
     check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
+    warn = print_error if topology.rank == 0 else lambda _: None
+    found = resume.find(cfg, run_dir, warn) if plan.checkpoints else None
+    if found is not None:
+        resume.check(cfg, *found)
 
     backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:
@@ -176,6 +188,18 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
 
     model, optimizer = backend.prepare(model, optimizer, plan)
+    start_step = 0
+    if found is not None:
+        state, path = found
+        how = resume.restore(state, backend, model, optimizer)
+        start_step = state["step"]
+        if main:
+            print(
+                f"launcher: resuming from {path}: step {start_step:,} of {plan.steps:,} "
+                f"({state['consumed_samples']:,} samples consumed, saved on "
+                f"{state['world_size']} rank(s)); {how}",
+                flush=True,
+            )
     workers = getattr(cfg.data, "workers", 0)
     pin = topology.device == "cuda"
 
@@ -191,7 +215,30 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         global_batch=plan.global_batch,
         tensorboard=cfg.trainer.tensorboard,
         progress=cfg.trainer.progress,
+        resume_step=start_step,
     )
+    if found is not None:
+        sink.log({"event": "resumed", "step": start_step, "from": str(found[1])})
+    last_save = time.monotonic()
+
+    def after_step(step: int, plan: BatchPlan) -> None:
+        """Save a checkpoint when one is due: by samples, by rank 0's clock, and at the end."""
+        nonlocal last_save
+        checkpoint.test_kill(step, "step")
+        c, g = cfg.checkpoint, plan.global_batch
+        due = step == plan.steps
+        if c.every_samples:
+            due |= (step * g) // c.every_samples > (step * g - g) // c.every_samples
+        if c.every_minutes:
+            late = main and time.monotonic() - last_save >= 60 * c.every_minutes
+            due |= bool(backend.flags(int(late))[0])  # every rank follows rank 0's clock
+        if not (due and plan.checkpoints):
+            return
+        state = resume.capture(cfg, plan, step, backend, model, optimizer)
+        if main:
+            path = checkpoint.save(run_dir, step, state, cfg.checkpoint.keep)
+            sink.log({"event": "checkpoint", "step": step, "path": str(path)})
+        last_save = time.monotonic()
 
     def on_oom(old: BatchPlan, new: BatchPlan, step: int, ranks: list[int]) -> None:
         message = (
@@ -231,17 +278,19 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             log_every=cfg.trainer.log_every,
             eval_every_samples=round(cfg.trainer.eval_every_epochs * plan.epoch_samples),
             dtype=backend.input_dtype(dtype),
+            start_step=start_step,
             oom_recovery=plan.oom_recovery,
             on_oom=on_oom,
+            after_step=after_step,
         )
         final = {"final": True, "step": plan.steps}
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction
             final["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
         with backend.gathered(model):
             final["param_digest"] = check_replicas(model, backend)
-            state = backend.state_dict(model)
+            weights = backend.state_dict(model)
         if main:
-            torch.save(state, run_dir / "model.pt")
+            torch.save(weights, run_dir / "model_final.pt")
         sink.log(final)
     finally:
         sink.close()

@@ -169,8 +169,10 @@ def fit(
     start_step: int = 0,
     oom_recovery: bool = True,
     on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
+    after_step: Callable[[int, BatchPlan], None] | None = None,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
+    `after_step(step, plan)` runs after every completed step (checkpoints).
 
     With `oom_recovery`, an out-of-memory error on any rank drops the partial step on every rank,
     halves the micro-batch, doubles the accumulation and reruns the same samples: the global
@@ -218,6 +220,10 @@ def fit(
             sink.log({"step": step, "samples": samples, **result})
             next_eval = (samples // eval_every_samples + 1) * eval_every_samples
         sink.advance()
+        if after_step is not None:
+            after_step(step, plan)
+    if not result:  # resumed from the final checkpoint: nothing left to train
+        result = evaluate(model, eval_batches(plan), backend, dtype)
     return result, plan
 
 

@@ -117,7 +117,7 @@ def test_default_run_shortened_reaches_90_percent(tmp_path, data_cache):
     assert train_lines[-1]["samples"] == 500 * 512  # ceil(8 x 32,000 / 512) steps, exact
     assert all({"step", "samples", "loss", "lr"} <= m.keys() for m in train_lines)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "config.yaml").exists() and (run_dir / "model.pt").exists()
+    assert (run_dir / "config.yaml").exists() and (run_dir / "model_final.pt").exists()
 
 
 @pytest.mark.slow
@@ -166,7 +166,7 @@ def test_multirun_trains_each_job_in_its_own_run_dir(tmp_path, data_cache):
     for run, batch in zip(runs, (32, 64), strict=True):
         assert json.loads((run / "plan.json").read_text())["global_batch"] == batch
         assert read_metrics(run)[-1]["step"] == 640 // batch  # 0.4 x 1,600 samples
-        assert (run / "model.pt").exists()
+        assert (run / "model_final.pt").exists()
 
 
 def test_sweep_over_backend_settings_is_refused(tmp_path, monkeypatch, capsys):

@@ -103,7 +103,7 @@ PARITY_ARGS = [
 
 
 def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt")
+    return torch.load(run_dir / "model_final.pt")
 
 
 @pytest.fixture(scope="module")

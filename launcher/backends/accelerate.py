@@ -44,6 +44,15 @@ class AccelerateBackend(Collectives):
     def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         return self.unwrap(model).state_dict()
 
+    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        return optimizer.state_dict()  # replicated: the same, whole, on every rank
+
+    def load_state(
+        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+    ) -> None:
+        self.unwrap(model).load_state_dict(weights)
+        optimizer.load_state_dict(opt_state)
+
     def gathered(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # every rank holds all parameters
 

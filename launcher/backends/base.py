@@ -30,6 +30,15 @@ class Backend(Protocol):
     def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         """The plain module's full-precision state; every rank calls it, inside `gathered`."""
 
+    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        """The optimizer state in torch's format over the plain module's parameters, whole on
+        every rank (so a checkpoint does not depend on the world size); every rank calls it."""
+
+    def load_state(
+        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+    ) -> None:
+        """Put a checkpoint's float32 weights and optimizer state into the prepared objects."""
+
     def gathered(self, model: Any) -> AbstractContextManager:
         """Inside it, every rank's module holds all parameters (ZeRO 3 gathers its shards)."""
 
@@ -62,6 +71,9 @@ class Backend(Protocol):
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor from every rank, rank order."""
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable object, in rank order, on every rank."""
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""

@@ -46,6 +46,14 @@ class Collectives:
         dist.all_gather(out, tensor.contiguous())
         return torch.cat(out)
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's picklable object, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1:
             return obj

@@ -20,7 +20,7 @@ import torch
 from launcher.backends.collectives import Collectives
 from launcher.backends.ds_config import ds_config
 from launcher.config import RunConfig
-from launcher.plan import BatchPlan
+from launcher.plan import BatchPlan, checkpointing
 
 
 class DeepSpeedBackend(Collectives):
@@ -110,6 +110,22 @@ class DeepSpeedBackend(Collectives):
                     master[p.data_ptr()] = full.detach().cpu()
         state = model.module.state_dict()
         return {k: master.get(v.data_ptr(), v) if v.numel() else v for k, v in state.items()}
+
+    def _replicated_optimizer(self, model: Any) -> Any:
+        """The torch optimizer itself (the plan turns checkpoints off where it is not)."""
+        on, why = checkpointing(self.cfg)
+        assert on, why
+        return model.optimizer
+
+    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        return self._replicated_optimizer(model).state_dict()
+
+    def load_state(
+        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+    ) -> None:
+        base = self._replicated_optimizer(model)
+        model.module.load_state_dict(weights)
+        base.load_state_dict(opt_state)
 
     def no_sync(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward

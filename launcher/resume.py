@@ -1,0 +1,116 @@
+"""What a checkpoint holds, and how a run continues from one: exactly, or at a new world size.
+
+A checkpoint is world-size free: float32 weights and the optimizer state whole (as the plain
+module's torch optimizer would hold them), the consumed-sample count (the data order and the LR
+schedule are functions of it), the plan and config it was trained with, the memory profile and
+every rank's RNG states. Resuming re-plans micro-batch and accumulation for the same global batch
+on whatever is launched now; the sampler continues the sample stream at `consumed_samples`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher import checkpoint
+from launcher.config import ConfigError, RunConfig, to_dict
+from launcher.plan import BatchPlan
+
+FORMAT = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as data `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def capture(
+    cfg: RunConfig, plan: BatchPlan, step: int, backend: Any, model: Any, optimizer: Any
+) -> dict[str, Any] | None:
+    """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it)."""
+    rngs = backend.gather_objects(rng_state())
+    with backend.gathered(model):
+        weights = backend.state_dict(model)
+    opt_state = backend.optimizer_state(model, optimizer)
+    if backend.rank != 0:
+        return None
+    return {
+        "format": FORMAT,
+        "step": step,
+        "consumed_samples": step * plan.global_batch,
+        "global_batch": plan.global_batch,
+        "world_size": plan.world_size,
+        "model": weights,
+        "optimizer": opt_state,
+        "rng": rngs,
+        "plan": dataclasses.asdict(plan),
+        "config": to_dict(cfg),
+    }
+
+
+def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint to continue from (resume=auto|never|PATH), or None to start fresh."""
+    if cfg.resume == "never":
+        return None
+    source = run_dir if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    found = checkpoint.load(source, warn)
+    if found is None and cfg.resume != "auto":
+        raise ConfigError(f"resume={cfg.resume!r}: no usable checkpoint there")
+    return found
+
+
+def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> None:
+    """Refuse to continue a checkpoint with a config that would train something else."""
+    saved = state["config"]
+    if state["global_batch"] != cfg.global_batch:
+        raise ConfigError(
+            f"global_batch={cfg.global_batch}: {path} was trained with global batch "
+            f"{state['global_batch']} (consumed {state['consumed_samples']:,} samples); resume "
+            f"with global_batch={state['global_batch']}, or resume=never to start over"
+        )
+    ours = to_dict(cfg)
+    for part in (ours, saved):  # where the data lives and how it is loaded may change
+        part["data"] = {k: v for k, v in part["data"].items() if k not in ("cache_dir", "workers")}
+    for key in ("model", "data", "optim", "schedule", "seed"):
+        if ours[key] != saved[key]:
+            raise ConfigError(
+                f"{key}: differs from the config {path} was trained with ({saved[key]!r}, now "
+                f"{ours[key]!r}); "
+                "resume with the same settings, or resume=never to start over"
+            )
+
+
+def restore(state: dict[str, Any], backend: Any, model: Any, optimizer: Any) -> str:
+    """Load weights, optimizer state and (same world size) RNG states; returns what was done."""
+    backend.load_state(model, optimizer, state["model"], state["optimizer"])
+    if state["world_size"] == backend.world_size:
+        set_rng_state(state["rng"][backend.rank])
+        return "weights, optimizer state and every rank's RNG states restored"
+    torch.manual_seed(hash((state["config"]["seed"], state["step"], backend.rank)) % 2**63)
+    return (
+        f"weights and optimizer state restored; saved on {state['world_size']} rank(s), now "
+        f"{backend.world_size}: RNG states reseeded from (seed, step, rank)"
+    )

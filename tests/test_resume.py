@@ -1,0 +1,181 @@
+"""Checkpoints and resume: atomic files, fallback past corruption, exact and elastic resume.
+
+Stated tolerances: resuming on the same world size is bit-exact on CPU (same summation order,
+RNG states restored). Resuming on another world size changes only the summation order of the
+gradient reduction: parameters within 1e-5 absolute (float32) of the uninterrupted run, every
+logged loss within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import checkpoint
+from launcher.cli import main
+from tests.conftest import SMALL_DATA, read_metrics, run_cli
+
+ARGS = [
+    *SMALL_DATA,
+    "global_batch=64",
+    "micro_batch=16",
+    "trainer.epochs=0.4",  # 0.4 x 1,600 / 64 = 10 steps
+    "trainer.progress=false",
+    "trainer.tensorboard=false",
+    "trainer.log_every=1",
+    "memory.probe=false",
+    "checkpoint.every_samples=128",  # every 2 steps
+    "checkpoint.keep=3",
+]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+
+def _state(i: int) -> dict:
+    return {"consumed_samples": i, "w": torch.full((3,), float(i))}
+
+
+def test_save_keeps_the_newest_and_points_latest_at_the_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, _state(step), keep=2)
+    names = sorted(p.name for p in checkpoint.folder(tmp_path).iterdir())
+    assert names == [
+        "latest",
+        "step-000000003.pt",
+        "step-000000003.sha256",
+        "step-000000004.pt",
+        "step-000000004.sha256",
+    ]
+    assert (checkpoint.folder(tmp_path) / "latest").read_text() == "step-000000004.pt\n"
+    state, path = checkpoint.load(tmp_path, print)
+    assert state["consumed_samples"] == 4 and path.name == "step-000000004.pt"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "missing", "pickle"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(damage, tmp_path):
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, _state(step), keep=3)
+    newest = checkpoint.folder(tmp_path) / "step-000000002.pt"
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        newest.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif damage == "missing":
+        newest.unlink()
+    else:  # a file that would run code when unpickled, with a matching digest
+        torch.save({"consumed_samples": 9, "f": print}, newest)
+        digest = checkpoint._digest(newest)
+        newest.with_suffix(".sha256").write_text(digest + "\n")
+    warnings: list[str] = []
+    state, path = checkpoint.load(tmp_path, warnings.append)
+    assert state["consumed_samples"] == 1 and path.name == "step-000000001.pt"
+    assert len(warnings) == 1 and "step-000000002.pt is unusable" in warnings[0]  # `latest`
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model_final.pt", weights_only=True)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache) -> Path:
+    cwd = tmp_path_factory.mktemp("whole")
+    res = run_cli([*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"], cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return cwd / "run"
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_then_rerun_ends_bit_identical(uninterrupted, tmp_path, data_cache):
+    """SIGKILL (kill -9) after a step, while a checkpoint is half written and between its rename
+    and the `latest` update; each time the same command continues and the final parameters are
+    bit-identical to a run that was never interrupted."""
+    rng = random.Random(4)
+    points = [f"{rng.choice([3, 4, 5])}:step", f"{rng.choice([6, 8])}:written", "10:renamed"]
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"]
+    for point in points:
+        killed = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": point})
+        assert killed.returncode == -9, (point, killed.stderr[-2000:])
+        latest = (checkpoint.folder(tmp_path / "run") / "latest").read_text().strip()
+        state, path = checkpoint.load(tmp_path / "run", pytest.fail)  # never a corrupt latest
+        assert path.name == latest
+    done = run_cli(cmd, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launcher: resuming from" in done.stdout
+    ref, got = _params(uninterrupted), _params(tmp_path / "run")
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
+    assert _losses(tmp_path / "run") == _losses(uninterrupted)  # one line per step, no repeats
+    assert not list(checkpoint.folder(tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
+def test_elastic_resume_2_1_2_ranks_keeps_the_global_batch(
+    backend, uninterrupted, tmp_path, data_cache
+):
+    """Killed on 2 ranks after step 3 (last save: step 2), continued on 1 rank and killed after
+    step 6 (last save: step 4), finished on 2 ranks: the plan changes micro-batch/accumulation,
+    never the global batch; data order and LR continue from the consumed samples."""
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run", f"backend={backend}"]
+    two = [*TORCHRUN, "--master_port", "29541"]
+    res = run_cli(cmd, tmp_path, prefix=two, env={"LAUNCHER_TEST_KILL": "3:step"})
+    assert res.returncode != 0
+    res = run_cli([*cmd, "micro_batch=32"], tmp_path, env={"LAUNCHER_TEST_KILL": "6:step"})
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert "saved on 2 rank(s)" in res.stdout
+    res = run_cli(cmd, tmp_path, prefix=two)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 4 of 10" in res.stdout and "saved on 1 rank(s)" in res.stdout  # killed before
+    # the save of step 6: the newest checkpoint is step 4
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["global_batch"], plan["world_size"], plan["accumulation"]) == (64, 2, 2)
+    ref, got = _params(uninterrupted), _params(tmp_path / "run")
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
+    ref_losses, losses = _losses(uninterrupted), _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 11))
+    for step, loss in ref_losses.items():
+        assert abs(losses[step] - loss) <= 1e-5 * abs(loss), (step, losses[step], loss)
+
+
+def test_a_changed_global_batch_is_refused_and_nothing_changes(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    assert main([*ARGS, "global_batch=128", "run_dir=run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with global batch 64" in err, err
+    assert "resume with global_batch=64, or resume=never" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_deepspeed_zero2_runs_without_checkpoints_and_says_so(tmp_path, data_cache):
+    res = run_cli(
+        [
+            *ARGS,
+            f"data.cache_dir={data_cache}",
+            "run_dir=run",
+            "backend=deepspeed",
+            "backend.zero_stage=2",
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = next(line for line in res.stdout.splitlines() if line.startswith("checkpoints "))
+    assert row.split()[1] == "off" and "resuming backend=deepspeed needs zero_stage=0" in row
+    assert not checkpoint.folder(tmp_path / "run").exists()
+    assert (tmp_path / "run" / "model_final.pt").exists()
