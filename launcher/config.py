@@ -429,6 +429,9 @@ class CheckpointConfig:
     """save when this long has passed since the last save; 0 = not by time"""
     keep: int = 2
     """checkpoints kept in run_dir/checkpoints (the newest); the final one is always written"""
+    allow_global_batch_change: bool = False
+    """on resume, accept a global_batch other than the checkpoint's: the run continues from the
+    consumed samples with the new batch (LR by the scaling rule, schedule in samples)"""
 
     def __post_init__(self) -> None:
         _require(

@@ -45,8 +45,15 @@ class BatchPlan:
     total_samples: int
     oom_recovery: bool = True
     checkpoints: bool = True
+    origin_step: int = 0
+    origin_samples: int = 0
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+
+    def samples_at(self, step: int) -> int:
+        """Samples consumed once optimizer step `step` is done (steps before `origin_step` ran
+        with another global batch, when it was changed on resume)."""
+        return self.origin_samples + (step - self.origin_step) * self.global_batch
 
 
 def _fmt(x: float) -> str:
@@ -269,11 +276,13 @@ def plan_batch(
     epoch_source: str = "",
     world_source: str = " processes",
     memory: dict | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> BatchPlan:
     """The whole plan for one run. Raises ConfigError on anything that does not fit exactly.
 
     `memory` is the profile report of launcher/probe.py, whose `cap` is the largest micro-batch
-    the device memory allows; None when memory was not probed.
+    the device memory allows; None when memory was not probed. `origin` = (step, samples)
+    already done with another global batch (a global batch changed on resume).
     """
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
@@ -310,13 +319,21 @@ def plan_batch(
 
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
     total_exact = Fraction(repr(cfg.trainer.epochs)) * epoch_samples  # 1.1 x 50000 is 55000
-    steps = math.ceil(total_exact / gb)
+    o_step, o_samples = origin
+    steps = o_step + max(math.ceil((total_exact - o_samples) / gb), 0)
+    total = o_samples + (steps - o_step) * gb
     reasons["steps"] = (
         f"{steps:,} = ceil({_fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} / {gb})"
     )
-    if steps * gb != total_exact:
+    if origin != (0, 0):
+        reasons["steps"] = (
+            f"{steps:,} = {o_step:,} steps ({o_samples:,} samples) with the checkpoint's global "
+            f"batch + ceil(({_fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} - "
+            f"{o_samples:,}) / {gb})"
+        )
+    if total != total_exact:
         reasons["steps"] += (
-            f"; the last step runs {math.ceil(steps * gb - total_exact):,} samples into the "
+            f"; the last step runs {math.ceil(total - total_exact):,} samples into the "
             "next epoch's shuffle, so no sample of the last epoch is skipped"
         )
 
@@ -359,7 +376,9 @@ def plan_batch(
         end_lr=sched.end_lr,
         epoch_samples=epoch_samples,
         steps=steps,
-        total_samples=steps * gb,
+        total_samples=total,
+        origin_step=o_step,
+        origin_samples=o_samples,
         oom_recovery=recover,
         checkpoints=saves,
         memory=memory or {},

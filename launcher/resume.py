@@ -60,7 +60,7 @@ def capture(
     return {
         "format": FORMAT,
         "step": step,
-        "consumed_samples": step * plan.global_batch,
+        "consumed_samples": plan.samples_at(step),
         "global_batch": plan.global_batch,
         "world_size": plan.world_size,
         "model": weights,
@@ -82,15 +82,20 @@ def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path
     return found
 
 
-def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> None:
-    """Refuse to continue a checkpoint with a config that would train something else."""
+def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
+    """Refuse to continue a checkpoint with a config that would train something else; returns
+    the plan's origin (step, samples) where the current global batch took over."""
     saved = state["config"]
+    origin = (state["plan"]["origin_step"], state["plan"]["origin_samples"])
     if state["global_batch"] != cfg.global_batch:
-        raise ConfigError(
-            f"global_batch={cfg.global_batch}: {path} was trained with global batch "
-            f"{state['global_batch']} (consumed {state['consumed_samples']:,} samples); resume "
-            f"with global_batch={state['global_batch']}, or resume=never to start over"
-        )
+        if not cfg.checkpoint.allow_global_batch_change:
+            raise ConfigError(
+                f"global_batch={cfg.global_batch}: {path} was trained with global batch "
+                f"{state['global_batch']} (consumed {state['consumed_samples']:,} samples); "
+                f"resume with global_batch={state['global_batch']}, or say "
+                "checkpoint.allow_global_batch_change=true, or resume=never to start over"
+            )
+        origin = (state["step"], state["consumed_samples"])
     ours = to_dict(cfg)
     for part in (ours, saved):  # where the data lives and how it is loaded may change
         part["data"] = {k: v for k, v in part["data"].items() if k not in ("cache_dir", "workers")}
@@ -101,6 +106,7 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> None:
                 f"{ours[key]!r}); "
                 "resume with the same settings, or resume=never to start over"
             )
+    return origin
 
 
 def restore(state: dict[str, Any], backend: Any, model: Any, optimizer: Any) -> str:

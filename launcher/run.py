@@ -21,6 +21,7 @@ def plan_for(
     launched: Topology,
     epoch: tuple[int, str] | None = None,
     memory: dict | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[Topology, BatchPlan]:
     """Topology and plan; the epoch size is the data config's declared one unless given."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
@@ -33,7 +34,13 @@ def plan_for(
     else:
         where = f" {topology.device} process(es) on {topology.nodes} node(s), as launched"
     plan = plan_batch(
-        cfg, topology.world_size, samples, epoch_source=source, world_source=where, memory=memory
+        cfg,
+        topology.world_size,
+        samples,
+        epoch_source=source,
+        world_source=where,
+        memory=memory,
+        origin=origin,
     )
     check_backend(cfg, plan, topology.device)
     return topology, plan
@@ -161,8 +168,10 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
     warn = print_error if topology.rank == 0 else lambda _: None
     found = resume.find(cfg, run_dir, warn) if plan.checkpoints else None
+    origin = (0, 0)
     if found is not None:
-        resume.check(cfg, *found)
+        origin = resume.check(cfg, *found)
+        _, plan = plan_for(cfg, launched, epoch, origin=origin)
 
     backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:
@@ -177,7 +186,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         _, report = measured_cap(
             cfg, splits.spec, plan, str(backend.device), topology.local_world_size, backend.all_min
         )
-        _, plan = plan_for(cfg, launched, epoch, memory=report)  # probing kept our RNG state
+        _, plan = plan_for(cfg, launched, epoch, report, origin)  # probing kept our RNG state
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
     run_dir = backend.broadcast_object(
@@ -200,6 +209,13 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
                 f"{state['world_size']} rank(s)); {how}",
                 flush=True,
             )
+            if state["global_batch"] != plan.global_batch:
+                print_error(
+                    f"launcher: GLOBAL BATCH CHANGED on resume: {state['global_batch']} -> "
+                    f"{plan.global_batch} from {state['consumed_samples']:,} samples on "
+                    "(checkpoint.allow_global_batch_change=true); LR and warmup follow the "
+                    f"scaling rule for {plan.global_batch}, the schedule continues in samples"
+                )
     workers = getattr(cfg.data, "workers", 0)
     pin = topology.device == "cuda"
 
@@ -218,7 +234,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         resume_step=start_step,
     )
     if found is not None:
-        sink.log({"event": "resumed", "step": start_step, "from": str(found[1])})
+        was = found[0]["global_batch"]
+        sink.log({"event": "resumed", "step": start_step, "from": str(found[1]), "was": was})
     last_save = time.monotonic()
 
     def after_step(step: int, plan: BatchPlan) -> None:
@@ -228,7 +245,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         c, g = cfg.checkpoint, plan.global_batch
         due = step == plan.steps
         if c.every_samples:
-            due |= (step * g) // c.every_samples > (step * g - g) // c.every_samples
+            done = plan.samples_at(step)
+            due |= done // c.every_samples > (done - g) // c.every_samples
         if c.every_minutes:
             late = main and time.monotonic() - last_save >= 60 * c.every_minutes
             due |= bool(backend.flags(int(late))[0])  # every rank follows rank 0's clock

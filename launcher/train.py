@@ -182,11 +182,11 @@ def fit(
     model.train()
     batches = iter(batches_from(plan, start_step))
     sink.start(start_step)
-    next_eval = (start_step * plan.global_batch // eval_every_samples + 1) * eval_every_samples
+    next_eval = (plan.samples_at(start_step) // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
     step = start_step
     while step < plan.steps:
-        lr = lr_at(plan, step * plan.global_batch)
+        lr = lr_at(plan, plan.samples_at(step))
         for group in optimizer.param_groups:
             group["lr"] = lr
         if not oom_recovery:
@@ -202,7 +202,7 @@ def fit(
                 batches = iter(batches_from(plan, step))
                 continue
         step += 1
-        samples = step * plan.global_batch
+        samples = plan.samples_at(step)
         if step % log_every == 0 or step == plan.steps:
             mean_loss = float(backend.sum(loss)) / plan.world_size
             sink.log(

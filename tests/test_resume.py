@@ -159,7 +159,7 @@ def test_a_changed_global_batch_is_refused_and_nothing_changes(
     assert main([*ARGS, "global_batch=128", "run_dir=run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was trained with global batch 64" in err, err
-    assert "resume with global_batch=64, or resume=never" in err
+    assert "resume with global_batch=64, or say checkpoint.allow_global_batch_change=true" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -179,3 +179,41 @@ def test_deepspeed_zero2_runs_without_checkpoints_and_says_so(tmp_path, data_cac
     assert row.split()[1] == "off" and "resuming backend=deepspeed needs zero_stage=0" in row
     assert not checkpoint.folder(tmp_path / "run").exists()
     assert (tmp_path / "run" / "model_final.pt").exists()
+
+
+@pytest.mark.slow
+def test_an_explicit_global_batch_change_continues_at_the_consumed_samples(tmp_path, data_cache):
+    """Killed after step 5 (saved at 4 = 256 samples) with global batch 64; resumed with 96 and
+    checkpoint.allow_global_batch_change=true: 4 more steps of 96 consume the remaining 384
+    samples (640 in all), logged loudly; the LR follows the scaling rule for 96, in samples."""
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"]
+    res = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
+    assert res.returncode == -9
+    res = run_cli([*cmd, "global_batch=96", "micro_batch=32"], tmp_path)
+    assert res.returncode == 2 and "allow_global_batch_change" in res.stderr
+    allow = [*cmd, "global_batch=96", "micro_batch=32", "checkpoint.allow_global_batch_change=true"]
+    res = run_cli(allow, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GLOBAL BATCH CHANGED on resume: 64 -> 96 from 256 samples on" in res.stderr
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["steps"], plan["origin_step"], plan["origin_samples"]) == (8, 4, 256)
+    assert plan["total_samples"] == 640
+    lines = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [(m["step"], m["samples"]) for m in lines] == [
+        (1, 64),
+        (2, 128),
+        (3, 192),
+        (4, 256),
+        (5, 352),
+        (6, 448),
+        (7, 544),
+        (8, 640),
+    ]
+    from launcher.compose import compose_run
+    from launcher.plan import plan_batch
+    from launcher.schedule import lr_at
+
+    new = plan_batch(compose_run(allow[:-1]), 1, 1600, origin=(4, 256))
+    assert [m["lr"] for m in lines[4:]] == [lr_at(new, s) for s in (256, 352, 448, 544)]
+    state, _ = checkpoint.load(tmp_path / "run", pytest.fail)
+    assert (state["step"], state["consumed_samples"], state["global_batch"]) == (8, 640, 96)

@@ -128,3 +128,29 @@ def test_eval_shards_cover_each_index_once(n, world, batch):
 def test_rejects_splits_that_do_not_divide(gb, micro, world):
     with pytest.raises(ValueError, match=f"global batch {gb} .* {micro} on {world} ranks"):
         _sampler(1000, gb, micro, world, 0, 1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_changed_global_batch_continues_the_stream_at_the_consumed_samples(world):
+    """Steps 0-3 with global batch 64 consumed positions [0, 256); with 96 from step 4 on, the
+    steps take [256, 352), [352, 448), ... on any world size: nothing skipped or repeated."""
+    n, micro = 300, 16 if world != 3 else 32
+    for rank in range(world):
+        sampler = GlobalBatchSampler(
+            n,
+            global_batch=96,
+            micro_batch=micro,
+            world_size=world,
+            rank=rank,
+            seed=SEED,
+            steps=7,
+            start_step=4,
+            start_position=256,
+        )
+        per_step = 96 // world // micro
+        batches = list(sampler)
+        assert len(batches) == 3 * per_step
+        for k in range(3):
+            mine = np.concatenate(batches[k * per_step : (k + 1) * per_step])
+            first = 256 + k * 96 + rank * (96 // world)
+            np.testing.assert_array_equal(mine, _stream(n, first, 96 // world))

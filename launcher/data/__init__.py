@@ -86,6 +86,7 @@ def train_loader(
         seed=seed,
         steps=plan.steps,
         start_step=start_step,
+        start_position=plan.samples_at(start_step),
     )
     return make_loader(dataset, sampler, workers, pin_memory)
 

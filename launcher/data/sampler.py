@@ -33,6 +33,7 @@ class GlobalBatchSampler:
         seed: int,
         steps: int,
         start_step: int = 0,
+        start_position: int | None = None,
     ) -> None:
         per_device, rem = divmod(global_batch, world_size)
         if rem or per_device % micro_batch:
@@ -48,6 +49,10 @@ class GlobalBatchSampler:
         self.seed = seed
         self.steps = steps
         self.start_step = start_step
+        # stream position of step `start_step`: start_step x G unless the global batch changed
+        self.start_position = (
+            start_step * global_batch if start_position is None else start_position
+        )
         self._perms: dict[int, np.ndarray] = {}
 
     def _positions(self, start: int, count: int) -> np.ndarray:
@@ -68,10 +73,9 @@ class GlobalBatchSampler:
         return (self.steps - self.start_step) * (self.per_device // self.micro_batch)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for step in range(self.start_step, self.steps):
-            mine = self._positions(
-                step * self.global_batch + self.rank * self.per_device, self.per_device
-            )
+        for k in range(self.steps - self.start_step):
+            first = self.start_position + k * self.global_batch
+            mine = self._positions(first + self.rank * self.per_device, self.per_device)
             for j in range(0, self.per_device, self.micro_batch):
                 yield mine[j : j + self.micro_batch]
 
