@@ -107,11 +107,12 @@ def _candidates(run_dir: Path) -> list[Path]:
     return [named] + [p for p in found if p != named]
 
 
-def load(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint whose digest matches and which loads safely, or None."""
+def load(source: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint in run directory `source` (or the checkpoint file `source`) whose
+    digest matches and which loads safely, or None."""
     import torch
 
-    for path in _candidates(run_dir):
+    for path in [source] if source.is_file() else _candidates(source):
         try:
             expected = path.with_suffix(".sha256").read_text().strip()
             if _digest(path) != expected:

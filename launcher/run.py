@@ -172,6 +172,13 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     if found is not None:
         origin = resume.check(cfg, *found)
         _, plan = plan_for(cfg, launched, epoch, origin=origin)
+    elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
+        if (run_dir / "model_final.pt").exists():
+            raise ConfigError(
+                f"run_dir={str(run_dir)!r}: holds a finished run without a checkpoint to resume "
+                "(checkpoints were off); choose a new run_dir"
+            )
+        warn(f"launcher: no usable checkpoint in {run_dir}: starting over")
 
     backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:

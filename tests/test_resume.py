@@ -179,6 +179,30 @@ def test_deepspeed_zero2_runs_without_checkpoints_and_says_so(tmp_path, data_cac
     assert row.split()[1] == "off" and "resuming backend=deepspeed needs zero_stage=0" in row
     assert not checkpoint.folder(tmp_path / "run").exists()
     assert (tmp_path / "run" / "model_final.pt").exists()
+    again = run_cli(
+        [
+            *ARGS,
+            f"data.cache_dir={data_cache}",
+            "run_dir=run",
+            "backend=deepspeed",
+            "backend.zero_stage=2",
+        ],
+        tmp_path,
+    )  # the same command again must not train it over
+    assert again.returncode == 2 and "holds a finished run without a checkpoint" in again.stderr
+
+
+def test_resume_from_a_checkpoint_file_into_a_new_run_dir(uninterrupted, tmp_path, data_cache):
+    """resume=PATH takes that checkpoint (here the last one: nothing left to train) and writes
+    the run into the new run_dir."""
+    source = checkpoint.checkpoints(uninterrupted)[0]
+    res = run_cli(
+        [*ARGS, f"data.cache_dir={data_cache}", "run_dir=new", f"resume={source}"], tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"launcher: resuming from {source}: step 10 of 10" in res.stdout
+    for name, value in _params(uninterrupted).items():
+        assert torch.equal(_params(tmp_path / "new")[name], value), name
 
 
 @pytest.mark.slow
@@ -217,3 +241,18 @@ def test_an_explicit_global_batch_change_continues_at_the_consumed_samples(tmp_p
     assert [m["lr"] for m in lines[4:]] == [lr_at(new, s) for s in (256, 352, 448, 544)]
     state, _ = checkpoint.load(tmp_path / "run", pytest.fail)
     assert (state["step"], state["consumed_samples"], state["global_batch"]) == (8, 640, 96)
+
+
+@pytest.mark.slow
+def test_time_based_checkpoints_follow_rank_0s_clock(tmp_path, data_cache):
+    """every_minutes: rank 0 decides, every rank takes part in the save; with an interval far
+    below one step's duration a checkpoint follows every step (and the keep limit holds)."""
+    args = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run", "checkpoint.every_samples=0"]
+    args += ["checkpoint.every_minutes=1e-9", "checkpoint.keep=4"]
+    res = run_cli(args, tmp_path, prefix=[*TORCHRUN, "--master_port", "29543"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    saves = [m["step"] for m in read_metrics(tmp_path / "run") if m.get("event") == "checkpoint"]
+    assert saves == list(range(1, 11))
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == [
+        f"step-{s:09d}.pt" for s in (10, 9, 8, 7)
+    ]
