@@ -118,14 +118,18 @@ def test_killed_at_random_points_then_rerun_ends_bit_identical(uninterrupted, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["accelerate", "deepspeed"])
+@pytest.mark.parametrize(
+    "backend",
+    [["backend=accelerate"], ["backend=deepspeed"], ["backend=deepspeed", "backend.zero_stage=2"]],
+    ids=["accelerate", "deepspeed-zero0", "deepspeed-zero2"],
+)
 def test_elastic_resume_2_1_2_ranks_keeps_the_global_batch(
     backend, uninterrupted, tmp_path, data_cache
 ):
     """Killed on 2 ranks after step 3 (last save: step 2), continued on 1 rank and killed after
     step 6 (last save: step 4), finished on 2 ranks: the plan changes micro-batch/accumulation,
     never the global batch; data order and LR continue from the consumed samples."""
-    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run", f"backend={backend}"]
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run", *backend]
     two = [*TORCHRUN, "--master_port", "29541"]
     res = run_cli(cmd, tmp_path, prefix=two, env={"LAUNCHER_TEST_KILL": "3:step"})
     assert res.returncode != 0
@@ -163,20 +167,20 @@ def test_a_changed_global_batch_is_refused_and_nothing_changes(
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_deepspeed_zero2_runs_without_checkpoints_and_says_so(tmp_path, data_cache):
+def test_deepspeed_zero3_runs_without_checkpoints_and_says_so(tmp_path, data_cache):
     res = run_cli(
         [
             *ARGS,
             f"data.cache_dir={data_cache}",
             "run_dir=run",
             "backend=deepspeed",
-            "backend.zero_stage=2",
+            "backend.zero_stage=3",
         ],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     row = next(line for line in res.stdout.splitlines() if line.startswith("checkpoints "))
-    assert row.split()[1] == "off" and "resuming backend=deepspeed needs zero_stage=0" in row
+    assert row.split()[1] == "off" and "resuming backend=deepspeed needs ZeRO 0" in row
     assert not checkpoint.folder(tmp_path / "run").exists()
     assert (tmp_path / "run" / "model_final.pt").exists()
     again = run_cli(
@@ -185,7 +189,7 @@ def test_deepspeed_zero2_runs_without_checkpoints_and_says_so(tmp_path, data_cac
             f"data.cache_dir={data_cache}",
             "run_dir=run",
             "backend=deepspeed",
-            "backend.zero_stage=2",
+            "backend.zero_stage=3",
         ],
         tmp_path,
     )  # the same command again must not train it over
@@ -256,3 +260,21 @@ def test_time_based_checkpoints_follow_rank_0s_clock(tmp_path, data_cache):
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == [
         f"step-{s:09d}.pt" for s in (10, 9, 8, 7)
     ]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_bf16_resume_is_bit_identical(tmp_path, data_cache):
+    """Sharded optimizer state and bf16-mode master weights go through the world-size-free
+    form (whole float32 tensors) and back without changing a bit."""
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "backend=deepspeed", "backend.zero_stage=1"]
+    cmd += ["backend.mixed_precision=bf16", "optim=adamw"]
+    whole = run_cli([*cmd, "run_dir=whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run_cli([*cmd, "run_dir=run"], tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
+    assert killed.returncode == -9
+    done = run_cli([*cmd, "run_dir=run"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout and "step 4 of 10" in done.stdout
+    for name, value in _params(tmp_path / "whole").items():
+        assert torch.equal(_params(tmp_path / "run")[name], value), name
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")

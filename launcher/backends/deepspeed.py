@@ -54,6 +54,7 @@ class DeepSpeedBackend(Collectives):
         import deepspeed
 
         config = self.config(plan)
+        self._groups = [list(g["params"]) for g in optimizer.param_groups]  # checkpoint order
         if "optimizer" in config:  # DeepSpeed builds its fused optimizer over our param groups
             groups = [
                 {"params": g["params"], "weight_decay": g["weight_decay"]}
@@ -111,21 +112,72 @@ class DeepSpeedBackend(Collectives):
         state = model.module.state_dict()
         return {k: master.get(v.data_ptr(), v) if v.numel() else v for k, v in state.items()}
 
-    def _replicated_optimizer(self, model: Any) -> Any:
-        """The torch optimizer itself (the plan turns checkpoints off where it is not)."""
+    def _sharded(self) -> bool:
+        """ZeRO 1/2: optimizer state in flat shards, read and written through DeepSpeed's
+        safe_get/set_full_* functions; ZeRO 0 holds a plain torch optimizer (what the plan's
+        `checkpoints` row allows is exactly these two cases)."""
         on, why = checkpointing(self.cfg)
         assert on, why
-        return model.optimizer
+        return self.cfg.backend.zero_stage > 0
+
+    @staticmethod
+    def _link_state(optimizer: Any) -> None:
+        """Point every parameter's fragment at the shards' optimizer state. DeepSpeed links them
+        once, after stepping the first param group, when a lazily created torch state (SGD
+        momentum, Adam moments) exists for that group only; relink (private API, tested)."""
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
 
     def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
-        return self._replicated_optimizer(model).state_dict()
+        """torch's state-dict format over the launcher's param groups, tensors whole."""
+        if not self._sharded():
+            return model.optimizer.state_dict()
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._link_state(optimizer)
+        sample = next(s for s in optimizer.optimizer.state.values() if s)
+        keys = sorted(k for k, v in sample.items() if v.dim() > 0)
+        scalars = {k: v.detach().cpu().clone() for k, v in sample.items() if v.dim() == 0}
+        state, groups, i = {}, [], 0
+        for group in self._groups:
+            groups.append({"params": list(range(i, i + len(group)))})
+            for p in group:  # a collective per tensor under ZeRO 2: every rank runs it
+                state[i] = {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}
+                state[i].update(scalars)
+                i += 1
+        return {"state": state, "param_groups": groups}
 
     def load_state(
         self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
     ) -> None:
-        base = self._replicated_optimizer(model)
-        model.module.load_state_dict(weights)
-        base.load_state_dict(opt_state)
+        if not self._sharded():
+            model.module.load_state_dict(weights)
+            model.optimizer.load_state_dict(opt_state)
+            return
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        # the shards' optimizer state exists after a first step: take one that changes nothing
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        model.backward(sum((p * 0).sum() for p in model.module.parameters()), scale_wrt_gas=False)
+        model.step()
+        for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+            g["lr"] = lr
+        self._link_state(optimizer)
+        names = {v.data_ptr(): k for k, v in model.module.state_dict().items() if v.numel()}
+        params = [p for group in self._groups for p in group]
+        scalars = {}
+        for i, p in enumerate(params):
+            safe_set_full_fp32_param(p, weights[names[p.data_ptr()]].to(self.device))
+            for k, v in opt_state["state"][i].items():
+                if v.dim() == 0:
+                    scalars[k] = v
+                else:
+                    safe_set_full_optimizer_state(p, v.to(self.device), k)
+        for flat_state in optimizer.optimizer.state.values():
+            flat_state.update({k: v.clone() for k, v in scalars.items()})
+        model.module.load_state_dict(weights)  # last: the warm step wrote the old masters here
 
     def no_sync(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward
