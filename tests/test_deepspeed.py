@@ -365,7 +365,7 @@ def test_out_of_memory_under_zero1_keeps_the_global_batch(tmp_path, data_cache):
     common = [DS, "backend.zero_stage=1", f"data.cache_dir={data_cache}"]
     clean = _run([*common, "micro_batch=8"], tmp_path, "clean", 29534)
     hit = _run(common, tmp_path, "oom", 29534, env={"LAUNCHER_TEST_OOM": "1:2:8"})
-    assert [m for m in read_metrics(hit) if m.get("event")] == [
+    assert [m for m in read_metrics(hit) if m.get("event") == "out_of_memory"] == [
         {"event": "out_of_memory", "step": 2, "ranks": [1], "micro_batch": 8, "accumulation": 4}
     ]
     config = json.loads((hit / "ds_config.json").read_text())
