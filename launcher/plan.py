@@ -255,14 +255,11 @@ def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
     b, c = cfg.backend, cfg.checkpoint
     half = b.mixed_precision if b.name == "deepspeed" and not b.autocast else "no"
     if b.name == "deepspeed" and (
-        b.zero_stage == 3
-        or b.fused_optimizer
-        or half == "fp16"
-        or (half == "bf16" and not b.zero_stage)
+        b.fused_optimizer or half == "fp16" or (half == "bf16" and not b.zero_stage)
     ):
         return False, (
             "resuming backend=deepspeed needs ZeRO 0 with float32 parameters (mixed_precision=no "
-            "or autocast=true), or ZeRO 1/2 (also in bf16 mode), and the launcher's optimizer so "
+            "or autocast=true), or ZeRO 1-3 (also in bf16 mode), and the launcher's optimizer so "
             "far; model_final.pt is still written"
         )
     when = [f"every {c.every_samples:,} samples"] if c.every_samples else []

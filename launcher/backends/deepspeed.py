@@ -113,7 +113,7 @@ class DeepSpeedBackend(Collectives):
         return {k: master.get(v.data_ptr(), v) if v.numel() else v for k, v in state.items()}
 
     def _sharded(self) -> bool:
-        """ZeRO 1/2: optimizer state in flat shards, read and written through DeepSpeed's
+        """ZeRO 1-3: optimizer state in flat shards, read and written through DeepSpeed's
         safe_get/set_full_* functions; ZeRO 0 holds a plain torch optimizer (what the plan's
         `checkpoints` row allows is exactly these two cases)."""
         on, why = checkpointing(self.cfg)
@@ -134,7 +134,8 @@ class DeepSpeedBackend(Collectives):
             return model.optimizer.state_dict()
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        self._link_state(optimizer)
+        if self.cfg.backend.zero_stage < 3:
+            self._link_state(optimizer)
         sample = next(s for s in optimizer.optimizer.state.values() if s)
         keys = sorted(k for k, v in sample.items() if v.dim() > 0)
         scalars = {k: v.detach().cpu().clone() for k, v in sample.items() if v.dim() == 0}
@@ -154,30 +155,44 @@ class DeepSpeedBackend(Collectives):
             model.module.load_state_dict(weights)
             model.optimizer.load_state_dict(opt_state)
             return
+        import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        # the shards' optimizer state exists after a first step: take one that changes nothing
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["lr"] = 0.0
-        model.backward(sum((p * 0).sum() for p in model.module.parameters()), scale_wrt_gas=False)
-        model.step()
-        for g, lr in zip(optimizer.param_groups, lrs, strict=True):
-            g["lr"] = lr
-        self._link_state(optimizer)
-        names = {v.data_ptr(): k for k, v in model.module.state_dict().items() if v.numel()}
+        first = opt_state["state"][0]
+        scalars = {k: v.to(self.device) for k, v in first.items() if v.dim() == 0}
+        if self.cfg.backend.zero_stage == 3:  # create the sub-groups' state, as a step would
+            for flat in optimizer.fp32_partitioned_groups_flat:
+                state = {k: torch.zeros_like(flat) for k, v in first.items() if v.dim()}
+                optimizer.optimizer.state[flat] = state | {k: v.clone() for k, v in scalars.items()}
+        else:  # ZeRO 1/2 create and link it in their first step: take one that changes nothing
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = 0.0
+            zero = sum((p * 0).sum() for p in model.module.parameters())
+            model.backward(zero, scale_wrt_gas=False)
+            model.step()
+            for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+            self._link_state(optimizer)
+            for flat_state in optimizer.optimizer.state.values():
+                flat_state.update({k: v.clone() for k, v in scalars.items()})
         params = [p for group in self._groups for p in group]
-        scalars = {}
-        for i, p in enumerate(params):
-            safe_set_full_fp32_param(p, weights[names[p.data_ptr()]].to(self.device))
+        with self.gathered(model):  # parameters whole, so the state dict's tensors are theirs
+            names = {v.data_ptr(): k for k, v in model.module.state_dict().items() if v.numel()}
+            keys = [names[p.data_ptr()] for p in params]
+        for i, (p, key) in enumerate(zip(params, keys, strict=True)):
+            if self.cfg.backend.zero_stage == 3:
+                _set_zero3_partition(optimizer, p, weights[key], None)
+            else:
+                safe_set_full_fp32_param(p, weights[key].to(self.device))
             for k, v in opt_state["state"][i].items():
-                if v.dim() == 0:
-                    scalars[k] = v
-                else:
+                if v.dim() and self.cfg.backend.zero_stage == 3:
+                    _set_zero3_partition(optimizer, p, v, k)
+                elif v.dim():
                     safe_set_full_optimizer_state(p, v.to(self.device), k)
-        for flat_state in optimizer.optimizer.state.values():
-            flat_state.update({k: v.clone() for k, v in scalars.items()})
-        model.module.load_state_dict(weights)  # last: the warm step wrote the old masters here
+        # last (the warm step wrote the old masters into the module); ZeRO 3: rank 0's copy
+        with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0):
+            model.module.load_state_dict(weights)
 
     def no_sync(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward
@@ -193,3 +208,13 @@ class DeepSpeedBackend(Collectives):
 
     def drop_gradients(self, model: Any, optimizer: Any) -> None:
         optimizer.zero_grad()  # the engine's optimizer: also its own accumulation buffers
+
+
+def _set_zero3_partition(optimizer: Any, param: Any, value: torch.Tensor, key: str | None) -> None:
+    """This rank's part of a whole float32 tensor (`key`: an optimizer state, None: the master
+    weight) into its ZeRO 3 partition. DeepSpeed 0.19.8's safe_set_full_* reads past the end of
+    the last rank's padded partition when the size does not divide by the world size."""
+    part, _ = optimizer._get_fp32_opt_state_partition(param, False, optim_state_key=key)
+    start = part.numel() * optimizer._get_param_partition_rank(param)
+    chunk = value.flatten()[start : start + part.numel()]
+    part.data[: chunk.numel()].copy_(chunk.to(part.device))
