@@ -142,7 +142,7 @@ class DeepSpeedBackend(Collectives):
         state, groups, i = {}, [], 0
         for group in self._groups:
             groups.append({"params": list(range(i, i + len(group)))})
-            for p in group:  # a collective per tensor under ZeRO 2: every rank runs it
+            for p in group:  # a collective per tensor under ZeRO 2/3: every rank runs it
                 state[i] = {k: safe_get_full_optimizer_state(p, k).detach().cpu() for k in keys}
                 state[i].update(scalars)
                 i += 1
