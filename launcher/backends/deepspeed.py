@@ -47,13 +47,10 @@ class DeepSpeedBackend(Collectives):
         self.world_size = torch.distributed.get_world_size()
         self.engine: Any = None
 
-    def config(self, plan: BatchPlan) -> dict[str, Any]:
-        return ds_config(self.cfg, plan, self.device.type)
-
     def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
         import deepspeed
 
-        config = self.config(plan)
+        config = ds_config(self.cfg, plan, self.device.type)
         self._groups = [list(g["params"]) for g in optimizer.param_groups]  # checkpoint order
         if "optimizer" in config:  # DeepSpeed builds its fused optimizer over our param groups
             groups = [
