@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from launcher.faults import test_kill
 
 FOLDER = "checkpoints"
 LATEST = "latest"
@@ -50,15 +51,6 @@ def _digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def test_kill(step: int, phase: str) -> None:
-    """Test hook: LAUNCHER_TEST_KILL=STEP:PHASE SIGKILLs this process (as `kill -9` would) at
-    optimizer step STEP, PHASE `step` (after the step), `written` (checkpoint written under its
-    temporary name), `renamed` (in place, `latest` not yet updated)."""
-    spec = os.environ.get("LAUNCHER_TEST_KILL")
-    if spec and spec == f"{step}:{phase}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:

@@ -3,7 +3,9 @@
     python -m launcher [+recipe=NAME] [key=value ...]      plan, then train
     python -m launcher -m key=a,b [...]                    one job per combination (Hydra sweep)
 
-Exit codes: 0 done, 2 bad input (one line on stderr; nothing written).
+Exit codes: 0 done, 1 failed (e.g. out of memory at micro-batch 1), 2 bad input (one line on
+stderr; nothing written), 3 stopped early by SIGUSR1/SIGTERM after saving a checkpoint (rerun, or
+the requeued Slurm job, resumes from it).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     from launcher.plan import OutOfMemoryAtOneSample
+    from launcher.preemption import Stopped
+    from launcher.spawn import WorkersFailed
 
     # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
     # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
@@ -67,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except ConfigError as exc:
         code = 2
-        message = str(exc)
+        message = f"launcher: error: {exc}"
     except OutOfMemoryAtOneSample as exc:
         code = 1
-        message = str(exc)
-    if code and os.environ.get("RANK", "0") == "0":
-        print(f"launcher: error: {message}", file=sys.stderr, flush=True)
+        message = f"launcher: error: {exc}"
+    except Stopped as exc:
+        code = exc.exit_code
+        message = str(exc)  # not an error: the run continues from its checkpoint
+    except WorkersFailed as exc:
+        code = exc.code
+        message = exc.message and f"launcher: error: {exc.message}"
+    if code and message and os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
     if "torch" in sys.modules:  # a process group can only exist once torch was imported
         from launcher.backends import teardown
 

@@ -7,6 +7,7 @@ raises `ConfigError` naming the key, the value and what is allowed. No torch imp
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -354,6 +355,10 @@ class TrainerConfig:
     """parameter dtype (float64 for numerical parity checks)"""
     tensorboard: bool = True
     """write TensorBoard event files to the run directory"""
+    devices: int | Literal["auto"] = "auto"
+    """worker processes on this machine for a plain `python -m launcher`, started with PyTorch's
+    elastic launcher; auto = the cluster's devices_per_node if declared, else every visible GPU,
+    else 1. Under torchrun / accelerate / deepspeed / srun it must match what they started"""
     oom_recovery: bool | Literal["auto"] = "auto"
     """on out of memory anywhere: drop the step, halve the micro-batch, double the accumulation
     (gradients are then reduced after every rank's micro-steps, not overlapped with backward);
@@ -369,6 +374,12 @@ class TrainerConfig:
         )
         _require(self.log_every > 0, "trainer.log_every", self.log_every, "must be > 0")
         _require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads, "must be >= 0")
+        _require(
+            self.devices == "auto" or self.devices > 0,
+            "trainer.devices",
+            self.devices,
+            "must be > 0 or auto",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,6 +460,45 @@ class CheckpointConfig:
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
 
 
+SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+(:\d{2}){0,2}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmConfig:
+    template: Literal["auto", "single_node", "multi_node", "multi_node_srun"] = "auto"
+    """slurm/ template `python -m launcher.slurm` renders: auto = single_node for one node, else
+    multi_node (torchrun per node); multi_node_srun = one srun task per device"""
+    time: str = "24:00:00"
+    """time limit (sbatch --time: MINUTES, HH:MM:SS or D-HH:MM:SS)"""
+    partition: str | None = None
+    """sbatch --partition; null = the cluster's default"""
+    account: str | None = None
+    """sbatch --account; null = the user's default"""
+    signal_seconds: int = 120
+    """ask Slurm for SIGUSR1 this long before the time limit: checkpoint at the next step, then
+    `scontrol requeue`; 0 = no signal"""
+    extra: tuple[str, ...] = ()
+    """further sbatch options, each `--name[=value]` (e.g. --qos=high, --exclusive)"""
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(SLURM_TIME.match(self.time)),
+            "slurm.time",
+            self.time,
+            "must be MINUTES, HH:MM:SS or D-HH:MM:SS",
+        )
+        _require(
+            self.signal_seconds >= 0, "slurm.signal_seconds", self.signal_seconds, "must be >= 0"
+        )
+        for option in self.extra:
+            _require(
+                option.startswith("--") and "\n" not in option,
+                "slurm.extra",
+                option,
+                "each must be one sbatch option starting with --",
+            )
+
+
 # ---------------------------------------------------------------------------------------- run
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -484,6 +534,8 @@ class RunConfig:
     """memory probing and budget"""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """when checkpoints are written and how many are kept"""
+    slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
+    """sbatch settings for `python -m launcher.slurm` (node/task/GPU counts come from cluster)"""
     resume: str = "auto"
     """auto: continue from the newest valid checkpoint in run_dir; never; or a checkpoint file or
     run directory to start from"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def plan_for(
         shape = f"{c.nodes} nodes x {c.devices_per_node} {c.device} devices"
         where = f" = {shape} (cluster={c.name}{each})"
     else:
-        where = f" {topology.device} process(es) on {topology.nodes} node(s), as launched"
+        where = f" {topology.device} process(es) on {topology.nodes} node(s), {topology.source}"
     plan = plan_batch(
         cfg,
         topology.world_size,
@@ -71,20 +72,38 @@ def job_run_dir(cfg: RunConfig, stamp: str, job: int | None) -> Path:
     return Path(cfg.run_dir or Path("outputs") / cfg.recipe / f"multirun-{stamp}") / str(job)
 
 
+def run_stamp() -> str:
+    """The default run folder's name: slurm-<job id> under Slurm (a requeued job finds its run
+    again and resumes), else the launch time."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def reuses_run_dir(cfg: RunConfig) -> bool:
+    """An explicit run_dir, or the Slurm job's: used as it is, never given a -2 suffix."""
+    return cfg.run_dir is not None or "SLURM_JOB_ID" in os.environ
+
+
 def launch(overrides: list[str], multirun: bool) -> None:
-    """Compose and validate every job before anything is written, then run them in order."""
+    """Compose and validate every job before anything is written, then run them in order (or
+    start trainer.devices workers on this machine that do)."""
     from launcher.compose import compose_run, split_sweep
-    from launcher.topology import from_env
+    from launcher.topology import from_env, local_processes, slurm_env
 
     jobs = split_sweep(overrides) if multirun else [overrides]
     configs = [compose_run(job) for job in jobs]
-    if len({cfg.backend for cfg in configs}) > 1:
-        raise ConfigError(
-            "-m: a sweep cannot vary backend.* (Accelerate's state is fixed per process); "
-            "launch one sweep per backend setting"
-        )
+    for key in ("backend", "trainer.devices"):
+        if len({_get(cfg, key) for cfg in configs}) > 1:
+            raise ConfigError(
+                f"-m: a sweep cannot vary {key} (it is fixed per process); launch one sweep per "
+                "setting"
+            )
+    os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
     launched = from_env()
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
+    if workers:
+        launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
+    stamp = run_stamp()
     run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
@@ -93,10 +112,29 @@ def launch(overrides: list[str], multirun: bool) -> None:
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
+    if workers:
+        from launcher.spawn import spawn
+
+        spawn(workers, (["-m"] if multirun else []) + overrides)
+        return
     for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
         if multirun:
             print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
         execute(cfg, launched, run_dir)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _visible_gpus(launched: Topology) -> int:
+    if launched.device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def create_run_dir(path: Path, explicit: bool) -> Path:
@@ -127,27 +165,50 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
         write_ds_config(run_dir, ds_config(cfg, plan, device))
 
 
+def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:
+    """What happened on a SIGUSR1/SIGTERM; rank 0 requeues the Slurm job on SIGUSR1."""
+    from launcher import preemption
+
+    stop = sorted(set(stop) | set(preemption.signals(preemption.received())))  # also mid-save
+    names = " and ".join(s.name for s in stop)
+    head = f"launcher: stopped by {names} after step {step:,} of {plan.steps:,}"
+    if not plan.checkpoints:
+        return f"{head}: checkpoints are off, nothing saved, not requeued (see the plan)"
+    if preemption.STOP in stop:  # scancel, or a scheduler that requeues by itself
+        return f"{head}; checkpoint {path}; rerun the same command (resume=auto) to continue"
+    return f"{head}; checkpoint {path}; " + (preemption.requeue() if main else "")
+
+
 def print_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
+    """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
+    topology, plan = plan_for(cfg, launched)
+    if probes_memory(cfg):
+        _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
+    return topology, plan
 
 
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
     if cfg.plan_only:
-        topology, plan = plan_for(cfg, launched)
-        if probes_memory(cfg):
-            _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
-        run_dir = create_run_dir(run_dir, cfg.run_dir is not None)
+        topology, plan = estimated_plan(cfg, launched)
+        run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
         write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
         return {}
-    return _train(cfg, launched, run_dir)
+    from launcher import preemption
+
+    with preemption.handled():
+        return _train(cfg, launched, run_dir)
 
 
 def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     import torch
 
-    from launcher import checkpoint, resume
+    from launcher import checkpoint, faults, preemption, resume
     from launcher.backends import build_backend
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits, eval_loader, train_loader
@@ -197,7 +258,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
     run_dir = backend.broadcast_object(
-        create_run_dir(run_dir, cfg.run_dir is not None) if main else None
+        create_run_dir(run_dir, reuses_run_dir(cfg)) if main else None
     )
     if main:
         write_plan_files(run_dir, cfg, plan, topology.device)
@@ -246,24 +307,31 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     last_save = time.monotonic()
 
     def after_step(step: int, plan: BatchPlan) -> None:
-        """Save a checkpoint when one is due: by samples, by rank 0's clock, and at the end."""
+        """Save a checkpoint when one is due (by samples, by rank 0's clock, at the end) or when
+        any rank got SIGUSR1/SIGTERM; in the latter case stop after it (preemption.py)."""
         nonlocal last_save
-        checkpoint.test_kill(step, "step")
+        faults.test_kill(step, "step")
         c, g = cfg.checkpoint, plan.global_batch
         due = step == plan.steps
         if c.every_samples:
             done = plan.samples_at(step)
             due |= done // c.every_samples > (done - g) // c.every_samples
-        if c.every_minutes:
-            late = main and time.monotonic() - last_save >= 60 * c.every_minutes
-            due |= bool(backend.flags(int(late))[0])  # every rank follows rank 0's clock
-        if not (due and plan.checkpoints):
-            return
-        state = resume.capture(cfg, plan, step, backend, model, optimizer)
-        if main:
-            path = checkpoint.save(run_dir, step, state, cfg.checkpoint.keep)
-            sink.log({"event": "checkpoint", "step": step, "path": str(path)})
-        last_save = time.monotonic()
+        late = main and c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes
+        bits = 0
+        for flag in backend.flags(int(late) | preemption.received()):  # rank 0's clock for all
+            bits |= flag
+        stop = [] if step == plan.steps else preemption.signals(bits)
+        due |= bool(bits & 1) or bool(stop)
+        path = None
+        if due and plan.checkpoints:
+            state = resume.capture(cfg, plan, step, backend, model, optimizer)
+            if main:
+                path = checkpoint.save(run_dir, step, state, cfg.checkpoint.keep)
+                sink.log({"event": "checkpoint", "step": step, "path": str(path)})
+            last_save = time.monotonic()
+        if stop:
+            sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
+            raise preemption.Stopped(stop_message(stop, step, plan, path, main))
 
     def on_oom(old: BatchPlan, new: BatchPlan, step: int, ranks: list[int]) -> None:
         message = (

@@ -1,17 +1,21 @@
 """Where this process sits: world size, ranks and device, from the launcher's environment.
 
-torchrun and `accelerate launch` set WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE (the
-`deepspeed` launcher: LOCAL_SIZE); a plain
-`python -m launcher` is one process. `plan_only` can instead plan for a declared cluster.
+torchrun and `accelerate launch` (and the launcher's own `trainer.devices=N`, which runs
+torchrun's machinery) set WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE; the `deepspeed`
+launcher sets LOCAL_SIZE instead of LOCAL_WORLD_SIZE. `srun` with one task per device sets only
+SLURM_* variables: `slurm_env` turns them into torch's (the batch script exports MASTER_ADDR and
+MASTER_PORT, as the slurm/ templates do). A plain `python -m launcher` is one process.
+`plan_only` can instead plan for a declared cluster.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from launcher.config import ClusterConfig, ConfigError
+from launcher.config import ClusterConfig, ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -21,10 +25,19 @@ class Topology:
     local_rank: int
     local_world_size: int
     device: str  # "cpu" or "cuda"
+    source: str = "a single process"  # who started the processes, for messages
+    started: bool = False  # by a launcher (torchrun, accelerate, deepspeed, srun, trainer.devices)
 
     @property
     def nodes(self) -> int:
         return self.world_size // self.local_world_size
+
+    @property
+    def shape(self) -> str:
+        return (
+            f"{self.nodes} node(s) x {self.local_world_size} process(es) per node = "
+            f"{self.world_size}"
+        )
 
 
 def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -37,6 +50,60 @@ def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
         raise ConfigError(f"environment {key}={raw!r}: must be an integer") from None
 
 
+def _tasks_per_node(raw: str) -> set[int]:
+    """Slurm's compressed task counts, e.g. '2(x3),1' -> {2, 1}."""
+    counts = set()
+    for item in raw.split(","):
+        match = re.fullmatch(r"(\d+)(\(x\d+\))?", item.strip())
+        if match is None:
+            raise ConfigError(f"environment SLURM_STEP_TASKS_PER_NODE={raw!r}: not understood")
+        counts.add(int(match.group(1)))
+    return counts
+
+
+def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+    """torch's variables for one task of a multi-task `srun` step; {} anywhere else (a single
+    task, the batch shell, or workers of torchrun inside srun, which set WORLD_SIZE)."""
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    world = _env_int(env, "SLURM_STEP_NUM_TASKS", 1)
+    if world == 1:
+        return {}
+    per_node = _tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", str(world)))
+    if len(per_node) != 1:
+        raise ConfigError(
+            f"srun started {world} tasks unevenly over the nodes (SLURM_STEP_TASKS_PER_NODE="
+            f"{env.get('SLURM_STEP_TASKS_PER_NODE')}): use --ntasks-per-node"
+        )
+    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in env]
+    if missing:
+        raise ConfigError(
+            f"srun started {world} tasks but {' and '.join(missing)} is not set: export the first "
+            "node's address and a free port in the batch script (see slurm/multi_node_srun.sbatch)"
+        )
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": str(per_node.pop()),
+    }
+
+
+def _source(env: Mapping[str, str], from_slurm: bool) -> str:
+    job = f" in Slurm job {env['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in env else ""
+    if from_slurm:
+        return f"srun{job}"
+    if "WORLD_SIZE" not in env:
+        return f"a single process{job}"
+    if "LAUNCHER_SPAWNED" in env:
+        return "trainer.devices"
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"torchrun / accelerate launch{job}"
+    if "LOCAL_SIZE" in env:
+        return f"the deepspeed launcher{job}"
+    return f"WORLD_SIZE={env['WORLD_SIZE']}{job}"
+
+
 def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> Topology:
     """The launched topology (one process when no launcher variables are set)."""
     env = os.environ if env is None else env
@@ -44,15 +111,55 @@ def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> 
         import torch
 
         cuda = torch.cuda.is_available()
+    slurm = slurm_env(env)
+    source = _source(env, bool(slurm))
+    env = {**env, **slurm}
     world = _env_int(env, "WORLD_SIZE", 1)
     local_world = _env_int(env, "LOCAL_WORLD_SIZE", _env_int(env, "LOCAL_SIZE", world))
+    if local_world < 1 or world % local_world:
+        raise ConfigError(
+            f"environment: WORLD_SIZE={world} is not a multiple of the {local_world} process(es) "
+            "per node; start the same number of processes on every node"
+        )
     return Topology(
         world_size=world,
         rank=_env_int(env, "RANK", 0),
         local_rank=_env_int(env, "LOCAL_RANK", 0),
         local_world_size=local_world,
         device="cuda" if cuda else "cpu",
+        source=source,
+        started="WORLD_SIZE" in env,
     )
+
+
+def local_processes(cfg: RunConfig, launched: Topology, visible_gpus: int) -> int:
+    """How many workers a plain `python -m launcher` starts on this machine (trainer.devices);
+    0 when it trains in this process (one device, plan_only, or a launcher already started us)."""
+    devices, c = cfg.trainer.devices, cfg.cluster
+    if cfg.plan_only:
+        return 0
+    if launched.started:
+        if devices != "auto" and devices != launched.local_world_size:
+            raise ConfigError(
+                f"trainer.devices={devices}: {launched.source} started "
+                f"{launched.local_world_size} process(es) on this node; make them agree (or drop "
+                "trainer.devices)"
+            )
+        return 0
+    if devices == "auto":
+        if c.nodes not in ("auto", 1):
+            return 0  # several nodes: torchrun or srun starts them (resolve() says so)
+        if c.devices_per_node != "auto":
+            devices = c.devices_per_node
+        else:
+            cuda = launched.device == "cuda" and c.device != "cpu"
+            devices = visible_gpus if cuda else 1
+    cuda = c.device == "cuda" or (c.device == "auto" and launched.device == "cuda")
+    if cuda and devices > visible_gpus:
+        raise ConfigError(
+            f"trainer.devices={devices}: this machine has {visible_gpus} visible CUDA device(s)"
+        )
+    return devices if devices > 1 else 0
 
 
 def resolve(cluster: ClusterConfig, launched: Topology, plan_only: bool) -> Topology:
@@ -68,14 +175,17 @@ def resolve(cluster: ClusterConfig, launched: Topology, plan_only: bool) -> Topo
             launched.local_rank,
             launched.local_world_size,
             device,
+            launched.source,
+            launched.started,
         )
     if plan_only:
-        return Topology(declared, 0, 0, int(cluster.devices_per_node), device)
-    if declared != launched.world_size:
+        return Topology(declared, 0, 0, int(cluster.devices_per_node), device, "plan_only")
+    if (cluster.nodes, cluster.devices_per_node) != (launched.nodes, launched.local_world_size):
         raise ConfigError(
-            f"cluster={cluster.name!r}: declares {cluster.nodes} x {cluster.devices_per_node} = "
-            f"{declared} devices but this launch has {launched.world_size} process(es); "
-            "add plan_only=true to plan for it, or launch with that many processes"
+            f"cluster={cluster.name!r}: expects {cluster.nodes} node(s) x "
+            f"{cluster.devices_per_node} device(s) per node = {declared}, but {launched.source} "
+            f"started {launched.shape} process(es); add plan_only=true to plan for it, or launch "
+            "with that shape (python -m launcher.slurm renders a matching sbatch script)"
         )
     if device == "cuda" and launched.device != "cuda":
         raise ConfigError(f"cluster={cluster.name!r}: needs CUDA, which this process cannot see")

@@ -57,3 +57,41 @@ def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+PARITY_ARGS = [
+    *SMALL_DATA,
+    "global_batch=64",
+    "trainer.epochs=0.2",
+    "trainer.dtype=float64",
+    "trainer.progress=false",
+    "trainer.tensorboard=false",
+    "trainer.log_every=1",
+]  # 0.2 x 1,600 / 64 = 5 steps, all inside the warmup
+
+
+def final_state(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(run_dir / "model_final.pt")
+
+
+@pytest.fixture(scope="session")
+def one_rank_reference(tmp_path_factory, data_cache) -> dict:
+    """PARITY_ARGS trained by one process with micro-batch 32: the parameters every other
+    launch of the same global batch must reproduce (float64, 1e-10)."""
+    cwd = tmp_path_factory.mktemp("one-rank")
+    res = run_cli(
+        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", f"run_dir={cwd / 'run'}"],
+        cwd,
+    )
+    assert res.returncode == 0, res.stderr
+    return final_state(cwd / "run")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose system requirements (root, Slurm, network namespaces) are missing; CI
+    sets LAUNCHER_REQUIRE_CLUSTER_TESTS=1 so that it fails instead of silently skipping."""
+    if os.environ.get("LAUNCHER_REQUIRE_CLUSTER_TESTS") == "1":
+        pytest.fail(f"LAUNCHER_REQUIRE_CLUSTER_TESTS=1 but {reason}")
+    pytest.skip(reason)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
-from tests.conftest import SMALL_DATA, read_metrics, run_cli
+from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli
 
 TOL = 1e-10
 
@@ -91,32 +90,6 @@ def _init_params() -> dict[str, torch.Tensor]:
     return build_model(cfg.model, _spec()).double().state_dict()
 
 
-PARITY_ARGS = [
-    *SMALL_DATA,
-    "global_batch=64",
-    "trainer.epochs=0.2",
-    "trainer.dtype=float64",
-    "trainer.progress=false",
-    "trainer.tensorboard=false",
-    "trainer.log_every=1",
-]  # 0.2 x 1,600 / 64 = 5 steps, all inside the warmup
-
-
-def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model_final.pt")
-
-
-@pytest.fixture(scope="module")
-def one_rank_reference(tmp_path_factory, data_cache) -> dict[str, torch.Tensor]:
-    cwd = tmp_path_factory.mktemp("one-rank")
-    res = run_cli(
-        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", f"run_dir={cwd / 'run'}"],
-        cwd,
-    )
-    assert res.returncode == 0, res.stderr
-    return _final_state(cwd / "run")
-
-
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
     "accelerate": [
@@ -138,19 +111,22 @@ LAUNCHERS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", sorted(LAUNCHERS))
+@pytest.mark.parametrize("launch", [*sorted(LAUNCHERS), "trainer.devices=2"])
 def test_two_gloo_ranks_match_one_rank(launch, one_rank_reference, tmp_path, data_cache) -> None:
-    """2 ranks x micro 16 x accumulation 2 == 1 rank x micro 32 x accumulation 1, same samples."""
+    """2 ranks x micro 16 x accumulation 2 == 1 rank x micro 32 x accumulation 1, same samples;
+    started by torchrun, `accelerate launch`, or the launcher itself (trainer.devices=2)."""
     run_dir = tmp_path / "run"
+    spawn = launch not in LAUNCHERS
     res = run_cli(
-        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", f"run_dir={run_dir}"],
+        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", f"run_dir={run_dir}"]
+        + ([launch] if spawn else []),
         tmp_path,
-        prefix=[sys.executable, *LAUNCHERS[launch]],
+        prefix=None if spawn else [sys.executable, *LAUNCHERS[launch]],
     )
     assert res.returncode == 0, res.stderr[-3000:]
     plan = (run_dir / "plan.json").read_text()
     assert '"world_size": 2' in plan and '"accumulation": 2' in plan
-    two = _final_state(run_dir)
+    two = final_state(run_dir)
     for name, ref in one_rank_reference.items():
         torch.testing.assert_close(two[name], ref, atol=TOL, rtol=0, msg=name)
     assert "parameters differ" not in res.stderr
@@ -182,7 +158,7 @@ def test_out_of_memory_on_one_rank_keeps_the_global_batch_and_matches_a_clean_ru
     assert steps == [1, 2, 3, 4, 5]  # the dropped step is rerun, not skipped or counted twice
     lrs = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "clean") if "loss" in m}
     assert {m["step"]: m["lr"] for m in metrics if "loss" in m} == lrs  # schedule untouched
-    ref, got = _final_state(tmp_path / "clean"), _final_state(tmp_path / "oom")
+    ref, got = final_state(tmp_path / "clean"), final_state(tmp_path / "oom")
     for name, value in ref.items():
         torch.testing.assert_close(got[name], value, atol=TOL, rtol=0, msg=name)
 
@@ -213,5 +189,5 @@ def test_two_ranks_with_batchnorm_end_with_identical_parameters_and_buffers(tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     final = read_metrics(tmp_path / "run")[-1]
     assert final["final"] and final["step"] == 4
-    stats = [k for k in _final_state(tmp_path / "run") if k.endswith("running_mean")]
+    stats = [k for k in final_state(tmp_path / "run") if k.endswith("running_mean")]
     assert len(stats) == 20  # the buffers the check covered

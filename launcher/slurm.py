@@ -1,0 +1,145 @@
+"""Render an sbatch script from slurm/ for the configured cluster, and optionally submit it.
+
+    python -m launcher.slurm [--submit] [+recipe=NAME] cluster=NAME [key=value ...]
+
+The #SBATCH node, task and GPU counts are written from the same `cluster` config that the job
+checks its Slurm allocation against at start (topology.resolve), so the script and the plan's
+world size cannot disagree; time, partition, account, the preemption signal and extra options
+come from `slurm.*`. The plan is made and checked first (bad input: one line, exit 2, nothing
+written). The script goes to the run directory as job.sbatch, with the overrides and an absolute
+run_dir baked in, so a requeued job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.compose import ROOT
+from launcher.config import ConfigError, RunConfig
+
+TEMPLATES = ROOT / "slurm"
+USAGE = __doc__.split("\n\n")[1]
+
+
+def template_name(cfg: RunConfig) -> str:
+    """slurm.template, with auto = single_node on one node, else multi_node (torchrun)."""
+    nodes = cfg.cluster.nodes
+    name = cfg.slurm.template
+    if name == "auto":
+        return "single_node" if nodes == 1 else "multi_node"
+    if name == "single_node" and nodes != 1:
+        raise ConfigError(
+            f"slurm.template='single_node': cluster={cfg.cluster.name!r} has {nodes} nodes; use "
+            "multi_node or multi_node_srun"
+        )
+    return name
+
+
+def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
+    """The sbatch options for `cfg`'s cluster and slurm settings."""
+    c, s = cfg.cluster, cfg.slurm
+    for key in ("nodes", "devices_per_node"):
+        if getattr(c, key) == "auto":
+            raise ConfigError(
+                f"cluster.{key}=auto: an sbatch script needs the cluster's shape; choose "
+                "cluster=NAME or set cluster.nodes and cluster.devices_per_node"
+            )
+    if c.device == "auto":
+        raise ConfigError("cluster.device=auto: say cpu or cuda for the job's nodes")
+    per_task = template_name(cfg) == "multi_node_srun"
+    options = [
+        f"--job-name=launcher-{cfg.recipe}",
+        f"--nodes={c.nodes}",
+        f"--ntasks-per-node={c.devices_per_node if per_task else 1}",
+    ]
+    if c.device == "cuda":
+        options.append(f"--gpus-per-node={c.devices_per_node}")
+    options += [f"--time={s.time}", f"--chdir={workdir}", f"--output={run_dir}/slurm-%j.out"]
+    options += [f"--partition={s.partition}"] if s.partition else []
+    options += [f"--account={s.account}"] if s.account else []
+    options += [f"--signal=USR1@{s.signal_seconds}"] if s.signal_seconds else []
+    return [*options, "--requeue", "--open-mode=append", *s.extra]
+
+
+def render(template: str, options: list[str], setup: list[str]) -> str:
+    """`template` with its #SBATCH lines replaced by `options` and `setup` lines after them."""
+    lines = template.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    kept = [line for line in lines[first:] if not line.startswith("#SBATCH")]
+    header = [f"#SBATCH {option}" for option in options]
+    return "\n".join([*lines[:first], *header, *setup, *kept]) + "\n"
+
+
+def job_script(cfg: RunConfig, overrides: list[str], run_dir: Path, workdir: Path) -> str:
+    """The rendered job.sbatch text."""
+    name = template_name(cfg)
+    args = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    c = cfg.cluster
+    setup = [
+        f"# Rendered by python -m launcher.slurm from slurm/{name}.sbatch for cluster={c.name} "
+        f"({c.nodes} node(s) x {c.devices_per_node} {c.device} device(s)) on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.",
+        f"export LAUNCHER_PYTHON={shlex.quote(sys.executable)}",
+        f"export LAUNCHER_DEVICES_PER_NODE={c.devices_per_node}",
+        "set -- " + " ".join(shlex.quote(a) for a in args) + ' "$@"',
+    ]
+    template = (TEMPLATES / f"{name}.sbatch").read_text()
+    return render(template, directives(cfg, run_dir, workdir), setup)
+
+
+def submit(script: Path) -> str:
+    """`sbatch --parsable SCRIPT`; the job id."""
+    try:
+        done = subprocess.run(
+            ["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120
+        )
+    except OSError as exc:
+        raise ConfigError(f"--submit: cannot run sbatch ({exc}); submit {script} by hand") from None
+    if done.returncode:
+        raise ConfigError(f"--submit: sbatch refused {script}: {done.stderr.strip()}")
+    return done.stdout.strip().split(";")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launcher.compose import compose_run
+    from launcher.plan import format_plan
+    from launcher.run import estimated_plan, job_run_dir
+    from launcher.topology import Topology
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage:\n{USAGE}")
+        return 0
+    try:
+        overrides = [a for a in args if a != "--submit"]
+        flags = [a for a in overrides if a.startswith("-")]
+        if flags:
+            raise ConfigError(f"{flags[0]}: unknown option; options are --submit and -h/--help")
+        cfg = dataclasses.replace(compose_run(overrides), plan_only=True)
+        workdir = Path.cwd()
+        run_dir = (workdir / job_run_dir(cfg, time.strftime("%Y-%m-%d_%H-%M-%S"), None)).resolve()
+        text = job_script(cfg, overrides, run_dir, workdir)
+        _, plan = estimated_plan(cfg, Topology(1, 0, 0, 1, cfg.cluster.device))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        script = run_dir / "job.sbatch"
+        script.write_text(text)
+        print(format_plan(plan), f"\nsbatch script written to {script}", sep="\n", flush=True)
+        if "--submit" in args:
+            print(f"submitted Slurm job {submit(script)}", flush=True)
+        else:
+            print(f"submit it with: sbatch {script}", flush=True)
+    except ConfigError as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Stopping on SIGUSR1 / SIGTERM at a step boundary with a checkpoint, and resuming from it.
+
+Stated tolerance: float64, 1e-10 absolute on the final parameters against one uninterrupted
+process (PARITY_ARGS, 5 steps of 64 samples). The signals are real: the test hook sends them to
+the process itself at a known step (LAUNCHER_TEST_KILL, faults.py), or the test sends them from
+outside while the workers wait at that step. The Slurm requeue path is in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from launcher import checkpoint
+from tests.conftest import PARITY_ARGS, final_state, launcher_env, read_metrics, run_cli
+
+TOL = 1e-10
+
+
+def _same(got: dict, ref: dict) -> None:
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=TOL, rtol=0, msg=name)
+
+
+def _steps_and_events(run_dir) -> tuple[list[int], list[tuple]]:
+    metrics = read_metrics(run_dir)
+    steps = [m["step"] for m in metrics if "loss" in m]
+    events = [(m["event"], m["step"]) for m in metrics if "event" in m]
+    return steps, events
+
+
+@pytest.mark.slow
+def test_signals_stop_after_a_checkpoint_and_the_rerun_matches(
+    one_rank_reference, tmp_path, data_cache
+):
+    """SIGUSR1 after step 3 and a SIGTERM while that checkpoint is being written: the save
+    completes, the run stops with exit 3 and one line, and the rerun ends bit-identical."""
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    env = {"LAUNCHER_TEST_KILL": "3:step:USR1,3:written:TERM"}
+    res = run_cli(cmd, tmp_path, env=env)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "launcher: stopped by SIGUSR1 and SIGTERM after step 3 of 5; checkpoint "
+        "run/checkpoints/step-000000003.pt; rerun the same command (resume=auto) to continue"
+    )
+    state, path = checkpoint.load(tmp_path / "run", print)  # digest-checked, `latest` points to it
+    assert path.name == "step-000000003.pt" and state["consumed_samples"] == 3 * 64
+    assert not (tmp_path / "run" / "model_final.pt").exists()
+
+    res = run_cli(cmd, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps, events = _steps_and_events(tmp_path / "run")
+    assert steps == [1, 2, 3, 4, 5]  # each step once
+    assert events == [("checkpoint", 3), ("stopped", 3), ("resumed", 3), ("checkpoint", 5)]
+    _same(final_state(tmp_path / "run"), one_rank_reference)
+
+
+def test_sigusr1_outside_a_working_slurm_says_the_requeue_failed(tmp_path, data_cache):
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    env = {"LAUNCHER_TEST_KILL": "2:step:USR1", "SLURM_JOB_ID": "987654", "PATH": "/nonexistent"}
+    res = run_cli(cmd, tmp_path, env=env)
+    assert res.returncode == 3, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "launcher: stopped by SIGUSR1 after step 2 of 5; checkpoint run/checkpoints/"
+        "step-000000002.pt; scontrol requeue 987654 failed ("
+    ), last
+    assert last.endswith("resubmit the job to continue")
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_trainer_devices_agent_reaches_the_workers(
+    one_rank_reference, tmp_path, data_cache
+):
+    """`python -m launcher trainer.devices=2` passes SIGUSR1 on to its two workers (waiting at
+    step 3 for a signal): both stop after the same step, and the rerun matches one process."""
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", "run_dir=run"]
+    cmd.append("trainer.devices=2")
+    env = launcher_env() | {"LAUNCHER_TEST_KILL": "3:step:WAIT"}
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *cmd],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # a condition to wait for, not a timing
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.1)
+        agent.send_signal(signal.SIGUSR1)
+        out, err = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 3, err[-3000:]
+    assert "launcher: stopped by SIGUSR1 after step 3 of 5; checkpoint" in err
+    res = run_cli(cmd, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps, events = _steps_and_events(tmp_path / "run")
+    assert steps == [1, 2, 3, 4, 5]
+    assert events == [("checkpoint", 3), ("stopped", 3), ("resumed", 3), ("checkpoint", 5)]
+    _same(final_state(tmp_path / "run"), one_rank_reference)
