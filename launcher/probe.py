@@ -53,10 +53,13 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
     torch.manual_seed(0)
-    with torch.device(device):  # built in place: fake tensors cannot be moved by .to()
-        model = build_model(cfg.model, spec)
-    if dtype != torch.float32:
-        model = model.to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place: fake tensors cannot be moved or cast by .to()
+    try:
+        with torch.device(device):
+            model = build_model(cfg.model, spec)
+    finally:
+        torch.set_default_dtype(default)
     opt = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -101,6 +101,7 @@ RECIPES = {
     "resnet18": ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "global_batch=64"]
     + ["data.input_shape=[3,32,32]", "data.num_classes=10"],
 }
+RECIPES["cnn1d-float64"] = ["trainer.dtype=float64"]  # built in float64, also as fake tensors
 RECIPES["resnet18-checkpointing"] = [*RECIPES["resnet18"], "model.activation_checkpointing=true"]
 
 

@@ -1,0 +1,150 @@
+"""The slurm/ templates on a real Slurm: slurmctld and two slurmd (two emulated nodes on this
+machine, tests/slurm_cluster.py), jobs submitted with sbatch by `python -m launcher.slurm`.
+
+Needs root, slurm-wlm and munge (skipped with the reason otherwise; CI installs them and runs
+these). Stated tolerance: float64, 1e-10 absolute on the final parameters against one process
+with the same global batch (PARITY_ARGS: 5 steps of 64 samples).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.compose import compose_run
+from launcher.slurm import directives, render
+from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_process, skip_or_fail
+from tests.slurm_cluster import SlurmCluster, skip_reason
+
+TWO_NODES = ["cluster.nodes=2", "cluster.devices_per_node=1", "cluster.device=cpu"]
+
+
+def test_directives_come_from_the_cluster_config(tmp_path) -> None:
+    cfg = compose_run(["cluster=h100x256", "slurm.partition=gpu", "slurm.extra=['--qos=high']"])
+    options = directives(cfg, tmp_path / "run", tmp_path)
+    assert options[1:4] == ["--nodes=32", "--ntasks-per-node=1", "--gpus-per-node=8"]
+    assert {"--partition=gpu", "--signal=USR1@120", "--requeue", "--qos=high"} <= set(options)
+    srun = compose_run(["cluster=h100x256", "slurm.template=multi_node_srun"])
+    assert "--ntasks-per-node=8" in directives(srun, tmp_path, tmp_path)
+    cpu = compose_run([*TWO_NODES, "slurm.signal_seconds=0"])
+    assert not [o for o in directives(cpu, tmp_path, tmp_path) if "gpus" in o or "signal" in o]
+    text = render(
+        "#!/bin/bash\n# about\n#SBATCH --nodes=9\n#SBATCH --time=1\nrun\n", ["--x"], [":"]
+    )
+    assert text == "#!/bin/bash\n# about\n#SBATCH --x\n:\nrun\n"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "cluster.nodes=auto: an sbatch script needs the cluster's shape"),
+        (["cluster=a100x8", "cluster.device=auto"], "cluster.device=auto: say cpu or cuda"),
+        (["cluster=h100x256", "slurm.template=single_node"], "slurm.template='single_node': "),
+        (["cluster=a100x8", "slurm.time=1:2:3:4"], "slurm.time='1:2:3:4': must be MINUTES"),
+    ],
+)
+def test_render_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, overrides, message):
+    res = run_process([sys.executable, "-m", "launcher.slurm", *overrides], tmp_path)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("launcher: error: ")
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        skip_or_fail(reason)
+    cluster = SlurmCluster.start(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
+
+
+def _submit(slurm, cwd: Path, overrides: list[str], env: dict | None = None) -> int:
+    res = run_process(
+        [sys.executable, "-m", "launcher.slurm", "--submit", *overrides],
+        cwd,
+        env=slurm.env | (env or {}),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return int(re.search(r"submitted Slurm job (\d+)", res.stdout).group(1))
+
+
+def _same(got: dict, ref: dict) -> None:
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=1e-10, rtol=0, msg=name)
+
+
+def _output(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in run_dir.glob("slurm-*.out"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["multi_node", "multi_node_srun"])
+def test_two_node_job_matches_one_process(
+    slurm, template, one_rank_reference, tmp_path, data_cache
+):
+    """2 nodes x 1 process (torchrun per node, or one srun task per device), gloo."""
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    job = _submit(slurm, tmp_path, [*args, *TWO_NODES, f"slurm.template={template}"])
+    state = slurm.wait(job, timeout=600)
+    run = tmp_path / "run"
+    assert state == "COMPLETED", (slurm.job_info(job), _output(run)[-3000:])
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in (run / "job.sbatch").read_text()
+    assert "rendezvous at 127.0.0.1:" in _output(run)
+    plan = (run / "plan.json").read_text()
+    assert '"world_size": 2' in plan and "on 2 node(s)" in plan and f"Slurm job {job}" in plan
+    _same(final_state(run), one_rank_reference)
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_finishes(
+    slurm, one_rank_reference, tmp_path, data_cache
+):
+    """Slurm delivers SIGUSR1 to the job's processes (as `--signal=USR1@120` would before the
+    time limit) while both ranks wait after step 3: they save, rank 0 requeues the job, the
+    requeued job resumes in the same run_dir and ends with every sample counted once."""
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    job = _submit(slurm, tmp_path, [*args, *TWO_NODES], env={"LAUNCHER_TEST_KILL": "3:step:WAIT"})
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
+    while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
+        assert time.monotonic() < deadline, (slurm.job_info(job), _output(tmp_path / "run"))
+        time.sleep(0.2)  # polling for a condition, not timing anything
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm._env(), check=True)
+    state = slurm.wait(job, timeout=600)
+    run, info = tmp_path / "run", slurm.job_info(job)
+    out = _output(run)
+    assert state == "COMPLETED" and info["Restarts"] == "1", (info, out[-3000:])
+    assert f"Slurm job {job} requeued: it resumes from this checkpoint" in out
+    assert "(restart 1)" in out and "resuming from" in out
+    logged = read_metrics(run)
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3, 4, 5]
+    events = [(m["event"], m["step"]) for m in logged if "event" in m]
+    assert events == [("checkpoint", 3), ("stopped", 3), ("resumed", 3), ("checkpoint", 5)]
+    assert [m["samples"] for m in logged if "loss" in m][-1] == 5 * 64
+    _same(final_state(run), one_rank_reference)
+
+
+@pytest.mark.slow
+def test_allocation_of_another_shape_fails_with_one_line(slurm, tmp_path, data_cache):
+    """The rendered 2 x 1 script, told (by an extra argument) to expect 2 devices per node."""
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "run_dir=run", *TWO_NODES]
+    job = _submit(slurm, tmp_path, args)
+    assert slurm.wait(job, timeout=600) == "COMPLETED"
+    script = tmp_path / "run" / "job.sbatch"
+    bad = slurm.submit(script, ["cluster.devices_per_node=2", "run_dir=run2"], cwd=tmp_path)
+    assert slurm.wait(bad, timeout=600) == "FAILED"
+    expected = (
+        "launcher: error: cluster='local': expects 2 node(s) x 2 device(s) per node = 4, but "
+        f"torchrun / accelerate launch in Slurm job {bad} started 2 node(s) x 1 process(es) per "
+        "node = 2 process(es)"
+    )
+    assert expected in _output(tmp_path / "run"), _output(tmp_path / "run")[-3000:]
