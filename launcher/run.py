@@ -176,7 +176,12 @@ def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None,
         return f"{head}: checkpoints are off, nothing saved, not requeued (see the plan)"
     if preemption.STOP in stop:  # scancel, or a scheduler that requeues by itself
         return f"{head}; checkpoint {path}; rerun the same command (resume=auto) to continue"
-    return f"{head}; checkpoint {path}; " + (preemption.requeue() if main else "")
+    if not main:
+        return head
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:  # Slurm kills the job within ~0.1 s of the requeue: say it first
+        print_error(f"{head}; checkpoint {path}; requeueing Slurm job {job}")
+    return f"{head}; checkpoint {path}; {preemption.requeue()}"
 
 
 def print_error(message: str) -> None:

@@ -1,7 +1,7 @@
 """A throwaway two-node Slurm cluster on this machine, for tests.
 
-`SlurmCluster.start(tmp_dir)` runs a private munged (fresh key, socket and seed file under
-tmp_dir), slurmctld and two slurmd emulating nodes node1 and node2 (1 CPU each, both
+`SlurmCluster.start(tmp_dir)` runs a private munged (fresh key; socket, pid and seed files
+under tmp_dir), slurmctld and two slurmd emulating nodes node1 and node2 (1 CPU each, both
 on 127.0.0.1), and returns once both nodes are idle (about 1.2 s). Ports are picked free and
 all state lives under tmp_dir, so a system Slurm or munge is left alone. Accounting is off:
 finished jobs are read from `scontrol show job`, which keeps them for MinJobAge (an hour).
@@ -111,7 +111,8 @@ class SlurmCluster:
         cluster = cls(d)
         try:  # --force: munged otherwise refuses a socket whose directory is not world-executable
             munged = ["munged", "--foreground", "--force", f"--key-file={key}"]  # logs to stderr
-            cluster._spawn("munged", *munged, f"--seed-file={d}/seed", f"--socket={d}/munge.socket")
+            files = [f"--{f}-file={d}/munged.{f}" for f in ("pid", "seed")]
+            cluster._spawn("munged", *munged, *files, f"--socket={d}/munge.socket")
             cluster._wait_for(lambda: (d / "munge.socket").exists(), 10, "munged socket")
             cluster._spawn("slurmctld", "slurmctld", "-D")
             for node in NODES:

@@ -123,7 +123,8 @@ def test_preempted_job_checkpoints_requeues_and_finishes(
     run, info = tmp_path / "run", slurm.job_info(job)
     out = _output(run)
     assert state == "COMPLETED" and info["Restarts"] == "1", (info, out[-3000:])
-    assert f"Slurm job {job} requeued: it resumes from this checkpoint" in out
+    saved = run.resolve() / "checkpoints" / "step-000000003.pt"
+    assert f"stopped by SIGUSR1 after step 3 of 5; checkpoint {saved}; requeueing Slurm job" in out
     assert "(restart 1)" in out and "resuming from" in out
     logged = read_metrics(run)
     assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3, 4, 5]
