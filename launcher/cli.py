@@ -22,8 +22,10 @@ USAGE = """usage: python -m launcher [-m|--multirun] [+recipe=NAME] [key=value .
   micro_batch=auto|N  per-device micro-batch; max_micro_batch=N caps auto
   plan_only=true      print and save the plan, do not train (with cluster=NAME: {clusters})
   GROUP=OPTION        pick a config option: {groups}
+  trainer.devices=N   start N worker processes on this machine (auto: the cluster's, or all GPUs)
   -m a=1,2 b=x,y      sweep: one job per combination, run one after another
 Any key of the composed config can be overridden, e.g. optim.base_lr=0.2 trainer.epochs=5.
+Slurm: python -m launcher.slurm [--submit] cluster=NAME [...] writes (and submits) an sbatch script.
 """
 
 

@@ -3,16 +3,15 @@
 torchrun and `accelerate launch` (and the launcher's own `trainer.devices=N`, which runs
 torchrun's machinery) set WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE; the `deepspeed`
 launcher sets LOCAL_SIZE instead of LOCAL_WORLD_SIZE. `srun` with one task per device sets only
-SLURM_* variables: `slurm_env` turns them into torch's (the batch script exports MASTER_ADDR and
-MASTER_PORT, as the slurm/ templates do). A plain `python -m launcher` is one process.
-`plan_only` can instead plan for a declared cluster.
+SLURM_* variables: `slurm_env` turns them into torch's, with the rendezvous on the first node. A
+plain `python -m launcher` is one process. `plan_only` can instead plan for a declared cluster.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from launcher.config import ClusterConfig, ConfigError, RunConfig
@@ -61,9 +60,35 @@ def _tasks_per_node(raw: str) -> set[int]:
     return counts
 
 
-def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
+def first_node_address(env: Mapping[str, str]) -> str:
+    """The step's first node's NodeAddr (node names need not resolve), asked of scontrol."""
+    import subprocess
+
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+
+    def scontrol(*args: str) -> str:
+        return subprocess.run(
+            ["scontrol", *args], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+
+    try:
+        first = scontrol("show", "hostnames", nodes).split()[0]
+        found = re.search(r"NodeAddr=(\S+)", scontrol("show", "node", first))
+    except (OSError, IndexError, subprocess.SubprocessError):
+        raise ConfigError(
+            f"srun started several tasks but MASTER_ADDR is not set and scontrol cannot name the "
+            f"first node of {nodes!r}: export MASTER_ADDR in the batch script"
+        ) from None
+    return found.group(1) if found else first
+
+
+def slurm_env(
+    env: Mapping[str, str], address: Callable[[Mapping[str, str]], str] = first_node_address
+) -> dict[str, str]:
     """torch's variables for one task of a multi-task `srun` step; {} anywhere else (a single
-    task, the batch shell, or workers of torchrun inside srun, which set WORLD_SIZE)."""
+    task, the batch shell, or workers of torchrun inside srun, which set WORLD_SIZE). The
+    rendezvous is MASTER_ADDR:MASTER_PORT if exported, else the first node's address and
+    20000 + job id mod 20000, as the slurm/ templates choose them."""
     if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         return {}
     world = _env_int(env, "SLURM_STEP_NUM_TASKS", 1)
@@ -75,17 +100,14 @@ def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
             f"srun started {world} tasks unevenly over the nodes (SLURM_STEP_TASKS_PER_NODE="
             f"{env.get('SLURM_STEP_TASKS_PER_NODE')}): use --ntasks-per-node"
         )
-    missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if key not in env]
-    if missing:
-        raise ConfigError(
-            f"srun started {world} tasks but {' and '.join(missing)} is not set: export the first "
-            "node's address and a free port in the batch script (see slurm/multi_node_srun.sbatch)"
-        )
+    port = env.get("MASTER_PORT") or str(20000 + _env_int(env, "SLURM_JOB_ID", 0) % 20000)
     return {
         "RANK": env["SLURM_PROCID"],
         "WORLD_SIZE": str(world),
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "LOCAL_WORLD_SIZE": str(per_node.pop()),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or address(env),
+        "MASTER_PORT": port,
     }
 
 
@@ -146,15 +168,14 @@ def local_processes(cfg: RunConfig, launched: Topology, visible_gpus: int) -> in
                 "trainer.devices)"
             )
         return 0
+    cuda = c.device == "cuda" or (c.device == "auto" and launched.device == "cuda")
     if devices == "auto":
         if c.nodes not in ("auto", 1):
             return 0  # several nodes: torchrun or srun starts them (resolve() says so)
-        if c.devices_per_node != "auto":
-            devices = c.devices_per_node
-        else:
-            cuda = launched.device == "cuda" and c.device != "cpu"
-            devices = visible_gpus if cuda else 1
-    cuda = c.device == "cuda" or (c.device == "auto" and launched.device == "cuda")
+        declared = c.devices_per_node
+        devices = declared if declared != "auto" else (visible_gpus if cuda else 1)
+        if cuda and devices > visible_gpus:
+            return 0  # resolve() explains that this machine is not the declared cluster
     if cuda and devices > visible_gpus:
         raise ConfigError(
             f"trainer.devices={devices}: this machine has {visible_gpus} visible CUDA device(s)"

@@ -29,7 +29,7 @@ BAD_INPUTS = [
         ["data=synthetic", "data.input_shape=[3,8,8]"],
         "model.name='cnn1d': needs (channels, length)",
     ),
-    (["cluster=a100x8"], "cluster='a100x8': declares 1 x 8 = 8 devices"),
+    (["cluster=a100x8"], "cluster='a100x8': expects 1 node(s) x 8 device(s) per node = 8, but"),
     (["-m", "global_batch=64,100", "micro_batch=64"], "micro_batch=64: does not divide"),
 ]
 

@@ -27,6 +27,8 @@ def test_srun_task_gets_torch_variables_from_slurm() -> None:
         "WORLD_SIZE": "4",
         "LOCAL_RANK": "1",
         "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "20041",
     }
     t = from_env(SRUN_TASK, cuda=False)
     assert (t.world_size, t.rank, t.local_rank, t.local_world_size, t.nodes) == (4, 3, 1, 2, 2)
@@ -46,9 +48,16 @@ def test_slurm_variables_apply_only_to_multi_task_srun_steps(env) -> None:
     assert slurm_env(env) == {}
 
 
-def test_srun_without_rendezvous_address_is_one_clear_line() -> None:
-    env = {k: v for k, v in SRUN_TASK.items() if k != "MASTER_ADDR"}
-    with pytest.raises(ConfigError, match=r"MASTER_ADDR is not set: export the first node"):
+def test_srun_rendezvous_defaults_to_the_first_node_and_a_port_from_the_job_id(
+    monkeypatch,
+) -> None:
+    env = {k: v for k, v in SRUN_TASK.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env |= {"SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu[7-8]"}
+    asked = []
+    got = slurm_env(env, address=lambda e: asked.append(e["SLURM_STEP_NODELIST"]) or "10.1.2.7")
+    assert (got["MASTER_ADDR"], got["MASTER_PORT"], asked) == ("10.1.2.7", "23456", ["gpu[7-8]"])
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: one clear line
+    with pytest.raises(ConfigError, match=r"MASTER_ADDR is not set and scontrol cannot name"):
         slurm_env(env)
     with pytest.raises(ConfigError, match=r"unevenly over the nodes .*=2,1\)"):
         slurm_env({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "2,1"})
@@ -87,6 +96,8 @@ GPU_BOX = Topology(1, 0, 0, 1, "cuda")
         ([], GPU_BOX, 8, 8),  # auto: every visible GPU
         (["cluster=a100x8"], GPU_BOX, 8, 8),  # auto: the declared devices_per_node
         (["cluster=h100x256"], GPU_BOX, 8, 0),  # several nodes: torchrun/srun start them
+        (["cluster=a100x8"], GPU_BOX, 4, 0),  # too few GPUs: resolve() refuses the shape
+        (["cluster.nodes=1", "cluster.devices_per_node=2", "cluster.device=cpu"], ONE, 0, 2),
         (["trainer.devices=2", "plan_only=true"], ONE, 0, 0),
         ([], Topology(2, 0, 0, 2, "cpu", "torchrun", True), 0, 0),  # already launched
     ],
