@@ -476,7 +476,8 @@ class SlurmConfig:
     """sbatch --account; null = the user's default"""
     signal_seconds: int = 120
     """ask Slurm for SIGUSR1 this long before the time limit: checkpoint at the next step, then
-    `scontrol requeue`; 0 = no signal"""
+    `scontrol requeue`; 0 = no signal. Slurm may deliver it up to ~60 s late: cover that, a step
+    and a save"""
     extra: tuple[str, ...] = ()
     """further sbatch options, each `--name[=value]` (e.g. --qos=high, --exclusive)"""
 
