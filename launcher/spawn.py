@@ -63,7 +63,9 @@ def spawn(processes: int, args: list[str]) -> None:
         raise WorkersFailed(
             1, f"worker rank {rank} exited with code {failure.exitcode} (its output is above)"
         ) from None
-    except SignalException as exc:
-        raise WorkersFailed(EXIT_CODE, f"{exc.sigval.name}: workers were asked to stop") from None
+    except SignalException as exc:  # passed on to the workers, which stopped after a step
+        if exc.sigval in (signal.SIGUSR1, signal.SIGTERM):
+            raise WorkersFailed(EXIT_CODE, None) from None  # rank 0 said where it stopped
+        raise WorkersFailed(128 + exc.sigval, f"{exc.sigval.name}: workers stopped") from None
     finally:
         signal.signal(signal.SIGUSR1, previous)

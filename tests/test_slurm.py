@@ -107,6 +107,20 @@ def test_two_node_job_matches_one_process(
 
 
 @pytest.mark.slow
+def test_single_node_job_spawns_its_workers(slurm, one_rank_reference, tmp_path, data_cache):
+    """1 node, 1 task: the launcher inside the Slurm step starts trainer.devices=2 workers."""
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", "run_dir=run"]
+    shape = ["cluster.nodes=1", "cluster.devices_per_node=2", "cluster.device=cpu"]
+    job = _submit(slurm, tmp_path, [*args, *shape])
+    run = tmp_path / "run"
+    assert slurm.wait(job, timeout=600) == "COMPLETED", _output(run)[-3000:]
+    assert "single_node.sbatch" in (run / "job.sbatch").read_text()
+    plan = (run / "plan.json").read_text()
+    assert '"world_size": 2' in plan and "on 1 node(s), trainer.devices" in plan
+    _same(final_state(run), one_rank_reference)
+
+
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_finishes(
     slurm, one_rank_reference, tmp_path, data_cache
 ):
