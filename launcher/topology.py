@@ -111,10 +111,9 @@ def slurm_env(
     }
 
 
-def _source(env: Mapping[str, str], from_slurm: bool) -> str:
+def _source(env: Mapping[str, str]) -> str:
+    """Who started this process, for messages (torch's variables already filled in)."""
     job = f" in Slurm job {env['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in env else ""
-    if from_slurm:
-        return f"srun{job}"
     if "WORLD_SIZE" not in env:
         return f"a single process{job}"
     if "LAUNCHER_SPAWNED" in env:
@@ -123,6 +122,8 @@ def _source(env: Mapping[str, str], from_slurm: bool) -> str:
         return f"torchrun / accelerate launch{job}"
     if "LOCAL_SIZE" in env:
         return f"the deepspeed launcher{job}"
+    if env.get("SLURM_STEP_NUM_TASKS") == env["WORLD_SIZE"]:
+        return f"srun{job}"
     return f"WORLD_SIZE={env['WORLD_SIZE']}{job}"
 
 
@@ -133,9 +134,8 @@ def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> 
         import torch
 
         cuda = torch.cuda.is_available()
-    slurm = slurm_env(env)
-    source = _source(env, bool(slurm))
-    env = {**env, **slurm}
+    env = {**env, **slurm_env(env)}
+    source = _source(env)
     world = _env_int(env, "WORLD_SIZE", 1)
     local_world = _env_int(env, "LOCAL_WORLD_SIZE", _env_int(env, "LOCAL_SIZE", world))
     if local_world < 1 or world % local_world:

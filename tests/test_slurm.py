@@ -102,7 +102,8 @@ def test_two_node_job_matches_one_process(
     if template == "multi_node":  # srun tasks find the first node's NodeAddr themselves
         assert "rendezvous at 127.0.0.1:" in _output(run)
     plan = (run / "plan.json").read_text()
-    assert '"world_size": 2' in plan and "on 2 node(s)" in plan and f"Slurm job {job}" in plan
+    source = {"multi_node": "torchrun / accelerate launch", "multi_node_srun": "srun"}[template]
+    assert '"world_size": 2' in plan and f"on 2 node(s), {source} in Slurm job {job}" in plan
     _same(final_state(run), one_rank_reference)
 
 

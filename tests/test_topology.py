@@ -33,6 +33,8 @@ def test_srun_task_gets_torch_variables_from_slurm() -> None:
     t = from_env(SRUN_TASK, cuda=False)
     assert (t.world_size, t.rank, t.local_rank, t.local_world_size, t.nodes) == (4, 3, 1, 2, 2)
     assert t.started and t.source == "srun in Slurm job 41"
+    exported = {**SRUN_TASK, **slurm_env(SRUN_TASK)}  # as launch() leaves os.environ
+    assert from_env(exported, cuda=False) == t
 
 
 @pytest.mark.parametrize(
