@@ -13,7 +13,6 @@ run_dir baked in, so a requeued job resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import subprocess
 import sys
@@ -109,7 +108,7 @@ def submit(script: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     from launcher.compose import compose_run
     from launcher.plan import format_plan
-    from launcher.run import estimated_plan, job_run_dir
+    from launcher.run import estimated_plan, job_run_dir, run_stamp
     from launcher.topology import Topology
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{flags[0]}: unknown option; options are --submit and -h/--help")
         cfg = dataclasses.replace(compose_run(overrides), plan_only=True)
         workdir = Path.cwd()
-        run_dir = (workdir / job_run_dir(cfg, time.strftime("%Y-%m-%d_%H-%M-%S"), None)).resolve()
+        run_dir = (workdir / job_run_dir(cfg, run_stamp(), None)).resolve()
         text = job_script(cfg, overrides, run_dir, workdir)
         _, plan = estimated_plan(cfg, Topology(1, 0, 0, 1, cfg.cluster.device))
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,5 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.exit(main())
