@@ -43,9 +43,7 @@ def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
     run_dir.mkdir()
-    sink = MetricsSink(
-        run_dir, total_steps=plan.steps, global_batch=512, tensorboard=True, progress=False
-    )
+    sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
     start = _clock()
     fit(
         model,

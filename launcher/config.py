@@ -363,6 +363,9 @@ class TrainerConfig:
     """on out of memory anywhere: drop the step, halve the micro-batch, double the accumulation
     (gradients are then reduced after every rank's micro-steps, not overlapped with backward);
     auto = on wherever the backend allows it (not under ZeRO 2/3, which reduce inside backward)"""
+    noise_scale: bool = True
+    """measure the gradient noise scale every step from gradient norms the loop has (logged, and
+    the batch-size advice at the end of the run); false = off"""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")
@@ -460,6 +463,31 @@ class CheckpointConfig:
         _require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
 
 
+@dataclass(frozen=True, kw_only=True)
+class RampConfig:
+    start_batch: int | None = None
+    """first global batch of a ramp-up that doubles the batch in equal stages (in samples) up to
+    global_batch; null = no ramp-up"""
+    samples: int = 0
+    """samples the ramp-up lasts: each doubling gets an equal share, and a stage ends at the first
+    step boundary at or after its share"""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.start_batch is None or self.start_batch > 0,
+            "ramp.start_batch",
+            self.start_batch,
+            "must be a positive integer or null",
+        )
+        _require(self.samples >= 0, "ramp.samples", self.samples, "must be >= 0")
+        _require(
+            self.start_batch is None or self.samples > 0,
+            "ramp.samples",
+            self.samples,
+            "must be > 0 when ramp.start_batch is set",
+        )
+
+
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+(:\d{2}){0,2}$")
 
 
@@ -535,6 +563,8 @@ class RunConfig:
     """memory probing and budget"""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     """when checkpoints are written and how many are kept"""
+    ramp: RampConfig = dataclasses.field(default_factory=RampConfig)
+    """batch ramp-up: the global batch doubles from ramp.start_batch to global_batch"""
     slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
     """sbatch settings for `python -m launcher.slurm` (node/task/GPU counts come from cluster)"""
     resume: str = "auto"

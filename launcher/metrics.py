@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of a run's metrics.jsonl (a line cut off by a crash is left out)."""
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
 class MetricsSink:
     """Writes what the loop reports. On ranks other than 0 every method does nothing. A restart
     at `resume_step` drops the lines and TensorBoard events of later steps (the checkpoint it
@@ -18,15 +24,17 @@ class MetricsSink:
         run_dir: Path | None,
         *,
         total_steps: int,
-        global_batch: int,
         tensorboard: bool,
         progress: bool,
         resume_step: int = 0,
+        train_s: float = 0.0,
     ) -> None:
         self.enabled = run_dir is not None
-        self.global_batch = global_batch
         self._file = self._tb = self._bar = None
-        self._t0, self._step0 = time.perf_counter(), 0
+        self._t0 = time.perf_counter()
+        self._train_s0 = train_s  # training seconds before this process (a resumed run)
+        self._excluded = 0.0  # seconds of evaluation and checkpoints since `start`
+        self._paused_at: float | None = None
         if not self.enabled:
             return
         path = run_dir / "metrics.jsonl"
@@ -51,13 +59,32 @@ class MetricsSink:
 
     def start(self, step: int) -> None:
         """Mark where timing starts (the first step of this process)."""
-        self._t0, self._step0 = time.perf_counter(), step
+        self._t0, self._excluded = time.perf_counter(), 0.0
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
 
-    def samples_per_second(self, step: int) -> float:
-        elapsed = time.perf_counter() - self._t0
-        return (step - self._step0) * self.global_batch / elapsed if elapsed > 0 else 0.0
+    def pause(self) -> None:
+        """Evaluation or a checkpoint starts: not training time (`resume` ends it)."""
+        self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._excluded += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def _training_seconds(self) -> float:
+        """Seconds of training in this process since `start` (no evaluation, no checkpoints)."""
+        now = time.perf_counter() if self._paused_at is None else self._paused_at
+        return now - self._t0 - self._excluded
+
+    def train_seconds(self) -> float:
+        """Training seconds of the whole run, also those before a resume (time-to-target)."""
+        return self._train_s0 + self._training_seconds()
+
+    def samples_per_second(self, samples: int) -> float:
+        """Throughput of `samples` trained since `start` (evaluation time left out)."""
+        elapsed = self._training_seconds()
+        return samples / elapsed if elapsed > 0 else 0.0
 
     def log(self, record: dict[str, Any]) -> None:
         """One line in metrics.jsonl; numeric fields also go to TensorBoard at `step`."""
@@ -92,3 +119,44 @@ class MetricsSink:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+class PhaseClock:
+    """Seconds in the micro-steps (forward, backward, loading: work per sample) and in the rest
+    of each step (all-reduce, optimizer: work per step), the two parts of the throughput model in
+    launcher/advice.py. CUDA events on a GPU (read later, no sync per step), else perf_counter."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._steps: list[list] = []
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        """A step starts (an earlier step left unfinished, dropped on out of memory, is gone)."""
+        if self._steps and len(self._steps[-1]) < 3:
+            self._steps.pop()
+        self._steps.append([self._now()])
+
+    def mark(self) -> None:
+        """The micro-steps are done (then: the step is done)."""
+        self._steps[-1].append(self._now())
+
+    def read(self) -> tuple[float, float, int]:
+        """(micro-step seconds, rest-of-step seconds, steps) since the last read."""
+        done = [s for s in self._steps if len(s) == 3]
+        self._steps = [s for s in self._steps if len(s) < 3]
+        if self.cuda:
+            if done:
+                done[-1][2].synchronize()
+            spans = [(a.elapsed_time(b) / 1e3, b.elapsed_time(c) / 1e3) for a, b, c in done]
+        else:
+            spans = [(b - a, c - b) for a, b, c in done]
+        return sum(s[0] for s in spans), sum(s[1] for s in spans), len(spans)

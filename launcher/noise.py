@@ -7,7 +7,7 @@ estimates of both terms (`two_batch`). Each is noisy, so `NoiseScale` keeps bias
 exponential moving averages of the two separately and reports their ratio; while the |G|^2 average
 is not positive there is no estimate (None), and a negative tr(Sigma) average counts as 0.
 
-PURE: floats in, floats out; the loop measures the norms (issue 7 wires it in).
+PURE: floats in, floats out; launcher/noise_meter.py measures the norms in the loop.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ class NoiseScale:
         self._gradient_sq = b * self._gradient_sq + (1 - b) * gradient_sq
         self._trace = b * self._trace + (1 - b) * trace
         self._weight = b * self._weight + (1 - b)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"gradient_sq": self._gradient_sq, "trace": self._trace, "weight": self._weight}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self._gradient_sq, self._trace = state["gradient_sq"], state["trace"]
+        self._weight = state["weight"]
 
     @property
     def gradient_sq(self) -> float | None:

@@ -45,14 +45,26 @@ class BatchPlan:
     total_samples: int
     oom_recovery: bool = True
     checkpoints: bool = True
+    noise: str = "off"
     origin_step: int = 0
     origin_samples: int = 0
+    ramp: tuple[BatchPlan, ...] = ()
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
+    def at(self, step: int) -> BatchPlan:
+        """The plan optimizer step `step` (0-based) trains with: a ramp-up stage, or this one."""
+        for stage in self.ramp:
+            if step < stage.steps:
+                return stage
+        return self
+
     def samples_at(self, step: int) -> int:
-        """Samples consumed once optimizer step `step` is done (steps before `origin_step` ran
-        with another global batch, when it was changed on resume)."""
+        """Samples consumed once `step` optimizer steps are done (steps before `origin_step` ran
+        with other global batches: the ramp-up's, or the checkpoint's when it was changed on
+        resume)."""
+        if step < self.origin_step and self.ramp:
+            return self.at(step).samples_at(step)
         return self.origin_samples + (step - self.origin_step) * self.global_batch
 
 
@@ -163,7 +175,14 @@ def shrink_micro_batch(plan: BatchPlan, step: int, ranks: list[int]) -> BatchPla
         "accumulation": f"{accumulation} = {plan.global_batch} / ({micro} micro x "
         f"{plan.world_size} devices)",
     }
-    return dataclasses.replace(plan, micro_batch=micro, accumulation=accumulation, reasons=reasons)
+    noise = plan.noise
+    if noise != "off":
+        noise, reasons["noise_scale"] = noise_mode(
+            micro, accumulation, plan.global_batch, plan.world_size, plan.oom_recovery
+        )
+    return dataclasses.replace(
+        plan, micro_batch=micro, accumulation=accumulation, noise=noise, reasons=reasons
+    )
 
 
 def scale_lr(
@@ -270,6 +289,96 @@ def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
     )
 
 
+def noise_mode(
+    micro: int, accumulation: int, global_batch: int, world_size: int, explicit_reduce: bool
+) -> tuple[str, str]:
+    """(mode, reason): which two batch sizes the noise-scale estimate compares (launcher/noise.py).
+
+    micro: the first micro-batch's gradient on each rank (seen before accumulation goes on) vs
+    the global one; rank: each rank's gradient before the all-reduce vs the global one (one
+    micro-batch per step, reduced after the micro-steps); none: one micro-batch per step and
+    nothing local to see (one rank, or DDP reducing inside backward).
+    """
+    head = "tr(Sigma) and |G|^2 every step (McCandlish et al. 2018), EMA 0.99, from "
+    if accumulation > 1:
+        return "micro", (
+            f"{head}|first micro-batch gradient|^2 ({micro} samples, mean over ranks) vs "
+            f"|global gradient|^2 ({global_batch})"
+        )
+    if world_size > 1 and explicit_reduce:
+        return "rank", (
+            f"{head}|gradient|^2 of each rank before the all-reduce ({micro} samples, mean over "
+            f"ranks) vs after it ({global_batch})"
+        )
+    return "none", "one micro-batch per step, nothing local to compare with"
+
+
+def noise_measurement(
+    cfg: RunConfig, global_batch: int, micro: int, accumulation: int, world_size: int, recover: bool
+) -> tuple[str, int, str, str]:
+    """(mode, micro-batch, reason, micro-batch reason) for the run: off by config or where the
+    loop cannot see the gradients. With one micro-batch per step and nothing else to compare
+    (one rank, or DDP reducing inside backward) and micro_batch=auto, the fallback splits the
+    step into two or more micro-batches; the micro-batch reason then says so (else '')."""
+    if not cfg.trainer.noise_scale:
+        return "off", micro, "not measured (trainer.noise_scale=false)", ""
+    if cfg.backend.name == "deepspeed":
+        return (
+            "off",
+            micro,
+            (
+                "not measured under backend=deepspeed: its engine reduces the gradients inside "
+                "step(), where the loop cannot see them"
+            ),
+            "",
+        )
+    mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover)
+    if mode != "none":
+        return mode, micro, why, ""
+    if cfg.micro_batch != "auto" or micro == 1:
+        return (
+            "off",
+            micro,
+            (
+                f"not measured: {why} (micro_batch={cfg.micro_batch} is the whole per-device "
+                "batch; micro_batch=auto splits it in two to measure)"
+            ),
+            "",
+        )
+    half = max(d for d in _divisors(micro) if d <= micro // 2)
+    mode, why = noise_mode(half, micro // half, global_batch, world_size, recover)
+    split = (
+        f"{half} = {micro} / {micro // half}: the step split so that the noise scale has a "
+        "smaller batch to compare (trainer.noise_scale=false keeps it whole; BatchNorm then "
+        f"normalises over {half}); unsplit: "
+    )
+    return mode, half, why, split
+
+
+def split_for(
+    cfg: RunConfig, global_batch: int, world_size: int, memory: dict | None, recover: bool
+) -> tuple[int, int, str, dict[str, str]]:
+    """(micro, accumulation, noise mode, reasons) for `global_batch`: split_batch, then the
+    noise-scale fallback's split of a one-micro-batch step (noise_measurement)."""
+    micro, accum, reasons = split_batch(
+        global_batch,
+        world_size,
+        cfg.micro_batch,
+        cfg.max_micro_batch,
+        memory["cap"] if memory else None,
+    )
+    noise, micro, reasons["noise_scale"], split = noise_measurement(
+        cfg, global_batch, micro, accum, world_size, recover
+    )
+    if split:
+        accum = global_batch // world_size // micro
+        reasons["micro_batch"] = split + reasons["micro_batch"]
+        reasons["accumulation"] = (
+            f"{accum} = {global_batch} / ({micro} micro x {world_size} devices)"
+        )
+    return micro, accum, noise, reasons
+
+
 def plan_batch(
     cfg: RunConfig,
     world_size: int,
@@ -283,18 +392,115 @@ def plan_batch(
 
     `memory` is the profile report of launcher/probe.py, whose `cap` is the largest micro-batch
     the device memory allows; None when memory was not probed. `origin` = (step, samples)
-    already done with another global batch (a global batch changed on resume).
+    already done with another global batch (a global batch changed on resume). With a ramp-up
+    (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
+    global_batch takes over.
     """
+    args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
+    if cfg.ramp.start_batch is None:
+        return _plan(*args, origin)
+    batches = ramp_batches(cfg)
+    if origin != (0, 0):  # the global batch changed on resume, after the ramp-up (resume.check)
+        plan = _plan(*args, origin)
+        why = f"{batches[0]} -> {cfg.global_batch}: done before the checkpoint resumed from"
+        return dataclasses.replace(plan, reasons=plan.reasons | {"ramp": why})
+    steady = _plan(*args, origin)
+    if cfg.ramp.samples >= steady.total_samples:
+        raise ConfigError(
+            f"ramp.samples={cfg.ramp.samples}: the ramp-up must end before the run does "
+            f"({steady.total_samples:,} samples); shorten it or train longer"
+        )
+    stages = ramp_stages(cfg, steady, batches, memory)
+    end = stages[-1].steps, stages[-1].samples_at(stages[-1].steps)
+    plan = _plan(*args, end)
+    gb, share = cfg.global_batch, cfg.ramp.samples / len(batches)
+    reasons = plan.reasons | {
+        "steps": f"{plan.steps:,} = {end[0]:,} ramp-up steps ({end[1]:,} samples) + "
+        f"ceil(({_fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} - {end[1]:,}) / {gb})",
+        "ramp": "; ".join(
+            f"{p.global_batch} (micro {p.micro_batch} x {p.accumulation}, lr {_fmt(p.lr)}) for "
+            f"steps {p.origin_step:,}-{p.steps - 1:,}"
+            for p in stages
+        )
+        + f"; {gb} from step {end[0]:,} (sample {end[1]:,}): the batch doubles every "
+        f"{share:,.6g} samples (ramp.samples={cfg.ramp.samples:,}), each stage from the first "
+        "step boundary after its share; LR = the plan's schedule x the scaling rule's ratio",
+    }
+    return dataclasses.replace(plan, ramp=stages, reasons=reasons)
+
+
+def ramp_batches(cfg: RunConfig) -> list[int]:
+    """The ramp-up's global batches before global_batch: start, 2 start, 4 start, ..."""
+    start, gb = cfg.ramp.start_batch, cfg.global_batch
+    ratio = gb // start
+    if start >= gb or gb % start or ratio & (ratio - 1):
+        fits = [gb >> k for k in range(1, gb.bit_length()) if gb % (1 << k) == 0]
+        near = sorted(fits, key=lambda b: abs(b - start))[:2]
+        raise ConfigError(
+            f"ramp.start_batch={start}: global_batch {gb} must be start_batch x a power of two "
+            f"(the ramp-up doubles the batch each stage); nearest valid: "
+            f"{' or '.join(map(str, sorted(near))) or 'none (global_batch is odd)'}"
+        )
+    return [start << k for k in range(ratio.bit_length() - 1)]
+
+
+def ramp_stages(
+    cfg: RunConfig, steady: BatchPlan, batches: list[int], memory: dict | None
+) -> tuple[BatchPlan, ...]:
+    """One plan per ramp-up stage: its batch split for the same world size and caps, its steps
+    and samples (origin_step/origin_samples to steps), and the steady plan's LR curve scaled by
+    the scaling rule's lr(stage batch) / lr(global_batch): same optimizer, warmup and decay."""
+    share = Fraction(cfg.ramp.samples, len(batches))
+    world, stages, step, samples = steady.world_size, [], 0, 0
+    for k, b in enumerate(batches):
+        n = max(math.ceil((share * (k + 1) - samples) / b), 0)
+        if n == 0:
+            continue
+        try:
+            micro, accum, noise, why = split_for(cfg, b, world, memory, steady.oom_recovery)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"ramp.start_batch={cfg.ramp.start_batch}: the stage at global batch {b}: {exc}"
+            ) from None
+        lr = scale_lr(cfg.optim, b, steady.optimizer)[0]
+        r = lr / steady.lr
+        why["lr"] = f"{_fmt(lr)} = {_fmt(steady.lr)} x {_fmt(r)} (scaling rule at batch {b})"
+        stage = dataclasses.replace(
+            steady,
+            global_batch=b,
+            per_device_batch=b // world,
+            micro_batch=micro,
+            accumulation=accum,
+            noise=noise,
+            lr=lr,
+            warmup_start_lr=steady.warmup_start_lr * r,
+            end_lr=steady.end_lr * r,
+            origin_step=step,
+            origin_samples=samples,
+            steps=step + n,
+            reasons=steady.reasons | why,
+        )
+        stages.append(stage)
+        step, samples = step + n, samples + n * b
+    return tuple(stages)
+
+
+def _plan(
+    cfg: RunConfig,
+    world_size: int,
+    epoch_samples: int,
+    epoch_source: str,
+    world_source: str,
+    memory: dict | None,
+    origin: tuple[int, int],
+) -> BatchPlan:
+    """The plan of one global batch (plan_batch without the ramp-up)."""
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
-    micro, accum, reasons = split_batch(
-        cfg.global_batch,
-        world_size,
-        cfg.micro_batch,
-        cfg.max_micro_batch,
-        memory["cap"] if memory else None,
-    )
     gb = cfg.global_batch
+    recover, reasons_oom = oom_recovery(cfg)
+    micro, accum, noise, reasons = split_for(cfg, gb, world_size, memory, recover)
+    reasons["oom_recovery"] = reasons_oom
     reasons["global_batch"] = f"{gb} (global_batch)"
     if memory is not None:
         reasons["memory"] = memory["reason"]
@@ -355,7 +561,6 @@ def plan_batch(
     reasons["warmup_samples"] = why
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
-    recover, reasons["oom_recovery"] = oom_recovery(cfg)
     saves, reasons["checkpoints"] = checkpointing(cfg)
     return BatchPlan(
         global_batch=gb,
@@ -382,6 +587,7 @@ def plan_batch(
         origin_samples=o_samples,
         oom_recovery=recover,
         checkpoints=saves,
+        noise=noise,
         memory=memory or {},
         reasons=reasons,
     )
@@ -403,6 +609,8 @@ TABLE_ROWS = (
     "steps",
     "oom_recovery",
     "checkpoints",
+    "noise_scale",
+    "ramp",
 )
 
 
@@ -417,8 +625,14 @@ def format_plan(plan: BatchPlan) -> str:
         "memory": f"{plan.memory['cap']:,}" if plan.memory else "-",
         "oom_recovery": "on" if plan.oom_recovery else "off",
         "checkpoints": "on" if plan.checkpoints else "off",
+        "noise_scale": plan.noise,
+        "ramp": f"{plan.ramp[0].global_batch}->{plan.global_batch}" if plan.ramp else "-",
     }
-    rows = [(k, values.get(k, str(getattr(plan, k))), plan.reasons.get(k, "")) for k in TABLE_ROWS]
+    rows = [
+        (k, values[k] if k in values else str(getattr(plan, k)), plan.reasons.get(k, ""))
+        for k in TABLE_ROWS
+        if k != "ramp" or k in plan.reasons
+    ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{'':-<{w0 + w1 + 40}}", "batch plan", f"{'':-<{w0 + w1 + 40}}"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from launcher import checkpoint
-from launcher.config import ConfigError, RunConfig, to_dict
+from launcher.config import ConfigError, RampConfig, RunConfig, to_dict
 from launcher.plan import BatchPlan
 
 FORMAT = 1
@@ -48,9 +48,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def capture(
-    cfg: RunConfig, plan: BatchPlan, step: int, backend: Any, model: Any, optimizer: Any
+    cfg: RunConfig,
+    plan: BatchPlan,
+    step: int,
+    backend: Any,
+    model: Any,
+    optimizer: Any,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it)."""
+    """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it).
+    `progress`: what the run measured so far (training seconds, the noise-scale averages)."""
     rngs = backend.gather_objects(rng_state())
     with backend.gathered(model):
         weights = backend.state_dict(model)
@@ -68,6 +75,7 @@ def capture(
         "rng": rngs,
         "plan": dataclasses.asdict(plan),
         "config": to_dict(cfg),
+        "progress": progress or {},
     }
 
 
@@ -87,6 +95,9 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     the plan's origin (step, samples) where the current global batch took over."""
     saved = state["config"]
     origin = (state["plan"]["origin_step"], state["plan"]["origin_samples"])
+    ramp_end = origin[0] if state["plan"].get("ramp") else 0
+    if ramp_end:  # the same ramp-up (compared below): plan_batch makes the same stages again
+        origin = (0, 0)
     if state["global_batch"] != cfg.global_batch:
         if not cfg.checkpoint.allow_global_batch_change:
             raise ConfigError(
@@ -95,11 +106,18 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
                 f"resume with global_batch={state['global_batch']}, or say "
                 "checkpoint.allow_global_batch_change=true, or resume=never to start over"
             )
+        if state["step"] < ramp_end:
+            raise ConfigError(
+                f"global_batch={cfg.global_batch}: {path} is in its batch ramp-up (step "
+                f"{state['step']:,} of {ramp_end:,}); resume with global_batch="
+                f"{state['global_batch']} and change it after the ramp-up"
+            )
         origin = (state["step"], state["consumed_samples"])
     ours = to_dict(cfg)
+    saved = saved | {"ramp": saved.get("ramp", to_dict(RampConfig()))}  # older checkpoints
     for part in (ours, saved):  # where the data lives and how it is loaded may change
         part["data"] = {k: v for k, v in part["data"].items() if k not in ("cache_dir", "workers")}
-    for key in ("model", "data", "optim", "schedule", "seed"):
+    for key in ("model", "data", "optim", "schedule", "seed", "ramp"):
         if ours[key] != saved[key]:
             raise ConfigError(
                 f"{key}: differs from the config {path} was trained with ({saved[key]!r}, now "

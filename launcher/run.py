@@ -298,14 +298,22 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     def eval_batches(plan: BatchPlan) -> Any:
         return eval_loader(splits.eval, plan, backend.rank, workers, pin)
 
+    progress = found[0].get("progress", {}) if found is not None else {}
     sink = MetricsSink(
         run_dir if main else None,
         total_steps=plan.steps,
-        global_batch=plan.global_batch,
         tensorboard=cfg.trainer.tensorboard,
         progress=cfg.trainer.progress,
         resume_step=start_step,
+        train_s=progress.get("train_s", 0.0),
     )
+    meter = None
+    if plan.noise != "off":
+        from launcher.noise_meter import NoiseMeter
+
+        meter = NoiseMeter(backend)
+        if "noise" in progress:
+            meter.load_state_dict(progress["noise"])
     if found is not None:
         was = found[0]["global_batch"]
         sink.log({"event": "resumed", "step": start_step, "from": str(found[1]), "was": was})
@@ -316,11 +324,11 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         any rank got SIGUSR1/SIGTERM; in the latter case stop after it (preemption.py)."""
         nonlocal last_save
         faults.test_kill(step, "step")
-        c, g = cfg.checkpoint, plan.global_batch
+        c = cfg.checkpoint
         due = step == plan.steps
         if c.every_samples:
-            done = plan.samples_at(step)
-            due |= done // c.every_samples > (done - g) // c.every_samples
+            before = plan.samples_at(step - 1)
+            due |= plan.samples_at(step) // c.every_samples > before // c.every_samples
         late = main and c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes
         bits = 0
         for flag in backend.flags(int(late) | preemption.received()):  # rank 0's clock for all
@@ -329,11 +337,17 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         due |= bool(bits & 1) or bool(stop)
         path = None
         if due and plan.checkpoints:
-            state = resume.capture(cfg, plan, step, backend, model, optimizer)
+            sink.pause()  # saving is not training time
+            measured = {"train_s": sink.train_seconds()}
+            if meter is not None:
+                meter.flush()
+                measured["noise"] = meter.state_dict()
+            state = resume.capture(cfg, plan, step, backend, model, optimizer, measured)
             if main:
                 path = checkpoint.save(run_dir, step, state, cfg.checkpoint.keep)
                 sink.log({"event": "checkpoint", "step": step, "path": str(path)})
             last_save = time.monotonic()
+            sink.resume()
         if stop:
             sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
             raise preemption.Stopped(stop_message(stop, step, plan, path, main))
@@ -356,7 +370,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         )
         if main:
             print(message, file=sys.stderr, flush=True)
-            write_plan_files(run_dir, cfg, new, topology.device)
+            if new.ramp or not plan.ramp:  # not for a ramp-up stage: plan.json keeps the ramp
+                write_plan_files(run_dir, cfg, new, topology.device)
         if report is not None:
             from launcher.probe import record_oom
 
@@ -380,6 +395,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             oom_recovery=plan.oom_recovery,
             on_oom=on_oom,
             after_step=after_step,
+            meter=meter,
         )
         final = {"final": True, "step": plan.steps}
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction
@@ -398,4 +414,18 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
             flush=True,
         )
+        print_advice(run_dir, plan)
     return result
+
+
+def print_advice(run_dir: Path, plan: BatchPlan) -> None:
+    """The batch-size advice from the run's metrics (launcher/advice.py), or why there is none."""
+    from launcher.advice import advise, format_advice
+    from launcher.metrics import read_records
+
+    advice = advise(read_records(run_dir), dataclasses.asdict(plan))
+    if advice is None:
+        why = "not measured" if plan.noise == "off" else "too few steps measured"
+        print(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
+    else:
+        print(format_advice(advice), flush=True)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from launcher.backends.base import Backend
-from launcher.metrics import MetricsSink
+from launcher.metrics import MetricsSink, PhaseClock
+from launcher.noise_meter import NoiseMeter
 from launcher.plan import BatchPlan, shrink_micro_batch
 from launcher.schedule import lr_at
 
@@ -46,11 +47,13 @@ def accumulate(
     dtype: torch.dtype,
     sync_in_backward: bool = True,
     before_micro_step: Callable[[int], None] | None = None,
+    meter: NoiseMeter | None = None,
 ) -> torch.Tensor:
     """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss.
 
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
+    `meter` reads the local gradient norms it needs after each backward.
     """
     total = torch.zeros((), device=backend.device, dtype=torch.float64)
     for j in range(plan.accumulation):
@@ -63,6 +66,8 @@ def accumulate(
         with nullcontext() if last and sync_in_backward else backend.no_sync(model):
             loss = F.cross_entropy(_full(model(x)), y, reduction="sum") / plan.per_device_batch
             backend.backward(loss)
+        if meter is not None:
+            meter.micro_step_done(model, plan, j)
         total += loss.detach()
     return total
 
@@ -74,12 +79,25 @@ def train_step(
     backend: Backend,
     plan: BatchPlan,
     dtype: torch.dtype,
+    meter: NoiseMeter | None = None,
+    clock: PhaseClock | None = None,
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
-    total = accumulate(model, micro_batches, backend, plan, dtype)
+    total = accumulate(model, micro_batches, backend, plan, dtype, meter=meter)
+    if clock is not None:
+        clock.mark()
+    _apply(model, optimizer, backend, plan, meter, clock)
+    return total
+
+
+def _apply(model, optimizer, backend, plan, meter, clock) -> None:  # noqa: ANN001
+    """The end of a step whose gradients are all-reduced: measure, step, sync the buffers."""
+    if meter is not None:
+        meter.reduced(model, plan)
     backend.step(model, optimizer)
     backend.sync_buffers(model)
-    return total
+    if clock is not None:
+        clock.mark()
 
 
 @torch.no_grad()
@@ -121,7 +139,7 @@ def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], Non
     return hook
 
 
-def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step) -> torch.Tensor | list:  # noqa: ANN001
+def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, clock):  # noqa: ANN001
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
     Returns the loss, or the list of ranks that ran out of memory (then every rank has dropped
@@ -137,20 +155,24 @@ def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step) -> torch
             dtype,
             sync_in_backward=False,
             before_micro_step=_test_oom_hook(backend.rank, step, plan),
+            meter=meter,
         )
         failed = 0
     except OOM_ERRORS:
         loss, failed = None, 1
+    if clock is not None:
+        clock.mark()
     flags = backend.flags(failed)
     if any(flags):
         backend.drop_gradients(model, optimizer)
+        if meter is not None:
+            meter.dropped()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return [r for r, f in enumerate(flags) if f]
     backend.reduce_gradients(model)
-    backend.step(model, optimizer)
-    backend.sync_buffers(model)
+    _apply(model, optimizer, backend, plan, meter, clock)
     return loss
 
 
@@ -170,54 +192,81 @@ def fit(
     oom_recovery: bool = True,
     on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
     after_step: Callable[[int, BatchPlan], None] | None = None,
+    meter: NoiseMeter | None = None,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
-    `after_step(step, plan)` runs after every completed step (checkpoints).
+    `after_step(step, plan)` runs after every completed step (checkpoints); `meter` measures the
+    gradient noise scale (launcher/noise_meter.py), logged with the loss.
+
+    A ramp-up (plan.ramp) trains each stage's steps with its batch, micro-batch and LR, then
+    re-plans the backend and the sample stream at the next stage's first step.
 
     With `oom_recovery`, an out-of-memory error on any rank drops the partial step on every rank,
     halves the micro-batch, doubles the accumulation and reruns the same samples: the global
     batch, LR and schedule do not change. Without it, DDP's overlapped reduction is used and an
-    out-of-memory error ends the run.
+    out-of-memory error ends the run. Evaluation does not count as training time (`train_s`,
+    samples/s); `after_step` pauses the sink itself while it saves.
     """
     model.train()
-    batches = iter(batches_from(plan, start_step))
+    current = plan.at(start_step)  # a ramp-up stage, or the plan
+    if current is not plan:
+        backend.replan(model, current)
+    batches = iter(batches_from(current, start_step))
     sink.start(start_step)
-    next_eval = (plan.samples_at(start_step) // eval_every_samples + 1) * eval_every_samples
+    clock = PhaseClock(backend.device.type == "cuda")
+    first = plan.samples_at(start_step)
+    next_eval = (first // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
     step = start_step
     while step < plan.steps:
-        lr = lr_at(plan, plan.samples_at(step))
+        if step >= current.steps:  # a ramp-up stage is over: the next batch
+            current = plan.at(step)
+            backend.replan(model, current)
+            batches = iter(batches_from(current, step))
+            clock.read()  # per-sample times of the old micro-batch: not the new one's
+            sink.log({"event": "ramp", "step": step, "global_batch": current.global_batch})
+        lr = lr_at(current, current.samples_at(step))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        clock.begin()
         if not oom_recovery:
-            loss = train_step(model, optimizer, batches, backend, plan, dtype)
+            loss = train_step(model, optimizer, batches, backend, current, dtype, meter, clock)
         else:
-            loss = _step_or_oom(model, optimizer, batches, backend, plan, dtype, step)
+            loss = _step_or_oom(
+                model, optimizer, batches, backend, current, dtype, step, meter, clock
+            )
             if isinstance(loss, list):
-                smaller = shrink_micro_batch(plan, step, loss)
+                smaller = shrink_micro_batch(current, step, loss)
                 if on_oom is not None:
-                    on_oom(plan, smaller, step, loss)
-                plan = smaller
-                backend.replan(model, plan)
-                batches = iter(batches_from(plan, step))
+                    on_oom(current, smaller, step, loss)
+                plan = smaller if current is plan else plan
+                current = smaller
+                backend.replan(model, current)
+                batches = iter(batches_from(current, step))
                 continue
         step += 1
-        samples = plan.samples_at(step)
+        samples = current.samples_at(step)
         if step % log_every == 0 or step == plan.steps:
-            mean_loss = float(backend.sum(loss)) / plan.world_size
-            sink.log(
-                {
-                    "step": step,
-                    "samples": samples,
-                    "epoch": samples / plan.epoch_samples,
-                    "loss": mean_loss,
-                    "lr": lr,
-                    "samples_per_s": sink.samples_per_second(step),
-                }
-            )
+            record = {
+                "step": step,
+                "samples": samples,
+                "epoch": samples / plan.epoch_samples,
+                "global_batch": current.global_batch,
+                "loss": float(backend.sum(loss)) / plan.world_size,
+                "lr": lr,
+                "samples_per_s": sink.samples_per_second(samples - first),
+                "train_s": sink.train_seconds(),
+            }
+            compute_s, rest_s, timed = clock.read()
+            if timed:
+                record["sample_compute_s"] = compute_s / (timed * current.per_device_batch)
+                record["step_overhead_s"] = rest_s / timed
+            sink.log(record | (meter.flush() if meter is not None else {}))
         if samples >= next_eval or step == plan.steps:
-            result = evaluate(model, eval_batches(plan), backend, dtype)
-            sink.log({"step": step, "samples": samples, **result})
+            _pause(sink, backend)
+            result = evaluate(model, eval_batches(current), backend, dtype)
+            sink.resume()
+            sink.log({"step": step, "samples": samples, **result, "train_s": sink.train_seconds()})
             next_eval = (samples // eval_every_samples + 1) * eval_every_samples
         sink.advance()
         if after_step is not None:
@@ -225,6 +274,13 @@ def fit(
     if not result:  # resumed from the final checkpoint: nothing left to train
         result = evaluate(model, eval_batches(plan), backend, dtype)
     return result, plan
+
+
+def _pause(sink: MetricsSink, backend: Backend) -> None:
+    """Stop the training clock once the device has finished the queued training work."""
+    if backend.device.type == "cuda":
+        torch.cuda.synchronize(backend.device)
+    sink.pause()
 
 
 def check_replicas(model: Any, backend: Backend) -> float:

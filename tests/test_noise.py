@@ -3,6 +3,7 @@ per-sample gradients g_i = G + e_i, e_i ~ N(0, diag(sigma^2))."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -60,3 +61,66 @@ def test_no_estimate_before_the_gradient_term_is_positive() -> None:
     scale.update(small_sq=0.5, small=8, big_sq=1.0, big=16)  # tr(Sigma) estimate < 0 -> 0
     assert scale.trace == 0.0 and scale.value == 0.0
     assert math.isclose(scale.gradient_sq, 1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# the meter in the real loop: its first estimate against gradients computed here independently
+
+
+def _reference(cfg_overrides: list[str], small_batches: list[slice]) -> tuple[float, float]:
+    """two_batch(mean |g_small|^2, |g_global|^2) at the run's initial weights for its first
+    global batch, the small batches given as slices of it; plain autograd, float64."""
+    import torch.nn.functional as F
+
+    from launcher.compose import compose_run
+    from launcher.data import build_splits
+    from launcher.data.sampler import epoch_permutation
+    from launcher.models import build_model
+
+    cfg = compose_run(cfg_overrides)
+    splits = build_splits(cfg.data)
+    torch.manual_seed(cfg.seed)  # what the run does before building its model
+    model = build_model(cfg.model, splits.spec).to(torch.float64)
+    index = epoch_permutation(len(splits.train), cfg.seed, 0)[: cfg.global_batch]
+    x, y = splits.train.x[index].to(torch.float64), splits.train.y[index]
+
+    def grad_sq(part: slice) -> float:
+        model.zero_grad()
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        return sum(float(p.grad.square().sum()) for p in model.parameters())
+
+    small = sum(grad_sq(s) for s in small_batches) / len(small_batches)
+    b = small_batches[0].stop - small_batches[0].start
+    return two_batch(small, b, grad_sq(slice(None)), cfg.global_batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("devices", "mode", "small"),
+    [
+        (1, "micro", [slice(0, 32)]),  # 64 split into 2 x 32: the first micro-batch
+        (2, "rank", [slice(0, 32), slice(32, 64)]),  # each rank's 32 before the all-reduce
+    ],
+)
+def test_meter_in_the_loop_matches_an_independent_computation(
+    devices, mode, small, tmp_path, data_cache
+) -> None:
+    """One step at global batch 64 (float64): the logged |G|^2 and tr(Sigma) (an EMA after one
+    update is that update) equal two_batch on gradients computed here, within 1e-9."""
+    from tests.conftest import SMALL_DATA, read_metrics, run_cli
+
+    args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "memory.probe=false"]
+    res = run_cli(
+        [*args, "trainer.epochs=0.04", "trainer.dtype=float64", "trainer.log_every=1"]
+        + ["trainer.progress=false", f"trainer.devices={devices}", "run_dir=run"],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["steps"], plan["noise"], plan["micro_batch"]) == (1, mode, 32)
+    (line,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    gradient_sq, trace = _reference(args, small)
+    assert trace > 0 and gradient_sq > 0
+    assert line["grad_sq"] == pytest.approx(gradient_sq, rel=1e-9)
+    assert line["grad_trace"] == pytest.approx(trace, rel=1e-9)
+    assert line["noise_scale"] == pytest.approx(trace / gradient_sq, rel=1e-9)

@@ -48,9 +48,7 @@ def _train_in_process(
     model = build_model(cfg.model, _spec()).double()
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
-    sink = MetricsSink(
-        None, total_steps=plan.steps, global_batch=64, tensorboard=False, progress=False
-    )
+    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
     fit(
         model,
         optimizer,

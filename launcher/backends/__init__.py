@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from launcher.config import RunConfig
+from launcher.config import ConfigError, RunConfig
 from launcher.plan import BatchPlan
 
 BACKENDS = {
@@ -20,6 +20,12 @@ def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
         from launcher.backends.ds_config import ds_config
 
         ds_config(cfg, plan, device)
+        if plan.ramp:
+            raise ConfigError(
+                f"ramp.start_batch={cfg.ramp.start_batch}: a batch ramp-up runs with "
+                "backend=accelerate only so far (the DeepSpeed engine's batch bookkeeping is not "
+                "re-planned mid-run yet)"
+            )
 
 
 def teardown() -> None:

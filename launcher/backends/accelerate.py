@@ -62,6 +62,10 @@ class AccelerateBackend(Collectives):
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
 
+    def gradient_scale(self) -> float:
+        scaler = self.acc.scaler  # fp16 only: GradScaler unscales in clip or step
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
     def reduce_gradients(self, model: Any) -> None:
         """Average the gradients over ranks (for steps whose backward ran without DDP's sync)."""
         if self.world_size > 1:

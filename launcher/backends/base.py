@@ -48,6 +48,10 @@ class Backend(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate (with loss scaling where the precision needs it)."""
 
+    def gradient_scale(self) -> float:
+        """The factor the gradients are multiplied by until the optimizer step (fp16 loss
+        scaling), else 1."""
+
     def reduce_gradients(self, model: Any) -> None:
         """Average the gradients over ranks (for steps whose backward ran without a sync)."""
 

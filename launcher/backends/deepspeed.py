@@ -197,6 +197,9 @@ class DeepSpeedBackend(Collectives):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss already
 
+    def gradient_scale(self) -> float:
+        return 1.0  # the noise scale is not measured here (plan.noise_measurement)
+
     def reduce_gradients(self, model: Any) -> None:
         """Nothing here: `engine.step()` reduces (ZeRO 0/1) or finalises (ZeRO 2/3)."""
 
