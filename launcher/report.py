@@ -1,0 +1,453 @@
+"""Sweep report: what a batch-size sweep measured, the critical batch it implies, and the batch to
+use.
+
+    python -m launcher -m +recipe=mnist1d global_batch=32,64,128,256,512    # the sweep
+    python -m launcher.report outputs/mnist1d/multirun-<stamp> [--target 0.95] [--out DIR]
+
+Reads every job folder of the sweep (a subfolder with plan.json and metrics.jsonl) and writes
+report.md (a table, one row per job, and the lines below) and report.png (accuracy, time to
+target, steps to target with the fit, throughput; each against the global batch B).
+
+Per job, from metrics.jsonl:
+- final accuracy: the last evaluation; steps/samples/time to target: at the first evaluation with
+  eval_accuracy >= target (time = train_s there: training seconds, evaluation and checkpoints
+  excluded);
+- samples/s = samples / train_s at the end (training throughput); runs that predate train_s fall
+  back to the last logged samples_per_s (which includes evaluation time);
+- noise scale: the run's critical batch from its logged B_simple = tr(Sigma)/|G|^2 (McCandlish et
+  al. 2018, "An Empirical Model of Large-Batch Training"), averaged over the run with the weights
+  a fixed batch meets it with (launcher.advice.critical_batch). The sweep's noise scale phi is
+  the median over its jobs.
+
+Over the sweep:
+- steps to target S against the batch B follow S = S_min (1 + B_crit / B) (McCandlish et al.
+  2018, eq. 2.11); `fit_critical_batch` fits it in log space (relative errors: the steps span an
+  order of magnitude or more). E_min = S_min B_crit is the fewest samples that reach the target.
+- fastest batch: the least measured time to target.
+- goodput-optimal batch (Pollux, Qiao et al. OSDI'21, eq. 1-2): goodput(B) = samples_per_s(B) x
+  efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
+  samples per second of B_0-equivalent progress.
+
+Given one run's folder instead, it prints that run's batch-size advice (launcher/advice.py).
+
+Bad input (no such folder, no job folders, a target outside (0, 1), an unreadable file) prints one
+line on stderr and exits 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from launcher.advice import advise, critical_batch, efficiency, format_advice
+from launcher.config import ConfigError
+
+PROG = "launcher.report"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the sweep, reduced to the numbers the report shows (None: not measured)."""
+
+    name: str
+    global_batch: int
+    optimizer: str
+    lr: float | None
+    finished: bool  # the run wrote its final record
+    final_accuracy: float | None
+    steps_to_target: int | None
+    samples_to_target: int | None
+    time_to_target: float | None
+    samples_per_s: float | None
+    noise_scale: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The sweep: its jobs (sorted by global batch), the fit and the two recommendations."""
+
+    target: float
+    jobs: list[Job]
+    fit: tuple[float, float] | None  # (S_min, B_crit)
+    fit_note: str  # why there is no fit, or a caveat about it; "" when none
+    noise_scale: float | None  # phi: the median of the jobs' noise scales
+    goodput: list[float | None]  # per job, same order as jobs
+    base_batch: int  # B_0: the smallest batch of the sweep
+    fastest: Job | None
+    best_goodput: Job | None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job folders: subfolders of `sweep_dir` that hold plan.json and metrics.jsonl."""
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"{str(sweep_dir)!r}: no such directory")
+    jobs = [
+        d
+        for d in sweep_dir.iterdir()
+        if d.is_dir() and (d / "plan.json").is_file() and (d / "metrics.jsonl").is_file()
+    ]
+    if not jobs:
+        raise ConfigError(
+            f"{str(sweep_dir)!r}: no job folders (subfolders with plan.json and metrics.jsonl); "
+            "give the sweep's folder, e.g. outputs/mnist1d/multirun-<stamp>"
+        )
+    return jobs
+
+
+def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
+    """plan.json and the records of metrics.jsonl. A last line without its newline (the run was
+    killed while writing it) is dropped; any other unreadable line is an error."""
+    try:
+        plan = json.loads((job_dir / "plan.json").read_text())
+        if not isinstance(plan, dict) or not isinstance(plan.get("global_batch"), int):
+            raise ValueError("no integer global_batch")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(job_dir / 'plan.json')!r}: not a plan ({exc})") from None
+    path = job_dir / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r}: cannot read it ({exc})") from None
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise ConfigError(
+                f"{str(path)!r} line {number}: not a metrics record ({exc})"
+            ) from None
+        records.append(record)
+    return plan, records
+
+
+# ---------------------------------------------------------------------------------------------
+# per job
+
+
+def run_noise_scale(records: list[dict], batch: int) -> float | None:
+    """The run's critical batch from its logged noise scale (advice.critical_batch), or None."""
+    found = critical_batch([r for r in records if "loss" in r], batch)
+    return found[0] if found else None
+
+
+def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> Job:
+    """Reduce one run (its plan and metrics records) to a row of the report."""
+    batch = plan["global_batch"]
+    evals = [r for r in records if "eval_accuracy" in r and "event" not in r]
+    logs = [r for r in records if "loss" in r and "event" not in r]
+    hit = next((r for r in evals if r["eval_accuracy"] >= target), None)
+    timed = [r for r in records if r.get("train_s") and "event" not in r and "step" in r]
+    if timed:
+        end = timed[-1]
+        throughput = end.get("samples", end["step"] * batch) / end["train_s"]
+    else:
+        throughput = next(
+            (r["samples_per_s"] for r in reversed(logs) if r.get("samples_per_s")), None
+        )
+    return Job(
+        name=name,
+        global_batch=batch,
+        optimizer=str(plan.get("optimizer", "-")),
+        lr=plan.get("lr"),
+        finished=any(r.get("final") for r in records),
+        final_accuracy=evals[-1]["eval_accuracy"] if evals else None,
+        steps_to_target=hit["step"] if hit else None,
+        samples_to_target=hit.get("samples", hit["step"] * batch) if hit else None,
+        time_to_target=hit.get("train_s") if hit else None,
+        samples_per_s=throughput,
+        noise_scale=run_noise_scale(records, batch),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# over the sweep
+
+
+def fit_critical_batch(batches: list[float], steps: list[float]) -> tuple[float, float]:
+    """Least-squares fit of S = S_min (1 + B_crit / B) in log space; returns (S_min, B_crit).
+
+    Minimises sum_i (log S_i - log S_min - log(1 + B_crit / B_i))^2. For a fixed B_crit the best
+    log S_min is the mean of the residuals log S_i - log(1 + B_crit / B_i), which leaves a 1-D
+    problem in log B_crit: a grid over [min B / 100, max B x 100], then golden-section search
+    between the neighbours of the best grid point. Needs 2 distinct batches (ValueError).
+    """
+    b = np.asarray(batches, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.float64)
+    if b.shape != s.shape or b.ndim != 1:
+        raise ValueError(f"fit_critical_batch: {b.shape} batches but {s.shape} steps")
+    if np.any(b <= 0) or np.any(s <= 0):
+        raise ValueError("fit_critical_batch: batches and steps must be > 0")
+    if len(np.unique(b)) < 2:
+        raise ValueError("fit_critical_batch: needs at least 2 distinct batch sizes")
+    log_b, log_s = np.log(b), np.log(s)
+
+    def residuals(log_b_crit: np.ndarray) -> np.ndarray:  # (..., n): log S_i - log(1 + Bc/B_i)
+        return log_s - np.logaddexp(0.0, log_b_crit[..., None] - log_b)
+
+    def loss(log_b_crit: np.ndarray) -> np.ndarray:
+        r = residuals(log_b_crit)
+        return np.sum((r - r.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
+
+    grid = np.linspace(log_b.min() - math.log(100), log_b.max() + math.log(100), 2001)
+    i = int(np.argmin(loss(grid)))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(100):  # the bracket shrinks by 0.618 a step: ~1e-21 of its width
+        x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if loss(np.array(x1)) <= loss(np.array(x2)):
+            hi = x2
+        else:
+            lo = x1
+    log_b_crit = np.array((lo + hi) / 2)
+    s_min = math.exp(float(residuals(log_b_crit).mean()))
+    return s_min, math.exp(float(log_b_crit))
+
+
+def summarize_sweep(jobs: list[Job], target: float) -> Summary:
+    """Fit, noise scale, goodput and the two recommendations from the jobs (sorted here)."""
+    jobs = sorted(jobs, key=lambda j: (j.global_batch, _name_key(j.name)))
+    reached = [j for j in jobs if j.steps_to_target is not None]
+    fit, note = None, ""
+    if len({j.global_batch for j in reached}) < 2:
+        note = "no fit: fewer than 2 batch sizes reached the target"
+    else:
+        batches = [j.global_batch for j in reached]
+        fit = fit_critical_batch(batches, [j.steps_to_target for j in reached])
+        if not min(batches) / 99 < fit[1] < max(batches) * 99:
+            note = "B_crit is at the edge of the search range: these runs do not pin it down"
+    scales = [j.noise_scale for j in jobs if j.noise_scale is not None]
+    phi = statistics.median(scales) if scales else None
+    base = jobs[0].global_batch
+    goodput = [
+        j.samples_per_s * efficiency(j.global_batch, phi, base)
+        if phi is not None and j.samples_per_s is not None
+        else None
+        for j in jobs
+    ]
+    timed = [j for j in reached if j.time_to_target is not None]
+    fastest = min(timed, key=lambda j: j.time_to_target) if timed else None
+    rated = [(g, j) for g, j in zip(goodput, jobs, strict=True) if g is not None]
+    best = max(rated, key=lambda gj: gj[0])[1] if rated else None
+    return Summary(target, jobs, fit, note, phi, goodput, base, fastest, best)
+
+
+def _name_key(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (sys.maxsize, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def format_report(summary: Summary, title: str) -> str:
+    """The markdown report: the table and the fit, noise-scale and recommendation lines."""
+    head = (
+        "job",
+        "B",
+        "optimizer",
+        "lr",
+        "final acc",
+        "steps to target",
+        "samples to target",
+        "time to target (s)",
+        "samples/s",
+        "noise scale",
+        "goodput",
+    )
+    rows = [
+        (
+            j.name + ("" if j.finished else " (unfinished)"),
+            f"{j.global_batch:,}",
+            j.optimizer,
+            _f(j.lr, ".4g"),
+            _f(j.final_accuracy, ".4f"),
+            _f(j.steps_to_target, ","),
+            _f(j.samples_to_target, ","),
+            _f(j.time_to_target, ",.2f"),
+            _f(j.samples_per_s, ",.0f"),
+            _f(j.noise_scale, ",.1f"),
+            _f(g, ",.0f"),
+        )
+        for j, g in zip(summary.jobs, summary.goodput, strict=True)
+    ]
+    lines = [f"# Sweep report: {title}", "", f"Target: eval accuracy >= {summary.target:g}.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append("")
+    reached = sum(j.steps_to_target is not None for j in summary.jobs)
+    if summary.fit is None:
+        lines.append(f"- Fit S = S_min (1 + B_crit / B): {summary.fit_note}.")
+    else:
+        s_min, b_crit = summary.fit
+        lines.append(
+            f"- Fit S = S_min (1 + B_crit / B) to the steps to target of the {reached} runs that "
+            f"reached it (log-space least squares; McCandlish et al. 2018): S_min = {s_min:,.1f} "
+            f"steps, B_crit = {b_crit:,.0f}, E_min = S_min x B_crit = {s_min * b_crit:,.0f} samples"
+            + (f" ({summary.fit_note})." if summary.fit_note else ".")
+        )
+    scales = [j.noise_scale for j in summary.jobs if j.noise_scale is not None]
+    if summary.noise_scale is None:
+        lines.append("- Measured noise scale: none (no run logged noise_scale).")
+    else:
+        lines.append(
+            "- Measured noise scale (each run's B_simple = tr(Sigma)/|G|^2 averaged over the run "
+            f"as its critical batch, launcher.advice.critical_batch): median "
+            f"{summary.noise_scale:,.1f} (range {min(scales):,.1f} to {max(scales):,.1f} over "
+            f"{len(scales)} runs)."
+        )
+    if summary.fastest is None:
+        lines.append("- Fastest to target: none (no run reached it with train_s logged).")
+    else:
+        j = summary.fastest
+        lines.append(
+            f"- Fastest to target (measured): B = {j.global_batch:,}, {j.time_to_target:,.2f} s "
+            f"of training, {j.steps_to_target:,} steps."
+        )
+    if summary.best_goodput is None:
+        lines.append("- Goodput-optimal batch: none (needs a measured noise scale and samples/s).")
+    else:
+        j = summary.best_goodput
+        phi = summary.noise_scale
+        eff = efficiency(j.global_batch, phi, summary.base_batch)
+        lines.append(
+            f"- Goodput-optimal batch (Pollux, Qiao et al. OSDI'21): B = {j.global_batch:,}, "
+            f"goodput {j.samples_per_s * eff:,.0f} = {j.samples_per_s:,.0f} samples/s x "
+            f"efficiency {eff:.3f}, efficiency(B) = (phi + B_0) / (phi + B) with phi = "
+            f"{phi:,.1f} (the median noise scale) and B_0 = {summary.base_batch:,}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(summary: Summary, path: Path) -> None:
+    """report.png: final accuracy, time to target, steps to target (with the fit, B_crit and the
+    measured noise scale) and samples/s, each against the global batch on a log2 axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
+    panels = (
+        ("final eval accuracy", "final_accuracy", False),
+        (f"time to accuracy {summary.target:g} (s)", "time_to_target", True),
+        (f"steps to accuracy {summary.target:g}", "steps_to_target", True),
+        ("training samples/s", "samples_per_s", True),
+    )
+    marks = [j.global_batch for j in summary.jobs]  # the x range: every batch and every line
+    marks += [summary.fit[1]] if summary.fit else []
+    marks += [summary.noise_scale] if summary.noise_scale else []
+    x_range = (min(marks) / 1.5, max(marks) * 1.5)
+    plain = FuncFormatter(lambda x, _: f"{x:,.4g}")
+    for ax, (label, field, log_y) in zip(axes.flat, panels, strict=True):
+        points = [(j.global_batch, getattr(j, field)) for j in summary.jobs]
+        points = [(b, v) for b, v in points if v is not None]
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(*x_range)
+        ax.xaxis.set_major_formatter(plain)
+        ax.set_xlabel("global batch B")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
+            continue
+        ax.plot(*zip(*points, strict=True), "o-", label="measured")
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+    ax = axes.flat[2]
+    if summary.fit is not None:
+        s_min, b_crit = summary.fit
+        b = np.geomspace(*x_range, 200)
+        ax.plot(b, s_min * (1 + b_crit / b), "-", alpha=0.7, label="S_min (1 + B_crit / B)")
+        ax.axvline(b_crit, color="C2", label=f"B_crit (fit) = {b_crit:,.0f}")
+    if summary.noise_scale is not None:
+        phi = summary.noise_scale
+        ax.axvline(phi, color="C3", ls="--", label=f"noise scale (measured) = {phi:,.0f}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    fig.suptitle(f"batch-size sweep, target accuracy {summary.target:g}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def print_run_advice(run_dir: Path) -> int:
+    """One run's folder: print its advice (what the run printed at its end), write nothing."""
+    plan, records = read_job(run_dir)
+    advice = advise(records, plan)
+    if advice is None:
+        raise ConfigError(
+            f"{str(run_dir)!r}: no batch-size advice: the run logged no noise scale or step "
+            "timing (trainer.noise_scale=false, backend=deepspeed, or too few steps)"
+        )
+    print(format_advice(advice), flush=True)
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as the launcher does, not the usage
+        raise ConfigError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog=f"python -m {PROG}",
+        description="Table, critical-batch fit, recommended batch and plots for a sweep.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (one subfolder per job)")
+    parser.add_argument(
+        "--target", type=float, default=0.95, help="eval accuracy to reach (default 0.95)"
+    )
+    parser.add_argument("--out", type=Path, help="where report.md/png go (default: sweep_dir)")
+    try:
+        args = parser.parse_args(argv)
+        if not 0 < args.target < 1:
+            raise ConfigError(f"--target={args.target}: must be in (0, 1)")
+        if (args.sweep_dir / "plan.json").is_file():  # one run: its batch-size advice
+            return print_run_advice(args.sweep_dir)
+        jobs = [summarize_job(d.name, *read_job(d), args.target) for d in find_jobs(args.sweep_dir)]
+        summary = summarize_sweep(jobs, args.target)
+        text = format_report(summary, str(args.sweep_dir))
+        out = args.out or args.sweep_dir
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out={str(out)!r}: not a directory")
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    plot_report(summary, out / "report.png")
+    print(text)
+    print(f"written: {out / 'report.md'}, {out / 'report.png'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
