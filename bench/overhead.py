@@ -27,6 +27,7 @@ from launcher.data import build_splits, eval_loader, train_loader
 from launcher.data.sampler import epoch_permutation
 from launcher.metrics import MetricsSink
 from launcher.models import build_model
+from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
@@ -35,15 +36,19 @@ CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCK["wall"]
 
 
-def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
-    """The launcher's real loop, `fit()`, with one final evaluation; returns seconds."""
+def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = False) -> float:
+    """The launcher's real loop, `fit()`, with one final evaluation (and with `meter` the
+    noise-scale meter, as run.py builds it); returns seconds."""
     plan = plan_batch(cfg, 1, len(splits.train))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
-    run_dir.mkdir()
+    if run_dir is not None:
+        run_dir.mkdir()
     sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
+    window = cfg.trainer.noise_window * plan.total_samples
+    noise = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if meter else None
     start = _clock()
     fit(
         model,
@@ -56,6 +61,7 @@ def launcher_loop(cfg, splits, backend, run_dir: Path) -> float:
         log_every=cfg.trainer.log_every,
         eval_every_samples=plan.total_samples,
         dtype=torch.float32,
+        meter=noise,
     )
     elapsed = _clock() - start
     sink.close()
@@ -108,7 +114,9 @@ def main() -> None:
     global _clock
     _clock = CLOCK[args.clock]
     torch.set_num_threads(1)
-    cfg = compose_run(["global_batch=512", f"trainer.epochs={args.epochs}"])
+    cfg = compose_run(
+        ["global_batch=512", f"trainer.epochs={args.epochs}", "trainer.noise_scale=false"]
+    )
     splits = build_splits(cfg.data)
     plan = plan_batch(cfg, 1, len(splits.train))
     backend = AccelerateBackend(cfg, "cpu")

@@ -10,18 +10,17 @@ Pollux (Qiao et al., OSDI'21): goodput(B) = throughput(B) x efficiency(B), with 
 efficiency efficiency(B) = (phi + B0)/(phi + B) for noise scale phi: the progress one sample makes
 at batch B relative to batch B0 (here B0 = the run's batch, so "vs now" is a plain ratio).
 
-Throughput model, from the run's own timing (launcher/metrics.PhaseClock): a step of global batch
-B on W ranks takes t_step + (B/W) t_sample, t_sample the micro-step seconds per sample on a rank
-(forward, backward, loading; measured at the plan's micro-batch) and t_step the rest (all-reduce,
-optimizer, bookkeeping). Goodput B/((t_step + B t_sample/W)(phi + B)) is then largest at
-B* = sqrt(phi W t_step / t_sample). Assumed: the per-sample time does not depend on the
-micro-batch (small micro-batches are usually slower per sample, so a recommendation below the
-current batch is optimistic) and the memory cap is met by accumulation at the same cost.
+Throughput, measured: after training, launcher/speed.py times one micro-step (forward, backward)
+at micro-batches 1, 2, 4, ... up to the plan's cap. What a step spends besides its micro-steps
+(loading, all-reduce, optimizer, the loop), t_step, is the step time measured in training minus
+accumulation x t_micro(micro) of the run's plan. A step of global batch B on W ranks then takes
+t_step + (B/W / m) t_micro(m), m the largest measured micro-batch dividing B/W (accumulation
+beyond the largest): at the run's own batch this is the measured step time. The recommended batch
+is the candidate (W x 2^k, and the run's) with the highest goodput.
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import dataclass
 
@@ -35,12 +34,12 @@ class Advice:
     noise_scale: float  # B_crit of the run: critical_batch()
     phases: tuple[tuple[float, float], ...]  # (fraction of the run's samples, B_simple there)
     points: int  # log lines the run estimate averages
-    samples_per_s: float  # measured at the run's batch (evaluation excluded)
-    t_sample: float  # micro-step seconds per sample per rank
-    t_step: float  # seconds per step outside the micro-steps
-    best: float  # B*, the goodput optimum of the model
+    step_seconds: float  # measured in training at the run's batch (evaluation excluded)
+    t_step: float  # seconds per step besides its micro-steps
+    micro_seconds: dict[int, float]  # seconds per micro-step, by micro-batch (speed.py)
     recommended: int  # the candidate batch with the highest goodput
-    rows: tuple[tuple[int, float, float, float], ...]  # (B, samples/s, efficiency, goodput vs now)
+    near: tuple[int, ...]  # the candidates within 10% of the highest goodput
+    rows: tuple[tuple[int, int, float, float, float], ...]  # (B, micro, samples/s, eff., vs now)
 
 
 def efficiency(batch: float, noise: float, base: float) -> float:
@@ -48,9 +47,15 @@ def efficiency(batch: float, noise: float, base: float) -> float:
     return (noise + base) / (noise + batch)
 
 
-def throughput(batch: float, world: int, t_sample: float, t_step: float) -> float:
-    """Samples per second of the timing model at global batch `batch` on `world` ranks."""
-    return batch / (t_step + batch / world * t_sample)
+def step_time(batch: int, world: int, t_step: float, micro_seconds: dict[int, float]) -> tuple:
+    """(seconds per step, micro-batch) of global batch `batch` on `world` ranks, or None when
+    no measured micro-batch divides the per-device batch."""
+    per_device = batch // world
+    fits = [m for m in micro_seconds if per_device % m == 0]
+    if batch % world or not fits:
+        return None
+    m = max(fits)
+    return t_step + per_device // m * micro_seconds[m], m
 
 
 def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
@@ -74,6 +79,18 @@ def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
     return value, len(pairs)
 
 
+def seconds_per_step(train: list[dict], batch: int) -> float | None:
+    """Median training seconds per step between consecutive log lines at global batch `batch`
+    (train_s leaves evaluation and checkpoints out)."""
+    lines = [r for r in train if "train_s" in r and r.get("global_batch", batch) == batch]
+    spans = [
+        (b["train_s"] - a["train_s"]) / (b["step"] - a["step"])
+        for a, b in zip(lines, lines[1:], strict=False)
+        if b["step"] > a["step"]
+    ]
+    return statistics.median(spans) if spans else None
+
+
 def candidates(world: int, current: int, limit: int) -> list[int]:
     """Global batches to compare: world x 2^k up to `limit` (the training set), and the run's."""
     out, b = {current}, world
@@ -85,16 +102,19 @@ def candidates(world: int, current: int, limit: int) -> list[int]:
 
 def advise(records: list[dict], plan: dict) -> Advice | None:
     """The advice from a run's metrics lines and its plan.json; None without a noise scale or
-    timing (trainer.noise_scale=false, backend=deepspeed, or too short a run)."""
+    the timings (trainer.noise_scale=false, backend=deepspeed, a run cut short)."""
     train = [r for r in records if "loss" in r]
-    estimate = critical_batch(train, plan["global_batch"])
-    timed = [r for r in train if "sample_compute_s" in r]
-    if estimate is None or not timed:
+    gb, world = plan["global_batch"], plan["world_size"]
+    estimate = critical_batch(train, gb)
+    step_seconds = seconds_per_step(train, gb)
+    timed = [r for r in records if r.get("event") == "micro_step_times"]
+    if estimate is None or step_seconds is None or not timed:
+        return None
+    micro_seconds = {int(k): v for k, v in timed[-1]["seconds"].items()}
+    if plan["micro_batch"] not in micro_seconds:
         return None
     noise, points = estimate
-    gb, world = plan["global_batch"], plan["world_size"]
-    t_sample = statistics.median(r["sample_compute_s"] for r in timed)
-    t_step = statistics.median(r["step_overhead_s"] for r in timed)
+    t_step = max(step_seconds - plan["accumulation"] * micro_seconds[plan["micro_batch"]], 0.0)
     total = train[-1]["samples"]
     with_noise = [r for r in train if r.get("noise_scale") is not None]
     phases = []
@@ -102,26 +122,30 @@ def advise(records: list[dict], plan: dict) -> Advice | None:
         at = next((r for r in with_noise if r["samples"] >= fraction * total), None)
         if at is not None:
             phases.append((fraction, at["noise_scale"]))
-    best = math.sqrt(noise * world * t_step / t_sample)
-    now = throughput(gb, world, t_sample, t_step)
-    rows = []
+    speed = {}
     for b in candidates(world, gb, plan["epoch_samples"]):
-        speed = throughput(b, world, t_sample, t_step)
-        e = efficiency(b, noise, gb)
-        rows.append((b, speed, e, speed * e / now))
-    recommended = max(rows, key=lambda r: r[3])[0]
+        timing = step_time(b, world, t_step, micro_seconds)
+        if b == gb:  # as the run trained it: the measured step
+            timing = (step_seconds, plan["micro_batch"])
+        if timing is not None:
+            speed[b] = (b / timing[0], timing[1])
+    rows = tuple(
+        (b, m, s, efficiency(b, noise, gb), s * efficiency(b, noise, gb) / speed[gb][0])
+        for b, (s, m) in speed.items()
+    )
+    best = max(r[4] for r in rows)
     return Advice(
         global_batch=gb,
         world_size=world,
         noise_scale=noise,
         phases=tuple(phases),
         points=points,
-        samples_per_s=train[-1]["samples_per_s"],
-        t_sample=t_sample,
+        step_seconds=step_seconds,
         t_step=t_step,
-        best=best,
-        recommended=recommended,
-        rows=tuple(rows),
+        micro_seconds=micro_seconds,
+        recommended=max(rows, key=lambda r: r[4])[0],
+        near=tuple(r[0] for r in rows if r[4] >= 0.9 * best),
+        rows=rows,
     )
 
 
@@ -129,6 +153,7 @@ def format_advice(a: Advice) -> str:
     """The advice, with the numbers that led to it."""
     over = ", ".join(f"{v:,.0f} at {f:.0%}" for f, v in a.phases)
     b = a.noise_scale
+    sizes = sorted(a.micro_seconds)
     lines = [
         "batch-size advice (McCandlish et al. 2018; Pollux, Qiao et al. 2021)",
         f"  gradient noise scale B_simple = tr(Sigma)/|G|^2 at these fractions of the run's "
@@ -137,17 +162,22 @@ def format_advice(a: Advice) -> str:
         "each weighted by the progress a step makes there, 1/(1 + B_simple/B); steps to the "
         "same result ~ S_min (1 + B_crit/B): below it a bigger batch nearly halves the steps, "
         "far above it the steps barely drop and the extra samples are spent",
-        f"  throughput now: {a.samples_per_s:,.0f} samples/s at global batch {a.global_batch:,} "
-        f"(measured, evaluation excluded); model: {a.t_step * 1e3:.3g} ms per step + "
-        f"{a.t_sample * 1e6:.3g} us per sample on each of {a.world_size} rank(s)",
+        f"  throughput now: {a.global_batch / a.step_seconds:,.0f} samples/s at global batch "
+        f"{a.global_batch:,} ({a.step_seconds * 1e3:.3g} ms per step measured in training, "
+        "evaluation excluded)",
+        "  timings: a micro-step (forward + backward, timed after training) at micro-batch "
+        + ", ".join(f"{m}: {a.micro_seconds[m] * 1e3:.3g} ms" for m in sizes)
+        + f"; besides its micro-steps a step spends {a.t_step * 1e3:.3g} ms (loading, all-reduce,"
+        " optimizer, loop: the measured step minus its micro-steps)",
         f"  goodput = samples/s x efficiency, efficiency = ({b:,.0f} + {a.global_batch:,}) / "
-        f"({b:,.0f} + B); optimum B* = sqrt(noise x ranks x t_step / t_sample) = "
-        f"sqrt({b:,.0f} x {a.world_size} x {a.t_step:.3g} s / {a.t_sample:.3g} s) = {a.best:,.0f}",
-        f"  recommended global batch: {a.recommended:,} (now {a.global_batch:,})",
-        f"  {'global batch':>14} {'samples/s':>12} {'efficiency':>11} {'goodput vs now':>15}",
+        f"({b:,.0f} + B) (progress per sample relative to now)",
+        f"  recommended global batch: {a.recommended:,} (now {a.global_batch:,}); within 10% of "
+        f"its goodput: {', '.join(f'{b:,}' for b in a.near)}",
+        f"  {'global batch':>14} {'micro':>7} {'samples/s':>12} {'efficiency':>11} "
+        f"{'goodput vs now':>15}",
     ]
-    for batch, speed, e, g in a.rows:
+    for batch, micro, speed, e, g in a.rows:
         mark = "  <- recommended" if batch == a.recommended else ""
         mark += "  (now)" if batch == a.global_batch else ""
-        lines.append(f"  {batch:>14,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{mark}")
+        lines.append(f"  {batch:>14,} {micro:>7,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{mark}")
     return "\n".join(lines)

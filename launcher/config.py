@@ -366,6 +366,12 @@ class TrainerConfig:
     noise_scale: bool = True
     """measure the gradient noise scale every step from gradient norms the loop has (logged, and
     the batch-size advice at the end of the run); false = off"""
+    noise_split_every: int = 10
+    """with one micro-batch per step on one rank (nothing local to compare), every this many
+    steps run the micro-batch as two halves to measure (those steps cost a little more)"""
+    noise_window: float = 0.05
+    """time constant of the noise-scale moving averages as a fraction of the run's samples (each
+    step weighs by its batch: small batches average over more steps)"""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")
@@ -377,6 +383,18 @@ class TrainerConfig:
         )
         _require(self.log_every > 0, "trainer.log_every", self.log_every, "must be > 0")
         _require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads, "must be >= 0")
+        _require(
+            self.noise_split_every > 0,
+            "trainer.noise_split_every",
+            self.noise_split_every,
+            "must be a positive integer",
+        )
+        _require(
+            0 < self.noise_window <= 1,
+            "trainer.noise_window",
+            self.noise_window,
+            "must be in (0, 1]",
+        )
         _require(
             self.devices == "auto" or self.devices > 0,
             "trainer.devices",

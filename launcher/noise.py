@@ -38,9 +38,13 @@ class NoiseScale:
         if not 0 <= self.beta < 1:
             raise ValueError(f"NoiseScale.beta={self.beta}: must be in [0, 1)")
 
-    def update(self, small_sq: float, small: int, big_sq: float, big: int) -> None:
+    def update(
+        self, small_sq: float, small: int, big_sq: float, big: int, beta: float | None = None
+    ) -> None:
+        """Fold in one step's norms; `beta` overrides the decay for this update (the loop decays
+        per sample: exp(-big / window), so a step's weight grows with its batch)."""
         gradient_sq, trace = two_batch(small_sq, small, big_sq, big)
-        b = self.beta
+        b = self.beta if beta is None else beta
         self._gradient_sq = b * self._gradient_sq + (1 - b) * gradient_sq
         self._trace = b * self._trace + (1 - b) * trace
         self._weight = b * self._weight + (1 - b)

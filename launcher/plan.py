@@ -176,9 +176,9 @@ def shrink_micro_batch(plan: BatchPlan, step: int, ranks: list[int]) -> BatchPla
         f"{plan.world_size} devices)",
     }
     noise = plan.noise
-    if noise != "off":
+    if noise != "off":  # accumulation is 2 or more now
         noise, reasons["noise_scale"] = noise_mode(
-            micro, accumulation, plan.global_batch, plan.world_size, plan.oom_recovery
+            micro, accumulation, plan.global_batch, plan.world_size, plan.oom_recovery, 1
         )
     return dataclasses.replace(
         plan, micro_batch=micro, accumulation=accumulation, noise=noise, reasons=reasons
@@ -290,76 +290,67 @@ def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
 
 
 def noise_mode(
-    micro: int, accumulation: int, global_batch: int, world_size: int, explicit_reduce: bool
+    micro: int,
+    accumulation: int,
+    global_batch: int,
+    world_size: int,
+    explicit_reduce: bool,
+    split_every: int,
 ) -> tuple[str, str]:
     """(mode, reason): which two batch sizes the noise-scale estimate compares (launcher/noise.py).
 
     micro: the first micro-batch's gradient on each rank (seen before accumulation goes on) vs
     the global one; rank: each rank's gradient before the all-reduce vs the global one (one
-    micro-batch per step, reduced after the micro-steps); none: one micro-batch per step and
-    nothing local to see (one rank, or DDP reducing inside backward).
+    micro-batch per step, reduced after the micro-steps); split: one micro-batch per step and
+    nothing local to see (one rank, or DDP reducing inside backward), so every `split_every`-th
+    step runs its micro-batch as two halves and compares the first half's gradient.
     """
-    head = "tr(Sigma) and |G|^2 every step (McCandlish et al. 2018), EMA 0.99, from "
+    head = (
+        "tr(Sigma) and |G|^2 (McCandlish et al. 2018), moving averages over trainer.noise_window "
+        "of the run's samples, from "
+    )
     if accumulation > 1:
         return "micro", (
             f"{head}|first micro-batch gradient|^2 ({micro} samples, mean over ranks) vs "
-            f"|global gradient|^2 ({global_batch})"
+            f"|global gradient|^2 ({global_batch}), every step"
         )
     if world_size > 1 and explicit_reduce:
         return "rank", (
             f"{head}|gradient|^2 of each rank before the all-reduce ({micro} samples, mean over "
-            f"ranks) vs after it ({global_batch})"
+            f"ranks) vs after it ({global_batch}), every step"
         )
-    return "none", "one micro-batch per step, nothing local to compare with"
+    why = "one micro-batch on one rank" if world_size == 1 else "DDP reduces inside backward"
+    return "split", (
+        f"{head}every {split_every}th step (trainer.noise_split_every) run as two half "
+        f"micro-batches, |first half's gradient|^2 ({micro // 2} samples) vs |global "
+        f"gradient|^2 ({global_batch}): {why}, nothing local to compare otherwise (BatchNorm "
+        "normalises over each half on those steps)"
+    )
 
 
 def noise_measurement(
     cfg: RunConfig, global_batch: int, micro: int, accumulation: int, world_size: int, recover: bool
-) -> tuple[str, int, str, str]:
-    """(mode, micro-batch, reason, micro-batch reason) for the run: off by config or where the
-    loop cannot see the gradients. With one micro-batch per step and nothing else to compare
-    (one rank, or DDP reducing inside backward) and micro_batch=auto, the fallback splits the
-    step into two or more micro-batches; the micro-batch reason then says so (else '')."""
+) -> tuple[str, str]:
+    """(mode, reason) for the run: off by config or where the loop cannot see the gradients."""
     if not cfg.trainer.noise_scale:
-        return "off", micro, "not measured (trainer.noise_scale=false)", ""
+        return "off", "not measured (trainer.noise_scale=false)"
     if cfg.backend.name == "deepspeed":
-        return (
-            "off",
-            micro,
-            (
-                "not measured under backend=deepspeed: its engine reduces the gradients inside "
-                "step(), where the loop cannot see them"
-            ),
-            "",
+        return "off", (
+            "not measured under backend=deepspeed: its engine reduces the gradients inside "
+            "step(), where the loop cannot see them"
         )
-    mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover)
-    if mode != "none":
-        return mode, micro, why, ""
-    if cfg.micro_batch != "auto" or micro == 1:
-        return (
-            "off",
-            micro,
-            (
-                f"not measured: {why} (micro_batch={cfg.micro_batch} is the whole per-device "
-                "batch; micro_batch=auto splits it in two to measure)"
-            ),
-            "",
-        )
-    half = max(d for d in _divisors(micro) if d <= micro // 2)
-    mode, why = noise_mode(half, micro // half, global_batch, world_size, recover)
-    split = (
-        f"{half} = {micro} / {micro // half}: the step split so that the noise scale has a "
-        "smaller batch to compare (trainer.noise_scale=false keeps it whole; BatchNorm then "
-        f"normalises over {half}); unsplit: "
-    )
-    return mode, half, why, split
+    split_every = cfg.trainer.noise_split_every
+    mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover, split_every)
+    if mode == "split" and micro == 1:
+        return "off", "not measured: one sample per step on each rank, nothing to compare"
+    return mode, why
 
 
 def split_for(
     cfg: RunConfig, global_batch: int, world_size: int, memory: dict | None, recover: bool
 ) -> tuple[int, int, str, dict[str, str]]:
-    """(micro, accumulation, noise mode, reasons) for `global_batch`: split_batch, then the
-    noise-scale fallback's split of a one-micro-batch step (noise_measurement)."""
+    """(micro, accumulation, noise mode, reasons) for `global_batch` (split_batch, then
+    noise_measurement)."""
     micro, accum, reasons = split_batch(
         global_batch,
         world_size,
@@ -367,15 +358,9 @@ def split_for(
         cfg.max_micro_batch,
         memory["cap"] if memory else None,
     )
-    noise, micro, reasons["noise_scale"], split = noise_measurement(
+    noise, reasons["noise_scale"] = noise_measurement(
         cfg, global_batch, micro, accum, world_size, recover
     )
-    if split:
-        accum = global_batch // world_size // micro
-        reasons["micro_batch"] = split + reasons["micro_batch"]
-        reasons["accumulation"] = (
-            f"{accum} = {global_batch} / ({micro} micro x {world_size} devices)"
-        )
     return micro, accum, noise, reasons
 
 

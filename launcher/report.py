@@ -50,6 +50,7 @@ from launcher.advice import advise, critical_batch, efficiency, format_advice
 from launcher.config import ConfigError
 
 PROG = "launcher.report"
+ADVICE_KEYS = ("global_batch", "world_size", "micro_batch", "accumulation", "epoch_samples")
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,9 @@ def plot_report(summary: Summary, path: Path) -> None:
 def print_run_advice(run_dir: Path) -> int:
     """One run's folder: print its advice (what the run printed at its end), write nothing."""
     plan, records = read_job(run_dir)
+    missing = [k for k in ADVICE_KEYS if not isinstance(plan.get(k), int)]
+    if missing:
+        raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer {missing[0]})")
     advice = advise(records, plan)
     if advice is None:
         raise ConfigError(

@@ -311,7 +311,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     if plan.noise != "off":
         from launcher.noise_meter import NoiseMeter
 
-        meter = NoiseMeter(backend)
+        window = cfg.trainer.noise_window * plan.total_samples
+        meter = NoiseMeter(backend, window, cfg.trainer.noise_split_every)
         if "noise" in progress:
             meter.load_state_dict(progress["noise"])
     if found is not None:
@@ -405,6 +406,15 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             weights = backend.state_dict(model)
         if main:
             torch.save(weights, run_dir / "model_final.pt")
+        if main and plan.noise != "off":  # the throughput curve of the batch-size advice
+            from launcher import speed
+
+            largest = speed.largest_micro(plan, cfg.max_micro_batch, len(splits.train))
+            sizes = speed.ladder(plan.micro_batch, largest)
+            times = speed.time_micro_steps(
+                model, backend, splits.train, sizes, backend.input_dtype(dtype)
+            )
+            sink.log({"event": "micro_step_times", **times})
         sink.log(final)
     finally:
         sink.close()

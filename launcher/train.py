@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.backends.base import Backend
-from launcher.metrics import MetricsSink, PhaseClock
+from launcher.metrics import MetricsSink
 from launcher.noise_meter import NoiseMeter
 from launcher.plan import BatchPlan, shrink_micro_batch
 from launcher.schedule import lr_at
@@ -48,12 +48,14 @@ def accumulate(
     sync_in_backward: bool = True,
     before_micro_step: Callable[[int], None] | None = None,
     meter: NoiseMeter | None = None,
+    split: bool = False,
 ) -> torch.Tensor:
     """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss.
 
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
-    `meter` reads the local gradient norms it needs after each backward.
+    `meter` reads the local gradient norms it needs after each backward; `split` runs each
+    micro-batch as two halves (the noise meter's split mode; the same gradient).
     """
     total = torch.zeros((), device=backend.device, dtype=torch.float64)
     for j in range(plan.accumulation):
@@ -62,13 +64,18 @@ def accumulate(
         x, y = to_device(next(micro_batches), backend.device, dtype)
         if len(y) != plan.micro_batch:
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
-        last = j == plan.accumulation - 1
-        with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-            loss = F.cross_entropy(_full(model(x)), y, reduction="sum") / plan.per_device_batch
-            backend.backward(loss)
-        if meter is not None:
-            meter.micro_step_done(model, plan, j)
-        total += loss.detach()
+        half = len(y) // 2
+        pieces = [(x[:half], y[:half]), (x[half:], y[half:])] if split else [(x, y)]
+        for k, (xp, yp) in enumerate(pieces):
+            last = j == plan.accumulation - 1 and k == len(pieces) - 1
+            with nullcontext() if last and sync_in_backward else backend.no_sync(model):
+                loss = (
+                    F.cross_entropy(_full(model(xp)), yp, reduction="sum") / plan.per_device_batch
+                )
+                backend.backward(loss)
+            if meter is not None:
+                meter.backward_done(model, plan, j, k, len(yp))
+            total += loss.detach()
     return total
 
 
@@ -80,24 +87,20 @@ def train_step(
     plan: BatchPlan,
     dtype: torch.dtype,
     meter: NoiseMeter | None = None,
-    clock: PhaseClock | None = None,
+    split: bool = False,
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
-    total = accumulate(model, micro_batches, backend, plan, dtype, meter=meter)
-    if clock is not None:
-        clock.mark()
-    _apply(model, optimizer, backend, plan, meter, clock)
+    total = accumulate(model, micro_batches, backend, plan, dtype, meter=meter, split=split)
+    _apply(model, optimizer, backend, plan, meter)
     return total
 
 
-def _apply(model, optimizer, backend, plan, meter, clock) -> None:  # noqa: ANN001
+def _apply(model, optimizer, backend, plan, meter) -> None:  # noqa: ANN001
     """The end of a step whose gradients are all-reduced: measure, step, sync the buffers."""
     if meter is not None:
         meter.reduced(model, plan)
     backend.step(model, optimizer)
     backend.sync_buffers(model)
-    if clock is not None:
-        clock.mark()
 
 
 @torch.no_grad()
@@ -139,7 +142,7 @@ def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], Non
     return hook
 
 
-def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, clock):  # noqa: ANN001
+def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, split):  # noqa: ANN001
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
     Returns the loss, or the list of ranks that ran out of memory (then every rank has dropped
@@ -156,12 +159,11 @@ def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, c
             sync_in_backward=False,
             before_micro_step=_test_oom_hook(backend.rank, step, plan),
             meter=meter,
+            split=split,
         )
         failed = 0
     except OOM_ERRORS:
         loss, failed = None, 1
-    if clock is not None:
-        clock.mark()
     flags = backend.flags(failed)
     if any(flags):
         backend.drop_gradients(model, optimizer)
@@ -172,7 +174,7 @@ def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, c
             torch.cuda.empty_cache()
         return [r for r, f in enumerate(flags) if f]
     backend.reduce_gradients(model)
-    _apply(model, optimizer, backend, plan, meter, clock)
+    _apply(model, optimizer, backend, plan, meter)
     return loss
 
 
@@ -213,7 +215,6 @@ def fit(
         backend.replan(model, current)
     batches = iter(batches_from(current, start_step))
     sink.start(start_step)
-    clock = PhaseClock(backend.device.type == "cuda")
     first = plan.samples_at(start_step)
     next_eval = (first // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
@@ -223,17 +224,16 @@ def fit(
             current = plan.at(step)
             backend.replan(model, current)
             batches = iter(batches_from(current, step))
-            clock.read()  # per-sample times of the old micro-batch: not the new one's
             sink.log({"event": "ramp", "step": step, "global_batch": current.global_batch})
         lr = lr_at(current, current.samples_at(step))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clock.begin()
+        split = meter is not None and meter.start_step(step, current)
         if not oom_recovery:
-            loss = train_step(model, optimizer, batches, backend, current, dtype, meter, clock)
+            loss = train_step(model, optimizer, batches, backend, current, dtype, meter, split)
         else:
             loss = _step_or_oom(
-                model, optimizer, batches, backend, current, dtype, step, meter, clock
+                model, optimizer, batches, backend, current, dtype, step, meter, split
             )
             if isinstance(loss, list):
                 smaller = shrink_micro_batch(current, step, loss)
@@ -257,10 +257,6 @@ def fit(
                 "samples_per_s": sink.samples_per_second(samples - first),
                 "train_s": sink.train_seconds(),
             }
-            compute_s, rest_s, timed = clock.read()
-            if timed:
-                record["sample_compute_s"] = compute_s / (timed * current.per_device_batch)
-                record["step_overhead_s"] = rest_s / timed
             sink.log(record | (meter.flush() if meter is not None else {}))
         if samples >= next_eval or step == plan.steps:
             _pause(sink, backend)

@@ -1,38 +1,46 @@
-"""Batch-size advice from a run's metrics: the run's critical batch, the throughput model, the
-goodput optimum (checked against a brute-force search) and the recommended batch."""
+"""Batch-size advice from a run's metrics: the run's critical batch, the measured step time, the
+micro-step timings, and the recommended batch against an independent goodput computation."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from launcher.advice import advise, critical_batch, efficiency, format_advice, throughput
+from launcher.advice import advise, critical_batch, efficiency, format_advice, seconds_per_step
 
-PLAN = {"global_batch": 512, "world_size": 2, "epoch_samples": 32000}
+PLAN = {
+    "global_batch": 512,
+    "world_size": 2,
+    "epoch_samples": 32000,
+    "micro_batch": 128,
+    "accumulation": 2,
+}
+MICRO = {m: 1e-3 + 2e-5 * m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256)}  # seconds
+STEP = 1e-2  # seconds per training step at 512 (train_s grows by 10 steps x STEP per line)
 
 
-def _records(noise: float, t_sample: float, t_step: float, n: int = 20) -> list[dict]:
-    lines = [{"step": 0, "loss": 2.0, "samples": 0, "samples_per_s": 1.0}]  # nothing measured
-    for i in range(1, n + 1):
+def _records(noise: float = 400.0) -> list[dict]:
+    lines = [{"event": "ramp", "step": 0, "global_batch": 512}]
+    for i in range(1, 21):
+        step = 10 * i
         lines.append(
             {
-                "step": 10 * i,
-                "samples": 5120 * i,
+                "step": step,
+                "samples": 512 * step,
+                "global_batch": 512,
                 "loss": 1.0,
-                "samples_per_s": 9000.0,
+                "train_s": STEP * step + (0.5 if i > 10 else 0.0),  # a slow interval: median
                 "noise_scale": noise,
-                "sample_compute_s": t_sample,
-                "step_overhead_s": t_step,
             }
         )
-        lines.append({"step": 10 * i, "eval_accuracy": 0.5, "noise_scale": 1e9})  # not training
+        lines.append({"step": step, "eval_accuracy": 0.5, "noise_scale": 1e9})  # not training
+    seconds = {str(m): t for m, t in MICRO.items()}
+    lines.append({"event": "micro_step_times", "seconds": seconds, "out_of_memory_at": None})
     return lines
 
 
-def test_efficiency_and_throughput_models() -> None:
+def test_efficiency() -> None:
     assert efficiency(512, 400, 512) == 1.0
     assert efficiency(1024, 400, 512) == pytest.approx(912 / 1424)
-    assert throughput(512, 2, 1e-5, 1e-3) == pytest.approx(512 / (1e-3 + 256 * 1e-5))
 
 
 def test_critical_batch_weights_each_estimate_by_the_progress_a_step_makes() -> None:
@@ -48,32 +56,51 @@ def test_critical_batch_weights_each_estimate_by_the_progress_a_step_makes() -> 
     assert critical_batch(lines[2:], 100) is None
 
 
-def test_recommendation_is_the_goodput_optimum() -> None:
-    noise, t_sample, t_step = 400.0, 1e-5, 1e-3
-    advice = advise(_records(noise, t_sample, t_step), PLAN)
-    assert advice.noise_scale == pytest.approx(noise) and advice.points == 20
-    assert (advice.t_sample, advice.t_step) == (t_sample, t_step)
-    # brute force over a fine grid of the same goodput: the closed form sqrt(phi W t_step/t_s)
-    grid = np.linspace(1, 20000, 2_000_000)
-    goodput = grid / (t_step + grid / 2 * t_sample) / (noise + grid)
-    assert advice.best == pytest.approx(grid[goodput.argmax()], rel=1e-3)
-    assert advice.best == pytest.approx((noise * 2 * t_step / t_sample) ** 0.5)  # 283
-    batches = [r[0] for r in advice.rows]
-    assert batches == [2 * 2**k for k in range(14)]  # world x 2^k up to the training set
-    by_batch = {b: b / (t_step + b / 2 * t_sample) * (noise + 512) / (noise + b) for b in batches}
-    assert advice.recommended == max(by_batch, key=by_batch.get) == 256
-    now = by_batch[512]
-    for b, speed, eff, gain in advice.rows:
-        assert gain == pytest.approx(by_batch[b] / now, rel=1e-12)
-        assert speed == pytest.approx(throughput(b, 2, t_sample, t_step))
-        assert eff == pytest.approx(efficiency(b, noise, 512))
+def test_step_time_is_the_median_at_the_runs_batch() -> None:
+    lines = [
+        {"step": 10, "train_s": 1.0, "global_batch": 256},  # ramp-up lines: another batch
+        {"step": 20, "train_s": 2.0, "global_batch": 256},
+        {"step": 30, "train_s": 4.0, "global_batch": 512},
+        {"step": 40, "train_s": 4.5, "global_batch": 512},
+        {"step": 50, "train_s": 5.0, "global_batch": 512},
+        {"step": 52, "train_s": 9.0, "global_batch": 512},  # one slow interval
+    ]
+    assert seconds_per_step(lines, 512) == pytest.approx(0.05)
+    assert seconds_per_step(lines[:3], 512) is None
+
+
+def test_recommendation_is_the_goodput_optimum_of_the_measured_timings() -> None:
+    advice = advise(_records(), PLAN)
+    assert advice.noise_scale == pytest.approx(400.0) and advice.points == 20
+    assert advice.step_seconds == pytest.approx(STEP)
+    t_step = STEP - 2 * MICRO[128]  # the measured step minus its two micro-steps
+    assert advice.t_step == pytest.approx(t_step)
+    expected = {}
+    for k in range(14):  # world x 2^k up to the training set
+        b = 2 * 2**k
+        per_device = b // 2
+        m = min(per_device, 256)  # the largest measured micro-batch dividing it
+        seconds = STEP if b == 512 else t_step + per_device // m * MICRO[m]
+        expected[b] = (m if b != 512 else 128, b / seconds, efficiency(b, 400.0, 512))
+    assert [r[0] for r in advice.rows] == list(expected)
+    now = expected[512][1]
+    for b, micro, speed, eff, gain in advice.rows:
+        m, s, e = expected[b]
+        assert (micro, speed, eff) == (m, pytest.approx(s), pytest.approx(e))
+        assert gain == pytest.approx(s * e / now)
+    goodput = {b: s * e for b, (_, s, e) in expected.items()}
+    best = max(goodput, key=goodput.get)
+    assert advice.recommended == best == 256
+    assert advice.near == tuple(b for b, g in goodput.items() if g >= 0.9 * goodput[best])
     text = format_advice(advice)
     assert "recommended global batch: 256 (now 512)" in text
-    assert "= 283" in text and "9,000 samples/s at global batch 512" in text
+    assert "51,200 samples/s at global batch 512 (10 ms per step" in text
 
 
-def test_no_advice_without_a_noise_scale_or_timing() -> None:
-    lines = _records(400.0, 1e-5, 1e-3)
+def test_no_advice_without_a_noise_scale_or_timings() -> None:
+    lines = _records()
     no_noise = [{k: v for k, v in r.items() if k != "noise_scale"} for r in lines]
-    untimed = [{k: v for k, v in r.items() if k != "sample_compute_s"} for r in lines]
-    assert advise(no_noise, PLAN) is None and advise(untimed, PLAN) is None
+    untimed = [r for r in lines if r.get("event") != "micro_step_times"]
+    no_train_s = [{k: v for k, v in r.items() if k != "train_s"} for r in lines]
+    for records in (no_noise, untimed, no_train_s):
+        assert advise(records, PLAN) is None

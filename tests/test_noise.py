@@ -49,6 +49,18 @@ def test_moving_averages_recover_the_noise_scale() -> None:
     assert scale.value == pytest.approx(TRACE / GRADIENT_SQ, rel=0.02)
 
 
+def test_decay_per_sample_weighs_a_step_by_its_batch() -> None:
+    """The loop's decay exp(-B / window): ten steps of 100 samples age the average as much as
+    two of 500, so the window is the same number of samples whatever the batch."""
+    small, large = NoiseScale(), NoiseScale()
+    for _ in range(10):
+        small.update(2.0, 50, 1.5, 100, beta=math.exp(-100 / 400))
+    for _ in range(2):
+        large.update(2.0, 250, 1.5, 500, beta=math.exp(-500 / 400))
+    assert small.state_dict()["weight"] == pytest.approx(1 - math.exp(-1000 / 400), rel=1e-12)
+    assert large.state_dict()["weight"] == pytest.approx(small.state_dict()["weight"], rel=1e-12)
+
+
 def test_no_estimate_before_the_gradient_term_is_positive() -> None:
     scale = NoiseScale(beta=0.9)
     assert scale.value is None
@@ -96,14 +108,15 @@ def _reference(cfg_overrides: list[str], small_batches: list[slice]) -> tuple[fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("devices", "mode", "small"),
+    ("devices", "micro", "mode", "small"),
     [
-        (1, "micro", [slice(0, 32)]),  # 64 split into 2 x 32: the first micro-batch
-        (2, "rank", [slice(0, 32), slice(32, 64)]),  # each rank's 32 before the all-reduce
+        (1, "auto", "split", [slice(0, 32)]),  # 64 run as 2 x 32 on step 0: the first half
+        (1, 16, "micro", [slice(0, 16)]),  # 4 x 16: the first micro-batch
+        (2, "auto", "rank", [slice(0, 32), slice(32, 64)]),  # each rank's 32 before all-reduce
     ],
 )
 def test_meter_in_the_loop_matches_an_independent_computation(
-    devices, mode, small, tmp_path, data_cache
+    devices, micro, mode, small, tmp_path, data_cache
 ) -> None:
     """One step at global batch 64 (float64): the logged |G|^2 and tr(Sigma) (an EMA after one
     update is that update) equal two_batch on gradients computed here, within 1e-9."""
@@ -112,12 +125,13 @@ def test_meter_in_the_loop_matches_an_independent_computation(
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "memory.probe=false"]
     res = run_cli(
         [*args, "trainer.epochs=0.04", "trainer.dtype=float64", "trainer.log_every=1"]
-        + ["trainer.progress=false", f"trainer.devices={devices}", "run_dir=run"],
+        + ["trainer.progress=false", f"trainer.devices={devices}", f"micro_batch={micro}"]
+        + ["run_dir=run"],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert (plan["steps"], plan["noise"], plan["micro_batch"]) == (1, mode, 32)
+    assert (plan["steps"], plan["noise"]) == (1, mode)
     (line,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     gradient_sq, trace = _reference(args, small)
     assert trace > 0 and gradient_sq > 0

@@ -42,7 +42,7 @@ def test_stages_double_the_batch_and_account_for_every_sample() -> None:
         assert plan.samples_at(step + 1) - plan.samples_at(step) == plan.at(step).global_batch
     assert plan.samples_at(plan.steps) == plan.total_samples >= 96000
     assert plan.total_samples - 96000 < 512
-    assert plan.reasons["ramp"].startswith("64 (micro 32 x 2, lr 0.06) for steps 0-249; 128")
+    assert plan.reasons["ramp"].startswith("64 (micro 64 x 1, lr 0.06) for steps 0-249; 128")
 
 
 def test_each_stage_scales_the_plans_lr_curve_by_the_rule() -> None:

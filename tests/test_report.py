@@ -145,6 +145,7 @@ def write_job(folder: Path, batch: int) -> None:
         {"final": True, "step": last, "param_digest": 1.0},
     ]
     plan = {"global_batch": batch, "optimizer": "sgd", "lr": 0.001 * batch, "steps": last}
+    plan |= {"world_size": 1, "micro_batch": batch, "accumulation": 1, "epoch_samples": 10**5}
     (folder / "plan.json").write_text(json.dumps(plan))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -265,3 +266,6 @@ def test_report_of_a_real_sweep(tmp_path: Path, data_cache: str) -> None:
         noise = run_noise_scale(records, int(row["B"]))  # measured: the noise meter is on
         assert row["noise scale"] == ("-" if noise is None else f"{noise:,.1f}")
     assert (tmp_path / "sweep" / "report.png").read_bytes()[:8] == PNG_MAGIC
+    one = report(["sweep/1"], tmp_path)  # one run's folder: the advice it printed at its end
+    assert one.returncode == 0, one.stderr
+    assert "recommended global batch:" in one.stdout and "(now 64)" in one.stdout

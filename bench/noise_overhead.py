@@ -1,0 +1,67 @@
+"""What measuring the gradient noise scale costs: the launcher's loop with it on vs off.
+
+The default run (MNIST-1D CNN, global batch 512, one CPU thread; a 5k-parameter model, so per-step
+costs weigh the most here) in five configurations, alternating in one process, the same steps:
+- 512x1 off: trainer.noise_scale=false;
+- 512x1 on: the default; one micro-batch per step on one rank, so split mode: every 10th step runs
+  its micro-batch as two halves, and the meter reads two squared norms on those steps;
+- 512x1 on, split every step: trainer.noise_split_every=1 (the worst case);
+- 256x2 off / 256x2 on: micro_batch=256, where micro mode measures every step for free but for
+  the meter itself (two squared norms per step, one sum over ranks per log line).
+Result: median samples/s of each "on" against its "off" (target: >= 0.97).
+
+    python bench/noise_overhead.py [--epochs 5] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from overhead import launcher_loop  # bench/: run as `python bench/noise_overhead.py`
+
+from launcher.backends.accelerate import AccelerateBackend
+from launcher.compose import compose_run
+from launcher.data import build_splits
+from launcher.plan import plan_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = ["global_batch=512", f"trainer.epochs={args.epochs}"]
+    configs = {
+        "512x1 off": ["trainer.noise_scale=false"],
+        "512x1 on": [],
+        "512x1 on, split every step": ["trainer.noise_split_every=1"],
+        "256x2 off": ["micro_batch=256", "trainer.noise_scale=false"],
+        "256x2 on": ["micro_batch=256"],
+    }
+    configs = {k: compose_run([*base, *v]) for k, v in configs.items()}
+    plans = {k: plan_batch(cfg, 1, 32000) for k, cfg in configs.items()}
+    assert [p.noise for p in plans.values()] == ["off", "split", "split", "off", "micro"]
+    splits = build_splits(configs["512x1 off"].data)
+    backend = AccelerateBackend(configs["512x1 off"], "cpu")
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(args.repeats):
+        for name, cfg in configs.items():
+            times[name].append(
+                launcher_loop(cfg, splits, backend, None, plans[name].noise != "off")
+            )
+    steps = plans["512x1 off"].steps
+    print(f"{steps} steps at global batch 512 per run, {args.repeats} repeats, 1 thread")
+    rate = {k: steps * 512 / statistics.median(v) for k, v in times.items()}
+    for k, v in times.items():
+        base = rate[k.split(" ")[0] + " off"]
+        print(
+            f"{k:>27}: median {statistics.median(v):.3f} s, {rate[k]:,.0f} samples/s, "
+            f"ratio to off {rate[k] / base:.3f} (runs: {', '.join(f'{t:.3f}' for t in v)})"
+        )
+
+
+if __name__ == "__main__":
+    main()
