@@ -61,22 +61,26 @@ def step_time(batch: int, world: int, t_step: float, micro_seconds: dict[int, fl
 def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
     """(B_crit, points): the noise scale averaged over a run the way a fixed batch meets it.
 
-    Each log line's B_simple (the EMA estimates' ratio) is phi_t. In the empirical model a step at
-    batch B makes 1/(1 + phi_t/B) steps' worth of progress at the minimal step count, so over a
-    whole run S(B) = S_min (1 + B_crit/B) with B_crit the mean of phi_t weighted by that progress,
-    w_t = 1/(1 + phi_t/B_t), B_t the batch the line was trained at. Lines without an estimate
-    (before |G|^2 > 0) are left out.
+    A log line's estimates give phi_t = grad_trace / grad_sq. In the empirical model a step at
+    batch B makes w_t = 1/(1 + phi_t/B) steps' worth of progress at the minimal step count, so
+    over a whole run S(B) = S_min (1 + B_crit/B) with B_crit = sum w_t phi_t / sum w_t, B_t the
+    batch the line was trained at. Written with the two averages, w = B g / (B g + t) and
+    w phi = B t / (B g + t), a line whose |G|^2 average is not positive (noise dominates:
+    phi -> infinity) counts as w = 0, w phi = B instead of being dropped, which would bias the
+    estimate down.
     """
-    pairs = [
-        (r["noise_scale"], r.get("global_batch", batch))
-        for r in records
-        if r.get("noise_scale") is not None and r["noise_scale"] > 0
-    ]
-    if not pairs:
-        return None
-    weights = [1 / (1 + phi / b) for phi, b in pairs]
-    value = sum(w * phi for w, (phi, _) in zip(weights, pairs, strict=True)) / sum(weights)
-    return value, len(pairs)
+    num = den = 0.0
+    points = 0
+    for r in records:
+        if r.get("grad_sq") is None or r.get("grad_trace") is None:
+            continue
+        b, g, t = r.get("global_batch", batch), max(r["grad_sq"], 0.0), r["grad_trace"]
+        if b * g + t <= 0:
+            continue
+        num += b * t / (b * g + t)
+        den += b * g / (b * g + t)
+        points += 1
+    return (num / den, points) if den > 0 else None
 
 
 def seconds_per_step(train: list[dict], batch: int) -> float | None:

@@ -23,7 +23,8 @@ Over the sweep:
 - steps to target S against the batch B follow S = S_min (1 + B_crit / B) (McCandlish et al.
   2018, eq. 2.11); `fit_critical_batch` fits it in log space (relative errors: the steps span an
   order of magnitude or more). E_min = S_min B_crit is the fewest samples that reach the target.
-- fastest batch: the least measured time to target.
+- fastest batch: the least measured time to target (with several runs per batch, e.g. a sweep
+  over seeds too, the least median over its runs; a run that missed the target counts as never).
 - goodput-optimal batch (Pollux, Qiao et al. OSDI'21, eq. 1-2): goodput(B) = samples_per_s(B) x
   efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
   samples per second of B_0-equivalent progress.
@@ -81,8 +82,8 @@ class Summary:
     noise_scale: float | None  # phi: the median of the jobs' noise scales
     goodput: list[float | None]  # per job, same order as jobs
     base_batch: int  # B_0: the smallest batch of the sweep
-    fastest: Job | None
-    best_goodput: Job | None
+    fastest: tuple[int, float, int] | None  # (B, median time to target, runs at B)
+    best_goodput: tuple[int, float, int] | None  # (B, median goodput, runs at B)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +244,20 @@ def summarize_sweep(jobs: list[Job], target: float) -> Summary:
         else None
         for j in jobs
     ]
-    timed = [j for j in reached if j.time_to_target is not None]
-    fastest = min(timed, key=lambda j: j.time_to_target) if timed else None
-    rated = [(g, j) for g, j in zip(goodput, jobs, strict=True) if g is not None]
-    best = max(rated, key=lambda gj: gj[0])[1] if rated else None
+    times = {}
+    for j in jobs:
+        times.setdefault(j.global_batch, []).append(
+            math.inf if j.time_to_target is None else j.time_to_target
+        )
+    medians = [(b, statistics.median(t), len(t)) for b, t in times.items()]
+    finite = [m for m in medians if math.isfinite(m[1])]
+    fastest = min(finite, key=lambda m: m[1]) if finite else None
+    rated: dict[int, list[float]] = {}
+    for g, j in zip(goodput, jobs, strict=True):
+        if g is not None:
+            rated.setdefault(j.global_batch, []).append(g)
+    by_batch = [(b, statistics.median(g), len(g)) for b, g in rated.items()]
+    best = max(by_batch, key=lambda m: m[1]) if by_batch else None
     return Summary(target, jobs, fit, note, phi, goodput, base, fastest, best)
 
 
@@ -321,22 +332,21 @@ def format_report(summary: Summary, title: str) -> str:
     if summary.fastest is None:
         lines.append("- Fastest to target: none (no run reached it with train_s logged).")
     else:
-        j = summary.fastest
+        b, seconds, runs = summary.fastest
+        over = f" (median of {runs} runs)" if runs > 1 else ""
         lines.append(
-            f"- Fastest to target (measured): B = {j.global_batch:,}, {j.time_to_target:,.2f} s "
-            f"of training, {j.steps_to_target:,} steps."
+            f"- Fastest to target (measured): B = {b:,}, {seconds:,.2f} s of training{over}."
         )
     if summary.best_goodput is None:
         lines.append("- Goodput-optimal batch: none (needs a measured noise scale and samples/s).")
     else:
-        j = summary.best_goodput
-        phi = summary.noise_scale
-        eff = efficiency(j.global_batch, phi, summary.base_batch)
+        b, value, runs = summary.best_goodput
+        over = f" (median of {runs} runs)" if runs > 1 else ""
         lines.append(
-            f"- Goodput-optimal batch (Pollux, Qiao et al. OSDI'21): B = {j.global_batch:,}, "
-            f"goodput {j.samples_per_s * eff:,.0f} = {j.samples_per_s:,.0f} samples/s x "
-            f"efficiency {eff:.3f}, efficiency(B) = (phi + B_0) / (phi + B) with phi = "
-            f"{phi:,.1f} (the median noise scale) and B_0 = {summary.base_batch:,}."
+            f"- Goodput-optimal batch (Pollux, Qiao et al. OSDI'21): B = {b:,}, goodput "
+            f"{value:,.0f}{over} = samples/s x efficiency, efficiency(B) = (phi + B_0) / (phi + B) "
+            f"with phi = {summary.noise_scale:,.1f} (the median noise scale) and "
+            f"B_0 = {summary.base_batch:,}."
         )
     return "\n".join(lines) + "\n"
 

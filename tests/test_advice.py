@@ -29,10 +29,12 @@ def _records(noise: float = 400.0) -> list[dict]:
                 "global_batch": 512,
                 "loss": 1.0,
                 "train_s": STEP * step + (0.5 if i > 10 else 0.0),  # a slow interval: median
+                "grad_sq": 1.0,
+                "grad_trace": noise,
                 "noise_scale": noise,
             }
         )
-        lines.append({"step": step, "eval_accuracy": 0.5, "noise_scale": 1e9})  # not training
+        lines.append({"step": step, "eval_accuracy": 0.5, "grad_sq": 1e-9, "grad_trace": 1.0})
     seconds = {str(m): t for m, t in MICRO.items()}
     lines.append({"event": "micro_step_times", "seconds": seconds, "out_of_memory_at": None})
     return lines
@@ -45,15 +47,17 @@ def test_efficiency() -> None:
 
 def test_critical_batch_weights_each_estimate_by_the_progress_a_step_makes() -> None:
     lines = [
-        {"loss": 1.0, "noise_scale": 100.0, "global_batch": 100},  # weight 1/2
-        {"loss": 1.0, "noise_scale": 300.0, "global_batch": 300},  # weight 1/2 (ramp-up line)
-        {"loss": 1.0, "noise_scale": None},
-        {"loss": 1.0, "noise_scale": -5.0},
+        {"loss": 1.0, "grad_sq": 1.0, "grad_trace": 100.0, "global_batch": 100},  # w 1/2
+        {"loss": 1.0, "grad_sq": 1.0, "grad_trace": 300.0, "global_batch": 300},  # w 1/2 (ramp)
+        {"loss": 1.0},  # before the first estimate
     ]
     assert critical_batch(lines, 100) == (pytest.approx(200.0), 2)
-    lines[1]["global_batch"] = 100  # weight 1/4 now
+    lines[1]["global_batch"] = 100  # phi 300 at batch 100: weight 1/4
     assert critical_batch(lines, 100)[0] == pytest.approx((50 + 75) / 0.75)
-    assert critical_batch(lines[2:], 100) is None
+    noisy = {"loss": 1.0, "grad_sq": -0.5, "grad_trace": 40.0, "global_batch": 100}
+    # |G|^2 average not positive: phi -> infinity, weight 0, w phi -> B = 100 (not dropped)
+    assert critical_batch([*lines, noisy], 100)[0] == pytest.approx((50 + 75 + 100) / 0.75)
+    assert critical_batch([lines[2], noisy], 100) is None
 
 
 def test_step_time_is_the_median_at_the_runs_batch() -> None:
@@ -99,7 +103,7 @@ def test_recommendation_is_the_goodput_optimum_of_the_measured_timings() -> None
 
 def test_no_advice_without_a_noise_scale_or_timings() -> None:
     lines = _records()
-    no_noise = [{k: v for k, v in r.items() if k != "noise_scale"} for r in lines]
+    no_noise = [{k: v for k, v in r.items() if k not in ("grad_sq", "grad_trace")} for r in lines]
     untimed = [r for r in lines if r.get("event") != "micro_step_times"]
     no_train_s = [{k: v for k, v in r.items() if k != "train_s"} for r in lines]
     for records in (no_noise, untimed, no_train_s):

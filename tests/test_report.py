@@ -75,9 +75,9 @@ def test_fit_refuses_fewer_than_two_batch_sizes() -> None:
 def test_noise_scale_is_the_runs_critical_batch() -> None:
     records = [
         {"step": 10, "loss": 1.0, "noise_scale": None},
-        {"step": 20, "loss": 1.0, "noise_scale": 100.0},  # weight 1 / (1 + 100/100) = 1/2
-        {"step": 30, "loss": 1.0, "noise_scale": 300.0},  # weight 1/4
-        {"step": 30, "eval_accuracy": 0.5, "noise_scale": 1e6},  # not a training line
+        {"step": 20, "loss": 1.0, "grad_sq": 1.0, "grad_trace": 100.0},  # weight 1/(1 + 1)
+        {"step": 30, "loss": 1.0, "grad_sq": 1.0, "grad_trace": 300.0},  # weight 1/4
+        {"step": 30, "eval_accuracy": 0.5, "grad_sq": 1e-9, "grad_trace": 1.0},  # not training
     ]
     assert run_noise_scale(records, 100) == pytest.approx((50 + 75) / 0.75)  # not 200
     assert run_noise_scale(records[:1], 100) is None
@@ -134,8 +134,8 @@ def write_job(folder: Path, batch: int) -> None:
     noise = NOISE[batch]
     records = [
         {**at(10), "loss": 2.0, "samples_per_s": 1.0, "noise_scale": None, "grad_sq": None},
-        {**at(20), "loss": 1.5, "samples_per_s": 1.0, "noise_scale": noise},
-        {**at(30), "loss": 1.4, "samples_per_s": 1.0, "noise_scale": noise},
+        {**at(20), "loss": 1.5, "samples_per_s": 1.0, "grad_sq": 2.0, "grad_trace": 2 * noise},
+        {**at(30), "loss": 1.4, "samples_per_s": 1.0, "grad_sq": 1.0, "grad_trace": noise},
         {**at(hit // 2), "eval_accuracy": 0.5, "eval_loss": 1.0, "eval_samples": 400},
         {"event": "checkpoint", "step": hit // 2, "path": "checkpoints/x.pt"},
         {**at(hit), "eval_accuracy": TARGET + 0.01, "eval_loss": 0.3, "eval_samples": 400},
@@ -178,8 +178,10 @@ def test_report_of_a_synthetic_sweep(tmp_path: Path) -> None:
 
     assert "S_min = 100.0 steps, B_crit = 128, E_min = S_min x B_crit = 12,800 samples" in markdown
     assert "median 64.0 (range 48.0 to 80.0 over 4 runs)" in markdown
-    assert "Fastest to target (measured): B = 256, 7.11 s" in markdown  # least time, not goodput
-    assert "Goodput-optimal batch (Pollux, Qiao et al. OSDI'21): B = 128, goodput 1,700" in markdown
+    assert "Fastest to target (measured): B = 256, 7.11 s of training." in markdown  # not goodput
+    assert (
+        "Goodput-optimal batch (Pollux, Qiao et al. OSDI'21): B = 128, goodput 1,700 =" in markdown
+    )
 
 
 def test_report_out_dir(tmp_path: Path) -> None:
@@ -269,3 +271,20 @@ def test_report_of_a_real_sweep(tmp_path: Path, data_cache: str) -> None:
     one = report(["sweep/1"], tmp_path)  # one run's folder: the advice it printed at its end
     assert one.returncode == 0, one.stderr
     assert "recommended global batch:" in one.stdout and "(now 64)" in one.stdout
+
+
+def test_several_runs_per_batch_count_by_their_median() -> None:
+    """A sweep over seeds too: the fastest batch has the least median time to target, a run
+    that missed the target counting as never; goodput likewise by its median."""
+
+    def job(batch: int, seconds: float | None, speed: float) -> Job:
+        steps = None if seconds is None else 100
+        return Job(
+            f"{batch}-{seconds}", batch, "sgd", 0.1, True, 0.9, steps, None, seconds, speed, 50.0
+        )
+
+    jobs = [job(64, 5.0, 100.0), job(64, 9.0, 100.0), job(128, 6.0, 400.0), job(128, None, 10.0)]
+    summary = summarize_sweep(jobs, target=0.9)
+    assert summary.fastest == (64, 7.0, 2)  # 128: median of 6 and never
+    eff = efficiency(128, 50.0, 64)
+    assert summary.best_goodput == (128, pytest.approx((400.0 + 10.0) / 2 * eff), 2)
