@@ -11,7 +11,7 @@ efficiency efficiency(B) = (phi + B0)/(phi + B) for noise scale phi: the progres
 at batch B relative to batch B0 (here B0 = the run's batch, so "vs now" is a plain ratio).
 
 Throughput, measured: after training, launcher/speed.py times one micro-step (forward, backward)
-at micro-batches 1, 2, 4, ... up to the plan's cap. What a step spends besides its micro-steps
+at micro-batches 2, 4, 8, ... up to the plan's cap. What a step spends besides its micro-steps
 (loading, all-reduce, optimizer, the loop), t_step, is the step time measured in training minus
 accumulation x t_micro(micro) of the run's plan. A step of global batch B on W ranks then takes
 t_step + (B/W / m) t_micro(m), m the largest measured micro-batch dividing B/W (accumulation

@@ -341,8 +341,11 @@ def noise_measurement(
         )
     split_every = cfg.trainer.noise_split_every
     mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover, split_every)
-    if mode == "split" and micro == 1:
-        return "off", "not measured: one sample per step on each rank, nothing to compare"
+    if mode == "split" and micro < 4:  # halves of one sample cannot train BatchNorm
+        return "off", (
+            f"not measured: {micro} sample(s) per step on each rank, too few to split in halves "
+            "of 2 or more"
+        )
     return mode, why
 
 

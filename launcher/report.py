@@ -79,6 +79,7 @@ class Summary:
     jobs: list[Job]
     fit: tuple[float, float] | None  # (S_min, B_crit)
     fit_note: str  # why there is no fit, or a caveat about it; "" when none
+    fit_runs: int  # the runs the fit used (one optimizer's)
     noise_scale: float | None  # phi: the median of the jobs' noise scales
     goodput: list[float | None]  # per job, same order as jobs
     base_batch: int  # B_0: the smallest batch of the sweep
@@ -227,14 +228,31 @@ def summarize_sweep(jobs: list[Job], target: float) -> Summary:
     """Fit, noise scale, goodput and the two recommendations from the jobs (sorted here)."""
     jobs = sorted(jobs, key=lambda j: (j.global_batch, _name_key(j.name)))
     reached = [j for j in jobs if j.steps_to_target is not None]
-    fit, note = None, ""
-    if len({j.global_batch for j in reached}) < 2:
+    groups: dict[str, list[Job]] = {}
+    for j in reached:
+        groups.setdefault(j.optimizer, []).append(j)
+    spans = {o: {j.global_batch for j in g} for o, g in groups.items()}
+    fittable = [o for o in groups if len(spans[o]) >= 2]
+    fit, note, used = None, "", []
+    if not fittable:
         note = "no fit: fewer than 2 batch sizes reached the target"
-    else:
-        batches = [j.global_batch for j in reached]
-        fit = fit_critical_batch(batches, [j.steps_to_target for j in reached])
+        note += " with one optimizer" if len(groups) > 1 else ""
+    else:  # the optimizer with the most batch sizes (the smallest batches on a tie)
+        optimizer = max(fittable, key=lambda o: (len(spans[o]), -min(spans[o])))
+        used = groups[optimizer]
+        batches = [j.global_batch for j in used]
+        fit = fit_critical_batch(batches, [j.steps_to_target for j in used])
+        others = sorted({j.global_batch for j in reached if j.optimizer != optimizer})
+        notes = []
+        if others:
+            names = ", ".join(sorted(o for o in groups if o != optimizer))
+            notes.append(
+                f"{optimizer} runs only: the model holds for one training setup, and the "
+                f"{names} runs (B {others[0]:,}-{others[-1]:,}) follow their own curve"
+            )
         if not min(batches) / 99 < fit[1] < max(batches) * 99:
-            note = "B_crit is at the edge of the search range: these runs do not pin it down"
+            notes.append("B_crit is at the edge of the search range: these runs do not pin it down")
+        note = "; ".join(notes)
     scales = [j.noise_scale for j in jobs if j.noise_scale is not None]
     phi = statistics.median(scales) if scales else None
     base = jobs[0].global_batch
@@ -258,7 +276,7 @@ def summarize_sweep(jobs: list[Job], target: float) -> Summary:
             rated.setdefault(j.global_batch, []).append(g)
     by_batch = [(b, statistics.median(g), len(g)) for b, g in rated.items()]
     best = max(by_batch, key=lambda m: m[1]) if by_batch else None
-    return Summary(target, jobs, fit, note, phi, goodput, base, fastest, best)
+    return Summary(target, jobs, fit, note, len(used), phi, goodput, base, fastest, best)
 
 
 def _name_key(name: str) -> tuple[int, str]:
@@ -308,15 +326,15 @@ def format_report(summary: Summary, title: str) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
-    reached = sum(j.steps_to_target is not None for j in summary.jobs)
     if summary.fit is None:
         lines.append(f"- Fit S = S_min (1 + B_crit / B): {summary.fit_note}.")
     else:
         s_min, b_crit = summary.fit
         lines.append(
-            f"- Fit S = S_min (1 + B_crit / B) to the steps to target of the {reached} runs that "
-            f"reached it (log-space least squares; McCandlish et al. 2018): S_min = {s_min:,.1f} "
-            f"steps, B_crit = {b_crit:,.0f}, E_min = S_min x B_crit = {s_min * b_crit:,.0f} samples"
+            f"- Fit S = S_min (1 + B_crit / B) to the steps to target of {summary.fit_runs} runs "
+            "that reached it (log-space least squares; McCandlish et al. 2018): "
+            f"S_min = {s_min:,.1f} steps, B_crit = {b_crit:,.0f}, "
+            f"E_min = S_min x B_crit = {s_min * b_crit:,.0f} samples"
             + (f" ({summary.fit_note})." if summary.fit_note else ".")
         )
     scales = [j.noise_scale for j in summary.jobs if j.noise_scale is not None]
@@ -384,7 +402,14 @@ def plot_report(summary: Summary, path: Path) -> None:
         if not points:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
             continue
-        ax.plot(*zip(*points, strict=True), "o-", label="measured")
+        by_batch: dict[int, list[float]] = {}
+        for b, v in points:
+            by_batch.setdefault(b, []).append(v)
+        medians = [(b, statistics.median(v)) for b, v in sorted(by_batch.items())]
+        several = any(len(v) > 1 for v in by_batch.values())
+        ax.plot(*zip(*medians, strict=True), "o-", label="measured" + (" (median)" * several))
+        if several:
+            ax.plot(*zip(*points, strict=True), ".", color="C0", alpha=0.35, label="each run")
         if log_y:
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(plain)

@@ -4,9 +4,9 @@ model of it; here it is measured).
 
 A micro-step is what the loop does per micro-batch: forward, loss, backward (with the run's
 precision, autocast and loss scaling), on the plain module (no DDP: no collective, so rank 0 runs
-it alone). Sizes: the powers of two up to the largest micro-batch the plan allows (memory cap and
-max_micro_batch), and the plan's own micro-batch; for each, one warm-up micro-step, then the
-median of `repeats`. The gradients are dropped and the buffers (BatchNorm statistics) put back
+it alone). Sizes: the powers of two from 2 up to the largest micro-batch the plan allows (memory
+cap and max_micro_batch), and the plan's own micro-batch; for each, one warm-up micro-step, then
+the median of `repeats`. The gradients are dropped and the buffers (BatchNorm statistics) put back
 afterwards, so the trained model is left as it was. An out-of-memory error ends the ladder there
 (said in the result, never skipped silently).
 """
@@ -25,8 +25,9 @@ from launcher.plan import BatchPlan
 
 
 def ladder(micro: int, largest: int) -> list[int]:
-    """1, 2, 4, ... up to `largest`, and `micro`."""
-    sizes, size = {micro}, 1
+    """2, 4, 8, ... up to `largest`, and `micro` (BatchNorm cannot train on one sample, so a
+    micro-batch of 1 is timed only when the plan uses it)."""
+    sizes, size = {micro}, 2
     while size <= largest:
         sizes.add(size)
         size *= 2

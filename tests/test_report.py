@@ -288,3 +288,19 @@ def test_several_runs_per_batch_count_by_their_median() -> None:
     assert summary.fastest == (64, 7.0, 2)  # 128: median of 6 and never
     eff = efficiency(128, 50.0, 64)
     assert summary.best_goodput == (128, pytest.approx((400.0 + 10.0) / 2 * eff), 2)
+
+
+def test_the_fit_takes_one_optimizers_runs() -> None:
+    """A sweep across the recipe's large-batch swap: S = S_min (1 + B_crit/B) is fitted to the
+    optimizer with the most batch sizes; the others are named, not mixed in."""
+
+    def job(batch: int, optimizer: str, steps: float) -> Job:
+        return Job(str(batch), batch, optimizer, 0.1, True, 0.9, round(steps), None, 1.0, 1.0, 9.0)
+
+    sgd = [job(b, "sgd", 100 * (1 + 128 / b)) for b in (32, 64, 128, 256)]
+    lamb = [job(b, "lamb", 20 * (1 + 4096 / b)) for b in (1024, 2048)]
+    summary = summarize_sweep(sgd + lamb, target=0.9)
+    assert summary.fit == (pytest.approx(100, rel=1e-2), pytest.approx(128, rel=1e-2))
+    assert summary.fit_runs == 4
+    assert summary.fit_note.startswith("sgd runs only: the model holds for one training setup")
+    assert "the lamb runs (B 1,024-2,048) follow their own curve" in summary.fit_note
