@@ -24,8 +24,11 @@ USAGE = """usage: python -m launcher [-m|--multirun] [+recipe=NAME] [key=value .
   GROUP=OPTION        pick a config option: {groups}
   trainer.devices=N   start N worker processes on this machine (auto: the cluster's, or all GPUs)
   -m a=1,2 b=x,y      sweep: one job per combination, run one after another
+  ramp.start_batch=N ramp.samples=S   batch ramp-up: double from N to global_batch over S samples
 Any key of the composed config can be overridden, e.g. optim.base_lr=0.2 trainer.epochs=5.
 Slurm: python -m launcher.slurm [--submit] cluster=NAME [...] writes (and submits) an sbatch script.
+Batch size: each run ends with advice (noise scale, goodput); python -m launcher.report DIR gives it
+for a finished run, or a sweep's table, critical-batch fit and plots.
 """
 
 
