@@ -8,7 +8,9 @@ costs weigh the most here) in five configurations, alternating in one process, t
 - 512x1 on, split every step: trainer.noise_split_every=1 (the worst case);
 - 256x2 off / 256x2 on: micro_batch=256, where micro mode measures every step for free but for
   the meter itself (two squared norms per step, one sum over ranks per log line).
-Result: median samples/s of each "on" against its "off" (target: >= 0.97).
+Result: median samples/s of each "on" against its "off" (target: >= 0.97). Then, since single runs
+vary by 10-20% on a shared VM, the meter's own work is timed in isolation on the model's real
+gradients (a local norm, the global norm, a tenth of a flush) against one training step.
 
     python bench/noise_overhead.py [--epochs 5] [--repeats 7]
 """
@@ -61,6 +63,50 @@ def main() -> None:
             f"{k:>27}: median {statistics.median(v):.3f} s, {rate[k]:,.0f} samples/s, "
             f"ratio to off {rate[k] / base:.3f} (runs: {', '.join(f'{t:.3f}' for t in v)})"
         )
+    work, step = meter_cost(configs["512x1 on"], splits, backend)
+    print(
+        f"meter work per measured step {work * 1e6:.0f} us, a training step at 512x1 "
+        f"{step * 1e3:.2f} ms: {work / step:.2%} when every step is measured, "
+        f"{work / step / 10:.2%} in split mode (every 10th)"
+    )
+
+
+def meter_cost(cfg, splits, backend, repeats: int = 2000) -> tuple[float, float]:
+    """(seconds of the meter's work per measured step, seconds per training step at 512x1)."""
+    import time
+
+    import torch.nn.functional as F
+
+    from launcher.models import build_model
+    from launcher.noise_meter import NoiseMeter
+
+    plan = plan_batch(cfg, 1, len(splits.train))
+    model = build_model(cfg.model, splits.spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = splits.train.x[:512], splits.train.y[:512]
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    def measure() -> None:
+        meter.start_step(0, plan)
+        meter.backward_done(model, plan, 0, 0, 256)
+        meter.reduced(model, plan)
+        if len(meter._pending) == 10:
+            meter.flush()
+
+    def per_call(work, n: int) -> float:
+        work()  # warm-up
+        start = time.perf_counter()
+        for _ in range(n):
+            work()
+        return (time.perf_counter() - start) / n
+
+    step()
+    meter = NoiseMeter(backend, 1e5, 1)
+    return per_call(measure, repeats), per_call(step, repeats // 10)
 
 
 if __name__ == "__main__":
