@@ -111,10 +111,10 @@ def advise(records: list[dict], plan: dict) -> Advice | None:
     gb, world = plan["global_batch"], plan["world_size"]
     estimate = critical_batch(train, gb)
     step_seconds = seconds_per_step(train, gb)
-    timed = [r for r in records if r.get("event") == "micro_step_times"]
+    timed = [r for r in records if r.get("micro_step_seconds")]
     if estimate is None or step_seconds is None or not timed:
         return None
-    micro_seconds = {int(k): v for k, v in timed[-1]["seconds"].items()}
+    micro_seconds = {int(k): v for k, v in timed[-1]["micro_step_seconds"].items()}
     if plan["micro_batch"] not in micro_seconds:
         return None
     noise, points = estimate

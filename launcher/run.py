@@ -414,7 +414,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             times = speed.time_micro_steps(
                 model, backend, splits.train, sizes, backend.input_dtype(dtype)
             )
-            sink.log({"event": "micro_step_times", **times})
+            sink.log({"step": plan.steps, **times})
         sink.log(final)
     finally:
         sink.close()

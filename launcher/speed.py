@@ -49,7 +49,8 @@ def time_micro_steps(
     dtype: torch.dtype,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """{"seconds": {size: median seconds per micro-step}, "out_of_memory_at": size or None}."""
+    """{"micro_step_seconds": {size: median seconds per micro-step},
+    "micro_step_out_of_memory_at": size or None} (a metrics line)."""
     from launcher.data import make_loader
     from launcher.train import OOM_ERRORS, _full, to_device
 
@@ -86,4 +87,7 @@ def time_micro_steps(
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(kept[name])
-    return {"seconds": {str(k): v for k, v in seconds.items()}, "out_of_memory_at": failed}
+    return {
+        "micro_step_seconds": {str(k): v for k, v in seconds.items()},
+        "micro_step_out_of_memory_at": failed,
+    }

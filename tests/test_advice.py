@@ -36,7 +36,7 @@ def _records(noise: float = 400.0) -> list[dict]:
         )
         lines.append({"step": step, "eval_accuracy": 0.5, "grad_sq": 1e-9, "grad_trace": 1.0})
     seconds = {str(m): t for m, t in MICRO.items()}
-    lines.append({"event": "micro_step_times", "seconds": seconds, "out_of_memory_at": None})
+    lines.append({"step": 200, "micro_step_seconds": seconds, "micro_step_out_of_memory_at": None})
     return lines
 
 
@@ -104,7 +104,7 @@ def test_recommendation_is_the_goodput_optimum_of_the_measured_timings() -> None
 def test_no_advice_without_a_noise_scale_or_timings() -> None:
     lines = _records()
     no_noise = [{k: v for k, v in r.items() if k not in ("grad_sq", "grad_trace")} for r in lines]
-    untimed = [r for r in lines if r.get("event") != "micro_step_times"]
+    untimed = [r for r in lines if "micro_step_seconds" not in r]
     no_train_s = [{k: v for k, v in r.items() if k != "train_s"} for r in lines]
     for records in (no_noise, untimed, no_train_s):
         assert advise(records, PLAN) is None
