@@ -38,6 +38,9 @@ R50=(+recipe=resnet50 data=synthetic data.train_samples=7680 data.eval_samples=5
 #      (BatchNorm); micro-batch from the probe; throughput, training peak vs the plan's prediction.
 DSAC=(backend=deepspeed backend.mixed_precision=bf16 backend.autocast=true)
 step r50_accelerate 150 "${R50[@]}" backend.mixed_precision=bf16
+# 1b. The same without the noise scale (on by default, split mode here: one micro-batch on one GPU):
+#     what measuring it costs on a real model, r50_accelerate's samples/s against this one's.
+step r50_noise_off 150 "${R50[@]}" backend.mixed_precision=bf16 trainer.noise_scale=false
 step r50_ds_zero0 150 "${R50[@]}" "${DSAC[@]}"
 step r50_ds_zero1 150 "${R50[@]}" "${DSAC[@]}" backend.zero_stage=1
 step r50_ds_zero2 150 "${R50[@]}" "${DSAC[@]}" backend.zero_stage=2
