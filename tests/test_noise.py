@@ -108,15 +108,17 @@ def _reference(cfg_overrides: list[str], small_batches: list[slice]) -> tuple[fl
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("devices", "micro", "mode", "small"),
+    ("devices", "extra", "mode", "small"),
     [
-        (1, "auto", "split", [slice(0, 32)]),  # 64 run as 2 x 32 on step 0: the first half
-        (1, 16, "micro", [slice(0, 16)]),  # 4 x 16: the first micro-batch
-        (2, "auto", "rank", [slice(0, 32), slice(32, 64)]),  # each rank's 32 before all-reduce
+        (1, [], "split", [slice(0, 32)]),  # 64 run as 2 x 32 on step 0: the first half
+        (1, ["micro_batch=16"], "micro", [slice(0, 16)]),  # 4 x 16: the first micro-batch
+        (2, [], "rank", [slice(0, 32), slice(32, 64)]),  # each rank's 32 before the all-reduce
+        # DDP reducing inside backward: each rank's first half (16) before the second's backward
+        (2, ["trainer.oom_recovery=false"], "split", [slice(0, 16), slice(32, 48)]),
     ],
 )
 def test_meter_in_the_loop_matches_an_independent_computation(
-    devices, micro, mode, small, tmp_path, data_cache
+    devices, extra, mode, small, tmp_path, data_cache
 ) -> None:
     """One step at global batch 64 (float64): the logged |G|^2 and tr(Sigma) (an EMA after one
     update is that update) equal two_batch on gradients computed here, within 1e-9."""
@@ -125,8 +127,7 @@ def test_meter_in_the_loop_matches_an_independent_computation(
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "memory.probe=false"]
     res = run_cli(
         [*args, "trainer.epochs=0.04", "trainer.dtype=float64", "trainer.log_every=1"]
-        + ["trainer.progress=false", f"trainer.devices={devices}", f"micro_batch={micro}"]
-        + ["run_dir=run"],
+        + ["trainer.progress=false", f"trainer.devices={devices}", *extra, "run_dir=run"],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
