@@ -8,12 +8,6 @@ from pathlib import Path
 from typing import Any
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The lines of a run's metrics.jsonl (a line cut off by a crash is left out)."""
-    text = (run_dir / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-
-
 class MetricsSink:
     """Writes what the loop reports. On ranks other than 0 every method does nothing. A restart
     at `resume_step` drops the lines and TensorBoard events of later steps (the checkpoint it

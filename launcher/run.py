@@ -431,9 +431,9 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
 def print_advice(run_dir: Path, plan: BatchPlan) -> None:
     """The batch-size advice from the run's metrics (launcher/advice.py), or why there is none."""
     from launcher.advice import advise, format_advice
-    from launcher.metrics import read_records
+    from launcher.report import read_job
 
-    advice = advise(read_records(run_dir), dataclasses.asdict(plan))
+    advice = advise(read_job(run_dir)[1], dataclasses.asdict(plan))
     if advice is None:
         why = "not measured" if plan.noise == "off" else "too few steps measured"
         print(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
