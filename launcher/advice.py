@@ -161,7 +161,7 @@ def format_advice(a: Advice) -> str:
     lines = [
         "batch-size advice (McCandlish et al. 2018; Pollux, Qiao et al. 2021)",
         f"  gradient noise scale B_simple = tr(Sigma)/|G|^2 at these fractions of the run's "
-        f"samples: {over} (it grows as the loss falls)",
+        f"samples: {over} (it tends to grow as the loss falls, McCandlish et al.)",
         f"  critical batch of the run ~ {b:,.0f}: B_simple averaged over {a.points} log points, "
         "each weighted by the progress a step makes there, 1/(1 + B_simple/B); steps to the "
         "same result ~ S_min (1 + B_crit/B): below it a bigger batch nearly halves the steps, "
