@@ -71,12 +71,62 @@ class ResNetConfig(_ModelOptions):
     """torchvision architecture"""
     zero_init_residual: bool = True
     """zero-init the last BN gamma of each residual block (Goyal et al. 2017, sec. 5.1)"""
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    """imagenet: 7x7/2 convolution + max-pool; cifar: one 3x3/1 convolution, no pool (32x32
+    images keep their resolution; He et al. 2016, sec. 4.2)"""
 
 
-ModelConfig = MLPConfig | CNN1DConfig | ResNetConfig
+@dataclass(frozen=True, kw_only=True)
+class GPTConfig(_ModelOptions):
+    name: Literal["gpt"]
+    """registry name"""
+    layers: int = 6
+    """transformer blocks (pre-LayerNorm, causal self-attention, GELU MLP)"""
+    width: int = 384
+    """model width (embedding size)"""
+    heads: int = 6
+    """attention heads; width must divide by it"""
+    dropout: float = 0.0
+    """dropout in attention and MLP (0 = none)"""
+
+    def __post_init__(self) -> None:
+        _require(self.layers > 0, "model.layers", self.layers, "must be a positive integer")
+        _require(self.heads > 0, "model.heads", self.heads, "must be a positive integer")
+        _require(
+            self.width > 0 and self.width % self.heads == 0,
+            "model.width",
+            self.width,
+            f"must be a positive multiple of model.heads={self.heads}",
+        )
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
+
+
+ModelConfig = MLPConfig | CNN1DConfig | ResNetConfig | GPTConfig
 
 
 # ------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True, kw_only=True)
+class _LoaderOptions:
+    workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)"""
+    prefetch_factor: int = 2
+    """micro-batches each worker loads ahead"""
+    persistent_workers: bool = True
+    """keep the evaluation loader's workers alive between evaluations (the training loader is
+    one pass over the whole run anyway)"""
+    pin_memory: bool | Literal["auto"] = "auto"
+    """page-locked host batches for faster copies to the GPU; auto = on when training on CUDA"""
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        _require(
+            self.prefetch_factor > 0,
+            "data.prefetch_factor",
+            self.prefetch_factor,
+            "must be a positive integer",
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Mnist1DConfig:
     name: Literal["mnist1d"]
@@ -107,7 +157,7 @@ class Mnist1DConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SyntheticConfig:
+class SyntheticConfig(_LoaderOptions):
     name: Literal["synthetic"]
     """registry name"""
     train_samples: int = 1281167
@@ -118,11 +168,9 @@ class SyntheticConfig:
     """shape of one input sample"""
     num_classes: int = 1000
     """number of labels"""
-    workers: int = 2
-    """DataLoader worker processes per rank"""
 
     def __post_init__(self) -> None:
-        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        super().__post_init__()
         _require(self.train_samples > 0, "data.train_samples", self.train_samples, "must be > 0")
         _require(self.eval_samples > 0, "data.eval_samples", self.eval_samples, "must be > 0")
         _require(self.num_classes > 1, "data.num_classes", self.num_classes, "must be >= 2")
@@ -135,7 +183,7 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImageFolderConfig:
+class ImageFolderConfig(_LoaderOptions):
     name: Literal["imagefolder"]
     """registry name"""
     root: str | None = None
@@ -145,17 +193,60 @@ class ImageFolderConfig:
     num_classes: int = 1000
     """number of classes"""
     image_size: int = 224
-    """training crop size"""
+    """training crop size (RandomResizedCrop); evaluation resizes to image_size x 256/224 and
+    center-crops image_size"""
     workers: int = 8
-    """DataLoader worker processes per rank"""
+    """DataLoader worker processes per rank (JPEG decoding and augmentation)"""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _require(self.train_samples > 0, "data.train_samples", self.train_samples, "must be > 0")
         _require(self.image_size > 0, "data.image_size", self.image_size, "must be > 0")
-        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
 
 
-DataConfig = Mnist1DConfig | SyntheticConfig | ImageFolderConfig
+@dataclass(frozen=True, kw_only=True)
+class Cifar10Config(_LoaderOptions):
+    name: Literal["cifar10"]
+    """registry name"""
+    root: str = "~/.cache/launcher/cifar10"
+    """folder holding cifar-10-batches-py/ (the python version of the dataset)"""
+    download: bool = False
+    """fetch it with torchvision (checksum-verified) when root does not hold it; needs internet"""
+    workers: int = 4
+    """DataLoader worker processes per rank (augmentation)"""
+
+    train_samples = 50000  # the dataset's training split (plan_only counts without the files)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    name: Literal["text"]
+    """registry name"""
+    path: str | None = None
+    """a text file, or a folder searched with data.glob; null = the Python standard library's
+    own sources (present offline on every machine)"""
+    glob: str = "auto"
+    """files of a folder to read, in sorted order; auto = **/*.py for the standard library,
+    **/*.txt for a folder"""
+    seq_len: int = 256
+    """tokens per sample (bytes: the vocabulary is the 256 byte values)"""
+    eval_fraction: float = 0.05
+    """the last this fraction of the byte stream is held out for evaluation"""
+    cache_dir: str = "~/.cache/launcher/text"
+    """a folder's files are concatenated once into a cached byte stream here"""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_len > 0, "data.seq_len", self.seq_len, "must be a positive integer")
+        _require(
+            0 < self.eval_fraction < 1,
+            "data.eval_fraction",
+            self.eval_fraction,
+            "must be in (0, 1)",
+        )
+        _require(bool(self.glob), "data.glob", self.glob, "must be a non-empty glob pattern")
+
+
+DataConfig = Mnist1DConfig | SyntheticConfig | ImageFolderConfig | Cifar10Config | TextConfig
 
 
 # -------------------------------------------------------------------------------- optimisation
@@ -303,8 +394,9 @@ class ScheduleConfig:
 class AccelerateConfig:
     name: Literal["accelerate"]
     """training backend, from the BACKENDS registry"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision; parameters and optimizer state stay float32"""
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    """autocast precision; parameters and optimizer state stay float32. auto = bf16 on CUDA
+    (fp16 on GPUs without bf16), no on CPU"""
 
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -314,9 +406,10 @@ ZERO_STAGES = (0, 1, 2, 3)
 class DeepSpeedConfig:
     name: Literal["deepspeed"]
     """training backend, from the BACKENDS registry"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """bf16/fp16 compute: DeepSpeed's bf16/fp16 modes (half-precision parameters and gradients,
-    float32 master weights), or with `autocast` its torch_autocast mode"""
+    float32 master weights), or with `autocast` its torch_autocast mode. auto = bf16 on CUDA
+    (fp16 on GPUs without bf16), no on CPU"""
     autocast: bool = False
     """mixed precision as autocast: float32 parameters (as backend=accelerate); needed for models
     with float buffers such as BatchNorm, which the half modes keep in float32"""
@@ -355,6 +448,16 @@ class TrainerConfig:
     """parameter dtype (float64 for numerical parity checks)"""
     tensorboard: bool = True
     """write TensorBoard event files to the run directory"""
+    trackers: tuple[Literal["wandb", "mlflow"], ...] = ()
+    """also log to these through Accelerate's trackers (opt-in; the package must be installed
+    and configured the usual way, e.g. WANDB_MODE=offline, MLFLOW_TRACKING_URI)"""
+    label_smoothing: float = 0.0
+    """cross-entropy label smoothing in training (evaluation loss stays plain cross-entropy)"""
+    compile: bool = False
+    """torch.compile the model (in place, so checkpoints keep the plain module's keys)"""
+    channels_last: bool | Literal["auto"] = "auto"
+    """store 4-D weights (convolutions) channels-last, the layout tensor cores want; auto = on
+    CUDA. No effect on models without 4-D weights"""
     devices: int | Literal["auto"] = "auto"
     """worker processes on this machine for a plain `python -m launcher`, started with PyTorch's
     elastic launcher; auto = the cluster's devices_per_node if declared, else every visible GPU,
@@ -383,6 +486,18 @@ class TrainerConfig:
         )
         _require(self.log_every > 0, "trainer.log_every", self.log_every, "must be > 0")
         _require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads, "must be >= 0")
+        _require(
+            0 <= self.label_smoothing < 1,
+            "trainer.label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+        _require(
+            len(set(self.trackers)) == len(self.trackers),
+            "trainer.trackers",
+            list(self.trackers),
+            "must not repeat a tracker",
+        )
         _require(
             self.noise_split_every > 0,
             "trainer.noise_split_every",
@@ -598,6 +713,16 @@ class RunConfig:
             "must be auto or a positive integer",
         )
         _require(self.max_micro_batch > 0, "max_micro_batch", self.max_micro_batch, "must be > 0")
+
+
+def require_concrete(cfg: RunConfig) -> None:
+    """Raise if a device-dependent `auto` is still unresolved (run.on_device resolves them): code
+    that builds, probes or trains must never guess what `auto` means."""
+    if cfg.backend.mixed_precision == "auto" or cfg.trainer.channels_last == "auto":
+        raise RuntimeError(
+            "backend.mixed_precision / trainer.channels_last are 'auto': resolve them for the "
+            "device first (launcher.run.on_device)"
+        )
 
 
 # ------------------------------------------------------------------------------- dict -> dataclass

@@ -46,6 +46,7 @@ class BatchPlan:
     oom_recovery: bool = True
     checkpoints: bool = True
     noise: str = "off"
+    sample_tokens: int = 0  # tokens per sample of a sequence data set (0: not one)
     origin_step: int = 0
     origin_samples: int = 0
     ramp: tuple[BatchPlan, ...] = ()
@@ -550,6 +551,12 @@ def _plan(
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
     saves, reasons["checkpoints"] = checkpointing(cfg)
+    seq = getattr(cfg.data, "seq_len", 0)  # sequence data: every sample is seq_len tokens
+    if seq:
+        reasons["tokens_per_batch"] = (
+            f"{gb * seq:,} = {gb} sequences x {seq} tokens (data.seq_len); "
+            f"{micro * seq:,} per micro-batch, {gb * seq * steps:,} in the run"
+        )
     return BatchPlan(
         global_batch=gb,
         world_size=world_size,
@@ -576,6 +583,7 @@ def _plan(
         oom_recovery=recover,
         checkpoints=saves,
         noise=noise,
+        sample_tokens=seq,
         memory=memory or {},
         reasons=reasons,
     )
@@ -583,6 +591,7 @@ def _plan(
 
 TABLE_ROWS = (
     "global_batch",
+    "tokens_per_batch",
     "world_size",
     "memory",
     "per_device_batch",
@@ -602,6 +611,9 @@ TABLE_ROWS = (
 )
 
 
+OPTIONAL_ROWS = ("ramp", "tokens_per_batch")  # shown when the run has them
+
+
 def format_plan(plan: BatchPlan) -> str:
     """The plan as a table: one row per derived number, with its reason."""
     values = {
@@ -615,11 +627,12 @@ def format_plan(plan: BatchPlan) -> str:
         "checkpoints": "on" if plan.checkpoints else "off",
         "noise_scale": plan.noise,
         "ramp": f"{plan.ramp[0].global_batch}->{plan.global_batch}" if plan.ramp else "-",
+        "tokens_per_batch": f"{plan.global_batch * plan.sample_tokens:,}",
     }
     rows = [
         (k, values[k] if k in values else str(getattr(plan, k)), plan.reasons.get(k, ""))
         for k in TABLE_ROWS
-        if k != "ramp" or k in plan.reasons
+        if k not in OPTIONAL_ROWS or k in plan.reasons
     ]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from launcher.config import ConfigError, RunConfig, to_dict
-from launcher.data import DataSpec
+from launcher.config import ConfigError, RunConfig, require_concrete, to_dict
+from launcher.data import DataSpec, fake_batch
+from launcher.loss import loss_sum
 from launcher.memory import (
     PROBE_SIZES,
     CudaMeter,
@@ -49,6 +49,7 @@ def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: i
 
 
 def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
+    require_concrete(cfg)
     dtype = getattr(torch, cfg.trainer.dtype)
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -65,10 +66,9 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    x = torch.randn(micro, *spec.input_shape, device=device, dtype=dtype)
-    y = torch.randint(spec.num_classes, (micro,), device=device)
+    x, y = fake_batch(spec, micro, device, dtype)
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_sum(model(x), y, cfg.trainer.label_smoothing) / micro
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -106,6 +106,7 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         "model": to_dict(cfg.model),
         "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes,
+        "tokens": spec.tokens,
         "dtype": cfg.trainer.dtype,
         "precision": cfg.backend.mixed_precision,
         "backend": cfg.backend.name,

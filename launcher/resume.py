@@ -90,6 +90,17 @@ def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path
     return found
 
 
+# data keys that say how data is fetched and loaded, not what it is: free to change on resume
+LOADING_KEYS = (
+    "cache_dir",
+    "workers",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory",
+    "download",
+)
+
+
 def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     """Refuse to continue a checkpoint with a config that would train something else; returns
     the plan's origin (step, samples) where the current global batch took over."""
@@ -116,7 +127,7 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     ours = to_dict(cfg)
     saved = saved | {"ramp": saved.get("ramp", to_dict(RampConfig()))}  # older checkpoints
     for part in (ours, saved):  # where the data lives and how it is loaded may change
-        part["data"] = {k: v for k, v in part["data"].items() if k not in ("cache_dir", "workers")}
+        part["data"] = {k: v for k, v in part["data"].items() if k not in LOADING_KEYS}
     for key in ("model", "data", "optim", "schedule", "seed", "ramp"):
         if ours[key] != saved[key]:
             raise ConfigError(

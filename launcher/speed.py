@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from launcher.plan import BatchPlan
 
@@ -52,7 +51,8 @@ def time_micro_steps(
     """{"micro_step_seconds": {size: median seconds per micro-step},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
     from launcher.data import make_loader
-    from launcher.train import OOM_ERRORS, _full, to_device
+    from launcher.loss import loss_sum
+    from launcher.train import OOM_ERRORS, to_device
 
     module = backend.unwrap(model)
     n = max(sizes)
@@ -69,7 +69,7 @@ def time_micro_steps(
                 if cuda:
                     torch.cuda.synchronize(backend.device)
                 start = time.perf_counter()
-                loss = F.cross_entropy(_full(module(xb)), yb, reduction="sum") / size
+                loss = loss_sum(module(xb), yb) / size
                 backend.backward(loss)
                 if cuda:
                     torch.cuda.synchronize(backend.device)

@@ -15,9 +15,9 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from launcher.backends.base import Backend
+from launcher.loss import eval_counts, loss_sum
 from launcher.metrics import MetricsSink
 from launcher.noise_meter import NoiseMeter
 from launcher.plan import BatchPlan, shrink_micro_batch
@@ -34,11 +34,6 @@ def to_device(
     return x, torch.as_tensor(y).to(device, non_blocking=True)
 
 
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (DeepSpeed's bf16/fp16 models) -> float32 for the loss."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
-
-
 def accumulate(
     model: Any,
     micro_batches: Iterator[Any],
@@ -49,8 +44,10 @@ def accumulate(
     before_micro_step: Callable[[int], None] | None = None,
     meter: NoiseMeter | None = None,
     split: bool = False,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss.
+    """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss
+    (launcher/loss.py: per sample, a sequence's mean over its positions).
 
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
@@ -69,9 +66,7 @@ def accumulate(
         for k, (xp, yp) in enumerate(pieces):
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-                loss = (
-                    F.cross_entropy(_full(model(xp)), yp, reduction="sum") / plan.per_device_batch
-                )
+                loss = loss_sum(model(xp), yp, label_smoothing) / plan.per_device_batch
                 backend.backward(loss)
             if meter is not None:
                 meter.backward_done(model, plan, j, k, len(yp))
@@ -88,9 +83,19 @@ def train_step(
     dtype: torch.dtype,
     meter: NoiseMeter | None = None,
     split: bool = False,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
-    total = accumulate(model, micro_batches, backend, plan, dtype, meter=meter, split=split)
+    total = accumulate(
+        model,
+        micro_batches,
+        backend,
+        plan,
+        dtype,
+        meter=meter,
+        split=split,
+        label_smoothing=label_smoothing,
+    )
     _apply(model, optimizer, backend, plan, meter)
     return total
 
@@ -107,18 +112,21 @@ def _apply(model, optimizer, backend, plan, meter) -> None:  # noqa: ANN001
 def evaluate(
     model: Any, batches: Iterable[Any], backend: Backend, dtype: torch.dtype
 ) -> dict[str, float]:
-    """Accuracy and mean loss over the whole eval split (each rank holds a disjoint shard)."""
+    """Accuracy and mean loss over the whole eval split (each rank holds a disjoint shard); per
+    token for sequences. Plain cross-entropy (no label smoothing)."""
     model.eval()
-    sums = torch.zeros(3, device=backend.device, dtype=torch.float64)  # correct, loss, count
+    sums = torch.zeros(4, device=backend.device, dtype=torch.float64)  # correct, loss, count, n
     for batch in batches:
         x, y = to_device(batch, backend.device, dtype)
-        logits = _full(model(x))
-        sums[0] += (logits.argmax(dim=1) == y).sum()
-        sums[1] += F.cross_entropy(logits, y, reduction="sum")
-        sums[2] += len(y)
+        sums[:3] += eval_counts(model(x), y)
+        sums[3] += len(y)
     model.train()
-    correct, loss, count = backend.sum(sums).tolist()
-    return {"eval_accuracy": correct / count, "eval_loss": loss / count, "eval_samples": int(count)}
+    correct, loss, count, samples = backend.sum(sums).tolist()
+    return {
+        "eval_accuracy": correct / count,
+        "eval_loss": loss / count,
+        "eval_samples": int(samples),
+    }
 
 
 OOM_ERRORS = (torch.OutOfMemoryError,)
@@ -142,7 +150,9 @@ def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], Non
     return hook
 
 
-def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, split):  # noqa: ANN001
+def _step_or_oom(  # noqa: ANN001
+    model, optimizer, batches, backend, plan, dtype, step, meter, split, smoothing
+):
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
     Returns the loss, or the list of ranks that ran out of memory (then every rank has dropped
@@ -160,6 +170,7 @@ def _step_or_oom(model, optimizer, batches, backend, plan, dtype, step, meter, s
             before_micro_step=_test_oom_hook(backend.rank, step, plan),
             meter=meter,
             split=split,
+            label_smoothing=smoothing,
         )
         failed = 0
     except OOM_ERRORS:
@@ -195,10 +206,12 @@ def fit(
     on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
     after_step: Callable[[int, BatchPlan], None] | None = None,
     meter: NoiseMeter | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
     `after_step(step, plan)` runs after every completed step (checkpoints); `meter` measures the
-    gradient noise scale (launcher/noise_meter.py), logged with the loss.
+    gradient noise scale (launcher/noise_meter.py), logged with the loss. `label_smoothing`
+    applies to the training loss only.
 
     A ramp-up (plan.ramp) trains each stage's steps with its batch, micro-batch and LR, then
     re-plans the backend and the sample stream at the next stage's first step.
@@ -230,10 +243,21 @@ def fit(
             group["lr"] = lr
         split = meter is not None and meter.start_step(step, current)
         if not oom_recovery:
-            loss = train_step(model, optimizer, batches, backend, current, dtype, meter, split)
+            loss = train_step(
+                model, optimizer, batches, backend, current, dtype, meter, split, label_smoothing
+            )
         else:
             loss = _step_or_oom(
-                model, optimizer, batches, backend, current, dtype, step, meter, split
+                model,
+                optimizer,
+                batches,
+                backend,
+                current,
+                dtype,
+                step,
+                meter,
+                split,
+                label_smoothing,
             )
             if isinstance(loss, list):
                 smaller = shrink_micro_batch(current, step, loss)

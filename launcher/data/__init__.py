@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ DATASETS = {
     "mnist1d": "launcher.data.mnist1d",
     "synthetic": "launcher.data.synthetic",
     "imagefolder": "launcher.data.imagefolder",
+    "cifar10": "launcher.data.cifar10",
+    "text": "launcher.data.text",
 }
 
 
@@ -21,7 +24,19 @@ class DataSpec:
     """What a model needs to know about its inputs."""
 
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # labels; for token data the vocabulary
+    tokens: bool = False  # inputs are token ids and every position has a target (a language model)
+
+
+def fake_batch(spec: DataSpec, n: int, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Random inputs and targets of `n` samples shaped as the data's (memory probes)."""
+    import torch
+
+    labels = (n, *spec.input_shape) if spec.tokens else (n,)
+    y = torch.randint(spec.num_classes, labels, device=device)
+    if spec.tokens:
+        return torch.randint(spec.num_classes, labels, device=device), y
+    return torch.randn(n, *spec.input_shape, device=device, dtype=dtype), y
 
 
 @dataclass(frozen=True)
@@ -50,18 +65,41 @@ def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:
     return _module(cfg).epoch_samples(cfg)
 
 
-def make_loader(dataset: Any, batches: Any, workers: int = 0, pin_memory: bool = False) -> Any:
+@dataclass(frozen=True)
+class LoaderSettings:
+    """DataLoader options of a data config (in-memory data sets have no workers)."""
+
+    workers: int = 0
+    pin_memory: bool = False
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+
+
+def loader_settings(cfg: DataConfig, device: str) -> LoaderSettings:
+    """The data config's loader options for training on `device` (pin_memory auto = on CUDA)."""
+    pin = getattr(cfg, "pin_memory", "auto")
+    return LoaderSettings(
+        workers=getattr(cfg, "workers", 0),
+        pin_memory=device == "cuda" if pin == "auto" else pin,
+        prefetch_factor=getattr(cfg, "prefetch_factor", 2),
+        persistent_workers=getattr(cfg, "persistent_workers", False),
+    )
+
+
+def make_loader(dataset: Any, batches: Any, settings: LoaderSettings = LoaderSettings()) -> Any:
     """A DataLoader over `batches` (an iterable of index arrays, one per micro-batch)."""
     from torch.utils.data import DataLoader
 
-    if getattr(dataset, "batched", False):  # in-memory: index the whole batch at once
-        return DataLoader(dataset, sampler=batches, batch_size=None)
+    if getattr(dataset, "batched", False):  # in memory: index the whole batch at once
+        return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=settings.pin_memory)
+    workers = settings.workers
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=workers,
-        persistent_workers=False,
-        pin_memory=pin_memory,
+        persistent_workers=settings.persistent_workers and workers > 0,
+        prefetch_factor=settings.prefetch_factor if workers else None,
+        pin_memory=settings.pin_memory,
     )
 
 
@@ -71,10 +109,10 @@ def train_loader(
     rank: int,
     seed: int,
     start_step: int = 0,
-    workers: int = 0,
-    pin_memory: bool = False,
+    settings: LoaderSettings = LoaderSettings(),
 ) -> Any:
-    """This rank's micro-batches of the plan's global batches, from optimizer step `start_step`."""
+    """This rank's micro-batches of the plan's global batches, from optimizer step `start_step`
+    (one pass over the rest of the run: its workers need not persist)."""
     from launcher.data.sampler import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(
@@ -88,14 +126,15 @@ def train_loader(
         start_step=start_step,
         start_position=plan.samples_at(start_step),
     )
-    return make_loader(dataset, sampler, workers, pin_memory)
+    return make_loader(dataset, sampler, dataclasses.replace(settings, persistent_workers=False))
 
 
 def eval_loader(
-    dataset: Any, plan: Any, rank: int, workers: int = 0, pin_memory: bool = False
+    dataset: Any, plan: Any, rank: int, settings: LoaderSettings = LoaderSettings()
 ) -> Any:
-    """This rank's share of the evaluation split, each sample exactly once over all ranks."""
+    """This rank's share of the evaluation split, each sample exactly once over all ranks;
+    iterate it once per evaluation (persistent workers are then reused)."""
     from launcher.data.sampler import eval_shards
 
     shards = eval_shards(len(dataset), plan.world_size, rank, plan.micro_batch)
-    return make_loader(dataset, shards, workers, pin_memory)
+    return make_loader(dataset, shards, settings)

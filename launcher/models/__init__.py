@@ -13,6 +13,7 @@ MODELS = {
     "mlp": "launcher.models.mlp",
     "cnn1d": "launcher.models.cnn1d",
     "resnet": "launcher.models.resnet",
+    "gpt": "launcher.models.gpt",
 }
 
 
