@@ -1,11 +1,63 @@
-"""Rank-0 outputs of a run: metrics.jsonl, TensorBoard event files and the progress bar."""
+"""Rank-0 outputs of a run: metrics.jsonl, TensorBoard event files, the progress bar, and the
+opt-in trackers (Weights & Biases, MLflow) through Accelerate's tracker classes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+from launcher.config import ConfigError, RunConfig, to_dict
+
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # trainer.trackers -> module to import
+
+
+def check_trackers(cfg: RunConfig) -> None:
+    """Refuse a tracker whose package is not installed (before anything is written)."""
+    for name in cfg.trainer.trackers:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise ConfigError(
+                f"trainer.trackers={list(cfg.trainer.trackers)}: {name} is not installed; "
+                f"pip install {'mlflow-skinny' if name == 'mlflow' else name}, or leave it out "
+                "(TensorBoard needs nothing)"
+            )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[prefix + key] = value
+        else:
+            out[prefix + key] = str(value)
+    return out
+
+
+def open_trackers(cfg: RunConfig, run_dir: Path, plan: dict[str, Any]) -> list[Any]:
+    """Accelerate's trackers named in trainer.trackers, started, with the config and the plan's
+    numbers stored as the run's parameters. W&B: project launcher-<recipe> (WANDB_PROJECT wins),
+    files under the run directory; MLflow: experiment launcher-<recipe> (MLFLOW_EXPERIMENT_NAME
+    wins) at MLFLOW_TRACKING_URI. Both: run name = the run directory's name."""
+    from accelerate.tracking import MLflowTracker, WandBTracker
+
+    project = f"launcher-{cfg.recipe}"
+    trackers = []
+    for name in cfg.trainer.trackers:
+        if name == "wandb":
+            project = os.environ.get("WANDB_PROJECT", project)
+            tracker = WandBTracker(project, name=run_dir.name, dir=str(run_dir))
+        else:
+            tracker = MLflowTracker(experiment_name=project, run_name=run_dir.name)
+        tracker.start()
+        scalars = {k: v for k, v in plan.items() if isinstance(v, (int, float, str))}
+        tracker.store_init_configuration(_flat(to_dict(cfg)) | _flat(scalars, "plan."))
+        trackers.append(tracker)
+    return trackers
 
 
 class MetricsSink:
@@ -22,9 +74,11 @@ class MetricsSink:
         progress: bool,
         resume_step: int = 0,
         train_s: float = 0.0,
+        trackers: list[Any] | None = None,
     ) -> None:
         self.enabled = run_dir is not None
         self._file = self._tb = self._bar = None
+        self._trackers = trackers or []
         self._t0 = time.perf_counter()
         self._train_s0 = train_s  # training seconds before this process (a resumed run)
         self._excluded = 0.0  # seconds of evaluation and checkpoints since `start`
@@ -85,10 +139,17 @@ class MetricsSink:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in record:
-            for key, value in record.items():
-                if key not in ("step", "samples") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, global_step=record["step"])
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k not in ("step", "samples") and isinstance(v, (int, float)) and "step" in record
+        }
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, global_step=record["step"])
+        if scalars:
+            for tracker in self._trackers:
+                tracker.log(scalars, step=record["step"])
         if self._bar is not None and "loss" in record:
             self._bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
@@ -111,5 +172,7 @@ class MetricsSink:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.finish()
         if self._file is not None:
             self._file.close()

@@ -13,6 +13,7 @@ from typing import Any
 from launcher.backends import check as check_backend
 from launcher.config import ConfigError, RunConfig, to_dict
 from launcher.data import declared_epoch_samples
+from launcher.metrics import check_trackers
 from launcher.plan import BatchPlan, format_plan, plan_batch
 from launcher.topology import Topology, resolve
 
@@ -45,6 +46,28 @@ def plan_for(
     )
     check_backend(cfg, plan, topology.device)
     return topology, plan
+
+
+def on_device(cfg: RunConfig, device: str) -> RunConfig:
+    """The config with its device-dependent `auto` settings made concrete (config.yaml records
+    them): mixed precision bf16 on CUDA (fp16 on GPUs without bf16), none on CPU; channels-last
+    on CUDA."""
+    backend, trainer = cfg.backend, cfg.trainer
+    if backend.mixed_precision == "auto":
+        backend = dataclasses.replace(backend, mixed_precision=_auto_precision(device))
+    if trainer.channels_last == "auto":
+        trainer = dataclasses.replace(trainer, channels_last=device == "cuda")
+    return dataclasses.replace(cfg, backend=backend, trainer=trainer)
+
+
+def _auto_precision(device: str) -> str:
+    if device != "cuda":
+        return "no"
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"  # and for plan_only on a declared CUDA cluster without a GPU here
 
 
 def probes_memory(cfg: RunConfig) -> bool:
@@ -103,10 +126,12 @@ def launch(overrides: list[str], multirun: bool) -> None:
     workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
     if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
+    configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
     stamp = run_stamp()
     run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
+        check_trackers(cfg)
         if (run_dir / "plan.json").exists() and (cfg.resume == "never" or cfg.plan_only):
             raise ConfigError(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
@@ -190,6 +215,7 @@ def print_error(message: str) -> None:
 
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
     """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
+    cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     topology, plan = plan_for(cfg, launched)
     if probes_memory(cfg):
         _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
@@ -198,6 +224,7 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
 
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
+    cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
@@ -216,8 +243,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     from launcher import checkpoint, faults, preemption, resume
     from launcher.backends import build_backend
     from launcher.backends.ds_config import check_buffers
-    from launcher.data import build_splits, eval_loader, train_loader
-    from launcher.metrics import MetricsSink
+    from launcher.data import build_splits, eval_loader, loader_settings, train_loader
+    from launcher.metrics import MetricsSink, open_trackers
     from launcher.models import build_model
     from launcher.optim import build_optimizer
     from launcher.train import check_replicas, fit
@@ -231,6 +258,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
+    if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
+        model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
     warn = print_error if topology.rank == 0 else lambda _: None
     found = resume.find(cfg, run_dir, warn) if plan.checkpoints else None
@@ -269,6 +298,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"run directory: {run_dir}", sep="\n", flush=True)
 
+    if cfg.trainer.compile:  # in place: state-dict keys stay the plain module's
+        model.compile()
     model, optimizer = backend.prepare(model, optimizer, plan)
     start_step = 0
     if found is not None:
@@ -289,14 +320,17 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
                     "(checkpoint.allow_global_batch_change=true); LR and warmup follow the "
                     f"scaling rule for {plan.global_batch}, the schedule continues in samples"
                 )
-    workers = getattr(cfg.data, "workers", 0)
-    pin = topology.device == "cuda"
+    loading = loader_settings(cfg.data, topology.device)
+    evals: dict[int, Any] = {}  # one evaluation loader per micro-batch: its workers persist
 
     def batches_from(plan: BatchPlan, step: int) -> Any:
-        return train_loader(splits.train, plan, backend.rank, cfg.seed, step, workers, pin)
+        return train_loader(splits.train, plan, backend.rank, cfg.seed, step, loading)
 
     def eval_batches(plan: BatchPlan) -> Any:
-        return eval_loader(splits.eval, plan, backend.rank, workers, pin)
+        if plan.micro_batch not in evals:
+            evals.clear()
+            evals[plan.micro_batch] = eval_loader(splits.eval, plan, backend.rank, loading)
+        return evals[plan.micro_batch]
 
     progress = found[0].get("progress", {}) if found is not None else {}
     sink = MetricsSink(
@@ -306,6 +340,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         progress=cfg.trainer.progress,
         resume_step=start_step,
         train_s=progress.get("train_s", 0.0),
+        trackers=open_trackers(cfg, run_dir, dataclasses.asdict(plan)) if main else None,
     )
     meter = None
     if plan.noise != "off":
@@ -397,6 +432,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             on_oom=on_oom,
             after_step=after_step,
             meter=meter,
+            label_smoothing=cfg.trainer.label_smoothing,
         )
         final = {"final": True, "step": plan.steps}
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from launcher.backends.collectives import Collectives, flat_in_place
-from launcher.config import RunConfig
+from launcher.config import RunConfig, require_concrete
 from launcher.plan import BatchPlan
 
 
@@ -20,6 +20,7 @@ class AccelerateBackend(Collectives):
     def __init__(self, cfg: RunConfig, device: str) -> None:
         from accelerate import Accelerator
 
+        require_concrete(cfg)
         self.acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.backend.mixed_precision)
         self.clip = cfg.optim.clip_grad_norm
         self.world_size = self.acc.num_processes

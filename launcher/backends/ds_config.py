@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, DeepSpeedConfig, RunConfig
+from launcher.config import ConfigError, DeepSpeedConfig, RunConfig, require_concrete
 from launcher.plan import BatchPlan
 
 LAYERWISE = ("lars", "lamb")  # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
@@ -93,6 +93,7 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
     b = cfg.backend
     assert isinstance(b, DeepSpeedConfig)
     optimizer = plan.optimizer
+    require_concrete(cfg)
     _check(b, cfg, optimizer, device)
     base = _load(b.config_file) if b.config_file else {}
     path = b.config_file or ""
