@@ -33,6 +33,7 @@ from launcher.data.synthetic import SyntheticDataset
 from launcher.memory import StorageMeter
 from launcher.plan import plan_batch
 from launcher.probe import _step, measured_cap
+from launcher.run import on_device
 
 MIB = 2**20
 
@@ -62,6 +63,7 @@ def setup(args: argparse.Namespace, cache: str):
         + ["memory.fraction=1.0", f"memory.cache_dir={cache}", "max_micro_batch=8192"]
         + [f"backend.mixed_precision={args.precision}"]
     )
+    cfg = on_device(cfg, "cuda" if args.device.startswith("cuda") else "cpu")
     return cfg, data_spec(cfg.data), plan_batch(cfg, 1, 1_281_167)
 
 

@@ -27,6 +27,7 @@ from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
 from launcher.data import build_splits
 from launcher.plan import plan_batch
+from launcher.run import on_device
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         "256x2 off": ["micro_batch=256", "trainer.noise_scale=false"],
         "256x2 on": ["micro_batch=256"],
     }
-    configs = {k: compose_run([*base, *v]) for k, v in configs.items()}
+    configs = {k: on_device(compose_run([*base, *v]), "cpu") for k, v in configs.items()}
     plans = {k: plan_batch(cfg, 1, 32000) for k, cfg in configs.items()}
     assert [p.noise for p in plans.values()] == ["off", "split", "split", "off", "micro"]
     splits = build_splits(configs["512x1 off"].data)

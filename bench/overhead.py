@@ -30,6 +30,7 @@ from launcher.models import build_model
 from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
+from launcher.run import on_device
 from launcher.train import fit
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -117,6 +118,7 @@ def main() -> None:
     cfg = compose_run(
         ["global_batch=512", f"trainer.epochs={args.epochs}", "trainer.noise_scale=false"]
     )
+    cfg = on_device(cfg, "cpu")
     splits = build_splits(cfg.data)
     plan = plan_batch(cfg, 1, len(splits.train))
     backend = AccelerateBackend(cfg, "cpu")

@@ -21,6 +21,15 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("mnist1d-cache"))
 
 
+def composed(overrides: list[str], device: str = "cpu"):
+    """compose_run with the device's `auto` settings resolved, as a run resolves them
+    (launcher.run.on_device): what the building blocks (probe, backends) accept."""
+    from launcher.compose import compose_run
+    from launcher.run import on_device
+
+    return on_device(compose_run(overrides), device)
+
+
 TEST_HOME = tempfile.mkdtemp(prefix="launcher-tests-home-")  # caches under ~ stay out of $HOME
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.compose import compose_run
 from launcher.data import DataSpec
 from launcher.memory import PROBE_SIZES, fit_traces
 from launcher.models import build_model
 from launcher.plan import plan_batch
 from launcher.probe import probe_trace
+from tests.conftest import composed
 
 MODELS = {
     "cnn1d": ([], DataSpec((1, 40), 10)),
@@ -26,7 +26,7 @@ ON = "model.activation_checkpointing=true"
 
 def _train(args: list[str], spec: DataSpec) -> dict[str, torch.Tensor]:
     """Three SGD steps in float64 on fixed random data; the final state dict."""
-    cfg = compose_run(args)
+    cfg = composed(args)
     torch.manual_seed(0)
     model = build_model(cfg.model, spec).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -56,7 +56,7 @@ def test_checkpointing_lowers_the_measured_bytes_per_sample():
     spec = DataSpec((3, 32, 32), 10)
     per_sample = {}
     for extra in ([], [ON]):
-        cfg = compose_run([*args, "global_batch=256", *extra])
+        cfg = composed([*args, "global_batch=256", *extra])
         plan = plan_batch(cfg, 1, 1000)
         n1, n2 = PROBE_SIZES
         t1, t2 = (probe_trace(cfg, spec, plan, "cpu", n) for n in (n1, n2))

@@ -11,7 +11,10 @@ from launcher.cli import main
 from tests.conftest import SMALL_DATA, read_metrics, run_cli
 
 BAD_INPUTS = [
-    (["+recipe=nope"], "recipe='nope': unknown; choose from mnist1d, resnet50"),
+    (
+        ["+recipe=nope"],
+        "recipe='nope': unknown; choose from cifar10, gpt, mnist1d, resnet50, resnet50_lars",
+    ),
     (["model=transformer9"], "model='transformer9': unknown; choose from"),
     (["optim=rmsprop"], "optim='rmsprop': unknown; choose from"),
     (["optim.name=rmsprop"], "optim.name='rmsprop': must be one of"),

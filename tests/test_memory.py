@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launcher.compose import compose_run
 from launcher.data import data_spec
 from launcher.memory import GB, MemoryProfile, StorageMeter, budget_bytes, fit_traces, upper_lines
 from launcher.plan import plan_batch
 from launcher.probe import _step, estimated_cap, measured_cap, probe_peak
+from tests.conftest import composed
 
 
 def test_storage_meter_counts_bytes_exactly():
@@ -78,14 +78,14 @@ def test_max_micro_and_budget():
     p = MemoryProfile(((1000, 100), (1500, 0)), 0, (), "measured")
     assert [p.max_micro(b) for b in (999, 1099, 1499, 1500, 1550, 2000)] == [0, 0, 0, 5, 5, 10]
     assert MemoryProfile(((1000, 100),), 400, (), "measured").max_micro(2000) == 6
-    cfg = compose_run(["memory.budget_gb=2", "memory.margin_gb=0.5", "memory.fraction=0.5"])
+    cfg = composed(["memory.budget_gb=2", "memory.margin_gb=0.5", "memory.fraction=0.5"])
     assert budget_bytes(cfg.memory, 10 * GB)[0] == int(1.5 * GB)  # 2 GiB cap < 0.5 x 10 GiB
     assert budget_bytes(cfg.memory, 3 * GB)[0] == int(1.0 * GB)  # 0.5 x 3 GiB - 0.5 GiB
 
 
 def _setup(*overrides: str, tmp_path=None):
     cache = [f"memory.cache_dir={tmp_path / 'memcache'}"] if tmp_path else []
-    cfg = compose_run(["global_batch=512", *cache, *overrides])
+    cfg = composed(["global_batch=512", *cache, *overrides])
     plan = plan_batch(cfg, 1, 32000)
     return cfg, data_spec(cfg.data), plan
 
@@ -164,7 +164,7 @@ def _rank_main(rank: int, port: int, budgets: tuple[float, float], cache: str, o
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    cfg = compose_run(
+    cfg = composed(
         ["global_batch=512", f"memory.budget_gb={budgets[rank]}", "memory.margin_gb=0"]
         + [f"memory.cache_dir={cache}/{rank}"]
     )

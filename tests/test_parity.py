@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from launcher.backends.accelerate import AccelerateBackend
-from launcher.compose import compose_run
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.metrics import MetricsSink
@@ -22,21 +21,21 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
-from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli
+from tests.conftest import PARITY_ARGS, composed, final_state, read_metrics, run_cli
 
 TOL = 1e-10
 
 
 @pytest.fixture(scope="module")
 def backend() -> AccelerateBackend:
-    return AccelerateBackend(compose_run([]), "cpu")
+    return AccelerateBackend(composed([]), "cpu")
 
 
 def _train_in_process(
     backend, micro_batch: int, optim: str, oom_recovery: bool = True
 ) -> dict[str, torch.Tensor]:
     """Six optimizer steps of the real loop on fixed random data, float64."""
-    cfg = compose_run(
+    cfg = composed(
         ["model=mlp", "global_batch=64", f"micro_batch={micro_batch}", f"optim={optim}"]
         + ["optim.ref_batch=32", "trainer.epochs=1", "schedule.warmup_epochs=0.5"]
     )
@@ -83,7 +82,7 @@ def test_accumulation_matches_one_big_batch(backend, optim: str) -> None:
 
 
 def _init_params() -> dict[str, torch.Tensor]:
-    cfg = compose_run(["model=mlp"])
+    cfg = composed(["model=mlp"])
     torch.manual_seed(0)
     return build_model(cfg.model, _spec()).double().state_dict()
 
@@ -129,6 +128,21 @@ def test_two_gloo_ranks_match_one_rank(launch, one_rank_reference, tmp_path, dat
         torch.testing.assert_close(two[name], ref, atol=TOL, rtol=0, msg=name)
     assert "parameters differ" not in res.stderr
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_model(one_rank_reference, tmp_path, data_cache) -> None:
+    """trainer.compile=true (TorchInductor on CPU) learns what the eager run learns, and the
+    checkpoint keeps the plain module's keys (compiled in place)."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "trainer.compile=true"]
+    res = run_cli([*args, f"run_dir={tmp_path / 'run'}"], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any((tmp_path / "inductor").rglob("*.py"))  # Inductor generated kernels: it compiled
+    compiled = final_state(tmp_path / "run")
+    assert compiled.keys() == one_rank_reference.keys()
+    for name, ref in one_rank_reference.items():
+        torch.testing.assert_close(compiled[name], ref, atol=TOL, rtol=0, msg=name)
 
 
 @pytest.mark.slow

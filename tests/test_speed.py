@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from launcher.backends.accelerate import AccelerateBackend
-from launcher.compose import compose_run
 from launcher.data.tensors import TensorPairs
 from launcher.speed import ladder, time_micro_steps
+from tests.conftest import composed
 
 
 def test_ladder_is_powers_of_two_and_the_plans_micro_batch() -> None:
@@ -17,7 +17,7 @@ def test_ladder_is_powers_of_two_and_the_plans_micro_batch() -> None:
 
 
 def test_timing_leaves_the_model_as_it_was() -> None:
-    backend = AccelerateBackend(compose_run([]), "cpu")
+    backend = AccelerateBackend(composed([]), "cpu")
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv1d(1, 4, 3),
