@@ -45,14 +45,14 @@ def open_trackers(cfg: RunConfig, run_dir: Path, plan: dict[str, Any]) -> list[A
     wins) at MLFLOW_TRACKING_URI. Both: run name = the run directory's name."""
     from accelerate.tracking import MLflowTracker, WandBTracker
 
-    project = f"launcher-{cfg.recipe}"
+    default = f"launcher-{cfg.recipe}"
     trackers = []
     for name in cfg.trainer.trackers:
         if name == "wandb":
-            project = os.environ.get("WANDB_PROJECT", project)
+            project = os.environ.get("WANDB_PROJECT", default)
             tracker = WandBTracker(project, name=run_dir.name, dir=str(run_dir))
-        else:
-            tracker = MLflowTracker(experiment_name=project, run_name=run_dir.name)
+        else:  # accelerate reads MLFLOW_EXPERIMENT_NAME itself
+            tracker = MLflowTracker(experiment_name=default, run_name=run_dir.name)
         tracker.start()
         scalars = {k: v for k, v in plan.items() if isinstance(v, (int, float, str))}
         tracker.store_init_configuration(_flat(to_dict(cfg)) | _flat(scalars, "plan."))

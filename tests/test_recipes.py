@@ -21,7 +21,7 @@ from launcher.compose import compose_run
 from launcher.config import ConfigError
 from launcher.data import build_splits, declared_epoch_samples
 from launcher.loss import eval_counts, loss_sum
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import SMALL_DATA, composed, read_metrics, run_cli
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
@@ -339,6 +339,29 @@ def test_cifar10_recipe_trains_on_a_stand_in_with_label_smoothing(tmp_path):
     )
     final = [m for m in read_metrics(tmp_path / "run") if "eval_accuracy" in m][-1]
     assert final["eval_samples"] == 4
+
+
+@pytest.mark.slow
+def test_label_smoothing_reaches_the_training_loss(tmp_path, data_cache):
+    """The first logged loss of a run with trainer.label_smoothing=0.2 equals smoothed
+    cross-entropy computed here, independently, on the same initial model and first global batch."""
+    from launcher.data.sampler import epoch_permutation
+    from launcher.models import build_model
+
+    args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "trainer.epochs=0.04"]
+    args += ["trainer.dtype=float64", "trainer.label_smoothing=0.2", "trainer.log_every=1"]
+    res = run_cli([*args, "run_dir=run", *QUIET], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = next(m["loss"] for m in read_metrics(tmp_path / "run") if m.get("step") == 1)
+    cfg = composed(args)
+    splits = build_splits(cfg.data)
+    torch.manual_seed(cfg.seed)  # as run.py builds the model
+    model = build_model(cfg.model, splits.spec).double()
+    x, y = splits.train[epoch_permutation(len(splits.train), cfg.seed, 0)[:64]]
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x.double()), y, label_smoothing=0.2).item()
+        plain = F.cross_entropy(model(x.double()), y).item()
+    assert logged == pytest.approx(expected, rel=1e-12) and abs(expected - plain) > 1e-3
 
 
 # ---------------------------------------------------------------- device-dependent auto settings
