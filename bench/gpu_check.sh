@@ -52,9 +52,9 @@ TORCH_CUDA_ARCH_LIST=9.0 step ds_fused_adamw 240 optim=adamw backend=deepspeed b
   backend.mixed_precision=bf16 trainer.epochs=4 data.cache_dir=/tmp/m1d
 # 7. The default recipe (MNIST-1D CNN, Accelerate, global batch 512): must still reach ~97%.
 step default 120 data.cache_dir=/tmp/m1d
-# 8. The GPT recipe on the standard library's sources (bf16 by mixed_precision=auto), ~90 steps of
+# 8. The gpt_small recipe on the standard library's sources (bf16 by mixed_precision=auto), ~90 steps of
 #    64 x 256 tokens: tokens/s = samples/s x 256; its loss should fall well below ln 256 = 5.55.
-step gpt 120 +recipe=gpt trainer.epochs=0.05 trainer.eval_every_epochs=0.05
+step gpt_small 120 +recipe=gpt_small trainer.epochs=0.05 trainer.eval_every_epochs=0.05
 
 tar czf "$OUT/runs.tgz" -C /tmp $(cd /tmp && ls -d gpu-*/plan.json gpu-*/metrics.jsonl gpu-*/ds_config.json 2>/dev/null)
 python3 - /tmp <<'PY' | tee "$OUT/summary.txt"

@@ -13,7 +13,7 @@ from tests.conftest import SMALL_DATA, read_metrics, run_cli
 BAD_INPUTS = [
     (
         ["+recipe=nope"],
-        "recipe='nope': unknown; choose from cifar10, gpt, mnist1d, resnet50, resnet50_lars",
+        "recipe='nope': unknown; choose from cifar10, gpt_small, mnist1d, resnet50, resnet50_lars",
     ),
     (["model=transformer9"], "model='transformer9': unknown; choose from"),
     (["optim=rmsprop"], "optim='rmsprop': unknown; choose from"),

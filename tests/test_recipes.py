@@ -1,4 +1,4 @@
-"""The workload recipes (resnet50, resnet50_lars, gpt, cifar10) and what they stand on: byte-level
+"""The workload recipes (resnet50, resnet50_lars, gpt_small, cifar10) and what they stand on: byte-level
 text data, the CIFAR-10 python format, ImageFolder on real JPEGs, the GPT model, the per-sample loss
 for sequences, device-dependent `auto` settings and the opt-in trackers."""
 
@@ -28,7 +28,7 @@ QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
 
 
 def _text_cfg(tmp_path: Path, *overrides: str):
-    return compose_run(["+recipe=gpt", f"data.cache_dir={tmp_path / 'cache'}", *overrides]).data
+    return compose_run(["+recipe=gpt_small", f"data.cache_dir={tmp_path / 'cache'}", *overrides]).data
 
 
 def _corpus(path: Path, n: int, seed: int = 0) -> bytes:
@@ -111,7 +111,7 @@ def test_bad_text_and_gpt_settings_are_one_line_exit_2(
 ):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "c.txt", 300)
-    assert main(["+recipe=gpt", *overrides, "plan_only=true", "run_dir=run"]) == 2
+    assert main(["+recipe=gpt_small", *overrides, "plan_only=true", "run_dir=run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
@@ -122,7 +122,7 @@ def test_gpt_is_causal_and_checkpointing_does_not_change_gradients():
     from launcher.data import DataSpec
     from launcher.models import build_model
 
-    compose = compose_run(["+recipe=gpt", *TINY_GPT])
+    compose = compose_run(["+recipe=gpt_small", *TINY_GPT])
     spec = DataSpec((16,), 256, tokens=True)
     torch.manual_seed(0)
     model = build_model(compose.model, spec).double()
@@ -137,7 +137,7 @@ def test_gpt_is_causal_and_checkpointing_does_not_change_gradients():
         assert torch.equal(a[:, :9], b[:, :9])  # position t sees tokens <= t only
         assert not torch.allclose(a[:, 9:], b[:, 9:])
     model.train()
-    ckpt_cfg = compose_run(["+recipe=gpt", *TINY_GPT, "model.activation_checkpointing=true"])
+    ckpt_cfg = compose_run(["+recipe=gpt_small", *TINY_GPT, "model.activation_checkpointing=true"])
     torch.manual_seed(0)
     ckpt = build_model(ckpt_cfg.model, spec).double()
     assert ckpt.state_dict().keys() == model.state_dict().keys()
@@ -293,7 +293,7 @@ def test_resnet50_lars_recipe_trains_with_bf16_and_activation_checkpointing(tmp_
 @pytest.mark.slow
 def test_gpt_recipe_trains_on_a_text_file_and_shows_tokens_per_batch(tmp_path):
     _corpus(tmp_path / "c.txt", 3000)
-    args = ["+recipe=gpt", f"data.path={tmp_path / 'c.txt'}", *TINY_GPT, "global_batch=16"]
+    args = ["+recipe=gpt_small", f"data.path={tmp_path / 'c.txt'}", *TINY_GPT, "global_batch=16"]
     args += ["trainer.epochs=2", "run_dir=run", *QUIET, "trainer.log_every=1"]
     args += ["backend.mixed_precision=bf16", "model.activation_checkpointing=true"]
     res = run_cli(args, tmp_path)
@@ -315,7 +315,7 @@ def test_gpt_recipe_trains_on_a_text_file_and_shows_tokens_per_batch(tmp_path):
 def test_gpt_recipe_switches_to_lamb_above_512_sequences(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "c.txt", 300)
-    args = ["+recipe=gpt", "data.path=c.txt", *TINY_GPT, "global_batch=1024", "plan_only=true"]
+    args = ["+recipe=gpt_small", "data.path=c.txt", *TINY_GPT, "global_batch=1024", "plan_only=true"]
     assert main([*args, "run_dir=big"]) == 0
     plan = _plan(tmp_path / "big")
     assert (plan["optimizer"], plan["decay"], plan["decay_power"]) == ("lamb", "poly", 1.0)
