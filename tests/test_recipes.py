@@ -1,6 +1,6 @@
-"""The workload recipes (resnet50, resnet50_lars, gpt_small, cifar10) and what they stand on: byte-level
-text data, the CIFAR-10 python format, ImageFolder on real JPEGs, the GPT model, the per-sample loss
-for sequences, device-dependent `auto` settings and the opt-in trackers."""
+"""The workload recipes (resnet50, resnet50_lars, gpt_small, cifar10) and what they stand on:
+byte-level text data, the CIFAR-10 python format, ImageFolder on real JPEGs, the GPT model, the
+per-sample loss for sequences, device-dependent `auto` settings and the opt-in trackers."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
 
 
 def _text_cfg(tmp_path: Path, *overrides: str):
-    return compose_run(["+recipe=gpt_small", f"data.cache_dir={tmp_path / 'cache'}", *overrides]).data
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    return compose_run(["+recipe=gpt_small", cache, *overrides]).data
 
 
 def _corpus(path: Path, n: int, seed: int = 0) -> bytes:
@@ -315,7 +316,8 @@ def test_gpt_recipe_trains_on_a_text_file_and_shows_tokens_per_batch(tmp_path):
 def test_gpt_recipe_switches_to_lamb_above_512_sequences(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "c.txt", 300)
-    args = ["+recipe=gpt_small", "data.path=c.txt", *TINY_GPT, "global_batch=1024", "plan_only=true"]
+    args = ["+recipe=gpt_small", "data.path=c.txt", *TINY_GPT, "global_batch=1024"]
+    args += ["plan_only=true"]
     assert main([*args, "run_dir=big"]) == 0
     plan = _plan(tmp_path / "big")
     assert (plan["optimizer"], plan["decay"], plan["decay_power"]) == ("lamb", "poly", 1.0)
