@@ -324,8 +324,8 @@ def noise_mode(
     return "split", (
         f"{head}every {split_every}th step (trainer.noise_split_every) run as two half "
         f"micro-batches, |first half's gradient|^2 ({micro // 2} samples) vs |global "
-        f"gradient|^2 ({global_batch}): {why}, nothing local to compare otherwise (BatchNorm "
-        "normalises over each half on those steps)"
+        f"gradient|^2 ({global_batch}): {why}, nothing local to compare otherwise (a BatchNorm "
+        "model normalises over each half on those steps)"
     )
 
 
