@@ -103,6 +103,7 @@ def test_default_corpus_is_the_standard_library_without_site_packages(tmp_path):
         (["data.path=/no/such/corpus"], "data.path='/no/such/corpus': no such file or folder"),
         (["data.path=.", "data.glob=**/*.nothing"], "data.glob='**/*.nothing': no file matches"),
         (["data.path=c.txt", "data.seq_len=100000"], "data.seq_len=100000: the corpus"),
+        (["data.path=empty.txt"], "data.seq_len=256: the corpus (0 bytes)"),
         (["data.eval_fraction=1.5"], "data.eval_fraction=1.5: must be in (0, 1)"),
         (["model.width=30", "model.heads=4"], "model.width=30: must be a positive multiple of"),
     ],
@@ -112,10 +113,12 @@ def test_bad_text_and_gpt_settings_are_one_line_exit_2(
 ):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "c.txt", 300)
-    assert main(["+recipe=gpt_small", *overrides, "plan_only=true", "run_dir=run"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt"]
+    (tmp_path / "empty.txt").write_bytes(b"")
+    for plan_only in ("true", "false"):  # planning, and building the data to train
+        assert main(["+recipe=gpt_small", *overrides, f"plan_only={plan_only}", "run_dir=r"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "empty.txt"]
 
 
 # -------------------------------------------------------------------------------- model and loss

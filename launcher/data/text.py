@@ -150,8 +150,8 @@ class TokenBlocks(torch.utils.data.Dataset):
 
 def build(cfg: TextConfig) -> Splits:
     c = corpus(cfg)
+    n_train, _ = split_sizes(cfg, c.bytes)  # refuses a corpus too small (or empty) to split
     data = stream(cfg, c)
-    n_train, _ = split_sizes(cfg, len(data))
     return Splits(
         train=TokenBlocks(data[:n_train], cfg.seq_len),
         eval=TokenBlocks(data[n_train:], cfg.seq_len),
