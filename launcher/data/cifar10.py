@@ -40,9 +40,15 @@ def _folder(cfg: Cifar10Config) -> Path:
     root = Path(cfg.root).expanduser()
     folder = root / FOLDER
     if not folder.is_dir() and cfg.download:
+        import fcntl
+
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(root), train=True, download=True)  # fetches, checks MD5s, extracts
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".download.lock", "w") as lock:  # ranks of one machine: one download
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not folder.is_dir():
+                CIFAR10(str(root), train=True, download=True)  # fetches, checks MD5s, extracts
     if not folder.is_dir():
         raise ConfigError(
             f"data.root={cfg.root!r}: no {FOLDER}/ inside; data.download=true fetches it "
