@@ -222,6 +222,24 @@ def test_cifar10_reads_the_python_format_and_augments_only_training(tmp_path):
     assert all(c.shape == (3, 32, 32) for c in crops)
 
 
+def test_cifar10_download_goes_through_torchvision_once(tmp_path, monkeypatch):
+    """data.download=true asks torchvision's CIFAR10 (here a stand-in that writes the files, as the
+    real one does after its MD5 checks) only when the folder is missing."""
+    import torchvision.datasets
+
+    calls = []
+
+    def fake_cifar10(root, train, download):
+        calls.append((root, train, download))
+        write_cifar10(Path(root), per_batch=2)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
+    cfg = compose_run(["+recipe=cifar10", f"data.root={tmp_path / 'c'}", "data.download=true"])
+    assert len(build_splits(cfg.data).train) == 10
+    assert len(build_splits(cfg.data).train) == 10
+    assert calls == [(str(tmp_path / "c"), True, True)]
+
+
 def test_cifar10_missing_or_malformed_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["+recipe=cifar10", "data.root=nowhere", "run_dir=run"]) == 2
