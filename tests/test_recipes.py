@@ -334,6 +334,24 @@ def test_gpt_recipe_trains_on_a_text_file_and_shows_tokens_per_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpt_with_its_tied_embedding_trains_the_same_under_deepspeed_zero3(tmp_path):
+    """ZeRO 3 partitions parameters, and the GPT's output layer shares the token embedding: the
+    final weights equal the Accelerate run's (float32, summation order only) and stay tied."""
+    _corpus(tmp_path / "c.txt", 2000)
+    args = ["+recipe=gpt_small", f"data.path={tmp_path / 'c.txt'}", *TINY_GPT, "global_batch=16"]
+    args += ["trainer.epochs=1", *QUIET]
+    runs = {}
+    for name, extra in (("acc", []), ("zero3", ["backend=deepspeed", "backend.zero_stage=3"])):
+        res = run_cli([*args, *extra, f"run_dir={name}"], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = torch.load(tmp_path / name / "model_final.pt")
+    assert runs["acc"].keys() == runs["zero3"].keys()
+    for key, value in runs["acc"].items():
+        torch.testing.assert_close(runs["zero3"][key], value, rtol=0, atol=1e-5, msg=key)
+    assert torch.equal(runs["zero3"]["head.weight"], runs["zero3"]["tokens.weight"])
+
+
+@pytest.mark.slow
 def test_gpt_recipe_switches_to_lamb_above_512_sequences(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _corpus(tmp_path / "c.txt", 300)
