@@ -1,12 +1,16 @@
-"""Loop overhead: the launcher's training loop vs a hand-written PyTorch loop, same model and data.
+"""Loop overhead: the launcher's training loop vs a hand-written PyTorch loop, a plain Accelerate
+loop and a Lightning loop, same model and data.
 
-Both train the MNIST-1D CNN at global batch 512 on one CPU thread for the same number of steps,
-in this process, alternating runs; the ratio of median samples/s is the result (target >= 0.98).
-The launcher side is the real path: plan, Accelerate backend, sampler, DataLoader, LR per step,
-metrics.jsonl + TensorBoard every `log_every` steps, one evaluation at the end (both sides).
-The progress bar is off on the launcher side (it only writes to the terminal).
+All train the MNIST-1D CNN at global batch 512 on one CPU thread for the same number of steps,
+in this process, alternating runs; the ratio of median samples/s is the result (target: launcher
+>= 0.98 x hand-written). The launcher side is the real path: plan, Accelerate backend, sampler,
+DataLoader, LR per step, metrics.jsonl + TensorBoard every `log_every` steps, one evaluation at the
+end (every side). The progress bar is off on the launcher side (it only writes to the terminal).
+The Accelerate and Lightning loops get the same batches the same way (a DataLoader over whole
+index arrays of one permutation per epoch, no per-sample collation), SGD with the same LR curve set
+each step, no logging, no progress bar, no checkpoints: what their loops add is what is measured.
 
-    python bench/overhead.py [--epochs 5] [--repeats 5] [--clock wall|cpu]
+    python bench/overhead.py [--epochs 5] [--repeats 5] [--clock wall|cpu] [--peers]
 """
 
 from __future__ import annotations
@@ -81,16 +85,32 @@ def handwritten_loop(cfg, splits, steps: int, peak: float, warmup: int, total: i
         seen = step * 512
         epoch, offset = divmod(seen, n)
         idx = torch.from_numpy(epoch_permutation(n, 0, epoch)[offset : offset + 512])
-        if seen < warmup:
-            lr = cfg.optim.base_lr + (peak - cfg.optim.base_lr) * seen / warmup
-        else:
-            lr = 0.5 * peak * (1 + math.cos(math.pi * (seen - warmup) / (total - warmup)))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = _lr(cfg, seen, peak, warmup, total)
         loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _evaluate(model, splits)
+    return _clock() - start
+
+
+def _batches(n: int, steps: int) -> list:
+    """The hand-written loop's index arrays: step s takes stream positions [512 s, 512 (s + 1))."""
+    out = []
+    for step in range(steps):
+        epoch, offset = divmod(step * 512, n)
+        out.append(torch.from_numpy(epoch_permutation(n, 0, epoch)[offset : offset + 512]))
+    return out
+
+
+def _lr(cfg, seen: int, peak: float, warmup: int, total: int) -> float:
+    if seen < warmup:
+        return cfg.optim.base_lr + (peak - cfg.optim.base_lr) * seen / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (seen - warmup) / (total - warmup)))
+
+
+def _evaluate(model, splits) -> None:
     with torch.no_grad():  # the same single evaluation at the end
         model.eval()
         correct = sum(
@@ -98,6 +118,68 @@ def handwritten_loop(cfg, splits, steps: int, peak: float, warmup: int, total: i
             for i in range(0, len(splits.eval), 512)
         )
     assert correct > 0
+
+
+def accelerate_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int) -> float:
+    """A plain Accelerate loop (Accelerator.prepare, accelerator.backward); returns seconds."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, splits.spec)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.base_lr, momentum=0.9)
+    accelerator = Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, opt)
+    loader = DataLoader(splits.train, sampler=_batches(len(splits.train), steps), batch_size=None)
+    start = _clock()
+    for step, (x, y) in enumerate(loader):
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step * 512, peak, warmup, total)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+    _evaluate(model, splits)
+    return _clock() - start
+
+
+def lightning_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int) -> float:
+    """A Lightning loop (LightningModule + Trainer(max_steps), LR by a per-step LambdaLR, no
+    logger, checkpoints, progress bar or model summary); returns seconds, Trainer.fit included."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = build_model(cfg.model, splits.spec)
+
+        def training_step(self, batch, _):  # noqa: ANN001
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):  # noqa: ANN201
+            opt = torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.9)  # x the lambda below
+            curve = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: _lr(cfg, step * 512, peak, warmup, total)
+            )
+            return [opt], [{"scheduler": curve, "interval": "step"}]
+
+    module = Module()
+    loader = DataLoader(splits.train, sampler=_batches(len(splits.train), steps), batch_size=None)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = _clock()
+    trainer.fit(module, loader)
+    _evaluate(module.net, splits)
     return _clock() - start
 
 
@@ -111,6 +193,7 @@ def main() -> None:
         default="wall",
         help="cpu: this process's CPU time (all its threads), immune to other tenants of a VM",
     )
+    parser.add_argument("--peers", action="store_true", help="also Accelerate and Lightning loops")
     args = parser.parse_args()
     global _clock
     _clock = CLOCK[args.clock]
@@ -123,14 +206,14 @@ def main() -> None:
     plan = plan_batch(cfg, 1, len(splits.train))
     backend = AccelerateBackend(cfg, "cpu")
     times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
+    peers = {"accelerate": accelerate_loop, "lightning": lightning_loop} if args.peers else {}
+    curve = (plan.steps, plan.lr, plan.warmup_samples, plan.total_samples)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            times["hand-written"].append(
-                handwritten_loop(
-                    cfg, splits, plan.steps, plan.lr, plan.warmup_samples, plan.total_samples
-                )
-            )
+            times["hand-written"].append(handwritten_loop(cfg, splits, *curve))
             times["launcher"].append(launcher_loop(cfg, splits, backend, Path(tmp) / str(r)))
+            for name, loop in peers.items():
+                times.setdefault(name, []).append(loop(cfg, splits, *curve))
     samples = plan.steps * 512
     rate = {k: samples / statistics.median(v) for k, v in times.items()}
     print(
@@ -142,8 +225,9 @@ def main() -> None:
             f"{k:>12}: median {statistics.median(v):.3f} s, {rate[k]:,.0f} samples/s "
             f"(runs: {', '.join(f'{t:.3f}' for t in v)})"
         )
-    ratio = rate["launcher"] / rate["hand-written"]
-    print(f"ratio launcher / hand-written = {ratio:.3f} (medians)")
+    for name in ("launcher", *peers):
+        ratio = rate[name] / rate["hand-written"]
+        print(f"ratio {name} / hand-written = {ratio:.3f} (medians)")
     best = {k: min(v) for k, v in times.items()}
     print(f"ratio of the fastest runs = {best['hand-written'] / best['launcher']:.3f}")
 
