@@ -216,9 +216,10 @@ def print_error(message: str) -> None:
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
     """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
     cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
-    topology, plan = plan_for(cfg, launched)
+    epoch = declared_epoch_samples(cfg.data)  # once: a text corpus is counted by listing files
+    topology, plan = plan_for(cfg, launched, epoch)
     if probes_memory(cfg):
-        _, plan = plan_for(cfg, launched, memory=estimated_memory(cfg, topology, plan))
+        _, plan = plan_for(cfg, launched, epoch, estimated_memory(cfg, topology, plan))
     return topology, plan
 
 

@@ -33,6 +33,7 @@ class Corpus:
     root: Path
     files: tuple[Path, ...]
     sizes: tuple[int, ...]
+    mtimes: tuple[int, ...]  # st_mtime_ns: with the sizes, what names the cached stream
 
     @property
     def bytes(self) -> int:
@@ -54,7 +55,8 @@ def corpus(cfg: TextConfig) -> Corpus:
         root = Path(cfg.path).expanduser()
         pattern = "**/*.txt" if cfg.glob == "auto" else cfg.glob
         if root.is_file():
-            return Corpus(root.parent, (root,), (root.stat().st_size,))
+            stat = root.stat()
+            return Corpus(root.parent, (root,), (stat.st_size,), (stat.st_mtime_ns,))
         if not root.is_dir():
             raise ConfigError(f"data.path={cfg.path!r}: no such file or folder")
     files = sorted(
@@ -67,7 +69,10 @@ def corpus(cfg: TextConfig) -> Corpus:
             f"data.glob={cfg.glob!r}: no file matches {pattern!r} under {root}; set data.glob "
             "(e.g. '**/*.md') or point data.path at a file"
         )
-    return Corpus(root, tuple(files), tuple(p.stat().st_size for p in files))
+    stats = [p.stat() for p in files]
+    return Corpus(
+        root, tuple(files), tuple(s.st_size for s in stats), tuple(s.st_mtime_ns for s in stats)
+    )
 
 
 def split_sizes(cfg: TextConfig, total: int) -> tuple[int, int]:
@@ -104,8 +109,8 @@ def epoch_samples(cfg: TextConfig) -> tuple[int, str]:
 
 def _digest(c: Corpus) -> str:
     h = hashlib.sha256(str(c.root).encode())
-    for path, size in zip(c.files, c.sizes, strict=True):
-        h.update(f"\0{path.relative_to(c.root)}\0{size}\0{path.stat().st_mtime_ns}".encode())
+    for path, size, mtime in zip(c.files, c.sizes, c.mtimes, strict=True):
+        h.update(f"\0{path.relative_to(c.root)}\0{size}\0{mtime}".encode())
     return h.hexdigest()[:20]
 
 
