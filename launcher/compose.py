@@ -27,14 +27,17 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _register_recipes() -> None:
+def _register_recipe(name: str) -> None:
+    """Store the selected recipe only (parsing YAML is start-up time). An unknown name is refused
+    here: with no recipe stored Hydra would take `+recipe=NAME` for a plain new key."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    store = ConfigStore.instance()
-    for name in recipe_names():
-        node = OmegaConf.load(RECIPES_DIR / f"{name}.yaml")
-        store.store(group="recipe", name=name, node=node, package="_global_")
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"recipe={name!r}: unknown; choose from {', '.join(names)}")
+    node = OmegaConf.load(RECIPES_DIR / f"{name}.yaml")
+    ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
 
 def _recipe_of(overrides: list[str]) -> tuple[str, list[str]]:
@@ -68,7 +71,7 @@ def compose_dict(overrides: list[str]) -> dict[str, Any]:
     from omegaconf.errors import OmegaConfBaseException
 
     recipe, overrides = _recipe_of(overrides)
-    _register_recipes()
+    _register_recipe(recipe)
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)

@@ -2,7 +2,9 @@
 
 `measured_cap` runs at most three probe steps (two sizes to fit, one to verify the chosen size),
 or none when a cached profile matches; every rank probes its own device and the cap is the minimum
-over ranks (one collective). `estimated_cap` does the same with fake tensors for plan_only.
+over ranks (one collective). `estimated_cap` does the same with fake tensors for plan_only, and
+caches its profile too: a plan_only sweep over batch sizes or clusters traces the model once, and a
+cached estimate skips FakeTensorMode, whose first use imports torch._dynamo (~1.3 s).
 """
 
 from __future__ import annotations
@@ -96,8 +98,13 @@ def param_bytes(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> int:
     return sum(p.numel() * dtype.itemsize for p in model.parameters())
 
 
+FAKE = "fake"  # the estimate's "device": fake tensors, the same profile for every declared device
+
+
 def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> dict[str, Any]:
-    if device.startswith("cuda"):
+    if device == FAKE:
+        device_id = "fake tensors (plan_only estimate)"
+    elif device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         device_id = f"{props.name}, {props.total_memory} B"
     else:
@@ -211,15 +218,26 @@ def estimated_cap(
     cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device_memory_bytes: int
 ) -> tuple[int, dict[str, Any]]:
     """(cap, report) for a device this process does not have: fake tensors, no memory used."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     def fake_trace(n: int) -> Trace:
+        from torch._subclasses.fake_tensor import FakeTensorMode  # imports torch._dynamo
+
         with FakeTensorMode():
             return probe_trace(cfg, spec, plan, "cpu", n)
 
-    n1, n2 = PROBE_SIZES
-    profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
+    key = _cache_key(cfg, spec, plan, FAKE)
+    profile, cached = load_cached(cfg.memory.cache_dir, key)
     note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
+    if profile is None:
+        n1, n2 = PROBE_SIZES
+        profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
+        try:
+            note = f"{note}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+        except OSError as exc:  # plan_only needs no cache: say so, plan anyway
+            note = f"{note}; not cached ({exc})"
+    else:
+        profile = dataclasses.replace(profile, source="estimated")
+        note = f"{note}; from {cached}"
     profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
     budget, budget_why = budget_bytes(cfg.memory, device_memory_bytes)
     cap = profile.max_micro(budget)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
-from tests.conftest import SMALL_DATA, read_metrics, run_cli
+from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
 
 BAD_INPUTS = [
     (
@@ -80,6 +82,22 @@ def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
     assert "3.2 = 0.1 x 8192/256, linear rule" in res.stdout
     for row in ("micro_batch", "accumulation", "warmup_samples", "optimizer"):
         assert row in res.stdout
+
+
+def test_plan_only_with_a_cached_estimate_does_not_import_dynamo(tmp_path):
+    """Start-up (bench/startup.py): the first plan_only traces the model with FakeTensorMode,
+    which imports torch._dynamo (~1.3 s); a second one with the same model reads the cached
+    estimate and must not import it."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "launcher", "plan_only=true"]
+    cmd.append(f"memory.cache_dir={tmp_path / 'mem'}")
+    first = run_process([*cmd, "run_dir=a"], tmp_path)
+    second = run_process([*cmd, "run_dir=b", "global_batch=256"], tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert re.search(r"\|\s+torch\._dynamo\n", first.stderr)  # what the check sees when it happens
+    assert "torch._dynamo" not in second.stderr
+    plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in "ab"]
+    assert plans[0]["memory"]["lines"] == plans[1]["memory"]["lines"]
+    assert "from cache entry" in plans[1]["memory"]["note"]
 
 
 def test_plan_only_lars_above_8k_and_multirun(tmp_path):

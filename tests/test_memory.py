@@ -132,6 +132,37 @@ def test_estimate_with_fake_tensors_matches_measurement(name, tmp_path):
         assert _profile(estimated).peak(n) == probe_peak(cfg, spec, plan, "cpu", n), n
 
 
+def test_estimate_is_cached_and_reused_without_fake_tensors(tmp_path, monkeypatch):
+    """plan_only's estimate is saved like a measured profile; a second plan (another global
+    batch: same model and optimizer) reads it back and traces nothing."""
+    import launcher.probe as probe
+
+    cfg, spec, plan = _setup(tmp_path=tmp_path)
+    cap, first = estimated_cap(cfg, spec, plan, 16 * GB)
+    assert "saved to" in first["note"] and first["source"] == "estimated"
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("a cached estimate traced the model again")
+
+    monkeypatch.setattr(probe, "probe_trace", no_trace)
+    other = plan_batch(dataclasses.replace(cfg, global_batch=256), 1, 32000)
+    assert other.optimizer == plan.optimizer
+    cap2, again = estimated_cap(cfg, spec, other, 16 * GB)
+    assert "from cache entry" in again["note"] and again["source"] == "estimated"
+    assert (cap2, again["lines"], again["points"]) == (cap, first["lines"], first["points"])
+    measured = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, dtype="float64"))
+    with pytest.raises(AssertionError, match="traced the model again"):  # a new key: traced
+        estimated_cap(measured, spec, plan, 16 * GB)
+
+
+def test_estimate_without_a_writable_cache_still_plans(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg, spec, plan = _setup(f"memory.cache_dir={blocker / 'memcache'}")
+    cap, report = estimated_cap(cfg, spec, plan, 16 * GB)
+    assert cap >= 1 and "not cached" in report["note"]
+
+
 def test_cache_hit_miss_and_corrupt_entries(tmp_path):
     cfg, spec, plan = _setup(tmp_path=tmp_path)
     _, first = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
