@@ -253,6 +253,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
+    if topology.device == "cuda":  # before the memory probe: its verify step autotunes too
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     splits = build_splits(cfg.data)
     epoch = (len(splits.train), " (counted in the training split)")
     _, plan = plan_for(cfg, launched, epoch)
