@@ -6,8 +6,9 @@
 #                 typing-inspection typing-extensions msgpack psutil einops
 #   device run: bash bench/gpu_check.sh   (carry .whl; timeout_s 540 leaves the start-up its share)
 # Runs in priority order inside GPU_CHECK_SECONDS (default 470: the issue's 8 minutes, less the
-# install); a step that cannot finish in what is left is skipped and says so. Writes under $OUT
-# (or ./gpu-check-out): env.txt, summary.txt, each step's log and JSON.
+# install); a step that cannot finish in what is left is skipped and says so. Writes two files under
+# $OUT (or ./gpu-check-out; the device tool returns at most 8): summary.txt (machine, versions, each
+# step's exit status and key lines, appended as it goes) and results.tgz (every step's log and JSON).
 #   1. bench/throughput.py: ResNet-50 bf16 channels-last images/s, launcher vs plain loop, MFU
 #      (the launcher with and without the noise-scale meter), Accelerate backend;
 #   2. the same with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
@@ -18,7 +19,8 @@
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 BUDGET=${GPU_CHECK_SECONDS:-470}
-mkdir -p "$OUT"
+W=/tmp/gpu-check  # step logs and JSON; packed into $OUT/results.tgz at the end
+rm -rf "$W" && mkdir -p "$OUT" "$W"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
@@ -32,7 +34,7 @@ accelerate.__version__, 'deepspeed', deepspeed.__version__, 'cuda', torch.versio
 torch.cuda.is_available())"
   which nvcc || echo "no nvcc (DeepSpeed's fused optimizers are JIT-compiled with it)"
   nproc
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/summary.txt"
 
 START=$SECONDS
 step() {  # name, seconds it needs at least, seconds it may take at most, then the command
@@ -45,28 +47,30 @@ step() {  # name, seconds it needs at least, seconds it may take at most, then t
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc wall=$((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  tail -n 12 "$OUT/$name.log"
+  tail -n 12 "$W/$name.log"
 }
 
 TP=(python3 bench/throughput.py --batch 256 --steps 40 --repeats 2)
-step throughput_accelerate 60 110 "${TP[@]}" --out "$OUT/throughput_accelerate.json"
+step throughput_accelerate 60 110 "${TP[@]}" --out "$W/throughput_accelerate.json"
 step throughput_zero2 70 110 "${TP[@]}" --backend deepspeed --zero-stage 2 \
-  --out "$OUT/throughput_zero2.json"
+  --out "$W/throughput_zero2.json"
 step pytest_gpu 200 280 env LAUNCHER_REQUIRE_GPU_TESTS=1 python3 -m pytest -m gpu tests/test_gpu.py \
   -p no:cacheprovider -q -rA --durations=0
 step memory_finder 90 150 python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 \
-  --arch resnet50 --precision bf16 --start 256 --margin-gib 0.5 --out "$OUT/memory_finder.json"
+  --arch resnet50 --precision bf16 --start 256 --margin-gib 0.5 --out "$W/memory_finder.json"
 step gpt_small 60 100 python3 -m launcher +recipe=gpt_small trainer.epochs=0.05 \
   trainer.eval_every_epochs=0.05 trainer.progress=false run_dir=/tmp/gpu-gpt_small
-cp /tmp/gpu-gpt_small/metrics.jsonl "$OUT/gpt_small_metrics.jsonl" 2>/dev/null
+cp /tmp/gpu-gpt_small/plan.json /tmp/gpu-gpt_small/metrics.jsonl "$W/" 2>/dev/null
 
 {
-  echo; grep -h -E "images/s|^ratio" "$OUT"/throughput_*.log 2>/dev/null
-  echo; grep -h -E "passed|failed|error" "$OUT/pytest_gpu.log" 2>/dev/null | tail -n 3
-  echo; grep -h -E "^\||true largest" "$OUT/memory_finder.log" 2>/dev/null
+  echo; grep -h -E "images/s|^ratio|torch" "$W"/throughput_*.log 2>/dev/null
+  echo; grep -h -E "passed|failed|error|s call " "$W/pytest_gpu.log" 2>/dev/null | tail -n 16
+  echo; grep -h -E "^\||true largest" "$W/memory_finder.log" 2>/dev/null
+  echo; tail -n 2 "$W/metrics.jsonl" 2>/dev/null
+  echo "== total $((SECONDS - START))s of ${BUDGET}s"
 } >> "$OUT/summary.txt"
-echo "== total $((SECONDS - START))s of ${BUDGET}s"
+tar czf "$OUT/results.tgz" -C "$W" .
 cat "$OUT/summary.txt"

@@ -96,14 +96,15 @@ PROBE_TOLERANCE = 0.05  # predicted vs the allocator's training peak (H100, ResN
 
 @pytest.mark.gpu
 def test_cuda_probe_predicts_the_allocator_peak_of_training(gpu, tmp_path):
-    """ResNet-18 (bf16 autocast, channels-last by auto) under a 2 GiB budget: the probe's
+    """ResNet-18 (bf16 autocast, channels-last by auto) under a 1.5 GiB budget: the probe's
     3 steps pick the micro-batch, and over the real run the CUDA caching allocator's peak
     (torch.cuda.max_memory_allocated after the probe) is the plan's prediction within 5%, and
     inside the budget."""
     args = ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "data.num_classes=100"]
     args += ["data.input_shape=[3,112,112]", "data.train_samples=2048", "data.eval_samples=256"]
-    args += ["data.workers=4", "global_batch=512", "trainer.epochs=1", "memory.budget_gb=2"]
+    args += ["data.workers=4", "global_batch=512", "trainer.epochs=1", "memory.budget_gb=1.5"]
     args += [f"memory.cache_dir={tmp_path / 'mem'}", *QUIET, "run_dir=run"]
+    # (the plan_only estimate of this step: 147 MiB + 3.0 MiB per sample, so a cap near 290)
     res = run_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
