@@ -18,10 +18,11 @@ Each side runs once untimed (cuDNN autotuning, allocator warm-up), then the side
 synchronisations (model building and backend.prepare are not timed). Images/s = trained images /
 the median run; MFU = images/s x 24.5 GFLOP (ResNet-50 at
 224: 3 x 8.2 GFLOP forward; scaled by (image/224)^2 and set only for resnet50) / the GPU's dense
-bf16 peak. cudnn.benchmark is set as the launcher sets it (trainer.cudnn_benchmark) on both sides.
+bf16 peak. cudnn.benchmark is the launcher's trainer.cudnn_benchmark (off unless --cudnn-benchmark),
+set process-wide, so both sides run with the same setting.
 
     python bench/throughput.py [--device cuda] [--batch 256] [--steps 50] [--repeats 3]
-        [--backend accelerate|deepspeed] [--zero-stage 2] [--out result.json]
+        [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--out result.json]
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
 """
 
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", choices=["accelerate", "deepspeed"], default="accelerate")
     parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     overrides = [
@@ -170,6 +172,7 @@ def main() -> None:
         "trainer.epochs=1",
         "trainer.log_every=10",
         f"backend={args.backend}",
+        f"trainer.cudnn_benchmark={str(args.cudnn_benchmark).lower()}",
     ]
     if args.backend == "deepspeed":  # autocast keeps BatchNorm in float32, as Accelerate does
         overrides += [f"backend.zero_stage={args.zero_stage}", "backend.autocast=true"]

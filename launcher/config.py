@@ -458,9 +458,10 @@ class TrainerConfig:
     channels_last: bool | Literal["auto"] = "auto"
     """store 4-D weights (convolutions) channels-last, the layout tensor cores want; auto = on
     CUDA. No effect on models without 4-D weights"""
-    cudnn_benchmark: bool = True
+    cudnn_benchmark: bool = False
     """on CUDA, let cuDNN time its convolution algorithms for each new input shape and keep the
-    fastest (torch.backends.cudnn.benchmark); the memory probe's verify step runs with it too"""
+    fastest (torch.backends.cudnn.benchmark). Off by default (as in Lightning): the memory probe's
+    verify step runs with it, and its autotuning workspaces count in the peak it measures"""
     devices: int | Literal["auto"] = "auto"
     """worker processes on this machine for a plain `python -m launcher`, started with PyTorch's
     elastic launcher; auto = the cluster's devices_per_node if declared, else every visible GPU,
