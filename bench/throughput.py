@@ -77,7 +77,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(cfg, spec, device: torch.device) -> torch.nn.Module:
+def _model(cfg, spec) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(cfg.model, spec)
     if cfg.trainer.channels_last:
@@ -87,7 +87,7 @@ def _model(cfg, spec, device: torch.device) -> torch.nn.Module:
 
 def launcher_run(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, run: str) -> float:
     """fit() through the backend; returns seconds (model set-up and prepare not timed)."""
-    model = _model(cfg, spec, backend.device)
+    model = _model(cfg, spec)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
     run_dir = Path(tmp, f"{run}-noise" if noise else run)
@@ -118,11 +118,13 @@ def launcher_run(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, r
 
 def plain_run(cfg, spec, plan, pool, evals, device: torch.device) -> float:
     """The hand-written loop on the same batches; returns seconds."""
-    model = _model(cfg, spec, device).to(device)
+    model = _model(cfg, spec).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
-    opt = torch.optim.SGD(groups, lr=plan.lr, momentum=cfg.optim.momentum, nesterov=True)
+    opt = torch.optim.SGD(
+        groups, lr=plan.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov
+    )
     lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
