@@ -45,8 +45,8 @@ MNIST1D = [
     "global_batch=64",
     "trainer.epochs=4",
     "schedule.warmup_epochs=0.25",
+    "trainer.noise_scale=false",
 ]
-MNIST1D.append("trainer.noise_scale=false")
 STEPS = 100
 
 
