@@ -38,6 +38,7 @@ def gpu() -> None:
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=1"]
+QUIET.append("trainer.devices=1")  # one process, this one, also on a box of several GPUs
 # The default recipe (MNIST-1D CNN, SGD, cosine): 1,600 training samples, 100 steps of 64.
 MNIST1D = [
     *SMALL_DATA,
