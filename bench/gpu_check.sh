@@ -11,9 +11,9 @@
 # step's exit status and key lines, appended as it goes) and results.tgz (every step's log and JSON).
 #   1. bench/throughput.py: ResNet-50 bf16 channels-last images/s, launcher vs plain loop, MFU
 #      (the launcher with and without the noise-scale meter), Accelerate backend, cudnn.benchmark on;
-#   2. the same with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
-#   3. pytest -m gpu (tests/test_gpu.py): probe vs allocator, injected and real OOM recovery,
+#   2. pytest -m gpu (tests/test_gpu.py): probe vs allocator, injected and real OOM recovery,
 #      bf16 vs float32, DeepSpeed FusedAdam / FusedLamb (JIT-compiled: ~50 s each on first use);
+#   3. step 1 with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
 #   4. step 1 with cudnn.benchmark off (the launcher's default), one repeat;
 #   5. bench/memory_finder.py under an 8 GiB allocator limit (launcher vs Accelerate vs Lightning);
 #   6. the gpt_small recipe, ~90 steps (bf16 by auto).
@@ -57,10 +57,10 @@ step() {  # name, seconds it needs at least, seconds it may take at most, then t
 TP=(python3 bench/throughput.py --batch 256 --steps 40)
 step throughput_accelerate 60 110 "${TP[@]}" --repeats 2 --cudnn-benchmark \
   --out "$W/throughput_accelerate.json"
-step throughput_zero2 70 110 "${TP[@]}" --repeats 2 --cudnn-benchmark --backend deepspeed \
-  --zero-stage 2 --out "$W/throughput_zero2.json"
 step pytest_gpu 200 280 env LAUNCHER_REQUIRE_GPU_TESTS=1 python3 -m pytest -m gpu tests/test_gpu.py \
   -p no:cacheprovider -q -rA --durations=0
+step throughput_zero2 70 110 "${TP[@]}" --repeats 2 --cudnn-benchmark --backend deepspeed \
+  --zero-stage 2 --out "$W/throughput_zero2.json"
 step throughput_no_autotune 45 80 "${TP[@]}" --repeats 1 --out "$W/throughput_no_autotune.json"
 step memory_finder 90 150 python3 bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 \
   --arch resnet50 --precision bf16 --start 256 --margin-gib 0.5 --out "$W/memory_finder.json"
