@@ -143,9 +143,8 @@ def plain_run(cfg, spec, plan, pool, evals, device: torch.device) -> float:
         opt.zero_grad(set_to_none=True)
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=precision != "no"):
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in evals)
+        sum(int((model(x).argmax(1) == y).sum()) for x, y in evals)  # as the launcher counts
     _sync(device)
-    assert correct >= 0
     return time.perf_counter() - start
 
 
@@ -188,7 +187,10 @@ def main() -> None:
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (args.batch, *spec.input_shape)
     pool = [
-        (torch.randn(shape, generator=g).to(device), torch.randint(1000, (args.batch,)).to(device))
+        (
+            torch.randn(shape, generator=g).to(device),
+            torch.randint(spec.num_classes, (args.batch,), generator=g).to(device),
+        )
         for _ in range(4)
     ]
     evals = pool[:1]
@@ -248,7 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

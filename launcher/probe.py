@@ -232,9 +232,9 @@ def estimated_cap(
         n1, n2 = PROBE_SIZES
         profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
         try:
-            note = f"{note}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+            note = f"{note}; {cached}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
         except OSError as exc:  # plan_only needs no cache: say so, plan anyway
-            note = f"{note}; not cached ({exc})"
+            note = f"{note}; {cached}; not cached ({exc})"
     else:
         profile = dataclasses.replace(profile, source="estimated")
         note = f"{note}; from {cached}"

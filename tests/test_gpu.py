@@ -21,7 +21,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import SMALL_DATA, final_state, read_metrics, run_cli, run_process
+from launcher.data import data_spec
+from launcher.plan import plan_batch
+from launcher.probe import probe_peak
+from tests.conftest import SMALL_DATA, composed, final_state, read_metrics, run_cli, run_process
 
 
 def _require_gpu() -> None:
@@ -135,11 +138,6 @@ LIMITED = (  # a real allocator limit in the run's own process: the fraction is 
 
 def _limit_between_32_and_64() -> float:
     """The allocator fraction halfway between the peaks of a training step at 32 and at 64."""
-    from launcher.data import data_spec
-    from launcher.plan import plan_batch
-    from launcher.probe import probe_peak
-    from tests.conftest import composed
-
     cfg = composed(OOM_ARGS, device="cuda")
     spec, plan = data_spec(cfg.data), plan_batch(cfg, 1, 320)
     p32, p64 = (probe_peak(cfg, spec, plan, "cuda", n) for n in (32, 64))

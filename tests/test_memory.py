@@ -150,9 +150,9 @@ def test_estimate_is_cached_and_reused_without_fake_tensors(tmp_path, monkeypatc
     cap2, again = estimated_cap(cfg, spec, other, 16 * GB)
     assert "from cache entry" in again["note"] and again["source"] == "estimated"
     assert (cap2, again["lines"], again["points"]) == (cap, first["lines"], first["points"])
-    measured = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, dtype="float64"))
+    float64 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, dtype="float64"))
     with pytest.raises(AssertionError, match="traced the model again"):  # a new key: traced
-        estimated_cap(measured, spec, plan, 16 * GB)
+        estimated_cap(float64, spec, plan, 16 * GB)
 
 
 def test_estimate_without_a_writable_cache_still_plans(tmp_path):
