@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from launcher.compose import compose_run
 from launcher.data import data_spec
 from launcher.data.synthetic import SyntheticDataset
+from launcher.job import on_device
 from launcher.memory import StorageMeter
 from launcher.plan import plan_batch
 from launcher.probe import _step, measured_cap
-from launcher.run import on_device
 
 MIB = 2**20
 

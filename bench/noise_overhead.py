@@ -26,8 +26,8 @@ from overhead import launcher_loop  # bench/: run as `python bench/noise_overhea
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
 from launcher.data import build_splits
+from launcher.job import on_device
 from launcher.plan import plan_batch
-from launcher.run import on_device
 
 
 def main() -> None:

@@ -29,12 +29,12 @@ from launcher.backends.accelerate import AccelerateBackend
 from launcher.compose import compose_run
 from launcher.data import build_splits, eval_loader, train_loader
 from launcher.data.sampler import epoch_permutation
+from launcher.job import on_device
 from launcher.metrics import MetricsSink
 from launcher.models import build_model
 from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
-from launcher.run import on_device
 from launcher.train import fit
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -43,7 +43,7 @@ _clock = CLOCK["wall"]
 
 def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = False) -> float:
     """The launcher's real loop, `fit()`, with one final evaluation (and with `meter` the
-    noise-scale meter, as run.py builds it); returns seconds."""
+    noise-scale meter, as job.py builds it); returns seconds."""
     plan = plan_batch(cfg, 1, len(splits.train))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)

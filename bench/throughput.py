@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from launcher.backends import build_backend
 from launcher.compose import compose_run
 from launcher.data import data_spec
+from launcher.job import on_device
 from launcher.metrics import MetricsSink
 from launcher.models import build_model
 from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
-from launcher.run import on_device
 from launcher.schedule import lr_at
 from launcher.train import fit
 

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from pathlib import Path
 
 from launcher.config import ConfigError
 
-USAGE = """usage: python -m launcher [-m|--multirun] [+recipe=NAME] [key=value ...]
+USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 
-  +recipe=NAME        a recipe from recipes/ ({recipes}); default {default}
+  +recipe=NAME        a recipe ({recipes}); default {default}
+  --config-dir DIR    your own config folder (Hydra's flag): DIR/recipe/*.yaml are recipes,
+                      DIR/model/*.yaml, DIR/data/*.yaml, DIR/loss/*.yaml ... add group options;
+                      an option may name your factory with _target_ (see the README){where}
   global_batch=N      samples per optimizer step over all devices (the plan derives the rest)
   micro_batch=auto|N  per-device micro-batch; max_micro_batch=N caps auto
   plan_only=true      print and save the plan, do not train (with cluster=NAME: {clusters})
@@ -35,35 +40,59 @@ for a finished run, or a sweep's table, critical-batch fit and plots.
 LOCAL_RANK = ("--local_rank=", "--local-rank=")
 
 
-def _usage() -> str:
-    from launcher.compose import DEFAULT_RECIPE, group_options, recipe_names
+def _usage(config_dir: Path | None) -> str:
+    from launcher.compose import DEFAULT_RECIPE, GROUPS, group_options, recipe_names
 
-    groups = ("model", "data", "optim", "schedule", "backend", "trainer", "cluster")
+    def options(group: str) -> str:
+        return "|".join(group_options(group, config_dir))
+
     return USAGE.format(
-        recipes=", ".join(recipe_names()),
+        recipes=", ".join(recipe_names(config_dir)),
         default=DEFAULT_RECIPE,
-        clusters=", ".join(group_options("cluster")),
-        groups="; ".join(f"{g}={'|'.join(group_options(g))}" for g in groups),
+        where=f"\n                      (listed below with {config_dir})" if config_dir else "",
+        clusters=", ".join(group_options("cluster", config_dir)),
+        groups="; ".join(f"{g}={options(g)}" for g in GROUPS),
     )
 
 
-def run(args: list[str]) -> None:
-    from launcher.run import launch
+def parse(args: list[str]) -> tuple[list[str], bool, Path | None]:
+    """(overrides, multirun, config dir) from the command line; unknown flags are bad input."""
+    from launcher.compose import split_config_dir
 
     multirun = any(a in ("-m", "--multirun") for a in args)
+    config_dir, args = split_config_dir(args)
     # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     overrides = [a for a in args if a not in ("-m", "--multirun") and not a.startswith(LOCAL_RANK)]
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
-        raise ConfigError(f"{flags[0]}: unknown option; options are -m/--multirun and -h/--help")
-    launch(overrides, multirun)
+        raise ConfigError(
+            f"{flags[0]}: unknown option; options are -m/--multirun, --config-dir DIR and -h/--help"
+        )
+    return overrides, multirun, config_dir
+
+
+def run(args: list[str]) -> None:
+    from launcher.job import launch
+
+    launch(*parse(args))
+
+
+def _help(args: list[str]) -> int:
+    from launcher.compose import split_config_dir
+
+    try:
+        config_dir = split_config_dir(args)[0]
+    except ConfigError as exc:
+        print(f"launcher: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(_usage(config_dir))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(_usage())
-        return 0
+        return _help(args)
     from launcher.plan import OutOfMemoryAtOneSample
     from launcher.preemption import Stopped
     from launcher.spawn import WorkersFailed
@@ -77,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         code = 2
         message = f"launcher: error: {exc}"
+        if exc.__cause__ is not None and os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exception(exc.__cause__)  # a user factory's or model's own error
     except OutOfMemoryAtOneSample as exc:
         code = 1
         message = f"launcher: error: {exc}"

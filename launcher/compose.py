@@ -1,90 +1,182 @@
-"""Hydra composition: conf/ + recipes/ + command-line overrides -> RunConfig.
+"""Hydra composition: packaged conf/ and recipes/, a user's --config-dir, overrides -> RunConfig.
 
-Hydra runs here, in the launching process, and nowhere else. Recipes live in the top-level
-`recipes/` folder and are registered as the `recipe` group (package `_global_`), so
-`+recipe=NAME` selects one. Hydra's own errors become one-line `ConfigError`s.
+Hydra runs here, in the process that parses the command line. The search path is Hydra's own for
+an app whose config is the package `launcher.conf`, with `--config-dir` added where Hydra's
+`--config-dir` flag adds it: after the launcher's config, before structured configs. Built-in
+recipes are registered as structured configs of the `recipe` group when selected; a user's
+`recipe/NAME.yaml` is an ordinary group option. `+recipe=NAME` is composed as
+`+recipe@_global_=NAME`, so a recipe sets top-level keys whether or not its file says
+`# @package _global_`. A selected option that exists both built in and in the user's folder is
+refused: the search path would silently take the launcher's. Hydra's own errors become one-line
+`ConfigError`s.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, RunConfig, to_run_config
+from launcher.config import (
+    ConfigError,
+    RunConfig,
+    UserDataConfig,
+    UserModelConfig,
+    own_options,
+    to_run_config,
+)
+from launcher.resources import CONF_PACKAGE, conf_dir, recipes_dir
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
-RECIPES_DIR = ROOT / "recipes"
 DEFAULT_RECIPE = "mnist1d"
+GROUPS = ("model", "data", "loss", "optim", "schedule", "backend", "trainer", "cluster")
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+def user_config_dir(path: str) -> Path:
+    """The absolute path of a `--config-dir`, which must be a folder."""
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir():
+        raise ConfigError(f"--config-dir={path!r}: not a folder")
+    if (folder / "config.yaml").exists():
+        raise ConfigError(
+            f"--config-dir={path!r}: holds config.yaml, which the launcher's own primary config "
+            "would shadow; put your settings in a recipe (recipe/NAME.yaml, +recipe=NAME)"
+        )
+    return folder
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def _names(folder: Path | None) -> set[str]:
+    return {p.stem for p in folder.glob("*.yaml")} if folder is not None else set()
 
 
-def _register_recipe(name: str) -> None:
-    """Store the selected recipe only (parsing YAML is start-up time). An unknown name is refused
-    here: with no recipe stored Hydra would take `+recipe=NAME` for a plain new key."""
+def _user(config_dir: Path | None, group: str) -> Path | None:
+    return config_dir / group if config_dir is not None else None
+
+
+def recipe_names(config_dir: Path | None = None) -> list[str]:
+    """Built-in recipes and those in `config_dir`/recipe/."""
+    return sorted(_names(recipes_dir()) | _names(_user(config_dir, "recipe")))
+
+
+def group_options(group: str, config_dir: Path | None = None) -> list[str]:
+    """A config group's options: built in and in `config_dir`/GROUP/."""
+    return sorted(_names(conf_dir() / group) | _names(_user(config_dir, group)))
+
+
+def _clash(group: str, name: str, config_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"{group}={name!r}: both the launcher and {config_dir / group / name}.yaml define it, and "
+        "Hydra's search path takes the launcher's (its config comes before --config-dir); give "
+        "yours another name"
+    )
+
+
+def _register_recipe(name: str, config_dir: Path | None) -> None:
+    """Store the selected built-in recipe (parsing every recipe is start-up time). An unknown name
+    is refused here: with no recipe found Hydra would take `+recipe=NAME` for a plain new key."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    names = recipe_names()
-    if name not in names:
-        raise ConfigError(f"recipe={name!r}: unknown; choose from {', '.join(names)}")
-    node = OmegaConf.load(RECIPES_DIR / f"{name}.yaml")
+    builtin = name in _names(recipes_dir())
+    if name in _names(_user(config_dir, "recipe")):
+        if builtin:
+            raise _clash("recipe", name, config_dir)
+        return
+    if not builtin:
+        options = ", ".join(recipe_names(config_dir))
+        raise ConfigError(f"recipe={name!r}: unknown; choose from {options}")
+    node = OmegaConf.load(recipes_dir() / f"{name}.yaml")
     ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
 
 
 def _recipe_of(overrides: list[str]) -> tuple[str, list[str]]:
-    """The recipe an override list selects; adds the default recipe when none is given."""
-    for item in overrides:
+    """The recipe an override list selects (the default one when none is given), and the overrides
+    with the selection made global."""
+    for i, item in enumerate(overrides):
         key, _, value = item.partition("=")
-        if key.lstrip("+~") == "recipe":
+        if key.lstrip("+~").split("@")[0] == "recipe":
             if not key.startswith("+"):
                 raise ConfigError(f"{item!r}: select a recipe with +recipe=NAME")
-            return value, overrides
-    return DEFAULT_RECIPE, [f"+recipe={DEFAULT_RECIPE}", *overrides]
+            return value, [*overrides[:i], f"+recipe@_global_={value}", *overrides[i + 1 :]]
+    return DEFAULT_RECIPE, [f"+recipe@_global_={DEFAULT_RECIPE}", *overrides]
 
 
-def _hydra_error(exc: Exception) -> ConfigError:
+def _launcher_options(overrides: list[str]) -> list[str]:
+    """`model.activation_checkpointing=true` and the other launcher options of a group set with
+    `++` (add or replace): a user's group option need not list them to be overridden."""
+    own = {f"model.{k}" for k in own_options(UserModelConfig)}
+    own |= {f"data.{k}" for k in own_options(UserDataConfig)}
+    return [f"++{o}" if o.partition("=")[0] in own else o for o in overrides]
+
+
+def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
     from hydra.errors import MissingConfigException
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        options = recipe_names() if group == "recipe" else group_options(group)
         if group:
-            return ConfigError(f"{group}={name!r}: unknown; choose from {', '.join(options)}")
+            options = ", ".join(group_options(group, config_dir))
+            return ConfigError(f"{group}={name!r}: unknown; choose from {options}")
     lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
     return ConfigError("; ".join(lines[:3]))
 
 
-def compose_dict(overrides: list[str]) -> dict[str, Any]:
+@contextmanager
+def _hydra(config_dir: Path | None) -> Iterator[None]:
+    """Hydra initialised as for an app with config module `launcher.conf` and `--config-dir`."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    version.setbase("1.3")
+    search_path = create_config_search_path(f"pkg://{CONF_PACKAGE}")
+    if config_dir is not None:  # where hydra._internal.utils.run_hydra puts --config-dir
+        search_path.prepend(
+            provider="command-line",
+            path=f"file://{config_dir}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2("launcher", search_path)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[str, Any]:
     """Compose the config for one job and return it as a resolved plain dict."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    recipe, overrides = _recipe_of(overrides)
-    _register_recipe(recipe)
+    recipe, overrides = _recipe_of(_launcher_options(overrides))
+    _register_recipe(recipe, config_dir)
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        with _hydra(config_dir):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
         node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise _hydra_error(exc) from None
+        raise _hydra_error(exc, config_dir) from None
+    for group in GROUPS:
+        option = choices.get(group)
+        if option and option in _names(conf_dir() / group) & _names(_user(config_dir, group)):
+            raise _clash(group, option, config_dir)
     node["recipe"] = recipe
     return node
 
 
-def compose_run(overrides: list[str]) -> RunConfig:
+def compose_run(overrides: list[str], config_dir: Path | None = None) -> RunConfig:
     """Compose and validate one job's config."""
-    return to_run_config(compose_dict(overrides))
+    return to_run_config(compose_dict(overrides, config_dir))
 
 
 def split_sweep(overrides: list[str]) -> list[list[str]]:
@@ -103,3 +195,29 @@ def split_sweep(overrides: list[str]) -> list[list[str]]:
     except HydraException as exc:
         raise _hydra_error(exc) from None
     return [list(job) for job in itertools.product(*axes)]
+
+
+def split_config_dir(args: list[str]) -> tuple[Path | None, list[str]]:
+    """Take Hydra's `--config-dir DIR` / `--config-dir=DIR` / `-cd DIR` out of an argument list;
+    returns (the absolute folder or None, the other arguments)."""
+    found: str | None = None
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        name, eq, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            if not eq:
+                value = next(items, "")
+            if not value:
+                raise ConfigError(f"{name}: needs a folder (--config-dir DIR)")
+            if found is not None:
+                raise ConfigError(f"{name}={value!r}: --config-dir given twice")
+            found = value
+        else:
+            rest.append(arg)
+    return (user_config_dir(found) if found is not None else None), rest
+
+
+def config_dir_args(config_dir: Path | None) -> list[str]:
+    """The arguments that pass `config_dir` on to another process (workers, sbatch scripts)."""
+    return [f"--config-dir={os.fspath(config_dir)}"] if config_dir is not None else []

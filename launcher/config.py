@@ -27,6 +27,29 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         _fail(key, value, allowed)
 
 
+# --------------------------------------------------------------------- users' own components
+TARGET_KEY = "_target_"
+TARGET_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+CLASS_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Target:
+    """A user's component, Hydra's instantiate convention: `_target_` names a callable
+    (package.module.name) and the other keys are its keyword arguments, except the launcher's own
+    options (the subclass's other fields). Hydra's `_partial_`, `_args_`, `_convert_` and
+    `_recursive_` pass through to `hydra.utils.instantiate`."""
+
+    target: str
+    """`_target_`: the import path of the factory"""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """the factory's keyword arguments (nested `_target_` nodes are instantiated too)"""
+
+    @property
+    def name(self) -> str:
+        return self.target
+
+
 # ----------------------------------------------------------------------------------------- models
 @dataclass(frozen=True, kw_only=True)
 class _ModelOptions:
@@ -101,7 +124,32 @@ class GPTConfig(_ModelOptions):
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
-ModelConfig = MLPConfig | CNN1DConfig | ResNetConfig | GPTConfig
+@dataclass(frozen=True, kw_only=True)
+class UserModelConfig(_Target, _ModelOptions):
+    """model._target_: a factory returning a torch.nn.Module that maps an input batch to outputs"""
+
+    checkpoint_blocks: tuple[str, ...] = ()
+    """class names (or module.ClassName) of the submodules that activation checkpointing
+    recomputes as a whole, e.g. [TransformerBlock]; needed with activation_checkpointing=true"""
+
+    def __post_init__(self) -> None:
+        for name in self.checkpoint_blocks:
+            _require(
+                bool(CLASS_NAME.match(name)),
+                "model.checkpoint_blocks",
+                name,
+                "each must be a class name, or module.ClassName",
+            )
+        _require(
+            bool(self.checkpoint_blocks) or not self.activation_checkpointing,
+            "model.activation_checkpointing",
+            True,
+            "a model of your own needs model.checkpoint_blocks: the class names of the blocks to "
+            "recompute (e.g. [Block]); the launcher cannot guess them",
+        )
+
+
+ModelConfig = MLPConfig | CNN1DConfig | ResNetConfig | GPTConfig | UserModelConfig
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -246,7 +294,44 @@ class TextConfig:
         _require(bool(self.glob), "data.glob", self.glob, "must be a non-empty glob pattern")
 
 
-DataConfig = Mnist1DConfig | SyntheticConfig | ImageFolderConfig | Cifar10Config | TextConfig
+@dataclass(frozen=True, kw_only=True)
+class UserDataConfig(_Target, _LoaderOptions):
+    """data._target_: a factory returning the training and evaluation data (see data/user.py)"""
+
+    workers: int = 0
+    """DataLoader worker processes per rank (0 = load in the training process; raise it when
+    your __getitem__ reads files or augments)"""
+
+
+DataConfig = (
+    Mnist1DConfig
+    | SyntheticConfig
+    | ImageFolderConfig
+    | Cifar10Config
+    | TextConfig
+    | UserDataConfig
+)
+
+
+# ------------------------------------------------------------------------------------------- loss
+def own_options(cls: type) -> tuple[str, ...]:
+    """The launcher's own keys in a user component's node (not passed to the factory)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("target", "kwargs"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossEntropyConfig:
+    name: Literal["cross_entropy"]
+    """per-sample cross-entropy on integer targets (a sequence's: the mean over its positions);
+    trainer.label_smoothing applies to it"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserLossConfig(_Target):
+    """loss._target_: instantiated to a callable(outputs, targets) -> one loss per sample"""
+
+
+LossConfig = CrossEntropyConfig | UserLossConfig
 
 
 # -------------------------------------------------------------------------------- optimisation
@@ -696,6 +781,10 @@ class RunConfig:
     """trainer group"""
     cluster: ClusterConfig
     """cluster group"""
+    loss: LossConfig = dataclasses.field(
+        default_factory=lambda: CrossEntropyConfig(name="cross_entropy")
+    )
+    """loss group: the training loss (cross_entropy, or your own with loss._target_)"""
     memory: MemoryConfig = dataclasses.field(default_factory=MemoryConfig)
     """memory probing and budget"""
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -717,6 +806,12 @@ class RunConfig:
             "must be auto or a positive integer",
         )
         _require(self.max_micro_batch > 0, "max_micro_batch", self.max_micro_batch, "must be > 0")
+        _require(
+            self.trainer.label_smoothing == 0 or isinstance(self.loss, CrossEntropyConfig),
+            "trainer.label_smoothing",
+            self.trainer.label_smoothing,
+            "applies to the built-in cross-entropy only; give your loss its own setting",
+        )
 
 
 def require_concrete(cfg: RunConfig) -> None:
@@ -725,7 +820,7 @@ def require_concrete(cfg: RunConfig) -> None:
     if cfg.backend.mixed_precision == "auto" or cfg.trainer.channels_last == "auto":
         raise RuntimeError(
             "backend.mixed_precision / trainer.channels_last are 'auto': resolve them for the "
-            "device first (launcher.run.on_device)"
+            "device first (launcher.job.on_device)"
         )
 
 
@@ -817,12 +912,35 @@ def _build(cls: type, node: Any, key: str) -> Any:
 
 
 def _build_named(options: tuple[type, ...], node: Any, key: str) -> Any:
-    """Build the dataclass of a union that `node['name']` selects (model, data)."""
-    by_name = {typing.get_args(typing.get_type_hints(c)["name"])[0]: c for c in options}
+    """Build the dataclass of a union that `node['name']` selects (model, data, loss), or the
+    union's user component when the node has a `_target_`."""
+    targets = [c for c in options if issubclass(c, _Target)]
+    if isinstance(node, dict) and TARGET_KEY in node and targets:
+        return _build_target(targets[0], node, key)
+    named = [c for c in options if c not in targets]
+    by_name = {typing.get_args(typing.get_type_hints(c)["name"])[0]: c for c in named}
     name = node.get("name") if isinstance(node, dict) else None
     if name not in by_name:
-        _fail(f"{key}.name", name, f"unknown; choose from {', '.join(sorted(by_name))}")
+        more = f", or name your own factory with {key}._target_" if targets else ""
+        _fail(f"{key}.name", name, f"unknown; choose from {', '.join(sorted(by_name))}{more}")
     return _build(by_name[name], node, key)
+
+
+def _build_target(cls: type, node: dict[str, Any], key: str) -> Any:
+    """A user component: `_target_`, the launcher's own options (the class's fields), and the
+    rest as the factory's keyword arguments."""
+    target = node[TARGET_KEY]
+    _require(
+        isinstance(target, str) and bool(TARGET_PATH.match(target)),
+        f"{key}.{TARGET_KEY}",
+        target,
+        "must be the import path of a callable, package.module.name",
+    )
+    own = set(own_options(cls))
+    options = {k: v for k, v in node.items() if k in own}
+    kwargs = {k: v for k, v in node.items() if k not in own and k != TARGET_KEY}
+    built = _build(cls, options | {"target": target}, key)
+    return dataclasses.replace(built, kwargs=kwargs)
 
 
 def to_run_config(node: dict[str, Any]) -> RunConfig:
@@ -831,13 +949,20 @@ def to_run_config(node: dict[str, Any]) -> RunConfig:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain YAML-able data (tuples become lists)."""
+    """The config as plain YAML-able data (tuples become lists); a user component as Hydra writes
+    it: `_target_`, its keyword arguments, the launcher's options."""
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            fields = {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, _Target):
+                target, kwargs = fields.pop("target"), fields.pop("kwargs")
+                return {TARGET_KEY: target, **kwargs, **fields}
+            return fields
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)

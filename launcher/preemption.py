@@ -5,7 +5,7 @@ run saves a checkpoint at the next step boundary, rank 0 runs `scontrol requeue`
 job resumes from it (resume=auto, same run_dir). SIGTERM (scancel, a preempting scheduler, `kill`)
 saves and stops without requeueing, so a cancelled job stays cancelled. The handlers only record
 the signal: a second one during the save changes nothing. All ranks decide together at the step
-boundary (run.py gathers the flags), so they stop after the same step.
+boundary (job.py gathers the flags), so they stop after the same step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 REQUEUE, STOP = signal.SIGUSR1, signal.SIGTERM
-BITS = {REQUEUE: 2, STOP: 4}  # bit 1 belongs to the checkpoint clock (run.py)
+BITS = {REQUEUE: 2, STOP: 4}  # bit 1 belongs to the checkpoint clock (job.py)
 EXIT_CODE = 3
 _received: set[int] = set()
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from launcher.config import ConfigError, RunConfig, require_concrete, to_dict
+from launcher.config import ConfigError, RunConfig, UserModelConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
-from launcher.loss import loss_sum
+from launcher.loss import LossMismatch, build_loss
 from launcher.memory import (
     PROBE_SIZES,
     CudaMeter,
@@ -69,11 +71,78 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.step()
     opt.zero_grad(set_to_none=True)
     x, y = fake_batch(spec, micro, device, dtype)
+    loss_fn = build_loss(cfg)
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
-        loss = loss_sum(model(x), y, cfg.trainer.label_smoothing) / micro
+        try:
+            outputs = model(x)
+        except OOM_ERROR:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if _fake_limit(exc):
+                raise
+            raise ConfigError(f"{_names(cfg)}: {_first_line(exc)} {_inputs(x)}") from exc
+        try:
+            loss = loss_fn.checked_sum(outputs, y) / micro
+        except LossMismatch as exc:
+            raise ConfigError(f"{_names(cfg)}: {exc}") from exc.__cause__
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+OOM_ERROR = torch.OutOfMemoryError
+
+
+def _names(cfg: RunConfig) -> str:
+    """model and data as the user chose them, for messages."""
+
+    def name(group: str, c: Any) -> str:
+        target = getattr(c, "target", None)
+        return f"{group}._target_={target!r}" if target else f"{group}={c.name!r}"
+
+    return f"{name('model', cfg.model)} with {name('data', cfg.data)}"
+
+
+def _inputs(x: Any) -> str:
+    return f"(on inputs {tuple(x.shape)} {x.dtype})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _fake_limit(exc: BaseException) -> bool:
+    """An error of the fake-tensor machinery (an op it cannot run), not of the model on the data."""
+    return type(exc).__module__.startswith("torch._subclasses") or "FakeTensor" in str(exc)
+
+
+def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> None:
+    """One step of two samples of a fresh model (fake tensors for plan_only): the model takes the
+    data's inputs and its outputs fit the loss, or ConfigError in one line. The memory probe's
+    steps check the same; this is for runs that do not probe."""
+    if cfg.plan_only:
+        with fake_mode():
+            _step(cfg, spec, plan, "cpu", 2)
+    else:
+        _step(cfg, spec, plan, device, 2)
+
+
+@contextmanager
+def fake_mode() -> Iterator[None]:
+    """Fake tensors for the plan_only estimate and check (no memory used); your data's real first
+    sample is converted on use. torch's fake-tensor logger, which would print an op's failure
+    as several lines before the error itself arrives, is quiet meanwhile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # imports torch._dynamo
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def probe_trace(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> Trace:
@@ -94,7 +163,7 @@ def param_bytes(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> int:
     """Bytes of the model's parameters, counted on the meta device (nothing allocated)."""
     dtype = getattr(torch, cfg.trainer.dtype)
     with torch.device("meta"):
-        model = build_model(cfg.model, spec)
+        model = build_model(cfg.model, spec, fresh=False)  # counted, never run
     return sum(p.numel() * dtype.itemsize for p in model.parameters())
 
 
@@ -111,6 +180,9 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         device_id = f"cpu {platform.machine()}"
     return {
         "model": to_dict(cfg.model),
+        "code": _code_version(cfg),
+        "loss": to_dict(cfg.loss),
+        "data": spec.describe(),
         "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes,
         "tokens": spec.tokens,
@@ -123,6 +195,31 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         "probe_sizes": list(PROBE_SIZES),
         "profile": 2,  # backend overheads (DDP/ZeRO buckets) are added on load, not stored
     }
+
+
+def _code_version(cfg: RunConfig) -> str:
+    """For your model: the size and modification time of the file that defines its factory (a
+    changed model is measured again); built-in models change with the launcher's version."""
+    if not isinstance(cfg.model, UserModelConfig):
+        return ""
+    import inspect
+    import os
+
+    from launcher import api
+    from launcher.targets import locate
+
+    try:
+        if cfg.model.target == api.TARGET:  # launcher.run(model=...): the object's own code
+            obj = api._PROVIDED.get("model")
+            path = inspect.getsourcefile(
+                obj if callable(obj) and not api._is_module(obj) else type(obj)
+            )
+        else:
+            path = inspect.getsourcefile(inspect.unwrap(locate(cfg.model.target, "model")))
+        stat = os.stat(path) if path else None
+    except (TypeError, OSError):
+        return "unknown"
+    return f"{path} {stat.st_size} {stat.st_mtime_ns}" if stat else "unknown"
 
 
 def _auto_micro(plan: BatchPlan, cfg: RunConfig, cap: int) -> int:
@@ -220,10 +317,17 @@ def estimated_cap(
     """(cap, report) for a device this process does not have: fake tensors, no memory used."""
 
     def fake_trace(n: int) -> Trace:
-        from torch._subclasses.fake_tensor import FakeTensorMode  # imports torch._dynamo
-
-        with FakeTensorMode():
-            return probe_trace(cfg, spec, plan, "cpu", n)
+        with fake_mode():
+            try:
+                return probe_trace(cfg, spec, plan, "cpu", n)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if not _fake_limit(exc):
+                    raise
+                raise ConfigError(
+                    f"plan_only: the memory estimate cannot trace {_names(cfg)} with fake "
+                    f"tensors ({_first_line(exc)}); plan without it: micro_batch=N or "
+                    "memory.probe=false"
+                ) from exc
 
     key = _cache_key(cfg, spec, plan, FAKE)
     profile, cached = load_cached(cfg.memory.cache_dir, key)

@@ -125,10 +125,11 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
             )
         origin = (state["step"], state["consumed_samples"])
     ours = to_dict(cfg)
-    saved = saved | {"ramp": saved.get("ramp", to_dict(RampConfig()))}  # older checkpoints
+    older = {"ramp": to_dict(RampConfig()), "loss": {"name": "cross_entropy"}}
+    saved = older | saved  # checkpoints written before these keys existed
     for part in (ours, saved):  # where the data lives and how it is loaded may change
         part["data"] = {k: v for k, v in part["data"].items() if k not in LOADING_KEYS}
-    for key in ("model", "data", "optim", "schedule", "seed", "ramp"):
+    for key in ("model", "data", "loss", "optim", "schedule", "seed", "ramp"):
         if ours[key] != saved[key]:
             raise ConfigError(
                 f"{key}: differs from the config {path} was trained with ({saved[key]!r}, now "

@@ -1,13 +1,15 @@
 """Render an sbatch script from slurm/ for the configured cluster, and optionally submit it.
 
-    python -m launcher.slurm [--submit] [+recipe=NAME] cluster=NAME [key=value ...]
+    python -m launcher.slurm [--submit] [--config-dir DIR] [+recipe=NAME] cluster=NAME [key=value]
 
 The #SBATCH node, task and GPU counts are written from the same `cluster` config that the job
 checks its Slurm allocation against at start (topology.resolve), so the script and the plan's
 world size cannot disagree; time, partition, account, the preemption signal and extra options
 come from `slurm.*`. The plan is made and checked first (bad input: one line, exit 2, nothing
-written). The script goes to the run directory as job.sbatch, with the overrides and an absolute
-run_dir baked in, so a requeued job resumes where it stopped.
+written). The script goes to the run directory as job.sbatch, with the overrides, the absolute
+--config-dir and run_dir baked in, so a requeued job resumes where it stopped; when your
+`_target_`s import from a folder outside site-packages and the working directory, the script
+puts that folder on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.compose import ROOT
-from launcher.config import ConfigError, RunConfig
+from launcher.config import TARGET_KEY, ConfigError, RunConfig, to_dict
+from launcher.resources import slurm_dir
 
-TEMPLATES = ROOT / "slurm"
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -75,10 +76,54 @@ def render(template: str, options: list[str], setup: list[str]) -> str:
     return "\n".join([*lines[:first], *header, *setup, *kept]) + "\n"
 
 
-def job_script(cfg: RunConfig, overrides: list[str], run_dir: Path, workdir: Path) -> str:
+def _targets(node: object) -> list[str]:
+    """Every `_target_` in a config node (nested ones too)."""
+    if isinstance(node, dict):
+        own = [node[TARGET_KEY]] if isinstance(node.get(TARGET_KEY), str) else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def python_path(cfg: RunConfig, workdir: Path) -> list[str]:
+    """Folders the job must have on PYTHONPATH to import the config's `_target_`s: those that
+    provide them from outside the installed packages and the job's working directory."""
+    import importlib.util
+    import sysconfig
+
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    folders: list[str] = []
+    for target in _targets(to_dict(cfg)):
+        if target.startswith("launcher."):
+            continue
+        top = target.split(".")[0]
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin in (None, "built-in", "frozen"):
+            continue  # not importable here: the plan, made next, refuses it in one line
+        origin = Path(spec.origin).resolve()
+        folder = origin.parent.parent if spec.submodule_search_locations else origin.parent
+        if folder in installed or folder == workdir.resolve() or str(folder) in folders:
+            continue
+        if Path(sysconfig.get_paths()["stdlib"]).resolve() in (folder, *folder.parents):
+            continue
+        folders.append(str(folder))
+    return folders
+
+
+def job_script(
+    cfg: RunConfig,
+    overrides: list[str],
+    run_dir: Path,
+    workdir: Path,
+    config_dir: Path | None = None,
+) -> str:
     """The rendered job.sbatch text."""
+    from launcher.compose import config_dir_args
+
     name = template_name(cfg)
     args = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    args = config_dir_args(config_dir) + args
     c = cfg.cluster
     setup = [
         f"# Rendered by python -m launcher.slurm from slurm/{name}.sbatch for cluster={c.name} "
@@ -86,9 +131,19 @@ def job_script(cfg: RunConfig, overrides: list[str], run_dir: Path, workdir: Pat
         f"{time.strftime('%Y-%m-%d %H:%M')}.",
         f"export LAUNCHER_PYTHON={shlex.quote(sys.executable)}",
         f"export LAUNCHER_DEVICES_PER_NODE={c.devices_per_node}",
-        "set -- " + " ".join(shlex.quote(a) for a in args) + ' "$@"',
     ]
-    template = (TEMPLATES / f"{name}.sbatch").read_text()
+    folders = python_path(cfg, workdir)
+    if folders:
+        joined = shlex.quote(":".join(folders))
+        setup.append(f'export PYTHONPATH={joined}"${{PYTHONPATH:+:$PYTHONPATH}}"')
+    setup.append("set -- " + " ".join(shlex.quote(a) for a in args) + ' "$@"')
+    for line in setup:
+        if any(ord(ch) < 32 for ch in line):
+            raise ConfigError(
+                f"a value for the sbatch script holds a control character: {line!r}; it cannot "
+                "be written safely"
+            )
+    template = (slurm_dir() / f"{name}.sbatch").read_text()
     return render(template, directives(cfg, run_dir, workdir), setup)
 
 
@@ -106,9 +161,9 @@ def submit(script: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.compose import compose_run
+    from launcher.compose import compose_run, split_config_dir
+    from launcher.job import estimated_plan, job_run_dir, run_stamp
     from launcher.plan import format_plan
-    from launcher.run import estimated_plan, job_run_dir, run_stamp
     from launcher.topology import Topology
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -116,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage:\n{USAGE}")
         return 0
     try:
-        overrides = [a for a in args if a != "--submit"]
+        config_dir, overrides = split_config_dir([a for a in args if a != "--submit"])
         flags = [a for a in overrides if a.startswith("-")]
         if flags:
-            raise ConfigError(f"{flags[0]}: unknown option; options are --submit and -h/--help")
-        cfg = dataclasses.replace(compose_run(overrides), plan_only=True)
+            raise ConfigError(
+                f"{flags[0]}: unknown option; options are --submit, --config-dir DIR and -h/--help"
+            )
+        cfg = dataclasses.replace(compose_run(overrides, config_dir), plan_only=True)
         workdir = Path.cwd()
         run_dir = (workdir / job_run_dir(cfg, run_stamp(), None)).resolve()
-        text = job_script(cfg, overrides, run_dir, workdir)
+        text = job_script(cfg, overrides, run_dir, workdir, config_dir)
         _, plan = estimated_plan(cfg, Topology(1, 0, 0, 1, cfg.cluster.device))
         run_dir.mkdir(parents=True, exist_ok=True)
         script = run_dir / "job.sbatch"

@@ -46,12 +46,12 @@ def time_micro_steps(
     dataset: Any,
     sizes: list[int],
     dtype: torch.dtype,
+    loss_fn: Any,
     repeats: int = 3,
 ) -> dict[str, Any]:
     """{"micro_step_seconds": {size: median seconds per micro-step},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
     from launcher.data import make_loader
-    from launcher.loss import loss_sum
     from launcher.train import OOM_ERRORS, to_device
 
     module = backend.unwrap(model)
@@ -69,7 +69,7 @@ def time_micro_steps(
                 if cuda:
                     torch.cuda.synchronize(backend.device)
                 start = time.perf_counter()
-                loss = loss_sum(module(xb), yb) / size
+                loss = loss_fn.sum(module(xb), yb) / size
                 backend.backward(loss)
                 if cuda:
                     torch.cuda.synchronize(backend.device)

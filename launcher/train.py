@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from launcher.backends.base import Backend
-from launcher.loss import eval_counts, loss_sum
+from launcher.loss import CrossEntropy, UserLoss
 from launcher.metrics import MetricsSink
 from launcher.noise_meter import NoiseMeter
 from launcher.plan import BatchPlan, shrink_micro_batch
 from launcher.schedule import lr_at
+
+DEFAULT_LOSS = CrossEntropy()
 
 
 def to_device(
@@ -44,10 +46,10 @@ def accumulate(
     before_micro_step: Callable[[int], None] | None = None,
     meter: NoiseMeter | None = None,
     split: bool = False,
-    label_smoothing: float = 0.0,
+    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> torch.Tensor:
     """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss
-    (launcher/loss.py: per sample, a sequence's mean over its positions).
+    (launcher/loss.py: one value per sample, a sequence's the mean over its positions).
 
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
@@ -66,7 +68,7 @@ def accumulate(
         for k, (xp, yp) in enumerate(pieces):
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-                loss = loss_sum(model(xp), yp, label_smoothing) / plan.per_device_batch
+                loss = loss_fn.sum(model(xp), yp) / plan.per_device_batch
                 backend.backward(loss)
             if meter is not None:
                 meter.backward_done(model, plan, j, k, len(yp))
@@ -83,7 +85,7 @@ def train_step(
     dtype: torch.dtype,
     meter: NoiseMeter | None = None,
     split: bool = False,
-    label_smoothing: float = 0.0,
+    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> torch.Tensor:
     """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
     total = accumulate(
@@ -94,7 +96,7 @@ def train_step(
         dtype,
         meter=meter,
         split=split,
-        label_smoothing=label_smoothing,
+        loss_fn=loss_fn,
     )
     _apply(model, optimizer, backend, plan, meter)
     return total
@@ -110,23 +112,27 @@ def _apply(model, optimizer, backend, plan, meter) -> None:  # noqa: ANN001
 
 @torch.no_grad()
 def evaluate(
-    model: Any, batches: Iterable[Any], backend: Backend, dtype: torch.dtype
+    model: Any,
+    batches: Iterable[Any],
+    backend: Backend,
+    dtype: torch.dtype,
+    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> dict[str, float]:
     """Accuracy and mean loss over the whole eval split (each rank holds a disjoint shard); per
-    token for sequences. Plain cross-entropy (no label smoothing)."""
+    token for sequences, no label smoothing. With your loss: its mean per sample, and accuracy
+    only where the outputs are class scores of integer targets (else no eval_accuracy)."""
     model.eval()
-    sums = torch.zeros(4, device=backend.device, dtype=torch.float64)  # correct, loss, count, n
-    for batch in batches:
+    sums = torch.zeros(5, device=backend.device, dtype=torch.float64)
+    for batch in batches:  # correct, predictions, loss, loss count, samples
         x, y = to_device(batch, backend.device, dtype)
-        sums[:3] += eval_counts(model(x), y)
-        sums[3] += len(y)
+        sums[:4] += loss_fn.eval_counts(model(x), y)
+        sums[4] += len(y)
     model.train()
-    correct, loss, count, samples = backend.sum(sums).tolist()
-    return {
-        "eval_accuracy": correct / count,
-        "eval_loss": loss / count,
-        "eval_samples": int(samples),
-    }
+    correct, predictions, loss, count, samples = backend.sum(sums).tolist()
+    result = {"eval_loss": loss / count, "eval_samples": int(samples)}
+    if predictions:
+        result["eval_accuracy"] = correct / predictions
+    return result
 
 
 OOM_ERRORS = (torch.OutOfMemoryError,)
@@ -151,7 +157,7 @@ def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], Non
 
 
 def _step_or_oom(  # noqa: ANN001
-    model, optimizer, batches, backend, plan, dtype, step, meter, split, smoothing
+    model, optimizer, batches, backend, plan, dtype, step, meter, split, loss_fn
 ):
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
@@ -170,7 +176,7 @@ def _step_or_oom(  # noqa: ANN001
             before_micro_step=_test_oom_hook(backend.rank, step, plan),
             meter=meter,
             split=split,
-            label_smoothing=smoothing,
+            loss_fn=loss_fn,
         )
         failed = 0
     except OOM_ERRORS:
@@ -206,12 +212,12 @@ def fit(
     on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
     after_step: Callable[[int, BatchPlan], None] | None = None,
     meter: NoiseMeter | None = None,
-    label_smoothing: float = 0.0,
+    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
     `after_step(step, plan)` runs after every completed step (checkpoints); `meter` measures the
-    gradient noise scale (launcher/noise_meter.py), logged with the loss. `label_smoothing`
-    applies to the training loss only.
+    gradient noise scale (launcher/noise_meter.py), logged with the loss. `loss_fn`: the training
+    loss (launcher/loss.py); evaluation uses it without label smoothing.
 
     A ramp-up (plan.ramp) trains each stage's steps with its batch, micro-batch and LR, then
     re-plans the backend and the sample stream at the next stage's first step.
@@ -223,6 +229,7 @@ def fit(
     samples/s); `after_step` pauses the sink itself while it saves.
     """
     model.train()
+    plain = CrossEntropy() if isinstance(loss_fn, CrossEntropy) else loss_fn  # no smoothing
     current = plan.at(start_step)  # a ramp-up stage, or the plan
     if current is not plan:
         backend.replan(model, current)
@@ -244,7 +251,7 @@ def fit(
         split = meter is not None and meter.start_step(step, current)
         if not oom_recovery:
             loss = train_step(
-                model, optimizer, batches, backend, current, dtype, meter, split, label_smoothing
+                model, optimizer, batches, backend, current, dtype, meter, split, loss_fn
             )
         else:
             loss = _step_or_oom(
@@ -257,7 +264,7 @@ def fit(
                 step,
                 meter,
                 split,
-                label_smoothing,
+                loss_fn,
             )
             if isinstance(loss, list):
                 smaller = shrink_micro_batch(current, step, loss)
@@ -284,7 +291,7 @@ def fit(
             sink.log(record | (meter.flush() if meter is not None else {}))
         if samples >= next_eval or step == plan.steps:
             _pause(sink, backend)
-            result = evaluate(model, eval_batches(current), backend, dtype)
+            result = evaluate(model, eval_batches(current), backend, dtype, plain)
             sink.resume()
             sink.log({"step": step, "samples": samples, **result, "train_s": sink.train_seconds()})
             next_eval = (samples // eval_every_samples + 1) * eval_every_samples
@@ -292,7 +299,7 @@ def fit(
         if after_step is not None:
             after_step(step, plan)
     if not result:  # resumed from the final checkpoint: nothing left to train
-        result = evaluate(model, eval_batches(plan), backend, dtype)
+        result = evaluate(model, eval_batches(plan), backend, dtype, plain)
     return result, plan
 
 

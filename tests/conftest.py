@@ -23,9 +23,9 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def composed(overrides: list[str], device: str = "cpu"):
     """compose_run with the device's `auto` settings resolved, as a run resolves them
-    (launcher.run.on_device): what the building blocks (probe, backends) accept."""
+    (launcher.job.on_device): what the building blocks (probe, backends) accept."""
     from launcher.compose import compose_run
-    from launcher.run import on_device
+    from launcher.job import on_device
 
     return on_device(compose_run(overrides), device)
 

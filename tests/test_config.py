@@ -7,11 +7,12 @@ import functools
 import pytest
 import yaml
 
-from launcher.compose import CONF_DIR, RECIPES_DIR, compose_run, split_sweep
+from launcher.compose import compose_run, split_sweep
 from launcher.config import ConfigError, RunConfig, to_dict, to_run_config
+from launcher.resources import conf_dir, recipes_dir
 
-GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
-RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
+GROUP_FILES = sorted(conf_dir().glob("*/*.yaml"))
+RECIPE_FILES = sorted(recipes_dir().glob("*.yaml"))
 
 
 @functools.cache
@@ -20,7 +21,7 @@ def _cfg(*overrides: str) -> RunConfig:
 
 
 def _recipe_values(name: str) -> dict:
-    return yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+    return yaml.safe_load((recipes_dir() / f"{name}.yaml").read_text())
 
 
 def _mismatches(want: dict, got: dict, prefix: str = "") -> list[str]:

@@ -20,7 +20,7 @@ from launcher.cli import main
 from launcher.compose import compose_run
 from launcher.config import ConfigError
 from launcher.data import build_splits, declared_epoch_samples
-from launcher.loss import eval_counts, loss_sum
+from launcher.loss import CrossEntropy
 from tests.conftest import SMALL_DATA, composed, read_metrics, run_cli
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]
@@ -148,7 +148,7 @@ def test_gpt_is_causal_and_checkpointing_does_not_change_gradients():
     grads = []
     for m in (model, ckpt):
         m.zero_grad()
-        loss_sum(m(x), x).backward()
+        CrossEntropy().sum(m(x), x).backward()
         grads.append([p.grad for p in m.parameters()])
     for g, h in zip(*grads, strict=True):
         torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-14)
@@ -163,19 +163,22 @@ def test_sequence_loss_is_the_per_sample_mean_over_positions_and_smoothing_match
     per_sample = [
         F.cross_entropy(logits[i], y[i]) for i in range(4)
     ]  # independent: each sequence's mean over its positions
-    torch.testing.assert_close(loss_sum(logits, y), sum(per_sample), rtol=1e-12, atol=0)
+    torch.testing.assert_close(CrossEntropy().sum(logits, y), sum(per_sample), rtol=1e-12, atol=0)
     eps = 0.1  # smoothed target: (1 - eps) one-hot + eps / classes
     logp = logits.log_softmax(-1)
     manual = -((1 - eps) * logp.gather(-1, y[..., None]).squeeze(-1) + eps * logp.mean(-1))
     torch.testing.assert_close(
-        loss_sum(logits, y, label_smoothing=eps), manual.mean(1).sum(), rtol=1e-12, atol=0
+        CrossEntropy(eps).sum(logits, y), manual.mean(1).sum(), rtol=1e-12, atol=0
     )
     flat = logits[:, 0]  # class labels: the plain sum
     torch.testing.assert_close(
-        loss_sum(flat, y[:, 0]), F.cross_entropy(flat, y[:, 0], reduction="sum"), rtol=0, atol=0
+        CrossEntropy().sum(flat, y[:, 0]),
+        F.cross_entropy(flat, y[:, 0], reduction="sum"),
+        rtol=0,
+        atol=0,
     )
-    correct, total, count = eval_counts(logits, y).tolist()
-    assert count == 20 and correct == (logits.argmax(-1) == y).sum().item()
+    correct, predictions, total, count = CrossEntropy().eval_counts(logits, y).tolist()
+    assert count == predictions == 20 and correct == (logits.argmax(-1) == y).sum().item()
     assert total == pytest.approx(float(sum(per_sample)) * 5, rel=1e-12)
 
 
@@ -396,7 +399,7 @@ def test_label_smoothing_reaches_the_training_loss(tmp_path, data_cache):
     logged = next(m["loss"] for m in read_metrics(tmp_path / "run") if m.get("step") == 1)
     cfg = composed(args)
     splits = build_splits(cfg.data)
-    torch.manual_seed(cfg.seed)  # as run.py builds the model
+    torch.manual_seed(cfg.seed)  # as job.py builds the model
     model = build_model(cfg.model, splits.spec).double()
     x, y = splits.train[epoch_permutation(len(splits.train), cfg.seed, 0)[:64]]
     with torch.no_grad():

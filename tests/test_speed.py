@@ -7,6 +7,7 @@ import torch
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.data.tensors import TensorPairs
+from launcher.loss import CrossEntropy
 from launcher.speed import ladder, time_micro_steps
 from tests.conftest import composed
 
@@ -27,7 +28,8 @@ def test_timing_leaves_the_model_as_it_was() -> None:
     )
     data = TensorPairs(torch.randn(64, 1, 40), torch.randint(10, (64,)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = time_micro_steps(model, backend, data, [1, 8, 64], torch.float32, repeats=2)
+    loss = CrossEntropy()
+    result = time_micro_steps(model, backend, data, [1, 8, 64], torch.float32, loss, repeats=2)
     seconds = result["micro_step_seconds"]
     assert sorted(seconds) == ["1", "64", "8"] and result["micro_step_out_of_memory_at"] is None
     assert all(t > 0 for t in seconds.values())

@@ -7,7 +7,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import DataConfig
+from launcher.config import DataConfig, UserDataConfig
 
 # name -> module with `build(cfg) -> Splits` and `epoch_samples(cfg) -> (int, str)`
 DATASETS = {
@@ -24,14 +24,27 @@ class DataSpec:
     """What a model needs to know about its inputs."""
 
     input_shape: tuple[int, ...]
-    num_classes: int  # labels; for token data the vocabulary
+    num_classes: int | None  # labels; for token data the vocabulary; None: not declared (yours)
     tokens: bool = False  # inputs are token ids and every position has a target (a language model)
+    example: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
+    """one real (input, target) pair of your data (data/user.py): probe batches repeat it"""
+
+    def describe(self) -> str:
+        """The shapes and dtypes of one sample, for cache keys and messages."""
+        if self.example is None:
+            return f"inputs {self.input_shape}, {self.num_classes} classes, tokens={self.tokens}"
+        x, y = self.example
+        return f"inputs {tuple(x.shape)} {x.dtype}, targets {tuple(y.shape)} {y.dtype}"
 
 
 def fake_batch(spec: DataSpec, n: int, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """Random inputs and targets of `n` samples shaped as the data's (memory probes)."""
+    """`n` samples shaped as the data's (memory probes): your data's first sample repeated, or
+    random inputs and targets for a built-in data set."""
     import torch
 
+    if spec.example is not None:
+        x, y = (t.unsqueeze(0).expand(n, *t.shape).to(device).clone() for t in spec.example)
+        return (x.to(dtype) if x.is_floating_point() else x), y
     labels = (n, *spec.input_shape) if spec.tokens else (n,)
     y = torch.randint(spec.num_classes, labels, device=device)
     if spec.tokens:
@@ -47,6 +60,8 @@ class Splits:
 
 
 def _module(cfg: DataConfig) -> Any:
+    if isinstance(cfg, UserDataConfig):
+        return importlib.import_module("launcher.data.user")
     return importlib.import_module(DATASETS[cfg.name])
 
 
@@ -56,12 +71,14 @@ def build_splits(cfg: DataConfig) -> Splits:
 
 
 def data_spec(cfg: DataConfig) -> DataSpec:
-    """Input shape and classes from the config alone (for probing and plan_only estimates)."""
+    """Input shape and classes (for probing and plan_only estimates): from the config alone for a
+    built-in data set, from the first training sample for yours."""
     return _module(cfg).spec(cfg)
 
 
 def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:
-    """(samples per epoch, where that number comes from) without loading any data."""
+    """(samples per epoch, where that number comes from); a built-in data set says it without
+    loading any data, yours is built (once per process) and counted."""
     return _module(cfg).epoch_samples(cfg)
 
 

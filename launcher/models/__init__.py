@@ -1,12 +1,18 @@
-"""Models by name: each module exposes `build(cfg, spec) -> torch.nn.Module` and `BLOCKS`, the
-submodule types that activation checkpointing recomputes as a whole."""
+"""Models by name, or your own through `model._target_`.
+
+A built-in module exposes `build(cfg, spec) -> torch.nn.Module` and `BLOCKS`, the submodule types
+that activation checkpointing recomputes as a whole. Your factory returns a torch.nn.Module that
+maps an input batch to outputs; `model.checkpoint_blocks` names its block classes for activation
+checkpointing. Every build is fresh (the memory probe builds several models); a model instance
+handed to launcher.run() is the one exception: it is trained in place, and copied for the probe.
+"""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from launcher.config import ModelConfig
+from launcher.config import TARGET_KEY, ConfigError, ModelConfig, UserModelConfig
 from launcher.data import DataSpec
 
 MODELS = {
@@ -17,11 +23,58 @@ MODELS = {
 }
 
 
-def build_model(cfg: ModelConfig, spec: DataSpec) -> Any:
-    module = importlib.import_module(MODELS[cfg.name])
-    model = module.build(cfg, spec)
+def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
+    """The model, built in the current default device and dtype. `fresh=False` (the model a run
+    trains) may return an instance handed to launcher.run() itself."""
+    if isinstance(cfg, UserModelConfig):
+        model = _user_model(cfg, fresh)
+        blocks = _named_classes(model, cfg.checkpoint_blocks)
+    else:
+        if spec.num_classes is None:
+            raise ConfigError(
+                f"model.name={cfg.name!r}: needs the number of classes, which your data does not "
+                "say; return num_classes beside train and eval from your data factory"
+            )
+        module = importlib.import_module(MODELS[cfg.name])
+        model, blocks = module.build(cfg, spec), module.BLOCKS
     if cfg.activation_checkpointing:
         from launcher.models.checkpointing import checkpoint_blocks
 
-        checkpoint_blocks(model, module.BLOCKS)
+        checkpoint_blocks(model, blocks)
     return model
+
+
+def _user_model(cfg: UserModelConfig, fresh: bool) -> Any:
+    from torch import nn
+
+    from launcher.api import copy_into_context, is_provided_instance
+    from launcher.targets import instantiate
+
+    model = instantiate(cfg.target, cfg.kwargs, "model")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.{TARGET_KEY}={cfg.target!r}: returned a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    if fresh and is_provided_instance(model):
+        return copy_into_context(model)
+    return model
+
+
+def _named_classes(model: Any, names: tuple[str, ...]) -> tuple[type, ...]:
+    """The classes of `model`'s submodules that `names` name (ClassName or module.ClassName)."""
+    if not names:
+        return ()
+    kinds = {type(m) for m in model.modules()}
+    found = tuple(k for k in kinds if k.__name__ in names or _full_name(k) in names)
+    if not found:
+        mine = ", ".join(sorted({k.__name__ for k in kinds})[:12])
+        raise ConfigError(
+            f"model.checkpoint_blocks={list(names)}: no submodule has these classes; the "
+            f"model's are {mine}"
+        )
+    return found
+
+
+def _full_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"

@@ -107,14 +107,21 @@ def reuses_run_dir(cfg: RunConfig) -> bool:
     return cfg.run_dir is not None or "SLURM_JOB_ID" in os.environ
 
 
-def launch(overrides: list[str], multirun: bool) -> None:
+def launch(
+    overrides: list[str],
+    multirun: bool,
+    config_dir: Path | None = None,
+    provided: dict[str, dict] | None = None,
+) -> list[dict[str, Any]]:
     """Compose and validate every job before anything is written, then run them in order (or
-    start trainer.devices workers on this machine that do)."""
-    from launcher.compose import compose_run, split_sweep
+    start trainer.devices workers on this machine that do). `provided`: config nodes that replace
+    whole groups (launcher.run's objects). Returns each job's final evaluation and run_dir."""
+    from launcher.compose import compose_dict, config_dir_args, split_sweep
+    from launcher.config import to_run_config
     from launcher.topology import from_env, local_processes, slurm_env
 
     jobs = split_sweep(overrides) if multirun else [overrides]
-    configs = [compose_run(job) for job in jobs]
+    configs = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
     for key in ("backend", "trainer.devices"):
         if len({_get(cfg, key) for cfg in configs}) > 1:
             raise ConfigError(
@@ -124,6 +131,13 @@ def launch(overrides: list[str], multirun: bool) -> None:
     os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
     launched = from_env()
     workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
+    if workers and provided:
+        raise ConfigError(
+            f"trainer.devices={configs[0].trainer.devices}: would start {workers} workers as "
+            f"`python -m launcher`, which cannot rebuild the {', '.join(provided)} handed to "
+            f"launcher.run(); start your script on every rank instead (torchrun --nproc_per_node "
+            f"{workers} your_script.py), or set trainer.devices=1"
+        )
     if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
     configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
@@ -140,12 +154,14 @@ def launch(overrides: list[str], multirun: bool) -> None:
     if workers:
         from launcher.spawn import spawn
 
-        spawn(workers, (["-m"] if multirun else []) + overrides)
-        return
+        spawn(workers, [*config_dir_args(config_dir), *(["-m"] if multirun else []), *overrides])
+        return []
+    results = []
     for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
         if multirun:
             print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
-        execute(cfg, launched, run_dir)
+        results.append(execute(cfg, launched, run_dir))
+    return results
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -220,6 +236,11 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
     topology, plan = plan_for(cfg, launched, epoch)
     if probes_memory(cfg):
         _, plan = plan_for(cfg, launched, epoch, estimated_memory(cfg, topology, plan))
+    else:  # the estimate's steps would have checked that model, data and loss fit together
+        from launcher.data import data_spec
+        from launcher.probe import check_fit
+
+        check_fit(cfg, data_spec(cfg.data), plan, topology.device)
     return topology, plan
 
 
@@ -231,7 +252,7 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
         write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
-        return {}
+        return {"run_dir": str(run_dir)}
     from launcher import preemption
 
     with preemption.handled():
@@ -245,6 +266,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     from launcher.backends import build_backend
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits, eval_loader, loader_settings, train_loader
+    from launcher.loss import build_loss
     from launcher.metrics import MetricsSink, open_trackers
     from launcher.models import build_model
     from launcher.optim import build_optimizer
@@ -260,7 +282,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     _, plan = plan_for(cfg, launched, epoch)
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.spec).to(dtype)  # a model/data mismatch fails here
+    model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
+    loss_fn = build_loss(cfg)
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
@@ -292,6 +315,10 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             cfg, splits.spec, plan, str(backend.device), topology.local_world_size, backend.all_min
         )
         _, plan = plan_for(cfg, launched, epoch, report, origin)  # probing kept our RNG state
+    else:  # the probe's steps would have checked that model, data and loss fit together
+        from launcher.probe import check_fit
+
+        check_fit(cfg, splits.spec, plan, str(backend.device))
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
     run_dir = backend.broadcast_object(
@@ -435,7 +462,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             on_oom=on_oom,
             after_step=after_step,
             meter=meter,
-            label_smoothing=cfg.trainer.label_smoothing,
+            loss_fn=loss_fn,
         )
         final = {"final": True, "step": plan.steps}
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction
@@ -451,20 +478,21 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             largest = speed.largest_micro(plan, cfg.max_micro_batch, len(splits.train))
             sizes = speed.ladder(plan.micro_batch, largest)
             times = speed.time_micro_steps(
-                model, backend, splits.train, sizes, backend.input_dtype(dtype)
+                model, backend, splits.train, sizes, backend.input_dtype(dtype), loss_fn
             )
             sink.log({"step": plan.steps, **times})
         sink.log(final)
     finally:
         sink.close()
     if main:
+        accuracy = result.get("eval_accuracy")  # not for a loss of your own that is no classifier
         print(
-            f"test accuracy {result['eval_accuracy']:.4f} "
-            f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
+            (f"test accuracy {accuracy:.4f} " if accuracy is not None else "test ")
+            + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
             flush=True,
         )
         print_advice(run_dir, plan)
-    return result
+    return {**result, "run_dir": str(run_dir)}
 
 
 def print_advice(run_dir: Path, plan: BatchPlan) -> None:

@@ -1,0 +1,141 @@
+"""Your own data: `data._target_` names a factory whose result is the training and evaluation data.
+
+What the factory may return:
+- a `(train, eval)` pair;
+- a dict with "train" and one of "eval", "test", "val", "validation";
+- an object with such attributes (e.g. a SimpleNamespace or your own class).
+A `num_classes` key or attribute beside them gives the built-in models their output size.
+
+Each split is a map-style dataset (`len()` and `[i]`: a torch Dataset, a TensorDataset, a list)
+whose items are `(input, target)` pairs of one fixed shape that torch's default collate stacks
+(tensors, numpy arrays, numbers). The first training sample is the data's spec: the memory probe
+and the plan_only estimate repeat it, so no shape is written by hand. The factory runs once per
+process, with torch's, numpy's and Python's RNGs seeded to 0 (every rank builds the same data,
+whatever the run's seed) and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.config import TARGET_KEY, ConfigError, UserDataConfig, to_dict
+from launcher.data import DataSpec, Splits
+from launcher.targets import instantiate
+
+EVAL_NAMES = ("eval", "test", "val", "validation")
+_BUILT: dict[str, Splits] = {}  # the last config's data: built once, read by plan, probe and loop
+
+
+def _where(cfg: UserDataConfig) -> str:
+    return f"data.{TARGET_KEY}={cfg.target!r}"
+
+
+@contextmanager
+def _seeded() -> Iterator[None]:
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
+def _parts(result: Any, where: str) -> tuple[Any, Any, Any]:
+    """(train, eval, num_classes or None) of what the factory returned."""
+    if isinstance(result, (tuple, list)):
+        if len(result) != 2:
+            raise ConfigError(
+                f"{where}: returned a {type(result).__name__} of {len(result)} items; expected "
+                "(train, eval)"
+            )
+        return result[0], result[1], None
+    if isinstance(result, dict):
+        found = {k: v for k, v in result.items() if isinstance(k, str)}
+    else:
+        found = {
+            k: getattr(result, k)
+            for k in ("train", *EVAL_NAMES, "num_classes")
+            if hasattr(result, k)
+        }
+    evals = [name for name in EVAL_NAMES if found.get(name) is not None]
+    if found.get("train") is None or not evals:
+        raise ConfigError(
+            f"{where}: returned a {type(result).__name__}; expected (train, eval), or a dict or "
+            f"object with train and one of {', '.join(EVAL_NAMES)}"
+        )
+    return found["train"], found[evals[0]], found.get("num_classes")
+
+
+def _first(dataset: Any, split: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's first (input, target) as tensors; ConfigError if it is not such a dataset."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ConfigError(
+            f"{where}: its {split} data ({type(dataset).__name__}) is not a map-style dataset "
+            "(len() and [i]); an iterable one cannot be cut into exact global batches"
+        )
+    if len(dataset) == 0:
+        raise ConfigError(f"{where}: its {split} data is empty")
+    try:
+        item = dataset[0]
+    except Exception as exc:
+        raise ConfigError(f"{where}: {split}[0] raised {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise ConfigError(
+            f"{where}: {split}[0] is a {type(item).__name__}; items must be (input, target) pairs"
+        )
+    pair = []
+    for name, value in zip(("input", "target"), item, strict=True):
+        try:
+            pair.append(torch.as_tensor(value))
+        except (TypeError, ValueError, RuntimeError):
+            raise ConfigError(
+                f"{where}: the {name} of {split}[0] is a {type(value).__name__}, which torch "
+                "cannot stack; return tensors, numpy arrays or numbers (e.g. a ToTensor transform)"
+            ) from None
+    return pair[0], pair[1]
+
+
+def _build(cfg: UserDataConfig) -> Splits:
+    where = _where(cfg)
+    with _seeded():
+        result = instantiate(cfg.target, cfg.kwargs, "data")
+    train, evaluation, classes = _parts(result, where)
+    x, y = _first(train, "train", where)
+    ex, ey = _first(evaluation, "eval", where)
+    if (ex.shape, ex.dtype, ey.shape, ey.dtype) != (x.shape, x.dtype, y.shape, y.dtype):
+        raise ConfigError(
+            f"{where}: train[0] has inputs {tuple(x.shape)} {x.dtype} and targets "
+            f"{tuple(y.shape)} {y.dtype}, eval[0] inputs {tuple(ex.shape)} {ex.dtype} and "
+            f"targets {tuple(ey.shape)} {ey.dtype}; both splits must match"
+        )
+    if classes is not None and not (isinstance(classes, int) and classes > 1):
+        raise ConfigError(f"{where}: num_classes={classes!r} must be an integer >= 2")
+    spec = DataSpec(tuple(x.shape), classes, tokens=y.dim() > 0, example=(x, y))
+    return Splits(train=train, eval=evaluation, spec=spec)
+
+
+def build(cfg: UserDataConfig) -> Splits:
+    key = json.dumps(to_dict(cfg), sort_keys=True, default=repr)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = _build(cfg)
+    return _BUILT[key]
+
+
+def spec(cfg: UserDataConfig) -> DataSpec:
+    return build(cfg).spec
+
+
+def epoch_samples(cfg: UserDataConfig) -> tuple[int, str]:
+    return len(build(cfg).train), f" (len() of the training data {cfg.target} returned)"

@@ -1,0 +1,1 @@
+"""The built-in recipes (one YAML each, `+recipe=NAME`), shipped as package `launcher.recipes`."""

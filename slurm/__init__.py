@@ -1,0 +1,1 @@
+"""The sbatch templates `python -m launcher.slurm` renders (package `launcher.slurm_templates`)."""
