@@ -124,3 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
         teardown()
     return code
+
+
+def console() -> None:
+    """`python -m launcher` and the `globalbatch` command."""
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `python -m launcher --help | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

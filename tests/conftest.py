@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -104,3 +105,49 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("LAUNCHER_REQUIRE_CLUSTER_TESTS") == "1":
         pytest.fail(f"LAUNCHER_REQUIRE_CLUSTER_TESTS=1 but {reason}")
     pytest.skip(reason)
+
+
+def wheel_env() -> dict[str, str]:
+    """The tests' environment without the repository on PYTHONPATH: what a pip user has."""
+    env = launcher_env()
+    del env["PYTHONPATH"]
+    return env
+
+
+@pytest.fixture(scope="session")
+def wheel_python(tmp_path_factory) -> Path:
+    """A Python whose `launcher` can come from nothing but the wheel built from this checkout.
+
+    The wheel is built (pip wheel, this environment's setuptools) and installed without its
+    dependencies into a new virtual environment; the dependencies (torch, Hydra, DeepSpeed, ...)
+    come from this environment's site-packages through a .pth line, whose own .pth files (this
+    checkout's editable install among them) are not processed. .ci/run installs the same wheel
+    with its dependencies into a fresh environment as well."""
+    root = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    built = subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root), str(ROOT)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = root.glob("globalbatch-*.whl")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    done = subprocess.run(
+        [*pip, "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return python
