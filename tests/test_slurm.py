@@ -9,6 +9,7 @@ with the same global batch (PARITY_ARGS: 5 steps of 64 samples).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,15 @@ import torch
 
 from launcher.compose import compose_run
 from launcher.slurm import directives, render
-from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_process, skip_or_fail
+from tests.conftest import (
+    PARITY_ARGS,
+    ROOT,
+    final_state,
+    read_metrics,
+    run_process,
+    skip_or_fail,
+    wheel_env,
+)
 from tests.slurm_cluster import SlurmCluster, skip_reason
 
 TWO_NODES = ["cluster.nodes=2", "cluster.devices_per_node=1", "cluster.device=cpu"]
@@ -165,3 +174,31 @@ def test_allocation_of_another_shape_fails_with_one_line(slurm, tmp_path, data_c
         "node = 2 process(es)"
     )
     assert expected in _output(tmp_path / "run"), _output(tmp_path / "run")[-3000:]
+
+
+@pytest.mark.slow
+def test_rendered_job_trains_a_users_project_from_the_installed_wheel(
+    slurm, wheel_python, tmp_path
+):
+    """examples/waves outside the repo, importable only through PYTHONPATH when the script is
+    rendered (from another folder); the job is submitted without it: the script carries the
+    config dir and the project's folder, and 2 nodes x 1 process train the user's model."""
+    project = Path(shutil.copytree(ROOT / "examples" / "waves", tmp_path / "project"))
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    render = [str(wheel_python), "-m", "launcher.slurm", "--config-dir", str(project / "conf")]
+    render += ["+recipe=waves", *TWO_NODES, "run_dir=run", "trainer.progress=false"]
+    env = wheel_env() | {"PYTHONPATH": str(project)}
+    res = subprocess.run(render, cwd=submit_dir, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = submit_dir / "run"
+    script = (run / "job.sbatch").read_text()
+    assert f"export PYTHONPATH={project}" in script
+    assert f"--config-dir={project / 'conf'}" in script
+    job = slurm.submit(run / "job.sbatch", cwd=submit_dir, env={"HOME": wheel_env()["HOME"]})
+    assert slurm.wait(job, timeout=600) == "COMPLETED", _output(run)[-3000:]
+    assert '"world_size": 2' in (run / "plan.json").read_text()
+    config = (run / "config.yaml").read_text()
+    assert "_target_: waves.model.WaveNet" in config
+    evals = [m["eval_accuracy"] for m in read_metrics(run) if "eval_accuracy" in m]
+    assert evals[-1] >= 0.95
