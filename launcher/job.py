@@ -154,6 +154,8 @@ def launch(
     if workers:
         from launcher.spawn import spawn
 
+        if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs
+            sys.modules["launcher.data.user"].release()
         spawn(workers, [*config_dir_args(config_dir), *(["-m"] if multirun else []), *overrides])
         return []
     results = []

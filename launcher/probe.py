@@ -98,7 +98,11 @@ def _names(cfg: RunConfig) -> str:
 
     def name(group: str, c: Any) -> str:
         target = getattr(c, "target", None)
-        return f"{group}._target_={target!r}" if target else f"{group}={c.name!r}"
+        if target is None:
+            return f"{group}={c.name!r}"
+        if "described" in c.kwargs:  # handed to launcher.run()
+            return f"{group} {c.kwargs['described']} (launcher.run)"
+        return f"{group}._target_={target!r}"
 
     return f"{name('model', cfg.model)} with {name('data', cfg.data)}"
 

@@ -133,6 +133,11 @@ def build(cfg: UserDataConfig) -> Splits:
     return _BUILT[key]
 
 
+def release() -> None:
+    """Drop the built data (a process that only starts workers need not hold a copy)."""
+    _BUILT.clear()
+
+
 def spec(cfg: UserDataConfig) -> DataSpec:
     return build(cfg).spec
 
