@@ -42,6 +42,26 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def accelerate_launch(port: int) -> list[str]:
+    """`accelerate launch` arguments for 2 CPU processes on gloo (its --cpu flag would start one,
+    shared/notes/environment-facts.md)."""
+    return [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+
+
 def run_cli(
     args: list[str],
     cwd: Path,

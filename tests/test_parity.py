@@ -21,7 +21,14 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
-from tests.conftest import PARITY_ARGS, composed, final_state, read_metrics, run_cli
+from tests.conftest import (
+    PARITY_ARGS,
+    accelerate_launch,
+    composed,
+    final_state,
+    read_metrics,
+    run_cli,
+)
 
 TOL = 1e-10
 
@@ -89,21 +96,7 @@ def _init_params() -> dict[str, torch.Tensor]:
 
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
-    "accelerate": [
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29518",
-    ],
+    "accelerate": accelerate_launch(29518),
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, read_metrics, wheel_env
+from tests.conftest import ROOT, accelerate_launch, read_metrics, wheel_env
 
 pytestmark = pytest.mark.slow
 
@@ -131,23 +131,7 @@ LAUNCHES = {
         2,
     ),
     "accelerate launch": (
-        [
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29572",
-            "-m",
-            "launcher",
-        ],
+        [*accelerate_launch(29572), "-m", "launcher"],
         [],
         2,
     ),
