@@ -53,9 +53,21 @@ def provided(part: str, described: str) -> Any:
             f"a factory with {part}.{TARGET_KEY} in a config dir"
         )
     obj = _PROVIDED[part]
-    if part == "model" and not _is_module(obj) or part == "data" and not _is_dataset(obj):
-        return obj()  # a factory
+    if _is_factory(part, obj):
+        return obj()
     return obj
+
+
+def _is_factory(part: str, obj: Any) -> bool:
+    if part == "model":
+        return not _is_module(obj)
+    return part == "data" and callable(obj) and not _is_dataset(obj)
+
+
+def source_of(part: str) -> Any:
+    """The class or function whose source file defines a handed-over object (memory cache key)."""
+    obj = _PROVIDED.get(part)
+    return obj if _is_factory(part, obj) else type(obj)
 
 
 def _is_module(obj: Any) -> bool:
@@ -97,6 +109,10 @@ def _nodes(model: Any, data: Any, loss: Any) -> dict[str, dict[str, Any]]:
             continue
         if part == "loss" and not callable(obj):
             raise ConfigError(f"loss={obj!r}: must be a callable(outputs, targets)")
+        if part == "model" and not (callable(obj) or _is_module(obj)):
+            raise ConfigError(
+                f"model={obj!r}: must be a torch.nn.Module or a callable that returns one"
+            )
         nodes[part] = {TARGET_KEY: TARGET, "part": part, "described": describe(obj)}
     return nodes
 

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import platform
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,8 @@ from launcher.memory import (
 from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import BatchPlan, split_batch
+
+OOM_ERROR = torch.OutOfMemoryError
 
 
 def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
@@ -90,9 +93,6 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.zero_grad(set_to_none=True)
 
 
-OOM_ERROR = torch.OutOfMemoryError
-
-
 def _names(cfg: RunConfig) -> str:
     """model and data as the user chose them, for messages."""
 
@@ -125,11 +125,21 @@ def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> N
     """One step of two samples of a fresh model (fake tensors for plan_only): the model takes the
     data's inputs and its outputs fit the loss, or ConfigError in one line. The memory probe's
     steps check the same; this is for runs that do not probe."""
-    if cfg.plan_only:
+    if not cfg.plan_only:
+        _step(cfg, spec, plan, device, 2)
+        return
+    try:
         with fake_mode():
             _step(cfg, spec, plan, "cpu", 2)
-    else:
-        _step(cfg, spec, plan, device, 2)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if not _fake_limit(exc):
+            raise
+        print(  # not skipped silently: a real run checks it with real tensors before training
+            f"launcher: note: plan_only could not check that {_names(cfg)} fit together with "
+            f"fake tensors ({_first_line(exc)}); a real run checks it before training",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @contextmanager
@@ -214,10 +224,7 @@ def _code_version(cfg: RunConfig) -> str:
 
     try:
         if cfg.model.target == api.TARGET:  # launcher.run(model=...): the object's own code
-            obj = api._PROVIDED.get("model")
-            path = inspect.getsourcefile(
-                obj if callable(obj) and not api._is_module(obj) else type(obj)
-            )
+            path = inspect.getsourcefile(api.source_of("model"))
         else:
             path = inspect.getsourcefile(inspect.unwrap(locate(cfg.model.target, "model")))
         stat = os.stat(path) if path else None

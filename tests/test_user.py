@@ -55,7 +55,7 @@ def test_help_lists_the_users_recipes_and_group_options(project, capsys):
     assert main(["--help", "--config-dir", str(project / "conf")]) == 0
     out = capsys.readouterr().out
     assert "cifar10, gpt_small, mnist1d, resnet50, resnet50_lars, tiny" in out
-    assert "model=broken|cnn1d|gpt|mlp|not_module|resnet50|tiny;" in out
+    assert "model=branchy|broken|cnn1d|gpt|mlp|not_module|resnet50|tiny;" in out
     assert "data=cifar10|imagefolder|mnist1d|points|synthetic|text;" in out
     assert "loss=cross_entropy|mean|per_sample;" in out
     assert main(["--help"]) == 0
@@ -183,6 +183,25 @@ def test_builtin_model_on_data_it_cannot_take_is_one_line(run_here):
         "launcher: error: model='mlp' with data='text': outputs (2, 256) do not fit targets "
         "(2, 256): cross-entropy needs outputs of the targets' shape + (classes,)\n"
     )
+
+
+def test_a_model_fake_tensors_cannot_trace_is_said_not_skipped(project, run_here):
+    """plan_only estimates and checks with fake tensors; a model with data-dependent control flow
+    stops the estimate with one line naming the way out, a plan without it gets a note, and the
+    real run (real tensors) checks and trains."""
+    args = ["--config-dir", str(project / "conf"), "+recipe=tiny", "model=branchy"]
+    code, _, err = run_here([*args, "plan_only=true"])
+    assert code == 2 and err.count("\n") == 1, err
+    assert (
+        "plan_only: the memory estimate cannot trace model._target_='tinyproj.parts.Branchy'" in err
+    )
+    assert err.rstrip().endswith("plan without it: micro_batch=N or memory.probe=false")
+    code, _, err = run_here([*args, "plan_only=true", "micro_batch=32", "run_dir=plan"])
+    assert code == 0 and err.count("\n") == 1, err
+    assert err.startswith("launcher: note: plan_only could not check that model._target_=")
+    code, out, err = run_here([*args, "run_dir=run", "trainer.noise_scale=false"])
+    assert code == 0, err
+    assert "test accuracy" in out
 
 
 def test_a_clashing_recipe_name_is_refused(tmp_path, run_here):

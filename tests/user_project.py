@@ -74,6 +74,15 @@ def make_data(n=640, features=6, classes=3, form="dict", target_len=0, shuffle_s
     raise ValueError(f"unknown form {form!r}")
 
 
+class Branchy(Tiny):
+    """Data-dependent Python control flow: fake tensors cannot trace it, real ones run it."""
+
+    def forward(self, x):
+        if x.abs().sum().item() > 1e12:
+            raise ValueError("implausible input")
+        return super().forward(x)
+
+
 def broken_model():
     raise FileNotFoundError("no weights at /nowhere/tiny.pt")
 
@@ -118,6 +127,7 @@ FILES = {
         features: 6
         classes: 3
     """,
+    "conf/model/branchy.yaml": f"_target_: {PACKAGE}.parts.Branchy\n",
     "conf/model/broken.yaml": f"_target_: {PACKAGE}.parts.broken_model\n",
     "conf/model/not_module.yaml": f"_target_: {PACKAGE}.parts.not_a_model\n",
     "conf/model/cnn1d.yaml": "name: cnn1d\nchannels: 3\n",  # shadows a built-in: refused
