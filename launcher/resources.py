@@ -15,7 +15,16 @@ CONF_PACKAGE = "launcher.conf"
 
 
 def _folder(package: str) -> Path:
-    path = Path(str(files(package)))
+    try:
+        path = Path(str(files(package)))
+    except ModuleNotFoundError:  # e.g. the repository's launcher/ shadowing a wheel install
+        import launcher
+
+        raise RuntimeError(
+            f"{package} is missing beside {Path(launcher.__file__).parent}: that is a source "
+            "tree, not an installed launcher; install it (pip install . or pip install -e .) and "
+            "run it from another folder"
+        ) from None
     if not path.is_dir():  # a zipped install: the launcher needs its files on disk
         raise RuntimeError(
             f"{package} is not a folder on disk ({path}); install the wheel unzipped"
