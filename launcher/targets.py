@@ -29,6 +29,7 @@ def locate(target: str, key: str) -> Any:
     """The callable a `_target_` path names; ConfigError if it does not import or is no callable."""
     parts = target.split(".")
     where = f"{key}.{TARGET_KEY}={target!r}"
+    missing = None  # the longest prefix that is no module
     for i in range(len(parts) - 1, 0, -1):
         module_name = ".".join(parts[:i])
         try:
@@ -36,6 +37,7 @@ def locate(target: str, key: str) -> Any:
             break
         except ModuleNotFoundError as exc:
             if exc.name is not None and f"{module_name}.".startswith(f"{exc.name}."):
+                missing = missing or exc.name
                 continue  # this prefix is not a module: try a shorter one
             raise ConfigError(
                 f"{where}: importing {module_name} failed: {_first_line(exc)}"
@@ -51,6 +53,8 @@ def locate(target: str, key: str) -> Any:
         )
     for attr in parts[i:]:
         if not hasattr(obj, attr):
+            if missing is not None:
+                raise ConfigError(f"{where}: no module named {missing!r}")
             raise ConfigError(f"{where}: {obj.__name__} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):

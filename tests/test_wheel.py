@@ -114,6 +114,26 @@ def test_the_example_trains_on_one_process_and_records_its_targets(wheel_python,
     assert any("noise_scale" in m for m in read_metrics(project / "run"))
 
 
+def test_a_target_that_does_not_import_is_one_line_from_a_real_process(wheel_python, project):
+    res = run(
+        wheel_python,
+        [
+            "-m",
+            "launcher",
+            "--config-dir",
+            "conf",
+            "+recipe=waves",
+            "model._target_=waves.nope.Net",
+        ],
+        project,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
+    assert res.stderr.splitlines() == [
+        "launcher: error: model._target_='waves.nope.Net': no module named 'waves.nope'"
+    ], res.stderr
+    assert not (project / "outputs").exists()
+
+
 LAUNCHES = {
     "trainer.devices=2": (["-m", "launcher"], ["trainer.devices=2"], 2),
     "torchrun": (
