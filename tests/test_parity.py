@@ -7,6 +7,7 @@ Stated tolerances: float64 throughout; 1e-10 absolute on parameters after severa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
@@ -196,3 +197,30 @@ def test_two_ranks_with_batchnorm_end_with_identical_parameters_and_buffers(tmp_
     assert final["final"] and final["step"] == 4
     stats = [k for k in final_state(tmp_path / "run") if k.endswith("running_mean")]
     assert len(stats) == 20  # the buffers the check covered
+
+
+class _Gather:
+    """A backend stand-in whose gather returns the digests of `ranks` (this one's first)."""
+
+    def __init__(self, *others: float) -> None:
+        self.device, self.others = torch.device("cpu"), others
+
+    def gather(self, digest: torch.Tensor) -> torch.Tensor:
+        return torch.cat([digest, torch.tensor(self.others, dtype=digest.dtype)])
+
+
+def test_replica_check_tells_differing_ranks_from_a_run_that_diverged_on_all():
+    from launcher.train import check_replicas
+
+    model = torch.nn.Linear(2, 1)
+    digest = check_replicas(model, _Gather())
+    assert digest == pytest.approx(
+        sum(float(p.detach().double().square().sum()) for p in model.parameters())
+    )
+    with pytest.raises(RuntimeError, match="replicas differ across ranks"):
+        check_replicas(model, _Gather(digest + 1e-9))
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))  # diverged: NaN on every rank is agreement, not a mismatch
+    assert math.isnan(check_replicas(model, _Gather(float("nan"))))
+    with pytest.raises(RuntimeError, match="replicas differ across ranks"):
+        check_replicas(model, _Gather(1.0))
