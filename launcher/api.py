@@ -20,6 +20,7 @@ of a group that an object replaced, and a sweep over one model instance.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 from os import PathLike
 from typing import Any
@@ -139,7 +140,8 @@ def run(
 ) -> dict[str, Any] | list[dict[str, Any]]:
     """Compose the config (the packaged one, `config_dir` like --config-dir, `overrides` like the
     command line), plan, and train, with `model`, `data` and `loss` in place of their groups.
-    Returns the final evaluation with `run_dir` (one dict per job when `multirun`). Bad input
+    Returns the final evaluation with `run_dir` (one dict per job when `multirun`; an empty one
+    when this process only started `trainer.devices` workers, allowed without objects). Bad input
     raises launcher.ConfigError; a run stopped by SIGUSR1/SIGTERM raises launcher.Stopped."""
     from launcher.compose import user_config_dir
     from launcher.job import launch
@@ -158,11 +160,21 @@ def run(
         {p: o for p, o in zip(PARTS, (model, data, loss), strict=True) if o is not None}
     )
     _teardown_at_exit()
+    _forget_data()  # data built for an earlier call (maybe from other objects of the same type)
     try:
         results = launch(overrides, multirun, folder, nodes)
     finally:
         _PROVIDED.clear()
-    return results if multirun else results[0]
+        _forget_data()
+    if multirun:
+        return results
+    return results[0] if results else {}  # workers started here (trainer.devices) ran the job
+
+
+def _forget_data() -> None:
+    user_data = sys.modules.get("launcher.data.user")
+    if user_data is not None:
+        user_data.release()
 
 
 def _teardown_at_exit() -> None:

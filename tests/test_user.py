@@ -406,3 +406,17 @@ def test_run_cli_uses_the_same_flags_as_hydra(project, tmp_path):
     assert res.returncode == 0 and "tiny" in res.stdout
     res = run_cli([f"--config-dir={project / 'conf'}", "--help"], tmp_path)
     assert res.returncode == 0 and "tiny" in res.stdout
+
+
+def test_each_run_from_python_uses_its_own_data(project, tmp_path, monkeypatch):
+    """Two calls in one script with data objects of the same type: the second plan counts the
+    second data (the process's built-data cache is not keyed by object)."""
+    monkeypatch.chdir(tmp_path)
+    from tinyproj.parts import Tiny, make_data
+
+    for n in (640, 320):
+        args = ["+recipe=tiny", "plan_only=true", f"run_dir=n{n}"]
+        args.append(f"memory.cache_dir={tmp_path / 'cache'}")
+        launcher.run(args, config_dir=project / "conf", model=Tiny, data=make_data(n=n))
+        plan = json.loads((tmp_path / f"n{n}" / "plan.json").read_text())
+        assert plan["epoch_samples"] == n
