@@ -40,11 +40,20 @@ class Advice:
     recommended: int  # the candidate batch with the highest goodput
     near: tuple[int, ...]  # the candidates within 10% of the highest goodput
     rows: tuple[tuple[int, int, float, float, float], ...]  # (B, micro, samples/s, eff., vs now)
+    epochs: float = 0.0  # the run's length in epochs
+    target: str = ""  # the result `to_target` counts to, in words ("" when not reached)
+    to_target: tuple[float, ...] = ()  # per row: epochs that batch needs to reach it
 
 
 def efficiency(batch: float, noise: float, base: float) -> float:
     """Progress per sample at `batch` relative to `base` (Pollux)."""
     return (noise + base) / (noise + batch)
+
+
+def samples_to_match(noise: float, from_batch: int, from_samples: float, batch: int) -> float:
+    """Samples batch `batch` needs for the progress `from_samples` made at `from_batch`:
+    E = E_min (1 + B/B_crit) at both, so E_0 (B_crit + B) / (B_crit + B_0)."""
+    return from_samples / efficiency(batch, noise, from_batch)
 
 
 def step_time(batch: int, world: int, t_step: float, micro_seconds: dict[int, float]) -> tuple:
@@ -104,9 +113,13 @@ def candidates(world: int, current: int, limit: int) -> list[int]:
     return sorted(out)
 
 
-def advise(records: list[dict], plan: dict) -> Advice | None:
+def advise(
+    records: list[dict], plan: dict, reached: tuple[str, int] | None = None
+) -> Advice | None:
     """The advice from a run's metrics lines and its plan.json; None without a noise scale or
-    the timings (trainer.noise_scale=false, backend=deepspeed, a run cut short)."""
+    the timings (trainer.noise_scale=false, backend=deepspeed, a run cut short). `reached`:
+    (the target in words, the samples this run took to reach it), for each batch's epochs to it
+    (samples_to_match)."""
     train = [r for r in records if "loss" in r]
     gb, world = plan["global_batch"], plan["world_size"]
     estimate = critical_batch(train, gb)
@@ -138,6 +151,13 @@ def advise(records: list[dict], plan: dict) -> Advice | None:
         for b, (s, m) in speed.items()
     )
     best = max(r[4] for r in rows)
+    epoch_samples = plan["epoch_samples"]
+    target, to_target = "", ()
+    if reached is not None:
+        target = reached[0]
+        to_target = tuple(
+            samples_to_match(noise, gb, reached[1], r[0]) / epoch_samples for r in rows
+        )
     return Advice(
         global_batch=gb,
         world_size=world,
@@ -150,6 +170,9 @@ def advise(records: list[dict], plan: dict) -> Advice | None:
         recommended=max(rows, key=lambda r: r[4])[0],
         near=tuple(r[0] for r in rows if r[4] >= 0.9 * best),
         rows=rows,
+        epochs=total / epoch_samples,
+        target=target,
+        to_target=to_target,
     )
 
 
@@ -177,11 +200,23 @@ def format_advice(a: Advice) -> str:
         f"({b:,.0f} + B) (progress per sample relative to now)",
         f"  recommended global batch: {a.recommended:,} (now {a.global_batch:,}); within 10% of "
         f"its goodput: {', '.join(f'{b:,}' for b in a.near)}",
-        f"  {'global batch':>14} {'micro':>7} {'samples/s':>12} {'efficiency':>11} "
-        f"{'goodput vs now':>15}",
     ]
-    for batch, micro, speed, e, g in a.rows:
+    if a.to_target:
+        lines.append(
+            f"  epochs to {a.target} at each batch: this run's samples to it x (B_crit + B) / "
+            f"(B_crit + {a.global_batch:,}) (E = E_min (1 + B/B_crit)); this run trained "
+            f"{a.epochs:.3g}: a batch marked SHORT would not get there in as many epochs"
+        )
+    head = f"  {'global batch':>14} {'micro':>7} {'samples/s':>12} {'efficiency':>11} "
+    lines.append(
+        head + f"{'goodput vs now':>15}" + (f"{'epochs to it':>14}" if a.to_target else "")
+    )
+    for i, (batch, micro, speed, e, g) in enumerate(a.rows):
         mark = "  <- recommended" if batch == a.recommended else ""
         mark += "  (now)" if batch == a.global_batch else ""
+        if a.to_target:
+            need = a.to_target[i]
+            short = " SHORT" if need > a.epochs * (1 + 1e-9) else ""
+            mark = f"{need:>14.3g}{short}{mark}"
         lines.append(f"  {batch:>14,} {micro:>7,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{mark}")
     return "\n".join(lines)

@@ -796,6 +796,10 @@ class RunConfig:
     resume: str = "auto"
     """auto: continue from the newest valid checkpoint in run_dir; never; or a checkpoint file or
     run directory to start from"""
+    target_accuracy: float | None = None
+    """the eval accuracy a run should reach: the plan checks that trainer.epochs suffice at this
+    global batch, from an earlier run's noise scale (launcher/prior.py); null = the earlier run's
+    own final result"""
 
     def __post_init__(self) -> None:
         _require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")
@@ -806,6 +810,12 @@ class RunConfig:
             "must be auto or a positive integer",
         )
         _require(self.max_micro_batch > 0, "max_micro_batch", self.max_micro_batch, "must be > 0")
+        _require(
+            self.target_accuracy is None or 0 < self.target_accuracy < 1,
+            "target_accuracy",
+            self.target_accuracy,
+            "must be null or in (0, 1)",
+        )
         _require(
             self.trainer.label_smoothing == 0 or isinstance(self.loss, CrossEntropyConfig),
             "trainer.label_smoothing",

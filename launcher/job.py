@@ -231,6 +231,18 @@ def print_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
+    """The plan with its budget row: are trainer.epochs enough at this batch, judged from the
+    newest earlier run of the same workload next to run_dir (launcher/prior.py)."""
+    from launcher.prior import budget, find_prior
+
+    prior = find_prior(cfg, run_dir.parent, exclude=run_dir)
+    if prior is None:
+        return plan
+    value, why = budget(prior, plan.global_batch, plan.total_samples, plan.epoch_samples)
+    return dataclasses.replace(plan, budget=value, reasons=plan.reasons | {"budget": why})
+
+
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
     """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
     cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
@@ -251,6 +263,7 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
     cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
+        plan = with_budget(cfg, plan, run_dir)
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
         write_plan_files(run_dir, cfg, plan, topology.device)
         print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
@@ -323,6 +336,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         check_fit(cfg, splits.spec, plan, str(backend.device))
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     main = backend.rank == 0
+    if main:
+        plan = with_budget(cfg, plan, run_dir)
     run_dir = backend.broadcast_object(
         create_run_dir(run_dir, reuses_run_dir(cfg)) if main else None
     )
@@ -493,16 +508,20 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
             flush=True,
         )
-        print_advice(run_dir, plan)
+        print_advice(run_dir, plan, cfg.target_accuracy)
     return {**result, "run_dir": str(run_dir)}
 
 
-def print_advice(run_dir: Path, plan: BatchPlan) -> None:
+def print_advice(run_dir: Path, plan: BatchPlan, target_accuracy: float | None = None) -> None:
     """The batch-size advice from the run's metrics (launcher/advice.py), or why there is none."""
     from launcher.advice import advise, format_advice
+    from launcher.prior import from_records
     from launcher.report import read_job
 
-    advice = advise(read_job(run_dir)[1], dataclasses.asdict(plan))
+    records = read_job(run_dir)[1]
+    own = from_records(run_dir, plan.global_batch, records, target_accuracy)
+    reached = (own.target, own.samples) if own is not None and own.samples else None
+    advice = advise(records, dataclasses.asdict(plan), reached)
     if advice is None:
         why = "not measured" if plan.noise == "off" else "too few steps measured"
         print(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")

@@ -50,6 +50,7 @@ class BatchPlan:
     origin_step: int = 0
     origin_samples: int = 0
     ramp: tuple[BatchPlan, ...] = ()
+    budget: str = "-"  # enough / SHORT / ? against an earlier run (launcher/prior.py), - none
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -608,10 +609,11 @@ TABLE_ROWS = (
     "checkpoints",
     "noise_scale",
     "ramp",
+    "budget",
 )
 
 
-OPTIONAL_ROWS = ("ramp", "tokens_per_batch")  # shown when the run has them
+OPTIONAL_ROWS = ("ramp", "tokens_per_batch", "budget")  # shown when the run has them
 
 
 def format_plan(plan: BatchPlan) -> str:

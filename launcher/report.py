@@ -434,13 +434,19 @@ def plot_report(summary: Summary, path: Path) -> None:
 # command line
 
 
-def print_run_advice(run_dir: Path) -> int:
-    """One run's folder: print its advice (what the run printed at its end), write nothing."""
+def print_run_advice(run_dir: Path, target: float | None) -> int:
+    """One run's folder: print its advice (what the run printed at its end), write nothing.
+    `target`: the eval accuracy its epochs-to-target column counts to (None: the run's own
+    final eval loss)."""
+    from launcher.prior import from_records
+
     plan, records = read_job(run_dir)
     missing = [k for k in ADVICE_KEYS if not isinstance(plan.get(k), int)]
     if missing:
         raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer {missing[0]})")
-    advice = advise(records, plan)
+    own = from_records(run_dir, plan["global_batch"], records, target)
+    reached = (own.target, own.samples) if own is not None and own.samples else None
+    advice = advise(records, plan, reached)
     if advice is None:
         raise ConfigError(
             f"{str(run_dir)!r}: no batch-size advice: the run logged no noise scale or step "
@@ -462,17 +468,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (one subfolder per job)")
     parser.add_argument(
-        "--target", type=float, default=0.95, help="eval accuracy to reach (default 0.95)"
+        "--target",
+        type=float,
+        help="eval accuracy to reach (default 0.95; for one run's advice: its final eval loss)",
     )
     parser.add_argument("--out", type=Path, help="where report.md/png go (default: sweep_dir)")
     try:
         args = parser.parse_args(argv)
-        if not 0 < args.target < 1:
+        if args.target is not None and not 0 < args.target < 1:
             raise ConfigError(f"--target={args.target}: must be in (0, 1)")
         if (args.sweep_dir / "plan.json").is_file():  # one run: its batch-size advice
-            return print_run_advice(args.sweep_dir)
-        jobs = [summarize_job(d.name, *read_job(d), args.target) for d in find_jobs(args.sweep_dir)]
-        summary = summarize_sweep(jobs, args.target)
+            return print_run_advice(args.sweep_dir, args.target)
+        target = 0.95 if args.target is None else args.target
+        jobs = [summarize_job(d.name, *read_job(d), target) for d in find_jobs(args.sweep_dir)]
+        summary = summarize_sweep(jobs, target)
         text = format_report(summary, str(args.sweep_dir))
         out = args.out or args.sweep_dir
         if out.exists() and not out.is_dir():
