@@ -564,6 +564,13 @@ class TrainerConfig:
     noise_window: float = 0.05
     """time constant of the noise-scale moving averages as a fraction of the run's samples (each
     step weighs by its batch: small batches average over more steps)"""
+    stop_after_samples: int = 0
+    """end the run early at the first step whose consumed samples (counted from the run's start)
+    reach this: evaluate, save, stop; plan and LR schedule unchanged, so resuming without it trains
+    on (a branch of launcher.cbs, a time-boxed slice of a long run); 0 = train to the end"""
+    stop_cooldown_samples: int = 0
+    """with stop_after_samples: the LR falls linearly to 0 over this many samples before the stop
+    (a warmup-stable-decay cooldown: the stopped model is annealed as a finished run's is)"""
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")
@@ -574,6 +581,19 @@ class TrainerConfig:
             "must be > 0",
         )
         _require(self.log_every > 0, "trainer.log_every", self.log_every, "must be > 0")
+        _require(
+            self.stop_after_samples >= 0,
+            "trainer.stop_after_samples",
+            self.stop_after_samples,
+            "must be >= 0 (0 = train to the end)",
+        )
+        _require(
+            self.stop_cooldown_samples >= 0
+            and (self.stop_cooldown_samples == 0 or self.stop_after_samples > 0),
+            "trainer.stop_cooldown_samples",
+            self.stop_cooldown_samples,
+            "must be >= 0, and applies only with trainer.stop_after_samples > 0",
+        )
         _require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads, "must be >= 0")
         _require(
             0 <= self.label_smoothing < 1,

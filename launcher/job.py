@@ -308,6 +308,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     if found is not None:
         origin = resume.check(cfg, *found)
         _, plan = plan_for(cfg, launched, epoch, origin=origin)
+        resume.check_optimizer(found[0], plan, found[1])
     elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
         if (run_dir / "model_final.pt").exists():
             raise ConfigError(
@@ -382,7 +383,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     progress = found[0].get("progress", {}) if found is not None else {}
     sink = MetricsSink(
         run_dir if main else None,
-        total_steps=plan.steps,
+        total_steps=plan.end_step,
         tensorboard=cfg.trainer.tensorboard,
         progress=cfg.trainer.progress,
         resume_step=start_step,
@@ -408,7 +409,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         nonlocal last_save
         faults.test_kill(step, "step")
         c = cfg.checkpoint
-        due = step == plan.steps
+        due = step == plan.end_step
         if c.every_samples:
             before = plan.samples_at(step - 1)
             due |= plan.samples_at(step) // c.every_samples > before // c.every_samples
@@ -416,7 +417,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         bits = 0
         for flag in backend.flags(int(late) | preemption.received()):  # rank 0's clock for all
             bits |= flag
-        stop = [] if step == plan.steps else preemption.signals(bits)
+        stop = [] if step == plan.end_step else preemption.signals(bits)
         due |= bool(bits & 1) or bool(stop)
         path = None
         if due and plan.checkpoints:
@@ -481,7 +482,9 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             meter=meter,
             loss_fn=loss_fn,
         )
-        final = {"final": True, "step": plan.steps}
+        final = {"final": True, "step": plan.end_step}
+        if plan.stop_step is not None:  # ended early: resuming without the stop trains on
+            final["stopped_early"] = True
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction
             final["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
         with backend.gathered(model):
@@ -497,7 +500,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             times = speed.time_micro_steps(
                 model, backend, splits.train, sizes, backend.input_dtype(dtype), loss_fn
             )
-            sink.log({"step": plan.steps, **times})
+            sink.log({"step": plan.end_step, **times})
         sink.log(final)
     finally:
         sink.close()

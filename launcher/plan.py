@@ -51,6 +51,8 @@ class BatchPlan:
     origin_samples: int = 0
     ramp: tuple[BatchPlan, ...] = ()
     budget: str = "-"  # enough / SHORT / ? against an earlier run (launcher/prior.py), - none
+    stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
+    cooldown: tuple[int, int] = ()  # (from, to) samples: the LR falls linearly to 0 before a stop
     memory: dict = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
@@ -68,6 +70,22 @@ class BatchPlan:
         if step < self.origin_step and self.ramp:
             return self.at(step).samples_at(step)
         return self.origin_samples + (step - self.origin_step) * self.global_batch
+
+    def step_reaching(self, samples: int) -> int:
+        """The fewest steps whose consumed samples reach `samples` (at most `steps`)."""
+        lo, hi = 0, self.steps
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.samples_at(mid) >= samples:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    @property
+    def end_step(self) -> int:
+        """The step training ends at: `steps`, or earlier with trainer.stop_after_samples."""
+        return self.steps if self.stop_step is None else self.stop_step
 
 
 def _fmt(x: float) -> str:
@@ -386,6 +404,57 @@ def plan_batch(
     (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
     global_batch takes over.
     """
+    return _stopping(
+        cfg, _ramped(cfg, world_size, epoch_samples, epoch_source, world_source, memory, origin)
+    )
+
+
+def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
+    """The plan with trainer.stop_after_samples' early end, if set."""
+    stop = cfg.trainer.stop_after_samples
+    if not stop:
+        return plan
+    if stop >= plan.total_samples:
+        raise ConfigError(
+            f"trainer.stop_after_samples={stop}: not before the end of the run "
+            f"({plan.total_samples:,} samples); use a smaller value, or 0 to train to the end"
+        )
+    step = plan.step_reaching(stop)
+    end = plan.samples_at(step)
+    why = (
+        f"; stops early after step {step:,} ({end:,} samples, the first step reaching "
+        f"trainer.stop_after_samples={stop:,}); the schedule is the whole run's"
+    )
+    cool = cfg.trainer.stop_cooldown_samples
+    cooldown: tuple[int, int] = ()
+    if cool:
+        if cool > end:
+            raise ConfigError(
+                f"trainer.stop_cooldown_samples={cool}: longer than the {end:,} samples before "
+                "the stop; use a smaller value"
+            )
+        cooldown = (end - cool, end)
+        why += f", with the LR falling linearly to 0 from sample {end - cool:,} (cooldown)"
+    stages = tuple(dataclasses.replace(s, cooldown=cooldown) for s in plan.ramp)
+    return dataclasses.replace(
+        plan,
+        stop_step=step,
+        cooldown=cooldown,
+        ramp=stages,
+        reasons=plan.reasons | {"steps": plan.reasons["steps"] + why},
+    )
+
+
+def _ramped(
+    cfg: RunConfig,
+    world_size: int,
+    epoch_samples: int,
+    epoch_source: str,
+    world_source: str,
+    memory: dict | None,
+    origin: tuple[int, int],
+) -> BatchPlan:
+    """plan_batch before the early stop: the ramp-up's stages, then global_batch."""
     args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.start_batch is None:
         return _plan(*args, origin)

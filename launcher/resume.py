@@ -139,6 +139,18 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     return origin
 
 
+def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
+    """Refuse a global batch whose plan swaps the optimizer (optim.large_batch): the checkpoint's
+    optimizer state is another optimizer's."""
+    saved = state["plan"]["optimizer"]
+    if saved != plan.optimizer:
+        raise ConfigError(
+            f"global_batch={plan.global_batch}: the plan trains it with {plan.optimizer} "
+            f"({plan.reasons['optimizer']}), {path} holds {saved}'s optimizer state, which does "
+            f"not carry over; choose a global batch that keeps {saved}, or resume=never"
+        )
+
+
 def restore(state: dict[str, Any], backend: Any, model: Any, optimizer: Any) -> str:
     """Load weights, optimizer state and (same world size) RNG states; returns what was done."""
     backend.load_state(model, optimizer, state["model"], state["optimizer"])

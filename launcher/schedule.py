@@ -9,7 +9,16 @@ from launcher.plan import BatchPlan
 
 
 def lr_at(plan: BatchPlan, samples: int) -> float:
-    """LR for the optimizer step that starts after `samples` samples have been consumed."""
+    """LR for the optimizer step that starts after `samples` samples have been consumed; in an
+    early stop's cooldown (plan.cooldown) the schedule's LR x the linear fall to 0."""
+    lr = _scheduled(plan, samples)
+    if plan.cooldown and samples >= plan.cooldown[0]:
+        start, end = plan.cooldown
+        lr *= max(end - samples, 0) / (end - start)
+    return lr
+
+
+def _scheduled(plan: BatchPlan, samples: int) -> float:
     if samples < plan.warmup_samples:
         frac = samples / plan.warmup_samples
         return plan.warmup_start_lr + (plan.lr - plan.warmup_start_lr) * frac

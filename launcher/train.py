@@ -215,7 +215,8 @@ def fit(
     meter: NoiseMeter | None = None,
     loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> tuple[dict[str, float], BatchPlan]:
-    """Train from `start_step` to `plan.steps`; returns the final evaluation and the final plan.
+    """Train from `start_step` to `plan.end_step` (`plan.steps`, or an early stop); returns the
+    final evaluation and the final plan.
     `after_step(step, plan)` runs after every completed step (checkpoints); `meter` measures the
     gradient noise scale (launcher/noise_meter.py), logged with the loss. `loss_fn`: the training
     loss (launcher/loss.py); evaluation uses it without label smoothing.
@@ -239,8 +240,8 @@ def fit(
     first = plan.samples_at(start_step)
     next_eval = (first // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
-    step = start_step
-    while step < plan.steps:
+    step, end = start_step, plan.end_step
+    while step < end:
         if step >= current.steps:  # a ramp-up stage is over: the next batch
             current = plan.at(step)
             backend.replan(model, current)
@@ -278,7 +279,7 @@ def fit(
                 continue
         step += 1
         samples = current.samples_at(step)
-        if step % log_every == 0 or step == plan.steps:
+        if step % log_every == 0 or step == end:
             record = {
                 "step": step,
                 "samples": samples,
@@ -290,7 +291,7 @@ def fit(
                 "train_s": sink.train_seconds(),
             }
             sink.log(record | (meter.flush() if meter is not None else {}))
-        if samples >= next_eval or step == plan.steps:
+        if samples >= next_eval or step == end:
             _pause(sink, backend)
             result = evaluate(model, eval_batches(current), backend, dtype, plain)
             sink.resume()

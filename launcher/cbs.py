@@ -1,0 +1,367 @@
+"""The critical batch, measured directly: short branches from a checkpoint at k x its batch.
+
+    python -m launcher.cbs RUN_DIR [--step N] [--k 1,2,4,8,16] [--samples N|auto]
+        [--tolerance 0.01] [--out DIR] [-- launcher overrides for the branches]
+
+The gradient noise scale rests on strong assumptions (a quadratic loss, the optimal step size for
+every batch; Merrill et al. 2025, "Critical Batch Size Revisited"). This asks the training
+itself: from one checkpoint of RUN_DIR (global batch B, S_0 samples consumed), each branch trains
+the same next `--samples` samples, in the same order, at global batch k x B with the LR the
+scaling rule gives that batch on the run's own schedule (in samples). Up to the critical batch
+the branches end at about the same loss (a step of k x B does the work of k steps of B); beyond
+it the larger batch falls behind. Every branch ends with its LR falling linearly to 0 over the
+last `--cooldown` of its samples (trainer.stop_cooldown_samples, a warmup-stable-decay
+cooldown) and is compared by its final eval loss: without the cooldown a branch's loss mid-run
+mostly reflects its LR level (the larger k's k x LR keeps the iterate noisier), not what its
+steps achieved. The critical batch at that point of training is the largest k x B whose loss
+stays within `--tolerance` (relative) of the k=1 branch's, with every smaller k within too;
+`interpolated` is where the gap crosses the tolerance, linear in log k between that k and the
+next one.
+
+A branch is a launcher run (launcher/job.py execute, so the same loop, backend, memory cap and
+checkpoints): resume=THE_CHECKPOINT with checkpoint.allow_global_batch_change=true,
+global_batch=k x B, trainer.stop_after_samples=S_0 + samples; its folder is OUT/k<k>. A k whose
+plan would swap the optimizer (optim.large_batch) cannot continue the checkpoint's optimizer
+state: it is refused before anything trains. `--samples` must be a multiple of the largest
+branch batch, so every branch trains exactly the same samples (auto: the smallest such multiple
+of at least one epoch).
+
+Beside the result: the noise scale B_simple the run logged nearest before the checkpoint, and the
+run's critical batch from its noise scale up to the checkpoint (launcher.advice.critical_batch).
+Writes OUT/cbs.json (default OUT: RUN_DIR/cbs-step<N>) and prints a table. Bad input: one line on
+stderr, exit 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError
+
+PROG = "launcher.cbs"
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """What the branches say: gaps per k, the largest batch within tolerance, the crossing."""
+
+    gaps: tuple[float, ...]  # (loss_k - loss_1) / loss_1; inf for a non-finite loss
+    largest: int  # the largest k x B within tolerance (every smaller k within too)
+    interpolated: float | None  # where the gap crosses the tolerance; None: never crossed
+
+
+def crossing(batch: int, ks: list[int], losses: list[float], tolerance: float) -> Crossing:
+    """PURE. `ks` ascending from 1, `losses` the branches' final eval losses."""
+    if not ks or ks[0] != 1 or sorted(set(ks)) != ks or len(ks) != len(losses):
+        raise ValueError(f"crossing: ks must ascend from 1 (got {ks}) with one loss each")
+    base = losses[0]
+    if not math.isfinite(base) or base == 0:
+        raise ValueError(f"crossing: the k=1 branch's loss {base} is not a finite nonzero value")
+    gaps = tuple((x - base) / abs(base) if math.isfinite(x) else math.inf for x in losses)
+    last = 0
+    while last + 1 < len(ks) and gaps[last + 1] <= tolerance:
+        last += 1
+    interpolated = None
+    if last + 1 < len(ks):
+        g0, g1 = gaps[last], gaps[last + 1]
+        k0, k1 = math.log(ks[last]), math.log(ks[last + 1])
+        frac = 1.0 if math.isinf(g1) else (tolerance - g0) / (g1 - g0)
+        interpolated = batch * math.exp(k0 + frac * (k1 - k0))
+    return Crossing(gaps, batch * ks[last], interpolated)
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--k={text!r}: must be integers separated by commas") from None
+    if ks[0] != 1 or any(b <= a for a, b in zip(ks, ks[1:], strict=False)):
+        raise ConfigError(f"--k={text!r}: must start at 1 and ascend, e.g. 1,2,4,8,16")
+    if len(ks) < 2:
+        raise ConfigError(f"--k={text!r}: needs at least one k above 1")
+    return ks
+
+
+def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path]:
+    """The checkpoint to branch from: `step`'s, or the newest before the end of the run."""
+    from launcher import checkpoint
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{str(run_dir)!r}: no such directory")
+    found = checkpoint.checkpoints(run_dir)
+    steps = {int(checkpoint.NAME.match(p.name).group(1)): p for p in found}
+    try:
+        end = json.loads((run_dir / "plan.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{str(run_dir)!r}: no plan.json with the run's steps") from None
+    if step is not None:
+        if step not in steps:
+            have = ", ".join(f"{s:,}" for s in sorted(steps)) or "none"
+            raise ConfigError(f"--step={step}: no checkpoint of that step (there are: {have})")
+        path = steps[step]
+    else:
+        inside = [s for s in steps if s < end]
+        if not inside:
+            raise ConfigError(
+                f"{str(run_dir)!r}: no checkpoint before the end of the run (step {end:,}), where "
+                "the LR is still up; train it with checkpoint.every_samples=N checkpoint.keep=M"
+            )
+        path = steps[max(inside)]
+    loaded = checkpoint.load(path, lambda message: None)
+    if loaded is None:
+        raise ConfigError(f"{str(path)!r}: not a usable checkpoint (digest or format)")
+    return loaded
+
+
+def branch_samples(requested: str, largest_batch: int, epoch_samples: int) -> int:
+    """The samples every branch trains: `requested`, or auto (>= one epoch)."""
+    if requested == "auto":
+        return math.ceil(epoch_samples / largest_batch) * largest_batch
+    try:
+        samples = int(requested)
+    except ValueError:
+        raise ConfigError(f"--samples={requested!r}: must be an integer or auto") from None
+    if samples <= 0 or samples % largest_batch:
+        low = samples // largest_batch * largest_batch
+        near = " or ".join(str(n) for n in (low, low + largest_batch) if n > 0)
+        raise ConfigError(
+            f"--samples={requested}: must be a positive multiple of the largest branch batch "
+            f"{largest_batch}, so every branch trains the same samples; nearest: {near}"
+        )
+    return samples
+
+
+def branch_config(
+    saved: dict,
+    batch: int,
+    out: Path,
+    checkpoint: Path,
+    stop: int,
+    cooldown: int,
+    every_epochs: float,
+    extra: list[str],
+) -> Any:
+    """The RunConfig of one branch: the checkpoint's config, resumed at `batch`, ending at
+    `stop` samples after a cooldown of `cooldown` samples, evaluated every `every_epochs` (at
+    the end only when that is the branch's length)."""
+    from omegaconf import OmegaConf
+
+    from launcher.config import to_run_config
+
+    node = copy.deepcopy(saved)
+    node |= {"global_batch": batch, "run_dir": str(out), "resume": str(checkpoint)}
+    node |= {"plan_only": False}
+    node["checkpoint"] |= {"allow_global_batch_change": True, "every_minutes": 0, "keep": 1}
+    node["checkpoint"]["every_samples"] = 0
+    node["trainer"] |= {"stop_after_samples": stop, "progress": False, "tensorboard": False}
+    node["trainer"] |= {"eval_every_epochs": every_epochs, "stop_cooldown_samples": cooldown}
+    node["trainer"]["noise_scale"] = False  # nothing to advise on: the branches are the measure
+    if extra:
+        try:
+            merged = OmegaConf.merge(OmegaConf.create(node), OmegaConf.from_dotlist(extra))
+        except Exception as exc:  # noqa: BLE001 - OmegaConf's errors: one line
+            raise ConfigError(f"branch overrides {extra}: {exc}") from None
+        node = OmegaConf.to_container(merged, resolve=True)
+    return to_run_config(node)
+
+
+def noise_beside(run_dir: Path, samples: int, batch: int) -> dict[str, float | None]:
+    """The run's logged B_simple nearest before `samples`, and its critical batch up to there."""
+    from launcher.advice import critical_batch
+    from launcher.report import read_job
+
+    try:
+        records = read_job(run_dir)[1]
+    except ConfigError:
+        return {"noise_scale_at_checkpoint": None, "run_critical_batch": None}
+    train = [r for r in records if "loss" in r and r.get("samples", math.inf) <= samples]
+    logged = [r["noise_scale"] for r in train if r.get("noise_scale") is not None]
+    estimate = critical_batch(train, batch)
+    return {
+        "noise_scale_at_checkpoint": logged[-1] if logged else None,
+        "run_critical_batch": estimate[0] if estimate else None,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line and exit 2, as the launcher does
+            raise ConfigError(message)
+
+    parser = Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder with checkpoints")
+    parser.add_argument(
+        "--step",
+        type=int,
+        help="the checkpoint's step (default: the newest before the end of the run)",
+    )
+    parser.add_argument("--k", default="1,2,4,8,16", help="batch multiples (default 1,2,4,8,16)")
+    parser.add_argument(
+        "--samples",
+        default="auto",
+        help="samples per branch (default auto: "
+        "one epoch, up to a multiple of the largest branch batch)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="relative eval-loss gap to the k=1 branch (default 0.01)",
+    )
+    parser.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.5,
+        help="share of each branch's samples its LR falls to 0 over (default 0.5)",
+    )
+    parser.add_argument("--out", type=Path, help="default RUN_DIR/cbs-step<N>")
+    parser.add_argument("overrides", nargs="*", help="launcher overrides for the branches")
+    return parser
+
+
+def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any], int, Path]:
+    """Check everything before a branch trains: (args, checkpoint state, its path, one
+    RunConfig per k, the samples per branch, the output folder)."""
+    from launcher.plan import plan_batch
+    from launcher.resume import check_optimizer
+    from launcher.topology import from_env
+
+    args = _parser().parse_args(argv)
+    ks = _parse_ks(args.k)
+    if not 0 < args.tolerance < 1:
+        raise ConfigError(f"--tolerance={args.tolerance}: must be in (0, 1)")
+    if not 0 <= args.cooldown <= 1:
+        raise ConfigError(f"--cooldown={args.cooldown}: must be in [0, 1]")
+    state, path = pick_checkpoint(args.run_dir, args.step)
+    batch, done = state["global_batch"], state["consumed_samples"]
+    saved_plan = state["plan"]
+    samples = branch_samples(args.samples, ks[-1] * batch, saved_plan["epoch_samples"])
+    stop, cooldown = done + samples, round(args.cooldown * samples)
+    if stop >= saved_plan["total_samples"]:
+        raise ConfigError(
+            f"--samples={samples}: the branches would end at sample {stop:,}, not before the run's "
+            f"end ({saved_plan['total_samples']:,}); use fewer samples or an earlier --step"
+        )
+    out = args.out or args.run_dir / f"cbs-step{state['step']}"
+    if out.exists():
+        raise ConfigError(f"--out={str(out)!r}: exists already; choose a new folder")
+    world = from_env().world_size
+    configs = []
+    for k in ks:
+        every = state["config"]["trainer"]["epochs"]  # due after the stop: the end only
+        cfg = branch_config(
+            state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, args.overrides
+        )
+        origin = (state["step"], done) if k > 1 else (0, 0)
+        plan = plan_batch(cfg, world, saved_plan["epoch_samples"], origin=origin)
+        try:
+            check_optimizer(state, plan, path)
+        except ConfigError as exc:
+            raise ConfigError(f"--k={args.k}: k={k}: {exc}") from None
+        configs.append((k, cfg, plan.lr))
+    return args, state, path, configs, samples, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, state, path, configs, samples, out = prepare(argv)
+        result = run_branches(args, state, path, configs, samples, out)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if "torch" in sys.modules:
+            from launcher.backends import teardown
+
+            teardown()
+    if result is not None:
+        print(format_result(result), flush=True)
+    return 0
+
+
+def run_branches(args, state, path, configs, samples, out) -> dict | None:  # noqa: ANN001
+    """Train every branch; rank 0 writes OUT/cbs.json and gets the result (others: None)."""
+    import os
+
+    from launcher.job import execute
+    from launcher.topology import from_env, slurm_env
+
+    os.environ.update(slurm_env(os.environ))
+    launched = from_env()
+    batch = state["global_batch"]
+    losses, rows = [], []
+    for k, cfg, lr in configs:
+        final = execute(cfg, launched, out / f"k{k}")
+        losses.append(final["eval_loss"])
+        rows.append({"k": k, "global_batch": k * batch, "lr": lr, "eval_loss": final["eval_loss"]})
+        if "eval_accuracy" in final:
+            rows[-1]["eval_accuracy"] = final["eval_accuracy"]
+    if launched.rank != 0:
+        return None
+    found = crossing(batch, [k for k, _, _ in configs], losses, args.tolerance)
+    for row, gap in zip(rows, found.gaps, strict=True):
+        row["gap"] = gap
+    result = {
+        "run_dir": str(args.run_dir),
+        "checkpoint": str(path),
+        "step": state["step"],
+        "consumed_samples": state["consumed_samples"],
+        "global_batch": batch,
+        "branch_samples": samples,
+        "samples_trained": samples * len(configs),
+        "tolerance": args.tolerance,
+        "cooldown_samples": round(args.cooldown * samples),
+        "branches": rows,
+        "critical_batch": found.largest,
+        "interpolated": found.interpolated,
+        **noise_beside(args.run_dir, state["consumed_samples"], batch),
+    }
+    (out / "cbs.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_result(r: dict) -> str:
+    """The branches as a table, then the critical batch and the noise scale beside it."""
+    lines = [
+        f"critical batch, measured by branching (Merrill et al. 2025) from {r['checkpoint']} "
+        f"(step {r['step']:,}, {r['consumed_samples']:,} samples, global batch "
+        f"{r['global_batch']:,}): each branch trains the next {r['branch_samples']:,} samples",
+        f"  {'k':>4} {'global batch':>13} {'lr':>10} {'eval loss':>10} {'gap':>8}",
+    ]
+    for b in r["branches"]:
+        mark = "" if b["gap"] <= r["tolerance"] else "  > tolerance"
+        lines.append(
+            f"  {b['k']:>4} {b['global_batch']:>13,} {b['lr']:>10.4g} {b['eval_loss']:>10.4f} "
+            f"{b['gap']:>+8.2%}{mark}"
+        )
+    crossed = r["interpolated"]
+    where = (
+        f"; the gap crosses {r['tolerance']:.1%} at ~{crossed:,.0f} (log-linear in k)"
+        if crossed is not None
+        else f"; every branch stayed within {r['tolerance']:.1%}: it is at least this"
+    )
+    lines.append(
+        f"  critical batch here: {r['critical_batch']:,} (the largest k x B within "
+        f"{r['tolerance']:.1%} of k=1's eval loss){where}"
+    )
+    at, run = r["noise_scale_at_checkpoint"], r["run_critical_batch"]
+    lines.append(
+        "  noise scale beside it: B_simple "
+        + (f"{at:,.0f}" if at is not None else "not logged")
+        + " at the checkpoint, the run's critical batch up to it "
+        + (f"{run:,.0f}" if run is not None else "not measured")
+        + f"; the branches trained {r['samples_trained']:,} samples in all"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
