@@ -708,11 +708,19 @@ class CheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class RampConfig:
     start_batch: int | None = None
-    """first global batch of a ramp-up that doubles the batch in equal stages (in samples) up to
-    global_batch; null = no ramp-up"""
+    """first global batch of a ramp-up that doubles the batch up to global_batch; null = none"""
     samples: int = 0
-    """samples the ramp-up lasts: each doubling gets an equal share, and a stage ends at the first
-    step boundary at or after its share"""
+    """fixed mode: samples the ramp-up lasts: each doubling gets an equal share, and a stage ends
+    at the first step boundary at or after its share"""
+    mode: Literal["fixed", "adaptive"] = "fixed"
+    """fixed: doublings on the ramp.samples schedule; adaptive: the batch grows when the measured
+    gradient noise scale says it pays (launcher/adaptive.py)"""
+    noise_factor: float = 1.0
+    """adaptive: grow to the largest doubling <= B_simple / noise_factor (McCandlish et al. 2018:
+    the most efficient batch is near the noise scale)"""
+    min_steps: int = 100
+    """adaptive: optimizer steps at a batch before it may grow (the noise-scale estimate needs
+    measurements: with one micro-batch on one rank every noise_split_every-th step is one)"""
 
     def __post_init__(self) -> None:
         _require(
@@ -722,12 +730,27 @@ class RampConfig:
             "must be a positive integer or null",
         )
         _require(self.samples >= 0, "ramp.samples", self.samples, "must be >= 0")
+        fixed = self.mode == "fixed"
         _require(
-            self.start_batch is None or self.samples > 0,
+            self.start_batch is None or not fixed or self.samples > 0,
             "ramp.samples",
             self.samples,
-            "must be > 0 when ramp.start_batch is set",
+            "must be > 0 when ramp.start_batch is set (ramp.mode=fixed)",
         )
+        _require(
+            fixed or self.samples == 0,
+            "ramp.samples",
+            self.samples,
+            "applies to ramp.mode=fixed only; the adaptive ramp decides by the noise scale (0)",
+        )
+        _require(
+            fixed or self.start_batch is not None,
+            "ramp.mode",
+            self.mode,
+            "adaptive needs ramp.start_batch (the batch it starts from)",
+        )
+        _require(self.noise_factor > 0, "ramp.noise_factor", self.noise_factor, "must be > 0")
+        _require(self.min_steps > 0, "ramp.min_steps", self.min_steps, "must be > 0")
 
 
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+(:\d{2}){0,2}$")

@@ -24,8 +24,10 @@ def plan_for(
     epoch: tuple[int, str] | None = None,
     memory: dict | None = None,
     origin: tuple[int, int] = (0, 0),
+    stage: tuple | None = None,
 ) -> tuple[Topology, BatchPlan]:
-    """Topology and plan; the epoch size is the data config's declared one unless given."""
+    """Topology and plan; the epoch size is the data config's declared one unless given.
+    `stage`: an adaptive ramp's batch, origin and history (plan_batch)."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
     samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
     c = cfg.cluster
@@ -43,6 +45,7 @@ def plan_for(
         world_source=where,
         memory=memory,
         origin=origin,
+        stage=stage,
     )
     check_backend(cfg, plan, topology.device)
     return topology, plan
@@ -304,10 +307,11 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
     warn = print_error if topology.rank == 0 else lambda _: None
     found = resume.find(cfg, run_dir, warn) if plan.checkpoints else None
-    origin = (0, 0)
+    origin, stage = (0, 0), None
     if found is not None:
         origin = resume.check(cfg, *found)
-        _, plan = plan_for(cfg, launched, epoch, origin=origin)
+        stage = resume.adaptive_stage(cfg, found[0])
+        _, plan = plan_for(cfg, launched, epoch, origin=origin, stage=stage)
         resume.check_optimizer(found[0], plan, found[1])
     elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
         if (run_dir / "model_final.pt").exists():
@@ -330,7 +334,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         _, report = measured_cap(
             cfg, splits.spec, plan, str(backend.device), topology.local_world_size, backend.all_min
         )
-        _, plan = plan_for(cfg, launched, epoch, report, origin)  # probing kept our RNG state
+        _, plan = plan_for(cfg, launched, epoch, report, origin, stage)  # RNG state kept
     else:  # the probe's steps would have checked that model, data and loss fit together
         from launcher.probe import check_fit
 
@@ -390,11 +394,12 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         train_s=progress.get("train_s", 0.0),
         trackers=open_trackers(cfg, run_dir, dataclasses.asdict(plan)) if main else None,
     )
-    meter = None
+    from launcher.plan import noise_window_samples
+
+    meter, window = None, noise_window_samples(cfg, plan.epoch_samples)
     if plan.noise != "off":
         from launcher.noise_meter import NoiseMeter
 
-        window = cfg.trainer.noise_window * plan.total_samples
         meter = NoiseMeter(backend, window, cfg.trainer.noise_split_every)
         if "noise" in progress:
             meter.load_state_dict(progress["noise"])
@@ -461,6 +466,27 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
 
             record_oom(cfg, splits.spec, old, str(backend.device), report, old.micro_batch)
 
+    def grow(step: int, current: BatchPlan, noise: float | None) -> BatchPlan | None:
+        """The adaptive ramp's decision at a log step (rank 0's), and the plan it leads to."""
+        from launcher.adaptive import decide, event
+
+        factor, steps = cfg.ramp.noise_factor, step - current.origin_step
+        batch = decide(
+            current.global_batch, cfg.global_batch, noise, steps, cfg.ramp.min_steps, factor
+        )
+        batch = backend.flags(batch or 0)[0]
+        if not batch:
+            return None
+        before = (current.origin_step, current.origin_samples, current.global_batch)
+        stage = (batch, step, current.samples_at(step), (*current.grown, before))
+        _, larger = plan_for(cfg, launched, epoch, report, stage=stage)
+        record, line = event(current, larger, noise, factor)
+        sink.log(record)
+        if main:
+            print(line, flush=True)
+            write_plan_files(run_dir, cfg, larger, topology.device)
+        return larger
+
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)  # the probe steps are not training
     try:
@@ -481,6 +507,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             after_step=after_step,
             meter=meter,
             loss_fn=loss_fn,
+            grow=grow if cfg.ramp.mode == "adaptive" else None,
         )
         final = {"final": True, "step": plan.end_step}
         if plan.stop_step is not None:  # ended early: resuming without the stop trains on

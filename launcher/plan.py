@@ -50,6 +50,8 @@ class BatchPlan:
     origin_step: int = 0
     origin_samples: int = 0
     ramp: tuple[BatchPlan, ...] = ()
+    grown: tuple[tuple[int, int, int], ...] = ()  # adaptive ramp: earlier (step, samples, batch)
+    adaptive_cap: int = 0  # adaptive ramp: the largest batch it may grow to (0: not adaptive)
     budget: str = "-"  # enough / SHORT / ? against an earlier run (launcher/prior.py), - none
     stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
     cooldown: tuple[int, int] = ()  # (from, to) samples: the LR falls linearly to 0 before a stop
@@ -69,6 +71,9 @@ class BatchPlan:
         resume)."""
         if step < self.origin_step and self.ramp:
             return self.at(step).samples_at(step)
+        if step < self.origin_step and self.grown:  # an adaptive ramp's earlier batches
+            start, samples, batch = next(g for g in reversed(self.grown) if g[0] <= step)
+            return samples + (step - start) * batch
         return self.origin_samples + (step - self.origin_step) * self.global_batch
 
     def step_reaching(self, samples: int) -> int:
@@ -369,6 +374,12 @@ def noise_measurement(
     return mode, why
 
 
+def noise_window_samples(cfg: RunConfig, epoch_samples: int) -> float:
+    """The noise-scale averages' time constant in samples: trainer.noise_window x the run's
+    epochs x epoch size (not the plan's rounded total, which moves with the batch)."""
+    return cfg.trainer.noise_window * float(Fraction(repr(cfg.trainer.epochs)) * epoch_samples)
+
+
 def split_for(
     cfg: RunConfig, global_batch: int, world_size: int, memory: dict | None, recover: bool
 ) -> tuple[int, int, str, dict[str, str]]:
@@ -395,6 +406,7 @@ def plan_batch(
     world_source: str = " processes",
     memory: dict | None = None,
     origin: tuple[int, int] = (0, 0),
+    stage: tuple[int, int, int, tuple] | None = None,
 ) -> BatchPlan:
     """The whole plan for one run. Raises ConfigError on anything that does not fit exactly.
 
@@ -402,8 +414,15 @@ def plan_batch(
     the device memory allows; None when memory was not probed. `origin` = (step, samples)
     already done with another global batch (a global batch changed on resume). With a ramp-up
     (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
-    global_batch takes over.
+    global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
+    `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
     """
+    if cfg.ramp.mode == "adaptive":
+        from launcher.adaptive import stage_plan
+
+        args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory, (0, 0))
+        at = stage or (cfg.ramp.start_batch, 0, 0, ())
+        return _stopping(cfg, stage_plan(cfg, _plan(*args), *at, memory))
     return _stopping(
         cfg, _ramped(cfg, world_size, epoch_samples, epoch_source, world_source, memory, origin)
     )
@@ -698,6 +717,7 @@ def format_plan(plan: BatchPlan) -> str:
         "checkpoints": "on" if plan.checkpoints else "off",
         "noise_scale": plan.noise,
         "ramp": f"{plan.ramp[0].global_batch}->{plan.global_batch}" if plan.ramp else "-",
+        **({"ramp": f"adaptive<={plan.adaptive_cap}"} if plan.adaptive_cap else {}),
         "tokens_per_batch": f"{plan.global_batch * plan.sample_tokens:,}",
     }
     rows = [

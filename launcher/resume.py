@@ -109,7 +109,8 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     ramp_end = origin[0] if state["plan"].get("ramp") else 0
     if ramp_end:  # the same ramp-up (compared below): plan_batch makes the same stages again
         origin = (0, 0)
-    if state["global_batch"] != cfg.global_batch:
+    adaptive = cfg.ramp.mode == "adaptive"  # its batch is the checkpoint's (adaptive_stage)
+    if state["global_batch"] != cfg.global_batch and not adaptive:
         if not cfg.checkpoint.allow_global_batch_change:
             raise ConfigError(
                 f"global_batch={cfg.global_batch}: {path} was trained with global batch "
@@ -137,6 +138,16 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
                 "resume with the same settings, or resume=never to start over"
             )
     return origin
+
+
+def adaptive_stage(cfg: RunConfig, state: dict[str, Any]) -> tuple | None:
+    """An adaptive ramp's (batch, origin step, origin samples, earlier stages) in the checkpoint,
+    which the plan continues from; None for other runs."""
+    if cfg.ramp.mode != "adaptive":
+        return None
+    p = state["plan"]
+    grown = tuple(tuple(int(v) for v in g) for g in p.get("grown", ()))
+    return state["global_batch"], p["origin_step"], p["origin_samples"], grown
 
 
 def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:

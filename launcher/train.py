@@ -214,6 +214,7 @@ def fit(
     after_step: Callable[[int, BatchPlan], None] | None = None,
     meter: NoiseMeter | None = None,
     loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
+    grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.end_step` (`plan.steps`, or an early stop); returns the
     final evaluation and the final plan.
@@ -222,7 +223,10 @@ def fit(
     loss (launcher/loss.py); evaluation uses it without label smoothing.
 
     A ramp-up (plan.ramp) trains each stage's steps with its batch, micro-batch and LR, then
-    re-plans the backend and the sample stream at the next stage's first step.
+    re-plans the backend and the sample stream at the next stage's first step. An adaptive ramp
+    (launcher/adaptive.py): after each log step `grow(step, plan, noise scale)` may return the
+    plan of a larger batch from there on (a collective: every rank calls it at the same steps);
+    it takes over before `after_step`, so a checkpoint of that step holds it.
 
     With `oom_recovery`, an out-of-memory error on any rank drops the partial step on every rank,
     halves the micro-batch, doubles the accumulation and reruns the same samples: the global
@@ -279,7 +283,8 @@ def fit(
                 continue
         step += 1
         samples = current.samples_at(step)
-        if step % log_every == 0 or step == end:
+        logged, noise = step % log_every == 0 or step == end, None
+        if logged:
             record = {
                 "step": step,
                 "samples": samples,
@@ -290,7 +295,9 @@ def fit(
                 "samples_per_s": sink.samples_per_second(samples - first),
                 "train_s": sink.train_seconds(),
             }
-            sink.log(record | (meter.flush() if meter is not None else {}))
+            measured = meter.flush() if meter is not None else {}
+            noise = measured.get("noise_scale")
+            sink.log(record | measured)
         if samples >= next_eval or step == end:
             _pause(sink, backend)
             result = evaluate(model, eval_batches(current), backend, dtype, plain)
@@ -298,6 +305,13 @@ def fit(
             sink.log({"step": step, "samples": samples, **result, "train_s": sink.train_seconds()})
             next_eval = (samples // eval_every_samples + 1) * eval_every_samples
         sink.advance()
+        if grow is not None and logged and step < end:
+            larger = grow(step, current, noise)
+            if larger is not None:
+                plan = current = larger
+                end = plan.end_step
+                backend.replan(model, current)
+                batches = iter(batches_from(current, step))
         if after_step is not None:
             after_step(step, plan)
     if not result:  # resumed from the final checkpoint: nothing left to train
