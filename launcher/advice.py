@@ -21,6 +21,7 @@ is the candidate (W x 2^k, and the run's) with the highest goodput.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -81,15 +82,20 @@ def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
     num = den = 0.0
     points = 0
     for r in records:
-        if r.get("grad_sq") is None or r.get("grad_trace") is None:
-            continue
-        b, g, t = r.get("global_batch", batch), max(r["grad_sq"], 0.0), r["grad_trace"]
-        if b * g + t <= 0:
-            continue
-        num += b * t / (b * g + t)
-        den += b * g / (b * g + t)
-        points += 1
+        terms = progress_terms(r, batch)
+        if terms is not None:
+            num, den, points = num + terms[0], den + terms[1], points + 1
     return (num / den, points) if den > 0 else None
+
+
+def progress_terms(r: dict, batch: int) -> tuple[float, float] | None:
+    """One log line's (w phi, w) for critical_batch, or None when it has no usable estimate."""
+    if r.get("grad_sq") is None or r.get("grad_trace") is None:
+        return None
+    b, g, t = r.get("global_batch", batch), max(r["grad_sq"], 0.0), r["grad_trace"]
+    if b * g + t <= 0:
+        return None
+    return b * t / (b * g + t), b * g / (b * g + t)
 
 
 def seconds_per_step(train: list[dict], batch: int) -> float | None:
@@ -220,3 +226,27 @@ def format_advice(a: Advice) -> str:
             mark = f"{need:>14.3g}{short}{mark}"
         lines.append(f"  {batch:>14,} {micro:>7,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{mark}")
     return "\n".join(lines)
+
+
+def next_run(
+    a: Advice, lr: float, why_lr: str, cap: int | None, devices_per_node: int | None
+) -> str:
+    """A plain sentence: the batch to train next, its LR, and how it lays out on devices."""
+    b, w = a.recommended, a.world_size
+    now = " (as now)" if b == a.global_batch else f" instead of {a.global_batch:,}"
+    text = f"  next: train at global_batch={b:,}{now}: lr {lr:.4g} ({why_lr}; the plan sets it)"
+    if a.to_target:
+        need = dict(zip((r[0] for r in a.rows), a.to_target, strict=True)).get(b)
+        if need is not None and need > a.epochs * (1 + 1e-9):
+            text += f", and train >= {need:.3g} epochs to reach {a.target}"
+    if cap:
+        per = b // w
+        devices = math.ceil(b / cap)
+        text += f"; on {w} device(s) that is {per:,} samples each"
+        text += (
+            f" (accumulation {math.ceil(per / cap)} at the memory cap {cap:,})" if per > cap else ""
+        )
+        if devices > w:
+            nodes = f" = {math.ceil(devices / devices_per_node)} node(s) of {devices_per_node}"
+            text += f"; {devices} devices{nodes if devices_per_node else ''} would need none"
+    return text

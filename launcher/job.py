@@ -538,18 +538,21 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
             flush=True,
         )
-        print_advice(run_dir, plan, cfg.target_accuracy)
+        print_advice(run_dir, plan, cfg)
     return {**result, "run_dir": str(run_dir)}
 
 
-def print_advice(run_dir: Path, plan: BatchPlan, target_accuracy: float | None = None) -> None:
-    """The batch-size advice from the run's metrics (launcher/advice.py), or why there is none."""
+def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
+    """The batch-size advice from the run's metrics (launcher/advice.py), or why there is none;
+    the run's ramp decisions, loss spikes and branched probes (launcher/history.py); the next
+    run in a sentence."""
     from launcher.advice import advise, format_advice
+    from launcher.history import format_history, probes
     from launcher.prior import from_records
     from launcher.report import read_job
 
     records = read_job(run_dir)[1]
-    own = from_records(run_dir, plan.global_batch, records, target_accuracy)
+    own = from_records(run_dir, plan.global_batch, records, cfg.target_accuracy)
     reached = (own.target, own.samples) if own is not None and own.samples else None
     advice = advise(records, dataclasses.asdict(plan), reached)
     if advice is None:
@@ -557,3 +560,21 @@ def print_advice(run_dir: Path, plan: BatchPlan, target_accuracy: float | None =
         print(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
     else:
         print(format_advice(advice), flush=True)
+    lines = format_history(records, probes(run_dir))
+    if advice is not None:
+        lines.append(next_sentence(cfg, advice, plan.memory.get("cap")))
+    if lines:
+        print("\n".join(lines), flush=True)
+
+
+def next_sentence(cfg: RunConfig, advice: Any, cap: int | None) -> str:
+    """advice.next_run with the LR the plan would give the recommended batch."""
+    from launcher.advice import next_run
+    from launcher.plan import choose_optimizer, scale_lr
+
+    batch = advice.recommended
+    optimizer = choose_optimizer(cfg.optim, batch)[0]
+    lr, rule, _ = scale_lr(cfg.optim, batch, optimizer)
+    per_node = cfg.cluster.devices_per_node
+    per_node = per_node if isinstance(per_node, int) else None
+    return next_run(advice, lr, f"{optimizer}, the {rule} rule", cap, per_node)

@@ -44,6 +44,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -434,16 +435,22 @@ def plot_report(summary: Summary, path: Path) -> None:
 # command line
 
 
-def print_run_advice(run_dir: Path, target: float | None) -> int:
-    """One run's folder: print its advice (what the run printed at its end), write nothing.
-    `target`: the eval accuracy its epochs-to-target column counts to (None: the run's own
-    final eval loss)."""
+def print_run_advice(run_dir: Path, target: float | None, out: Path | None) -> int:
+    """One run's folder: print its advice (what the run printed at its end) with its ramp
+    decisions, loss spikes and branched probes; write training.png (noise scale and critical
+    batch over training, the batch over samples) to `out` (default: the run's folder).
+    `target`: the eval accuracy its epochs-to-target column counts to (None: the run's
+    target_accuracy, else its own final eval loss)."""
+    from launcher.history import format_history, probes
     from launcher.prior import from_records
 
     plan, records = read_job(run_dir)
     missing = [k for k in ADVICE_KEYS if not isinstance(plan.get(k), int)]
     if missing:
         raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer {missing[0]})")
+    cfg = _run_config(run_dir)
+    if target is None and cfg is not None:
+        target = cfg.target_accuracy
     own = from_records(run_dir, plan["global_batch"], records, target)
     reached = (own.target, own.samples) if own is not None and own.samples else None
     advice = advise(records, plan, reached)
@@ -452,8 +459,71 @@ def print_run_advice(run_dir: Path, target: float | None) -> int:
             f"{str(run_dir)!r}: no batch-size advice: the run logged no noise scale or step "
             "timing (trainer.noise_scale=false, backend=deepspeed, or too few steps)"
         )
-    print(format_advice(advice), flush=True)
+    found = probes(run_dir)
+    lines = [format_advice(advice), *format_history(records, found)]
+    if cfg is not None:
+        from launcher.job import next_sentence
+
+        memory = plan.get("memory") or {}
+        lines.append(next_sentence(cfg, advice, memory.get("cap")))
+    out = out or run_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out={str(out)!r}: not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    plot_run(records, plan, found, out / "training.png")
+    print("\n".join(lines), f"written: {out / 'training.png'}", sep="\n", flush=True)
     return 0
+
+
+def _run_config(run_dir: Path) -> Any:
+    """The run's RunConfig from its config.yaml, or None where it cannot be read back."""
+    import yaml
+
+    from launcher.config import to_run_config
+
+    try:
+        return to_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ConfigError, TypeError, KeyError):
+        return None
+
+
+def plot_run(records: list[dict], plan: dict, found: list[dict], path: Path) -> None:
+    """training.png: B_simple and the running critical batch over the run's samples (with the
+    branched probes' critical batches), and the global batch over samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from launcher.history import batch_over_samples, noise_over_training
+
+    batch = plan["global_batch"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
+    noise = noise_over_training(records, batch)
+    if noise:
+        x, phi, crit = zip(*noise, strict=True)
+        top.plot(x, phi, ".", alpha=0.35, label="B_simple (moving average, logged)")
+        top.plot(x, crit, "-", label="critical batch of the run so far")
+    for p in found:
+        label = "branched probe (launcher.cbs)" if p is found[0] else None
+        top.plot(p["consumed_samples"], p["critical_batch"], "s", color="C3", label=label)
+        if p.get("interpolated"):
+            top.plot(p["consumed_samples"], p["interpolated"], "x", color="C3")
+    top.set_yscale("log")
+    top.set_ylabel("batch (samples)")
+    top.grid(True, which="both", alpha=0.3)
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize="small")
+    steps = batch_over_samples(records, batch)
+    if steps:
+        bottom.step(*zip(*steps, strict=True), where="post")
+    bottom.set_yscale("log", base=2)
+    bottom.set_ylabel("global batch")
+    bottom.set_xlabel("samples trained")
+    bottom.grid(True, which="both", alpha=0.3)
+    fig.suptitle("noise scale, critical batch and global batch over the run")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -478,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.target is not None and not 0 < args.target < 1:
             raise ConfigError(f"--target={args.target}: must be in (0, 1)")
         if (args.sweep_dir / "plan.json").is_file():  # one run: its batch-size advice
-            return print_run_advice(args.sweep_dir, args.target)
+            return print_run_advice(args.sweep_dir, args.target, args.out)
         target = 0.95 if args.target is None else args.target
         jobs = [summarize_job(d.name, *read_job(d), target) for d in find_jobs(args.sweep_dir)]
         summary = summarize_sweep(jobs, target)

@@ -271,6 +271,8 @@ def test_report_of_a_real_sweep(tmp_path: Path, data_cache: str) -> None:
     one = report(["sweep/1"], tmp_path)  # one run's folder: the advice it printed at its end
     assert one.returncode == 0, one.stderr
     assert "recommended global batch:" in one.stdout and "(now 64)" in one.stdout
+    assert "next: train at global_batch=" in one.stdout  # the plain sentence
+    assert (tmp_path / "sweep" / "1" / "training.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_several_runs_per_batch_count_by_their_median() -> None:
