@@ -25,7 +25,7 @@ import math
 from fractions import Fraction
 
 from launcher.config import ConfigError, RunConfig
-from launcher.plan import BatchPlan, _fmt, ramp_batches, scale_lr, split_for
+from launcher.plan import BatchPlan, _fmt, ramp_batches, scaled_stage
 
 
 def decide(
@@ -66,29 +66,20 @@ def stage_plan(
             "ramp.mode=adaptive: decides by the measured noise scale, which needs "
             "trainer.noise_scale=true and a backend whose gradients the loop sees (not deepspeed)"
         )
-    world = steady.world_size
-    try:
-        micro, accum, noise, why = split_for(cfg, batch, world, memory, steady.oom_recovery)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"ramp.start_batch={cfg.ramp.start_batch}: batch {batch}: {exc}"
-        ) from None
-    if noise == "off":
-        raise ConfigError(
-            f"ramp.start_batch={cfg.ramp.start_batch}: the adaptive ramp needs the noise scale "
-            f"measured at batch {batch}, and it is {why['noise_scale']}; start from a larger batch"
-        )
-    lr = scale_lr(cfg.optim, batch, steady.optimizer)[0]
-    r = lr / steady.lr
     total_exact = Fraction(repr(cfg.trainer.epochs)) * steady.epoch_samples
     steps = origin_step + max(math.ceil((total_exact - origin_samples) / batch), 0)
+    stage = scaled_stage(cfg, steady, batch, memory, (origin_step, origin_samples), steps)
+    if stage.noise == "off":
+        raise ConfigError(
+            f"ramp.start_batch={cfg.ramp.start_batch}: the adaptive ramp needs the noise scale "
+            f"measured at batch {batch}, and it is {stage.reasons['noise_scale']}; start from a "
+            "larger batch"
+        )
     history = "; ".join(f"{b} from step {s:,} (sample {n:,})" for s, n, b in grown)
-    reasons = steady.reasons | why
-    reasons |= {
+    reasons = stage.reasons | {
         "global_batch": f"{batch}: the adaptive ramp's batch now (global_batch {cfg.global_batch} "
         "is its cap)",
-        "lr": f"{_fmt(lr)} = {_fmt(steady.lr)} x {_fmt(r)} (scaling rule at batch {batch}; "
-        f"{steady.reasons['lr']} at the cap)",
+        "lr": f"{stage.reasons['lr']}; at the cap {steady.reasons['lr']}",
         "steps": f"{steps:,} if the batch stays {batch}: {origin_step:,} steps ({origin_samples:,} "
         f"samples) before it + ceil(({_fmt(cfg.trainer.epochs)} epochs x "
         f"{steady.epoch_samples:,} - {origin_samples:,}) / {batch}); fewer as it grows",
@@ -100,21 +91,7 @@ def stage_plan(
         + (f"; so far: {history}; {batch} from step {origin_step:,}" if grown else ""),
     }
     return dataclasses.replace(
-        steady,
-        global_batch=batch,
-        per_device_batch=batch // world,
-        micro_batch=micro,
-        accumulation=accum,
-        noise=noise,
-        lr=lr,
-        warmup_start_lr=steady.warmup_start_lr * r,
-        end_lr=steady.end_lr * r,
-        origin_step=origin_step,
-        origin_samples=origin_samples,
-        steps=steps,
-        grown=tuple(tuple(g) for g in grown),
-        adaptive_cap=cfg.global_batch,
-        reasons=reasons,
+        stage, grown=tuple(tuple(g) for g in grown), adaptive_cap=cfg.global_batch, reasons=reasons
     )
 
 

@@ -1,7 +1,7 @@
 """The critical batch, measured directly: short branches from a checkpoint at k x its batch.
 
     python -m launcher.cbs RUN_DIR [--step N] [--k 1,2,4,8,16] [--samples N|auto]
-        [--tolerance 0.01] [--out DIR] [-- launcher overrides for the branches]
+        [--tolerance 0.05] [--out DIR] [-- launcher overrides for the branches]
 
 The gradient noise scale rests on strong assumptions (a quadratic loss, the optimal step size for
 every batch; Merrill et al. 2025, "Critical Batch Size Revisited"). This asks the training
@@ -212,8 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tolerance",
         type=float,
-        default=0.01,
-        help="relative eval-loss gap to the k=1 branch (default 0.01)",
+        default=0.05,
+        help="relative eval-loss gap to the k=1 branch (default 0.05: on MNIST-1D branches "
+        "below the critical batch differ by up to ~5-15%% from the chaos of training alone)",
     )
     parser.add_argument(
         "--cooldown",

@@ -417,15 +417,13 @@ def plan_batch(
     global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
     `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
     """
+    args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
         from launcher.adaptive import stage_plan
 
-        args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory, (0, 0))
         at = stage or (cfg.ramp.start_batch, 0, 0, ())
-        return _stopping(cfg, stage_plan(cfg, _plan(*args), *at, memory))
-    return _stopping(
-        cfg, _ramped(cfg, world_size, epoch_samples, epoch_source, world_source, memory, origin)
-    )
+        return _stopping(cfg, stage_plan(cfg, _plan(*args, (0, 0)), *at, memory))
+    return _stopping(cfg, _ramped(args, origin))
 
 
 def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
@@ -464,17 +462,10 @@ def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
     )
 
 
-def _ramped(
-    cfg: RunConfig,
-    world_size: int,
-    epoch_samples: int,
-    epoch_source: str,
-    world_source: str,
-    memory: dict | None,
-    origin: tuple[int, int],
-) -> BatchPlan:
-    """plan_batch before the early stop: the ramp-up's stages, then global_batch."""
-    args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
+def _ramped(args: tuple, origin: tuple[int, int]) -> BatchPlan:
+    """plan_batch before the early stop (`args`: its first six): a fixed ramp-up's stages, then
+    global_batch."""
+    cfg, _, epoch_samples, _, _, memory = args
     if cfg.ramp.start_batch is None:
         return _plan(*args, origin)
     batches = ramp_batches(cfg)
@@ -529,38 +520,52 @@ def ramp_stages(
     and samples (origin_step/origin_samples to steps), and the steady plan's LR curve scaled by
     the scaling rule's lr(stage batch) / lr(global_batch): same optimizer, warmup and decay."""
     share = Fraction(cfg.ramp.samples, len(batches))
-    world, stages, step, samples = steady.world_size, [], 0, 0
+    stages, step, samples = [], 0, 0
     for k, b in enumerate(batches):
         n = max(math.ceil((share * (k + 1) - samples) / b), 0)
         if n == 0:
             continue
-        try:
-            micro, accum, noise, why = split_for(cfg, b, world, memory, steady.oom_recovery)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"ramp.start_batch={cfg.ramp.start_batch}: the stage at global batch {b}: {exc}"
-            ) from None
-        lr = scale_lr(cfg.optim, b, steady.optimizer)[0]
-        r = lr / steady.lr
-        why["lr"] = f"{_fmt(lr)} = {_fmt(steady.lr)} x {_fmt(r)} (scaling rule at batch {b})"
-        stage = dataclasses.replace(
-            steady,
-            global_batch=b,
-            per_device_batch=b // world,
-            micro_batch=micro,
-            accumulation=accum,
-            noise=noise,
-            lr=lr,
-            warmup_start_lr=steady.warmup_start_lr * r,
-            end_lr=steady.end_lr * r,
-            origin_step=step,
-            origin_samples=samples,
-            steps=step + n,
-            reasons=steady.reasons | why,
-        )
-        stages.append(stage)
+        stages.append(scaled_stage(cfg, steady, b, memory, (step, samples), step + n))
         step, samples = step + n, samples + n * b
     return tuple(stages)
+
+
+def scaled_stage(
+    cfg: RunConfig,
+    steady: BatchPlan,
+    batch: int,
+    memory: dict | None,
+    origin: tuple[int, int],
+    steps: int,
+) -> BatchPlan:
+    """A ramp's stage at `batch` from `origin` (step, samples) to `steps`: its batch split for
+    the steady plan's world size and caps, the steady plan's optimizer and schedule, its LR curve
+    x the scaling rule's lr(batch) / lr(global_batch)."""
+    world = steady.world_size
+    try:
+        micro, accum, noise, why = split_for(cfg, batch, world, memory, steady.oom_recovery)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"ramp.start_batch={cfg.ramp.start_batch}: the stage at global batch {batch}: {exc}"
+        ) from None
+    lr = scale_lr(cfg.optim, batch, steady.optimizer)[0]
+    r = lr / steady.lr
+    why["lr"] = f"{_fmt(lr)} = {_fmt(steady.lr)} x {_fmt(r)} (scaling rule at batch {batch})"
+    return dataclasses.replace(
+        steady,
+        global_batch=batch,
+        per_device_batch=batch // world,
+        micro_batch=micro,
+        accumulation=accum,
+        noise=noise,
+        lr=lr,
+        warmup_start_lr=steady.warmup_start_lr * r,
+        end_lr=steady.end_lr * r,
+        origin_step=origin[0],
+        origin_samples=origin[1],
+        steps=steps,
+        reasons=steady.reasons | why,
+    )
 
 
 def _plan(
