@@ -52,6 +52,7 @@ class BatchPlan:
     ramp: tuple[BatchPlan, ...] = ()
     grown: tuple[tuple[int, int, int], ...] = ()  # adaptive ramp: earlier (step, samples, batch)
     adaptive_cap: int = 0  # adaptive ramp: the largest batch it may grow to (0: not adaptive)
+    clip_grad_norm: float = 0.0  # optim.clip_grad_norm (0: off)
     budget: str = "-"  # enough / SHORT / ? against an earlier run (launcher/prior.py), - none
     stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
     cooldown: tuple[int, int] = ()  # (from, to) samples: the LR falls linearly to 0 before a stop
@@ -269,6 +270,24 @@ def weight_decay(optim: OptimConfig, swapped: bool) -> tuple[float, str]:
     if swapped and optim.large_batch.weight_decay != "same":
         return optim.large_batch.weight_decay, "optim.large_batch.weight_decay"
     return optim.weight_decay, "optim.weight_decay"
+
+
+CLIP_ADVISED_AT = 8  # batch / ref_batch from which an unclipped plan says what was measured
+
+
+def clipping(clip: float, scale: float) -> str:
+    """The reason of the clip_grad_norm row; off at a batch CLIP_ADVISED_AT x the reference or
+    more, it says what unclipped training did at 16x on MNIST-1D."""
+    if clip:
+        return f"the global gradient norm is clipped to {_fmt(clip)} before each step"
+    why = "off (optim.clip_grad_norm=0)"
+    if scale >= CLIP_ADVISED_AT:
+        why += (
+            f"; the batch is {_fmt(scale)}x optim.ref_batch: on MNIST-1D at 16x with the linear "
+            "rule 3 of 8 seeds failed unclipped, none with optim.clip_grad_norm=1.0 "
+            "(bench/README.md); consider it"
+        )
+    return why
 
 
 def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
@@ -596,6 +615,7 @@ def _plan(
     lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb, optimizer)
     decay_wd, wd_source = weight_decay(cfg.optim, swapped)
     reasons["weight_decay"] = f"{_fmt(decay_wd)} ({wd_source}; none on norm and bias parameters)"
+    reasons["clip_grad_norm"] = clipping(cfg.optim.clip_grad_norm, gb / cfg.optim.ref_batch)
 
     sched: ScheduleConfig = cfg.schedule
     decay, power = sched.decay, sched.power
@@ -662,6 +682,7 @@ def _plan(
         base_lr=base_lr,
         lr=lr,
         weight_decay=decay_wd,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
         warmup_samples=warmup,
         warmup_start_lr=start,
         decay=decay,
@@ -694,6 +715,7 @@ TABLE_ROWS = (
     "optimizer",
     "lr",
     "weight_decay",
+    "clip_grad_norm",
     "warmup_samples",
     "decay",
     "epoch_samples",
@@ -714,6 +736,7 @@ def format_plan(plan: BatchPlan) -> str:
     values = {
         "lr": _fmt(plan.lr),
         "weight_decay": _fmt(plan.weight_decay),
+        "clip_grad_norm": _fmt(plan.clip_grad_norm) if plan.clip_grad_norm else "off",
         "warmup_samples": f"{plan.warmup_samples:,}",
         "epoch_samples": f"{plan.epoch_samples:,}",
         "steps": f"{plan.steps:,}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 
@@ -223,3 +224,19 @@ def test_swapped_optimizer_is_built_with_the_plans_weight_decay():
     assert (decay["weight_decay"], decay["adapt"], len(decay["params"])) == (0.01, True, 1)
     assert (plain["weight_decay"], plain["adapt"], len(plain["params"])) == (0.0, False, 3)
     assert decay["eps"] == 1e-6 and decay["lr"] == pytest.approx(0.05)
+
+
+def test_the_robust_policy_shows_in_the_plan() -> None:
+    """The mnist1d recipe's policy (issue 18): clipping at 1.0, the linear rule with warmup up to
+    512, LAMB above; unclipped at 8x the reference or more, the plan says what was measured."""
+    default = plan_batch(compose_run(["+recipe=mnist1d", "memory.probe=false"]), 1, 32000)
+    assert (default.clip_grad_norm, default.optimizer, default.lr) == (1.0, "sgd", 0.48)
+    row = re.compile(r"^clip_grad_norm +1  the global gradient norm is clipped to 1", re.M)
+    assert row.search(format_plan(default))
+    big = plan_batch(compose_run(["global_batch=2048", "memory.probe=false"]), 1, 32000)
+    assert big.optimizer == "lamb" and big.clip_grad_norm == 1.0
+    off = compose_run(["optim.clip_grad_norm=0", "memory.probe=false"])
+    why = plan_batch(off, 1, 32000).reasons["clip_grad_norm"]
+    assert why.startswith("off (optim.clip_grad_norm=0); the batch is 16x optim.ref_batch")
+    small = compose_run(["optim.clip_grad_norm=0", "global_batch=128", "memory.probe=false"])
+    assert plan_batch(small, 1, 32000).reasons["clip_grad_norm"] == "off (optim.clip_grad_norm=0)"
