@@ -241,6 +241,11 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
     if not 0 <= args.cooldown <= 1:
         raise ConfigError(f"--cooldown={args.cooldown}: must be in [0, 1]")
     state, path = pick_checkpoint(args.run_dir, args.step)
+    if (state["config"].get("ramp") or {}).get("start_batch") is not None:
+        raise ConfigError(
+            f"{str(args.run_dir)!r}: trained with a batch ramp (ramp.start_batch), which a branch "
+            "at another global batch cannot continue; probe a run at a fixed batch"
+        )
     batch, done = state["global_batch"], state["consumed_samples"]
     saved_plan = state["plan"]
     samples = branch_samples(args.samples, ks[-1] * batch, saved_plan["epoch_samples"])

@@ -151,3 +151,12 @@ def test_no_checkpoint_before_the_end(tmp_path, data_cache) -> None:
     assert res.returncode == 0, res.stderr
     res = _cbs([str(tmp_path / "run")], tmp_path)
     assert res.returncode == 2 and "no checkpoint before the end of the run" in res.stderr
+
+
+def test_a_ramped_run_is_refused(tmp_path, data_cache) -> None:
+    ramp = ["ramp.start_batch=16", "ramp.samples=320"]
+    res = run_cli([*ARGS, *ramp, f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = _cbs([str(tmp_path / "run"), "--k", "1,2"], tmp_path)
+    assert res.returncode == 2 and "trained with a batch ramp" in res.stderr
+    assert res.stderr.count("\n") == 1 and not list((tmp_path / "run").glob("cbs-*"))
