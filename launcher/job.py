@@ -141,7 +141,7 @@ def launch(
             f"launcher.run(); start your script on every rank instead (torchrun --nproc_per_node "
             f"{workers} your_script.py), or set trainer.devices=1"
         )
-    if workers:
+    if workers:  # plan_only plans for them too: the dry run is the real run
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
     configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
     stamp = run_stamp()
@@ -154,7 +154,7 @@ def launch(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    if workers:
+    if workers and not all(cfg.plan_only for cfg in configs):
         from launcher.spawn import spawn
 
         if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs

@@ -156,10 +156,9 @@ def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> 
 
 def local_processes(cfg: RunConfig, launched: Topology, visible_gpus: int) -> int:
     """How many workers a plain `python -m launcher` starts on this machine (trainer.devices);
-    0 when it trains in this process (one device, plan_only, or a launcher already started us)."""
+    0 when it trains in this process (one device, or a launcher already started us). Under
+    plan_only nothing starts, but the plan is for this many processes."""
     devices, c = cfg.trainer.devices, cfg.cluster
-    if cfg.plan_only:
-        return 0
     if launched.started:
         if devices != "auto" and devices != launched.local_world_size:
             raise ConfigError(

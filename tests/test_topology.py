@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from launcher.compose import compose_run
@@ -100,7 +102,7 @@ GPU_BOX = Topology(1, 0, 0, 1, "cuda")
         (["cluster=h100x256"], GPU_BOX, 8, 0),  # several nodes: torchrun/srun start them
         (["cluster=a100x8"], GPU_BOX, 4, 0),  # too few GPUs: resolve() refuses the shape
         (["cluster.nodes=1", "cluster.devices_per_node=2", "cluster.device=cpu"], ONE, 0, 2),
-        (["trainer.devices=2", "plan_only=true"], ONE, 0, 0),
+        (["trainer.devices=2", "plan_only=true"], ONE, 0, 2),  # plans for them, starts none
         ([], Topology(2, 0, 0, 2, "cpu", "torchrun", True), 0, 0),  # already launched
     ],
 )
@@ -131,3 +133,20 @@ def test_a_slurm_allocation_of_another_shape_than_the_cluster_is_refused() -> No
     with pytest.raises(ConfigError, match="started 2 node"):
         resolve(cfg.cluster, same_world, plan_only=False)
     assert resolve(cfg.cluster, Topology(8, 3, 3, 8, "cpu", "srun", True), False).rank == 3
+
+
+def test_plan_only_plans_for_the_devices_it_would_start(tmp_path, monkeypatch, capsys) -> None:
+    """The dry run is the real run: trainer.devices=3 under plan_only plans world size 3, so a
+    batch the real run would refuse is refused here too (issue 19)."""
+    from launcher.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = ["plan_only=true", "trainer.devices=3", "memory.probe=false", "trainer.cpu_threads=1"]
+    assert main([*base, "global_batch=384", "run_dir=ok"]) == 0
+    plan = json.loads((tmp_path / "ok" / "plan.json").read_text())
+    assert (plan["world_size"], plan["per_device_batch"]) == (3, 128)
+    assert "trainer.devices" in plan["reasons"]["world_size"]
+    capsys.readouterr()
+    assert main([*base, "global_batch=512", "run_dir=bad"]) == 2
+    assert "not divisible by the world size 3" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
