@@ -134,7 +134,8 @@ def launch(
     os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
     launched = from_env()
     workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
-    if workers and provided:
+    starts = workers and not all(cfg.plan_only for cfg in configs)  # plan_only: planned for
+    if starts and provided:
         raise ConfigError(
             f"trainer.devices={configs[0].trainer.devices}: would start {workers} workers as "
             f"`python -m launcher`, which cannot rebuild the {', '.join(provided)} handed to "
@@ -154,7 +155,7 @@ def launch(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    if workers and not all(cfg.plan_only for cfg in configs):
+    if starts:
         from launcher.spawn import spawn
 
         if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs
