@@ -110,16 +110,26 @@ def reuses_run_dir(cfg: RunConfig) -> bool:
     return cfg.run_dir is not None or "SLURM_JOB_ID" in os.environ
 
 
-def launch(
+@dataclasses.dataclass(frozen=True)
+class Jobs:
+    """A validated launch: every job's overrides, config and run folder, and the processes."""
+
+    overrides: list[list[str]]
+    configs: list[RunConfig]
+    run_dirs: list[Path]
+    launched: Topology  # what trains: the processes trainer.devices starts, or what started us
+    workers: int  # trainer.devices workers to start on this machine (0: this process trains)
+
+
+def validate(
     overrides: list[str],
     multirun: bool,
     config_dir: Path | None = None,
     provided: dict[str, dict] | None = None,
-) -> list[dict[str, Any]]:
-    """Compose and validate every job before anything is written, then run them in order (or
-    start trainer.devices workers on this machine that do). `provided`: config nodes that replace
-    whole groups (launcher.run's objects). Returns each job's final evaluation and run_dir."""
-    from launcher.compose import compose_dict, config_dir_args, split_sweep
+) -> Jobs:
+    """Compose and check every job before anything is written: its config, its plan for the
+    processes that will train it, its trackers, its run folder."""
+    from launcher.compose import compose_dict, split_sweep
     from launcher.config import to_run_config
     from launcher.topology import from_env, local_processes, slurm_env
 
@@ -134,15 +144,16 @@ def launch(
     os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
     launched = from_env()
     workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
-    starts = workers and not all(cfg.plan_only for cfg in configs)  # plan_only: planned for
-    if starts and provided:
+    # plan_only plans for the workers without starting them: the dry run is the real run
+    workers_started = 0 if all(cfg.plan_only for cfg in configs) else workers
+    if workers_started and provided:
         raise ConfigError(
             f"trainer.devices={configs[0].trainer.devices}: would start {workers} workers as "
             f"`python -m launcher`, which cannot rebuild the {', '.join(provided)} handed to "
             f"launcher.run(); start your script on every rank instead (torchrun --nproc_per_node "
             f"{workers} your_script.py), or set trainer.devices=1"
         )
-    if workers:  # plan_only plans for them too: the dry run is the real run
+    if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
     configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
     stamp = run_stamp()
@@ -155,19 +166,41 @@ def launch(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    if starts:
-        from launcher.spawn import spawn
+    return Jobs(jobs, configs, run_dirs, launched, workers_started)
 
-        if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs
-            sys.modules["launcher.data.user"].release()
-        spawn(workers, [*config_dir_args(config_dir), *(["-m"] if multirun else []), *overrides])
+
+def launch(
+    overrides: list[str],
+    multirun: bool,
+    config_dir: Path | None = None,
+    provided: dict[str, dict] | None = None,
+) -> list[dict[str, Any]]:
+    """validate, then run the jobs in order in this process (or start trainer.devices workers on
+    this machine that do). `provided`: config nodes that replace whole groups (launcher.run's
+    objects). Returns each job's final evaluation and run_dir. The command line goes through
+    launcher/hydra_app.py instead, which hands each job to Hydra."""
+    from launcher.compose import config_dir_args
+
+    jobs = validate(overrides, multirun, config_dir, provided)
+    if jobs.workers:
+        args = [*config_dir_args(config_dir), *(["-m"] * multirun), *overrides]
+        start_workers(jobs.workers, args)
         return []
     results = []
-    for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs, strict=True)):
+    for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
         if multirun:
-            print(f"[multirun] job {i}: {' '.join(jobs[i])}", flush=True)
-        results.append(execute(cfg, launched, run_dir))
+            print(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}", flush=True)
+        results.append(execute(cfg, jobs.launched, run_dir))
     return results
+
+
+def start_workers(workers: int, args: list[str]) -> None:
+    """`python -m launcher ARGS` as `workers` local processes (launcher/spawn.py)."""
+    from launcher.spawn import spawn
+
+    if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs
+        sys.modules["launcher.data.user"].release()
+    spawn(workers, args)
 
 
 def _get(cfg: Any, key: str) -> Any:
