@@ -37,9 +37,6 @@ for a finished run, or a sweep's table, critical-batch fit and plots.
 """
 
 
-LOCAL_RANK = ("--local_rank=", "--local-rank=")
-
-
 def _usage(config_dir: Path | None) -> str:
     from launcher.compose import DEFAULT_RECIPE, GROUPS, group_options, recipe_names
 
@@ -55,26 +52,13 @@ def _usage(config_dir: Path | None) -> str:
     )
 
 
-def parse(args: list[str]) -> tuple[list[str], bool, Path | None]:
-    """(overrides, multirun, config dir) from the command line; unknown flags are bad input."""
-    from launcher.compose import split_config_dir
-
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    config_dir, args = split_config_dir(args)
-    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
-    overrides = [a for a in args if a not in ("-m", "--multirun") and not a.startswith(LOCAL_RANK)]
-    flags = [a for a in overrides if a.startswith("-")]
-    if flags:
-        raise ConfigError(
-            f"{flags[0]}: unknown option; options are -m/--multirun, --config-dir DIR and -h/--help"
-        )
-    return overrides, multirun, config_dir
-
-
 def run(args: list[str]) -> None:
-    from launcher.job import launch
+    from launcher import hydra_app
 
-    launch(*parse(args))
+    try:
+        hydra_app.main(args)
+    except hydra_app.Failed as failed:  # a job's error, carried through Hydra
+        raise failed.error from None
 
 
 def _help(args: list[str]) -> int:
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
     # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
     # every path below may tear the process group down with a barrier.
-    code = 0
+    code, message = 0, ""
     try:
         run(args)
     except ConfigError as exc:

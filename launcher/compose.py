@@ -31,6 +31,16 @@ from launcher.config import (
 from launcher.resources import CONF_PACKAGE, conf_dir, recipes_dir
 
 DEFAULT_RECIPE = "mnist1d"
+HYDRA_PLUGINS = {  # Hydra launcher and sweeper options: the distribution that provides them
+    "hydra/launcher=joblib": "hydra-joblib-launcher",
+    "hydra/launcher=submitit_slurm": "hydra-submitit-launcher",
+    "hydra/launcher=submitit_local": "hydra-submitit-launcher",
+    "hydra/launcher=ray": "hydra-ray-launcher",
+    "hydra/launcher=rq": "hydra-rq-launcher",
+    "hydra/sweeper=optuna": "hydra-optuna-sweeper",
+    "hydra/sweeper=ax": "hydra-ax-sweeper",
+    "hydra/sweeper=nevergrad": "hydra-nevergrad-sweeper",
+}
 GROUPS = ("model", "data", "loss", "optim", "schedule", "backend", "trainer", "cluster")
 
 
@@ -116,6 +126,10 @@ def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group.startswith("hydra/"):
+            plugin = HYDRA_PLUGINS.get(f"{group}={name}")
+            install = f"pip install {plugin}" if plugin else "see python -m launcher --info"
+            return ConfigError(f"{group}={name!r}: not available here ({install})")
         if group:
             options = ", ".join(group_options(group, config_dir))
             return ConfigError(f"{group}={name!r}: unknown; choose from {options}")
@@ -155,8 +169,7 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    recipe, overrides = _recipe_of(_launcher_options(overrides))
-    _register_recipe(recipe, config_dir)
+    recipe, overrides = prepare_overrides(overrides, config_dir)
     try:
         with _hydra(config_dir):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -166,12 +179,25 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
         node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _hydra_error(exc, config_dir) from None
+    check_clashes(choices, config_dir)
+    node["recipe"] = recipe
+    return node
+
+
+def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[str, list[str]]:
+    """(recipe, the overrides as Hydra composes them): the recipe selected as a global package
+    and registered when built in, the launcher's own group options set with `++`."""
+    recipe, overrides = _recipe_of(_launcher_options(overrides))
+    _register_recipe(recipe, config_dir)
+    return recipe, overrides
+
+
+def check_clashes(choices: dict, config_dir: Path | None) -> None:
+    """Refuse a selected group option that exists both built in and in the user's folder."""
     for group in GROUPS:
         option = choices.get(group)
         if option and option in _names(conf_dir() / group) & _names(_user(config_dir, group)):
             raise _clash(group, option, config_dir)
-    node["recipe"] = recipe
-    return node
 
 
 def compose_run(overrides: list[str], config_dir: Path | None = None) -> RunConfig:

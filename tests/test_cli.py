@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher.cli import main
 from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
@@ -73,7 +74,15 @@ def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
         tmp_path,
     )
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "plan.json"]
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == [".hydra", "config.yaml", "launcher.log", "plan.json"]  # and Hydra's record
+    recorded = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    assert recorded == [
+        "+recipe@_global_=resnet50",
+        "global_batch=8192",
+        "plan_only=true",
+        "cluster=h100x256",
+    ]
     plan = json.loads((run_dir / "plan.json").read_text())
     assert (plan["world_size"], plan["micro_batch"], plan["accumulation"]) == (256, 32, 1)
     assert plan["lr"] == pytest.approx(3.2) and plan["optimizer"] == "sgd"

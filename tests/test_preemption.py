@@ -67,8 +67,8 @@ def test_sigusr1_outside_a_working_slurm_says_the_requeue_failed(tmp_path, data_
     res = run_cli(cmd, tmp_path, env=env)
     assert res.returncode == 3, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith(
-        "launcher: stopped by SIGUSR1 after step 2 of 5; checkpoint run/checkpoints/"
+    assert last.startswith(  # the run folder as Hydra gives it: absolute
+        f"launcher: stopped by SIGUSR1 after step 2 of 5; checkpoint {tmp_path}/run/checkpoints/"
         "step-000000002.pt; scontrol requeue 987654 failed ("
     ), last
     assert last.endswith("resubmit the job to continue")

@@ -1,0 +1,268 @@
+"""`python -m launcher` as a Hydra application: Hydra's command line, run folders, `.hydra/`
+records, logging, launcher and sweeper, with the launcher's checks first.
+
+1. Hydra's own argument parser reads the command line: -m/--multirun, --config-dir/-cd, --cfg
+   job|hydra|all (with --resolve, --package), --info [...], --shell-completion, --version,
+   --hydra-help. Refused in one line: --config-name/-cn and --config-path/-cp (the primary config
+   is the launcher's conf/config.yaml; yours goes in a recipe of your --config-dir) and
+   --experimental-rerun (it unpickles a file). -h/--help is the launcher's help (cli.py).
+2. Every job of a run or a grid sweep is composed and checked (job.validate) before Hydra starts:
+   bad input, Hydra's own included (an unknown hydra.foo, a plugin that is not installed), is one
+   line with exit 2 and nothing written.
+3. Where runs go has one source of truth, Hydra's: hydra.run.dir for a run, hydra.sweep.dir and
+   hydra.sweep.subdir for a sweep's jobs. `run_dir=DIR` is an alias of hydra.run.dir=DIR (of
+   hydra.sweep.dir=DIR under -m: the jobs go to DIR/0, DIR/1, ...); both given, they must agree.
+   Neither given: outputs/<recipe>/<time> (-2, -3 ... when taken), outputs/<recipe>/multirun-<time>
+   for a sweep, or .../slurm-<job id> under Slurm (a requeued job finds its run again).
+4. Hydra runs the jobs (its basic launcher, one after another): each folder gets
+   .hydra/{config,hydra,overrides}.yaml and launcher.log, then the task trains the job
+   (job.execute), or starts its trainer.devices workers with hydra.run.dir set to the folder.
+5. Every other process of a job (ranks > 0 started by torchrun, accelerate, deepspeed or srun, and
+   trainer.devices workers) runs the same command; their Hydra outputs go to a temporary folder
+   deleted at exit, and they train in rank 0's folder (the backend broadcasts it).
+hydra.job.chdir=true is honoured where one process trains; with several it is refused (the other
+ranks learn rank 0's folder only once connected, after their paths are resolved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError
+
+LOCAL_RANK = ("--local_rank=", "--local-rank=")  # the `deepspeed` launcher appends it
+REFUSED = {
+    "config_name": "--config-name/-cn: the launcher's primary config is its own conf/config.yaml; "
+    "put your settings in a recipe of your config folder (--config-dir DIR +recipe=NAME)",
+    "config_path": "--config-path/-cp: the launcher's primary config is its own conf/config.yaml; "
+    "give your config folder with --config-dir DIR",
+    "experimental_rerun": "--experimental-rerun: not supported (it unpickles a file); a run's "
+    ".hydra/overrides.yaml holds the arguments that re-create it",
+}
+SHOW = ("cfg", "info", "shell_completion", "hydra_help")  # Hydra prints something, trains nothing
+PLACEMENT = ("run_dir", "hydra.run.dir", "hydra.sweep.dir")
+
+
+class Failed(BaseException):
+    """An error of a job, carried through Hydra's handlers (they catch Exception) to cli.py."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass
+class Context:
+    """What the task function needs besides the job's config (set before Hydra runs)."""
+
+    config_dir: Path | None
+    launched: Any  # the topology the jobs train on (job.Jobs.launched)
+    workers: int  # trainer.devices workers each job starts (0: it trains in this process)
+
+
+CONTEXT: Context | None = None
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Hydra's command line; unknown flags and Hydra's parse errors are one-line bad input."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise ConfigError(message)
+
+    parser.error = error  # argparse prints its usage and exits 2; the launcher says one line
+    args, unknown = parser.parse_known_args([a for a in argv if not a.startswith(LOCAL_RANK)])
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown option; options are Hydra's (-m, --config-dir, --cfg, --info, "
+            "--shell-completion, --version, --hydra-help) and -h/--help"
+        )
+    for key, why in REFUSED.items():
+        if getattr(args, key):
+            raise ConfigError(why)
+    return args
+
+
+def _value(overrides: list[str], key: str) -> str | None:
+    found = [o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+") == key]
+    return found[-1] if found else None
+
+
+def placement(overrides: list[str], multirun: bool) -> str | None:
+    """The folder the user chose (run_dir, or the hydra key it stands for), or None."""
+    alias, key = _value(overrides, "run_dir"), "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    hydra = _value(overrides, key)
+    if alias is not None and hydra is not None and Path(alias).resolve() != Path(hydra).resolve():
+        raise ConfigError(
+            f"run_dir={alias!r} and {key}={hydra!r}: run_dir is an alias of {key}; give one"
+        )
+    return hydra if hydra is not None else alias
+
+
+def main(argv: list[str]) -> None:
+    """Check, then hand the jobs to Hydra. Raises ConfigError (bad input) or Failed (a job)."""
+    from launcher.compose import prepare_overrides, user_config_dir
+
+    args = parse(argv)
+    config_dir = user_config_dir(args.config_dir) if args.config_dir else None
+    if config_dir is not None:
+        args.config_dir = str(config_dir)
+    overrides = list(args.overrides)
+    if any(getattr(args, key) for key in SHOW):
+        args.overrides = prepare_overrides(overrides, config_dir)[1]
+        _run(args)
+        return
+    multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
+    chosen = placement(overrides, multirun)
+    checked = [o for o in overrides if o.partition("=")[0] not in PLACEMENT]
+    if chosen is not None:
+        checked.append(f"run_dir={chosen}")
+    from launcher.job import create_run_dir, validate
+    from launcher.topology import from_env
+
+    jobs = validate(checked, multirun, config_dir)
+    rank = from_env().rank
+    several = jobs.workers > 1 or jobs.launched.world_size > 1
+    if _value(overrides, "hydra.job.chdir") in ("true", "True") and several:
+        raise ConfigError(
+            "hydra.job.chdir=true: honoured where one process trains; with several, the other "
+            "ranks learn rank 0's folder only once connected (use absolute paths instead)"
+        )
+    where, target, new = [], chosen, []
+    if rank > 0:  # Hydra's outputs of this process go nowhere; it trains in rank 0's folder
+        scratch = tempfile.mkdtemp(prefix="launcher-rank-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        where = [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
+        where += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    elif chosen is None:  # the launcher's default folder, reserved now (a -2 suffix if taken)
+        folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+        new = _new_dirs(folder)
+        target = create_run_dir(folder, explicit=_reuses())
+        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={target}"]
+    elif _value(overrides, "hydra.sweep.dir" if multirun else "hydra.run.dir") is None:
+        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={chosen}"]
+    if rank == 0 and chosen is not None:
+        new = _new_dirs(Path(chosen))
+    kept = _records(Path(target)) if rank == 0 else {}
+    global CONTEXT
+    CONTEXT = Context(config_dir, jobs.launched, jobs.workers)
+    user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
+    args.overrides = [*prepare_overrides(user, config_dir)[1], *where]
+    try:
+        _run(args)
+    except Failed as failed:
+        if rank == 0 and isinstance(failed.error, ConfigError):  # bad input: nothing written
+            _discard(Path(target), new, kept)
+        raise
+
+
+RECORDS = (".hydra/*.yaml", "launcher.log", "multirun.yaml", "*/.hydra/*.yaml", "*/launcher.log")
+
+
+def _records(folder: Path) -> dict[Path, bytes]:
+    """Hydra's records already in `folder` (a run resumed there): what a refusal restores."""
+    if not folder.is_dir():
+        return {}
+    return {p: p.read_bytes() for pattern in RECORDS for p in folder.glob(pattern) if p.is_file()}
+
+
+def _new_dirs(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    new, path = [], folder.absolute()
+    while not path.exists():
+        new.append(path)
+        path = path.parent
+    return new
+
+
+def _discard(folder: Path, new: list[Path], kept: dict[Path, bytes]) -> None:
+    """Undo what Hydra wrote (.hydra/, launcher.log, multirun.yaml) for a launch refused as bad
+    input: records that were there before (a run resumed there) as they were, the others gone,
+    and the folders made for it if empty."""
+    for path in set(_records(folder)) - set(kept):
+        path.unlink()
+    for path, content in kept.items():
+        path.write_bytes(content)
+    for hydra in [*folder.glob(".hydra"), *folder.glob("*/.hydra")]:
+        if not any(hydra.iterdir()):
+            hydra.rmdir()
+    for job in folder.iterdir() if folder.is_dir() else []:
+        if job.is_dir() and not any(job.iterdir()):
+            job.rmdir()
+    for path in new:
+        try:
+            path.rmdir()
+        except OSError:  # not empty: something else is there
+            break
+
+
+def _reuses() -> bool:
+    import os
+
+    return "SLURM_JOB_ID" in os.environ  # slurm-<id>: the requeued job's own folder
+
+
+def _run(args: argparse.Namespace) -> None:
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    from launcher.resources import CONF_PACKAGE
+
+    version.setbase("1.3")
+    _run_hydra(
+        args=args,
+        args_parser=get_args_parser(),
+        task_function=task,
+        config_path=f"pkg://{CONF_PACKAGE}",
+        config_name="config",
+    )
+
+
+def task(cfg: Any) -> float | None:
+    """One job, as Hydra hands it over; returns its final eval accuracy (eval loss without
+    one), the value a sweeper would optimise."""
+    from launcher.plan import OutOfMemoryAtOneSample
+    from launcher.preemption import Stopped
+    from launcher.spawn import WorkersFailed
+
+    try:
+        return _task(cfg)
+    except (ConfigError, OutOfMemoryAtOneSample, Stopped, WorkersFailed) as exc:
+        raise Failed(exc) from None  # the launcher's own outcomes: cli.py gives their exit codes
+
+
+def _task(cfg: Any) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from launcher.compose import DEFAULT_RECIPE, check_clashes, config_dir_args
+    from launcher.config import to_run_config
+    from launcher.job import execute, on_device, start_workers
+    from launcher.topology import resolve
+
+    context = CONTEXT or Context(None, None, 0)
+    hydra = HydraConfig.get()
+    choices = dict(hydra.runtime.choices)
+    check_clashes(choices, context.config_dir)
+    node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    run_dir = Path(hydra.runtime.output_dir)
+    node |= {"recipe": choices.get("recipe@_global_", DEFAULT_RECIPE), "run_dir": str(run_dir)}
+    run_cfg = to_run_config(node)
+    launched = context.launched
+    run_cfg = on_device(run_cfg, resolve(run_cfg.cluster, launched, run_cfg.plan_only).device)
+    if context.workers:
+        task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
+        worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        args = [*config_dir_args(context.config_dir), *task_overrides, *worker]
+        start_workers(context.workers, [*args, f"hydra.run.dir={run_dir}"])
+        return None
+    result = execute(run_cfg, launched, run_dir)
+    return result.get("eval_accuracy", result.get("eval_loss"))
