@@ -117,7 +117,8 @@ def main(argv: list[str]) -> None:
         args.config_dir = str(config_dir)
     overrides = list(args.overrides)
     if any(getattr(args, key) for key in SHOW):
-        args.overrides = prepare_overrides(overrides, config_dir)[1]
+        if not args.hydra_help:  # Hydra's help composes its own config, without the primary
+            args.overrides = prepare_overrides(overrides, config_dir)[1]
         _run(args)
         return
     multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
