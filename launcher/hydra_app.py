@@ -64,6 +64,8 @@ class Context:
     config_dir: Path | None
     launched: Any  # the topology the jobs train on (job.Jobs.launched)
     workers: int  # trainer.devices workers each job starts (0: it trains in this process)
+    rank: int = 0
+    run_dirs: tuple[Path, ...] = ()  # job.validate's folders: where ranks > 0 look for a resume
 
 
 CONTEXT: Context | None = None
@@ -154,7 +156,7 @@ def main(argv: list[str]) -> None:
         new = _new_dirs(Path(chosen))
     kept = _records(Path(target)) if rank == 0 else {}
     global CONTEXT
-    CONTEXT = Context(config_dir, jobs.launched, jobs.workers)
+    CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, tuple(jobs.run_dirs))
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
     args.overrides = [*prepare_overrides(user, config_dir)[1], *where]
     try:
@@ -255,6 +257,8 @@ def _task(cfg: Any) -> float | None:
     check_clashes(choices, context.config_dir)
     node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     run_dir = Path(hydra.runtime.output_dir)
+    if context.rank > 0:  # Hydra's folder here is scratch; the run's (to resume from) is this
+        run_dir = context.run_dirs[int(hydra.job.num) if context.run_dirs[1:] else 0]
     node |= {"recipe": choices.get("recipe@_global_", DEFAULT_RECIPE), "run_dir": str(run_dir)}
     run_cfg = to_run_config(node)
     launched = context.launched
