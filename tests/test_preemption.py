@@ -47,7 +47,8 @@ def test_signals_stop_after_a_checkpoint_and_the_rerun_matches(
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         "launcher: stopped by SIGUSR1 and SIGTERM after step 3 of 5; checkpoint "
-        "run/checkpoints/step-000000003.pt; rerun the same command (resume=auto) to continue"
+        f"{tmp_path}/run/checkpoints/step-000000003.pt; rerun the same command (resume=auto) to "
+        "continue"
     )
     state, path = checkpoint.load(tmp_path / "run", print)  # digest-checked, `latest` points to it
     assert path.name == "step-000000003.pt" and state["consumed_samples"] == 3 * 64
