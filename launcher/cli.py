@@ -1,4 +1,5 @@
-"""Command line: parse, dispatch, exit codes. No logic lives here.
+"""Command line: help, dispatch, exit codes. No logic lives here (Hydra's parser and run:
+launcher/hydra_app.py).
 
     python -m launcher [+recipe=NAME] [key=value ...]      plan, then train
     python -m launcher -m key=a,b [...]                    one job per combination (Hydra sweep)
@@ -28,8 +29,12 @@ USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key
   plan_only=true      print and save the plan, do not train (with cluster=NAME: {clusters})
   GROUP=OPTION        pick a config option: {groups}
   trainer.devices=N   start N worker processes on this machine (auto: the cluster's, or all GPUs)
-  -m a=1,2 b=x,y      sweep: one job per combination, run one after another
+  -m a=1,2 b=x,y      sweep: one job per combination, run one after another (Hydra's sweep)
+  hydra.run.dir=DIR   where the run goes (run_dir=DIR is its alias; hydra.sweep.dir under -m);
+                      Hydra's flags work too: --cfg job, --info, --version, --hydra-help
   ramp.start_batch=N ramp.samples=S   batch ramp-up: double from N to global_batch over S samples
+  ramp.mode=adaptive ramp.start_batch=N   grow from N toward the measured noise scale (cap:
+                      global_batch); python -m launcher.cbs RUN_DIR measures the critical batch
 Any key of the composed config can be overridden, e.g. optim.base_lr=0.2 trainer.epochs=5.
 Slurm: python -m launcher.slurm [--submit] cluster=NAME [...] writes (and submits) an sbatch script.
 Batch size: each run ends with advice (noise scale, goodput); python -m launcher.report DIR gives it
