@@ -251,7 +251,12 @@ def _task(cfg: Any) -> float | None:
     from launcher.job import execute, on_device, start_workers
     from launcher.topology import resolve
 
-    context = CONTEXT or Context(None, None, 0)
+    context = CONTEXT
+    if context is None:  # a Hydra launcher that runs the job in another process
+        raise ConfigError(
+            "hydra/launcher: this launcher runs jobs in other processes, which the launcher does "
+            "not support yet; use hydra/launcher=basic"
+        )
     hydra = HydraConfig.get()
     choices = dict(hydra.runtime.choices)
     check_clashes(choices, context.config_dir)
