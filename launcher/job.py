@@ -425,6 +425,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         tensorboard=cfg.trainer.tensorboard,
         progress=cfg.trainer.progress,
         resume_step=start_step,
+        resume_samples=plan.samples_at(start_step),
         train_s=progress.get("train_s", 0.0),
         trackers=open_trackers(cfg, run_dir, dataclasses.asdict(plan)) if main else None,
     )

@@ -60,6 +60,23 @@ def open_trackers(cfg: RunConfig, run_dir: Path, plan: dict[str, Any]) -> list[A
     return trackers
 
 
+TAG_GROUPS = {
+    "train": ("loss", "lr", "epoch", "global_batch"),
+    "noise": ("grad_sq", "grad_trace", "noise_scale"),
+    "speed": ("samples_per_s", "train_s"),
+    "memory": ("cuda_peak_bytes", "micro_batch", "accumulation"),
+}
+
+
+def tensorboard_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics field: eval/..., train/..., noise/..., speed/...,
+    memory/..., else run/<key>."""
+    if key.startswith("eval_"):
+        return f"eval/{key.removeprefix('eval_')}"
+    group = next((g for g, keys in TAG_GROUPS.items() if key in keys), "run")
+    return f"{group}/{key}"
+
+
 class MetricsSink:
     """Writes what the loop reports. On ranks other than 0 every method does nothing. A restart
     at `resume_step` drops the lines and TensorBoard events of later steps (the checkpoint it
@@ -73,6 +90,7 @@ class MetricsSink:
         tensorboard: bool,
         progress: bool,
         resume_step: int = 0,
+        resume_samples: int = 0,
         train_s: float = 0.0,
         trackers: list[Any] | None = None,
     ) -> None:
@@ -97,8 +115,8 @@ class MetricsSink:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1
+            self._tb = SummaryWriter(  # its x axis is samples (tensorboard_tag)
+                log_dir=str(run_dir / "tensorboard"), purge_step=resume_samples + 1
             )
         if progress:
             from tqdm import tqdm
@@ -135,7 +153,9 @@ class MetricsSink:
         return samples / elapsed if elapsed > 0 else 0.0
 
     def log(self, record: dict[str, Any]) -> None:
-        """One line in metrics.jsonl; numeric fields also go to TensorBoard at `step`."""
+        """One line in metrics.jsonl; numeric fields of a line with `samples` also go to
+        TensorBoard at x = samples, grouped by tensorboard_tag (runs at different global batches
+        line up); trackers get them at `step`."""
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
@@ -144,9 +164,11 @@ class MetricsSink:
             for k, v in record.items()
             if k not in ("step", "samples") and isinstance(v, (int, float)) and "step" in record
         }
-        if self._tb is not None:
+        if self._tb is not None and "samples" in record:
             for key, value in scalars.items():
-                self._tb.add_scalar(key, value, global_step=record["step"])
+                self._tb.add_scalar(tensorboard_tag(key), value, global_step=record["samples"])
+            if "loss" in record:
+                self._tb.add_scalar("train/step", record["step"], global_step=record["samples"])
         if scalars:
             for tracker in self._trackers:
                 tracker.log(scalars, step=record["step"])
