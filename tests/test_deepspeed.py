@@ -238,6 +238,7 @@ def _run(
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert list(ext.iterdir()) == [], "a DeepSpeed op was JIT-compiled"
+    assert "[INFO]" not in res.stdout  # DeepSpeed's INFO lines: in launcher.log, not stdout
     return cwd / name
 
 
