@@ -29,7 +29,8 @@ Over the sweep:
   efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
   samples per second of B_0-equivalent progress.
 
-Given one run's folder instead, it prints that run's batch-size advice (launcher/advice.py).
+Given one run's folder instead, it prints that run's batch-size advice (launcher/advice.py)
+with its history (launcher/history.py) and writes training.png there (or to --out).
 
 Bad input (no such folder, no job folders, a target outside (0, 1), an unreadable file) prints one
 line on stderr and exits 2; nothing is written.
