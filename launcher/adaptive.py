@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from fractions import Fraction
 
 from launcher.config import ConfigError, RunConfig
-from launcher.plan import BatchPlan, _fmt, ramp_batches, scaled_stage
+from launcher.plan import BatchPlan, _fmt, ramp_batches, run_samples, scaled_stage
 
 
 def decide(
@@ -66,7 +65,7 @@ def stage_plan(
             "ramp.mode=adaptive: decides by the measured noise scale, which needs "
             "trainer.noise_scale=true and a backend whose gradients the loop sees (not deepspeed)"
         )
-    total_exact = Fraction(repr(cfg.trainer.epochs)) * steady.epoch_samples
+    total_exact = run_samples(cfg, steady.epoch_samples)
     steps = origin_step + max(math.ceil((total_exact - origin_samples) / batch), 0)
     stage = scaled_stage(cfg, steady, batch, memory, (origin_step, origin_samples), steps)
     if stage.noise == "off":

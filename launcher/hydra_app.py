@@ -128,7 +128,7 @@ def main(argv: list[str]) -> None:
     checked = [o for o in overrides if o.partition("=")[0] not in PLACEMENT]
     if chosen is not None:
         checked.append(f"run_dir={chosen}")
-    from launcher.job import create_run_dir, validate
+    from launcher.job import create_run_dir, reuses_run_dir, validate
     from launcher.topology import from_env
 
     jobs = validate(checked, multirun, config_dir)
@@ -148,7 +148,7 @@ def main(argv: list[str]) -> None:
     elif chosen is None:  # the launcher's default folder, reserved now (a -2 suffix if taken)
         folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
         new = _new_dirs(folder)
-        target = create_run_dir(folder, explicit=_reuses())
+        target = create_run_dir(folder, explicit=reuses_run_dir(jobs.configs[0]))
         where = [f"hydra.{'sweep' if multirun else 'run'}.dir={target}"]
     elif _value(overrides, "hydra.sweep.dir" if multirun else "hydra.run.dir") is None:
         where = [f"hydra.{'sweep' if multirun else 'run'}.dir={chosen}"]
@@ -205,12 +205,6 @@ def _discard(folder: Path, new: list[Path], kept: dict[Path, bytes]) -> None:
             path.rmdir()
         except OSError:  # not empty: something else is there
             break
-
-
-def _reuses() -> bool:
-    import os
-
-    return "SLURM_JOB_ID" in os.environ  # slurm-<id>: the requeued job's own folder
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -429,12 +429,12 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         train_s=progress.get("train_s", 0.0),
         trackers=open_trackers(cfg, run_dir, dataclasses.asdict(plan)) if main else None,
     )
-    from launcher.plan import noise_window_samples
-
-    meter, window = None, noise_window_samples(cfg, plan.epoch_samples)
+    meter = None
     if plan.noise != "off":
         from launcher.noise_meter import NoiseMeter
+        from launcher.plan import noise_window_samples
 
+        window = noise_window_samples(cfg, plan.epoch_samples)
         meter = NoiseMeter(backend, window, cfg.trainer.noise_split_every)
         if "noise" in progress:
             meter.load_state_dict(progress["noise"])
@@ -487,6 +487,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             {
                 "event": "out_of_memory",
                 "step": step,
+                "samples": old.samples_at(step),
                 "ranks": ranks,
                 "micro_batch": new.micro_batch,
                 "accumulation": new.accumulation,
@@ -544,7 +545,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             loss_fn=loss_fn,
             grow=grow if cfg.ramp.mode == "adaptive" else None,
         )
-        final = {"final": True, "step": plan.end_step}
+        final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
         if plan.stop_step is not None:  # ended early: resuming without the stop trains on
             final["stopped_early"] = True
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction

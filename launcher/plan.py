@@ -393,10 +393,15 @@ def noise_measurement(
     return mode, why
 
 
+def run_samples(cfg: RunConfig, epoch_samples: int) -> Fraction:
+    """trainer.epochs x the epoch, exactly (1.1 x 50000 is 55000): what the steps must cover."""
+    return Fraction(repr(cfg.trainer.epochs)) * epoch_samples
+
+
 def noise_window_samples(cfg: RunConfig, epoch_samples: int) -> float:
     """The noise-scale averages' time constant in samples: trainer.noise_window x the run's
-    epochs x epoch size (not the plan's rounded total, which moves with the batch)."""
-    return cfg.trainer.noise_window * float(Fraction(repr(cfg.trainer.epochs)) * epoch_samples)
+    samples (run_samples, not the plan's rounded total, which moves with the batch)."""
+    return cfg.trainer.noise_window * float(run_samples(cfg, epoch_samples))
 
 
 def split_for(
@@ -628,7 +633,7 @@ def _plan(
         reasons["decay"] = f"{decay} (schedule.decay)"
 
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
-    total_exact = Fraction(repr(cfg.trainer.epochs)) * epoch_samples  # 1.1 x 50000 is 55000
+    total_exact = run_samples(cfg, epoch_samples)
     o_step, o_samples = origin
     steps = o_step + max(math.ceil((total_exact - o_samples) / gb), 0)
     total = o_samples + (steps - o_step) * gb

@@ -484,7 +484,7 @@ def _run_config(run_dir: Path) -> Any:
 
     try:
         return to_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError, TypeError, KeyError):
+    except (OSError, yaml.YAMLError, ConfigError):  # not there, or written by an older launcher
         return None
 
 

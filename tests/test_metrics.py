@@ -45,9 +45,18 @@ def test_runs_at_two_batches_line_up_by_samples(tmp_path) -> None:
             sink.log({"step": step, "samples": step * batch, "loss": 1.0 / step, "lr": 0.1})
         sink.log({"step": 4, "samples": 4 * batch, "eval_accuracy": 0.5, "eval_loss": 0.7})
         sink.log({"event": "checkpoint", "step": 4, "path": "x"})  # no samples: not a point
+        sink.log({"final": True, "step": 4, "samples": 4 * batch, "cuda_peak_bytes": 1e9})
         sink.close()
     small, big = _scalars(tmp_path / "64"), _scalars(tmp_path / "256")
-    assert set(small) == {"train/loss", "train/lr", "train/step", "eval/accuracy", "eval/loss"}
+    assert set(small) == {
+        "train/loss",
+        "train/lr",
+        "train/step",
+        "eval/accuracy",
+        "eval/loss",
+        "memory/cuda_peak_bytes",  # the final record's: what training needed on CUDA
+        "run/final",
+    }
     assert [x for x, _ in small["train/loss"]] == [64, 128, 192, 256]
     assert [x for x, _ in big["train/loss"]] == [256, 512, 768, 1024]
     assert small["train/step"] == [(64 * s, float(s)) for s in range(1, 5)]
