@@ -366,7 +366,8 @@ def test_out_of_memory_under_zero1_keeps_the_global_batch(tmp_path, data_cache):
     clean = _run([*common, "micro_batch=8"], tmp_path, "clean", 29534)
     hit = _run(common, tmp_path, "oom", 29534, env={"LAUNCHER_TEST_OOM": "1:2:8"})
     assert [m for m in read_metrics(hit) if m.get("event") == "out_of_memory"] == [
-        {"event": "out_of_memory", "step": 2, "ranks": [1], "micro_batch": 8, "accumulation": 4}
+        {"event": "out_of_memory", "step": 2, "samples": 128, "ranks": [1], "micro_batch": 8}
+        | {"accumulation": 4}  # step 2 starts after 2 x 64 samples: they are rerun
     ]
     config = json.loads((hit / "ds_config.json").read_text())
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (

@@ -158,7 +158,8 @@ def test_out_of_memory_on_one_rank_keeps_the_global_batch_and_matches_a_clean_ru
     metrics = read_metrics(tmp_path / "oom")
     events = [m for m in metrics if m.get("event") == "out_of_memory"]
     assert events == [
-        {"event": "out_of_memory", "step": 2, "ranks": [1], "micro_batch": 8, "accumulation": 4}
+        {"event": "out_of_memory", "step": 2, "samples": 128, "ranks": [1], "micro_batch": 8}
+        | {"accumulation": 4}  # step 2 starts after 2 x 64 samples: they are rerun
     ]
     steps = [m["step"] for m in metrics if "loss" in m]
     assert steps == [1, 2, 3, 4, 5]  # the dropped step is rerun, not skipped or counted twice
