@@ -122,7 +122,14 @@ def _launcher_options(overrides: list[str]) -> list[str]:
 
 
 def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        first = str(exc).splitlines()[0].rstrip(".")
+        return ConfigError(
+            f"{exc.override!r}: not an override Hydra can read ({first}); a value holding = or "
+            "other special characters goes in quotes: 'key=\"a=b\"'"
+        )
 
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")

@@ -15,6 +15,7 @@ puts that folder on PYTHONPATH.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 import subprocess
 import sys
@@ -41,25 +42,57 @@ def template_name(cfg: RunConfig) -> str:
     return name
 
 
-def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
-    """The sbatch options for `cfg`'s cluster and slurm settings."""
-    c, s = cfg.cluster, cfg.slurm
+def check_shape(cfg: RunConfig) -> None:
+    """A Slurm job needs the cluster's shape and device kind spelled out."""
+    c = cfg.cluster
     for key in ("nodes", "devices_per_node"):
         if getattr(c, key) == "auto":
             raise ConfigError(
-                f"cluster.{key}=auto: an sbatch script needs the cluster's shape; choose "
+                f"cluster.{key}=auto: a Slurm job needs the cluster's shape; choose "
                 "cluster=NAME or set cluster.nodes and cluster.devices_per_node"
             )
     if c.device == "auto":
         raise ConfigError("cluster.device=auto: say cpu or cuda for the job's nodes")
-    per_task = template_name(cfg) == "multi_node_srun"
-    options = [
-        f"--job-name=launcher-{cfg.recipe}",
-        f"--nodes={c.nodes}",
-        f"--ntasks-per-node={c.devices_per_node if per_task else 1}",
-    ]
+
+
+def resources(cfg: RunConfig, tasks_per_node: int) -> dict[str, str]:
+    """CPUs and host memory a job asks for, as sbatch options ({name: value}, '' for a flag)."""
+    c, s = cfg.cluster, cfg.slurm
+    per_task = int(c.devices_per_node) // tasks_per_node
+    workers = getattr(cfg.data, "workers", 0)
+    cpus = per_task * (1 + workers) if s.cpus_per_task == "auto" else s.cpus_per_task
+    found = {"cpus-per-task": str(cpus)}
+    if s.mem_per_gpu is not None:
+        if c.device != "cuda":
+            raise ConfigError(
+                f"slurm.mem_per_gpu={s.mem_per_gpu!r}: cluster={c.name!r} has no GPUs; use "
+                "slurm.mem"
+            )
+        found["mem-per-gpu"] = s.mem_per_gpu
+    elif s.mem == "auto":
+        known = c.device_memory_gb != "auto"
+        if c.device == "cuda" and known:
+            found["mem-per-gpu"] = f"{math.ceil(c.device_memory_gb)}G"
+        else:
+            whole = known and c.device == "cpu"
+            found["mem"] = f"{math.ceil(c.devices_per_node * c.device_memory_gb)}G" if whole else "0"
+    elif s.mem is not None:
+        found["mem"] = s.mem
+    if s.exclusive:
+        found["exclusive"] = ""
+    return found
+
+
+def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
+    """The sbatch options for `cfg`'s cluster and slurm settings."""
+    c, s = cfg.cluster, cfg.slurm
+    check_shape(cfg)
+    tasks = c.devices_per_node if template_name(cfg) == "multi_node_srun" else 1
+    options = [f"--job-name=launcher-{cfg.recipe}", f"--nodes={c.nodes}"]
+    options.append(f"--ntasks-per-node={tasks}")
     if c.device == "cuda":
         options.append(f"--gpus-per-node={c.devices_per_node}")
+    options += [f"--{k}={v}" if v else f"--{k}" for k, v in resources(cfg, tasks).items()]
     options += [f"--time={s.time}", f"--chdir={workdir}", f"--output={run_dir}/slurm-%j.out"]
     options += [f"--partition={s.partition}"] if s.partition else []
     options += [f"--account={s.account}"] if s.account else []

@@ -1,8 +1,9 @@
 """A throwaway two-node Slurm cluster on this machine, for tests.
 
 `SlurmCluster.start(tmp_dir)` runs a private munged (fresh key; socket, pid and seed files
-under tmp_dir), slurmctld and two slurmd emulating nodes node1 and node2 (1 CPU each, both
-on 127.0.0.1), and returns once both nodes are idle (about 1.2 s). Ports are picked free and
+under tmp_dir), slurmctld and two slurmd emulating nodes node1 and node2 (2 CPUs and 2 GB
+each as declared, whatever this machine has; both on 127.0.0.1), and returns once both nodes
+are idle (about 1.2 s). Ports are picked free and
 all state lives under tmp_dir, so a system Slurm or munge is left alone. Accounting is off:
 finished jobs are read from `scontrol show job`, which keeps them for MinJobAge (an hour).
 Jobs are requeueable (JobRequeue=1); a requeued job starts again about cred_expire + 1
@@ -45,12 +46,14 @@ def _free_port() -> int:
 def _slurm_conf(d: Path, cred_expire: int, extra: str) -> str:
     host = socket.gethostname()
     nodes = "".join(
-        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} CPUs=1\n"
+        f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+        "CPUs=2 RealMemory=2048\n"
         for n in NODES
     )
     return f"""ClusterName=launchertest
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
+SlurmdParameters=config_overrides
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge

@@ -39,10 +39,21 @@ def test_directives_come_from_the_cluster_config(tmp_path) -> None:
     options = directives(cfg, tmp_path / "run", tmp_path)
     assert options[1:4] == ["--nodes=32", "--ntasks-per-node=1", "--gpus-per-node=8"]
     assert {"--partition=gpu", "--signal=USR1@120", "--requeue", "--qos=high"} <= set(options)
-    srun = compose_run(["cluster=h100x256", "slurm.template=multi_node_srun"])
-    assert "--ntasks-per-node=8" in directives(srun, tmp_path, tmp_path)
-    cpu = compose_run([*TWO_NODES, "slurm.signal_seconds=0"])
-    assert not [o for o in directives(cpu, tmp_path, tmp_path) if "gpus" in o or "signal" in o]
+    # torchrun's 8 processes in one task; host RAM as much as each GPU holds
+    assert {"--cpus-per-task=8", "--mem-per-gpu=80G"} <= set(options)
+    srun = compose_run(["cluster=h100x256", "slurm.template=multi_node_srun", "slurm.mem=500G"])
+    options = directives(srun, tmp_path, tmp_path)
+    assert {"--ntasks-per-node=8", "--cpus-per-task=1", "--mem=500G"} <= set(options)
+    assert not [o for o in options if o.startswith("--mem-per-gpu")]
+    cpu = compose_run([*TWO_NODES, "slurm.signal_seconds=0", "slurm.exclusive=true"])
+    options = directives(cpu, tmp_path, tmp_path)
+    assert not [o for o in options if "gpus" in o or "signal" in o]
+    assert {"--cpus-per-task=1", "--mem=0", "--exclusive"} <= set(options)  # the whole node
+    sized = compose_run([*TWO_NODES, "cluster.device_memory_gb=3.5", "slurm.cpus_per_task=4"])
+    assert {"--cpus-per-task=4", "--mem=4G"} <= set(directives(sized, tmp_path, tmp_path))
+    plain = compose_run([*TWO_NODES, "slurm.extra=--qos high  --exclusive --comment x"])
+    assert plain.slurm.extra == ("--qos=high", "--exclusive", "--comment=x")
+    assert directives(plain, tmp_path, tmp_path)[-3:] == list(plain.slurm.extra)
     text = render(
         "#!/bin/bash\n# about\n#SBATCH --nodes=9\n#SBATCH --time=1\nrun\n", ["--x"], [":"]
     )
@@ -52,10 +63,14 @@ def test_directives_come_from_the_cluster_config(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([], "cluster.nodes=auto: an sbatch script needs the cluster's shape"),
+        ([], "cluster.nodes=auto: a Slurm job needs the cluster's shape"),
         (["cluster=a100x8", "cluster.device=auto"], "cluster.device=auto: say cpu or cuda"),
         (["cluster=h100x256", "slurm.template=single_node"], "slurm.template='single_node': "),
         (["cluster=a100x8", "slurm.time=1:2:3:4"], "slurm.time='1:2:3:4': must be MINUTES"),
+        ([*TWO_NODES, 'slurm.extra="--qos high;reboot"'], "slurm.extra='--qos=high;reboot': "),
+        ([*TWO_NODES, "slurm.partition=a b"], "slurm.partition='a b': must be a Slurm name"),
+        ([*TWO_NODES, "slurm.mem_per_gpu=8G"], "slurm.mem_per_gpu='8G': cluster='local' has no"),
+        (["cluster=a100x8", "slurm.mem=lots"], "slurm.mem='lots': must be a size like 64G"),
     ],
 )
 def test_render_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, overrides, message):
