@@ -73,9 +73,10 @@ def resources(cfg: RunConfig, tasks_per_node: int) -> dict[str, str]:
         known = c.device_memory_gb != "auto"
         if c.device == "cuda" and known:
             found["mem-per-gpu"] = f"{math.ceil(c.device_memory_gb)}G"
+        elif c.device == "cpu" and known:
+            found["mem"] = f"{math.ceil(c.devices_per_node * c.device_memory_gb)}G"
         else:
-            whole = known and c.device == "cpu"
-            found["mem"] = f"{math.ceil(c.devices_per_node * c.device_memory_gb)}G" if whole else "0"
+            found["mem"] = "0"
     elif s.mem is not None:
         found["mem"] = s.mem
     if s.exclusive:
