@@ -31,15 +31,11 @@ from launcher.config import (
 from launcher.resources import CONF_PACKAGE, conf_dir, recipes_dir
 
 DEFAULT_RECIPE = "mnist1d"
-HYDRA_PLUGINS = {  # Hydra launcher and sweeper options: the distribution that provides them
-    "hydra/launcher=joblib": "hydra-joblib-launcher",
-    "hydra/launcher=submitit_slurm": "hydra-submitit-launcher",
-    "hydra/launcher=submitit_local": "hydra-submitit-launcher",
-    "hydra/launcher=ray": "hydra-ray-launcher",
-    "hydra/launcher=rq": "hydra-rq-launcher",
-    "hydra/sweeper=optuna": "hydra-optuna-sweeper",
-    "hydra/sweeper=ax": "hydra-ax-sweeper",
-    "hydra/sweeper=nevergrad": "hydra-nevergrad-sweeper",
+HYDRA_PLUGINS = {  # Hydra launcher and sweeper options the launcher supports: how to install them
+    "hydra/launcher=joblib": "pip install 'globalbatch[joblib]'",
+    "hydra/launcher=submitit_slurm": "pip install 'globalbatch[slurm]'",
+    "hydra/launcher=submitit_local": "pip install 'globalbatch[slurm]'",
+    "hydra/sweeper=optuna": "pip install 'globalbatch[search]'",
 }
 GROUPS = ("model", "data", "loss", "optim", "schedule", "backend", "trainer", "cluster")
 
@@ -134,8 +130,7 @@ def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         if group.startswith("hydra/"):
-            plugin = HYDRA_PLUGINS.get(f"{group}={name}")
-            install = f"pip install {plugin}" if plugin else "see python -m launcher --info"
+            install = HYDRA_PLUGINS.get(f"{group}={name}", "see python -m launcher --info")
             return ConfigError(f"{group}={name!r}: not available here ({install})")
         if group:
             options = ", ".join(group_options(group, config_dir))
@@ -212,19 +207,28 @@ def compose_run(overrides: list[str], config_dir: Path | None = None) -> RunConf
     return to_run_config(compose_dict(overrides, config_dir))
 
 
+def _sweep_values(override: Any) -> list[str]:
+    """An override's values as jobs: each of a choice or range, the two ends of an interval (a
+    search samples between them: checking both ends checks the values it can draw)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    if not override.is_sweep_override():
+        return [override.input_line]
+    key, value = override.get_key_element(), override.value()
+    if isinstance(value, IntervalSweep):
+        return [f"{key}={value.start}", f"{key}={value.end}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+
 def split_sweep(overrides: list[str]) -> list[list[str]]:
-    """Expand multirun overrides (`a=1,2 b=x,y`) into one override list per job (Hydra's rules)."""
+    """Expand multirun overrides (`a=1,2 b=x,y`) into one override list per job (Hydra's rules;
+    an interval, which only a search sweeper takes, as its two ends)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
-        axes = [
-            [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
-            if o.is_sweep_override()
-            else [o.input_line]
-            for o in parsed
-        ]
+        axes = [_sweep_values(o) for o in parsed]
     except HydraException as exc:
         raise _hydra_error(exc) from None
     return [list(job) for job in itertools.product(*axes)]

@@ -776,7 +776,7 @@ class SlurmConfig:
     template: Literal["auto", "single_node", "multi_node", "multi_node_srun"] = "auto"
     """slurm/ template `python -m launcher.slurm` renders: auto = single_node for one node, else
     multi_node (torchrun per node); multi_node_srun = one srun task per device"""
-    time: str = "24:00:00"
+    time: str | int = "24:00:00"
     """time limit (sbatch --time: MINUTES, HH:MM:SS or D-HH:MM:SS)"""
     partition: str | None = None
     """sbatch --partition; null = the cluster's default"""
@@ -805,6 +805,8 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         if isinstance(self.extra, str):
             object.__setattr__(self, "extra", slurm_options(self.extra))
+        if isinstance(self.time, int):  # slurm.time=90: Hydra reads minutes as a number
+            object.__setattr__(self, "time", str(self.time))
         _require(
             bool(SLURM_TIME.match(self.time)),
             "slurm.time",
@@ -894,9 +896,18 @@ class RunConfig:
     """the eval accuracy a run should reach: the plan checks that trainer.epochs suffice at this
     global batch, from an earlier run's noise scale (launcher/prior.py); null = the earlier run's
     own final result"""
+    objective: Literal["eval_accuracy", "eval_loss", "samples_to_target"] = "eval_accuracy"
+    """what each job returns to a Hydra sweeper (launcher/objective.py): the final eval accuracy
+    (maximize), the final eval loss, or the samples to target_accuracy (minimize)"""
 
     def __post_init__(self) -> None:
         _require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")
+        _require(
+            self.objective != "samples_to_target" or self.target_accuracy is not None,
+            "objective",
+            self.objective,
+            "needs target_accuracy (the eval accuracy whose samples it counts)",
+        )
         _require(
             self.micro_batch == "auto" or self.micro_batch > 0,
             "micro_batch",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -47,6 +48,26 @@ REFUSED = {
 }
 SHOW = ("cfg", "info", "shell_completion", "hydra_help")  # Hydra prints something, trains nothing
 PLACEMENT = ("run_dir", "hydra.run.dir", "hydra.sweep.dir")
+LAUNCHERS = {  # the hydra/launcher options a sweep can use: where they run each job
+    "basic": "one after another in this process",
+    "joblib": "in parallel, in worker processes on this machine (one process per job)",
+    "submitit_local": "in parallel, as local processes (one process per job)",
+    "submitit_slurm": "as Slurm jobs, each on the cluster's nodes x devices",
+}
+SWEEPERS = ("basic", "optuna")
+FROM_CLUSTER = {  # hydra.launcher keys the launcher sets for submitit_slurm: where they come from
+    "nodes": "cluster.nodes",
+    "tasks_per_node": "cluster.devices_per_node",
+    "gpus_per_node": "cluster.devices_per_node",
+    "cpus_per_task": "slurm.cpus_per_task",
+    "mem_gb": "slurm.mem",
+    "mem_per_gpu": "slurm.mem_per_gpu",
+    "timeout_min": "slurm.time",
+    "partition": "slurm.partition",
+    "account": "slurm.account",
+    "signal_delay_s": "slurm.signal_seconds",
+    "additional_parameters": "slurm.extra",
+}
 
 
 class Failed(BaseException):
@@ -55,6 +76,19 @@ class Failed(BaseException):
     def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
+
+
+class Carried(Exception):
+    """A job's error in a Hydra launcher plugin's process (a joblib worker, a submitit task).
+    Hydra keeps it in the job's result, which goes back pickled; it arrives as Failed, so the
+    launching process says it in one line with the launcher's exit code."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+    def __reduce__(self) -> tuple:
+        return Failed, (self.error,)
 
 
 @dataclass
@@ -131,7 +165,9 @@ def main(argv: list[str]) -> None:
     from launcher.job import create_run_dir, reuses_run_dir, validate
     from launcher.topology import from_env
 
-    jobs = validate(checked, multirun, config_dir)
+    plugin = _plugins(overrides, multirun)
+    slurm = _slurm_shape(checked, multirun, config_dir) if plugin == "submitit_slurm" else None
+    jobs = validate(checked, multirun, config_dir, launched=slurm)
     rank = from_env().rank
     several = jobs.workers > 1 or jobs.launched.world_size > 1
     if _value(overrides, "hydra.job.chdir") in ("true", "True") and several:
@@ -139,6 +175,7 @@ def main(argv: list[str]) -> None:
             "hydra.job.chdir=true: honoured where one process trains; with several, the other "
             "ranks learn rank 0's folder only once connected (use absolute paths instead)"
         )
+    extra = _plugin_settings(plugin, jobs, overrides)
     where, target, new = [], chosen, []
     if rank > 0:  # Hydra's outputs of this process go nowhere; it trains in rank 0's folder
         scratch = tempfile.mkdtemp(prefix="launcher-rank-")
@@ -158,13 +195,120 @@ def main(argv: list[str]) -> None:
     global CONTEXT
     CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, tuple(jobs.run_dirs))
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
-    args.overrides = [*prepare_overrides(user, config_dir)[1], *where]
+    args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
     try:
         _run(args)
     except Failed as failed:
         if rank == 0 and isinstance(failed.error, ConfigError):  # bad input: nothing written
             _discard(Path(target), new, kept)
         raise
+
+
+def _plugins(overrides: list[str], multirun: bool) -> str:
+    """The hydra/launcher chosen (basic when none), after refusing what cannot be honoured."""
+    from launcher.topology import from_env
+
+    launcher = _value(overrides, "hydra/launcher") or "basic"
+    sweeper = _value(overrides, "hydra/sweeper") or "basic"
+    if launcher not in LAUNCHERS:
+        ok = "; ".join(f"{name}: {how}" for name, how in LAUNCHERS.items())
+        raise ConfigError(f"hydra/launcher={launcher!r}: not supported; choose {ok}")
+    if sweeper not in SWEEPERS:
+        raise ConfigError(
+            f"hydra/sweeper={sweeper!r}: not supported; choose basic (a grid) or optuna (a search)"
+        )
+    for key, name in (("hydra/launcher", launcher), ("hydra/sweeper", sweeper)):
+        if name != "basic" and not multirun:
+            raise ConfigError(
+                f"{key}={name}: runs the jobs of a sweep; add -m (a single run ignores it)"
+            )
+    if launcher != "basic" and from_env().started:
+        raise ConfigError(
+            f"hydra/launcher={launcher}: starts each job's processes itself; run the sweep as a "
+            "plain python -m launcher -m, not under torchrun, accelerate, deepspeed or srun"
+        )
+    return launcher
+
+
+def _slurm_shape(overrides: list[str], multirun: bool, config_dir: Path | None) -> Any:
+    """The processes each submitit_slurm job trains on: the cluster's nodes x devices, one Slurm
+    task per device (topology.slurm_env turns srun's variables into torch's)."""
+    from launcher.compose import compose_run, split_sweep
+    from launcher.slurm import check_shape
+    from launcher.topology import Topology
+
+    cfg = compose_run(split_sweep(overrides)[0] if multirun else overrides, config_dir)
+    check_shape(cfg)
+    c = cfg.cluster
+    world = int(c.nodes) * int(c.devices_per_node)
+    source = "hydra/launcher=submitit_slurm"
+    return Topology(world, 0, 0, int(c.devices_per_node), c.device, source, True)
+
+
+def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
+    """Overrides for the chosen launcher and sweeper: submitit_slurm's job shape and resources
+    from cluster.* and slurm.*, the sweeper's direction from the objective."""
+    found: list[str] = []
+    if plugin in ("joblib", "submitit_local") and (jobs.workers or jobs.launched.world_size > 1):
+        raise ConfigError(
+            f"hydra/launcher={plugin}: runs one process per job; for jobs of "
+            f"{max(jobs.workers, jobs.launched.world_size)} processes use hydra/launcher=basic "
+            "(trainer.devices) or submitit_slurm"
+        )
+    if plugin == "submitit_slurm":
+        found += _submitit(jobs.configs, overrides)
+    if (_value(overrides, "hydra/sweeper") or "basic") != "basic":
+        from launcher.objective import DIRECTION
+
+        objectives = {cfg.objective for cfg in jobs.configs}
+        if len(objectives) > 1:
+            raise ConfigError("-m: a search cannot vary objective (what it optimises)")
+        objective = objectives.pop()
+        direction, given = DIRECTION[objective], _value(overrides, "hydra.sweeper.direction")
+        if given is not None and given != direction:
+            raise ConfigError(
+                f"hydra.sweeper.direction={given}: objective={objective} is to {direction}; "
+                "drop the direction (the launcher sets it) or choose another objective"
+            )
+        found.append(f"hydra.sweeper.direction={direction}")
+    return found
+
+
+def _submitit(configs: list[Any], overrides: list[str]) -> list[str]:
+    """hydra.launcher.* for submitit_slurm, from the jobs' cluster and slurm settings (one
+    launcher config per sweep: they cannot vary); the same sbatch options the templates get."""
+    from launcher.slurm import resources
+
+    first = configs[0]
+    for cfg in configs[1:]:
+        for key in ("cluster", "slurm"):
+            if getattr(cfg, key) != getattr(first, key):
+                raise ConfigError(
+                    f"-m: with hydra/launcher=submitit_slurm a sweep cannot vary {key}.* (one "
+                    "Slurm job shape per sweep); launch one sweep per setting"
+                )
+    for key, source in FROM_CLUSTER.items():
+        given = (o.partition("=")[0].lstrip("+").split(".") for o in overrides)
+        if any(parts[:3] == ["hydra", "launcher", key] for parts in given):
+            raise ConfigError(
+                f"hydra.launcher.{key}: the launcher sets it from {source}; set that instead"
+            )
+    c, s = first.cluster, first.slurm
+    tasks = int(c.devices_per_node)
+    found = {"nodes": c.nodes, "tasks_per_node": tasks, "signal_delay_s": s.signal_seconds}
+    sbatch = resources(first, tasks)
+    found["cpus_per_task"] = int(sbatch.pop("cpus-per-task"))
+    if c.device == "cuda":
+        found["gpus_per_node"] = tasks
+    for key in ("partition", "account"):
+        if getattr(s, key):
+            found[key] = getattr(s, key)
+    sbatch |= {"time": s.time, "requeue": ""}
+    sbatch |= dict(option[2:].partition("=")[::2] for option in s.extra)
+    extra = "+hydra.launcher.additional_parameters"  # more sbatch options, written as given
+    return [f"hydra.launcher.{k}={v}" for k, v in found.items()] + [
+        f"{extra}.{k}={v!r}" if v else f"{extra}.{k}=true" for k, v in sbatch.items()
+    ]
 
 
 RECORDS = (".hydra/*.yaml", "launcher.log", "multirun.yaml", "*/.hydra/*.yaml", "*/launcher.log")
@@ -224,8 +368,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def task(cfg: Any) -> float | None:
-    """One job, as Hydra hands it over; returns its final eval accuracy (eval loss without
-    one), the value a sweeper would optimise."""
+    """One job, as Hydra hands it over; returns its objective (launcher/objective.py), the value
+    a sweeper optimises (None on ranks > 0 and under plan_only)."""
     from launcher.plan import OutOfMemoryAtOneSample
     from launcher.preemption import Stopped
     from launcher.spawn import WorkersFailed
@@ -233,30 +377,47 @@ def task(cfg: Any) -> float | None:
     try:
         return _task(cfg)
     except (ConfigError, OutOfMemoryAtOneSample, Stopped, WorkersFailed) as exc:
+        if CONTEXT is None:  # a plugin's process: the error goes back with the job's result
+            raise Carried(exc) from None
         raise Failed(exc) from None  # the launcher's own outcomes: cli.py gives their exit codes
+
+
+def _elsewhere(hydra: Any) -> Context:
+    """The context of a job that a Hydra launcher plugin runs in another process (a joblib
+    worker, a submitit task), from the job itself: the config folder from Hydra's search path,
+    the processes from the environment (srun's tasks under submitit_slurm), the run folder
+    Hydra made (every task of a Slurm job gets the same one)."""
+    from launcher.topology import from_env, slurm_env
+
+    os.environ.update(slurm_env(os.environ))
+    launched = from_env()
+    folders = [
+        Path(source.path)
+        for source in hydra.runtime.config_sources
+        if source.provider == "command-line" and source.schema == "file"
+    ]
+    return Context(folders[0] if folders else None, launched, 0, launched.rank)
 
 
 def _task(cfg: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from launcher import objective
     from launcher.compose import DEFAULT_RECIPE, check_clashes, config_dir_args
     from launcher.config import to_run_config
     from launcher.job import execute, on_device, start_workers
+    from launcher.report import read_job
     from launcher.topology import resolve
 
-    context = CONTEXT
-    if context is None:  # a Hydra launcher that runs the job in another process
-        raise ConfigError(
-            "hydra/launcher: this launcher runs jobs in other processes, which the launcher does "
-            "not support yet; use hydra/launcher=basic"
-        )
     hydra = HydraConfig.get()
+    context = CONTEXT or _elsewhere(hydra)
     choices = dict(hydra.runtime.choices)
     check_clashes(choices, context.config_dir)
     node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     run_dir = Path(hydra.runtime.output_dir)
-    if context.rank > 0:  # Hydra's folder here is scratch; the run's (to resume from) is this
+    if context.rank > 0 and context.run_dirs:  # Hydra's folder here is scratch; the run's is this
         run_dir = context.run_dirs[int(hydra.job.num) if context.run_dirs[1:] else 0]
     node |= {"recipe": choices.get("recipe@_global_", DEFAULT_RECIPE), "run_dir": str(run_dir)}
     run_cfg = to_run_config(node)
@@ -267,6 +428,15 @@ def _task(cfg: Any) -> float | None:
         worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *worker]
         start_workers(context.workers, [*args, f"hydra.run.dir={run_dir}"])
-        return None
+        return None  # the workers' rank 0 trained: its records are in run_dir
     result = execute(run_cfg, launched, run_dir)
-    return result.get("eval_accuracy", result.get("eval_loss"))
+    if context.rank > 0 or run_cfg.plan_only:
+        return None
+    searched = hydra.mode == RunMode.MULTIRUN and "BasicSweeper" not in hydra.sweeper._target_
+    try:
+        records = read_job(Path(result["run_dir"]))[1]
+        return objective.value(run_cfg.objective, records, run_cfg.target_accuracy)
+    except ConfigError:
+        if searched:  # the sweeper needs the value
+            raise
+        return None

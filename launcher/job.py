@@ -126,9 +126,11 @@ def validate(
     multirun: bool,
     config_dir: Path | None = None,
     provided: dict[str, dict] | None = None,
+    launched: Topology | None = None,
 ) -> Jobs:
     """Compose and check every job before anything is written: its config, its plan for the
-    processes that will train it, its trackers, its run folder."""
+    processes that will train it (`launched`: those a Hydra launcher plugin will start, else
+    this process's), its trackers, its run folder."""
     from launcher.compose import compose_dict, split_sweep
     from launcher.config import to_run_config
     from launcher.topology import from_env, local_processes, slurm_env
@@ -142,7 +144,7 @@ def validate(
                 "setting"
             )
     os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
-    launched = from_env()
+    launched = launched or from_env()
     workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
     # plan_only plans for the workers without starting them: the dry run is the real run
     workers_started = 0 if all(cfg.plan_only for cfg in configs) else workers

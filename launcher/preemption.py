@@ -1,11 +1,14 @@
 """Stop at a step boundary when the job is asked to, with a checkpoint, and requeue under Slurm.
 
-SIGUSR1 is what the slurm/ templates ask Slurm to send before the time limit (`--signal`): the
-run saves a checkpoint at the next step boundary, rank 0 runs `scontrol requeue`, and the requeued
-job resumes from it (resume=auto, same run_dir). SIGTERM (scancel, a preempting scheduler, `kill`)
-saves and stops without requeueing, so a cancelled job stays cancelled. The handlers only record
-the signal: a second one during the save changes nothing. All ranks decide together at the step
-boundary (job.py gathers the flags), so they stop after the same step.
+SIGUSR1 is what the slurm/ templates ask Slurm to send before the time limit (`--signal`): the run
+saves a checkpoint at the next step boundary, rank 0 runs `scontrol requeue`, and the requeued job
+resumes from it (resume=auto, same run_dir). SIGUSR2, which hydra/launcher=submitit_slurm asks for,
+does the same (in place of submitit's own handler, which would requeue at once, without a
+checkpoint of the step in progress); the requeued job runs the same sweep job again and resumes.
+SIGTERM (scancel, a preempting scheduler, `kill`) saves and stops without requeueing, so a
+cancelled job stays cancelled. The handlers only record the signal: a second one during the save
+changes nothing. All ranks decide together at the step boundary (job.py gathers the flags), so they
+stop after the same step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 REQUEUE, STOP = signal.SIGUSR1, signal.SIGTERM
-BITS = {REQUEUE: 2, STOP: 4}  # bit 1 belongs to the checkpoint clock (job.py)
+BITS = {REQUEUE: 2, STOP: 4, signal.SIGUSR2: 8}  # bit 1 belongs to the checkpoint clock (job.py)
 EXIT_CODE = 3
 _received: set[int] = set()
 
@@ -34,7 +37,7 @@ def _record(signum: int, frame: object) -> None:
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Record SIGUSR1 and SIGTERM instead of dying, for the duration of a job."""
+    """Record SIGUSR1, SIGUSR2 and SIGTERM instead of dying, for the duration of a job."""
     _received.clear()
     previous = {sig: signal.signal(sig, _record) for sig in BITS}
     try:

@@ -29,6 +29,10 @@ Over the sweep:
   efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
   samples per second of B_0-equivalent progress.
 
+An Optuna search's folder (hydra/sweeper=optuna) reads as a grid's: its trials are the job
+folders; the report adds the search's best trial (optimization_results.yaml) and the job that
+ran it.
+
 Given one run's folder instead, it prints that run's batch-size advice (launcher/advice.py)
 with its history (launcher/history.py) and writes training.png there (or to --out).
 
@@ -532,6 +536,44 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _ran(job_dir: Path, params: dict) -> bool:
+    """Whether a job folder's .hydra/overrides.yaml holds every one of `params`."""
+    import yaml
+
+    try:
+        given = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        values = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in given)}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    for key, value in params.items():
+        got = values.get(key)
+        same = got == value or (
+            isinstance(got, (int, float)) and isinstance(value, float) and math.isclose(got, value)
+        )
+        if not same:
+            return False
+    return True
+
+
+def search_lines(sweep_dir: Path, jobs: list[Path]) -> list[str]:
+    """The best trial of an Optuna search (its optimization_results.yaml) and the job folder
+    that ran it; [] for a grid."""
+    import yaml
+
+    path = sweep_dir / "optimization_results.yaml"
+    if not path.is_file():
+        return []
+    try:
+        found = yaml.safe_load(path.read_text())
+        params, best = dict(found["best_params"]), float(found["best_value"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{str(path)!r}: not an Optuna search's results ({exc})") from None
+    ran = sorted((d.name for d in jobs if _ran(d, params)), key=_name_key)
+    where = f"job {', '.join(ran)}" if ran else "no job folder here ran it"
+    chosen = " ".join(f"{k}={v}" for k, v in params.items())
+    return [f"- Search (optuna): best objective {best:.6g} at {chosen} ({where})."]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog=f"python -m {PROG}",
@@ -551,9 +593,11 @@ def main(argv: list[str] | None = None) -> int:
         if (args.sweep_dir / "plan.json").is_file():  # one run: its batch-size advice
             return print_run_advice(args.sweep_dir, args.target, args.out)
         target = 0.95 if args.target is None else args.target
-        jobs = [summarize_job(d.name, *read_job(d), target) for d in find_jobs(args.sweep_dir)]
+        folders = find_jobs(args.sweep_dir)
+        jobs = [summarize_job(d.name, *read_job(d), target) for d in folders]
         summary = summarize_sweep(jobs, target)
         text = format_report(summary, str(args.sweep_dir))
+        text += "".join(f"{line}\n" for line in search_lines(args.sweep_dir, folders))
         out = args.out or args.sweep_dir
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out={str(out)!r}: not a directory")

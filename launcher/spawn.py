@@ -27,6 +27,9 @@ class WorkersFailed(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self) -> tuple:  # back from a Hydra launcher plugin's process
+        return WorkersFailed, (self.code, self.message)
+
 
 def spawn(processes: int, args: list[str]) -> None:
     """Run `python -m launcher ARGS` as `processes` local workers; WorkersFailed if one fails."""

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.conftest import run_process
+from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli, run_process
 
 PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
 
@@ -35,7 +35,30 @@ def _bad(args: list[str], tmp_path, monkeypatch, capsys) -> str:
         (["--experimental-rerun", "x.pickle"], "it unpickles a file"),
         (["--bogus"], "--bogus: unknown option; options are Hydra's"),
         (["--info", "nonsense"], "invalid choice: 'nonsense'"),
-        (["hydra/launcher=nosuch"], "hydra/launcher='nosuch': not available here"),
+        (["-m", "hydra/launcher=nosuch"], "hydra/launcher='nosuch': not supported; choose basic"),
+        (["-m", "hydra/sweeper=ax"], "hydra/sweeper='ax': not supported; choose basic (a grid)"),
+        (["hydra/launcher=joblib"], "hydra/launcher=joblib: runs the jobs of a sweep; add -m"),
+        (["hydra/sweeper=optuna"], "hydra/sweeper=optuna: runs the jobs of a sweep; add -m"),
+        (["-m", "hydra/launcher=joblib", "trainer.devices=2"], "runs one process per job; for"),
+        (["-m", "hydra/launcher=submitit_slurm"], "cluster.nodes=auto: a Slurm job needs the"),
+        (
+            ["-m", "hydra/launcher=submitit_slurm", "cluster=a100x8", "hydra.launcher.nodes=3"],
+            "hydra.launcher.nodes: the launcher sets it from cluster.nodes; set that instead",
+        ),
+        (
+            ["-m", "hydra/launcher=submitit_slurm", "cluster=a100x8", "slurm.time=60,120"],
+            "with hydra/launcher=submitit_slurm a sweep cannot vary slurm.*",
+        ),  # one Slurm job shape and limit per sweep
+        (
+            ["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=minimize"],
+            "hydra.sweeper.direction=minimize: objective=eval_accuracy is to maximize",
+        ),
+        (
+            ["objective=samples_to_target", "target_accuracy=null"],
+            "objective='samples_to_target': needs target_accuracy",
+        ),
+        (["-m", "global_batch=interval(64,128)"], "global_batch=64.0: must be an integer"),
+        (["slurm.extra=--qos=high"], "'slurm.extra=--qos=high': not an override Hydra can read"),
         (["run_dir=a", "hydra.run.dir=b"], "run_dir is an alias of hydra.run.dir; give one"),
         (["-m", "run_dir=a", "hydra.sweep.dir=b"], "run_dir is an alias of hydra.sweep.dir"),
         (["hydra.job.chdir=true", "trainer.devices=2"], "hydra.job.chdir=true: honoured where"),
@@ -46,14 +69,24 @@ def test_bad_hydra_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch
     assert message in _bad(args, tmp_path, monkeypatch, capsys)
 
 
-def test_a_missing_plugin_names_its_install_command(tmp_path, monkeypatch, capsys) -> None:
-    try:
-        import hydra_plugins.hydra_joblib_launcher  # noqa: F401
-    except ImportError:
-        err = _bad(["hydra/launcher=joblib"], tmp_path, monkeypatch, capsys)
-        assert "(pip install hydra-joblib-launcher)" in err
-    else:
-        pytest.skip("hydra-joblib-launcher is installed here")
+@pytest.mark.parametrize(
+    ("option", "install"),
+    [
+        ("hydra/launcher/joblib", "pip install 'globalbatch[joblib]'"),
+        ("hydra/launcher/submitit_slurm", "pip install 'globalbatch[slurm]'"),
+        ("hydra/sweeper/optuna", "pip install 'globalbatch[search]'"),
+    ],
+)
+def test_a_missing_plugin_names_its_install_command(option, install) -> None:
+    """What Hydra raises when the option's plugin is not installed, as the launcher says it (the
+    plugins are installed here, so the error is made as Hydra makes it)."""
+    from hydra.errors import MissingConfigException
+
+    from launcher.compose import _hydra_error
+
+    error = _hydra_error(MissingConfigException("not found", missing_cfg_file=option))
+    group, _, name = option.rpartition("/")
+    assert str(error) == f"{group}={name!r}: not available here ({install})"
 
 
 def test_hydra_run_dir_places_the_run_with_hydras_records(tmp_path, monkeypatch) -> None:
@@ -112,3 +145,104 @@ def test_flags_that_show_and_train_nothing(tmp_path) -> None:
     assert "Hydra (" in launcher("--hydra-help")
     assert "usage: python -m launcher" in launcher("--help")  # the launcher's own help
     assert list(tmp_path.iterdir()) == []
+
+
+def test_joblib_runs_a_sweeps_jobs_in_worker_processes(one_rank_reference, tmp_path, data_cache):
+    """hydra/launcher=joblib: two jobs of the same global batch in joblib's worker processes, each
+    with Hydra's records, each equal to one process's training (float64, 1e-10)."""
+    import torch
+
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16,32"]
+    res = run_cli(["-m", "hydra/launcher=joblib", *args, "hydra.sweep.dir=sw"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Joblib.Parallel(" in res.stdout + res.stderr
+    for job, micro in (("0", 16), ("1", 32)):
+        run = tmp_path / "sw" / job
+        assert f"micro_batch={micro}" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert (run / "launcher.log").exists() and (run / ".hydra" / "config.yaml").exists()
+        for name, value in one_rank_reference.items():
+            torch.testing.assert_close(final_state(run)[name], value, atol=1e-10, rtol=0)
+
+
+def test_an_error_in_a_plugins_process_comes_back_as_one_line() -> None:
+    """A job's error in a joblib worker or a submitit task travels pickled inside Hydra's job
+    result and arrives as Failed, which cli.py turns into one line and the launcher's exit code."""
+    import pickle
+
+    from launcher.config import ConfigError
+    from launcher.hydra_app import Carried, Failed
+    from launcher.spawn import WorkersFailed
+
+    for error in (ConfigError("objective='eval_accuracy': no accuracy"), WorkersFailed(3, "x")):
+        back = pickle.loads(pickle.dumps(Carried(error)))
+        assert isinstance(back, Failed) and type(back.error) is type(error)
+        assert str(back.error) == str(error)
+    assert pickle.loads(pickle.dumps(WorkersFailed(3, "x"))).code == 3
+
+
+def test_submitit_slurm_gets_its_shape_and_resources_from_the_cluster() -> None:
+    from launcher.compose import compose_run
+    from launcher.hydra_app import _submitit
+
+    extra = ["slurm.partition=gpu", "slurm.extra=--qos high --exclusive", "slurm.time=90"]
+    cfg = compose_run(["cluster=h100x256", *extra])
+    found = _submitit([cfg], [])
+    add = "+hydra.launcher.additional_parameters"
+    assert found == [
+        "hydra.launcher.nodes=32",
+        "hydra.launcher.tasks_per_node=8",  # one Slurm task per device (topology.slurm_env)
+        "hydra.launcher.signal_delay_s=120",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.gpus_per_node=8",
+        "hydra.launcher.partition=gpu",
+        f"{add}.mem-per-gpu='80G'",
+        f"{add}.time='90'",
+        f"{add}.requeue=true",
+        f"{add}.qos='high'",
+        f"{add}.exclusive=true",
+    ]
+
+
+def test_an_interval_is_checked_at_both_ends() -> None:
+    from launcher.compose import split_sweep
+
+    jobs = split_sweep(["optim.base_lr=tag(log, interval(0.01, 0.1))", "global_batch=64,128"])
+    assert jobs == [
+        ["optim.base_lr=0.01", "global_batch=64"],
+        ["optim.base_lr=0.01", "global_batch=128"],
+        ["optim.base_lr=0.1", "global_batch=64"],
+        ["optim.base_lr=0.1", "global_batch=128"],
+    ]
+
+
+def test_an_optuna_search_returns_each_jobs_objective(tmp_path, data_cache) -> None:
+    """hydra/sweeper=optuna over lr x global batch: a small real study (3 trials). The best
+    trial's value is the best of the jobs' final eval accuracies as their metrics.jsonl hold
+    them, the direction is the objective's, and the report reads the folder as a grid's."""
+    small = [f"data.cache_dir={data_cache}", "data.num_samples=2000", "trainer.epochs=0.5"]
+    search = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"]
+    space = ["optim.base_lr=interval(0.01,0.1)", "global_batch=choice(32,64)"]
+    quiet = ["trainer.progress=false", "trainer.tensorboard=false", "hydra.sweep.dir=sw"]
+    res = run_cli(["-m", *search, *space, *small, *quiet], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Directions: ['maximize']" in res.stdout + res.stderr
+    sweep = tmp_path / "sw"
+    accuracy = {
+        job.name: [r for r in read_metrics(job) if "eval_accuracy" in r][-1]["eval_accuracy"]
+        for job in sweep.iterdir()
+        if job.is_dir()
+    }
+    assert sorted(accuracy) == ["0", "1", "2"]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["best_value"] == max(accuracy.values())
+    chosen = [f"{k}={v}" for k, v in results["best_params"].items()]
+    (best,) = [  # the trial Optuna names: the job that ran those values, and its accuracy
+        job
+        for job in accuracy
+        if set(chosen) <= set(yaml.safe_load((sweep / job / ".hydra/overrides.yaml").read_text()))
+    ]
+    assert accuracy[best] == results["best_value"]
+    report = run_process([sys.executable, "-m", "launcher.report", str(sweep)], tmp_path)
+    assert report.returncode == 0, report.stderr
+    line = f"- Search (optuna): best objective {results['best_value']:.6g} at "
+    assert line in report.stdout and f"(job {best})." in report.stdout

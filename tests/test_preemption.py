@@ -62,14 +62,15 @@ def test_signals_stop_after_a_checkpoint_and_the_rerun_matches(
     _same(final_state(tmp_path / "run"), one_rank_reference)
 
 
-def test_sigusr1_outside_a_working_slurm_says_the_requeue_failed(tmp_path, data_cache):
+@pytest.mark.parametrize("sig", ["USR1", "USR2"])  # USR2: what submitit_slurm asks Slurm for
+def test_sigusr_outside_a_working_slurm_says_the_requeue_failed(sig, tmp_path, data_cache):
     cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
-    env = {"LAUNCHER_TEST_KILL": "2:step:USR1", "SLURM_JOB_ID": "987654", "PATH": "/nonexistent"}
+    env = {"LAUNCHER_TEST_KILL": f"2:step:{sig}", "SLURM_JOB_ID": "987654", "PATH": "/nonexistent"}
     res = run_cli(cmd, tmp_path, env=env)
     assert res.returncode == 3, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(  # the run folder as Hydra gives it: absolute
-        f"launcher: stopped by SIGUSR1 after step 2 of 5; checkpoint {tmp_path}/run/checkpoints/"
+        f"launcher: stopped by SIG{sig} after step 2 of 5; checkpoint {tmp_path}/run/checkpoints/"
         "step-000000002.pt; scontrol requeue 987654 failed ("
     ), last
     assert last.endswith("resubmit the job to continue")

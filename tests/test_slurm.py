@@ -217,3 +217,26 @@ def test_rendered_job_trains_a_users_project_from_the_installed_wheel(
     assert "_target_: waves.model.WaveNet" in config
     evals = [m["eval_accuracy"] for m in read_metrics(run) if "eval_accuracy" in m]
     assert evals[-1] >= 0.95
+
+
+@pytest.mark.slow
+def test_submitit_sweep_trains_each_job_on_two_nodes(
+    slurm, one_rank_reference, tmp_path, data_cache
+):
+    """hydra/launcher=submitit_slurm: a 2-job sweep (micro-batch 16 and 32 at global batch 64)
+    becomes a Slurm array of two jobs, each on the 2 emulated nodes x 1 process (srun tasks, the
+    launcher's own topology detection), each equal to one process's training."""
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16,32", *TWO_NODES]
+    sweep = ["-m", "hydra/launcher=submitit_slurm", *args, "hydra.sweep.dir=sw"]
+    res = run_process([sys.executable, "-m", "launcher", *sweep], tmp_path, env=slurm.env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (script,) = (tmp_path / "sw").glob(".submitit/*/*_submission.sh")
+    options = set(re.findall(r"^#SBATCH (\S+)$", script.read_text(), re.MULTILINE))
+    assert options >= {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--mem=0"}
+    assert options >= {"--requeue", "--signal=USR2@120", "--time=24:00:00"}
+    for job in ("0", "1"):
+        run = tmp_path / "sw" / job
+        plan = (run / "plan.json").read_text()
+        assert '"world_size": 2' in plan and "on 2 node(s), srun in Slurm job " in plan
+        assert (run / ".hydra" / "overrides.yaml").exists()
+        _same(final_state(run), one_rank_reference)
