@@ -186,6 +186,21 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
     return node
 
 
+def check_composes(overrides: list[str], config_dir: Path | None = None) -> None:
+    """Hydra composes these overrides (values are not resolved: --cfg shows them as written), or
+    one-line ConfigError."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = prepare_overrides(overrides, config_dir)[1]
+    try:
+        with _hydra(config_dir):
+            compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _hydra_error(exc, config_dir) from None
+
+
 def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[str, list[str]]:
     """(recipe, the overrides as Hydra composes them): the recipe selected as a global package
     and registered when built in, the launcher's own group options set with `++`."""

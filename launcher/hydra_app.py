@@ -14,9 +14,15 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    hydra.sweep.dir=DIR under -m: the jobs go to DIR/0, DIR/1, ...); both given, they must agree.
    Neither given: outputs/<recipe>/<time> (-2, -3 ... when taken), outputs/<recipe>/multirun-<time>
    for a sweep, or .../slurm-<job id> under Slurm (a requeued job finds its run again).
-4. Hydra runs the jobs (its basic launcher, one after another): each folder gets
-   .hydra/{config,hydra,overrides}.yaml and launcher.log, then the task trains the job
-   (job.execute), or starts its trainer.devices workers with hydra.run.dir set to the folder.
+4. Hydra runs the jobs: each folder gets .hydra/{config,hydra,overrides}.yaml and launcher.log,
+   then the task trains the job (job.execute), or starts its trainer.devices workers with
+   hydra.run.dir set to the folder, and returns the job's objective (launcher/objective.py).
+   The basic launcher runs them here, one after another; joblib and submitit_local in other
+   processes on this machine (one process per job), submitit_slurm as Slurm jobs of the
+   cluster's shape (hydra.launcher.* set from cluster.* and slurm.*; validate planned for that
+   world). A job in another process has no Context: it finds its own (_elsewhere), and its
+   errors go back inside Hydra's pickled job result (Carried -> Failed). The optuna sweeper's
+   direction is set from the objective.
 5. Every other process of a job (ranks > 0 started by torchrun, accelerate, deepspeed or srun, and
    trainer.devices workers) runs the same command; their Hydra outputs go to a temporary folder
    deleted at exit, and they train in rank 0's folder (the backend broadcasts it).
@@ -99,7 +105,10 @@ class Context:
     launched: Any  # the topology the jobs train on (job.Jobs.launched)
     workers: int  # trainer.devices workers each job starts (0: it trains in this process)
     rank: int = 0
-    run_dirs: tuple[Path, ...] = ()  # job.validate's folders: where ranks > 0 look for a resume
+    # ranks > 0: Hydra's folder for them (scratch) and the run's or sweep's real one; a job's
+    # folder is the real one + its path under scratch (hydra.sweep.subdir, whatever it is)
+    scratch: Path | None = None
+    real: Path | None = None
 
 
 CONTEXT: Context | None = None
@@ -154,6 +163,10 @@ def main(argv: list[str]) -> None:
     overrides = list(args.overrides)
     if any(getattr(args, key) for key in SHOW):
         if not args.hydra_help:  # Hydra's help composes its own config, without the primary
+            from launcher.compose import check_composes, split_sweep
+
+            multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
+            check_composes(split_sweep(overrides)[0] if multirun else overrides, config_dir)
             args.overrides = prepare_overrides(overrides, config_dir)[1]
         _run(args)
         return
@@ -176,7 +189,7 @@ def main(argv: list[str]) -> None:
             "ranks learn rank 0's folder only once connected (use absolute paths instead)"
         )
     extra = _plugin_settings(plugin, jobs, overrides)
-    where, target, new = [], chosen, []
+    where, target, new, scratch = [], chosen, [], None
     if rank > 0:  # Hydra's outputs of this process go nowhere; it trains in rank 0's folder
         scratch = tempfile.mkdtemp(prefix="launcher-rank-")
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
@@ -193,7 +206,9 @@ def main(argv: list[str]) -> None:
         new = _new_dirs(Path(chosen))
     kept = _records(Path(target)) if rank == 0 else {}
     global CONTEXT
-    CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, tuple(jobs.run_dirs))
+    real = Path(chosen) if chosen else jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+    scratch_dir = Path(scratch) if scratch else None
+    CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, scratch_dir, real.absolute())
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
     args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
     try:
@@ -417,8 +432,8 @@ def _task(cfg: Any) -> float | None:
     check_clashes(choices, context.config_dir)
     node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     run_dir = Path(hydra.runtime.output_dir)
-    if context.rank > 0 and context.run_dirs:  # Hydra's folder here is scratch; the run's is this
-        run_dir = context.run_dirs[int(hydra.job.num) if context.run_dirs[1:] else 0]
+    if context.scratch is not None and context.real is not None:  # a rank > 0: where it resumes
+        run_dir = context.real / run_dir.relative_to(context.scratch)
     node |= {"recipe": choices.get("recipe@_global_", DEFAULT_RECIPE), "run_dir": str(run_dir)}
     run_cfg = to_run_config(node)
     launched = context.launched

@@ -59,6 +59,7 @@ def _bad(args: list[str], tmp_path, monkeypatch, capsys) -> str:
         ),
         (["-m", "global_batch=interval(64,128)"], "global_batch=64.0: must be an integer"),
         (["slurm.extra=--qos=high"], "'slurm.extra=--qos=high': not an override Hydra can read"),
+        (["--cfg", "job", "nosuch=1"], "Could not override 'nosuch'"),  # shown, so checked too
         (["run_dir=a", "hydra.run.dir=b"], "run_dir is an alias of hydra.run.dir; give one"),
         (["-m", "run_dir=a", "hydra.sweep.dir=b"], "run_dir is an alias of hydra.sweep.dir"),
         (["hydra.job.chdir=true", "trainer.devices=2"], "hydra.job.chdir=true: honoured where"),
@@ -246,3 +247,26 @@ def test_an_optuna_search_returns_each_jobs_objective(tmp_path, data_cache) -> N
     assert report.returncode == 0, report.stderr
     line = f"- Search (optuna): best objective {results['best_value']:.6g} at "
     assert line in report.stdout and f"(job {best})." in report.stdout
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_from_a_sweep_jobs_own_subdir(one_rank_reference, tmp_path, data_cache):
+    """torchrun x 2 ranks, -m with hydra.sweep.subdir=b${global_batch}: rank 1's Hydra folder is
+    scratch, and it must look for the checkpoint where rank 0 trains (sw/b64, not sw/0). Stopped
+    after step 3, then resumed: both ranks go on from step 3 and end with one process's
+    parameters (a rank that started over would not)."""
+    import torch
+
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16"]
+    sweep = ["-m", *args, "hydra.sweep.dir=sw", "hydra.sweep.subdir=b${global_batch}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    first = run_cli([*sweep, "trainer.stop_after_samples=192"], tmp_path, prefix=torchrun)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli(sweep, tmp_path, prefix=[*torchrun, "--master_port", "29547"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = tmp_path / "sw" / "b64"
+    assert "resuming from" in again.stdout and not (tmp_path / "sw" / "0").exists()
+    steps = [m["step"] for m in read_metrics(run) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5]
+    for name, value in one_rank_reference.items():
+        torch.testing.assert_close(final_state(run)[name], value, atol=1e-10, rtol=0)
