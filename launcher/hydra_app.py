@@ -124,7 +124,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError(message)
 
     parser.error = error  # argparse prints its usage and exits 2; the launcher says one line
-    args, unknown = parser.parse_known_args([a for a in argv if not a.startswith(LOCAL_RANK)])
+    args, unknown = parser.parse_known_intermixed_args(  # overrides before and after flags
+        [a for a in argv if not a.startswith(LOCAL_RANK)]
+    )
     if unknown:
         raise ConfigError(
             f"{unknown[0]}: unknown option; options are Hydra's (-m, --config-dir, --cfg, --info, "
@@ -285,6 +287,15 @@ def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
                 f"hydra.sweeper.direction={given}: objective={objective} is to {direction}; "
                 "drop the direction (the launcher sets it) or choose another objective"
             )
+        if objective != "eval_loss":
+            from launcher.probe import gives_accuracy
+
+            distinct = {repr((c.model, c.data, c.loss)): c for c in jobs.configs}
+            if not all(gives_accuracy(cfg) for cfg in distinct.values()):
+                raise ConfigError(
+                    f"objective={objective}: this model's outputs are not class scores of integer "
+                    "targets, so its evaluation gives no accuracy; use objective=eval_loss"
+                )
         found.append(f"hydra.sweeper.direction={direction}")
     return found
 

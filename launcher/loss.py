@@ -109,7 +109,7 @@ class UserLoss:
     def eval_counts(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
         loss = full(self.fn(outputs, y)).double().sum()
         n = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
-        if _classifies(outputs, y):
+        if classifies(outputs, y):
             scores = full(outputs).reshape(-1, outputs.shape[-1])
             correct = (scores.argmax(dim=-1) == y.reshape(-1)).sum().double()
             predictions = torch.tensor(float(y.numel()), device=y.device, dtype=torch.float64)
@@ -118,7 +118,8 @@ class UserLoss:
         return torch.stack([correct, predictions, loss, n])
 
 
-def _classifies(outputs: Any, y: torch.Tensor) -> bool:
+def classifies(outputs: Any, y: torch.Tensor) -> bool:
+    """Outputs that are class scores of integer targets (the targets' shape + (classes,))."""
     return (
         isinstance(outputs, torch.Tensor)
         and not y.is_floating_point()

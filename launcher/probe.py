@@ -93,6 +93,27 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.zero_grad(set_to_none=True)
 
 
+def gives_accuracy(cfg: RunConfig) -> bool:
+    """Whether the run's evaluation reports accuracy: the built-in cross-entropy always does;
+    your loss where the model's outputs are class scores of integer targets, which one forward
+    of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
+    counts as giving it: the run then says so when it evaluates)."""
+    from launcher.config import CrossEntropyConfig
+    from launcher.data import data_spec
+    from launcher.loss import classifies
+
+    if isinstance(cfg.loss, CrossEntropyConfig):
+        return True
+    spec = data_spec(cfg.data)
+    try:
+        with fake_mode(), torch.device("cpu"):
+            model = build_model(cfg.model, spec)
+            x, y = fake_batch(spec, 2, "cpu", torch.get_default_dtype())
+            return classifies(model(x), y)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return True
+
+
 def _names(cfg: RunConfig) -> str:
     """model and data as the user chose them, for messages."""
 

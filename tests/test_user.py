@@ -19,7 +19,7 @@ import launcher
 from launcher.cli import main
 from launcher.compose import compose_run
 from launcher.config import ConfigError, to_dict, to_run_config
-from tests.conftest import ROOT, final_state, run_cli, run_process
+from tests.conftest import ROOT, final_state, read_metrics, run_cli, run_process
 from tests.user_project import PACKAGE, write_project
 
 
@@ -55,9 +55,9 @@ def test_help_lists_the_users_recipes_and_group_options(project, capsys):
     assert main(["--help", "--config-dir", str(project / "conf")]) == 0
     out = capsys.readouterr().out
     assert "cifar10, gpt_small, mnist1d, resnet50, resnet50_lars, tiny" in out
-    assert "model=branchy|broken|cnn1d|gpt|mlp|not_module|resnet50|tiny;" in out
+    assert "model=branchy|broken|cnn1d|gpt|mlp|not_module|resnet50|scalar|tiny;" in out
     assert "data=cifar10|imagefolder|mnist1d|points|synthetic|text;" in out
-    assert "loss=cross_entropy|mean|per_sample;" in out
+    assert "loss=cross_entropy|mean|per_sample|squared;" in out
     assert main(["--help"]) == 0
     assert "tiny" not in capsys.readouterr().out
 
@@ -173,6 +173,23 @@ def test_bad_user_input_is_one_line_exit_2_nothing_written(
     for part in (message,) if isinstance(message, str) else message:
         assert part in err, err
     assert list(run_here.work.iterdir()) == []
+
+
+def test_a_search_needs_an_objective_the_model_gives(project, run_here):
+    """A regression head has no accuracy: searching for it is refused before anything runs (a
+    forward on fake tensors shows it); its eval loss is a search's objective."""
+    args = ["--config-dir", str(project / "conf"), "+recipe=tiny", "model=scalar", "loss=squared"]
+    search = ["-m", "hydra/sweeper=optuna", "optim.base_lr=interval(0.01,0.1)"]
+    code, _, err = run_here([*search, *args])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "objective=eval_accuracy: this model's outputs are not class scores" in err
+    assert list(run_here.work.iterdir()) == []
+    one = ["objective=eval_loss", "hydra.sweeper.n_trials=1", "hydra.sweep.dir=sw"]
+    code, out, err = run_here([*search, *args, *one])
+    assert code == 0, err
+    results = yaml.safe_load((run_here.work / "sw" / "optimization_results.yaml").read_text())
+    evals = [r for r in read_metrics(run_here.work / "sw" / "0") if "eval_loss" in r]
+    assert results["best_value"] == evals[-1]["eval_loss"] and "eval_accuracy" not in evals[-1]
 
 
 def test_builtin_model_on_data_it_cannot_take_is_one_line(run_here):

@@ -97,6 +97,14 @@ def per_sample(outputs, targets):
 
 def mean_loss(outputs, targets):
     return F.cross_entropy(outputs, targets)
+
+
+def make_scalar(features):  # one number per sample: a regression head, no class scores
+    return nn.Sequential(nn.Linear(features, 1), nn.Flatten(0))
+
+
+def squared(outputs, targets):
+    return (outputs - targets.float()) ** 2
 '''
 
 FILES = {
@@ -138,6 +146,8 @@ FILES = {
     """,
     "conf/loss/per_sample.yaml": f"_target_: {PACKAGE}.parts.per_sample\n_partial_: true\n",
     "conf/loss/mean.yaml": f"_target_: {PACKAGE}.parts.mean_loss\n_partial_: true\n",
+    "conf/loss/squared.yaml": f"_target_: {PACKAGE}.parts.squared\n_partial_: true\n",
+    "conf/model/scalar.yaml": f"_target_: {PACKAGE}.parts.make_scalar\nfeatures: 6\n",
 }
 
 
