@@ -454,13 +454,13 @@ def _task(cfg: Any) -> float | None:
         worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *worker]
         start_workers(context.workers, [*args, f"hydra.run.dir={run_dir}"])
-        return None  # the workers' rank 0 trained: its records are in run_dir
-    result = execute(run_cfg, launched, run_dir)
+    else:
+        run_dir = Path(execute(run_cfg, launched, run_dir)["run_dir"])
     if context.rank > 0 or run_cfg.plan_only:
         return None
     searched = hydra.mode == RunMode.MULTIRUN and "BasicSweeper" not in hydra.sweeper._target_
-    try:
-        records = read_job(Path(result["run_dir"]))[1]
+    try:  # from the records rank 0 wrote (here, or in the trainer.devices workers' rank 0)
+        records = read_job(run_dir)[1]
         return objective.value(run_cfg.objective, records, run_cfg.target_accuracy)
     except ConfigError:
         if searched:  # the sweeper needs the value

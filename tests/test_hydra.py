@@ -270,3 +270,19 @@ def test_every_rank_resumes_from_a_sweep_jobs_own_subdir(one_rank_reference, tmp
     assert steps == [1, 2, 3, 4, 5]
     for name, value in one_rank_reference.items():
         torch.testing.assert_close(final_state(run)[name], value, atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_search_reads_the_objective_of_trainer_devices_workers(tmp_path, data_cache) -> None:
+    """trainer.devices=2 under the optuna sweeper: the job's workers train, and the objective
+    comes from the records their rank 0 wrote in the job's folder."""
+    small = [f"data.cache_dir={data_cache}", "data.num_samples=2000", "trainer.epochs=0.2"]
+    search = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "objective=eval_loss"]
+    quiet = ["trainer.progress=false", "trainer.tensorboard=false", "hydra.sweep.dir=sw"]
+    args = ["-m", *search, "optim.base_lr=interval(0.01,0.1)", "trainer.devices=2", *small]
+    res = run_cli([*args, *quiet], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert '"world_size": 2' in (tmp_path / "sw" / "0" / "plan.json").read_text()
+    results = yaml.safe_load((tmp_path / "sw" / "optimization_results.yaml").read_text())
+    evals = [r for r in read_metrics(tmp_path / "sw" / "0") if "eval_loss" in r]
+    assert results["best_value"] == evals[-1]["eval_loss"]
