@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -268,6 +269,38 @@ def split_config_dir(args: list[str]) -> tuple[Path | None, list[str]]:
         else:
             rest.append(arg)
     return (user_config_dir(found) if found is not None else None), rest
+
+
+PLAIN = re.compile(r"[\w/.\-+:@~]+")  # a value Hydra's grammar reads as written, unquoted
+
+
+def hydra_quote(text: str) -> str:
+    """`text` (a path, say) as a Hydra override value that reads back as exactly `text`: as is
+    when plain, else quoted, with `${` escaped (no interpolation) and a trailing `\\` doubled."""
+    if PLAIN.fullmatch(text):
+        return text
+    body = text.replace("${", "\\${")
+    quote = "'" if "'" not in text else '"'
+    if quote in text:
+        body = body.replace(quote, f"\\{quote}")
+    if body.endswith("\\"):  # a trailing backslash would escape the closing quote
+        body += "\\"
+    return f"{quote}{body}{quote}"
+
+
+def override_value(override: str) -> str:
+    """The value of one `key=value` override as Hydra reads it (quotes and escapes undone)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    raw = override.partition("=")[2]
+    if PLAIN.fullmatch(raw) or not raw:
+        return raw
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except HydraException as exc:
+        raise _hydra_error(exc) from None
+    return raw if not isinstance(value, str) else value.replace("\\${", "${")  # as resolved
 
 
 def config_dir_args(config_dir: Path | None) -> list[str]:

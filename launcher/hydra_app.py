@@ -139,8 +139,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _value(overrides: list[str], key: str) -> str | None:
-    found = [o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+") == key]
-    return found[-1] if found else None
+    """The value the last override of `key` gives, as Hydra reads it (unquoted), or None."""
+    from launcher.compose import override_value
+
+    found = [o for o in overrides if o.partition("=")[0].lstrip("+") == key]
+    return override_value(found[-1]) if found else None
 
 
 def placement(overrides: list[str], multirun: bool) -> str | None:
@@ -156,7 +159,7 @@ def placement(overrides: list[str], multirun: bool) -> str | None:
 
 def main(argv: list[str]) -> None:
     """Check, then hand the jobs to Hydra. Raises ConfigError (bad input) or Failed (a job)."""
-    from launcher.compose import prepare_overrides, user_config_dir
+    from launcher.compose import hydra_quote, prepare_overrides, user_config_dir
 
     args = parse(argv)
     config_dir = user_config_dir(args.config_dir) if args.config_dir else None
@@ -176,7 +179,7 @@ def main(argv: list[str]) -> None:
     chosen = placement(overrides, multirun)
     checked = [o for o in overrides if o.partition("=")[0] not in PLACEMENT]
     if chosen is not None:
-        checked.append(f"run_dir={chosen}")
+        checked.append(f"run_dir={hydra_quote(chosen)}")
     from launcher.job import create_run_dir, reuses_run_dir, validate
     from launcher.topology import from_env
 
@@ -201,9 +204,9 @@ def main(argv: list[str]) -> None:
         folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
         new = _new_dirs(folder)
         target = create_run_dir(folder, explicit=reuses_run_dir(jobs.configs[0]))
-        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={target}"]
+        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_quote(str(target))}"]
     elif _value(overrides, "hydra.sweep.dir" if multirun else "hydra.run.dir") is None:
-        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={chosen}"]
+        where = [f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_quote(chosen)}"]
     if rank == 0 and chosen is not None:
         new = _new_dirs(Path(chosen))
     kept = _records(Path(target)) if rank == 0 else {}
@@ -431,7 +434,7 @@ def _task(cfg: Any) -> float | None:
     from omegaconf import OmegaConf
 
     from launcher import objective
-    from launcher.compose import DEFAULT_RECIPE, check_clashes, config_dir_args
+    from launcher.compose import DEFAULT_RECIPE, check_clashes, config_dir_args, hydra_quote
     from launcher.config import to_run_config
     from launcher.job import execute, on_device, start_workers
     from launcher.report import read_job
@@ -453,7 +456,7 @@ def _task(cfg: Any) -> float | None:
         task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
         worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *worker]
-        start_workers(context.workers, [*args, f"hydra.run.dir={run_dir}"])
+        start_workers(context.workers, [*args, f"hydra.run.dir={hydra_quote(str(run_dir))}"])
     else:
         run_dir = Path(execute(run_cfg, launched, run_dir)["run_dir"])
     if context.rank > 0 or run_cfg.plan_only:

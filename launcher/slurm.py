@@ -94,7 +94,8 @@ def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
     if c.device == "cuda":
         options.append(f"--gpus-per-node={c.devices_per_node}")
     options += [f"--{k}={v}" if v else f"--{k}" for k, v in resources(cfg, tasks).items()]
-    options += [f"--time={s.time}", f"--chdir={workdir}", f"--output={run_dir}/slurm-%j.out"]
+    output = str(run_dir).replace("%", "%%")  # sbatch expands %j, %x ... in it; %% is a %
+    options += [f"--time={s.time}", f"--chdir={workdir}", f"--output={output}/slurm-%j.out"]
     options += [f"--partition={s.partition}"] if s.partition else []
     options += [f"--account={s.account}"] if s.account else []
     options += [f"--signal=USR1@{s.signal_seconds}"] if s.signal_seconds else []
@@ -153,10 +154,11 @@ def job_script(
     config_dir: Path | None = None,
 ) -> str:
     """The rendered job.sbatch text."""
-    from launcher.compose import config_dir_args
+    from launcher.compose import config_dir_args, hydra_quote
 
     name = template_name(cfg)
-    args = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    args = [o for o in overrides if not o.startswith("run_dir=")]
+    args.append(f"run_dir={hydra_quote(str(run_dir))}")
     args = config_dir_args(config_dir) + args
     c = cfg.cluster
     setup = [
@@ -171,14 +173,26 @@ def job_script(
         joined = shlex.quote(":".join(folders))
         setup.append(f'export PYTHONPATH={joined}"${{PYTHONPATH:+:$PYTHONPATH}}"')
     setup.append("set -- " + " ".join(shlex.quote(a) for a in args) + ' "$@"')
-    for line in setup:
-        if any(ord(ch) < 32 for ch in line):
+    options = [sbatch_option(o) for o in directives(cfg, run_dir, workdir)]
+    for line in [*options, *setup]:  # every value that reaches the script, in its context
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in line):
             raise ConfigError(
                 f"a value for the sbatch script holds a control character: {line!r}; it cannot "
                 "be written safely"
             )
     template = (slurm_dir() / f"{name}.sbatch").read_text()
-    return render(template, directives(cfg, run_dir, workdir), setup)
+    return render(template, options, setup)
+
+
+def sbatch_option(option: str) -> str:
+    """An option as an #SBATCH line must hold it: sbatch splits the line at whitespace, ends it at
+    a `#` and reads `\\` and `"` as escape and quote, so a value holding any of them goes in
+    double quotes with `\\` and `"` escaped (--output="/runs/my run/slurm-%j.out")."""
+    name, eq, value = option.partition("=")
+    if not eq or not any(ch.isspace() or ch in '"\\#' for ch in value):
+        return option
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{name}="{escaped}"'
 
 
 def submit(script: Path) -> str:

@@ -82,6 +82,39 @@ def test_render_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path, ove
     assert not list(tmp_path.iterdir())
 
 
+HOSTILE = "x\ntouch pwned"  # the issue's injection: bash ran the line after the newline
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["run_dir", "cluster.name", "slurm.partition", "slurm.account", "slurm.extra", "cd", "cwd"],
+)
+def test_no_value_reaches_the_sbatch_script_unsafely(tmp_path, key) -> None:
+    """Every value the rendered script holds (#SBATCH options, the comment, the shell words)
+    with a newline: refused in one line, exit 2, no script written (sbatch would also have
+    stopped reading #SBATCH lines at it, dropping --requeue and --signal)."""
+    cwd, args = tmp_path, [*TWO_NODES]
+    if key in ("cd", "cwd"):
+        folder = tmp_path / HOSTILE
+        folder.mkdir()
+        cwd = folder if key == "cwd" else tmp_path
+        args += [f"--config-dir={folder}"] if key == "cd" else []
+    else:
+        args.append(f"{key}='{HOSTILE}'")
+    res = run_process([sys.executable, "-m", "launcher.slurm", *args], cwd)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("launcher: error: ") and "Traceback" not in res.stderr
+    assert not list(tmp_path.rglob("*.sbatch")) and not list(tmp_path.rglob("pwned"))
+
+
+def test_hydra_quote_reads_back_as_written() -> None:
+    from launcher.compose import hydra_quote, override_value
+
+    for text in ["/runs/a", '/r w#1/"a" 5%', "it's", "a${x}b", "both'\"", "end\\", "a,b", "x=y"]:
+        assert override_value(f"run_dir={hydra_quote(text)}") == text
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     reason = skip_reason()
@@ -240,3 +273,15 @@ def test_submitit_sweep_trains_each_job_on_two_nodes(
         assert '"world_size": 2' in plan and "on 2 node(s), srun in Slurm job " in plan
         assert (run / ".hydra" / "overrides.yaml").exists()
         _same(final_state(run), one_rank_reference)
+
+
+@pytest.mark.slow
+def test_a_run_dir_with_spaces_quotes_and_percent_trains_where_it_says(slurm, tmp_path, data_cache):
+    """sbatch splits #SBATCH lines at spaces, ends them at #, expands % in --output: the script
+    quotes and escapes for it, and Hydra reads the run_dir it passes back as written."""
+    run = tmp_path / "my runs #1" / 'b "64" 5%'
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", *TWO_NODES[1:], "cluster.nodes=1"]
+    job = _submit(slurm, tmp_path, [*args, f"run_dir='{run}'"])
+    assert slurm.wait(job, timeout=600) == "COMPLETED", (slurm.job_info(job), _output(run)[-3000:])
+    assert (run / f"slurm-{job}.out").exists() and (run / "model_final.pt").exists()
+    assert '#SBATCH --output="' in (run / "job.sbatch").read_text()
