@@ -665,6 +665,9 @@ class MemoryConfig:
     """held back from the budget (fragmentation, workspaces, what the probe cannot see)"""
     cache_dir: str = "~/.cache/launcher/memory"
     """measured profiles, keyed by everything that changes them"""
+    cache: Literal["use", "refresh", "off"] = "use"
+    """use: read and write the cache; refresh: measure again and overwrite (also forgets the
+    out-of-memory ceilings it holds); off: neither read nor write it"""
 
     def __post_init__(self) -> None:
         _require(

@@ -29,6 +29,7 @@ from launcher.config import MemoryConfig
 
 GB = 1024**3  # the config's *_gb values are GiB, as nvidia-smi and torch report them
 PROBE_SIZES = (2, 8)
+CEILING_SLACK = 1.1  # an out-of-memory error at budget B still counts for budgets up to 1.1 B
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,31 @@ class MemoryProfile:
     overhead_bytes: int
     points: tuple[tuple[int, int], ...]  # (micro, measured peak) of the probe steps
     source: str  # measured | cached | estimated
+    # (budget bytes, micro-batch) of out-of-memory errors in training: evidence about one size
+    # under one budget (fragmentation, other tenants), kept apart from the measured lines
+    ceilings: tuple[tuple[int, int], ...] = ()
 
     def peak(self, micro: int) -> int:
         return self.overhead_bytes + max(c + a * micro for c, a in self.lines)
 
-    def max_micro(self, budget_bytes: int) -> int:
+    def line_cap(self, budget_bytes: int) -> int:
         """Largest micro-batch whose predicted peak fits the budget (0 if none)."""
         room = budget_bytes - self.overhead_bytes
         fits = [(room - c) // a if a else (1 << 40 if c <= room else -1) for c, a in self.lines]
         return max(min(fits), 0)
+
+    def ceiling(self, budget_bytes: int) -> int | None:
+        """Below the smallest micro-batch that ran out of memory under a budget at least this one
+        less CEILING_SLACK (a run with no more room: free memory moves a little between runs);
+        None without one. Never below 1: an out-of-memory error lowers a cap, it does not refuse
+        a run the measured lines allow."""
+        failed = [m for budget, m in self.ceilings if budget * CEILING_SLACK >= budget_bytes]
+        return max(min(failed) - 1, 1) if failed else None
+
+    def max_micro(self, budget_bytes: int) -> int:
+        """The cap: the measured lines' (0 if one sample does not fit), under any ceiling."""
+        cap, ceiling = self.line_cap(budget_bytes), self.ceiling(budget_bytes)
+        return min(cap, ceiling) if cap >= 1 and ceiling is not None else cap
 
     @property
     def per_sample_bytes(self) -> int:
@@ -227,9 +244,12 @@ def load_cached(cache_dir: str, key_parts: dict[str, Any]) -> tuple[MemoryProfil
         lines = tuple((int(c), int(a)) for c, a in data["lines"])
         points = tuple((int(n), int(p)) for n, p in data["points"])
         overhead = int(data["overhead_bytes"])
+        ceilings = tuple((int(b), int(m)) for b, m in data.get("ceilings", ()))
         if not lines or min(min(c, a) for c, a in lines) < 0 or overhead < 0 or len(points) < 2:
             raise ValueError("negative or missing values")
-        profile = MemoryProfile(lines, overhead, points, "cached")
+        if any(b < 1 or m < 2 for b, m in ceilings):
+            raise ValueError("a ceiling below 2 samples or without a budget")
+        profile = MemoryProfile(lines, overhead, points, "cached", ceilings)
         return profile, f"cache entry {path}"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"corrupt cache entry {path} ignored ({type(exc).__name__})"

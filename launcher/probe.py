@@ -283,7 +283,7 @@ def measured_cap(
     """(cap, what the plan reports) from this device's profile, minimum over all ranks."""
     budget, budget_why = budget_bytes(cfg.memory, free_bytes(device, local_processes))
     key = _cache_key(cfg, spec, plan, device)
-    profile, note = load_cached(cfg.memory.cache_dir, key)
+    profile, note = _cached(cfg, key)
     steps = 0
     if profile is None:
         (n1, trace1), (n2, trace2) = _first_traces(cfg, spec, plan, device)
@@ -305,7 +305,7 @@ def measured_cap(
                 overhead_bytes=max(observed - predicted, 0),  # what the tensor count missed
                 points=(*profile.points, (micro, observed)),
             )
-        note = f"{note}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+        note = f"{note}; {_save(cfg, key, profile)}"
     profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
     cap = all_min(profile.max_micro(budget))
     if cap < 1:
@@ -362,13 +362,13 @@ def estimated_cap(
                 ) from exc
 
     key = _cache_key(cfg, spec, plan, FAKE)
-    profile, cached = load_cached(cfg.memory.cache_dir, key)
+    profile, cached = _cached(cfg, key)
     note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
     if profile is None:
         n1, n2 = PROBE_SIZES
         profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
         try:
-            note = f"{note}; {cached}; saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+            note = f"{note}; {cached}; {_save(cfg, key, profile)}"
         except OSError as exc:  # plan_only needs no cache: say so, plan anyway
             note = f"{note}; {cached}; not cached ({exc})"
     else:
@@ -385,19 +385,52 @@ def estimated_cap(
     return cap, _report(profile, budget, budget_why, cap, 0, note)
 
 
+def _cached(cfg: RunConfig, key: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
+    """The cache entry under memory.cache=use; none (measure again) under refresh and off."""
+    if cfg.memory.cache != "use":
+        return None, f"memory.cache={cfg.memory.cache}: not read"
+    return load_cached(cfg.memory.cache_dir, key)
+
+
+def _save(cfg: RunConfig, key: dict[str, Any], profile: MemoryProfile) -> str:
+    if cfg.memory.cache == "off":
+        return "not saved (memory.cache=off)"
+    return f"saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+
+
+def _ceiling_note(profile: MemoryProfile, budget: int) -> str:
+    """What an earlier out-of-memory error does to this cap, for the plan's memory row."""
+    ceiling, cap = profile.ceiling(budget), profile.line_cap(budget)
+    if ceiling is None or cap < 1 or ceiling >= cap:
+        return ""
+    return (
+        f" (capped at {ceiling:,}; the measured lines allow {cap:,}: {ceiling + 1:,} samples ran "
+        "out of memory in an earlier run with no more room; memory.cache=refresh forgets it)"
+    )
+
+
+MAX_CEILINGS = 8  # out-of-memory records kept per cache entry (the newest)
+
+
 def record_oom(
     cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, report: dict, micro: int
 ) -> None:
-    """Teach the cached profile that `micro` did not fit: raise its overhead past the budget."""
+    """Keep in the cached profile that `micro` ran out of memory under this budget: a ceiling
+    for runs with no more room, beside the measured lines, which stay as measured (one event on
+    one device at one moment says nothing about the model's bytes per sample)."""
+    if cfg.memory.cache == "off" or micro < 2:  # at 1 sample the run stops: nothing to lower
+        return
     key = _cache_key(cfg, spec, plan, device)
     lines = tuple(tuple(line) for line in report["lines"])
     extra = backend_overhead(cfg, spec, plan)[0]  # added on load, so not stored
     points = tuple(map(tuple, report["points"]))
-    profile = MemoryProfile(lines, report["overhead_bytes"] - extra, points, "")
-    missing = report["budget_bytes"] + 1 - (profile.peak(micro) + extra)
-    if missing > 0:
-        profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + missing)
-        save_cached(cfg.memory.cache_dir, key, profile)
+    stored, _ = load_cached(cfg.memory.cache_dir, key)  # earlier events of this run too
+    known = stored.ceilings if stored is not None else map(tuple, report.get("ceilings", ()))
+    ceilings = (*known, (report["budget_bytes"], micro))
+    profile = MemoryProfile(
+        lines, report["overhead_bytes"] - extra, points, "", ceilings[-MAX_CEILINGS:]
+    )
+    save_cached(cfg.memory.cache_dir, key, profile)
 
 
 def _report(
@@ -409,6 +442,7 @@ def _report(
         "budget_bytes": budget,
         "cap": cap,
         "probe_steps": steps,
-        "reason": f"{profile.describe()}; budget {budget_why}; fits {cap:,} samples",
+        "reason": f"{profile.describe()}; budget {budget_why}; fits {cap:,} samples"
+        + _ceiling_note(profile, budget),
         "note": note,
     }

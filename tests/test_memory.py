@@ -17,7 +17,7 @@ from launcher.data import data_spec
 from launcher.memory import GB, MemoryProfile, StorageMeter, budget_bytes, fit_traces, upper_lines
 from launcher.plan import plan_batch
 from launcher.probe import _step, estimated_cap, measured_cap, probe_peak
-from tests.conftest import composed
+from tests.conftest import composed, run_cli
 
 
 def test_storage_meter_counts_bytes_exactly():
@@ -223,6 +223,51 @@ def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
     results = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert results[0]["cap"] == results[1]["cap"] == results[1]["local_fit"]
     assert results[0]["local_fit"] > results[1]["local_fit"]  # rank 0 alone would pick more
+
+
+def test_an_out_of_memory_error_is_a_ceiling_not_a_new_line() -> None:
+    """(budget, micro) that ran out of memory caps runs with no more room below it, never below
+    1 sample, and leaves the measured lines (and so every other budget) alone."""
+    lines = ((1000, 100),)
+    p = MemoryProfile(lines, 0, (), "cached", ceilings=((5000, 20), (3000, 30)))
+    assert p.line_cap(5000) == 40 and p.max_micro(5000) == 19  # the ceiling at this budget
+    assert p.max_micro(2500) == 15  # less room: the lines are lower than both ceilings
+    assert p.max_micro(3000) == 19 and p.ceiling(3000) == 19  # the smaller failed size wins
+    assert p.max_micro(5500) == 19  # within 10%: free memory moves a little between runs
+    assert p.max_micro(9000) == 80  # more room than any failure had: the lines alone
+    tiny = MemoryProfile(lines, 0, (), "cached", ceilings=((5000, 2),))
+    assert tiny.max_micro(5000) == 1  # a ceiling lowers a cap, it never refuses a run
+    assert tiny.max_micro(900) == 0  # what the measured lines refuse stays refused
+    assert p.peak(10) == MemoryProfile(lines, 0, (), "measured").peak(10)
+
+
+@pytest.mark.slow
+def test_one_out_of_memory_event_does_not_poison_later_runs(tmp_path, data_cache):
+    """The issue's reproduction: an injected out-of-memory error at step 5 of a run; then runs of
+    the same config still plan, at a budget of 10 GiB too (refused before: the cache had grown
+    the fixed overhead past the failed size), and memory.cache=refresh measures again."""
+    cache = tmp_path / "memcache"
+    args = [f"data.cache_dir={data_cache}", "data.num_samples=4000", "trainer.epochs=1"]
+    args += [f"memory.cache_dir={cache}", "trainer.progress=false", "trainer.tensorboard=false"]
+    hit = run_cli([*args, "run_dir=hit"], tmp_path, env={"LAUNCHER_TEST_OOM": "0:5:64"})
+    assert hit.returncode == 0, hit.stderr[-3000:]
+    assert "OUT OF MEMORY on rank(s) [0] at step 5 with micro-batch 512" in hit.stderr
+    (entry,) = cache.glob("*.json")
+    stored = json.loads(entry.read_text())
+    assert [micro for _, micro in stored["ceilings"]] == [512, 256, 128]  # 64 fitted
+    assert stored["lines"] == json.loads(entry.read_text())["lines"]
+    short = ["trainer.epochs=0.2", "checkpoint.keep=1"]
+    for name, budget in (("small", ["memory.budget_gb=10"]), ("same", [])):
+        run = run_cli([*args, *short, *budget, f"run_dir={name}"], tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        row = next(line for line in run.stdout.splitlines() if line.startswith("memory "))
+        assert "fits 127 samples (capped at 127;" in row, row  # the lines themselves unchanged
+    fresh = run_cli([*args, *short, "memory.cache=refresh", "run_dir=r"], tmp_path)
+    assert fresh.returncode == 0 and "capped" not in fresh.stdout, fresh.stderr[-3000:]
+    assert (
+        "ceilings" not in json.loads(entry.read_text())
+        or not json.loads(entry.read_text())["ceilings"]
+    )
 
 
 def test_an_out_of_memory_in_training_teaches_the_cache(tmp_path):
