@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         return _help(args)
+    from launcher.guard import Diverged
     from launcher.plan import OutOfMemoryAtOneSample
     from launcher.preemption import Stopped
     from launcher.spawn import WorkersFailed
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         code = exc.exit_code
         message = str(exc)  # not an error: the run continues from its checkpoint
+    except Diverged as exc:
+        code, message = exc.exit_code, str(exc)
     except WorkersFailed as exc:
         code = exc.code
         message = exc.message and f"launcher: error: {exc.message}"

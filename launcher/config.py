@@ -7,6 +7,7 @@ raises `ConfigError` naming the key, the value and what is allowed. No torch imp
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -564,6 +565,14 @@ class TrainerConfig:
     noise_window: float = 0.05
     """time constant of the noise-scale moving averages as a fraction of the run's samples (each
     step weighs by its batch: small batches average over more steps)"""
+    nonfinite_limit: int = 3
+    """steps in a row with a non-finite loss or gradient (each skipped: nothing applied) before
+    the run stops as diverged (exit 4)"""
+    spike_factor: float = 5.0
+    """a step whose loss is above this x the mean of the last 20 applied steps (on any rank) is
+    a loss_spike event; 0 = no check"""
+    skip_spikes: bool = False
+    """do not apply a loss-spike step (its samples are consumed, nothing learned)"""
     stop_after_samples: int = 0
     """end the run early at the first step whose consumed samples (counted from the run's start)
     reach this: evaluate, save, stop; plan and LR schedule unchanged, so resuming without it trains
@@ -581,6 +590,9 @@ class TrainerConfig:
             "must be > 0",
         )
         _require(self.log_every > 0, "trainer.log_every", self.log_every, "must be > 0")
+        limit = self.nonfinite_limit
+        _require(limit >= 1, "trainer.nonfinite_limit", limit, "must be >= 1")
+        _require(self.spike_factor >= 0, "trainer.spike_factor", self.spike_factor, "must be >= 0")
         _require(
             self.stop_after_samples >= 0,
             "trainer.stop_after_samples",
@@ -984,6 +996,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _require(ok, key, value, "must be a number")
+        _require(math.isfinite(value), key, value, "must be a finite number")
         return float(value)
     if hint is str:
         _require(isinstance(value, str), key, value, "must be a string")

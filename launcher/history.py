@@ -98,6 +98,7 @@ def format_history(records: list[dict], found_probes: list[dict]) -> list[str]:
             f"{SPIKE_SIGMAS:g} robust sigmas over the median of the {SPIKE_WINDOW} before them, "
             f"or not finite: {shown}{more}"
         )
+    lines += _health_lines(records)
     for p in found_probes:
         crossed = p.get("interpolated")
         lines.append(
@@ -106,5 +107,21 @@ def format_history(records: list[dict], found_probes: list[dict]) -> list[str]:
             f"{p['tolerance']:.1%} of the k=1 branch's eval loss"
             + (f", crossing at ~{crossed:,.0f}" if crossed else "")
             + ")"
+        )
+    return lines
+
+
+def _health_lines(records: list[dict]) -> list[str]:
+    """The steps the run's health check flagged (launcher/guard.py): non-finite ones (skipped)
+    and loss spikes (skipped under trainer.skip_spikes)."""
+    lines = []
+    for kind, what in (("non_finite", "non-finite step(s)"), ("loss_spike", "loss spike(s)")):
+        found = [e for e in records if e.get("event") == kind]
+        if not found:
+            continue
+        steps = ", ".join(f"{e['step']:,}" for e in found[:8]) + (" ..." if found[8:] else "")
+        skipped = sum(1 for e in found if e.get("skipped"))
+        lines.append(
+            f"  {what}: {len(found)} at step(s) {steps}; {skipped} skipped (not learned from)"
         )
     return lines

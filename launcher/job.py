@@ -320,6 +320,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     from launcher.backends import build_backend
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits, eval_loader, loader_settings, train_loader
+    from launcher.guard import Diverged, Health, params_finite, state_message
     from launcher.loss import build_loss
     from launcher.metrics import MetricsSink, open_trackers
     from launcher.models import build_model
@@ -463,6 +464,8 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         due |= bool(bits & 1) or bool(stop)
         path = None
         if due and plan.checkpoints:
+            if any(backend.flags(int(not params_finite(model)))):  # never a non-finite checkpoint
+                raise Diverged(state_message(step, "checkpoint"))
             sink.pause()  # saving is not training time
             measured = {"train_s": sink.train_seconds()}
             if meter is not None:
@@ -546,6 +549,9 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             meter=meter,
             loss_fn=loss_fn,
             grow=grow if cfg.ramp.mode == "adaptive" else None,
+            health=Health(cfg.trainer.spike_factor),
+            skip_spikes=cfg.trainer.skip_spikes,
+            nonfinite_limit=cfg.trainer.nonfinite_limit,
         )
         final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
         if plan.stop_step is not None:  # ended early: resuming without the stop trains on
@@ -553,7 +559,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         if backend.device.type == "cuda":  # what training needed, against the plan's prediction
             final["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
         with backend.gathered(model):
-            final["param_digest"] = check_replicas(model, backend)
+            final["param_digest"] = check_replicas(model, backend, plan.end_step)
             weights = backend.state_dict(model)
         if main:
             torch.save(weights, run_dir / "model_final.pt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -75,6 +76,13 @@ def tensorboard_tag(key: str) -> str:
         return f"eval/{key.removeprefix('eval_')}"
     group = next((g for g, keys in TAG_GROUPS.items() if key in keys), "run")
     return f"{group}/{key}"
+
+
+def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
+    """A record with non-finite numbers as None (null in JSON, nothing in TensorBoard)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
 
 
 class MetricsSink:
@@ -158,7 +166,8 @@ class MetricsSink:
         line up); trackers get them at `step`."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        record = finite_or_none(record)  # valid JSON always: a non-finite number is null
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         scalars = {
             k: v
             for k, v in record.items()

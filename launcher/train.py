@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from launcher.backends.base import Backend
+from launcher.guard import NON_FINITE, OOM, SPIKE, Diverged, Health, state_message, stop_message
 from launcher.loss import CrossEntropy, UserLoss
 from launcher.metrics import MetricsSink
 from launcher.noise_meter import NoiseMeter
@@ -87,8 +89,11 @@ def train_step(
     meter: NoiseMeter | None = None,
     split: bool = False,
     loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
-) -> torch.Tensor:
-    """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss."""
+    health: Health | None = None,
+    skip_spikes: bool = False,
+) -> torch.Tensor | Skipped:
+    """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss,
+    or Skipped (not applied) when `health` flags it on any rank."""
     total = accumulate(
         model,
         micro_batches,
@@ -99,8 +104,46 @@ def train_step(
         split=split,
         loss_fn=loss_fn,
     )
+    return _checked(model, optimizer, backend, plan, meter, total, 0, health, skip_spikes)
+
+
+class Skipped:
+    """A step that was not applied: its flag bits on each rank (guard.py)."""
+
+    def __init__(self, flags: list[int], loss: torch.Tensor | None = None) -> None:
+        self.flags = flags
+        self.loss = loss  # a spike that was applied all the same: its loss, else None
+
+    @property
+    def applied(self) -> bool:
+        return self.loss is not None
+
+    def ranks(self, bit: int) -> list[int]:
+        return [r for r, f in enumerate(self.flags) if f & bit]
+
+
+def _checked(  # noqa: ANN001
+    model, optimizer, backend, plan, meter, loss, failed, health, skip_spikes
+) -> torch.Tensor | Skipped | list[int]:
+    """Gather every rank's flag (out of memory, non-finite, spike) and apply the step only if
+    none forbids it. Returns the loss, Skipped, or the ranks that ran out of memory."""
+    bits = failed
+    if not failed and health is not None:
+        bits = health.bits(loss, model, check_grads=backend.gradient_scale() == 1.0)
+    flags = backend.flags(bits)
+    if any(f & OOM for f in flags):
+        return [r for r, f in enumerate(flags) if f & OOM]
+    forbid = NON_FINITE | (SPIKE if skip_spikes else 0)
+    if any(f & forbid for f in flags):
+        backend.drop_gradients(model, optimizer)
+        if meter is not None:
+            meter.dropped()
+        return Skipped(flags)
+    backend.reduce_gradients(model)
     _apply(model, optimizer, backend, plan, meter)
-    return total
+    if health is not None:
+        health.applied()
+    return Skipped(flags, loss) if any(flags) else loss
 
 
 def _apply(model, optimizer, backend, plan, meter) -> None:  # noqa: ANN001
@@ -157,14 +200,35 @@ def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], Non
     return hook
 
 
+class _Scaled:
+    """A loss times a factor (the LAUNCHER_TEST_LOSS hook)."""
+
+    def __init__(self, loss_fn: Any, factor: float) -> None:
+        self.loss_fn, self.factor = loss_fn, factor
+
+    def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn.sum(outputs, y) * self.factor
+
+
+def _test_loss_hook(rank: int, step: int, loss_fn: Any) -> Any:
+    """Test hook: LAUNCHER_TEST_LOSS=RANK:STEP:FACTOR[,...] multiplies that rank's loss (and so
+    its gradients) at optimizer step STEP (1-based) by FACTOR (nan and inf allowed): a stand-in
+    for a batch that blows up."""
+    for item in filter(None, os.environ.get("LAUNCHER_TEST_LOSS", "").split(",")):
+        at_rank, at_step, factor = item.split(":")
+        if int(at_rank) == rank and int(at_step) == step:
+            return _Scaled(loss_fn, float(factor))
+    return loss_fn
+
+
 def _step_or_oom(  # noqa: ANN001
-    model, optimizer, batches, backend, plan, dtype, step, meter, split, loss_fn
+    model, optimizer, batches, backend, plan, dtype, step, meter, split, loss_fn, health, skip
 ):
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
-    Returns the loss, or the list of ranks that ran out of memory (then every rank has dropped
-    its partial gradients and no optimizer step was taken). No collective runs inside the
-    micro-steps, so a rank that fails cannot leave the others waiting.
+    Returns the loss, the list of ranks that ran out of memory (then every rank has dropped
+    its partial gradients and no optimizer step was taken), or Skipped (guard.py). No collective
+    runs inside the micro-steps, so a rank that fails cannot leave the others waiting.
     """
     try:
         loss = accumulate(
@@ -181,19 +245,16 @@ def _step_or_oom(  # noqa: ANN001
         )
         failed = 0
     except OOM_ERRORS:
-        loss, failed = None, 1
-    flags = backend.flags(failed)
-    if any(flags):
+        loss, failed = None, OOM
+    outcome = _checked(model, optimizer, backend, plan, meter, loss, failed, health, skip)
+    if isinstance(outcome, list):  # out of memory on these ranks: drop the partial step
         backend.drop_gradients(model, optimizer)
         if meter is not None:
             meter.dropped()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        return [r for r, f in enumerate(flags) if f]
-    backend.reduce_gradients(model)
-    _apply(model, optimizer, backend, plan, meter)
-    return loss
+    return outcome
 
 
 def fit(
@@ -215,6 +276,9 @@ def fit(
     meter: NoiseMeter | None = None,
     loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
     grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None,
+    health: Health | None = None,
+    skip_spikes: bool = False,
+    nonfinite_limit: int = 3,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.end_step` (`plan.steps`, or an early stop); returns the
     final evaluation and the final plan.
@@ -233,6 +297,11 @@ def fit(
     batch, LR and schedule do not change. Without it, DDP's overlapped reduction is used and an
     out-of-memory error ends the run. Evaluation does not count as training time (`train_s`,
     samples/s); `after_step` pauses the sink itself while it saves.
+
+    `health` (guard.py) checks each step on every rank before it is applied: a non-finite loss or
+    gradient skips the step (its samples are consumed, nothing learned) with a `non_finite`
+    event, and `nonfinite_limit` of them in a row raise Diverged; a loss spike is a `loss_spike`
+    event, and with `skip_spikes` the step is skipped too.
     """
     model.train()
     plain = CrossEntropy() if isinstance(loss_fn, CrossEntropy) else loss_fn  # no smoothing
@@ -245,6 +314,7 @@ def fit(
     next_eval = (first // eval_every_samples + 1) * eval_every_samples
     result: dict[str, float] = {}
     step, end = start_step, plan.end_step
+    bad: list[int] = []  # the non-finite steps in a row
     while step < end:
         if step >= current.steps:  # a ramp-up stage is over: the next batch
             current = plan.at(step)
@@ -255,9 +325,20 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr
         split = meter is not None and meter.start_step(step, current)
+        step_loss = _test_loss_hook(backend.rank, step + 1, loss_fn)
         if not oom_recovery:
             loss = train_step(
-                model, optimizer, batches, backend, current, dtype, meter, split, loss_fn
+                model,
+                optimizer,
+                batches,
+                backend,
+                current,
+                dtype,
+                meter,
+                split,
+                step_loss,
+                health,
+                skip_spikes,
             )
         else:
             loss = _step_or_oom(
@@ -270,7 +351,9 @@ def fit(
                 step,
                 meter,
                 split,
-                loss_fn,
+                step_loss,
+                health,
+                skip_spikes,
             )
             if isinstance(loss, list):
                 smaller = shrink_micro_batch(current, step, loss)
@@ -283,8 +366,16 @@ def fit(
                 continue
         step += 1
         samples = current.samples_at(step)
+        if isinstance(loss, Skipped):
+            _log_skipped(loss, step, samples, lr, health, sink, backend)
+            bad = [*bad, step] if loss.ranks(NON_FINITE) else []
+            if len(bad) >= nonfinite_limit:
+                raise Diverged(stop_message(bad, lr, bad[0] - 1))
+            loss = loss.loss  # None when skipped: no loss of it is logged
+        else:
+            bad = []
         logged, noise = step % log_every == 0 or step == end, None
-        if logged:
+        if logged and loss is not None:
             record = {
                 "step": step,
                 "samples": samples,
@@ -319,6 +410,27 @@ def fit(
     return result, plan
 
 
+def _log_skipped(  # noqa: ANN001
+    outcome: Skipped, step: int, samples: int, lr: float, health, sink, backend
+) -> None:
+    """The event of a step that a rank flagged (guard.py), and a line on rank 0's stderr."""
+    non_finite = outcome.ranks(NON_FINITE)
+    kind = "non_finite" if non_finite else "loss_spike"
+    ranks = non_finite or outcome.ranks(SPIKE)
+    event = {"event": kind, "step": step, "samples": samples, "ranks": ranks, "lr": lr}
+    event |= {"rank0_loss": health.loss, "rank0_recent_mean": health.mean}
+    event["skipped"] = not outcome.applied
+    sink.log(event)
+    if backend.rank == 0:
+        what = (
+            "non-finite loss or gradients"
+            if non_finite
+            else f"loss spike ({health.loss:.4g} vs a recent mean of {health.mean:.4g})"
+        )
+        done = "step applied" if outcome.applied else "step skipped: its samples are not learned"
+        print(f"launcher: {what} at step {step:,} on rank(s) {ranks}; {done}", file=sys.stderr)
+
+
 def _pause(sink: MetricsSink, backend: Backend) -> None:
     """Stop the training clock once the device has finished the queued training work."""
     if backend.device.type == "cuda":
@@ -326,7 +438,7 @@ def _pause(sink: MetricsSink, backend: Backend) -> None:
     sink.pause()
 
 
-def check_replicas(model: Any, backend: Backend) -> float:
+def check_replicas(model: Any, backend: Backend, step: int) -> float:
     """Raise if the ranks' parameters or buffers (BatchNorm statistics, synced after every step)
     differ; returns the digest (float64 sum of squares). Call inside `backend.gathered`."""
     digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
@@ -334,6 +446,8 @@ def check_replicas(model: Any, backend: Backend) -> float:
     for t in tensors:
         digest += t.detach().double().square().sum()
     every = backend.gather(digest).tolist()
-    if any(d != every[0] and not (math.isnan(d) and math.isnan(every[0])) for d in every):
+    if not all(math.isfinite(d) for d in every):  # before "differ": NaN != NaN
+        raise Diverged(state_message(step, "model_final.pt"))
+    if any(d != every[0] for d in every):
         raise RuntimeError(f"replicas differ across ranks after training: digests {every}")
-    return every[0]  # NaN on every rank: diverged alike (the evaluation says so), not differing
+    return every[0]

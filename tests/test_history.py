@@ -93,3 +93,15 @@ def test_the_next_run_sentence() -> None:
     assert "global_batch=2,048 instead of 512" in bigger
     assert "train >= 36 epochs to reach eval accuracy >= 0.95" in bigger
     assert "need none" not in bigger  # one device holds it
+
+
+def test_flagged_steps_are_told() -> None:
+    records = [
+        {"event": "non_finite", "step": 3, "skipped": True},
+        {"event": "loss_spike", "step": 25, "skipped": False},
+        {"event": "loss_spike", "step": 40, "skipped": True},
+    ]
+    assert format_history(records, []) == [
+        "  non-finite step(s): 1 at step(s) 3; 1 skipped (not learned from)",
+        "  loss spike(s): 2 at step(s) 25, 40; 1 skipped (not learned from)",
+    ]

@@ -7,7 +7,6 @@ Stated tolerances: float64 throughout; 1e-10 absolute on parameters after severa
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 
@@ -210,18 +209,20 @@ class _Gather:
         return torch.cat([digest, torch.tensor(self.others, dtype=digest.dtype)])
 
 
-def test_replica_check_tells_differing_ranks_from_a_run_that_diverged_on_all():
+def test_replica_check_tells_differing_ranks_from_a_run_that_diverged():
+    from launcher.guard import Diverged
     from launcher.train import check_replicas
 
     model = torch.nn.Linear(2, 1)
-    digest = check_replicas(model, _Gather())
+    digest = check_replicas(model, _Gather(), 7)
     assert digest == pytest.approx(
         sum(float(p.detach().double().square().sum()) for p in model.parameters())
     )
     with pytest.raises(RuntimeError, match="replicas differ across ranks"):
-        check_replicas(model, _Gather(digest + 1e-9))
+        check_replicas(model, _Gather(digest + 1e-9), 7)
     with torch.no_grad():
-        model.weight.fill_(float("nan"))  # diverged: NaN on every rank is agreement, not a mismatch
-    assert math.isnan(check_replicas(model, _Gather(float("nan"))))
-    with pytest.raises(RuntimeError, match="replicas differ across ranks"):
-        check_replicas(model, _Gather(1.0))
+        model.weight.fill_(float("nan"))  # diverged: said as such, not as differing replicas
+    with pytest.raises(Diverged, match="parameters are not finite after step 7; model_final.pt"):
+        check_replicas(model, _Gather(float("nan")), 7)
+    with pytest.raises(Diverged):
+        check_replicas(model, _Gather(1.0), 7)

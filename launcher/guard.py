@@ -1,0 +1,93 @@
+"""Step health: non-finite losses and gradients, loss spikes, non-finite parameters.
+
+Every rank looks at its own step before it is applied (its loss, and its gradients unless fp16
+loss scaling owns them: the scaler skips overflowing steps itself) and sets bits in the flag that
+the out-of-memory check already gathers from every rank, so all ranks take the same decision:
+
+- NON_FINITE: the step is not applied (gradients dropped); its samples count as consumed, so the
+  schedule goes on. `trainer.nonfinite_limit` such steps in a row stop the run with Diverged
+  (exit 4, one line naming the step, the LR and what to try).
+- SPIKE: the rank's loss is above `trainer.spike_factor` x the mean of its last WINDOW applied
+  steps: a `loss_spike` event; with `trainer.skip_spikes` the step is not applied either.
+
+Parameters that became non-finite through a finite step (an LR far past stability) are caught
+before anything is saved, a checkpoint or the final weights (every rank checks its own and the
+flag gather decides), so no non-finite value reaches a file. metrics.jsonl writes a non-finite
+number as null (valid JSON always).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+OOM, NON_FINITE, SPIKE = 1, 2, 4  # bits of the per-step flag (train.py gathers them)
+WINDOW = 20  # applied steps a spike is measured against
+EXIT_CODE = 4
+ADVICE = (
+    "lower optim.base_lr, lengthen the warmup (schedule.warmup_epochs), clip gradients "
+    "(optim.clip_grad_norm=1), or use the sqrt scaling rule (optim.scaling=sqrt)"
+)
+
+
+class Diverged(Exception):
+    """Training produced non-finite values it cannot step past."""
+
+    exit_code = EXIT_CODE
+
+
+class Health:
+    """This rank's view of its steps: the flag bits of a step, the recent losses."""
+
+    def __init__(self, spike_factor: float) -> None:
+        self.spike_factor = spike_factor
+        self.recent: deque[float] = deque(maxlen=WINDOW)
+        self.loss = math.nan  # this rank's loss of the step just checked
+        self.mean = math.nan  # what it was compared with
+
+    def bits(self, loss: torch.Tensor, model: Any, check_grads: bool) -> int:
+        """NON_FINITE and/or SPIKE for this rank's step (one device-to-host copy)."""
+        self.loss = float(loss)
+        if not math.isfinite(self.loss) or (check_grads and not grads_finite(model)):
+            return NON_FINITE
+        self.mean = sum(self.recent) / len(self.recent) if self.recent else math.nan
+        full = len(self.recent) == WINDOW and self.spike_factor > 0
+        return SPIKE if full and self.loss > self.spike_factor * self.mean else 0
+
+    def applied(self) -> None:
+        """The step was taken: its loss joins the window."""
+        self.recent.append(self.loss)
+
+
+def grads_finite(model: Any) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def params_finite(model: Any) -> bool:
+    """This rank's parameters and floating buffers are all finite."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
+def state_message(step: int, what: str) -> str:
+    """Parameters went non-finite through a step with finite gradients (an LR past stability)."""
+    return (
+        f"launcher: diverged: the parameters are not finite after step {step:,}; {what} not "
+        f"written (any earlier one on disk is finite). Try: {ADVICE}"
+    )
+
+
+def stop_message(steps: list[int], lr: float, last_applied: int) -> str:
+    """The one line of a run stopped by non-finite steps in a row."""
+    at = ", ".join(f"{s:,}" for s in steps)
+    return (
+        f"launcher: diverged: non-finite loss or gradients at steps {at} in a row (lr {lr:.4g} at "
+        f"step {steps[-1]:,}); nothing applied since step {last_applied:,}, no checkpoint of it "
+        f"written. Try: {ADVICE}"
+    )
