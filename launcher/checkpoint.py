@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,15 +106,27 @@ def load(source: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Pat
     digest matches and which loads safely, or None."""
     import torch
 
-    for path in [source] if source.is_file() else _candidates(source):
+    single = source.is_file()
+    for path in [source] if single else _candidates(source):
         try:
             expected = path.with_suffix(".sha256").read_text().strip()
             if _digest(path) != expected:
                 raise ValueError("its SHA-256 does not match the one written with it")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: not ours
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "consumed_samples" not in state:
                 raise ValueError("it is not a launcher checkpoint")
             return state, path
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, try an older one
-            warn(f"launcher: checkpoint {path} is unusable ({exc}); trying an older one")
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, pickle.UnpicklingError):
+                why = "it holds more than tensors and plain containers, which is never unpickled"
+            if single:  # a file named by resume=: there is no older one to try
+                raise Unusable(f"{path} is not a usable checkpoint ({why})") from None
+            warn(f"launcher: checkpoint {path} is unusable ({why}); trying an older one")
     return None
+
+
+class Unusable(Exception):
+    """The checkpoint file asked for cannot be used (resume=FILE)."""

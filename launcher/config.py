@@ -28,6 +28,13 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         _fail(key, value, allowed)
 
 
+SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2^32); torch's would take more
+
+
+def _seed(key: str, value: int) -> None:
+    _require(0 <= value < SEED_LIMIT, key, value, f"must be in [0, {SEED_LIMIT:,})")
+
+
 # --------------------------------------------------------------------- users' own components
 TARGET_KEY = "_target_"
 TARGET_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
@@ -199,6 +206,7 @@ class Mnist1DConfig:
         _require(
             0 < self.train_split < 1, "data.train_split", self.train_split, "must be in (0, 1)"
         )
+        _seed("data.data_seed", self.data_seed)
 
     @property
     def train_samples(self) -> int:
@@ -917,6 +925,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")
+        _seed("seed", self.seed)
+        ok = self.run_dir is None or bool(self.run_dir.strip())
+        _require(ok, "run_dir", self.run_dir, "empty; give a folder (or leave it out)")
         _require(
             self.objective != "samples_to_target" or self.target_accuracy is not None,
             "objective",

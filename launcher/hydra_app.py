@@ -148,6 +148,10 @@ def _value(overrides: list[str], key: str) -> str | None:
 
 def placement(overrides: list[str], multirun: bool) -> str | None:
     """The folder the user chose (run_dir, or the hydra key it stands for), or None."""
+    for name in PLACEMENT:
+        given = _value(overrides, name)
+        if given is not None and not given.strip():
+            raise ConfigError(f"{name}={given!r}: empty; give a folder (or leave it out)")
     alias, key = _value(overrides, "run_dir"), "hydra.sweep.dir" if multirun else "hydra.run.dir"
     hydra = _value(overrides, key)
     if alias is not None and hydra is not None and Path(alias).resolve() != Path(hydra).resolve():

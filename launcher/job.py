@@ -163,12 +163,25 @@ def validate(
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
         check_trackers(cfg)
+        if launched.rank == 0:  # one process checks: ranks sharing a file system would race
+            _check_folders(cfg, run_dir)
         if (run_dir / "plan.json").exists() and (cfg.resume == "never" or cfg.plan_only):
             raise ConfigError(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
     return Jobs(jobs, configs, run_dirs, launched, workers_started)
+
+
+def _check_folders(cfg: RunConfig, run_dir: Path) -> None:
+    """The folders the job writes can be made and written (launcher/paths.py)."""
+    from launcher.paths import check_writable
+
+    check_writable(run_dir, "run_dir")
+    if probes_memory(cfg) and cfg.memory.cache != "off":
+        check_writable(cfg.memory.cache_dir, "memory.cache_dir")
+    if isinstance(getattr(cfg.data, "cache_dir", None), str):
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
 
 
 def launch(

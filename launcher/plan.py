@@ -441,6 +441,7 @@ def plan_batch(
     global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
     `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
     """
+    _within_the_data(cfg, epoch_samples)
     args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
         from launcher.adaptive import stage_plan
@@ -448,6 +449,23 @@ def plan_batch(
         at = stage or (cfg.ramp.start_batch, 0, 0, ())
         return _stopping(cfg, stage_plan(cfg, _plan(*args, (0, 0)), *at, memory))
     return _stopping(cfg, _ramped(args, origin))
+
+
+def _within_the_data(cfg: RunConfig, epoch_samples: int) -> None:
+    """Sizes the data allows: a step no larger than the whole run, an evaluation interval of at
+    least one sample (a global batch of 10^12 would try to index 7 TiB; 0 would divide by 0)."""
+    total = run_samples(cfg, epoch_samples)
+    if cfg.global_batch > total:
+        raise ConfigError(
+            f"global_batch={cfg.global_batch}: larger than the whole run ({float(total):,.0f} "
+            f"samples = trainer.epochs {cfg.trainer.epochs:g} x {epoch_samples:,} per epoch); "
+            "one step would train on more than the run has: lower it, or train more epochs"
+        )
+    if round(cfg.trainer.eval_every_epochs * epoch_samples) < 1:
+        raise ConfigError(
+            f"trainer.eval_every_epochs={cfg.trainer.eval_every_epochs:g}: less than one sample "
+            f"of the {epoch_samples:,} per epoch; must be >= {1 / epoch_samples:.3g}"
+        )
 
 
 def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:

@@ -84,7 +84,10 @@ def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path
     if cfg.resume == "never":
         return None
     source = run_dir if cfg.resume == "auto" else Path(cfg.resume).expanduser()
-    found = checkpoint.load(source, warn)
+    try:
+        found = checkpoint.load(source, warn)
+    except checkpoint.Unusable as exc:
+        raise ConfigError(f"resume={cfg.resume!r}: {exc}") from None
     if found is None and cfg.resume != "auto":
         raise ConfigError(f"resume={cfg.resume!r}: no usable checkpoint there")
     return found

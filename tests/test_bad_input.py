@@ -1,0 +1,126 @@
+"""Bad input, table-driven, across every config group (issue 20): each override alone is one
+line on stderr naming its key, exit 2, and nothing written. The plan checks most of them
+(plan_only, in process); the rest need the real run's checks (folders, checkpoints), which all
+come before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.cli import main
+
+PLANNED = [
+    ("global_batch=0", "global_batch"),
+    ("global_batch=-1", "global_batch"),
+    ("global_batch=1.5", "global_batch"),
+    ("global_batch=1000000000000", "global_batch"),
+    ("micro_batch=0", "micro_batch"),
+    ("micro_batch=-3", "micro_batch"),
+    ("micro_batch=7", "micro_batch"),
+    ("max_micro_batch=0", "max_micro_batch"),
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),
+    ("target_accuracy=1.5", "target_accuracy"),
+    ("target_accuracy=0", "target_accuracy"),
+    ("objective=nope", "objective"),
+    ("run_dir=", "run_dir"),
+    ("plan_only=maybe", "plan_only"),
+    ("foo=1", "foo"),
+    ("model=nosuch", "model"),
+    ("model.hidden=0", "model.hidden"),
+    ("model.depth=-1", "model.depth"),
+    ("data=nosuch", "data"),
+    ("data.num_samples=105", "data.num_samples"),
+    ("data.num_samples=50", "data.num_samples"),
+    ("data.train_split=1.0", "data.train_split"),
+    ("data.train_split=0", "data.train_split"),
+    ("data.data_seed=-1", "data.data_seed"),
+    ("data.cache_dir=/proc/x", "data.cache_dir"),
+    ("loss=nosuch", "loss"),
+    ("optim=nosuch", "optim"),
+    ("optim.base_lr=inf", "optim.base_lr"),
+    ("optim.base_lr=nan", "optim.base_lr"),
+    ("optim.base_lr=-1", "optim.base_lr"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.clip_grad_norm=-1", "optim.clip_grad_norm"),
+    ("optim.scaling=cube", "optim.scaling"),
+    ("optim.ref_batch=0", "optim.ref_batch"),
+    ("optim.momentum=2", "optim.momentum"),
+    ("schedule=nosuch", "schedule"),
+    ("schedule.warmup_epochs=-1", "schedule.warmup_epochs"),
+    ("schedule.decay=zigzag", "schedule.decay"),
+    ("backend=nosuch", "backend"),
+    ("backend.mixed_precision=fp8", "backend.mixed_precision"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.epochs=inf", "trainer.epochs"),
+    ("trainer.epochs=-1", "trainer.epochs"),
+    ("trainer.log_every=0", "trainer.log_every"),
+    ("trainer.eval_every_epochs=0", "trainer.eval_every_epochs"),
+    ("trainer.eval_every_epochs=1e-9", "trainer.eval_every_epochs"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.nonfinite_limit=0", "trainer.nonfinite_limit"),
+    ("trainer.spike_factor=-1", "trainer.spike_factor"),
+    ("trainer.stop_after_samples=-1", "trainer.stop_after_samples"),
+    ("trainer.dtype=float8", "trainer.dtype"),
+    ("trainer.cpu_threads=-1", "trainer.cpu_threads"),
+    ("trainer.noise_window=0", "trainer.noise_window"),
+    ("cluster=nosuch", "cluster"),
+    ("cluster.nodes=0", "cluster.nodes"),
+    ("cluster.devices_per_node=-1", "cluster.devices_per_node"),
+    ("cluster.device=tpu", "cluster.device"),
+    ("cluster.device_memory_gb=0", "cluster.device_memory_gb"),
+    ("memory.budget_gb=0", "memory.budget_gb"),
+    ("memory.fraction=0", "memory.fraction"),
+    ("memory.fraction=1.5", "memory.fraction"),
+    ("memory.margin_gb=-1", "memory.margin_gb"),
+    ("memory.cache=sometimes", "memory.cache"),
+    ("checkpoint.every_samples=-1", "checkpoint.every_samples"),
+    ("checkpoint.keep=0", "checkpoint.keep"),
+    ("checkpoint.every_minutes=-1", "checkpoint.every_minutes"),
+    ("ramp.mode=sideways", "ramp.mode"),
+    ("ramp.start_batch=0", "ramp.start_batch"),
+    ("ramp.noise_factor=0", "ramp.noise_factor"),
+    ("ramp.min_steps=0", "ramp.min_steps"),
+    ("slurm.time=abc", "slurm.time"),
+    ("slurm.signal_seconds=-1", "slurm.signal_seconds"),
+    ("slurm.partition=a b", "slurm.partition"),
+    ("slurm.mem=lots", "slurm.mem"),
+    ("slurm.cpus_per_task=0", "slurm.cpus_per_task"),
+    ("hydra.foo=1", "hydra.foo"),
+    ("hydra.run.dir=", "hydra.run.dir"),
+]
+RUN = [  # refused by a real run, still before it writes anything
+    ("resume=/no/such/file.pt", "resume='/no/such/file.pt': no usable checkpoint there"),
+    ("memory.cache_dir=/proc/x", "memory.cache_dir='/proc/x': cannot write there"),
+    ("run_dir=/proc/x", "run_dir='/proc/x': cannot write there"),
+    ("run_dir=" + "a" * 300, "cannot write there (File name too long)"),
+    ("data.num_samples=100", "global_batch=512: larger than the whole run"),
+]
+
+
+def _refused(args: list[str], tmp_path, monkeypatch, capsys) -> str:
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
+    assert list(tmp_path.iterdir()) == [], "bad input wrote something"
+    return err
+
+
+def test_the_table_covers_every_group() -> None:
+    groups = {key.split(".")[0] for _, key in PLANNED}
+    assert len(PLANNED) + len(RUN) >= 60
+    assert groups >= {"model", "data", "loss", "optim", "schedule", "backend", "trainer"}
+    assert groups >= {"cluster", "memory", "checkpoint", "ramp", "slurm", "hydra", "seed"}
+
+
+@pytest.mark.parametrize(("override", "key"), PLANNED, ids=[o for o, _ in PLANNED])
+def test_a_bad_value_is_one_line_naming_its_key(override, key, tmp_path, monkeypatch, capsys):
+    args = ["plan_only=true", "memory.probe=false", override]
+    assert key in _refused(args, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("override", "message"), RUN, ids=[o[:40] for o, _ in RUN])
+def test_a_real_run_refuses_before_writing(override, message, tmp_path, monkeypatch, capsys):
+    args = ["trainer.epochs=0.05", "trainer.progress=false", override]
+    assert message in _refused(args, tmp_path, monkeypatch, capsys)
