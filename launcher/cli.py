@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:
         code = exc.exit_code
         message = str(exc)  # not an error: the run continues from its checkpoint
+        from launcher.faults import test_kill
+
+        test_kill(0, "exit")  # a test's second signal while the process exits
     except Diverged as exc:
         code, message = exc.exit_code, str(exc)
     except WorkersFailed as exc:

@@ -269,6 +269,9 @@ class Cifar10Config(_LoaderOptions):
     """folder holding cifar-10-batches-py/ (the python version of the dataset)"""
     download: bool = False
     """fetch it with torchvision (checksum-verified) when root does not hold it; needs internet"""
+    verify: bool = True
+    """each batch file's MD5 must be the official one; false: any copy in the format (still
+    unpickled as numpy arrays only)"""
     workers: int = 4
     """DataLoader worker processes per rank (augmentation)"""
 

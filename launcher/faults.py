@@ -1,10 +1,11 @@
 """Fault injection for tests, inert unless LAUNCHER_TEST_KILL is set.
 
 LAUNCHER_TEST_KILL=STEP:PHASE[:ACTION][,...] acts at optimizer step STEP, PHASE `step` (after the
-step), `written` (checkpoint written under its temporary name) or `renamed` (in place, `latest`
-not yet updated). ACTION: KILL (default; SIGKILL, as `kill -9` would), USR1, USR2 or TERM (sends
-that signal to this process), WAIT (blocks until SIGUSR1 or SIGTERM arrives, at most 10 minutes,
-so a test can deliver it from outside at a known step).
+step), `written` (checkpoint written under its temporary name), `renamed` (in place, `latest` not
+yet updated) `stopping` (a signal's checkpoint saved, the run about to stop) or, at STEP 0, `exit`
+(the run stopped, the process exiting). ACTION: KILL (default; SIGKILL, as `kill -9` would), USR1,
+USR2, TERM or INT (sends that signal to this process), WAIT (blocks until SIGUSR1 or SIGTERM
+arrives, at most 10 minutes, so a test can deliver it from outside at a known step).
 """
 
 from __future__ import annotations

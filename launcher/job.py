@@ -269,7 +269,7 @@ def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None,
     head = f"launcher: stopped by {names} after step {step:,} of {plan.steps:,}"
     if not plan.checkpoints:
         return f"{head}: checkpoints are off, nothing saved, not requeued (see the plan)"
-    if preemption.STOP in stop:  # scancel, or a scheduler that requeues by itself
+    if any(sig in stop for sig in preemption.STOPS):  # scancel, Ctrl-C, or a scheduler
         return f"{head}; checkpoint {path}; rerun the same command (resume=auto) to continue"
     if not main:
         return head
@@ -365,9 +365,11 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         resume.check_optimizer(found[0], plan, found[1])
     elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
         if (run_dir / "model_final.pt").exists():
+            saved = (run_dir / "checkpoints").is_dir()
+            why = "none of its checkpoints is usable" if saved else "checkpoints were off"
             raise ConfigError(
                 f"run_dir={str(run_dir)!r}: holds a finished run without a checkpoint to resume "
-                "(checkpoints were off); choose a new run_dir"
+                f"({why}); choose a new run_dir"
             )
         warn(f"launcher: no usable checkpoint in {run_dir}: starting over")
 
@@ -492,7 +494,9 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             sink.resume()
         if stop:
             sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
-            raise preemption.Stopped(stop_message(stop, step, plan, path, main))
+            message = stop_message(stop, step, plan, path, main)
+            faults.test_kill(step, "stopping")
+            raise preemption.Stopped(message)
 
     def on_oom(old: BatchPlan, new: BatchPlan, step: int, ranks: list[int]) -> None:
         message = (

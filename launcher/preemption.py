@@ -5,10 +5,11 @@ saves a checkpoint at the next step boundary, rank 0 runs `scontrol requeue`, an
 resumes from it (resume=auto, same run_dir). SIGUSR2, which hydra/launcher=submitit_slurm asks for,
 does the same (in place of submitit's own handler, which would requeue at once, without a
 checkpoint of the step in progress); the requeued job runs the same sweep job again and resumes.
-SIGTERM (scancel, a preempting scheduler, `kill`) saves and stops without requeueing, so a
-cancelled job stays cancelled. The handlers only record the signal: a second one during the save
-changes nothing. All ranks decide together at the step boundary (job.py gathers the flags), so they
-stop after the same step.
+SIGTERM (scancel, a preempting scheduler, `kill`) and SIGINT (Ctrl-C) save and stop without
+requeueing, so a cancelled job stays cancelled. The handlers only record the signal, and stay until
+the process exits once one came: a second one during the save or the exit changes nothing. All
+ranks decide together at the step boundary (job.py gathers the flags), so they stop after the same
+step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 REQUEUE, STOP = signal.SIGUSR1, signal.SIGTERM
-BITS = {REQUEUE: 2, STOP: 4, signal.SIGUSR2: 8}  # bit 1 belongs to the checkpoint clock (job.py)
+# bit 1 belongs to the checkpoint clock (job.py); SIGINT (Ctrl-C) stops as SIGTERM does
+BITS = {REQUEUE: 2, STOP: 4, signal.SIGUSR2: 8, signal.SIGINT: 16}
+STOPS = (STOP, signal.SIGINT)  # save and stop, no requeue
 EXIT_CODE = 3
 _received: set[int] = set()
 
@@ -37,14 +40,17 @@ def _record(signum: int, frame: object) -> None:
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Record SIGUSR1, SIGUSR2 and SIGTERM instead of dying, for the duration of a job."""
+    """Record SIGUSR1, SIGUSR2, SIGTERM and SIGINT instead of dying, for the duration of a job.
+    A job that stops on one keeps recording them until the process exits, so a second signal
+    while it saves, says its line or tears down changes nothing (exit 3, not 143)."""
     _received.clear()
     previous = {sig: signal.signal(sig, _record) for sig in BITS}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not _received:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def received() -> int:

@@ -101,6 +101,7 @@ LOADING_KEYS = (
     "persistent_workers",
     "pin_memory",
     "download",
+    "verify",
 )
 
 

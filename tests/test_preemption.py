@@ -112,3 +112,19 @@ def test_sigusr1_to_the_trainer_devices_agent_reaches_the_workers(
     assert steps == [1, 2, 3, 4, 5]
     assert events == [("checkpoint", 3), ("stopped", 3), ("resumed", 3), ("checkpoint", 5)]
     _same(final_state(tmp_path / "run"), one_rank_reference)
+
+
+@pytest.mark.parametrize(
+    ("kill", "names"),
+    [
+        ("2:step:INT", "SIGINT"),  # Ctrl-C: the same graceful stop as SIGTERM
+        ("2:step:TERM,2:stopping:TERM,0:exit:TERM", "SIGTERM"),  # more while it stops: still 3
+    ],
+)
+def test_ctrl_c_and_a_second_sigterm_stop_with_a_checkpoint(kill, names, tmp_path, data_cache):
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    res = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": kill})
+    assert res.returncode == 3, (res.returncode, res.stderr[-3000:])
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"launcher: stopped by {names} after step 2 of 5; checkpoint "), last
+    assert last.endswith("rerun the same command (resume=auto) to continue")

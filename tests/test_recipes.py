@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import sysconfig
 from pathlib import Path
@@ -205,7 +206,9 @@ def write_cifar10(root: Path, per_batch: int, seed: int = 0) -> dict[str, np.nda
 
 def test_cifar10_reads_the_python_format_and_augments_only_training(tmp_path):
     written = write_cifar10(tmp_path / "c10", per_batch=6)
-    cfg = compose_run(["+recipe=cifar10", f"data.root={tmp_path / 'c10'}"]).data
+    cfg = compose_run(
+        ["+recipe=cifar10", f"data.root={tmp_path / 'c10'}", "data.verify=false"]
+    ).data
     splits = build_splits(cfg)
     assert (len(splits.train), len(splits.eval)) == (30, 6)
     data, labels = written["data_batch_2"]
@@ -237,7 +240,8 @@ def test_cifar10_download_goes_through_torchvision_once(tmp_path, monkeypatch):
         write_cifar10(Path(root), per_batch=2)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
-    cfg = compose_run(["+recipe=cifar10", f"data.root={tmp_path / 'c'}", "data.download=true"])
+    args = ["+recipe=cifar10", f"data.root={tmp_path / 'c'}", "data.download=true"]
+    cfg = compose_run([*args, "data.verify=false"])  # the stand-in is not the official file
     assert len(build_splits(cfg.data).train) == 10
     assert len(build_splits(cfg.data).train) == 10
     assert calls == [(str(tmp_path / "c"), True, True)]
@@ -252,8 +256,38 @@ def test_cifar10_missing_or_malformed_is_one_line_exit_2(tmp_path, monkeypatch, 
     with open(tmp_path / "bad" / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
     with pytest.raises(ConfigError, match=r"test_batch holds data of shape \(2, 100\)"):
-        build_splits(compose_run(["+recipe=cifar10", "data.root=bad"]).data)
+        build_splits(compose_run(["+recipe=cifar10", "data.root=bad", "data.verify=false"]).data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+class _Payload:
+    """What a crafted batch file would carry: a call made while it is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_crafted_cifar10_file_never_runs_code(verify, tmp_path):
+    """A data_batch_1 that would run a command when unpickled: refused by its MD5 (the default),
+    and without the MD5 check by the unpickler, which gives the files numpy arrays only."""
+    write_cifar10(tmp_path / "c10", per_batch=2)
+    marker = tmp_path / "pwned"
+    entry = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "x": _Payload(marker)}
+    with open(tmp_path / "c10" / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    args = [
+        "+recipe=cifar10",
+        f"data.root={tmp_path / 'c10'}",
+        f"data.verify={str(verify).lower()}",
+    ]
+    message = "its MD5 differs" if verify else "it asks for posix.system, which data never needs"
+    with pytest.raises(ConfigError, match=message):
+        build_splits(compose_run(args).data)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------- every recipe, trained
@@ -371,7 +405,12 @@ def test_gpt_recipe_switches_to_lamb_above_512_sequences(tmp_path, monkeypatch):
 def test_cifar10_recipe_trains_on_a_stand_in_with_label_smoothing(tmp_path):
     write_cifar10(tmp_path / "c10", per_batch=4)
     args = ["+recipe=cifar10", f"data.root={tmp_path / 'c10'}", "data.workers=1"]
-    args += ["global_batch=10", "trainer.epochs=1", "trainer.label_smoothing=0.1"]
+    args += [
+        "data.verify=false",
+        "global_batch=10",
+        "trainer.epochs=1",
+        "trainer.label_smoothing=0.1",
+    ]
     args += ["run_dir=run", *QUIET, "trainer.log_every=1"]
     res = run_cli(args, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

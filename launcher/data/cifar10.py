@@ -1,10 +1,11 @@
 """CIFAR-10, python version (ROOT/cifar-10-batches-py), downloaded by torchvision on request.
 
-torchvision's CIFAR10 class verifies each file's MD5 every time it is built, so it only reads the
-real files; the launcher reads the format itself (five training batches and a test batch, each a
-pickled dict of `data`, uint8 N x 3072 in R, G, B planes, and `labels`) and checks shapes and
-labels instead, so that any copy in that format loads (tests use a generated one). Downloading
-goes through torchvision (checksum-verified). Augmentation (He et al. 2016, sec. 4.2): a random
+The launcher reads the format itself (five training batches and a test batch, each a pickled dict
+of `data`, uint8 N x 3072 in R, G, B planes, and `labels`): each file's MD5 must be the official
+one (torchvision's list; `data.verify=false` takes a copy of your own in that format, as the tests'
+generated one), and the unpickler gives the files numpy arrays and nothing else, so a crafted
+batch cannot run code either way. Shapes and labels are checked. Downloading goes through
+torchvision (checksum-verified). Augmentation (He et al. 2016, sec. 4.2): a random
 32x32 crop of the image zero-padded by 4, and a horizontal flip; both splits are normalised by the
 training set's channel means and deviations.
 """
@@ -57,15 +58,66 @@ def _folder(cfg: Cifar10Config) -> Path:
     return folder
 
 
-def read_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images N x 3 x 32 x 32, int64 labels N) from the pickled batch files."""
+# What a CIFAR-10 python batch may ask the unpickler for: numpy arrays and their dtypes (as
+# numpy of any age pickles them), bytes under Python 2's latin1. Anything else (os.system, ...)
+# is refused before it is called.
+ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _DataOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which data never needs")
+        return super().find_class(module, name)
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def known_md5s() -> dict[str, str]:
+    """The official files' MD5s, as torchvision checks them."""
+    from torchvision.datasets import CIFAR10
+
+    return dict(CIFAR10.train_list + CIFAR10.test_list)
+
+
+def read_batches(
+    folder: Path, names: tuple[str, ...], verify: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images N x 3 x 32 x 32, int64 labels N) from the pickled batch files: each checked
+    against the official MD5 (`verify`), and unpickled allowing numpy arrays only."""
     images, labels = [], []
+    md5s = known_md5s() if verify else {}
     for name in names:
         path = folder / name
         if not path.is_file():
             raise ConfigError(f"data.root: {path} is missing (a CIFAR-10 python batch file)")
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # the files are Python 2 pickles
+        if verify and _md5(path) != md5s[name]:
+            raise ConfigError(
+                f"data.root: {path} is not the official CIFAR-10 file (its MD5 differs); "
+                "replace it (data.download=true), or data.verify=false for a copy of your own"
+            )
+        try:
+            with open(path, "rb") as f:
+                entry = _DataOnly(f, encoding="latin1").load()  # the files are Python 2 pickles
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            why = f"data.root: {path} cannot be read as a CIFAR-10 batch ({exc})"
+            raise ConfigError(why) from None
+        if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
+            raise ConfigError(f"data.root: {path} is not a CIFAR-10 batch (no data and labels)")
         data = np.asarray(entry["data"], dtype=np.uint8)
         y = np.asarray(entry["labels"], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(y) != len(data):
@@ -97,8 +149,8 @@ def build(cfg: Cifar10Config) -> Splits:
     from torchvision.transforms import v2
 
     folder = _folder(cfg)
-    train_x, train_y = read_batches(folder, TRAIN_FILES)
-    test_x, test_y = read_batches(folder, (TEST_FILE,))
+    train_x, train_y = read_batches(folder, TRAIN_FILES, cfg.verify)
+    test_x, test_y = read_batches(folder, (TEST_FILE,), cfg.verify)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float])
     return Splits(
