@@ -214,6 +214,10 @@ def main(argv: list[str]) -> None:
     if rank == 0 and chosen is not None:
         new = _new_dirs(Path(chosen))
     kept = _records(Path(target)) if rank == 0 else {}
+    if rank == 0 and "LAUNCHER_SPAWNED" not in os.environ:  # trainer.devices workers: the agent's
+        from launcher.lock import acquire
+
+        acquire(Path(target))
     global CONTEXT
     real = Path(chosen) if chosen else jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
     scratch_dir = Path(scratch) if scratch else None
@@ -224,6 +228,9 @@ def main(argv: list[str]) -> None:
         _run(args)
     except Failed as failed:
         if rank == 0 and isinstance(failed.error, ConfigError):  # bad input: nothing written
+            from launcher.lock import NAME, release
+
+            release(Path(target) / NAME, os.getpid())
             _discard(Path(target), new, kept)
         raise
 

@@ -205,6 +205,10 @@ def launch(
     for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
         if multirun:
             print(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}", flush=True)
+        if cfg.run_dir is not None and jobs.launched.rank == 0:  # a default one is new anyway
+            from launcher.lock import acquire
+
+            acquire(run_dir)
         results.append(execute(cfg, jobs.launched, run_dir))
     return results
 
