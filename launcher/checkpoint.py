@@ -56,14 +56,33 @@ def _digest(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as the checkpoint of optimizer step `step`; keep the newest `keep`."""
+    """Write `state` as the checkpoint of optimizer step `step`; keep the newest `keep`. A write
+    that fails (disk full) leaves no temporary file and the previous checkpoints as they were,
+    and raises WriteFailed."""
+    where = folder(run_dir)
+    final = where / f"step-{step:09d}.pt"
+    try:
+        where.mkdir(exist_ok=True)
+        for stale in where.glob("*.tmp"):  # left by a save that was killed
+            stale.unlink()
+        _save(where, final, step, state)
+    except OSError as exc:
+        from launcher.paths import WriteFailed
+
+        for partial in where.glob("*.tmp"):
+            partial.unlink(missing_ok=True)
+        before = [p for p in checkpoints(run_dir) if p != final]
+        kept = f"; the previous one, {before[0]}, is intact" if before else "; none saved before"
+        raise WriteFailed("checkpoint", final, exc, kept) from None
+    for old in checkpoints(run_dir)[keep:]:
+        old.unlink()
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return final
+
+
+def _save(where: Path, final: Path, step: int, state: dict[str, Any]) -> None:
     import torch
 
-    where = folder(run_dir)
-    where.mkdir(exist_ok=True)
-    for stale in where.glob("*.tmp"):  # left by a save that was killed
-        stale.unlink()
-    final = where / f"step-{step:09d}.pt"
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -75,10 +94,6 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     _fsync_dir(where)
     test_kill(step, "renamed")
     _write_atomic(where / LATEST, (final.name + "\n").encode())
-    for old in checkpoints(run_dir)[keep:]:
-        old.unlink()
-        old.with_suffix(".sha256").unlink(missing_ok=True)
-    return final
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

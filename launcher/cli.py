@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         return _help(args)
     from launcher.guard import Diverged
+    from launcher.paths import WriteFailed
     from launcher.plan import OutOfMemoryAtOneSample
     from launcher.preemption import Stopped
     from launcher.spawn import WorkersFailed
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.faults import test_kill
 
         test_kill(0, "exit")  # a test's second signal while the process exits
-    except Diverged as exc:
+    except (Diverged, WriteFailed) as exc:
         code, message = exc.exit_code, str(exc)
     except WorkersFailed as exc:
         code = exc.code

@@ -583,7 +583,7 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
             final["param_digest"] = check_replicas(model, backend, plan.end_step)
             weights = backend.state_dict(model)
         if main:
-            torch.save(weights, run_dir / "model_final.pt")
+            _save_final(weights, run_dir / "model_final.pt")
         if main and plan.noise != "off":  # the throughput curve of the batch-size advice
             from launcher import speed
 
@@ -605,6 +605,19 @@ def _train(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
         )
         print_advice(run_dir, plan, cfg)
     return {**result, "run_dir": str(run_dir)}
+
+
+def _save_final(weights: dict[str, Any], path: Path) -> None:
+    """model_final.pt, or WriteFailed (one line) with no partial file left."""
+    import torch
+
+    try:
+        torch.save(weights, path)
+    except OSError as exc:
+        from launcher.paths import WriteFailed
+
+        path.unlink(missing_ok=True)
+        raise WriteFailed("the final weights", path, exc) from None
 
 
 def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,36 @@ def tensorboard_tag(key: str) -> str:
     return f"{group}/{key}"
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread keeps an OSError for the main thread (which raises it at the
+    next write: one line, _written) and also lets it reach threading's hook, which would print
+    a traceback first: not that one."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "launcher", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        writer = type(args.thread).__name__ == "_AsyncWriterThread"
+        if not (writer and args.exc_type is not None and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.launcher = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+@contextmanager
+def _written(what: str, path: str) -> Iterator[None]:
+    """An OSError of a write (a full disk) as paths.WriteFailed: one line, exit 5."""
+    try:
+        yield
+    except OSError as exc:
+        from launcher.paths import WriteFailed
+
+        raise WriteFailed(what, path, exc) from None
+
+
 def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     """A record with non-finite numbers as None (null in JSON, nothing in TensorBoard)."""
     return {
@@ -123,6 +155,8 @@ class MetricsSink:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_thread()
+
             self._tb = SummaryWriter(  # its x axis is samples (tensorboard_tag)
                 log_dir=str(run_dir / "tensorboard"), purge_step=resume_samples + 1
             )
@@ -167,17 +201,20 @@ class MetricsSink:
         if not self.enabled:
             return
         record = finite_or_none(record)  # valid JSON always: a non-finite number is null
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        with _written("metrics", self._file.name):
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
         scalars = {
             k: v
             for k, v in record.items()
             if k not in ("step", "samples") and isinstance(v, (int, float)) and "step" in record
         }
         if self._tb is not None and "samples" in record:
-            for key, value in scalars.items():
-                self._tb.add_scalar(tensorboard_tag(key), value, global_step=record["samples"])
-            if "loss" in record:
-                self._tb.add_scalar("train/step", record["step"], global_step=record["samples"])
+            with _written("TensorBoard events in", self._tb.log_dir):  # its thread's error too
+                for key, value in scalars.items():
+                    self._tb.add_scalar(tensorboard_tag(key), value, global_step=record["samples"])
+                if "loss" in record:
+                    step, samples = record["step"], record["samples"]
+                    self._tb.add_scalar("train/step", step, global_step=samples)
         if scalars:
             for tracker in self._trackers:
                 tracker.log(scalars, step=record["step"])
@@ -201,9 +238,13 @@ class MetricsSink:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
         for tracker in self._trackers:
             tracker.finish()
-        if self._file is not None:
-            self._file.close()
+        try:  # both closed whatever happens to the other; a full disk is said as one line
+            if self._tb is not None:
+                with _written("TensorBoard events in", self._tb.log_dir):
+                    self._tb.close()
+        finally:
+            if self._file is not None:
+                with _written("metrics", self._file.name):
+                    self._file.close()

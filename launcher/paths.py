@@ -1,4 +1,5 @@
-"""Folders a run will write, checked before anything is written.
+"""Folders a run will write, checked before anything is written; and what a write that fails
+later (a disk that fills up) becomes: WriteFailed, one line, exit 5.
 
 `check_writable` makes the folder (and any missing parents) and a temporary file in it, then
 removes what it made: a folder that cannot be made (`/proc/x`, a read-only mount, a name over the
@@ -41,3 +42,14 @@ def check_writable(path: str | os.PathLike[str], key: str) -> None:
                 part.rmdir()
             except OSError:
                 break
+
+
+class WriteFailed(Exception):
+    """A file of the run could not be written (disk full, a mount gone read-only): one line
+    naming it and what was being written; exit 5."""
+
+    exit_code = 5
+
+    def __init__(self, what: str, path: os.PathLike[str] | str, exc: OSError, after: str = ""):
+        why = exc.strerror or type(exc).__name__
+        super().__init__(f"launcher: error: cannot write {what} {path} ({why}){after}")

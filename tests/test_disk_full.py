@@ -1,0 +1,67 @@
+"""A file system that fills up during a run (a real tmpfs, filled by a test hook at a known
+step): one line naming the file and what was being written, exit 5, no temporary file left, the
+previous checkpoint intact. Needs root to mount (CI has it; skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from launcher import checkpoint
+from tests.conftest import PARITY_ARGS, run_cli, skip_or_fail
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 16 MiB tmpfs of its own."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        skip_or_fail(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _run(disk, tmp_path, data_cache, extra: list[str]):
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32"]
+    args += [f"run_dir={disk / 'run'}", "checkpoint.keep=5", *extra]
+    env = {"LAUNCHER_TEST_KILL": "2:step:FILL", "LAUNCHER_TEST_FILL": str(disk / "filler")}
+    return run_cli(args, tmp_path, env=env)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_last(disk, tmp_path, data_cache):
+    res = _run(disk, tmp_path, data_cache, ["checkpoint.every_samples=64"])
+    assert res.returncode == 5, res.stderr[-3000:]
+    run = disk / "run"
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("launcher: error:")]
+    assert line == (
+        f"launcher: error: cannot write checkpoint {run}/checkpoints/step-000000002.pt (No space "
+        f"left on device); the previous one, {run}/checkpoints/step-000000001.pt, is intact"
+    )
+    assert "Traceback" not in res.stderr
+    assert not list(run.rglob("*.tmp"))
+    (disk / "filler").unlink()  # room again: the previous checkpoint loads, digest-checked
+    state, path = checkpoint.load(run, pytest.fail)
+    assert state["step"] == 1 and path.name == "step-000000001.pt"
+
+
+def test_metrics_that_do_not_fit_are_one_line(disk, tmp_path, data_cache) -> None:
+    """25 steps, a line each: more than the page the file already has (tmpfs pages are 4 KiB)."""
+    res = _run(disk, tmp_path, data_cache, ["trainer.epochs=1"])
+    assert res.returncode == 5, res.stderr[-3000:]
+    assert (
+        f"launcher: error: cannot write metrics {disk / 'run' / 'metrics.jsonl'} (No space left "
+        "on device)" in res.stderr
+    )
+    assert "Traceback" not in res.stderr
+
+
+def test_tensorboard_that_does_not_fit_is_one_line(disk, tmp_path, data_cache) -> None:
+    """The events file is written by TensorBoard's own thread; its error surfaces as one line."""
+    res = _run(disk, tmp_path, data_cache, ["trainer.tensorboard=true", "trainer.epochs=1"])
+    assert res.returncode == 5, res.stderr[-3000:]
+    assert "launcher: error: cannot write " in res.stderr and "Traceback" not in res.stderr
