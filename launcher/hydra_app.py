@@ -214,7 +214,8 @@ def main(argv: list[str]) -> None:
     if rank == 0 and chosen is not None:
         new = _new_dirs(Path(chosen))
     kept = _records(Path(target)) if rank == 0 else {}
-    if rank == 0 and "LAUNCHER_SPAWNED" not in os.environ:  # trainer.devices workers: the agent's
+    locked = rank == 0 and "LAUNCHER_SPAWNED" not in os.environ  # workers: the agent holds it
+    if locked:
         from launcher.lock import acquire
 
         acquire(Path(target))
@@ -224,15 +225,18 @@ def main(argv: list[str]) -> None:
     CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, scratch_dir, real.absolute())
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
     args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
+    from launcher.lock import NAME, release
+
     try:
         _run(args)
     except Failed as failed:
         if rank == 0 and isinstance(failed.error, ConfigError):  # bad input: nothing written
-            from launcher.lock import NAME, release
-
             release(Path(target) / NAME, os.getpid())
             _discard(Path(target), new, kept)
         raise
+    finally:
+        if locked:  # also at exit (atexit), for a process that dies on its way out
+            release(Path(target) / NAME, os.getpid())
 
 
 def _plugins(overrides: list[str], multirun: bool) -> str:

@@ -205,11 +205,16 @@ def launch(
     for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
         if multirun:
             print(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}", flush=True)
-        if cfg.run_dir is not None and jobs.launched.rank == 0:  # a default one is new anyway
-            from launcher.lock import acquire
+        if cfg.run_dir is None or jobs.launched.rank > 0:  # a default folder is new anyway
+            results.append(execute(cfg, jobs.launched, run_dir))
+            continue
+        from launcher.lock import NAME, acquire, release
 
-            acquire(run_dir)
-        results.append(execute(cfg, jobs.launched, run_dir))
+        acquire(run_dir)
+        try:
+            results.append(execute(cfg, jobs.launched, run_dir))
+        finally:
+            release(run_dir.absolute() / NAME, os.getpid())
     return results
 
 

@@ -455,6 +455,8 @@ def _within_the_data(cfg: RunConfig, epoch_samples: int) -> None:
     """Sizes the data allows: a step no larger than the whole run, an evaluation interval of at
     least one sample (a global batch of 10^12 would try to index 7 TiB; 0 would divide by 0)."""
     total = run_samples(cfg, epoch_samples)
+    if epoch_samples < 1:  # said by _plan, which names the empty split
+        return
     if cfg.global_batch > total:
         raise ConfigError(
             f"global_batch={cfg.global_batch}: larger than the whole run ({float(total):,.0f} "

@@ -65,3 +65,14 @@ def test_tensorboard_that_does_not_fit_is_one_line(disk, tmp_path, data_cache) -
     res = _run(disk, tmp_path, data_cache, ["trainer.tensorboard=true", "trainer.epochs=1"])
     assert res.returncode == 5, res.stderr[-3000:]
     assert "launcher: error: cannot write " in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything(disk, tmp_path) -> None:
+    """The issue's read-only mount: found by the folder check (launcher/paths.py), one line."""
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    res = run_cli(["plan_only=true", f"run_dir={disk / 'run'}"], tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr == (
+        f"launcher: error: run_dir={str(disk / 'run')!r}: cannot write there (Read-only file "
+        "system)\n"
+    )

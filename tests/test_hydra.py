@@ -277,6 +277,7 @@ def test_a_search_reads_the_objective_of_trainer_devices_workers(tmp_path, data_
     """trainer.devices=2 under the optuna sweeper: the job's workers train, and the objective
     comes from the records their rank 0 wrote in the job's folder."""
     small = [f"data.cache_dir={data_cache}", "data.num_samples=2000", "trainer.epochs=0.2"]
+    small.append("global_batch=64")
     search = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "objective=eval_loss"]
     quiet = ["trainer.progress=false", "trainer.tensorboard=false", "hydra.sweep.dir=sw"]
     args = ["-m", *search, "optim.base_lr=interval(0.01,0.1)", "trainer.devices=2", *small]
