@@ -82,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         return _help(args)
-    from launcher.guard import Diverged
-    from launcher.paths import WriteFailed
-    from launcher.plan import OutOfMemoryAtOneSample
+    from launcher.errors import LauncherError
     from launcher.preemption import Stopped
-    from launcher.spawn import WorkersFailed
 
     # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
     # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
@@ -94,25 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     code, message = 0, ""
     try:
         run(args)
-    except ConfigError as exc:
-        code = 2
-        message = f"launcher: error: {exc}"
-        if exc.__cause__ is not None and os.environ.get("HYDRA_FULL_ERROR") == "1":
-            traceback.print_exception(exc.__cause__)  # a user factory's or model's own error
-    except OutOfMemoryAtOneSample as exc:
-        code = 1
-        message = f"launcher: error: {exc}"
-    except Stopped as exc:
-        code = exc.exit_code
-        message = str(exc)  # not an error: the run continues from its checkpoint
-        from launcher.faults import test_kill
+    except LauncherError as exc:  # launcher/errors.py: the code and the one line of each
+        code, message = exc.exit_code, exc.line()
+        cause = exc.__cause__
+        if (
+            isinstance(exc, ConfigError)
+            and cause is not None
+            and os.environ.get("HYDRA_FULL_ERROR") == "1"
+        ):
+            traceback.print_exception(cause)  # a user factory's or model's own error
+        if isinstance(exc, Stopped):
+            from launcher.faults import test_kill
 
-        test_kill(0, "exit")  # a test's second signal while the process exits
-    except (Diverged, WriteFailed) as exc:
-        code, message = exc.exit_code, str(exc)
-    except WorkersFailed as exc:
-        code = exc.code
-        message = exc.message and f"launcher: error: {exc.message}"
+            test_kill(0, "exit")  # a test's second signal while a stopped run exits
     if code and message and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     if "torch" in sys.modules:  # a process group can only exist once torch was imported

@@ -14,9 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-
-class ConfigError(ValueError):
-    """Bad user input: the CLI prints the message as one line and exits 2."""
+from launcher.errors import ConfigError
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:

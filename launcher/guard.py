@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from launcher.errors import LauncherError
+
 OOM, NON_FINITE, SPIKE = 1, 2, 4  # bits of the per-step flag (train.py gathers them)
 WINDOW = 20  # applied steps a spike is measured against
 EXIT_CODE = 4
@@ -33,10 +35,11 @@ ADVICE = (
 )
 
 
-class Diverged(Exception):
+class Diverged(LauncherError):
     """Training produced non-finite values it cannot step past."""
 
     exit_code = EXIT_CODE
+    prefix = ""  # the message is the whole line
 
 
 class Health:

@@ -414,16 +414,11 @@ def _run(args: argparse.Namespace) -> None:
 def task(cfg: Any) -> float | None:
     """One job, as Hydra hands it over; returns its objective (launcher/objective.py), the value
     a sweeper optimises (None on ranks > 0 and under plan_only)."""
-    from launcher.guard import Diverged
-    from launcher.paths import WriteFailed
-    from launcher.plan import OutOfMemoryAtOneSample
-    from launcher.preemption import Stopped
-    from launcher.spawn import WorkersFailed
+    from launcher.errors import LauncherError
 
-    outcomes = (ConfigError, OutOfMemoryAtOneSample, Stopped, WorkersFailed, Diverged, WriteFailed)
     try:
         return _task(cfg)
-    except outcomes as exc:
+    except LauncherError as exc:
         if CONTEXT is None:  # a plugin's process: the error goes back with the job's result
             raise Carried(exc) from None
         raise Failed(exc) from None  # the launcher's own outcomes: cli.py gives their exit codes

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.config import ConfigError
+from launcher.errors import LauncherError
 
 
 def check_writable(path: str | os.PathLike[str], key: str) -> None:
@@ -44,11 +45,12 @@ def check_writable(path: str | os.PathLike[str], key: str) -> None:
                 break
 
 
-class WriteFailed(Exception):
+class WriteFailed(LauncherError):
     """A file of the run could not be written (disk full, a mount gone read-only): one line
     naming it and what was being written; exit 5."""
 
     exit_code = 5
+    prefix = ""  # the message is the whole line
 
     def __init__(self, what: str, path: os.PathLike[str] | str, exc: OSError, after: str = ""):
         why = exc.strerror or type(exc).__name__

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from launcher.config import SGD_FAMILY, ConfigError, OptimConfig, RunConfig, ScheduleConfig
+from launcher.errors import LauncherError
 
 LARGE_BATCH_SWAP = {"sgd": "lars", "adam": "lamb", "adamw": "lamb"}
 SWAP_POLY_POWER = {"lars": 2.0, "lamb": 1.0}  # You et al. 2017 (LARS), You et al. 2019 (LAMB)
@@ -178,8 +179,8 @@ def base_lr_for(optim: OptimConfig, optimizer: str) -> tuple[float, str]:
     return optim.base_lr, "optim.base_lr"
 
 
-class OutOfMemoryAtOneSample(RuntimeError):
-    """Even a micro-batch of one sample ran out of memory."""
+class OutOfMemoryAtOneSample(LauncherError):
+    """Even a micro-batch of one sample ran out of memory (exit 1)."""
 
 
 def shrink_micro_batch(plan: BatchPlan, step: int, ranks: list[int]) -> BatchPlan:

@@ -20,6 +20,8 @@ import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+from launcher.errors import LauncherError
+
 REQUEUE, STOP = signal.SIGUSR1, signal.SIGTERM
 # bit 1 belongs to the checkpoint clock (job.py); SIGINT (Ctrl-C) stops as SIGTERM does
 BITS = {REQUEUE: 2, STOP: 4, signal.SIGUSR2: 8, signal.SIGINT: 16}
@@ -28,10 +30,11 @@ EXIT_CODE = 3
 _received: set[int] = set()
 
 
-class Stopped(Exception):
+class Stopped(LauncherError):
     """Training stopped early on a signal, after the checkpoint (if any) was written."""
 
     exit_code = EXIT_CODE
+    prefix = ""  # not an error: the run continues from its checkpoint
 
 
 def _record(signum: int, frame: object) -> None:

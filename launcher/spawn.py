@@ -15,17 +15,23 @@ import signal
 import sys
 import uuid
 
+from launcher.errors import LauncherError
 from launcher.preemption import EXIT_CODE
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SHUTDOWN_TIMEOUT_S = 600  # a worker asked to stop finishes its step and writes a checkpoint
 
 
-class WorkersFailed(Exception):
+class WorkersFailed(LauncherError):
+    """A trainer.devices worker failed: its exit code, and its one line if it said one."""
+
     def __init__(self, code: int, message: str | None) -> None:
         super().__init__(message or "")
-        self.code = code
+        self.code = self.exit_code = code
         self.message = message
+
+    def line(self) -> str:
+        return f"{self.prefix}{self.message}" if self.message else ""
 
     def __reduce__(self) -> tuple:  # back from a Hydra launcher plugin's process
         return WorkersFailed, (self.code, self.message)
