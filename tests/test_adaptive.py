@@ -16,7 +16,7 @@ from launcher.cli import main
 from launcher.compose import compose_run
 from launcher.plan import _plan, plan_batch
 from launcher.schedule import lr_at
-from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli
+from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
 ADAPTIVE = ["global_batch=2048", "ramp.mode=adaptive", "ramp.start_batch=32"]
 

@@ -8,13 +8,12 @@ import json
 import math
 
 import pytest
-from conftest import composed
 
 from launcher.cbs import crossing
 from launcher.config import ConfigError
 from launcher.plan import plan_batch
 from launcher.schedule import lr_at
-from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 
 ARGS = [
     *SMALL_DATA,

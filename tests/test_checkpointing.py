@@ -11,7 +11,7 @@ from launcher.memory import PROBE_SIZES, fit_traces
 from launcher.models import build_model
 from launcher.plan import plan_batch
 from launcher.probe import probe_trace
-from tests.conftest import composed
+from tests.helpers import composed
 
 MODELS = {
     "cnn1d": ([], DataSpec((1, 40), 10)),

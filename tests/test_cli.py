@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process
 
 BAD_INPUTS = [
     (

@@ -19,7 +19,7 @@ from launcher.backends.ds_config import ds_config
 from launcher.cli import main
 from launcher.config import ConfigError
 from launcher.plan import plan_batch
-from tests.conftest import SMALL_DATA, composed, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 
 ATOL = 1e-6
 LOSS_RTOL = 1e-6

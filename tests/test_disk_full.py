@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from launcher import checkpoint
-from tests.conftest import PARITY_ARGS, run_cli, skip_or_fail
+from tests.helpers import PARITY_ARGS, run_cli, skip_or_fail
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import yaml
 from launcher.data import data_spec
 from launcher.plan import plan_batch
 from launcher.probe import probe_peak
-from tests.conftest import SMALL_DATA, composed, final_state, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, composed, final_state, read_metrics, run_cli, run_process
 
 
 def _require_gpu() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launcher.guard import NON_FINITE, SPIKE, WINDOW, Health
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SMALL = ["data.num_samples=4000", "global_batch=64", "trainer.progress=false"]
 SMALL += ["trainer.tensorboard=false", "trainer.log_every=1", "trainer.noise_scale=false"]

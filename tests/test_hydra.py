@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli, run_process
+from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli, run_process
 
 PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import PARITY_ARGS, launcher_env, run_cli
+from tests.helpers import PARITY_ARGS, launcher_env, run_cli
 
 PLAN = ["plan_only=true", "memory.probe=false", "run_dir=run"]
 

@@ -17,7 +17,7 @@ from launcher.data import data_spec
 from launcher.memory import GB, MemoryProfile, StorageMeter, budget_bytes, fit_traces, upper_lines
 from launcher.plan import plan_batch
 from launcher.probe import _step, estimated_cap, measured_cap, probe_peak
-from tests.conftest import composed, run_cli
+from tests.helpers import composed, run_cli
 
 
 def test_storage_meter_counts_bytes_exactly():

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import PARITY_ARGS, final_state, launcher_env, skip_or_fail
+from tests.helpers import PARITY_ARGS, final_state, launcher_env, skip_or_fail
 
 HOSTS = ("10.99.0.1", "10.99.0.2")
 

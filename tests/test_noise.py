@@ -122,7 +122,7 @@ def test_meter_in_the_loop_matches_an_independent_computation(
 ) -> None:
     """One step at global batch 64 (float64): the logged |G|^2 and tr(Sigma) (an EMA after one
     update is that update) equal two_batch on gradients computed here, within 1e-9."""
-    from tests.conftest import SMALL_DATA, read_metrics, run_cli
+    from tests.helpers import SMALL_DATA, read_metrics, run_cli
 
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "memory.probe=false"]
     res = run_cli(

@@ -21,7 +21,7 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.plan import plan_batch
 from launcher.train import fit
-from tests.conftest import (
+from tests.helpers import (
     PARITY_ARGS,
     accelerate_launch,
     composed,

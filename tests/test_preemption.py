@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launcher import checkpoint
-from tests.conftest import PARITY_ARGS, final_state, launcher_env, read_metrics, run_cli
+from tests.helpers import PARITY_ARGS, final_state, launcher_env, read_metrics, run_cli
 
 TOL = 1e-10
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import composed
 
 from launcher.advice import advise, format_advice, samples_to_match
 from launcher.config import to_dict
 from launcher.job import with_budget
 from launcher.plan import format_plan, plan_batch
 from launcher.prior import budget, find_prior, from_records
+from tests.helpers import composed
 
 NOISE = 400.0  # every line's tr(Sigma)/|G|^2: the run's critical batch is exactly this
 

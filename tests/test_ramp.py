@@ -18,7 +18,7 @@ from launcher.compose import compose_run
 from launcher.data.sampler import GlobalBatchSampler, epoch_permutation
 from launcher.plan import plan_batch
 from launcher.schedule import lr_at
-from tests.conftest import PARITY_ARGS, final_state, read_metrics, run_cli
+from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
 RAMP = ["global_batch=512", "ramp.start_batch=64", "ramp.samples=48000", "trainer.epochs=3"]
 

@@ -22,7 +22,7 @@ from launcher.compose import compose_run
 from launcher.config import ConfigError
 from launcher.data import build_splits, declared_epoch_samples
 from launcher.loss import CrossEntropy
-from tests.conftest import SMALL_DATA, composed, read_metrics, run_cli
+from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]

@@ -19,7 +19,7 @@ from launcher.report import (
     summarize_job,
     summarize_sweep,
 )
-from tests.conftest import SMALL_DATA, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BATCHES = [32 * 2**i for i in range(8)]  # 32 .. 4096

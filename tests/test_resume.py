@@ -18,7 +18,7 @@ import torch
 
 from launcher import checkpoint
 from launcher.cli import main
-from tests.conftest import SMALL_DATA, read_metrics, run_cli
+from tests.helpers import SMALL_DATA, read_metrics, run_cli
 
 ARGS = [
     *SMALL_DATA,

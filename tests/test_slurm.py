@@ -20,7 +20,7 @@ import torch
 
 from launcher.compose import compose_run
 from launcher.slurm import directives, render
-from tests.conftest import (
+from tests.helpers import (
     PARITY_ARGS,
     ROOT,
     final_state,

@@ -9,7 +9,7 @@ from launcher.backends.accelerate import AccelerateBackend
 from launcher.data.tensors import TensorPairs
 from launcher.loss import CrossEntropy
 from launcher.speed import ladder, time_micro_steps
-from tests.conftest import composed
+from tests.helpers import composed
 
 
 def test_ladder_is_powers_of_two_and_the_plans_micro_batch() -> None:

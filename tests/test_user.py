@@ -19,7 +19,7 @@ import launcher
 from launcher.cli import main
 from launcher.compose import compose_run
 from launcher.config import ConfigError, to_dict, to_run_config
-from tests.conftest import ROOT, final_state, read_metrics, run_cli, run_process
+from tests.helpers import ROOT, final_state, read_metrics, run_cli, run_process
 from tests.user_project import PACKAGE, write_project
 
 
@@ -353,7 +353,7 @@ def test_run_from_python_refuses_what_workers_could_not_rebuild(
 
 # ----------------------------------------------------------------------- real processes
 def _env(project: Path) -> dict[str, str]:
-    from tests.conftest import launcher_env
+    from tests.helpers import launcher_env
 
     return {"PYTHONPATH": f"{project}:{launcher_env()['PYTHONPATH']}"}
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, accelerate_launch, read_metrics, wheel_env
+from tests.helpers import ROOT, accelerate_launch, read_metrics, wheel_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,115 @@
+"""Helpers the tests import: run the launcher as a user would, read what a run wrote, the small
+configurations the tests share. The fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_DATA = ["data.num_samples=2000"]  # 1,600 train / 400 test, generated in well under a second
+
+
+def composed(overrides: list[str], device: str = "cpu"):
+    """compose_run with the device's `auto` settings resolved, as a run resolves them
+    (launcher.job.on_device): what the building blocks (probe, backends) accept."""
+    from launcher.compose import compose_run
+    from launcher.job import on_device
+
+    return on_device(compose_run(overrides), device)
+
+
+TEST_HOME = tempfile.mkdtemp(prefix="launcher-tests-home-")  # caches under ~ stay out of $HOME
+
+
+def launcher_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["HOME"] = TEST_HOME
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def accelerate_launch(port: int) -> list[str]:
+    """`accelerate launch` arguments for 2 CPU processes on gloo (its --cpu flag would start one,
+    shared/notes/environment-facts.md)."""
+    return [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+
+
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    prefix: list[str] | None = None,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+):
+    """Run `python -m launcher ARGS` (or PREFIX -m launcher ARGS) in `cwd`; returns the result."""
+    return run_process((prefix or [sys.executable]) + ["-m", "launcher", *args], cwd, timeout, env)
+
+
+def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Run `cmd` in `cwd` with the tests' environment (and `env` on top); returns the result."""
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=launcher_env() | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+PARITY_ARGS = [
+    *SMALL_DATA,
+    "global_batch=64",
+    "trainer.epochs=0.2",
+    "trainer.dtype=float64",
+    "trainer.progress=false",
+    "trainer.tensorboard=false",
+    "trainer.log_every=1",
+]  # 0.2 x 1,600 / 64 = 5 steps, all inside the warmup
+
+
+def final_state(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(run_dir / "model_final.pt")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose system requirements (root, Slurm, network namespaces) are missing; CI
+    sets LAUNCHER_REQUIRE_CLUSTER_TESTS=1 so that it fails instead of silently skipping."""
+    if os.environ.get("LAUNCHER_REQUIRE_CLUSTER_TESTS") == "1":
+        pytest.fail(f"LAUNCHER_REQUIRE_CLUSTER_TESTS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def wheel_env() -> dict[str, str]:
+    """The tests' environment without the repository on PYTHONPATH: what a pip user has."""
+    env = launcher_env()
+    del env["PYTHONPATH"]
+    return env
