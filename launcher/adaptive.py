@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from launcher.backends.capabilities import capabilities
 from launcher.config import ConfigError, RunConfig
 from launcher.plan import BatchPlan, _fmt, ramp_batches, run_samples, scaled_stage
 
@@ -60,7 +61,7 @@ def stage_plan(
             f"ramp.mode=adaptive: batch {batch} (from the checkpoint) is not one of the ramp's "
             f"{ladder}; resume with the ramp.start_batch and global_batch it was trained with"
         )
-    if cfg.backend.name == "deepspeed" or not cfg.trainer.noise_scale:
+    if capabilities(cfg.backend).gradients is not None or not cfg.trainer.noise_scale:
         raise ConfigError(
             "ramp.mode=adaptive: decides by the measured noise scale, which needs "
             "trainer.noise_scale=true and a backend whose gradients the loop sees (not deepspeed)"

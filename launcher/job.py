@@ -263,10 +263,9 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
-    if cfg.backend.name == "deepspeed":
-        from launcher.backends.ds_config import ds_config, write_ds_config
+    from launcher.backends import write_config
 
-        write_ds_config(run_dir, ds_config(cfg, plan, device))
+    write_config(run_dir, cfg, plan, device)
 
 
 def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:

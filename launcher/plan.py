@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from launcher.backends.capabilities import capabilities
 from launcher.config import SGD_FAMILY, ConfigError, OptimConfig, RunConfig, ScheduleConfig
 from launcher.errors import LauncherError
 
@@ -297,11 +298,8 @@ def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
     if wanted is False:
         return False, "trainer.oom_recovery=false: an out-of-memory error ends the run"
     b = cfg.backend
-    if b.name == "deepspeed" and b.zero_stage >= 2:
-        why = (
-            f"ZeRO stage {b.zero_stage} reduces gradients inside backward, so a rank that runs out "
-            "of memory would leave the others waiting in a collective"
-        )
+    why = capabilities(b).oom_recovery
+    if why is not None:
         if wanted is True:
             raise ConfigError(
                 f"trainer.oom_recovery=true: not possible with backend.zero_stage={b.zero_stage}: "
@@ -316,16 +314,10 @@ def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
 
 def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
     """(on, reason): whether checkpoints are written (and can be resumed) with this backend."""
-    b, c = cfg.backend, cfg.checkpoint
-    half = b.mixed_precision if b.name == "deepspeed" and not b.autocast else "no"
-    if b.name == "deepspeed" and (
-        b.fused_optimizer or half == "fp16" or (half == "bf16" and not b.zero_stage)
-    ):
-        return False, (
-            "resuming backend=deepspeed needs ZeRO 0 with float32 parameters (mixed_precision=no "
-            "or autocast=true), or ZeRO 1-3 (also in bf16 mode), and the launcher's optimizer so "
-            "far; model_final.pt is still written"
-        )
+    c = cfg.checkpoint
+    why = capabilities(cfg.backend).checkpoints
+    if why is not None:
+        return False, why
     when = [f"every {c.every_samples:,} samples"] if c.every_samples else []
     when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
     return True, (
@@ -379,11 +371,9 @@ def noise_measurement(
     """(mode, reason) for the run: off by config or where the loop cannot see the gradients."""
     if not cfg.trainer.noise_scale:
         return "off", "not measured (trainer.noise_scale=false)"
-    if cfg.backend.name == "deepspeed":
-        return "off", (
-            "not measured under backend=deepspeed: its engine reduces the gradients inside "
-            "step(), where the loop cannot see them"
-        )
+    unseen = capabilities(cfg.backend).gradients
+    if unseen is not None:
+        return "off", f"not measured under {unseen}"
     split_every = cfg.trainer.noise_split_every
     mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover, split_every)
     if mode == "split" and micro < 4:  # halves of one sample cannot train BatchNorm

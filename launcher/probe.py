@@ -319,8 +319,10 @@ def measured_cap(
 
 def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
     """Bytes the backend holds beyond one plain training step, and what they are."""
+    from launcher.backends.capabilities import capabilities
+
     b = cfg.backend
-    if b.name == "deepspeed" and b.zero_stage in (1, 2):
+    if capabilities(b).zero_buckets:
         from launcher.backends.ds_config import reduce_bucket_elements
 
         bucket = reduce_bucket_elements(b)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from launcher.backends.capabilities import capabilities
 from launcher.config import ConfigError, RunConfig
-from launcher.plan import BatchPlan
+
+if TYPE_CHECKING:  # launcher.plan reads capabilities from this package: no import cycle
+    from launcher.plan import BatchPlan
 
 BACKENDS = {
     "accelerate": "launcher.backends.accelerate:AccelerateBackend",
@@ -20,12 +23,17 @@ def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
         from launcher.backends.ds_config import ds_config
 
         ds_config(cfg, plan, device)
-        if plan.ramp:
-            raise ConfigError(
-                f"ramp.start_batch={cfg.ramp.start_batch}: a batch ramp-up runs with "
-                "backend=accelerate only so far (the DeepSpeed engine's batch bookkeeping is not "
-                "re-planned mid-run yet)"
-            )
+    unable = capabilities(cfg.backend).ramp_up
+    if plan.ramp and unable is not None:
+        raise ConfigError(f"ramp.start_batch={cfg.ramp.start_batch}: {unable}")
+
+
+def write_config(run_dir: Any, cfg: RunConfig, plan: BatchPlan, device: str) -> None:
+    """The backend's own config file beside plan.json, where it has one (ds_config.json)."""
+    if capabilities(cfg.backend).config_file:
+        from launcher.backends.ds_config import ds_config, write_ds_config
+
+        write_ds_config(run_dir, ds_config(cfg, plan, device))
 
 
 def teardown() -> None:

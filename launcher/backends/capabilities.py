@@ -1,0 +1,60 @@
+"""What each backend supports, declared here, read by the planner and the run (no backend name
+is compared outside launcher/backends/). PURE: no torch, no DeepSpeed.
+
+Each field is None where the backend supports the thing, else the reason it does not (the plan
+and its refusals quote it), so a new backend is one function in CAPABILITIES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    oom_recovery: str | None  # why an out-of-memory step cannot be dropped on every rank
+    checkpoints: str | None  # why a run cannot be resumed from its checkpoints
+    gradients: str | None  # why the loop cannot see each rank's gradients (noise scale, ramps)
+    ramp_up: str | None  # why a fixed batch ramp-up cannot run
+    zero_buckets: bool  # its memory beyond a plain step: ZeRO's gradient buckets, not DDP's
+    config_file: bool  # it writes its own config beside plan.json (ds_config.json)
+
+
+def _accelerate(b: Any) -> Capabilities:
+    return Capabilities(None, None, None, None, zero_buckets=False, config_file=False)
+
+
+def _deepspeed(b: Any) -> Capabilities:
+    oom = None
+    if b.zero_stage >= 2:
+        oom = (
+            f"ZeRO stage {b.zero_stage} reduces gradients inside backward, so a rank that runs out "
+            "of memory would leave the others waiting in a collective"
+        )
+    half = b.mixed_precision if not b.autocast else "no"
+    checkpoints = None
+    if b.fused_optimizer or half == "fp16" or (half == "bf16" and not b.zero_stage):
+        checkpoints = (
+            "resuming backend=deepspeed needs ZeRO 0 with float32 parameters (mixed_precision=no "
+            "or autocast=true), or ZeRO 1-3 (also in bf16 mode), and the launcher's optimizer so "
+            "far; model_final.pt is still written"
+        )
+    return Capabilities(
+        oom_recovery=oom,
+        checkpoints=checkpoints,
+        gradients="backend=deepspeed: its engine reduces the gradients inside step(), where the "
+        "loop cannot see them",
+        ramp_up="a batch ramp-up runs with backend=accelerate only so far (the DeepSpeed engine's "
+        "batch bookkeeping is not re-planned mid-run yet)",
+        zero_buckets=b.zero_stage in (1, 2),
+        config_file=True,
+    )
+
+
+CAPABILITIES = {"accelerate": _accelerate, "deepspeed": _deepspeed}
+
+
+def capabilities(backend: Any) -> Capabilities:
+    """The capabilities of a backend config (cfg.backend)."""
+    return CAPABILITIES[backend.name](backend)
