@@ -326,35 +326,12 @@ def fit(
             group["lr"] = lr
         split = meter is not None and meter.start_step(step, current)
         step_loss = _test_loss_hook(backend.rank, step + 1, loss_fn)
+        parts = (model, optimizer, batches, backend, current, dtype)
+        rest = (meter, split, step_loss, health, skip_spikes)
         if not oom_recovery:
-            loss = train_step(
-                model,
-                optimizer,
-                batches,
-                backend,
-                current,
-                dtype,
-                meter,
-                split,
-                step_loss,
-                health,
-                skip_spikes,
-            )
+            loss = train_step(*parts, *rest)
         else:
-            loss = _step_or_oom(
-                model,
-                optimizer,
-                batches,
-                backend,
-                current,
-                dtype,
-                step,
-                meter,
-                split,
-                step_loss,
-                health,
-                skip_spikes,
-            )
+            loss = _step_or_oom(*parts, step, *rest)
             if isinstance(loss, list):
                 smaller = shrink_micro_batch(current, step, loss)
                 if on_oom is not None:

@@ -113,3 +113,16 @@ def wheel_env() -> dict[str, str]:
     env = launcher_env()
     del env["PYTHONPATH"]
     return env
+
+
+def refused_in_process(args: list[str], tmp_path: Path, monkeypatch, capsys) -> str:
+    """`python -m launcher ARGS` in this process, in the empty `tmp_path`: exit 2, one line
+    `launcher: error: ...` on stderr, nothing written; returns the line."""
+    from launcher.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
+    assert list(tmp_path.iterdir()) == [], "bad input wrote something"
+    return err

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.cli import main
+from tests.helpers import refused_in_process
 
 PLANNED = [
     ("global_batch=0", "global_batch"),
@@ -98,15 +98,6 @@ RUN = [  # refused by a real run, still before it writes anything
 ]
 
 
-def _refused(args: list[str], tmp_path, monkeypatch, capsys) -> str:
-    monkeypatch.chdir(tmp_path)
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
-    assert list(tmp_path.iterdir()) == [], "bad input wrote something"
-    return err
-
-
 def test_the_table_covers_every_group() -> None:
     groups = {key.split(".")[0] for _, key in PLANNED}
     assert len(PLANNED) + len(RUN) >= 60
@@ -117,10 +108,10 @@ def test_the_table_covers_every_group() -> None:
 @pytest.mark.parametrize(("override", "key"), PLANNED, ids=[o for o, _ in PLANNED])
 def test_a_bad_value_is_one_line_naming_its_key(override, key, tmp_path, monkeypatch, capsys):
     args = ["plan_only=true", "memory.probe=false", override]
-    assert key in _refused(args, tmp_path, monkeypatch, capsys)
+    assert key in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(("override", "message"), RUN, ids=[o[:40] for o, _ in RUN])
 def test_a_real_run_refuses_before_writing(override, message, tmp_path, monkeypatch, capsys):
     args = ["trainer.epochs=0.05", "trainer.progress=false", override]
-    assert message in _refused(args, tmp_path, monkeypatch, capsys)
+    assert message in refused_in_process(args, tmp_path, monkeypatch, capsys)

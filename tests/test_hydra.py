@@ -12,18 +12,16 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli, run_process
+from tests.helpers import (
+    PARITY_ARGS,
+    final_state,
+    read_metrics,
+    refused_in_process,
+    run_cli,
+    run_process,
+)
 
 PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
-
-
-def _bad(args: list[str], tmp_path, monkeypatch, capsys) -> str:
-    monkeypatch.chdir(tmp_path)
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
-    assert list(tmp_path.iterdir()) == [], "bad input wrote something"
-    return err
 
 
 @pytest.mark.parametrize(
@@ -67,7 +65,7 @@ def _bad(args: list[str], tmp_path, monkeypatch, capsys) -> str:
     ],
 )
 def test_bad_hydra_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
-    assert message in _bad(args, tmp_path, monkeypatch, capsys)
+    assert message in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(
