@@ -1,7 +1,8 @@
 """Choosing the micro-batch from memory: the launcher's probe vs Lightning's and Accelerate's.
 
 On CPU the device is virtual: a memory budget on the tensor bytes a step holds live (counted by
-launcher.memory.StorageMeter). For the finders, which learn only from out-of-memory errors, the
+launcher.memory.profile.StorageMeter).
+For the finders, which learn only from out-of-memory errors, the
 meter raises the CPU allocator's own error text once live bytes pass the budget, so their OOM
 detection fires exactly where a real device of that size would fail. Every method trains the same
 model (fresh per trial, as after an OOM restart) with the same optimizer and batch shape.
@@ -27,13 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launcher.compose import compose_run
+from launcher.config.compose import compose_run
 from launcher.data import data_spec
 from launcher.data.synthetic import SyntheticDataset
-from launcher.job import on_device
-from launcher.memory import StorageMeter
-from launcher.plan import plan_batch
-from launcher.probe import _step, measured_cap
+from launcher.memory.probe import _step, measured_cap
+from launcher.memory.profile import StorageMeter
+from launcher.planning.plan import plan_batch
+from launcher.training.job import on_device
 
 MIB = 2**20
 

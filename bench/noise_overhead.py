@@ -24,10 +24,10 @@ import torch
 from overhead import launcher_loop  # bench/: run as `python bench/noise_overhead.py`
 
 from launcher.backends.accelerate import AccelerateBackend
-from launcher.compose import compose_run
+from launcher.config.compose import compose_run
 from launcher.data import build_splits
-from launcher.job import on_device
-from launcher.plan import plan_batch
+from launcher.planning.plan import plan_batch
+from launcher.training.job import on_device
 
 
 def main() -> None:
@@ -78,8 +78,8 @@ def meter_cost(cfg, splits, backend, repeats: int = 2000) -> tuple[float, float]
 
     import torch.nn.functional as F
 
+    from launcher.batchsize.meter import NoiseMeter
     from launcher.models import build_model
-    from launcher.noise_meter import NoiseMeter
 
     plan = plan_batch(cfg, 1, len(splits.train))
     model = build_model(cfg.model, splits.spec)

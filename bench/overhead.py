@@ -26,16 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from launcher.backends.accelerate import AccelerateBackend
-from launcher.compose import compose_run
+from launcher.batchsize.meter import NoiseMeter
+from launcher.config.compose import compose_run
 from launcher.data import build_splits, eval_loader, train_loader
 from launcher.data.sampler import epoch_permutation
-from launcher.job import on_device
-from launcher.metrics import MetricsSink
 from launcher.models import build_model
-from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
-from launcher.plan import plan_batch
-from launcher.train import fit
+from launcher.planning.plan import plan_batch
+from launcher.training.job import on_device
+from launcher.training.loop import fit
+from launcher.training.metrics import MetricsSink
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCK["wall"]

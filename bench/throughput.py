@@ -6,7 +6,7 @@ gives (bf16 autocast on a bf16 GPU), with SGD + Nesterov and the recipe's weight
 BatchNorm and biases), one micro-batch per step, on the same batches: a pool of synthetic batches
 made once on the device, so neither side waits for data and the difference is what each loop adds.
 
-- launcher: `launcher.train.fit` through the configured backend (Accelerate DDP wrapper, or
+- launcher: `launcher.training.loop.fit` through the configured backend (Accelerate DDP wrapper, or
   DeepSpeed with --backend deepspeed), the LR from the plan every step, the out-of-memory-safe
   step (a flag gather before the gradient reduction), metrics.jsonl + TensorBoard every 10 steps,
   and, as `launcher+noise`, the gradient-noise-scale meter that runs by default.
@@ -40,16 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from launcher.backends import build_backend
-from launcher.compose import compose_run
+from launcher.batchsize.meter import NoiseMeter
+from launcher.config.compose import compose_run
 from launcher.data import data_spec
-from launcher.job import on_device
-from launcher.metrics import MetricsSink
 from launcher.models import build_model
-from launcher.noise_meter import NoiseMeter
 from launcher.optim import build_optimizer
-from launcher.plan import plan_batch
-from launcher.schedule import lr_at
-from launcher.train import fit
+from launcher.planning.plan import plan_batch
+from launcher.planning.schedule import lr_at
+from launcher.training.job import on_device
+from launcher.training.loop import fit
+from launcher.training.metrics import MetricsSink
 
 R50_TRAIN_FLOP = 24.5e9  # per image at 224 x 224: forward 8.2 GFLOP (4.1 GMAC), backward 2x
 PEAK_BF16 = {  # dense bf16 tensor-core peak, FLOP/s (NVIDIA data sheets)

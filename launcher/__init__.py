@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.config.schema import ConfigError
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "Stopped", "run"]
@@ -25,7 +25,7 @@ def run(*args: Any, **kwargs: Any) -> Any:
 
 def __getattr__(name: str) -> Any:
     if name == "Stopped":
-        from launcher.preemption import Stopped
+        from launcher.cluster.preemption import Stopped
 
         return Stopped
     raise AttributeError(f"module 'launcher' has no attribute {name!r}")

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
-from launcher.config import TARGET_KEY, ConfigError
+from launcher.config.schema import TARGET_KEY, ConfigError
 
 PARTS = ("model", "data", "loss")
 _PROVIDED: dict[str, Any] = {}
@@ -143,8 +143,8 @@ def run(
     Returns the final evaluation with `run_dir` (one dict per job when `multirun`; an empty one
     when this process only started `trainer.devices` workers, allowed without objects). Bad input
     raises launcher.ConfigError; a run stopped by SIGUSR1/SIGTERM raises launcher.Stopped."""
-    from launcher.compose import user_config_dir
-    from launcher.job import launch
+    from launcher.config.compose import user_config_dir
+    from launcher.training.job import launch
 
     overrides = list(overrides)
     nodes = _nodes(model, data, loss)

@@ -18,8 +18,8 @@ stays within `--tolerance` (relative) of the k=1 branch's, with every smaller k 
 `interpolated` is where the gap crosses the tolerance, linear in log k between that k and the
 next one.
 
-A branch is a launcher run (launcher/job.py execute, so the same loop, backend, memory cap and
-checkpoints): resume=THE_CHECKPOINT with checkpoint.allow_global_batch_change=true,
+A branch is a launcher run (launcher/training/job.py execute, so the same loop, backend, memory cap
+and checkpoints): resume=THE_CHECKPOINT with checkpoint.allow_global_batch_change=true,
 global_batch=k x B, trainer.stop_after_samples=S_0 + samples; its folder is OUT/k<k>. A k whose
 plan would swap the optimizer (optim.large_batch) cannot continue the checkpoint's optimizer
 state: it is refused before anything trains. `--samples` must be a multiple of the largest
@@ -27,7 +27,8 @@ branch batch, so every branch trains exactly the same samples (auto: the smalles
 of at least one epoch).
 
 Beside the result: the noise scale B_simple the run logged nearest before the checkpoint, and the
-run's critical batch from its noise scale up to the checkpoint (launcher.advice.critical_batch).
+run's critical batch from its noise scale up to the checkpoint
+(launcher.batchsize.advice.critical_batch).
 Writes OUT/cbs.json (default OUT: RUN_DIR/cbs-step<N>) and prints a table. Bad input: one line on
 stderr, exit 2, nothing written.
 """
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.config.schema import ConfigError
 
 PROG = "launcher.cbs"
 
@@ -91,7 +92,7 @@ def _parse_ks(text: str) -> list[int]:
 
 def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path]:
     """The checkpoint to branch from: `step`'s, or the newest before the end of the run."""
-    from launcher import checkpoint
+    from launcher.checkpoint import files as checkpoint
 
     if not run_dir.is_dir():
         raise ConfigError(f"{str(run_dir)!r}: no such directory")
@@ -153,7 +154,7 @@ def branch_config(
     the end only when that is the branch's length)."""
     from omegaconf import OmegaConf
 
-    from launcher.config import to_run_config
+    from launcher.config.schema import to_run_config
 
     node = copy.deepcopy(saved)
     node |= {"global_batch": batch, "run_dir": str(out), "resume": str(checkpoint)}
@@ -174,8 +175,8 @@ def branch_config(
 
 def noise_beside(run_dir: Path, samples: int, batch: int) -> dict[str, float | None]:
     """The run's logged B_simple nearest before `samples`, and its critical batch up to there."""
-    from launcher.advice import critical_batch
-    from launcher.report import read_job
+    from launcher.batchsize.advice import critical_batch
+    from launcher.batchsize.sweep import read_job
 
     try:
         records = read_job(run_dir)[1]
@@ -230,9 +231,9 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any], int, Path]:
     """Check everything before a branch trains: (args, checkpoint state, its path, one
     RunConfig per k, the samples per branch, the output folder)."""
-    from launcher.plan import plan_batch
-    from launcher.resume import check_optimizer
-    from launcher.topology import from_env
+    from launcher.checkpoint.resume import check_optimizer
+    from launcher.cluster.topology import from_env
+    from launcher.planning.plan import plan_batch
 
     args = _parser().parse_args(argv)
     ks = _parse_ks(args.k)
@@ -297,8 +298,8 @@ def run_branches(args, state, path, configs, samples, out) -> dict | None:  # no
     """Train every branch; rank 0 writes OUT/cbs.json and gets the result (others: None)."""
     import os
 
-    from launcher.job import execute
-    from launcher.topology import from_env, slurm_env
+    from launcher.cluster.topology import from_env, slurm_env
+    from launcher.training.job import execute
 
     os.environ.update(slurm_env(os.environ))
     launched = from_env()

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from launcher.config import ConfigError
+from launcher.config.schema import ConfigError
 
 USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 
@@ -43,7 +43,7 @@ for a finished run, or a sweep's table, critical-batch fit and plots.
 
 
 def _usage(config_dir: Path | None) -> str:
-    from launcher.compose import DEFAULT_RECIPE, GROUPS, group_options, recipe_names
+    from launcher.config.compose import DEFAULT_RECIPE, GROUPS, group_options, recipe_names
 
     def options(group: str) -> str:
         return "|".join(group_options(group, config_dir))
@@ -67,7 +67,7 @@ def run(args: list[str]) -> None:
 
 
 def _help(args: list[str]) -> int:
-    from launcher.compose import split_config_dir
+    from launcher.config.compose import split_config_dir
 
     try:
         config_dir = split_config_dir(args)[0]
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         return _help(args)
+    from launcher.cluster.preemption import Stopped
     from launcher.errors import LauncherError
-    from launcher.preemption import Stopped
 
     # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
     # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             traceback.print_exception(cause)  # a user factory's or model's own error
         if isinstance(exc, Stopped):
-            from launcher.faults import test_kill
+            from launcher.training.faults import test_kill
 
             test_kill(0, "exit")  # a test's second signal while a stopped run exits
     if code and message and os.environ.get("RANK", "0") == "0":

@@ -16,13 +16,13 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    for a sweep, or .../slurm-<job id> under Slurm (a requeued job finds its run again).
 4. Hydra runs the jobs: each folder gets .hydra/{config,hydra,overrides}.yaml and launcher.log,
    then the task trains the job (job.execute), or starts its trainer.devices workers with
-   hydra.run.dir set to the folder, and returns the job's objective (launcher/objective.py).
-   The basic launcher runs them here, one after another; joblib and submitit_local in other
-   processes on this machine (one process per job), submitit_slurm as Slurm jobs of the
-   cluster's shape (hydra.launcher.* set from cluster.* and slurm.*; validate planned for that
-   world). A job in another process has no Context: it finds its own (_elsewhere), and its
-   errors go back inside Hydra's pickled job result (Carried -> Failed). The optuna sweeper's
-   direction is set from the objective.
+   hydra.run.dir set to the folder, and returns the job's objective
+   (launcher/training/objective.py). The basic launcher runs them here, one after another; joblib
+   and submitit_local in other processes on this machine (one process per job), submitit_slurm as
+   Slurm jobs of the cluster's shape (hydra.launcher.* set from cluster.* and slurm.*; validate
+   planned for that world). A job in another process has no Context: it finds its own (_elsewhere),
+   and its errors go back inside Hydra's pickled job result (Carried -> Failed). The optuna
+   sweeper's direction is set from the objective.
 5. Every other process of a job (ranks > 0 started by torchrun, accelerate, deepspeed or srun, and
    trainer.devices workers) runs the same command; their Hydra outputs go to a temporary folder
    deleted at exit, and they train in rank 0's folder (the backend broadcasts it).
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.config.schema import ConfigError
 
 LOCAL_RANK = ("--local_rank=", "--local-rank=")  # the `deepspeed` launcher appends it
 REFUSED = {
@@ -140,7 +140,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _value(overrides: list[str], key: str) -> str | None:
     """The value the last override of `key` gives, as Hydra reads it (unquoted), or None."""
-    from launcher.compose import override_value
+    from launcher.config.compose import override_value
 
     found = [o for o in overrides if o.partition("=")[0].lstrip("+") == key]
     return override_value(found[-1]) if found else None
@@ -163,7 +163,7 @@ def placement(overrides: list[str], multirun: bool) -> str | None:
 
 def main(argv: list[str]) -> None:
     """Check, then hand the jobs to Hydra. Raises ConfigError (bad input) or Failed (a job)."""
-    from launcher.compose import hydra_quote, prepare_overrides, user_config_dir
+    from launcher.config.compose import hydra_quote, prepare_overrides, user_config_dir
 
     args = parse(argv)
     config_dir = user_config_dir(args.config_dir) if args.config_dir else None
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> None:
     overrides = list(args.overrides)
     if any(getattr(args, key) for key in SHOW):
         if not args.hydra_help:  # Hydra's help composes its own config, without the primary
-            from launcher.compose import check_composes, split_sweep
+            from launcher.config.compose import check_composes, split_sweep
 
             multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
             check_composes(split_sweep(overrides)[0] if multirun else overrides, config_dir)
@@ -184,8 +184,8 @@ def main(argv: list[str]) -> None:
     checked = [o for o in overrides if o.partition("=")[0] not in PLACEMENT]
     if chosen is not None:
         checked.append(f"run_dir={hydra_quote(chosen)}")
-    from launcher.job import create_run_dir, reuses_run_dir, validate
-    from launcher.topology import from_env
+    from launcher.cluster.topology import from_env
+    from launcher.training.job import create_run_dir, reuses_run_dir, validate
 
     plugin = _plugins(overrides, multirun)
     slurm = _slurm_shape(checked, multirun, config_dir) if plugin == "submitit_slurm" else None
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> None:
     kept = _records(Path(target)) if rank == 0 else {}
     locked = rank == 0 and "LAUNCHER_SPAWNED" not in os.environ  # workers: the agent holds it
     if locked:
-        from launcher.lock import acquire
+        from launcher.checkpoint.lock import acquire
 
         acquire(Path(target))
     global CONTEXT
@@ -225,7 +225,7 @@ def main(argv: list[str]) -> None:
     CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, scratch_dir, real.absolute())
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
     args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
-    from launcher.lock import NAME, release
+    from launcher.checkpoint.lock import NAME, release
 
     try:
         _run(args)
@@ -241,7 +241,7 @@ def main(argv: list[str]) -> None:
 
 def _plugins(overrides: list[str], multirun: bool) -> str:
     """The hydra/launcher chosen (basic when none), after refusing what cannot be honoured."""
-    from launcher.topology import from_env
+    from launcher.cluster.topology import from_env
 
     launcher = _value(overrides, "hydra/launcher") or "basic"
     sweeper = _value(overrides, "hydra/sweeper") or "basic"
@@ -268,9 +268,9 @@ def _plugins(overrides: list[str], multirun: bool) -> str:
 def _slurm_shape(overrides: list[str], multirun: bool, config_dir: Path | None) -> Any:
     """The processes each submitit_slurm job trains on: the cluster's nodes x devices, one Slurm
     task per device (topology.slurm_env turns srun's variables into torch's)."""
-    from launcher.compose import compose_run, split_sweep
-    from launcher.slurm import check_shape
-    from launcher.topology import Topology
+    from launcher.cluster.sbatch import check_shape
+    from launcher.cluster.topology import Topology
+    from launcher.config.compose import compose_run, split_sweep
 
     cfg = compose_run(split_sweep(overrides)[0] if multirun else overrides, config_dir)
     check_shape(cfg)
@@ -293,7 +293,7 @@ def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
     if plugin == "submitit_slurm":
         found += _submitit(jobs.configs, overrides)
     if (_value(overrides, "hydra/sweeper") or "basic") != "basic":
-        from launcher.objective import DIRECTION
+        from launcher.training.objective import DIRECTION
 
         objectives = {cfg.objective for cfg in jobs.configs}
         if len(objectives) > 1:
@@ -306,7 +306,7 @@ def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
                 "drop the direction (the launcher sets it) or choose another objective"
             )
         if objective != "eval_loss":
-            from launcher.probe import gives_accuracy
+            from launcher.memory.probe import gives_accuracy
 
             distinct = {repr((c.model, c.data, c.loss)): c for c in jobs.configs}
             if not all(gives_accuracy(cfg) for cfg in distinct.values()):
@@ -321,7 +321,7 @@ def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
 def _submitit(configs: list[Any], overrides: list[str]) -> list[str]:
     """hydra.launcher.* for submitit_slurm, from the jobs' cluster and slurm settings (one
     launcher config per sweep: they cannot vary); the same sbatch options the templates get."""
-    from launcher.slurm import resources
+    from launcher.cluster.sbatch import resources
 
     first = configs[0]
     for cfg in configs[1:]:
@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace) -> None:
     from hydra import version
     from hydra._internal.utils import _run_hydra, get_args_parser
 
-    from launcher.resources import CONF_PACKAGE
+    from launcher.config.resources import CONF_PACKAGE
 
     version.setbase("1.3")
     _run_hydra(
@@ -412,8 +412,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def task(cfg: Any) -> float | None:
-    """One job, as Hydra hands it over; returns its objective (launcher/objective.py), the value
-    a sweeper optimises (None on ranks > 0 and under plan_only)."""
+    """One job, as Hydra hands it over; returns its objective (launcher/training/objective.py), the
+    value a sweeper optimises (None on ranks > 0 and under plan_only)."""
     from launcher.errors import LauncherError
 
     try:
@@ -429,7 +429,7 @@ def _elsewhere(hydra: Any) -> Context:
     worker, a submitit task), from the job itself: the config folder from Hydra's search path,
     the processes from the environment (srun's tasks under submitit_slurm), the run folder
     Hydra made (every task of a Slurm job gets the same one)."""
-    from launcher.topology import from_env, slurm_env
+    from launcher.cluster.topology import from_env, slurm_env
 
     os.environ.update(slurm_env(os.environ))
     launched = from_env()
@@ -446,12 +446,12 @@ def _task(cfg: Any) -> float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from launcher import objective
-    from launcher.compose import DEFAULT_RECIPE, check_clashes, config_dir_args, hydra_quote
-    from launcher.config import to_run_config
-    from launcher.job import execute, on_device, start_workers
-    from launcher.report import read_job
-    from launcher.topology import resolve
+    from launcher.batchsize.sweep import read_job
+    from launcher.cluster.topology import resolve
+    from launcher.config.compose import DEFAULT_RECIPE, check_clashes, config_dir_args, hydra_quote
+    from launcher.config.schema import to_run_config
+    from launcher.training import objective
+    from launcher.training.job import execute, on_device, start_workers
 
     hydra = HydraConfig.get()
     context = CONTEXT or _elsewhere(hydra)

@@ -18,9 +18,9 @@ SMALL_DATA = ["data.num_samples=2000"]  # 1,600 train / 400 test, generated in w
 
 def composed(overrides: list[str], device: str = "cpu"):
     """compose_run with the device's `auto` settings resolved, as a run resolves them
-    (launcher.job.on_device): what the building blocks (probe, backends) accept."""
-    from launcher.compose import compose_run
-    from launcher.job import on_device
+    (launcher.training.job.on_device): what the building blocks (probe, backends) accept."""
+    from launcher.config.compose import compose_run
+    from launcher.training.job import on_device
 
     return on_device(compose_run(overrides), device)
 

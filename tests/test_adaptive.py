@@ -1,7 +1,7 @@
-"""The adaptive batch ramp (launcher/adaptive.py): its decision rule, the plans of its stages
-(exact sample accounting across changes, LR by the scaling rule), bad input, and real runs whose
-decisions survive a kill and a resume exactly (same world size: bit-identical; two ranks: within
-1e-10 in float64, only the reduction order differs)."""
+"""The adaptive batch ramp (launcher/planning/adaptive.py): its decision rule, the plans of its
+stages (exact sample accounting across changes, LR by the scaling rule), bad input, and real runs
+whose decisions survive a kill and a resume exactly (same world size: bit-identical; two ranks:
+within 1e-10 in float64, only the reduction order differs)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from launcher.adaptive import decide, stage_plan
 from launcher.cli import main
-from launcher.compose import compose_run
-from launcher.plan import _plan, plan_batch
-from launcher.schedule import lr_at
+from launcher.config.compose import compose_run
+from launcher.planning.adaptive import decide, stage_plan
+from launcher.planning.plan import _plan, plan_batch
+from launcher.planning.schedule import lr_at
 from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
 ADAPTIVE = ["global_batch=2048", "ramp.mode=adaptive", "ramp.start_batch=32"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.advice import advise, critical_batch, efficiency, format_advice, seconds_per_step
+from launcher.batchsize.advice import (
+    advise,
+    critical_batch,
+    efficiency,
+    format_advice,
+    seconds_per_step,
+)
 
 PLAN = {
     "global_batch": 512,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from launcher.backends.capabilities import capabilities
-from launcher.compose import compose_run
+from launcher.config.compose import compose_run
 
 ROOT = Path(__file__).resolve().parent.parent / "launcher"
 

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from launcher.cbs import crossing
-from launcher.config import ConfigError
-from launcher.plan import plan_batch
-from launcher.schedule import lr_at
+from launcher.config.schema import ConfigError
+from launcher.planning.plan import plan_batch
+from launcher.planning.schedule import lr_at
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 
 ARGS = [

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data import DataSpec
-from launcher.memory import PROBE_SIZES, fit_traces
+from launcher.memory.probe import probe_trace
+from launcher.memory.profile import PROBE_SIZES, fit_traces
 from launcher.models import build_model
-from launcher.plan import plan_batch
-from launcher.probe import probe_trace
+from launcher.planning.plan import plan_batch
 from tests.helpers import composed
 
 MODELS = {

@@ -7,9 +7,9 @@ import functools
 import pytest
 import yaml
 
-from launcher.compose import compose_run, split_sweep
-from launcher.config import ConfigError, RunConfig, to_dict, to_run_config
-from launcher.resources import conf_dir, recipes_dir
+from launcher.config.compose import compose_run, split_sweep
+from launcher.config.resources import conf_dir, recipes_dir
+from launcher.config.schema import ConfigError, RunConfig, to_dict, to_run_config
 
 GROUP_FILES = sorted(conf_dir().glob("*/*.yaml"))
 RECIPE_FILES = sorted(recipes_dir().glob("*.yaml"))

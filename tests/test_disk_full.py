@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from launcher import checkpoint
+from launcher.checkpoint import files as checkpoint
 from tests.helpers import PARITY_ARGS, run_cli, skip_or_fail
 
 
@@ -68,7 +68,8 @@ def test_tensorboard_that_does_not_fit_is_one_line(disk, tmp_path, data_cache) -
 
 
 def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything(disk, tmp_path) -> None:
-    """The issue's read-only mount: found by the folder check (launcher/paths.py), one line."""
+    """The issue's read-only mount: found by the folder check (launcher/checkpoint/paths.py), one
+    line."""
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     res = run_cli(["plan_only=true", f"run_dir={disk / 'run'}"], tmp_path)
     assert res.returncode == 2, res.stderr

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from launcher.data import data_spec
-from launcher.plan import plan_batch
-from launcher.probe import probe_peak
+from launcher.memory.probe import probe_peak
+from launcher.planning.plan import plan_batch
 from tests.helpers import SMALL_DATA, composed, final_state, read_metrics, run_cli, run_process
 
 

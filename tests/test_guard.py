@@ -1,5 +1,5 @@
-"""Step health (launcher/guard.py): non-finite steps skipped on every rank alike, divergence
-stopped in one line (exit 4), loss spikes as events, nothing non-finite in a file."""
+"""Step health (launcher/training/guard.py): non-finite steps skipped on every rank alike,
+divergence stopped in one line (exit 4), loss spikes as events, nothing non-finite in a file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from launcher.guard import NON_FINITE, SPIKE, WINDOW, Health
+from launcher.training.guard import NON_FINITE, SPIKE, WINDOW, Health
 from tests.helpers import run_cli
 
 SMALL = ["data.num_samples=4000", "global_batch=64", "trainer.progress=false"]

@@ -1,4 +1,4 @@
-"""What a run's advice tells about its history (launcher/history.py): ramp decisions, loss
+"""What a run's advice tells about its history (launcher/batchsize/history.py): ramp decisions, loss
 spikes (and what is not one), the critical batch over training against advice.critical_batch,
 branched probes found in the run folder, and the next-run sentence (advice.next_run)."""
 
@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from launcher.advice import Advice, critical_batch, next_run
-from launcher.history import format_history, noise_over_training, probes, spikes
+from launcher.batchsize.advice import Advice, critical_batch, next_run
+from launcher.batchsize.history import format_history, noise_over_training, probes, spikes
 
 
 def _line(step: int, loss: float, **kw) -> dict:

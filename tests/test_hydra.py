@@ -81,7 +81,7 @@ def test_a_missing_plugin_names_its_install_command(option, install) -> None:
     plugins are installed here, so the error is made as Hydra makes it)."""
     from hydra.errors import MissingConfigException
 
-    from launcher.compose import _hydra_error
+    from launcher.config.compose import _hydra_error
 
     error = _hydra_error(MissingConfigException("not found", missing_cfg_file=option))
     group, _, name = option.rpartition("/")
@@ -168,9 +168,9 @@ def test_an_error_in_a_plugins_process_comes_back_as_one_line() -> None:
     result and arrives as Failed, which cli.py turns into one line and the launcher's exit code."""
     import pickle
 
-    from launcher.config import ConfigError
+    from launcher.cluster.spawn import WorkersFailed
+    from launcher.config.schema import ConfigError
     from launcher.hydra_app import Carried, Failed
-    from launcher.spawn import WorkersFailed
 
     for error in (ConfigError("objective='eval_accuracy': no accuracy"), WorkersFailed(3, "x")):
         back = pickle.loads(pickle.dumps(Carried(error)))
@@ -180,7 +180,7 @@ def test_an_error_in_a_plugins_process_comes_back_as_one_line() -> None:
 
 
 def test_submitit_slurm_gets_its_shape_and_resources_from_the_cluster() -> None:
-    from launcher.compose import compose_run
+    from launcher.config.compose import compose_run
     from launcher.hydra_app import _submitit
 
     extra = ["slurm.partition=gpu", "slurm.extra=--qos high --exclusive", "slurm.time=90"]
@@ -203,7 +203,7 @@ def test_submitit_slurm_gets_its_shape_and_resources_from_the_cluster() -> None:
 
 
 def test_an_interval_is_checked_at_both_ends() -> None:
-    from launcher.compose import split_sweep
+    from launcher.config.compose import split_sweep
 
     jobs = split_sweep(["optim.base_lr=tag(log, interval(0.01, 0.1))", "global_batch=64,128"])
     assert jobs == [

@@ -1,5 +1,5 @@
-"""One launcher process per run folder (launcher/lock.py): a second one is refused in one line
-naming the holder; a lock whose process is gone (or whose Slurm job was requeued) is taken over
+"""One launcher process per run folder (launcher/checkpoint/lock.py): a second one is refused in one
+line naming the holder; a lock whose process is gone (or whose Slurm job was requeued) is taken over
 with a line; the holder removes it when it exits."""
 
 from __future__ import annotations

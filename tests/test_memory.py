@@ -14,9 +14,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from launcher.data import data_spec
-from launcher.memory import GB, MemoryProfile, StorageMeter, budget_bytes, fit_traces, upper_lines
-from launcher.plan import plan_batch
-from launcher.probe import _step, estimated_cap, measured_cap, probe_peak
+from launcher.memory.probe import _step, estimated_cap, measured_cap, probe_peak
+from launcher.memory.profile import (
+    GB,
+    MemoryProfile,
+    StorageMeter,
+    budget_bytes,
+    fit_traces,
+    upper_lines,
+)
+from launcher.planning.plan import plan_batch
 from tests.helpers import composed, run_cli
 
 
@@ -135,7 +142,7 @@ def test_estimate_with_fake_tensors_matches_measurement(name, tmp_path):
 def test_estimate_is_cached_and_reused_without_fake_tensors(tmp_path, monkeypatch):
     """plan_only's estimate is saved like a measured profile; a second plan (another global
     batch: same model and optimizer) reads it back and traces nothing."""
-    import launcher.probe as probe
+    import launcher.memory.probe as probe
 
     cfg, spec, plan = _setup(tmp_path=tmp_path)
     cap, first = estimated_cap(cfg, spec, plan, 16 * GB)
@@ -184,7 +191,7 @@ def test_cache_hit_miss_and_corrupt_entries(tmp_path):
 
 
 def test_one_sample_over_budget_is_a_config_error(tmp_path):
-    from launcher.config import ConfigError
+    from launcher.config.schema import ConfigError
 
     cfg, spec, plan = _setup("memory.budget_gb=0.00001", "memory.margin_gb=0", tmp_path=tmp_path)
     with pytest.raises(ConfigError, match="memory: one sample needs"):
@@ -272,8 +279,8 @@ def test_one_out_of_memory_event_does_not_poison_later_runs(tmp_path, data_cache
 
 def test_an_out_of_memory_in_training_teaches_the_cache(tmp_path):
     """After record_oom at micro m, the cached profile no longer lets m fit the same budget."""
-    from launcher.memory import load_cached
-    from launcher.probe import _cache_key, record_oom
+    from launcher.memory.probe import _cache_key, record_oom
+    from launcher.memory.profile import load_cached
 
     cfg, spec, plan = _setup("memory.budget_gb=0.002", "memory.margin_gb=0", tmp_path=tmp_path)
     cap, report = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)

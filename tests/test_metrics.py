@@ -1,12 +1,12 @@
-"""TensorBoard output (launcher/metrics.py): tags grouped (train/, eval/, noise/, speed/, ...)
-and samples on the x axis, so runs at different global batches line up; a resume purges what
+"""TensorBoard output (launcher/training/metrics.py): tags grouped (train/, eval/, noise/, speed/,
+...) and samples on the x axis, so runs at different global batches line up; a resume purges what
 came after its checkpoint by samples."""
 
 from __future__ import annotations
 
 import pytest
 
-from launcher.metrics import MetricsSink, tensorboard_tag
+from launcher.training.metrics import MetricsSink, tensorboard_tag
 
 
 @pytest.mark.parametrize(

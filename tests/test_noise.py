@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from launcher.noise import NoiseScale, two_batch
+from launcher.batchsize.noise import NoiseScale, two_batch
 
 DIM = 50
 G = torch.linspace(-0.2, 0.3, DIM, dtype=torch.float64)
@@ -84,7 +84,7 @@ def _reference(cfg_overrides: list[str], small_batches: list[slice]) -> tuple[fl
     global batch, the small batches given as slices of it; plain autograd, float64."""
     import torch.nn.functional as F
 
-    from launcher.compose import compose_run
+    from launcher.config.compose import compose_run
     from launcher.data import build_splits
     from launcher.data.sampler import epoch_permutation
     from launcher.models import build_model

@@ -1,4 +1,5 @@
-"""What a job returns to a Hydra sweeper (launcher/objective.py), from its metrics records."""
+"""What a job returns to a Hydra sweeper (launcher/training/objective.py), from its metrics
+records."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import math
 
 import pytest
 
-from launcher.config import ConfigError
-from launcher.objective import DIRECTION, value
+from launcher.config.schema import ConfigError
+from launcher.training.objective import DIRECTION, value
 
 RECORDS = [
     {"step": 1, "samples": 64, "loss": 2.3},

@@ -16,11 +16,11 @@ import torch
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
-from launcher.metrics import MetricsSink
 from launcher.models import build_model
 from launcher.optim import build_optimizer
-from launcher.plan import plan_batch
-from launcher.train import fit
+from launcher.planning.plan import plan_batch
+from launcher.training.loop import fit
+from launcher.training.metrics import MetricsSink
 from tests.helpers import (
     PARITY_ARGS,
     accelerate_launch,
@@ -210,8 +210,8 @@ class _Gather:
 
 
 def test_replica_check_tells_differing_ranks_from_a_run_that_diverged():
-    from launcher.guard import Diverged
-    from launcher.train import check_replicas
+    from launcher.training.guard import Diverged
+    from launcher.training.loop import check_replicas
 
     model = torch.nn.Linear(2, 1)
     digest = check_replicas(model, _Gather(), 7)

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from launcher.compose import compose_run
-from launcher.config import ConfigError, RunConfig
-from launcher.plan import choose_optimizer, format_plan, plan_batch, scale_lr, split_batch
+from launcher.config.compose import compose_run
+from launcher.config.schema import ConfigError, RunConfig
+from launcher.planning.plan import choose_optimizer, format_plan, plan_batch, scale_lr, split_batch
 
 IMAGENET = 1_281_167  # ImageNet-1k training images
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from launcher import checkpoint
+from launcher.checkpoint import files as checkpoint
 from tests.helpers import PARITY_ARGS, final_state, launcher_env, read_metrics, run_cli
 
 TOL = 1e-10

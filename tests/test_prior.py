@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.advice import advise, format_advice, samples_to_match
-from launcher.config import to_dict
-from launcher.job import with_budget
-from launcher.plan import format_plan, plan_batch
-from launcher.prior import budget, find_prior, from_records
+from launcher.batchsize.advice import advise, format_advice, samples_to_match
+from launcher.config.schema import to_dict
+from launcher.planning.plan import format_plan, plan_batch
+from launcher.planning.prior import budget, find_prior, from_records
+from launcher.training.job import with_budget
 from tests.helpers import composed
 
 NOISE = 400.0  # every line's tr(Sigma)/|G|^2: the run's critical batch is exactly this
@@ -56,7 +56,7 @@ def test_samples_to_match_is_the_empirical_models_ratio() -> None:
 
 
 def test_budget_says_short_with_the_epochs_and_the_batch_that_fits() -> None:
-    from launcher.prior import Prior
+    from launcher.planning.prior import Prior
 
     prior = Prior(Path("runs/a"), 512, 400.0, 96_000, "eval accuracy >= 0.95")
     need = 96_000 * (400 + 4096) / (400 + 512)  # 473,263 samples = 14.8 epochs of 32,000

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from launcher.cli import main
-from launcher.compose import compose_run
+from launcher.config.compose import compose_run
 from launcher.data.sampler import GlobalBatchSampler, epoch_permutation
-from launcher.plan import plan_batch
-from launcher.schedule import lr_at
+from launcher.planning.plan import plan_batch
+from launcher.planning.schedule import lr_at
 from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
 RAMP = ["global_batch=512", "ramp.start_batch=64", "ramp.samples=48000", "trainer.epochs=3"]

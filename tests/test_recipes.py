@@ -18,10 +18,10 @@ import torch.nn.functional as F
 import yaml
 
 from launcher.cli import main
-from launcher.compose import compose_run
-from launcher.config import ConfigError
+from launcher.config.compose import compose_run
+from launcher.config.schema import ConfigError
 from launcher.data import build_splits, declared_epoch_samples
-from launcher.loss import CrossEntropy
+from launcher.training.loss import CrossEntropy
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]

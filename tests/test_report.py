@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launcher.advice import efficiency
-from launcher.report import (
+from launcher.batchsize.advice import efficiency
+from launcher.batchsize.sweep import (
     Job,
     fit_critical_batch,
     run_noise_scale,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import checkpoint
+from launcher.checkpoint import files as checkpoint
 from launcher.cli import main
 from tests.helpers import SMALL_DATA, read_metrics, run_cli
 
@@ -231,9 +231,9 @@ def test_an_explicit_global_batch_change_continues_at_the_consumed_samples(tmp_p
         (7, 544),
         (8, 640),
     ]
-    from launcher.compose import compose_run
-    from launcher.plan import plan_batch
-    from launcher.schedule import lr_at
+    from launcher.config.compose import compose_run
+    from launcher.planning.plan import plan_batch
+    from launcher.planning.schedule import lr_at
 
     new = plan_batch(compose_run(allow[:-1]), 1, 1600, origin=(4, 256))
     assert [m["lr"] for m in lines[4:]] == [lr_at(new, s) for s in (256, 352, 448, 544)]

@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from launcher.compose import compose_run
-from launcher.config import RunConfig
-from launcher.plan import BatchPlan, plan_batch
-from launcher.schedule import lr_at
+from launcher.config.compose import compose_run
+from launcher.config.schema import RunConfig
+from launcher.planning.plan import BatchPlan, plan_batch
+from launcher.planning.schedule import lr_at
 
 IMAGENET = 1_281_167
 

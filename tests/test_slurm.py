@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.compose import compose_run
-from launcher.slurm import directives, render
+from launcher.cluster.sbatch import directives, render
+from launcher.config.compose import compose_run
 from tests.helpers import (
     PARITY_ARGS,
     ROOT,
@@ -109,7 +109,7 @@ def test_no_value_reaches_the_sbatch_script_unsafely(tmp_path, key) -> None:
 
 
 def test_hydra_quote_reads_back_as_written() -> None:
-    from launcher.compose import hydra_quote, override_value
+    from launcher.config.compose import hydra_quote, override_value
 
     for text in ["/runs/a", '/r w#1/"a" 5%', "it's", "a${x}b", "both'\"", "end\\", "a,b", "x=y"]:
         assert override_value(f"run_dir={hydra_quote(text)}") == text

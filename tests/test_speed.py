@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from launcher.backends.accelerate import AccelerateBackend
+from launcher.batchsize.speed import ladder, time_micro_steps
 from launcher.data.tensors import TensorPairs
-from launcher.loss import CrossEntropy
-from launcher.speed import ladder, time_micro_steps
+from launcher.training.loss import CrossEntropy
 from tests.helpers import composed
 
 

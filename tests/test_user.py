@@ -17,8 +17,8 @@ import yaml
 
 import launcher
 from launcher.cli import main
-from launcher.compose import compose_run
-from launcher.config import ConfigError, to_dict, to_run_config
+from launcher.config.compose import compose_run
+from launcher.config.schema import ConfigError, to_dict, to_run_config
 from tests.helpers import ROOT, final_state, read_metrics, run_cli, run_process
 from tests.user_project import PACKAGE, write_project
 
@@ -259,8 +259,8 @@ def test_activation_checkpointing_recomputes_the_named_blocks(project):
     sys.path.insert(0, str(ROOT / "examples" / "waves"))
     try:
         from launcher.data import data_spec
-        from launcher.loss import CrossEntropy
         from launcher.models import build_model
+        from launcher.training.loss import CrossEntropy
 
         conf = ROOT / "examples" / "waves" / "conf"
         plain = compose_run(["+recipe=waves"], conf)

@@ -6,10 +6,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from launcher.backends.capabilities import capabilities
-from launcher.config import ConfigError, RunConfig
+from launcher.config.schema import ConfigError, RunConfig
 
-if TYPE_CHECKING:  # launcher.plan reads capabilities from this package: no import cycle
-    from launcher.plan import BatchPlan
+if TYPE_CHECKING:  # launcher.planning.plan reads capabilities from this package: no import cycle
+    from launcher.planning.plan import BatchPlan
 
 BACKENDS = {
     "accelerate": "launcher.backends.accelerate:AccelerateBackend",

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from launcher.backends.collectives import Collectives, flat_in_place
-from launcher.config import RunConfig, require_concrete
-from launcher.plan import BatchPlan
+from launcher.config.schema import RunConfig, require_concrete
+from launcher.planning.plan import BatchPlan
 
 
 class AccelerateBackend(Collectives):

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from launcher.plan import BatchPlan
+from launcher.planning.plan import BatchPlan
 
 
 class Backend(Protocol):

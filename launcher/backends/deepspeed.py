@@ -19,8 +19,8 @@ import torch
 
 from launcher.backends.collectives import Collectives
 from launcher.backends.ds_config import ds_config
-from launcher.config import RunConfig
-from launcher.plan import BatchPlan, checkpointing
+from launcher.config.schema import RunConfig
+from launcher.planning.plan import BatchPlan, checkpointing
 
 
 class DeepSpeedBackend(Collectives):

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, DeepSpeedConfig, RunConfig, require_concrete
-from launcher.plan import BatchPlan
+from launcher.config.schema import ConfigError, DeepSpeedConfig, RunConfig, require_concrete
+from launcher.planning.plan import BatchPlan
 
 LAYERWISE = ("lars", "lamb")  # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
 FUSED = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb"}  # DeepSpeed's fused CUDA optimizers

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.config import Cifar10Config, ConfigError
+from launcher.config.schema import Cifar10Config, ConfigError
 from launcher.data import DataSpec, Splits
 
 FOLDER = "cifar-10-batches-py"

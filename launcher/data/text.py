@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.config import ConfigError, TextConfig
+from launcher.config.schema import ConfigError, TextConfig
 from launcher.data import DataSpec, Splits
 
 VOCAB = 256

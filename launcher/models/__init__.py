@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from launcher.config import TARGET_KEY, ConfigError, ModelConfig, UserModelConfig
+from launcher.config.schema import TARGET_KEY, ConfigError, ModelConfig, UserModelConfig
 from launcher.data import DataSpec
 
 MODELS = {
@@ -48,7 +48,7 @@ def _user_model(cfg: UserModelConfig, fresh: bool) -> Any:
     from torch import nn
 
     from launcher.api import copy_into_context, is_provided_instance
-    from launcher.targets import instantiate
+    from launcher.config.targets import instantiate
 
     model = instantiate(cfg.target, cfg.kwargs, "model")
     if not isinstance(model, nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from launcher.config import CNN1DConfig, ConfigError
+from launcher.config.schema import CNN1DConfig, ConfigError
 from launcher.data import DataSpec
 from launcher.models.checkpointing import Block
 

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from launcher.config import ConfigError, GPTConfig
+from launcher.config.schema import ConfigError, GPTConfig
 from launcher.data import DataSpec
 
 BLOCKS = (nn.TransformerEncoderLayer,)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from launcher.config import ConfigError, ResNetConfig
+from launcher.config.schema import ConfigError, ResNetConfig
 from launcher.data import DataSpec
 
 BLOCKS = (BasicBlock, Bottleneck)

@@ -1,0 +1,127 @@
+"""What happened over one run, from its metrics records: the adaptive ramp's decisions, loss
+spikes, the noise scale and the critical batch over training, and branched probes of it
+(launcher/cbs.py) found in the run's folder. PURE except `probes`, which reads cbs.json files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from launcher.batchsize.advice import progress_terms
+
+SPIKE_FACTOR = 2.0  # a logged loss this many times the median of the lines before it
+SPIKE_WINDOW = 20  # ... over this many lines
+SPIKE_SIGMAS = 5.0  # ... and this many robust standard deviations (1.4826 MAD) above it
+
+
+def ramp_events(records: list[dict]) -> list[dict]:
+    """The batch changes: fixed ramp-up stages and adaptive decisions (event "ramp")."""
+    return [r for r in records if r.get("event") == "ramp" and "global_batch" in r]
+
+
+def spikes(records: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, loss, baseline) of each training log line whose loss is not finite, or above both
+    SPIKE_FACTOR x the median of the SPIKE_WINDOW lines before it and that median + SPIKE_SIGMAS
+    robust standard deviations of them (late in training one step's loss varies by 2x)."""
+    train = [r for r in records if "loss" in r and "event" not in r]
+    found = []
+    for i, r in enumerate(train):
+        before = [
+            x["loss"] for x in train[max(i - SPIKE_WINDOW, 0) : i] if math.isfinite(x["loss"])
+        ]
+        if not math.isfinite(r["loss"]):
+            found.append((r["step"], r["loss"], statistics.median(before) if before else math.nan))
+            continue
+        if len(before) < SPIKE_WINDOW:
+            continue
+        median = statistics.median(before)
+        sigma = 1.4826 * statistics.median(abs(x - median) for x in before)
+        if r["loss"] > max(SPIKE_FACTOR * median, median + SPIKE_SIGMAS * sigma):
+            found.append((r["step"], r["loss"], median))
+    return found
+
+
+def noise_over_training(records: list[dict], batch: int) -> list[tuple[int, float, float]]:
+    """(samples, logged B_simple, critical batch of the run up to there) per training log line
+    with a logged B_simple (advice.critical_batch over the lines so far, kept as running sums)."""
+    train = [r for r in records if "loss" in r and "event" not in r and "samples" in r]
+    out, num, den = [], 0.0, 0.0
+    for r in train:
+        terms = progress_terms(r, batch)
+        if terms is not None:
+            num, den = num + terms[0], den + terms[1]
+        if r.get("noise_scale") is not None:
+            out.append((r["samples"], r["noise_scale"], num / den if den > 0 else math.nan))
+    return out
+
+
+def batch_over_samples(records: list[dict], batch: int) -> list[tuple[int, int]]:
+    """(samples, global batch) at each training log line."""
+    train = [r for r in records if "loss" in r and "event" not in r and "samples" in r]
+    return [(r["samples"], r.get("global_batch", batch)) for r in train]
+
+
+def probes(run_dir: Path) -> list[dict]:
+    """The branched probes run from this run (RUN_DIR/cbs-*/cbs.json and --out folders inside
+    it), oldest checkpoint first; unreadable files are left out."""
+    found = []
+    for path in sorted(run_dir.glob("*/cbs.json")):
+        try:
+            result = json.loads(path.read_text())
+            if isinstance(result, dict) and "critical_batch" in result:
+                found.append(result)
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda r: r.get("consumed_samples", 0))
+
+
+def format_history(records: list[dict], found_probes: list[dict]) -> list[str]:
+    """Lines for the advice: decisions, spikes, probes (nothing for what did not happen)."""
+    lines = []
+    for e in ramp_events(records):
+        batch, step = e["global_batch"], e["step"]
+        if "was" not in e:  # a fixed ramp-up's next stage
+            lines.append(f"  ramp-up: global batch {batch} from step {step:,}")
+            continue
+        why = f", measured noise scale {e['noise_scale']:,.0f}" if "noise_scale" in e else ""
+        where = f" (sample {e['samples']:,})" if "samples" in e else ""
+        lines.append(f"  ramp: global batch {e['was']} -> {batch} at step {step:,}{where}{why}")
+    found = spikes(records)
+    if found:
+        shown = "; ".join(f"step {s:,}: {loss:.4g} vs {base:.4g}" for s, loss, base in found[:5])
+        more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+        lines.append(
+            f"  loss spikes: {len(found)} log line(s) above {SPIKE_FACTOR:g}x and "
+            f"{SPIKE_SIGMAS:g} robust sigmas over the median of the {SPIKE_WINDOW} before them, "
+            f"or not finite: {shown}{more}"
+        )
+    lines += _health_lines(records)
+    for p in found_probes:
+        crossed = p.get("interpolated")
+        lines.append(
+            f"  branched probe at step {p['step']:,} ({p['consumed_samples']:,} samples): "
+            f"critical batch {p['critical_batch']:,} (largest k x {p['global_batch']} within "
+            f"{p['tolerance']:.1%} of the k=1 branch's eval loss"
+            + (f", crossing at ~{crossed:,.0f}" if crossed else "")
+            + ")"
+        )
+    return lines
+
+
+def _health_lines(records: list[dict]) -> list[str]:
+    """The steps the run's health check flagged (launcher/training/guard.py): non-finite ones
+    (skipped) and loss spikes (skipped under trainer.skip_spikes)."""
+    lines = []
+    for kind, what in (("non_finite", "non-finite step(s)"), ("loss_spike", "loss spike(s)")):
+        found = [e for e in records if e.get("event") == kind]
+        if not found:
+            continue
+        steps = ", ".join(f"{e['step']:,}" for e in found[:8]) + (" ..." if found[8:] else "")
+        skipped = sum(1 for e in found if e.get("skipped"))
+        lines.append(
+            f"  {what}: {len(found)} at step(s) {steps}; {skipped} skipped (not learned from)"
+        )
+    return lines

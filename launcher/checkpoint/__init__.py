@@ -1,0 +1,2 @@
+"""The run folder on disk: checkpoint files, restoring from them, the folder's lock, and the
+writable checks made before anything is written."""

@@ -1,0 +1,179 @@
+"""What a checkpoint holds, and how a run continues from one: exactly, or at a new world size.
+
+A checkpoint is world-size free: float32 weights and the optimizer state whole (as the plain
+module's torch optimizer would hold them), the consumed-sample count (the data order and the LR
+schedule are functions of it), the plan and config it was trained with, the memory profile and
+every rank's RNG states. Resuming re-plans micro-batch and accumulation for the same global batch
+on whatever is launched now; the sampler continues the sample stream at `consumed_samples`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.checkpoint import files as checkpoint
+from launcher.config.schema import ConfigError, RampConfig, RunConfig, to_dict
+from launcher.planning.plan import BatchPlan
+
+FORMAT = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as data `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def capture(
+    cfg: RunConfig,
+    plan: BatchPlan,
+    step: int,
+    backend: Any,
+    model: Any,
+    optimizer: Any,
+    progress: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it).
+    `progress`: what the run measured so far (training seconds, the noise-scale averages)."""
+    rngs = backend.gather_objects(rng_state())
+    with backend.gathered(model):
+        weights = backend.state_dict(model)
+    opt_state = backend.optimizer_state(model, optimizer)
+    if backend.rank != 0:
+        return None
+    return {
+        "format": FORMAT,
+        "step": step,
+        "consumed_samples": plan.samples_at(step),
+        "global_batch": plan.global_batch,
+        "world_size": plan.world_size,
+        "model": weights,
+        "optimizer": opt_state,
+        "rng": rngs,
+        "plan": dataclasses.asdict(plan),
+        "config": to_dict(cfg),
+        "progress": progress or {},
+    }
+
+
+def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint to continue from (resume=auto|never|PATH), or None to start fresh."""
+    if cfg.resume == "never":
+        return None
+    source = run_dir if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    try:
+        found = checkpoint.load(source, warn)
+    except checkpoint.Unusable as exc:
+        raise ConfigError(f"resume={cfg.resume!r}: {exc}") from None
+    if found is None and cfg.resume != "auto":
+        raise ConfigError(f"resume={cfg.resume!r}: no usable checkpoint there")
+    return found
+
+
+# data keys that say how data is fetched and loaded, not what it is: free to change on resume
+LOADING_KEYS = (
+    "cache_dir",
+    "workers",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory",
+    "download",
+    "verify",
+)
+
+
+def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
+    """Refuse to continue a checkpoint with a config that would train something else; returns
+    the plan's origin (step, samples) where the current global batch took over."""
+    saved = state["config"]
+    origin = (state["plan"]["origin_step"], state["plan"]["origin_samples"])
+    ramp_end = origin[0] if state["plan"].get("ramp") else 0
+    if ramp_end:  # the same ramp-up (compared below): plan_batch makes the same stages again
+        origin = (0, 0)
+    adaptive = cfg.ramp.mode == "adaptive"  # its batch is the checkpoint's (adaptive_stage)
+    if state["global_batch"] != cfg.global_batch and not adaptive:
+        if not cfg.checkpoint.allow_global_batch_change:
+            raise ConfigError(
+                f"global_batch={cfg.global_batch}: {path} was trained with global batch "
+                f"{state['global_batch']} (consumed {state['consumed_samples']:,} samples); "
+                f"resume with global_batch={state['global_batch']}, or say "
+                "checkpoint.allow_global_batch_change=true, or resume=never to start over"
+            )
+        if state["step"] < ramp_end:
+            raise ConfigError(
+                f"global_batch={cfg.global_batch}: {path} is in its batch ramp-up (step "
+                f"{state['step']:,} of {ramp_end:,}); resume with global_batch="
+                f"{state['global_batch']} and change it after the ramp-up"
+            )
+        origin = (state["step"], state["consumed_samples"])
+    ours = to_dict(cfg)
+    older = {"ramp": to_dict(RampConfig()), "loss": {"name": "cross_entropy"}}
+    saved = older | saved  # checkpoints written before these keys existed
+    for part in (ours, saved):  # where the data lives and how it is loaded may change
+        part["data"] = {k: v for k, v in part["data"].items() if k not in LOADING_KEYS}
+    for key in ("model", "data", "loss", "optim", "schedule", "seed", "ramp"):
+        if ours[key] != saved[key]:
+            raise ConfigError(
+                f"{key}: differs from the config {path} was trained with ({saved[key]!r}, now "
+                f"{ours[key]!r}); "
+                "resume with the same settings, or resume=never to start over"
+            )
+    return origin
+
+
+def adaptive_stage(cfg: RunConfig, state: dict[str, Any]) -> tuple | None:
+    """An adaptive ramp's (batch, origin step, origin samples, earlier stages) in the checkpoint,
+    which the plan continues from; None for other runs."""
+    if cfg.ramp.mode != "adaptive":
+        return None
+    p = state["plan"]
+    grown = tuple(tuple(int(v) for v in g) for g in p.get("grown", ()))
+    return state["global_batch"], p["origin_step"], p["origin_samples"], grown
+
+
+def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
+    """Refuse a global batch whose plan swaps the optimizer (optim.large_batch): the checkpoint's
+    optimizer state is another optimizer's."""
+    saved = state["plan"]["optimizer"]
+    if saved != plan.optimizer:
+        raise ConfigError(
+            f"global_batch={plan.global_batch}: the plan trains it with {plan.optimizer} "
+            f"({plan.reasons['optimizer']}), {path} holds {saved}'s optimizer state, which does "
+            f"not carry over; choose a global batch that keeps {saved}, or resume=never"
+        )
+
+
+def restore(state: dict[str, Any], backend: Any, model: Any, optimizer: Any) -> str:
+    """Load weights, optimizer state and (same world size) RNG states; returns what was done."""
+    backend.load_state(model, optimizer, state["model"], state["optimizer"])
+    if state["world_size"] == backend.world_size:
+        set_rng_state(state["rng"][backend.rank])
+        return "weights, optimizer state and every rank's RNG states restored"
+    torch.manual_seed(hash((state["config"]["seed"], state["step"], backend.rank)) % 2**63)
+    return (
+        f"weights and optimizer state restored; saved on {state['world_size']} rank(s), now "
+        f"{backend.world_size}: RNG states reseeded from (seed, step, rank)"
+    )

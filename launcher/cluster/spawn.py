@@ -1,0 +1,80 @@
+"""`trainer.devices=N` on a plain `python -m launcher`: start N workers on this machine with
+PyTorch's elastic launcher (the machinery behind `torchrun --standalone`), each running the same
+command line; they find WORLD_SIZE etc. in their environment and train as under torchrun.
+
+This process is the agent: SIGTERM, SIGINT and SIGUSR1 are passed on to the workers (which
+checkpoint at the next step boundary, preemption.py) and it waits for them; the exit code is the
+first failing worker's (2 bad input, 3 stopped on a signal), or 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import uuid
+
+from launcher.cluster.preemption import EXIT_CODE
+from launcher.errors import LauncherError
+
+SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 600  # a worker asked to stop finishes its step and writes a checkpoint
+
+
+class WorkersFailed(LauncherError):
+    """A trainer.devices worker failed: its exit code, and its one line if it said one."""
+
+    def __init__(self, code: int, message: str | None) -> None:
+        super().__init__(message or "")
+        self.code = self.exit_code = code
+        self.message = message
+
+    def line(self) -> str:
+        return f"{self.prefix}{self.message}" if self.message else ""
+
+    def __reduce__(self) -> tuple:  # back from a Hydra launcher plugin's process
+        return WorkersFailed, (self.code, self.message)
+
+
+def spawn(processes: int, args: list[str]) -> None:
+    """Run `python -m launcher ARGS` as `processes` local workers; WorkersFailed if one fails."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    options = {f.name for f in dataclasses.fields(LaunchConfig)}
+    extra = {"signals_to_handle": SIGNALS} if "signals_to_handle" in options else {}
+    if "shutdown_timeout" in options:
+        extra["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # as torchrun --standalone: a free port on this machine
+        max_restarts=0,
+        monitor_interval=0.1,
+        logs_specs=DefaultLogsSpecs(),
+        **extra,
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does for several workers
+    os.environ["LAUNCHER_SPAWNED"] = "1"
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # an older torch cannot pass it on
+    try:
+        elastic_launch(config, sys.executable)("-m", "launcher", *args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode in (2, EXIT_CODE):  # rank 0 printed the line already
+            raise WorkersFailed(failure.exitcode, None) from None
+        raise WorkersFailed(
+            1, f"worker rank {rank} exited with code {failure.exitcode} (its output is above)"
+        ) from None
+    except SignalException as exc:  # passed on to the workers, which stopped after a step
+        if exc.sigval in (signal.SIGUSR1, signal.SIGTERM):
+            raise WorkersFailed(EXIT_CODE, None) from None  # rank 0 said where it stopped
+        raise WorkersFailed(128 + exc.sigval, f"{exc.sigval.name}: workers stopped") from None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

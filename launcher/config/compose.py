@@ -1,0 +1,308 @@
+"""Hydra composition: packaged conf/ and recipes/, a user's --config-dir, overrides -> RunConfig.
+
+Hydra runs here, in the process that parses the command line. The search path is Hydra's own for
+an app whose config is the package `launcher.conf`, with `--config-dir` added where Hydra's
+`--config-dir` flag adds it: after the launcher's config, before structured configs. Built-in
+recipes are registered as structured configs of the `recipe` group when selected; a user's
+`recipe/NAME.yaml` is an ordinary group option. `+recipe=NAME` is composed as
+`+recipe@_global_=NAME`, so a recipe sets top-level keys whether or not its file says
+`# @package _global_`. A selected option that exists both built in and in the user's folder is
+refused: the search path would silently take the launcher's. Hydra's own errors become one-line
+`ConfigError`s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from launcher.config.resources import CONF_PACKAGE, conf_dir, recipes_dir
+from launcher.config.schema import (
+    ConfigError,
+    RunConfig,
+    UserDataConfig,
+    UserModelConfig,
+    own_options,
+    to_run_config,
+)
+
+DEFAULT_RECIPE = "mnist1d"
+HYDRA_PLUGINS = {  # Hydra launcher and sweeper options the launcher supports: how to install them
+    "hydra/launcher=joblib": "pip install 'globalbatch[joblib]'",
+    "hydra/launcher=submitit_slurm": "pip install 'globalbatch[slurm]'",
+    "hydra/launcher=submitit_local": "pip install 'globalbatch[slurm]'",
+    "hydra/sweeper=optuna": "pip install 'globalbatch[search]'",
+}
+GROUPS = ("model", "data", "loss", "optim", "schedule", "backend", "trainer", "cluster")
+
+
+def user_config_dir(path: str) -> Path:
+    """The absolute path of a `--config-dir`, which must be a folder."""
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir():
+        raise ConfigError(f"--config-dir={path!r}: not a folder")
+    if (folder / "config.yaml").exists():
+        raise ConfigError(
+            f"--config-dir={path!r}: holds config.yaml, which the launcher's own primary config "
+            "would shadow; put your settings in a recipe (recipe/NAME.yaml, +recipe=NAME)"
+        )
+    return folder
+
+
+def _names(folder: Path | None) -> set[str]:
+    return {p.stem for p in folder.glob("*.yaml")} if folder is not None else set()
+
+
+def _user(config_dir: Path | None, group: str) -> Path | None:
+    return config_dir / group if config_dir is not None else None
+
+
+def recipe_names(config_dir: Path | None = None) -> list[str]:
+    """Built-in recipes and those in `config_dir`/recipe/."""
+    return sorted(_names(recipes_dir()) | _names(_user(config_dir, "recipe")))
+
+
+def group_options(group: str, config_dir: Path | None = None) -> list[str]:
+    """A config group's options: built in and in `config_dir`/GROUP/."""
+    return sorted(_names(conf_dir() / group) | _names(_user(config_dir, group)))
+
+
+def _clash(group: str, name: str, config_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"{group}={name!r}: both the launcher and {config_dir / group / name}.yaml define it, and "
+        "Hydra's search path takes the launcher's (its config comes before --config-dir); give "
+        "yours another name"
+    )
+
+
+def _register_recipe(name: str, config_dir: Path | None) -> None:
+    """Store the selected built-in recipe (parsing every recipe is start-up time). An unknown name
+    is refused here: with no recipe found Hydra would take `+recipe=NAME` for a plain new key."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    builtin = name in _names(recipes_dir())
+    if name in _names(_user(config_dir, "recipe")):
+        if builtin:
+            raise _clash("recipe", name, config_dir)
+        return
+    if not builtin:
+        options = ", ".join(recipe_names(config_dir))
+        raise ConfigError(f"recipe={name!r}: unknown; choose from {options}")
+    node = OmegaConf.load(recipes_dir() / f"{name}.yaml")
+    ConfigStore.instance().store(group="recipe", name=name, node=node, package="_global_")
+
+
+def _recipe_of(overrides: list[str]) -> tuple[str, list[str]]:
+    """The recipe an override list selects (the default one when none is given), and the overrides
+    with the selection made global."""
+    for i, item in enumerate(overrides):
+        key, _, value = item.partition("=")
+        if key.lstrip("+~").split("@")[0] == "recipe":
+            if not key.startswith("+"):
+                raise ConfigError(f"{item!r}: select a recipe with +recipe=NAME")
+            return value, [*overrides[:i], f"+recipe@_global_={value}", *overrides[i + 1 :]]
+    return DEFAULT_RECIPE, [f"+recipe@_global_={DEFAULT_RECIPE}", *overrides]
+
+
+def _launcher_options(overrides: list[str]) -> list[str]:
+    """`model.activation_checkpointing=true` and the other launcher options of a group set with
+    `++` (add or replace): a user's group option need not list them to be overridden."""
+    own = {f"model.{k}" for k in own_options(UserModelConfig)}
+    own |= {f"data.{k}" for k in own_options(UserDataConfig)}
+    return [f"++{o}" if o.partition("=")[0] in own else o for o in overrides]
+
+
+def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, OverrideParseException):
+        first = str(exc).splitlines()[0].rstrip(".")
+        return ConfigError(
+            f"{exc.override!r}: not an override Hydra can read ({first}); a value holding = or "
+            "other special characters goes in quotes: 'key=\"a=b\"'"
+        )
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        if group.startswith("hydra/"):
+            install = HYDRA_PLUGINS.get(f"{group}={name}", "see python -m launcher --info")
+            return ConfigError(f"{group}={name!r}: not available here ({install})")
+        if group:
+            options = ", ".join(group_options(group, config_dir))
+            return ConfigError(f"{group}={name!r}: unknown; choose from {options}")
+    lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
+    return ConfigError("; ".join(lines[:3]))
+
+
+@contextmanager
+def _hydra(config_dir: Path | None) -> Iterator[None]:
+    """Hydra initialised as for an app with config module `launcher.conf` and `--config-dir`."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    version.setbase("1.3")
+    search_path = create_config_search_path(f"pkg://{CONF_PACKAGE}")
+    if config_dir is not None:  # where hydra._internal.utils.run_hydra puts --config-dir
+        search_path.prepend(
+            provider="command-line",
+            path=f"file://{config_dir}",
+            anchor=SearchPathQuery(provider="schema"),
+        )
+    GlobalHydra.instance().clear()
+    Hydra.create_main_hydra2("launcher", search_path)
+    try:
+        yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[str, Any]:
+    """Compose the config for one job and return it as a resolved plain dict."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    recipe, overrides = prepare_overrides(overrides, config_dir)
+    try:
+        with _hydra(config_dir):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _hydra_error(exc, config_dir) from None
+    check_clashes(choices, config_dir)
+    node["recipe"] = recipe
+    return node
+
+
+def check_composes(overrides: list[str], config_dir: Path | None = None) -> None:
+    """Hydra composes these overrides (values are not resolved: --cfg shows them as written), or
+    one-line ConfigError."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = prepare_overrides(overrides, config_dir)[1]
+    try:
+        with _hydra(config_dir):
+            compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _hydra_error(exc, config_dir) from None
+
+
+def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[str, list[str]]:
+    """(recipe, the overrides as Hydra composes them): the recipe selected as a global package
+    and registered when built in, the launcher's own group options set with `++`."""
+    recipe, overrides = _recipe_of(_launcher_options(overrides))
+    _register_recipe(recipe, config_dir)
+    return recipe, overrides
+
+
+def check_clashes(choices: dict, config_dir: Path | None) -> None:
+    """Refuse a selected group option that exists both built in and in the user's folder."""
+    for group in GROUPS:
+        option = choices.get(group)
+        if option and option in _names(conf_dir() / group) & _names(_user(config_dir, group)):
+            raise _clash(group, option, config_dir)
+
+
+def compose_run(overrides: list[str], config_dir: Path | None = None) -> RunConfig:
+    """Compose and validate one job's config."""
+    return to_run_config(compose_dict(overrides, config_dir))
+
+
+def _sweep_values(override: Any) -> list[str]:
+    """An override's values as jobs: each of a choice or range, the two ends of an interval (a
+    search samples between them: checking both ends checks the values it can draw)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    if not override.is_sweep_override():
+        return [override.input_line]
+    key, value = override.get_key_element(), override.value()
+    if isinstance(value, IntervalSweep):
+        return [f"{key}={value.start}", f"{key}={value.end}"]
+    return [f"{key}={v}" for v in override.sweep_string_iterator()]
+
+
+def split_sweep(overrides: list[str]) -> list[list[str]]:
+    """Expand multirun overrides (`a=1,2 b=x,y`) into one override list per job (Hydra's rules;
+    an interval, which only a search sweeper takes, as its two ends)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        axes = [_sweep_values(o) for o in parsed]
+    except HydraException as exc:
+        raise _hydra_error(exc) from None
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def split_config_dir(args: list[str]) -> tuple[Path | None, list[str]]:
+    """Take Hydra's `--config-dir DIR` / `--config-dir=DIR` / `-cd DIR` out of an argument list;
+    returns (the absolute folder or None, the other arguments)."""
+    found: str | None = None
+    rest: list[str] = []
+    items = iter(args)
+    for arg in items:
+        name, eq, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            if not eq:
+                value = next(items, "")
+            if not value:
+                raise ConfigError(f"{name}: needs a folder (--config-dir DIR)")
+            if found is not None:
+                raise ConfigError(f"{name}={value!r}: --config-dir given twice")
+            found = value
+        else:
+            rest.append(arg)
+    return (user_config_dir(found) if found is not None else None), rest
+
+
+PLAIN = re.compile(r"[\w/.\-+:@~]+")  # a value Hydra's grammar reads as written, unquoted
+
+
+def hydra_quote(text: str) -> str:
+    """`text` (a path, say) as a Hydra override value that reads back as exactly `text`: as is
+    when plain, else quoted, with `${` escaped (no interpolation) and a trailing `\\` doubled."""
+    if PLAIN.fullmatch(text):
+        return text
+    body = text.replace("${", "\\${")
+    quote = "'" if "'" not in text else '"'
+    if quote in text:
+        body = body.replace(quote, f"\\{quote}")
+    if body.endswith("\\"):  # a trailing backslash would escape the closing quote
+        body += "\\"
+    return f"{quote}{body}{quote}"
+
+
+def override_value(override: str) -> str:
+    """The value of one `key=value` override as Hydra reads it (quotes and escapes undone)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    raw = override.partition("=")[2]
+    if PLAIN.fullmatch(raw) or not raw:
+        return raw
+    try:
+        value = OverridesParser.create().parse_override(override).value()
+    except HydraException as exc:
+        raise _hydra_error(exc) from None
+    return raw if not isinstance(value, str) else value.replace("\\${", "${")  # as resolved
+
+
+def config_dir_args(config_dir: Path | None) -> list[str]:
+    """The arguments that pass `config_dir` on to another process (workers, sbatch scripts)."""
+    return [f"--config-dir={os.fspath(config_dir)}"] if config_dir is not None else []

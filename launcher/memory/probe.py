@@ -1,0 +1,456 @@
+"""The memory cap on micro_batch=auto: probe steps of the real model on the real device.
+
+`measured_cap` runs at most three probe steps (two sizes to fit, one to verify the chosen size),
+or none when a cached profile matches; every rank probes its own device and the cap is the minimum
+over ranks (one collective). `estimated_cap` does the same with fake tensors for plan_only, and
+caches its profile too: a plan_only sweep over batch sizes or clusters traces the model once, and a
+cached estimate skips FakeTensorMode, whose first use imports torch._dynamo (~1.3 s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from launcher.config.schema import (
+    ConfigError,
+    RunConfig,
+    UserModelConfig,
+    require_concrete,
+    to_dict,
+)
+from launcher.data import DataSpec, fake_batch
+from launcher.memory.profile import (
+    PROBE_SIZES,
+    CudaMeter,
+    MemoryProfile,
+    StorageMeter,
+    Trace,
+    budget_bytes,
+    fit_traces,
+    free_bytes,
+    human_bytes,
+    load_cached,
+    save_cached,
+)
+from launcher.models import build_model
+from launcher.optim import build_optimizer
+from launcher.planning.plan import BatchPlan, split_batch
+from launcher.training.loss import LossMismatch, build_loss
+
+OOM_ERROR = torch.OutOfMemoryError
+
+
+def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
+    """One training step of a fresh model in steady state, at `micro` samples.
+
+    The model, its optimizer state (made by a step on zero gradients, as training has it from the
+    second step on), the batch, forward, loss, backward and the step all run, with the run's dtype
+    and autocast precision; everything is freed on return, and the caller's RNG state is untouched.
+    """
+    cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=cuda):
+        _seeded_step(cfg, spec, plan, device, micro)
+
+
+def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
+    require_concrete(cfg)
+    dtype = getattr(torch, cfg.trainer.dtype)
+    precision = cfg.backend.mixed_precision
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place: fake tensors cannot be moved or cast by .to()
+    try:
+        with torch.device(device):
+            model = build_model(cfg.model, spec)
+    finally:
+        torch.set_default_dtype(default)
+    opt = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    x, y = fake_batch(spec, micro, device, dtype)
+    loss_fn = build_loss(cfg)
+    with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
+        try:
+            outputs = model(x)
+        except OOM_ERROR:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if _fake_limit(exc):
+                raise
+            raise ConfigError(f"{_names(cfg)}: {_first_line(exc)} {_inputs(x)}") from exc
+        try:
+            loss = loss_fn.checked_sum(outputs, y) / micro
+        except LossMismatch as exc:
+            raise ConfigError(f"{_names(cfg)}: {exc}") from exc.__cause__
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def gives_accuracy(cfg: RunConfig) -> bool:
+    """Whether the run's evaluation reports accuracy: the built-in cross-entropy always does;
+    your loss where the model's outputs are class scores of integer targets, which one forward
+    of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
+    counts as giving it: the run then says so when it evaluates)."""
+    from launcher.config.schema import CrossEntropyConfig
+    from launcher.data import data_spec
+    from launcher.training.loss import classifies
+
+    if isinstance(cfg.loss, CrossEntropyConfig):
+        return True
+    spec = data_spec(cfg.data)
+    try:
+        with fake_mode(), torch.device("cpu"):
+            model = build_model(cfg.model, spec)
+            x, y = fake_batch(spec, 2, "cpu", torch.get_default_dtype())
+            return classifies(model(x), y)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return True
+
+
+def _names(cfg: RunConfig) -> str:
+    """model and data as the user chose them, for messages."""
+
+    def name(group: str, c: Any) -> str:
+        target = getattr(c, "target", None)
+        if target is None:
+            return f"{group}={c.name!r}"
+        if "described" in c.kwargs:  # handed to launcher.run()
+            return f"{group} {c.kwargs['described']} (launcher.run)"
+        return f"{group}._target_={target!r}"
+
+    return f"{name('model', cfg.model)} with {name('data', cfg.data)}"
+
+
+def _inputs(x: Any) -> str:
+    return f"(on inputs {tuple(x.shape)} {x.dtype})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _fake_limit(exc: BaseException) -> bool:
+    """An error of the fake-tensor machinery (an op it cannot run), not of the model on the data."""
+    return type(exc).__module__.startswith("torch._subclasses") or "FakeTensor" in str(exc)
+
+
+def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> None:
+    """One step of two samples of a fresh model (fake tensors for plan_only): the model takes the
+    data's inputs and its outputs fit the loss, or ConfigError in one line. The memory probe's
+    steps check the same; this is for runs that do not probe."""
+    if not cfg.plan_only:
+        _step(cfg, spec, plan, device, 2)
+        return
+    try:
+        with fake_mode():
+            _step(cfg, spec, plan, "cpu", 2)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        if not _fake_limit(exc):
+            raise
+        print(  # not skipped silently: a real run checks it with real tensors before training
+            f"launcher: note: plan_only could not check that {_names(cfg)} fit together with "
+            f"fake tensors ({_first_line(exc)}); a real run checks it before training",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextmanager
+def fake_mode() -> Iterator[None]:
+    """Fake tensors for the plan_only estimate and check (no memory used); your data's real first
+    sample is converted on use. torch's fake-tensor logger, which would print an op's failure
+    as several lines before the error itself arrives, is quiet meanwhile."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # imports torch._dynamo
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def probe_trace(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> Trace:
+    """Live tensor bytes after every op of one probe step, and the ops."""
+    with StorageMeter() as meter:
+        _step(cfg, spec, plan, device, micro)
+    return meter.trace, meter.ops
+
+
+def probe_peak(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> int:
+    """The step's peak as the device sees it: the CUDA allocator's, or counted tensor bytes."""
+    with CudaMeter() if device.startswith("cuda") else StorageMeter() as meter:
+        _step(cfg, spec, plan, device, micro)
+    return meter.peak()
+
+
+def param_bytes(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> int:
+    """Bytes of the model's parameters, counted on the meta device (nothing allocated)."""
+    dtype = getattr(torch, cfg.trainer.dtype)
+    with torch.device("meta"):
+        model = build_model(cfg.model, spec, fresh=False)  # counted, never run
+    return sum(p.numel() * dtype.itemsize for p in model.parameters())
+
+
+FAKE = "fake"  # the estimate's "device": fake tensors, the same profile for every declared device
+
+
+def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> dict[str, Any]:
+    if device == FAKE:
+        device_id = "fake tensors (plan_only estimate)"
+    elif device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        device_id = f"{props.name}, {props.total_memory} B"
+    else:
+        device_id = f"cpu {platform.machine()}"
+    return {
+        "model": to_dict(cfg.model),
+        "code": _code_version(cfg),
+        "loss": to_dict(cfg.loss),
+        "data": spec.describe(),
+        "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes,
+        "tokens": spec.tokens,
+        "dtype": cfg.trainer.dtype,
+        "precision": cfg.backend.mixed_precision,
+        "backend": cfg.backend.name,
+        "optimizer": plan.optimizer,
+        "device": device_id,
+        "torch": torch.__version__,
+        "probe_sizes": list(PROBE_SIZES),
+        "profile": 2,  # backend overheads (DDP/ZeRO buckets) are added on load, not stored
+    }
+
+
+def _code_version(cfg: RunConfig) -> str:
+    """For your model: the size and modification time of the file that defines its factory (a
+    changed model is measured again); built-in models change with the launcher's version."""
+    if not isinstance(cfg.model, UserModelConfig):
+        return ""
+    import inspect
+    import os
+
+    from launcher import api
+    from launcher.config.targets import locate
+
+    try:
+        if cfg.model.target == api.TARGET:  # launcher.run(model=...): the object's own code
+            path = inspect.getsourcefile(api.source_of("model"))
+        else:
+            path = inspect.getsourcefile(inspect.unwrap(locate(cfg.model.target, "model")))
+        stat = os.stat(path) if path else None
+    except (TypeError, OSError):
+        return "unknown"
+    return f"{path} {stat.st_size} {stat.st_mtime_ns}" if stat else "unknown"
+
+
+def _auto_micro(plan: BatchPlan, cfg: RunConfig, cap: int) -> int:
+    return split_batch(plan.global_batch, plan.world_size, "auto", cfg.max_micro_batch, cap)[0]
+
+
+def _first_traces(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> list:
+    """Traces at the probe sizes, or at 1 and 2 samples when those do not fit the device."""
+    for sizes in (PROBE_SIZES, (1, 2)):
+        try:
+            return [(n, probe_trace(cfg, spec, plan, device, n)) for n in sizes]
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+    raise ConfigError(
+        f"memory: a training step of 2 samples does not fit on {device}; use a device with more "
+        "memory, mixed precision (backend.mixed_precision=bf16), or a smaller model"
+    )
+
+
+def measured_cap(
+    cfg: RunConfig,
+    spec: DataSpec,
+    plan: BatchPlan,
+    device: str,
+    local_processes: int,
+    all_min: Callable[[int], int],
+) -> tuple[int, dict[str, Any]]:
+    """(cap, what the plan reports) from this device's profile, minimum over all ranks."""
+    budget, budget_why = budget_bytes(cfg.memory, free_bytes(device, local_processes))
+    key = _cache_key(cfg, spec, plan, device)
+    profile, note = _cached(cfg, key)
+    steps = 0
+    if profile is None:
+        (n1, trace1), (n2, trace2) = _first_traces(cfg, spec, plan, device)
+        profile, steps = fit_traces(n1, trace1, n2, trace2, "measured"), 2
+        if profile.max_micro(budget) >= 1:  # verify the size the plan will pick, with a real step
+            micro = _auto_micro(plan, cfg, profile.max_micro(budget))
+            predicted = profile.peak(micro)
+            try:
+                observed = probe_peak(cfg, spec, plan, device, micro)
+            except torch.OutOfMemoryError:
+                observed = budget + 1  # what matters: it did not fit
+            steps += 1
+            note += (
+                f"; verify step at {micro}: {human_bytes(observed)}, predicted "
+                f"{human_bytes(predicted)}"
+            )
+            profile = dataclasses.replace(
+                profile,
+                overhead_bytes=max(observed - predicted, 0),  # what the tensor count missed
+                points=(*profile.points, (micro, observed)),
+            )
+        note = f"{note}; {_save(cfg, key, profile)}"
+    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
+    cap = all_min(profile.max_micro(budget))
+    if cap < 1:
+        raise ConfigError(
+            f"memory: one sample needs {human_bytes(profile.peak(1))} ({profile.describe()}) "
+            f"but the budget on at least one rank is smaller (here: {budget_why}); raise "
+            "memory.budget_gb, lower memory.margin_gb, or use a device with more memory"
+        )
+    return cap, _report(profile, budget, budget_why, cap, steps, note)
+
+
+def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
+    """Bytes the backend holds beyond one plain training step, and what they are."""
+    from launcher.backends.capabilities import capabilities
+
+    b = cfg.backend
+    if capabilities(b).zero_buckets:
+        from launcher.backends.ds_config import reduce_bucket_elements
+
+        bucket = reduce_bucket_elements(b)
+        itemsize = 2 if b.mixed_precision != "no" and not b.autocast else 4
+        extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
+        return extra, f"ZeRO-{b.zero_stage} gradient buckets {human_bytes(extra)}"
+    if plan.world_size > 1:  # DDP (and ZeRO 0) keep a flat gradient bucket copy of the parameters
+        extra = param_bytes(cfg, spec, plan)
+        return extra, f"gradient all-reduce buckets {human_bytes(extra)}"
+    return 0, ""
+
+
+def _with_backend_overhead(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, profile: MemoryProfile, note: str
+) -> tuple[MemoryProfile, str]:
+    extra, why = backend_overhead(cfg, spec, plan)
+    if not extra:
+        return profile, note
+    profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + extra)
+    return profile, f"{note}; + {why}"
+
+
+def estimated_cap(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device_memory_bytes: int
+) -> tuple[int, dict[str, Any]]:
+    """(cap, report) for a device this process does not have: fake tensors, no memory used."""
+
+    def fake_trace(n: int) -> Trace:
+        with fake_mode():
+            try:
+                return probe_trace(cfg, spec, plan, "cpu", n)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                if not _fake_limit(exc):
+                    raise
+                raise ConfigError(
+                    f"plan_only: the memory estimate cannot trace {_names(cfg)} with fake "
+                    f"tensors ({_first_line(exc)}); plan without it: micro_batch=N or "
+                    "memory.probe=false"
+                ) from exc
+
+    key = _cache_key(cfg, spec, plan, FAKE)
+    profile, cached = _cached(cfg, key)
+    note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
+    if profile is None:
+        n1, n2 = PROBE_SIZES
+        profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
+        try:
+            note = f"{note}; {cached}; {_save(cfg, key, profile)}"
+        except OSError as exc:  # plan_only needs no cache: say so, plan anyway
+            note = f"{note}; {cached}; not cached ({exc})"
+    else:
+        profile = dataclasses.replace(profile, source="estimated")
+        note = f"{note}; from {cached}"
+    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
+    budget, budget_why = budget_bytes(cfg.memory, device_memory_bytes)
+    cap = profile.max_micro(budget)
+    if cap < 1:
+        raise ConfigError(
+            f"memory: one sample needs an estimated {human_bytes(profile.peak(1))} "
+            f"({profile.describe()}) but the budget is {budget_why}"
+        )
+    return cap, _report(profile, budget, budget_why, cap, 0, note)
+
+
+def _cached(cfg: RunConfig, key: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
+    """The cache entry under memory.cache=use; none (measure again) under refresh and off."""
+    if cfg.memory.cache != "use":
+        return None, f"memory.cache={cfg.memory.cache}: not read"
+    return load_cached(cfg.memory.cache_dir, key)
+
+
+def _save(cfg: RunConfig, key: dict[str, Any], profile: MemoryProfile) -> str:
+    if cfg.memory.cache == "off":
+        return "not saved (memory.cache=off)"
+    return f"saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+
+
+def _ceiling_note(profile: MemoryProfile, budget: int) -> str:
+    """What an earlier out-of-memory error does to this cap, for the plan's memory row."""
+    ceiling, cap = profile.ceiling(budget), profile.line_cap(budget)
+    if ceiling is None or cap < 1 or ceiling >= cap:
+        return ""
+    return (
+        f" (capped at {ceiling:,}; the measured lines allow {cap:,}: {ceiling + 1:,} samples ran "
+        "out of memory in an earlier run with no more room; memory.cache=refresh forgets it)"
+    )
+
+
+MAX_CEILINGS = 8  # out-of-memory records kept per cache entry (the newest)
+
+
+def record_oom(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, report: dict, micro: int
+) -> None:
+    """Keep in the cached profile that `micro` ran out of memory under this budget: a ceiling
+    for runs with no more room, beside the measured lines, which stay as measured (one event on
+    one device at one moment says nothing about the model's bytes per sample)."""
+    if cfg.memory.cache == "off" or micro < 2:  # at 1 sample the run stops: nothing to lower
+        return
+    key = _cache_key(cfg, spec, plan, device)
+    lines = tuple(tuple(line) for line in report["lines"])
+    extra = backend_overhead(cfg, spec, plan)[0]  # added on load, so not stored
+    points = tuple(map(tuple, report["points"]))
+    stored, _ = load_cached(cfg.memory.cache_dir, key)  # earlier events of this run too
+    known = stored.ceilings if stored is not None else map(tuple, report.get("ceilings", ()))
+    ceilings = (*known, (report["budget_bytes"], micro))
+    profile = MemoryProfile(
+        lines, report["overhead_bytes"] - extra, points, "", ceilings[-MAX_CEILINGS:]
+    )
+    save_cached(cfg.memory.cache_dir, key, profile)
+
+
+def _report(
+    profile: MemoryProfile, budget: int, budget_why: str, cap: int, steps: int, note: str
+) -> dict[str, Any]:
+    return dataclasses.asdict(profile) | {
+        "lines": [list(line) for line in profile.lines],
+        "points": [list(p) for p in profile.points],
+        "budget_bytes": budget,
+        "cap": cap,
+        "probe_steps": steps,
+        "reason": f"{profile.describe()}; budget {budget_why}; fits {cap:,} samples"
+        + _ceiling_note(profile, budget),
+        "note": note,
+    }
