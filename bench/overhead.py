@@ -34,7 +34,7 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.planning.plan import plan_batch
 from launcher.training.job import on_device
-from launcher.training.loop import fit
+from launcher.training.loop import Feed, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -56,16 +56,14 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = Fals
     noise = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if meter else None
     start = _clock()
     fit(
-        model,
-        optimizer,
+        Trainee(model, optimizer, backend, torch.float32),
         plan,
-        backend,
-        lambda plan, step: train_loader(splits.train, plan, 0, 0, step),
-        lambda plan: eval_loader(splits.eval, plan, 0),
+        Feed(
+            lambda plan, step: train_loader(splits.train, plan, 0, 0, step),
+            lambda plan: eval_loader(splits.eval, plan, 0),
+        ),
         sink,
-        log_every=cfg.trainer.log_every,
-        eval_every_samples=plan.total_samples,
-        dtype=torch.float32,
+        Settings(log_every=cfg.trainer.log_every, eval_every_samples=plan.total_samples),
         meter=noise,
     )
     elapsed = _clock() - start

@@ -48,7 +48,7 @@ from launcher.optim import build_optimizer
 from launcher.planning.plan import plan_batch
 from launcher.planning.schedule import lr_at
 from launcher.training.job import on_device
-from launcher.training.loop import fit
+from launcher.training.loop import Feed, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink
 
 R50_TRAIN_FLOP = 24.5e9  # per image at 224 x 224: forward 8.2 GFLOP (4.1 GMAC), backward 2x
@@ -98,16 +98,11 @@ def launcher_run(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, r
     _sync(backend.device)
     start = time.perf_counter()
     fit(
-        model,
-        optimizer,
+        Trainee(model, optimizer, backend, torch.float32),
         plan,
-        backend,
-        lambda plan, step: itertools.cycle(pool),
-        lambda plan: evals,
+        Feed(lambda plan, step: itertools.cycle(pool), lambda plan: evals),
         sink,
-        log_every=cfg.trainer.log_every,
-        eval_every_samples=plan.total_samples,
-        dtype=torch.float32,
+        Settings(log_every=cfg.trainer.log_every, eval_every_samples=plan.total_samples),
         meter=meter,
     )
     _sync(backend.device)

@@ -96,7 +96,7 @@ def print_run_advice(run_dir: Path, target: float | None, out: Path | None) -> i
     found = probes(run_dir)
     lines = [format_advice(advice), *format_history(records, found)]
     if cfg is not None:
-        from launcher.training.job import next_sentence
+        from launcher.batchsize.run_advice import next_sentence
 
         memory = plan.get("memory") or {}
         lines.append(next_sentence(cfg, advice, memory.get("cap")))

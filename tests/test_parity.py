@@ -19,7 +19,7 @@ from launcher.data.tensors import TensorPairs
 from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.planning.plan import plan_batch
-from launcher.training.loop import fit
+from launcher.training.loop import Feed, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink
 from tests.helpers import (
     PARITY_ARGS,
@@ -56,17 +56,14 @@ def _train_in_process(
     model, optimizer = backend.prepare(model, optimizer, plan)
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
     fit(
-        model,
-        optimizer,
+        Trainee(model, optimizer, backend, torch.float64),
         plan,
-        backend,
-        lambda plan, step: train_loader(data, plan, 0, 0, step),
-        lambda plan: eval_loader(data, plan, 0),
+        Feed(
+            lambda plan, step: train_loader(data, plan, 0, 0, step),
+            lambda plan: eval_loader(data, plan, 0),
+        ),
         sink,
-        log_every=1,
-        eval_every_samples=len(data),
-        dtype=torch.float64,
-        oom_recovery=oom_recovery,
+        Settings(log_every=1, eval_every_samples=len(data), oom_recovery=oom_recovery),
     )
     return {k: v.detach().clone() for k, v in backend.unwrap(model).state_dict().items()}
 

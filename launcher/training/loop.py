@@ -1,19 +1,22 @@
 """The training loop: micro-steps, accumulation, LR per step, evaluation, metrics.
 
-It knows nothing of Hydra or DeepSpeed: it gets a built model and optimizer, the BatchPlan, a
-backend and iterables of micro-batches. The loss is normalised by the global batch: each rank
-sums its per-sample losses over `accumulation` micro-batches and divides by its per-device batch;
-the backend's all-reduce then averages over ranks, which is the mean over the global batch.
+It knows nothing of Hydra or DeepSpeed: it gets a built model and optimizer (a Trainee), the
+BatchPlan, a backend and the micro-batch streams (a Feed). The loss is normalised by the global
+batch: each rank sums its per-sample losses over `accumulation` micro-batches and divides by its
+per-device batch; the backend's all-reduce then averages over ranks, which is the mean over the
+global batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +40,53 @@ from launcher.training.metrics import MetricsSink
 DEFAULT_LOSS = CrossEntropy()
 
 
+@dataclass(frozen=True)
+class Trainee:
+    """What a step runs on: the prepared model and optimizer, the backend that owns them, the
+    training loss (launcher/training/loss.py) and the dtype floating-point inputs are cast to."""
+
+    model: Any
+    optimizer: Any
+    backend: Backend
+    dtype: torch.dtype
+    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS
+
+
+@dataclass(frozen=True)
+class Feed:
+    """The data: `train(plan, step)` yields the plan's micro-batches from `step` on (this rank's
+    share; a new plan after a ramp stage or an OOM re-split gets a new stream), `evaluation(plan)`
+    the eval split's."""
+
+    train: Callable[[BatchPlan, int], Iterable[Any]]
+    evaluation: Callable[[BatchPlan], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the loop runs: metrics every `log_every` steps, an evaluation every
+    `eval_every_samples`; OOM-safe steps; the step-health check (launcher/training/guard.py)."""
+
+    log_every: int
+    eval_every_samples: int
+    oom_recovery: bool = True
+    health: Health | None = None
+    skip_spikes: bool = False
+    nonfinite_limit: int = 3
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the job does at the loop's events. `after_step(step, plan)`: after every completed
+    step (checkpoints, stopping); `on_oom(old, new, step, ranks)`: after an out-of-memory re-split;
+    `grow(step, plan, noise)`: the adaptive ramp's decision at a log step (a collective), the
+    plan of a larger batch or None."""
+
+    after_step: Callable[[int, BatchPlan], None] | None = None
+    on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None
+    grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None
+
+
 def to_device(
     batch: Any, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +98,13 @@ def to_device(
 
 
 def accumulate(
-    model: Any,
+    t: Trainee,
     micro_batches: Iterator[Any],
-    backend: Backend,
     plan: BatchPlan,
-    dtype: torch.dtype,
     sync_in_backward: bool = True,
     before_micro_step: Callable[[int], None] | None = None,
     meter: NoiseMeter | None = None,
     split: bool = False,
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
 ) -> torch.Tensor:
     """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss
     (launcher/training/loss.py: one value per sample, a sequence's the mean over its positions).
@@ -67,11 +114,12 @@ def accumulate(
     `meter` reads the local gradient norms it needs after each backward; `split` runs each
     micro-batch as two halves (the noise meter's split mode; the same gradient).
     """
+    model, backend = t.model, t.backend
     total = torch.zeros((), device=backend.device, dtype=torch.float64)
     for j in range(plan.accumulation):
         if before_micro_step is not None:
             before_micro_step(j)
-        x, y = to_device(next(micro_batches), backend.device, dtype)
+        x, y = to_device(next(micro_batches), backend.device, t.dtype)
         if len(y) != plan.micro_batch:
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
         half = len(y) // 2
@@ -79,7 +127,7 @@ def accumulate(
         for k, (xp, yp) in enumerate(pieces):
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-                loss = loss_fn.sum(model(xp), yp) / plan.per_device_batch
+                loss = t.loss_fn.sum(model(xp), yp) / plan.per_device_batch
                 backend.backward(loss)
             if meter is not None:
                 meter.backward_done(model, plan, j, k, len(yp))
@@ -88,31 +136,18 @@ def accumulate(
 
 
 def train_step(
-    model: Any,
-    optimizer: Any,
+    t: Trainee,
     micro_batches: Iterator[Any],
-    backend: Backend,
     plan: BatchPlan,
-    dtype: torch.dtype,
     meter: NoiseMeter | None = None,
     split: bool = False,
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
-    health: Health | None = None,
-    skip_spikes: bool = False,
+    settings: Settings | None = None,
 ) -> torch.Tensor | Skipped:
-    """One optimizer step over `plan.accumulation` micro-batches; returns this rank's mean loss,
-    or Skipped (not applied) when `health` flags it on any rank."""
-    total = accumulate(
-        model,
-        micro_batches,
-        backend,
-        plan,
-        dtype,
-        meter=meter,
-        split=split,
-        loss_fn=loss_fn,
-    )
-    return _checked(model, optimizer, backend, plan, meter, total, 0, health, skip_spikes)
+    """One optimizer step over `plan.accumulation` micro-batches, DDP's overlapped reduction;
+    returns this rank's mean loss, or Skipped (not applied) when the health check flags it on
+    any rank."""
+    total = accumulate(t, micro_batches, plan, meter=meter, split=split)
+    return _checked(t, plan, meter, total, 0, settings)
 
 
 class Skipped:
@@ -130,36 +165,39 @@ class Skipped:
         return [r for r, f in enumerate(self.flags) if f & bit]
 
 
-def _checked(  # noqa: ANN001
-    model, optimizer, backend, plan, meter, loss, failed, health, skip_spikes
+def _checked(
+    t: Trainee,
+    plan: BatchPlan,
+    meter: NoiseMeter | None,
+    loss: torch.Tensor | None,
+    failed: int,
+    settings: Settings | None,
 ) -> torch.Tensor | Skipped | list[int]:
     """Gather every rank's flag (out of memory, non-finite, spike) and apply the step only if
     none forbids it. Returns the loss, Skipped, or the ranks that ran out of memory."""
+    model, backend = t.model, t.backend
+    health = settings.health if settings is not None else None
     bits = failed
     if not failed and health is not None:
         bits = health.bits(loss, model, check_grads=backend.gradient_scale() == 1.0)
     flags = backend.flags(bits)
     if any(f & OOM for f in flags):
         return [r for r, f in enumerate(flags) if f & OOM]
+    skip_spikes = settings is not None and settings.skip_spikes
     forbid = NON_FINITE | (SPIKE if skip_spikes else 0)
     if any(f & forbid for f in flags):
-        backend.drop_gradients(model, optimizer)
+        backend.drop_gradients(model, t.optimizer)
         if meter is not None:
             meter.dropped()
         return Skipped(flags)
     backend.reduce_gradients(model)
-    _apply(model, optimizer, backend, plan, meter)
+    if meter is not None:
+        meter.reduced(model, plan)
+    backend.step(model, t.optimizer)
+    backend.sync_buffers(model)
     if health is not None:
         health.applied()
     return Skipped(flags, loss) if any(flags) else loss
-
-
-def _apply(model, optimizer, backend, plan, meter) -> None:  # noqa: ANN001
-    """The end of a step whose gradients are all-reduced: measure, step, sync the buffers."""
-    if meter is not None:
-        meter.reduced(model, plan)
-    backend.step(model, optimizer)
-    backend.sync_buffers(model)
 
 
 @torch.no_grad()
@@ -229,34 +267,30 @@ def _test_loss_hook(rank: int, step: int, loss_fn: Any) -> Any:
     return loss_fn
 
 
-def _step_or_oom(  # noqa: ANN001
-    model, optimizer, batches, backend, plan, dtype, step, meter, split, loss_fn, health, skip
-):
+def _step_or_oom(
+    t: Trainee,
+    batches: Iterator[Any],
+    plan: BatchPlan,
+    step: int,
+    meter: NoiseMeter | None,
+    split: bool,
+    settings: Settings,
+) -> torch.Tensor | Skipped | list[int]:
     """One step whose gradients are reduced only once every rank got through its micro-steps.
 
     Returns the loss, the list of ranks that ran out of memory (then every rank has dropped
     its partial gradients and no optimizer step was taken), or Skipped (guard.py). No collective
     runs inside the micro-steps, so a rank that fails cannot leave the others waiting.
     """
+    hook = _test_oom_hook(t.backend.rank, step, plan)
     try:
-        loss = accumulate(
-            model,
-            batches,
-            backend,
-            plan,
-            dtype,
-            sync_in_backward=False,
-            before_micro_step=_test_oom_hook(backend.rank, step, plan),
-            meter=meter,
-            split=split,
-            loss_fn=loss_fn,
-        )
+        loss = accumulate(t, batches, plan, False, hook, meter, split)
         failed = 0
     except OOM_ERRORS:
         loss, failed = None, OOM
-    outcome = _checked(model, optimizer, backend, plan, meter, loss, failed, health, skip)
+    outcome = _checked(t, plan, meter, loss, failed, settings)
     if isinstance(outcome, list):  # out of memory on these ranks: drop the partial step
-        backend.drop_gradients(model, optimizer)
+        t.backend.drop_gradients(t.model, t.optimizer)
         if meter is not None:
             meter.dropped()
         gc.collect()
@@ -265,138 +299,174 @@ def _step_or_oom(  # noqa: ANN001
     return outcome
 
 
+class _Position:
+    """Where the loop is: the run's plan, the plan of the stretch being trained (a ramp-up
+    stage, an out-of-memory re-split, an adaptive stage) and its micro-batch stream."""
+
+    def __init__(self, t: Trainee, feed: Feed, plan: BatchPlan, step: int) -> None:
+        self.t, self.feed, self.plan, self.step = t, feed, plan, step
+        self.current = plan.at(step)  # a ramp-up stage, or the plan
+        if self.current is not plan:
+            t.backend.replan(t.model, self.current)
+        self.batches = iter(feed.train(self.current, step))
+
+    def switch(self, current: BatchPlan) -> None:
+        """Train on with `current`: the backend re-planned, a new stream from this step."""
+        self.current = current
+        self.t.backend.replan(self.t.model, current)
+        self.batches = iter(self.feed.train(current, self.step))
+
+
+def _one_step(t: Trainee, at: _Position, meter: NoiseMeter | None, settings: Settings) -> Any:
+    """The step at `at.step` with the LR the schedule gives there: its loss, Skipped, or the
+    ranks that ran out of memory. Returns (outcome, lr)."""
+    lr = lr_at(at.current, at.current.samples_at(at.step))
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    split = meter is not None and meter.start_step(at.step, at.current)
+    loss_fn = _test_loss_hook(t.backend.rank, at.step + 1, t.loss_fn)
+    if loss_fn is not t.loss_fn:
+        t = dataclasses.replace(t, loss_fn=loss_fn)
+    if not settings.oom_recovery:
+        return train_step(t, at.batches, at.current, meter, split, settings), lr
+    return _step_or_oom(t, at.batches, at.current, at.step, meter, split, settings), lr
+
+
 def fit(
-    model: Any,
-    optimizer: Any,
+    t: Trainee,
     plan: BatchPlan,
-    backend: Backend,
-    batches_from: Callable[[BatchPlan, int], Iterable[Any]],
-    eval_batches: Callable[[BatchPlan], Iterable[Any]],
+    feed: Feed,
     sink: MetricsSink,
+    settings: Settings,
     *,
-    log_every: int,
-    eval_every_samples: int,
-    dtype: torch.dtype,
     start_step: int = 0,
-    oom_recovery: bool = True,
-    on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None,
-    after_step: Callable[[int, BatchPlan], None] | None = None,
     meter: NoiseMeter | None = None,
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
-    grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None,
-    health: Health | None = None,
-    skip_spikes: bool = False,
-    nonfinite_limit: int = 3,
+    hooks: Hooks = Hooks(),
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.end_step` (`plan.steps`, or an early stop); returns the
-    final evaluation and the final plan.
-    `after_step(step, plan)` runs after every completed step (checkpoints); `meter` measures the
-    gradient noise scale (launcher/batchsize/meter.py), logged with the loss. `loss_fn`: the
-    training loss (launcher/training/loss.py); evaluation uses it without label smoothing.
+    final evaluation and the final plan. `meter` measures the gradient noise scale
+    (launcher/batchsize/meter.py), logged with the loss; evaluation uses the training loss
+    without label smoothing.
 
     A ramp-up (plan.ramp) trains each stage's steps with its batch, micro-batch and LR, then
     re-plans the backend and the sample stream at the next stage's first step. An adaptive ramp
-    (launcher/planning/adaptive.py): after each log step `grow(step, plan, noise scale)` may return
-    the plan of a larger batch from there on (a collective: every rank calls it at the same steps);
+    (launcher/planning/adaptive.py, `hooks.grow`) may switch to a larger batch after a log step;
     it takes over before `after_step`, so a checkpoint of that step holds it.
 
-    With `oom_recovery`, an out-of-memory error on any rank drops the partial step on every rank,
-    halves the micro-batch, doubles the accumulation and reruns the same samples: the global
-    batch, LR and schedule do not change. Without it, DDP's overlapped reduction is used and an
-    out-of-memory error ends the run. Evaluation does not count as training time (`train_s`,
-    samples/s); `after_step` pauses the sink itself while it saves.
+    With `settings.oom_recovery`, an out-of-memory error on any rank drops the partial step on
+    every rank, halves the micro-batch, doubles the accumulation and reruns the same samples: the
+    global batch, LR and schedule do not change. Without it, DDP's overlapped reduction is used
+    and an out-of-memory error ends the run. Evaluation does not count as training time
+    (`train_s`, samples/s); `after_step` pauses the sink itself while it saves.
 
-    `health` (guard.py) checks each step on every rank before it is applied: a non-finite loss or
-    gradient skips the step (its samples are consumed, nothing learned) with a `non_finite`
-    event, and `nonfinite_limit` of them in a row raise Diverged; a loss spike is a `loss_spike`
-    event, and with `skip_spikes` the step is skipped too.
+    The health check (guard.py) looks at each step on every rank before it is applied: a
+    non-finite loss or gradient skips the step (its samples are consumed, nothing learned) with a
+    `non_finite` event, and `nonfinite_limit` of them in a row raise Diverged; a loss spike is a
+    `loss_spike` event, and with `skip_spikes` the step is skipped too.
     """
-    model.train()
-    plain = CrossEntropy() if isinstance(loss_fn, CrossEntropy) else loss_fn  # no smoothing
-    current = plan.at(start_step)  # a ramp-up stage, or the plan
-    if current is not plan:
-        backend.replan(model, current)
-    batches = iter(batches_from(current, start_step))
+    t.model.train()
+    at = _Position(t, feed, plan, start_step)
     sink.start(start_step)
     first = plan.samples_at(start_step)
-    next_eval = (first // eval_every_samples + 1) * eval_every_samples
-    result: dict[str, float] = {}
-    step, end = start_step, plan.end_step
+    evals = _Evaluations(t, feed, sink, first, settings.eval_every_samples)
     bad: list[int] = []  # the non-finite steps in a row
-    while step < end:
-        if step >= current.steps:  # a ramp-up stage is over: the next batch
-            current = plan.at(step)
-            backend.replan(model, current)
-            batches = iter(batches_from(current, step))
-            sink.log({"event": "ramp", "step": step, "global_batch": current.global_batch})
-        lr = lr_at(current, current.samples_at(step))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        split = meter is not None and meter.start_step(step, current)
-        step_loss = _test_loss_hook(backend.rank, step + 1, loss_fn)
-        parts = (model, optimizer, batches, backend, current, dtype)
-        rest = (meter, split, step_loss, health, skip_spikes)
-        if not oom_recovery:
-            loss = train_step(*parts, *rest)
-        else:
-            loss = _step_or_oom(*parts, step, *rest)
-            if isinstance(loss, list):
-                smaller = shrink_micro_batch(current, step, loss)
-                if on_oom is not None:
-                    on_oom(current, smaller, step, loss)
-                plan = smaller if current is plan else plan
-                current = smaller
-                backend.replan(model, current)
-                batches = iter(batches_from(current, step))
-                continue
-        step += 1
-        samples = current.samples_at(step)
+    while at.step < at.plan.end_step:
+        if at.step >= at.current.steps:  # a ramp-up stage is over: the next batch
+            at.switch(at.plan.at(at.step))
+            sink.log({"event": "ramp", "step": at.step, "global_batch": at.current.global_batch})
+        loss, lr = _one_step(t, at, meter, settings)
+        if isinstance(loss, list):  # out of memory on these ranks: the same samples, re-split
+            smaller = shrink_micro_batch(at.current, at.step, loss)
+            if hooks.on_oom is not None:
+                hooks.on_oom(at.current, smaller, at.step, loss)
+            at.plan = smaller if at.current is at.plan else at.plan
+            at.switch(smaller)
+            continue
+        at.step += 1
+        step, end, samples = at.step, at.plan.end_step, at.current.samples_at(at.step)
         if isinstance(loss, Skipped):
-            _log_skipped(loss, step, samples, lr, health, sink, backend)
+            _log_skipped(loss, step, samples, lr, settings.health, sink, t.backend)
             bad = [*bad, step] if loss.ranks(NON_FINITE) else []
-            if len(bad) >= nonfinite_limit:
+            if len(bad) >= settings.nonfinite_limit:
                 raise Diverged(stop_message(bad, lr, bad[0] - 1))
             loss = loss.loss  # None when skipped: no loss of it is logged
         else:
             bad = []
-        logged, noise = step % log_every == 0 or step == end, None
-        if logged and loss is not None:
-            record = {
-                "step": step,
-                "samples": samples,
-                "epoch": samples / plan.epoch_samples,
-                "global_batch": current.global_batch,
-                "loss": float(backend.sum(loss)) / plan.world_size,
-                "lr": lr,
-                "samples_per_s": sink.samples_per_second(samples - first),
-                "train_s": sink.train_seconds(),
-            }
-            measured = meter.flush() if meter is not None else {}
-            noise = measured.get("noise_scale")
-            sink.log(record | measured)
-        if samples >= next_eval or step == end:
-            _pause(sink, backend)
-            result = evaluate(model, eval_batches(current), backend, dtype, plain)
-            sink.resume()
-            sink.log({"step": step, "samples": samples, **result, "train_s": sink.train_seconds()})
-            next_eval = (samples // eval_every_samples + 1) * eval_every_samples
+        logged = step % settings.log_every == 0 or step == end
+        noise = _log(t, at, sink, meter, loss, lr, first) if logged and loss is not None else None
+        evals.maybe(at.current, step, samples, step == end)
         sink.advance()
-        if grow is not None and logged and step < end:
-            larger = grow(step, current, noise)
+        if hooks.grow is not None and logged and step < end:
+            larger = hooks.grow(step, at.current, noise)
             if larger is not None:
-                plan = current = larger
-                end = plan.end_step
-                backend.replan(model, current)
-                batches = iter(batches_from(current, step))
-        if after_step is not None:
-            after_step(step, plan)
-    if not result:  # resumed from the final checkpoint: nothing left to train
-        result = evaluate(model, eval_batches(plan), backend, dtype, plain)
-    return result, plan
+                at.plan = larger
+                at.switch(larger)
+        if hooks.after_step is not None:
+            hooks.after_step(step, at.plan)
+    return evals.result or evals.run(at.plan), at.plan
 
 
-def _log_skipped(  # noqa: ANN001
-    outcome: Skipped, step: int, samples: int, lr: float, health, sink, backend
+def _log(
+    t: Trainee,
+    at: _Position,
+    sink: MetricsSink,
+    meter: NoiseMeter | None,
+    loss: torch.Tensor,
+    lr: float,
+    first: int,
+) -> float | None:
+    """The step's metrics line (loss averaged over ranks, throughput, the noise meter's
+    measurements); returns the noise scale it measured, if any."""
+    samples = at.current.samples_at(at.step)
+    record = {
+        "step": at.step,
+        "samples": samples,
+        "epoch": samples / at.plan.epoch_samples,
+        "global_batch": at.current.global_batch,
+        "loss": float(t.backend.sum(loss)) / at.plan.world_size,
+        "lr": lr,
+        "samples_per_s": sink.samples_per_second(samples - first),
+        "train_s": sink.train_seconds(),
+    }
+    measured = meter.flush() if meter is not None else {}
+    sink.log(record | measured)
+    return measured.get("noise_scale")
+
+
+class _Evaluations:
+    """Evaluation every `every` samples and at the end, off the training clock; `result` is the
+    latest one ({} before the first)."""
+
+    def __init__(self, t: Trainee, feed: Feed, sink: MetricsSink, first: int, every: int) -> None:
+        self.t, self.feed, self.sink, self.every = t, feed, sink, every
+        self.plain = CrossEntropy() if isinstance(t.loss_fn, CrossEntropy) else t.loss_fn
+        self.next = (first // every + 1) * every
+        self.result: dict[str, float] = {}
+
+    def run(self, plan: BatchPlan) -> dict[str, float]:
+        t = self.t
+        return evaluate(t.model, self.feed.evaluation(plan), t.backend, t.dtype, self.plain)
+
+    def maybe(self, plan: BatchPlan, step: int, samples: int, last: bool) -> None:
+        """Evaluate if `samples` reached the next evaluation, or at the `last` step."""
+        if samples < self.next and not last:
+            return
+        _pause(self.sink, self.t.backend)
+        self.result = self.run(plan)
+        self.sink.resume()
+        train_s = self.sink.train_seconds()
+        self.sink.log({"step": step, "samples": samples, **self.result, "train_s": train_s})
+        self.next = (samples // self.every + 1) * self.every
+
+
+def _log_skipped(
+    outcome: Skipped,
+    step: int,
+    samples: int,
+    lr: float,
+    health: Any,
+    sink: MetricsSink,
+    backend: Backend,
 ) -> None:
     """The event of a step that a rank flagged (guard.py), and a line on rank 0's stderr."""
     non_finite = outcome.ranks(NON_FINITE)

@@ -1,0 +1,92 @@
+"""After every step: a checkpoint when one is due (launcher/checkpoint/cadence.py), and a stop at
+the step boundary when a rank was signalled (launcher/cluster/preemption.py). The Checkpointer owns
+the clock of the time cadence; rank 0's clock decides for every rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.checkpoint import files as checkpoint
+from launcher.checkpoint import resume
+from launcher.checkpoint.cadence import Cadence
+from launcher.cluster import preemption
+from launcher.config.schema import RunConfig
+from launcher.planning.plan import BatchPlan
+from launcher.training import faults
+from launcher.training.guard import Diverged, params_finite, state_message
+from launcher.training.loop import Trainee
+from launcher.training.metrics import MetricsSink
+
+
+class Checkpointer:
+    """`after_step(step, plan)`, the loop's hook: save when due, then stop if asked to."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        t: Trainee,
+        sink: MetricsSink,
+        meter: Any,
+    ) -> None:
+        self.cfg, self.run_dir, self.t, self.sink, self.meter = cfg, run_dir, t, sink, meter
+        self.main = t.backend.rank == 0
+        c = cfg.checkpoint
+        self.cadence = Cadence(c.every_samples, c.every_minutes)
+        self.last_save = time.monotonic()
+
+    def after_step(self, step: int, plan: BatchPlan) -> None:
+        faults.test_kill(step, "step")
+        late = self.main and self.cadence.late(time.monotonic() - self.last_save)
+        bits = 0
+        for flag in self.t.backend.flags(int(late) | preemption.received()):
+            bits |= flag  # bit 0: rank 0's clock; the others: signals, from any rank
+        stop = [] if step == plan.end_step else preemption.signals(bits)
+        path = None
+        if self.cadence.due(plan, step, bool(bits & 1) or bool(stop)) and plan.checkpoints:
+            path = self.save(step, plan)
+        if stop:
+            self.sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
+            message = stop_message(stop, step, plan, path, self.main)
+            faults.test_kill(step, "stopping")
+            raise preemption.Stopped(message)
+
+    def save(self, step: int, plan: BatchPlan) -> Path | None:
+        """Every rank's part of the state; rank 0 writes it. Never a non-finite checkpoint."""
+        t = self.t
+        if any(t.backend.flags(int(not params_finite(t.model)))):
+            raise Diverged(state_message(step, "checkpoint"))
+        self.sink.pause()  # saving is not training time
+        measured: dict[str, Any] = {"train_s": self.sink.train_seconds()}
+        if self.meter is not None:
+            self.meter.flush()
+            measured["noise"] = self.meter.state_dict()
+        state = resume.capture(self.cfg, plan, step, t.backend, t.model, t.optimizer, measured)
+        path = None
+        if self.main:
+            path = checkpoint.save(self.run_dir, step, state, self.cfg.checkpoint.keep)
+            self.sink.log({"event": "checkpoint", "step": step, "path": str(path)})
+        self.last_save = time.monotonic()
+        self.sink.resume()
+        return path
+
+
+def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:
+    """What happened on a SIGUSR1/SIGTERM; rank 0 requeues the Slurm job on SIGUSR1."""
+    stop = sorted(set(stop) | set(preemption.signals(preemption.received())))  # also mid-save
+    names = " and ".join(s.name for s in stop)
+    head = f"launcher: stopped by {names} after step {step:,} of {plan.steps:,}"
+    if not plan.checkpoints:
+        return f"{head}: checkpoints are off, nothing saved, not requeued (see the plan)"
+    if any(sig in stop for sig in preemption.STOPS):  # scancel, Ctrl-C, or a scheduler
+        return f"{head}; checkpoint {path}; rerun the same command (resume=auto) to continue"
+    if not main:
+        return head
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:  # Slurm kills the job within ~0.1 s of the requeue: say it first
+        print(f"{head}; checkpoint {path}; requeueing Slurm job {job}", file=sys.stderr, flush=True)
+    return f"{head}; checkpoint {path}; {preemption.requeue()}"

@@ -1,0 +1,392 @@
+"""One job's training, in the order it happens: set up (data, model, first plan), find the
+checkpoint to resume, prepare (backend, memory probe, optimizer, run folder, the plan printed),
+restore, train (the loop with its hooks), finish (final record, weights, advice).
+
+`train_job` reads top to bottom; each phase is a function of the Job built so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.cluster.topology import Topology, resolve
+from launcher.config.schema import ConfigError, RunConfig
+from launcher.planning.plan import BatchPlan, format_plan
+from launcher.training.job import (
+    create_run_dir,
+    plan_for,
+    print_error,
+    probes_memory,
+    reuses_run_dir,
+    with_budget,
+    write_plan_files,
+)
+
+
+@dataclass
+class Job:
+    """What the phases build and share. `plan` is re-made as facts arrive: the data's size, the
+    checkpoint's stage, the measured memory."""
+
+    cfg: RunConfig
+    launched: Topology
+    run_dir: Path
+    topology: Topology
+    splits: Any
+    epoch: tuple[int, str]  # (samples per epoch, where that number comes from)
+    plan: BatchPlan
+    model: Any
+    loss_fn: Any
+    dtype: torch.dtype
+    found: tuple[dict, Path] | None = None  # the checkpoint to resume: (state, path)
+    origin: tuple[int, int] = (0, 0)  # (step, samples) the resumed stage starts from
+    stage: Any = None  # the adaptive ramp's stage at the checkpoint
+    backend: Any = None
+    optimizer: Any = None
+    report: dict | None = None  # the memory probe's profile report
+
+    @property
+    def main(self) -> bool:
+        return self.backend.rank == 0 if self.backend is not None else self.topology.rank == 0
+
+    def replan(self, memory: dict | None = None, stage: Any = None) -> BatchPlan:
+        """The plan for this job's facts so far (with `stage`: an adaptive stage's)."""
+        stage = self.stage if stage is None else stage
+        memory = self.report if memory is None else memory
+        return plan_for(self.cfg, self.launched, self.epoch, memory, self.origin, stage)[1]
+
+
+def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+    """Train one job; returns its final evaluation and run folder."""
+    job = set_up(cfg, launched, run_dir)
+    find_checkpoint(job)
+    prepare(job)
+    start_step = restore(job)
+    result, plan = train(job, start_step)
+    return finish(job, result, plan)
+
+
+def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
+    """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
+    from launcher.backends.ds_config import check_buffers
+    from launcher.data import build_splits
+    from launcher.models import build_model
+    from launcher.training.loss import build_loss
+
+    topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
+    if cfg.trainer.cpu_threads:
+        torch.set_num_threads(cfg.trainer.cpu_threads)
+    if topology.device == "cuda":  # before the memory probe: its verify step autotunes too
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
+    splits = build_splits(cfg.data)
+    epoch = (len(splits.train), " (counted in the training split)")
+    _, plan = plan_for(cfg, launched, epoch)
+    dtype = getattr(torch, cfg.trainer.dtype)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
+    loss_fn = build_loss(cfg)
+    if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
+        model = model.to(memory_format=torch.channels_last)
+    check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
+    return Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
+
+
+def _warn(job: Job, message: str) -> None:
+    if job.topology.rank == 0:
+        print_error(message)
+
+
+def find_checkpoint(job: Job) -> None:
+    """The newest usable checkpoint of run_dir, checked against this run; the plan re-made at
+    its step (and its adaptive stage). A finished run without one is refused."""
+    from launcher.checkpoint import resume
+
+    cfg, run_dir = job.cfg, job.run_dir
+    found = resume.find(cfg, run_dir, lambda m: _warn(job, m)) if job.plan.checkpoints else None
+    if found is not None:
+        job.found = found
+        job.origin = resume.check(cfg, *found)
+        job.stage = resume.adaptive_stage(cfg, found[0])
+        job.plan = job.replan()
+        resume.check_optimizer(found[0], job.plan, found[1])
+    elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
+        if (run_dir / "model_final.pt").exists():
+            saved = (run_dir / "checkpoints").is_dir()
+            why = "none of its checkpoints is usable" if saved else "checkpoints were off"
+            raise ConfigError(
+                f"run_dir={str(run_dir)!r}: holds a finished run without a checkpoint to resume "
+                f"({why}); choose a new run_dir"
+            )
+        _warn(job, f"launcher: no usable checkpoint in {run_dir}: starting over")
+
+
+def prepare(job: Job) -> None:
+    """The backend; the memory probe (or the fit check) and the plan it caps; the optimizer;
+    the run folder (rank 0 makes it, every rank gets its path) with the plan written and
+    printed; compile; the backend's prepare."""
+    from launcher.backends import build_backend
+    from launcher.memory.probe import check_fit, measured_cap
+    from launcher.optim import build_optimizer
+
+    cfg, topology = job.cfg, job.topology
+    backend = job.backend = build_backend(cfg, topology.device)
+    if backend.world_size != topology.world_size:
+        raise RuntimeError(
+            f"backend sees {backend.world_size} processes, the environment says "
+            f"{topology.world_size}"
+        )
+    device = str(backend.device)
+    if probes_memory(cfg):
+        local = topology.local_world_size
+        _, job.report = measured_cap(cfg, job.splits.spec, job.plan, device, local, backend.all_min)
+        job.plan = job.replan()  # RNG state kept
+    else:  # the probe's steps would have checked that model, data and loss fit together
+        check_fit(cfg, job.splits.spec, job.plan, device)
+    plan = job.plan
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, job.model, plan.lr, plan.weight_decay)
+    if job.main:
+        job.plan = with_budget(cfg, job.plan, job.run_dir)
+    made = create_run_dir(job.run_dir, reuses_run_dir(cfg)) if job.main else None
+    job.run_dir = backend.broadcast_object(made)
+    if job.main:
+        write_plan_files(job.run_dir, cfg, job.plan, topology.device)
+        print(format_plan(job.plan), f"run directory: {job.run_dir}", sep="\n", flush=True)
+    if cfg.trainer.compile:  # in place: state-dict keys stay the plain module's
+        job.model.compile()
+    job.model, job.optimizer = backend.prepare(job.model, optimizer, job.plan)
+
+
+def restore(job: Job) -> int:
+    """The checkpoint's weights and optimizer state (exactly, or re-sharded for another world
+    size); returns the step to start from."""
+    from launcher.checkpoint import resume
+
+    if job.found is None:
+        return 0
+    state, path = job.found
+    how = resume.restore(state, job.backend, job.model, job.optimizer)
+    start_step, plan = state["step"], job.plan
+    if job.main:
+        print(
+            f"launcher: resuming from {path}: step {start_step:,} of {plan.steps:,} "
+            f"({state['consumed_samples']:,} samples consumed, saved on "
+            f"{state['world_size']} rank(s)); {how}",
+            flush=True,
+        )
+        if state["global_batch"] != plan.global_batch:
+            print_error(
+                f"launcher: GLOBAL BATCH CHANGED on resume: {state['global_batch']} -> "
+                f"{plan.global_batch} from {state['consumed_samples']:,} samples on "
+                "(checkpoint.allow_global_batch_change=true); LR and warmup follow the "
+                f"scaling rule for {plan.global_batch}, the schedule continues in samples"
+            )
+    return start_step
+
+
+def _feed(job: Job) -> Any:
+    """The train stream per plan and step, and one evaluation loader per micro-batch (its
+    workers persist)."""
+    from launcher.data import eval_loader, loader_settings, train_loader
+    from launcher.training.loop import Feed
+
+    loading = loader_settings(job.cfg.data, job.topology.device)
+    splits, rank, seed = job.splits, job.backend.rank, job.cfg.seed
+    evals: dict[int, Any] = {}
+
+    def eval_batches(plan: BatchPlan) -> Any:
+        if plan.micro_batch not in evals:
+            evals.clear()
+            evals[plan.micro_batch] = eval_loader(splits.eval, plan, rank, loading)
+        return evals[plan.micro_batch]
+
+    return Feed(
+        lambda plan, step: train_loader(splits.train, plan, rank, seed, step, loading), eval_batches
+    )
+
+
+def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
+    """The metrics sink (rank 0 writes) and the noise meter, both continued from a checkpoint."""
+    from launcher.training.metrics import MetricsSink, open_trackers
+
+    cfg, plan, main = job.cfg, job.plan, job.main
+    progress = job.found[0].get("progress", {}) if job.found is not None else {}
+    sink = MetricsSink(
+        job.run_dir if main else None,
+        total_steps=plan.end_step,
+        tensorboard=cfg.trainer.tensorboard,
+        progress=cfg.trainer.progress,
+        resume_step=start_step,
+        resume_samples=plan.samples_at(start_step),
+        train_s=progress.get("train_s", 0.0),
+        trackers=open_trackers(cfg, job.run_dir, dataclasses.asdict(plan)) if main else None,
+    )
+    meter = None
+    if plan.noise != "off":
+        from launcher.batchsize.meter import NoiseMeter
+        from launcher.planning.plan import noise_window_samples
+
+        window = noise_window_samples(cfg, plan.epoch_samples)
+        meter = NoiseMeter(job.backend, window, cfg.trainer.noise_split_every)
+        if "noise" in progress:
+            meter.load_state_dict(progress["noise"])
+    if job.found is not None:
+        was, path = job.found[0]["global_batch"], job.found[1]
+        sink.log({"event": "resumed", "step": start_step, "from": str(path), "was": was})
+    return sink, meter
+
+
+class _Events:
+    """The job's answers to the loop's out-of-memory and adaptive-ramp events."""
+
+    def __init__(self, job: Job, sink: Any) -> None:
+        self.job, self.sink = job, sink
+
+    def on_oom(self, old: BatchPlan, new: BatchPlan, step: int, ranks: list[int]) -> None:
+        job = self.job
+        self.sink.log(
+            {
+                "event": "out_of_memory",
+                "step": step,
+                "samples": old.samples_at(step),
+                "ranks": ranks,
+                "micro_batch": new.micro_batch,
+                "accumulation": new.accumulation,
+            }
+        )
+        if job.main:
+            print_error(
+                f"launcher: OUT OF MEMORY on rank(s) {ranks} at step {step} with micro-batch "
+                f"{old.micro_batch}: dropped the partial step on every rank; rerunning its "
+                f"samples with micro-batch {new.micro_batch} x accumulation {new.accumulation} "
+                f"(global batch {new.global_batch}, LR and schedule unchanged)"
+            )
+            if new.ramp or not job.plan.ramp:  # not for a ramp-up stage: plan.json keeps the ramp
+                write_plan_files(job.run_dir, job.cfg, new, job.topology.device)
+        if job.report is not None:
+            from launcher.memory.probe import record_oom
+
+            device = str(job.backend.device)
+            record_oom(job.cfg, job.splits.spec, old, device, job.report, old.micro_batch)
+
+    def grow(self, step: int, current: BatchPlan, noise: float | None) -> BatchPlan | None:
+        """The adaptive ramp's decision at a log step (rank 0's), and the plan it leads to."""
+        from launcher.planning.adaptive import decide, event
+
+        job = self.job
+        ramp = job.cfg.ramp
+        steps = step - current.origin_step
+        batch = decide(
+            current.global_batch,
+            job.cfg.global_batch,
+            noise,
+            steps,
+            ramp.min_steps,
+            ramp.noise_factor,
+        )
+        batch = job.backend.flags(batch or 0)[0]
+        if not batch:
+            return None
+        before = (current.origin_step, current.origin_samples, current.global_batch)
+        stage = (batch, step, current.samples_at(step), (*current.grown, before))
+        larger = plan_for(job.cfg, job.launched, job.epoch, job.report, stage=stage)[1]
+        record, line = event(current, larger, noise, ramp.noise_factor)
+        self.sink.log(record)
+        if job.main:
+            print(line, flush=True)
+            write_plan_files(job.run_dir, job.cfg, larger, job.topology.device)
+        return larger
+
+
+def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
+    """The loop from `start_step`, checkpoints and stops by the Checkpointer, then the final
+    record: replica check, weights, the speed ladder for the advice. The sink is closed."""
+    from launcher.training.checkpointer import Checkpointer
+    from launcher.training.guard import Health
+    from launcher.training.loop import Hooks, Settings, Trainee, fit
+
+    cfg, backend = job.cfg, job.backend
+    t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
+    sink, meter = _outputs(job, start_step)
+    events = _Events(job, sink)
+    hooks = Hooks(
+        after_step=Checkpointer(cfg, job.run_dir, t, sink, meter).after_step,
+        on_oom=events.on_oom,
+        grow=events.grow if cfg.ramp.mode == "adaptive" else None,
+    )
+    settings = Settings(
+        log_every=cfg.trainer.log_every,
+        eval_every_samples=round(cfg.trainer.eval_every_epochs * job.plan.epoch_samples),
+        oom_recovery=job.plan.oom_recovery,
+        health=Health(cfg.trainer.spike_factor),
+        skip_spikes=cfg.trainer.skip_spikes,
+        nonfinite_limit=cfg.trainer.nonfinite_limit,
+    )
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)  # the probe steps are not training
+    try:
+        result, plan = fit(
+            t, job.plan, _feed(job), sink, settings, start_step=start_step, meter=meter, hooks=hooks
+        )
+        sink.log(_final_record(job, t, plan, sink))
+    finally:
+        sink.close()
+    return result, plan
+
+
+def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any]:
+    """The run's last metrics line; the replicas checked equal, model_final.pt written, and the
+    micro-step timings of the batch-size advice logged before it."""
+    from launcher.training.loop import check_replicas
+
+    backend = t.backend
+    final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
+    if plan.stop_step is not None:  # ended early: resuming without the stop trains on
+        final["stopped_early"] = True
+    if backend.device.type == "cuda":  # what training needed, against the plan's prediction
+        final["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
+    with backend.gathered(t.model):
+        final["param_digest"] = check_replicas(t.model, backend, plan.end_step)
+        weights = backend.state_dict(t.model)
+    if job.main:
+        _save_final(weights, job.run_dir / "model_final.pt")
+    if job.main and plan.noise != "off":  # the throughput curve of the batch-size advice
+        from launcher.batchsize import speed
+
+        largest = speed.largest_micro(plan, job.cfg.max_micro_batch, len(job.splits.train))
+        sizes = speed.ladder(plan.micro_batch, largest)
+        times = speed.time_micro_steps(
+            t.model, backend, job.splits.train, sizes, t.dtype, t.loss_fn
+        )
+        sink.log({"step": plan.end_step, **times})
+    return final
+
+
+def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any]:
+    """Rank 0 prints the final evaluation and the batch-size advice."""
+    if job.main:
+        accuracy = result.get("eval_accuracy")  # not for a loss of your own that is no classifier
+        print(
+            (f"test accuracy {accuracy:.4f} " if accuracy is not None else "test ")
+            + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
+            flush=True,
+        )
+        from launcher.batchsize.run_advice import print_advice
+
+        print_advice(job.run_dir, plan, job.cfg)
+    return {**result, "run_dir": str(job.run_dir)}
+
+
+def _save_final(weights: dict[str, Any], path: Path) -> None:
+    """model_final.pt, or WriteFailed (one line) with no partial file left."""
+    try:
+        torch.save(weights, path)
+    except OSError as exc:
+        from launcher.checkpoint.paths import WriteFailed
+
+        path.unlink(missing_ok=True)
+        raise WriteFailed("the final weights", path, exc) from None
