@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from typing import Any
 
 PHASES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -57,7 +58,9 @@ def samples_to_match(noise: float, from_batch: int, from_samples: float, batch: 
     return from_samples / efficiency(batch, noise, from_batch)
 
 
-def step_time(batch: int, world: int, t_step: float, micro_seconds: dict[int, float]) -> tuple:
+def step_time(
+    batch: int, world: int, t_step: float, micro_seconds: dict[int, float]
+) -> tuple[float, int] | None:
     """(seconds per step, micro-batch) of global batch `batch` on `world` ranks, or None when
     no measured micro-batch divides the per-device batch."""
     per_device = batch // world
@@ -68,7 +71,7 @@ def step_time(batch: int, world: int, t_step: float, micro_seconds: dict[int, fl
     return t_step + per_device // m * micro_seconds[m], m
 
 
-def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
+def critical_batch(records: list[dict[str, Any]], batch: int) -> tuple[float, int] | None:
     """(B_crit, points): the noise scale averaged over a run the way a fixed batch meets it.
 
     A log line's estimates give phi_t = grad_trace / grad_sq. In the empirical model a step at
@@ -88,7 +91,7 @@ def critical_batch(records: list[dict], batch: int) -> tuple[float, int] | None:
     return (num / den, points) if den > 0 else None
 
 
-def progress_terms(r: dict, batch: int) -> tuple[float, float] | None:
+def progress_terms(r: dict[str, Any], batch: int) -> tuple[float, float] | None:
     """One log line's (w phi, w) for critical_batch, or None when it has no usable estimate."""
     if r.get("grad_sq") is None or r.get("grad_trace") is None:
         return None
@@ -98,7 +101,7 @@ def progress_terms(r: dict, batch: int) -> tuple[float, float] | None:
     return b * t / (b * g + t), b * g / (b * g + t)
 
 
-def seconds_per_step(train: list[dict], batch: int) -> float | None:
+def seconds_per_step(train: list[dict[str, Any]], batch: int) -> float | None:
     """Median training seconds per step between consecutive log lines at global batch `batch`
     (train_s leaves evaluation and checkpoints out)."""
     lines = [r for r in train if "train_s" in r and r.get("global_batch", batch) == batch]
@@ -120,7 +123,7 @@ def candidates(world: int, current: int, limit: int) -> list[int]:
 
 
 def advise(
-    records: list[dict], plan: dict, reached: tuple[str, int] | None = None
+    records: list[dict[str, Any]], plan: dict[str, Any], reached: tuple[str, int] | None = None
 ) -> Advice | None:
     """The advice from a run's metrics lines and its plan.json; None without a noise scale or
     the timings (trainer.noise_scale=false, backend=deepspeed, a run cut short). `reached`:
@@ -247,6 +250,8 @@ def next_run(
             f" (accumulation {math.ceil(per / cap)} at the memory cap {cap:,})" if per > cap else ""
         )
         if devices > w:
-            nodes = f" = {math.ceil(devices / devices_per_node)} node(s) of {devices_per_node}"
-            text += f"; {devices} devices{nodes if devices_per_node else ''} would need none"
+            nodes = ""
+            if devices_per_node:
+                nodes = f" = {math.ceil(devices / devices_per_node)} node(s) of {devices_per_node}"
+            text += f"; {devices} devices{nodes} would need none"
     return text

@@ -9,6 +9,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 from launcher.batchsize.advice import progress_terms
 
@@ -17,12 +18,12 @@ SPIKE_WINDOW = 20  # ... over this many lines
 SPIKE_SIGMAS = 5.0  # ... and this many robust standard deviations (1.4826 MAD) above it
 
 
-def ramp_events(records: list[dict]) -> list[dict]:
+def ramp_events(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The batch changes: fixed ramp-up stages and adaptive decisions (event "ramp")."""
     return [r for r in records if r.get("event") == "ramp" and "global_batch" in r]
 
 
-def spikes(records: list[dict]) -> list[tuple[int, float, float]]:
+def spikes(records: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
     """(step, loss, baseline) of each training log line whose loss is not finite, or above both
     SPIKE_FACTOR x the median of the SPIKE_WINDOW lines before it and that median + SPIKE_SIGMAS
     robust standard deviations of them (late in training one step's loss varies by 2x)."""
@@ -44,7 +45,9 @@ def spikes(records: list[dict]) -> list[tuple[int, float, float]]:
     return found
 
 
-def noise_over_training(records: list[dict], batch: int) -> list[tuple[int, float, float]]:
+def noise_over_training(
+    records: list[dict[str, Any]], batch: int
+) -> list[tuple[int, float, float]]:
     """(samples, logged B_simple, critical batch of the run up to there) per training log line
     with a logged B_simple (advice.critical_batch over the lines so far, kept as running sums)."""
     train = [r for r in records if "loss" in r and "event" not in r and "samples" in r]
@@ -58,13 +61,13 @@ def noise_over_training(records: list[dict], batch: int) -> list[tuple[int, floa
     return out
 
 
-def batch_over_samples(records: list[dict], batch: int) -> list[tuple[int, int]]:
+def batch_over_samples(records: list[dict[str, Any]], batch: int) -> list[tuple[int, int]]:
     """(samples, global batch) at each training log line."""
     train = [r for r in records if "loss" in r and "event" not in r and "samples" in r]
     return [(r["samples"], r.get("global_batch", batch)) for r in train]
 
 
-def probes(run_dir: Path) -> list[dict]:
+def probes(run_dir: Path) -> list[dict[str, Any]]:
     """The branched probes run from this run (RUN_DIR/cbs-*/cbs.json and --out folders inside
     it), oldest checkpoint first; unreadable files are left out."""
     found = []
@@ -78,7 +81,7 @@ def probes(run_dir: Path) -> list[dict]:
     return sorted(found, key=lambda r: r.get("consumed_samples", 0))
 
 
-def format_history(records: list[dict], found_probes: list[dict]) -> list[str]:
+def format_history(records: list[dict[str, Any]], found_probes: list[dict[str, Any]]) -> list[str]:
     """Lines for the advice: decisions, spikes, probes (nothing for what did not happen)."""
     lines = []
     for e in ramp_events(records):
@@ -111,7 +114,7 @@ def format_history(records: list[dict], found_probes: list[dict]) -> list[str]:
     return lines
 
 
-def _health_lines(records: list[dict]) -> list[str]:
+def _health_lines(records: list[dict[str, Any]]) -> list[str]:
     """The steps the run's health check flagged (launcher/training/guard.py): non-finite ones
     (skipped) and loss spikes (skipped under trainer.skip_spikes)."""
     lines = []

@@ -68,4 +68,4 @@ class NoiseScale:
     def value(self) -> float | None:
         """B_simple, or None before the |G|^2 average is positive."""
         g, s = self.gradient_sq, self.trace
-        return None if g is None or g <= 0 else s / g
+        return None if g is None or g <= 0 or s is None else s / g

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError as ConfigError  # re-exported: the config layer raises it
 
 
 def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from launcher.backends.capabilities import capabilities
 from launcher.config.schema import ConfigError, RunConfig
@@ -48,8 +49,8 @@ def stage_plan(
     batch: int,
     origin_step: int,
     origin_samples: int,
-    grown: tuple,
-    memory: dict | None,
+    grown: tuple[Any, ...],
+    memory: dict[str, Any] | None,
 ) -> BatchPlan:
     """The plan from (origin_step, origin_samples) on at `batch`: the steady plan's (global_batch)
     optimizer and schedule (total_samples included: the LR curve is one function of samples over
@@ -95,7 +96,9 @@ def stage_plan(
     )
 
 
-def event(old: BatchPlan, new: BatchPlan, noise: float, factor: float) -> tuple[dict, str]:
+def event(
+    old: BatchPlan, new: BatchPlan, noise: float, factor: float
+) -> tuple[dict[str, Any], str]:
     """The metrics record and the printed line of a decision."""
     record = {
         "event": "ramp",

@@ -12,12 +12,16 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any, cast
 
 from launcher.backends.capabilities import capabilities
 from launcher.config.schema import SGD_FAMILY, ConfigError, OptimConfig, RunConfig, ScheduleConfig
 from launcher.errors import LauncherError
 
 LARGE_BATCH_SWAP = {"sgd": "lars", "adam": "lamb", "adamw": "lamb"}
+# plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
+# numbers come from, the memory report
+_PlanArgs = tuple["RunConfig", int, int, str, str, "dict[str, Any] | None"]
 SWAP_POLY_POWER = {"lars": 2.0, "lamb": 1.0}  # You et al. 2017 (LARS), You et al. 2019 (LAMB)
 
 
@@ -57,8 +61,9 @@ class BatchPlan:
     clip_grad_norm: float = 0.0  # optim.clip_grad_norm (0: off)
     budget: str = "-"  # enough / SHORT / ? vs an earlier run (launcher/planning/prior.py), - none
     stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
-    cooldown: tuple[int, int] = ()  # (from, to) samples: the LR falls linearly to 0 before a stop
-    memory: dict = field(default_factory=dict)
+    # (from, to) samples: the LR falls linearly to 0 before a stop; () none
+    cooldown: tuple[int, int] | tuple[()] = ()
+    memory: dict[str, Any] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def at(self, step: int) -> BatchPlan:
@@ -302,7 +307,8 @@ def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
     if why is not None:
         if wanted is True:
             raise ConfigError(
-                f"trainer.oom_recovery=true: not possible with backend.zero_stage={b.zero_stage}: "
+                "trainer.oom_recovery=true: not possible with backend.zero_stage="
+                f"{getattr(b, 'zero_stage', None)}: "
                 f"{why}; use zero_stage 0 or 1, or trainer.oom_recovery=auto|false"
             )
         return False, f"auto: {why}; an out-of-memory error ends the run"
@@ -397,7 +403,7 @@ def noise_window_samples(cfg: RunConfig, epoch_samples: int) -> float:
 
 
 def split_for(
-    cfg: RunConfig, global_batch: int, world_size: int, memory: dict | None, recover: bool
+    cfg: RunConfig, global_batch: int, world_size: int, memory: dict[str, Any] | None, recover: bool
 ) -> tuple[int, int, str, dict[str, str]]:
     """(micro, accumulation, noise mode, reasons) for `global_batch` (split_batch, then
     noise_measurement)."""
@@ -420,9 +426,9 @@ def plan_batch(
     epoch_samples: int,
     epoch_source: str = "",
     world_source: str = " processes",
-    memory: dict | None = None,
+    memory: dict[str, Any] | None = None,
     origin: tuple[int, int] = (0, 0),
-    stage: tuple[int, int, int, tuple] | None = None,
+    stage: tuple[int, int, int, tuple[Any, ...]] | None = None,
 ) -> BatchPlan:
     """The whole plan for one run. Raises ConfigError on anything that does not fit exactly.
 
@@ -434,12 +440,13 @@ def plan_batch(
     `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
     """
     _within_the_data(cfg, epoch_samples)
-    args = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
+    args: _PlanArgs = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
         from launcher.planning.adaptive import stage_plan
 
-        at = stage or (cfg.ramp.start_batch, 0, 0, ())
-        return _stopping(cfg, stage_plan(cfg, _plan(*args, (0, 0)), *at, memory))
+        batch, step, samples, grown = stage or (cast(int, cfg.ramp.start_batch), 0, 0, ())
+        steady = _plan(*args, (0, 0))
+        return _stopping(cfg, stage_plan(cfg, steady, batch, step, samples, grown, memory))
     return _stopping(cfg, _ramped(args, origin))
 
 
@@ -479,7 +486,7 @@ def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
         f"trainer.stop_after_samples={stop:,}); the schedule is the whole run's"
     )
     cool = cfg.trainer.stop_cooldown_samples
-    cooldown: tuple[int, int] = ()
+    cooldown: tuple[int, int] | tuple[()] = ()
     if cool:
         if cool > end:
             raise ConfigError(
@@ -498,7 +505,7 @@ def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
     )
 
 
-def _ramped(args: tuple, origin: tuple[int, int]) -> BatchPlan:
+def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
     """plan_batch before the early stop (`args`: its first six): a fixed ramp-up's stages, then
     global_batch."""
     cfg, _, epoch_samples, _, _, memory = args
@@ -537,6 +544,8 @@ def _ramped(args: tuple, origin: tuple[int, int]) -> BatchPlan:
 def ramp_batches(cfg: RunConfig) -> list[int]:
     """The ramp-up's global batches before global_batch: start, 2 start, 4 start, ..."""
     start, gb = cfg.ramp.start_batch, cfg.global_batch
+    if start is None:  # no ramp-up
+        return []
     ratio = gb // start
     if start >= gb or gb % start or ratio & (ratio - 1):
         fits = [gb >> k for k in range(1, gb.bit_length()) if gb % (1 << k) == 0]
@@ -550,7 +559,7 @@ def ramp_batches(cfg: RunConfig) -> list[int]:
 
 
 def ramp_stages(
-    cfg: RunConfig, steady: BatchPlan, batches: list[int], memory: dict | None
+    cfg: RunConfig, steady: BatchPlan, batches: list[int], memory: dict[str, Any] | None
 ) -> tuple[BatchPlan, ...]:
     """One plan per ramp-up stage: its batch split for the same world size and caps, its steps
     and samples (origin_step/origin_samples to steps), and the steady plan's LR curve scaled by
@@ -570,7 +579,7 @@ def scaled_stage(
     cfg: RunConfig,
     steady: BatchPlan,
     batch: int,
-    memory: dict | None,
+    memory: dict[str, Any] | None,
     origin: tuple[int, int],
     steps: int,
 ) -> BatchPlan:
@@ -610,7 +619,7 @@ def _plan(
     epoch_samples: int,
     epoch_source: str,
     world_source: str,
-    memory: dict | None,
+    memory: dict[str, Any] | None,
     origin: tuple[int, int],
 ) -> BatchPlan:
     """The plan of one global batch (plan_batch without the ramp-up)."""

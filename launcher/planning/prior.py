@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher.batchsize.advice import critical_batch, samples_to_match
 from launcher.config.schema import ConfigError, RunConfig, to_dict
@@ -30,7 +31,7 @@ class Prior:
     target: str  # what "the result" is, in words
 
 
-def _same_workload(cfg: RunConfig, other: dict) -> bool:
+def _same_workload(cfg: RunConfig, other: dict[str, Any]) -> bool:
     mine = to_dict(cfg)
     return all(other.get(k) == mine[k] for k in ("recipe", "model", "data"))
 
@@ -57,7 +58,7 @@ def read_prior(run_dir: Path, target_accuracy: float | None) -> Prior | None:
 
 
 def from_records(
-    run_dir: Path, batch: int, records: list[dict], target_accuracy: float | None
+    run_dir: Path, batch: int, records: list[dict[str, Any]], target_accuracy: float | None
 ) -> Prior | None:
     """A run's metrics records as a Prior; None without a noise scale or an evaluation."""
     estimate = critical_batch([r for r in records if "loss" in r], batch)
