@@ -12,11 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import ConfigError, DeepSpeedConfig, RunConfig, require_concrete
 from launcher.planning.plan import BatchPlan
 
-LAYERWISE = ("lars", "lamb")  # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
-FUSED = {"adam": "Adam", "adamw": "AdamW", "lamb": "Lamb"}  # DeepSpeed's fused CUDA optimizers
+# trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
+LAYERWISE = tuple(n for n, o in OPTIMIZER_FACTS.items() if o.layerwise)
+# DeepSpeed's fused CUDA optimizers
+FUSED = {n: o.deepspeed_fused for n, o in OPTIMIZER_FACTS.items() if o.deepspeed_fused}
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+from launcher.config.optimizers import ADAM_FAMILY, SGD_FAMILY
 from launcher.errors import ConfigError as ConfigError  # re-exported: the config layer raises it
 
 
@@ -345,8 +346,6 @@ LossConfig = CrossEntropyConfig | UserLossConfig
 
 
 # -------------------------------------------------------------------------------- optimisation
-SGD_FAMILY = ("sgd", "lars")
-ADAM_FAMILY = ("adam", "adamw", "lamb")
 OPTIMIZER_NAMES = SGD_FAMILY + ADAM_FAMILY
 
 

@@ -15,14 +15,13 @@ from fractions import Fraction
 from typing import Any, cast
 
 from launcher.backends.capabilities import capabilities
-from launcher.config.schema import SGD_FAMILY, ConfigError, OptimConfig, RunConfig, ScheduleConfig
+from launcher.config.optimizers import OPTIMIZER_FACTS, SGD_FAMILY
+from launcher.config.schema import ConfigError, OptimConfig, RunConfig, ScheduleConfig
 from launcher.errors import LauncherError
 
-LARGE_BATCH_SWAP = {"sgd": "lars", "adam": "lamb", "adamw": "lamb"}
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report
 _PlanArgs = tuple["RunConfig", int, int, str, str, "dict[str, Any] | None"]
-SWAP_POLY_POWER = {"lars": 2.0, "lamb": 1.0}  # You et al. 2017 (LARS), You et al. 2019 (LAMB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,7 +249,8 @@ def scale_lr(
 def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, str]:
     """(optimizer, swapped, reason): SGD -> LARS and Adam -> LAMB above the threshold."""
     big = optim.large_batch
-    if optim.name not in LARGE_BATCH_SWAP:
+    swap = OPTIMIZER_FACTS[optim.name].swap
+    if swap is None:
         return optim.name, False, f"{optim.name} (optim.name)"
     if not big.enabled:
         return optim.name, False, f"{optim.name} (optim.large_batch.enabled=false)"
@@ -260,7 +260,7 @@ def choose_optimizer(optim: OptimConfig, global_batch: int) -> tuple[str, bool, 
             False,
             (f"{optim.name}: global batch {global_batch} <= large-batch threshold {big.threshold}"),
         )
-    target = LARGE_BATCH_SWAP[optim.name] if big.optimizer == "auto" else big.optimizer
+    target = swap if big.optimizer == "auto" else big.optimizer
     paper = "You et al. 2017" if target == "lars" else "You et al. 2019"
     return (
         target,
@@ -647,7 +647,9 @@ def _plan(
     decay, power = sched.decay, sched.power
     warmup_epochs = sched.warmup_epochs
     if swapped:
-        decay, power = "poly", SWAP_POLY_POWER[optimizer]
+        swap_power = OPTIMIZER_FACTS[optimizer].swap_poly_power
+        assert swap_power is not None  # every swap target (lars, lamb) has one
+        decay, power = "poly", swap_power
         warmup_epochs = cfg.optim.large_batch.warmup_epochs
         reasons["decay"] = f"poly power {_fmt(power)} ({optimizer} policy)"
     else:
