@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 __version__ = "0.1.0"
 __all__ = ["ConfigError", "Stopped", "run"]

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
-from launcher.config.schema import TARGET_KEY, ConfigError
+from launcher.config.checks import TARGET_KEY
+from launcher.errors import ConfigError
 
 PARTS = ("model", "data", "loss")
 _PROVIDED: dict[str, Any] = {}

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 PROG = "launcher.cbs"
 

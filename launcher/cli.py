@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 

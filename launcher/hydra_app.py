@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 LOCAL_RANK = ("--local_rank=", "--local-rank=")  # the `deepspeed` launcher appends it
 REFUSED = {

@@ -59,7 +59,7 @@ from launcher.batchsize.sweep import (
     summarize_job,
     summarize_sweep,
 )
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 PROG = "launcher.report"
 ADVICE_KEYS = ("global_batch", "world_size", "micro_batch", "accumulation", "epoch_samples")

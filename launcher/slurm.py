@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from launcher.cluster.sbatch import job_script, submit
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 USAGE = __doc__.split("\n\n")[1]
 

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from launcher.cbs import crossing
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 from launcher.planning.plan import plan_batch
 from launcher.planning.schedule import lr_at
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process

@@ -9,7 +9,8 @@ import yaml
 
 from launcher.config.compose import compose_run, split_sweep
 from launcher.config.resources import conf_dir, recipes_dir
-from launcher.config.schema import ConfigError, RunConfig, to_dict, to_run_config
+from launcher.config.schema import RunConfig, to_dict, to_run_config
+from launcher.errors import ConfigError
 
 GROUP_FILES = sorted(conf_dir().glob("*/*.yaml"))
 RECIPE_FILES = sorted(recipes_dir().glob("*.yaml"))

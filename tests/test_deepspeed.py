@@ -17,7 +17,7 @@ import torch
 
 from launcher.backends.ds_config import ds_config
 from launcher.cli import main
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 from launcher.planning.plan import plan_batch
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 

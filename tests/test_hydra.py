@@ -169,7 +169,7 @@ def test_an_error_in_a_plugins_process_comes_back_as_one_line() -> None:
     import pickle
 
     from launcher.cluster.spawn import WorkersFailed
-    from launcher.config.schema import ConfigError
+    from launcher.errors import ConfigError
     from launcher.hydra_app import Carried, Failed
 
     for error in (ConfigError("objective='eval_accuracy': no accuracy"), WorkersFailed(3, "x")):

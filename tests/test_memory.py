@@ -191,7 +191,7 @@ def test_cache_hit_miss_and_corrupt_entries(tmp_path):
 
 
 def test_one_sample_over_budget_is_a_config_error(tmp_path):
-    from launcher.config.schema import ConfigError
+    from launcher.errors import ConfigError
 
     cfg, spec, plan = _setup("memory.budget_gb=0.00001", "memory.margin_gb=0", tmp_path=tmp_path)
     with pytest.raises(ConfigError, match="memory: one sample needs"):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 from launcher.training.objective import DIRECTION, value
 
 RECORDS = [

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from launcher.config.compose import compose_run
-from launcher.config.schema import ConfigError, RunConfig
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 from launcher.planning.plan import choose_optimizer, format_plan, plan_batch, scale_lr, split_batch
 
 IMAGENET = 1_281_167  # ImageNet-1k training images

@@ -19,8 +19,8 @@ import yaml
 
 from launcher.cli import main
 from launcher.config.compose import compose_run
-from launcher.config.schema import ConfigError
 from launcher.data import build_splits, declared_epoch_samples
+from launcher.errors import ConfigError
 from launcher.training.loss import CrossEntropy
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli
 

@@ -8,7 +8,7 @@ import pytest
 
 from launcher.cluster.topology import Topology, from_env, local_processes, resolve, slurm_env
 from launcher.config.compose import compose_run
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 SRUN_TASK = {  # rank 3 of `srun --nodes=2 --ntasks-per-node=2`, as Slurm 22.05 sets it
     "SLURM_JOB_ID": "41",

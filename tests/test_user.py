@@ -18,7 +18,8 @@ import yaml
 import launcher
 from launcher.cli import main
 from launcher.config.compose import compose_run
-from launcher.config.schema import ConfigError, to_dict, to_run_config
+from launcher.config.schema import to_dict, to_run_config
+from launcher.errors import ConfigError
 from tests.helpers import ROOT, final_state, read_metrics, run_cli, run_process
 from tests.user_project import PACKAGE, write_project
 

@@ -6,7 +6,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from launcher.backends.capabilities import capabilities
-from launcher.config.schema import ConfigError, RunConfig
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 
 if TYPE_CHECKING:  # launcher.planning.plan reads capabilities from this package: no import cycle
     from launcher.planning.plan import BatchPlan

@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.config.execution import DeepSpeedConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
-from launcher.config.schema import ConfigError, DeepSpeedConfig, RunConfig, require_concrete
+from launcher.config.schema import RunConfig, require_concrete
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
 
 # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards

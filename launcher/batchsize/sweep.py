@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher.batchsize.advice import critical_batch, efficiency
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

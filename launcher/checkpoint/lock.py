@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 NAME = ".lock"
 

@@ -13,8 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from launcher.config.schema import ConfigError
-from launcher.errors import LauncherError
+from launcher.errors import ConfigError, LauncherError
 
 
 def check_writable(path: str | os.PathLike[str], key: str) -> None:

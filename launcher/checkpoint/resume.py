@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from launcher.checkpoint import files as checkpoint
-from launcher.config.schema import ConfigError, RampConfig, RunConfig, to_dict
+from launcher.config.optimization import RampConfig
+from launcher.config.schema import RunConfig, to_dict
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
 
 FORMAT = 1

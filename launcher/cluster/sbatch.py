@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.config.checks import TARGET_KEY
 from launcher.config.resources import slurm_dir
-from launcher.config.schema import TARGET_KEY, ConfigError, RunConfig, to_dict
+from launcher.config.schema import RunConfig, to_dict
+from launcher.errors import ConfigError
 
 
 def template_name(cfg: RunConfig) -> str:

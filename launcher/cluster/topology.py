@@ -14,7 +14,9 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from launcher.config.schema import ClusterConfig, ConfigError, RunConfig
+from launcher.config.placement import ClusterConfig
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from launcher.config.checks import own_options
+from launcher.config.components import UserDataConfig, UserModelConfig
 from launcher.config.resources import CONF_PACKAGE, conf_dir, recipes_dir
-from launcher.config.schema import (
-    ConfigError,
-    RunConfig,
-    UserDataConfig,
-    UserModelConfig,
-    own_options,
-    to_run_config,
-)
+from launcher.config.schema import RunConfig, to_run_config
+from launcher.errors import ConfigError
 
 DEFAULT_RECIPE = "mnist1d"
 HYDRA_PLUGINS = {  # Hydra launcher and sweeper options the launcher supports: how to install them

@@ -14,7 +14,8 @@ import importlib
 import inspect
 from typing import Any
 
-from launcher.config.schema import TARGET_KEY, ConfigError
+from launcher.config.checks import TARGET_KEY
+from launcher.errors import ConfigError
 
 HYDRA_KEYS = ("_args_", "_partial_", "_convert_", "_recursive_")
 

@@ -7,7 +7,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config.schema import DataConfig, UserDataConfig
+from launcher.config.components import DataConfig, UserDataConfig
 
 # name -> module with `build(cfg) -> Splits` and `epoch_samples(cfg) -> (int, str)`
 DATASETS = {

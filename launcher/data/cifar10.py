@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.config.schema import Cifar10Config, ConfigError
+from launcher.config.components import Cifar10Config
 from launcher.data import DataSpec, Splits
+from launcher.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.config.schema import ConfigError, ImageFolderConfig
+from launcher.config.components import ImageFolderConfig
 from launcher.data import DataSpec, Splits
+from launcher.errors import ConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.config.schema import Mnist1DConfig
+from launcher.config.components import Mnist1DConfig
 from launcher.data import DataSpec, Splits
 from launcher.data.tensors import TensorPairs
 

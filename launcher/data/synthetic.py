@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from launcher.config.schema import SyntheticConfig
+from launcher.config.components import SyntheticConfig
 from launcher.data import DataSpec, Splits
 
 

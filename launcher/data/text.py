@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launcher.config.schema import ConfigError, TextConfig
+from launcher.config.components import TextConfig
 from launcher.data import DataSpec, Splits
+from launcher.errors import ConfigError
 
 VOCAB = 256
 THIRD_PARTY = frozenset({"site-packages", "dist-packages"})  # not the standard library's own

@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.config.schema import TARGET_KEY, ConfigError, UserDataConfig, to_dict
+from launcher.config.checks import TARGET_KEY
+from launcher.config.components import UserDataConfig
+from launcher.config.schema import to_dict
 from launcher.config.targets import instantiate
 from launcher.data import DataSpec, Splits
+from launcher.errors import ConfigError
 
 EVAL_NAMES = ("eval", "test", "val", "validation")
 _BUILT: dict[str, Splits] = {}  # the last config's data: built once, read by plan, probe and loop

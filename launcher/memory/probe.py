@@ -20,14 +20,10 @@ from typing import Any
 
 import torch
 
-from launcher.config.schema import (
-    ConfigError,
-    RunConfig,
-    UserModelConfig,
-    require_concrete,
-    to_dict,
-)
+from launcher.config.components import UserModelConfig
+from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
+from launcher.errors import ConfigError
 from launcher.memory.profile import (
     PROBE_SIZES,
     CudaMeter,
@@ -104,7 +100,7 @@ def gives_accuracy(cfg: RunConfig) -> bool:
     your loss where the model's outputs are class scores of integer targets, which one forward
     of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
     counts as giving it: the run then says so when it evaluates)."""
-    from launcher.config.schema import CrossEntropyConfig
+    from launcher.config.components import CrossEntropyConfig
     from launcher.data import data_spec
     from launcher.training.loss import classifies
 

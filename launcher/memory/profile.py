@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from launcher.config.schema import MemoryConfig
+from launcher.config.execution import MemoryConfig
 
 GB = 1024**3  # the config's *_gb values are GiB, as nvidia-smi and torch report them
 PROBE_SIZES = (2, 8)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from launcher.config.schema import TARGET_KEY, ConfigError, ModelConfig, UserModelConfig
+from launcher.config.checks import TARGET_KEY
+from launcher.config.components import ModelConfig, UserModelConfig
 from launcher.data import DataSpec
+from launcher.errors import ConfigError
 
 MODELS = {
     "mlp": "launcher.models.mlp",

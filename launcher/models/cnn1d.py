@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from launcher.config.schema import CNN1DConfig, ConfigError
+from launcher.config.components import CNN1DConfig
 from launcher.data import DataSpec
+from launcher.errors import ConfigError
 from launcher.models.checkpointing import Block
 
 BLOCKS = (Block,)

@@ -14,8 +14,9 @@ import math
 import torch
 from torch import nn
 
-from launcher.config.schema import ConfigError, GPTConfig
+from launcher.config.components import GPTConfig
 from launcher.data import DataSpec
+from launcher.errors import ConfigError
 
 BLOCKS = (nn.TransformerEncoderLayer,)
 

@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from launcher.config.schema import MLPConfig
+from launcher.config.components import MLPConfig
 from launcher.data import DataSpec
 from launcher.models.checkpointing import Block
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from launcher.config.schema import ConfigError, ResNetConfig
+from launcher.config.components import ResNetConfig
 from launcher.data import DataSpec
+from launcher.errors import ConfigError
 
 BLOCKS = (BasicBlock, Bottleneck)
 

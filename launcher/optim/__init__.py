@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config.schema import OptimConfig
+from launcher.config.optimization import OptimConfig
 from launcher.optim.lamb import LAMB
 from launcher.optim.lars import LARS
 

@@ -25,7 +25,8 @@ import math
 from typing import Any
 
 from launcher.backends.capabilities import capabilities
-from launcher.config.schema import ConfigError, RunConfig
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, _fmt, ramp_batches, run_samples, scaled_stage
 
 

@@ -15,9 +15,10 @@ from fractions import Fraction
 from typing import Any, cast
 
 from launcher.backends.capabilities import capabilities
+from launcher.config.optimization import OptimConfig, ScheduleConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS, SGD_FAMILY
-from launcher.config.schema import ConfigError, OptimConfig, RunConfig, ScheduleConfig
-from launcher.errors import LauncherError
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError, LauncherError
 
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report

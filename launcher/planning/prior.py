@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.batchsize.advice import critical_batch, samples_to_match
-from launcher.config.schema import ConfigError, RunConfig, to_dict
+from launcher.config.schema import RunConfig, to_dict
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from typing import Any
 
 from launcher.backends import check as check_backend
 from launcher.cluster.topology import Topology, resolve
-from launcher.config.schema import ConfigError, RunConfig, to_dict
+from launcher.config.schema import RunConfig, to_dict
 from launcher.data import declared_epoch_samples
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, format_plan, plan_batch
 from launcher.training.metrics import check_trackers
 

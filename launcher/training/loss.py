@@ -15,7 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from launcher.config.schema import TARGET_KEY, CrossEntropyConfig, LossConfig, RunConfig
+from launcher.config.checks import TARGET_KEY
+from launcher.config.components import CrossEntropyConfig, LossConfig
+from launcher.config.schema import RunConfig
 
 
 class LossMismatch(ValueError):
@@ -136,8 +138,8 @@ def build_loss(cfg: RunConfig) -> CrossEntropy | UserLoss:
 def make_loss(cfg: LossConfig, label_smoothing: float = 0.0) -> CrossEntropy | UserLoss:
     if isinstance(cfg, CrossEntropyConfig):
         return CrossEntropy(label_smoothing)
-    from launcher.config.schema import ConfigError
     from launcher.config.targets import instantiate
+    from launcher.errors import ConfigError
 
     fn = instantiate(cfg.target, cfg.kwargs, "loss")
     if not callable(fn):

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from launcher.config.schema import ConfigError, RunConfig, to_dict
+from launcher.config.schema import RunConfig, to_dict
+from launcher.errors import ConfigError
 
 TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # trainer.trackers -> module to import
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from launcher.config.schema import ConfigError
+from launcher.errors import ConfigError
 
 DIRECTION = {"eval_accuracy": "maximize", "eval_loss": "minimize", "samples_to_target": "minimize"}
 

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from launcher.cluster.topology import Topology, resolve
-from launcher.config.schema import ConfigError, RunConfig
+from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, format_plan
 from launcher.training.job import (
     create_run_dir,
