@@ -93,6 +93,7 @@ def _cbs(args: list[str], cwd):
     return run_process([sys.executable, "-m", "launcher.cbs", *args], cwd)
 
 
+@pytest.mark.slow
 def test_branches_train_the_same_samples_at_k_times_the_batch(trained) -> None:
     res = _cbs([str(trained), "--step", "40", "--k", "1,2,4", "--samples", "384"], trained.parent)
     assert res.returncode == 0, res.stderr
@@ -145,6 +146,7 @@ def test_bad_input_is_one_line_and_nothing_trains(trained, args, message) -> Non
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_no_checkpoint_before_the_end(tmp_path, data_cache) -> None:
     res = run_cli([*ARGS[:-2], f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr
@@ -152,6 +154,7 @@ def test_no_checkpoint_before_the_end(tmp_path, data_cache) -> None:
     assert res.returncode == 2 and "no checkpoint before the end of the run" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_ramped_run_is_refused(tmp_path, data_cache) -> None:
     ramp = ["ramp.start_batch=16", "ramp.samples=320"]
     res = run_cli([*ARGS, *ramp, f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)

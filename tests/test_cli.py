@@ -109,6 +109,7 @@ def test_plan_only_with_a_cached_estimate_does_not_import_dynamo(tmp_path):
     assert "from cache entry" in plans[1]["memory"]["note"]
 
 
+@pytest.mark.slow
 def test_plan_only_lars_above_8k_and_multirun(tmp_path):
     res = run_cli(
         ["-m", "+recipe=resnet50", "global_batch=8192,32768", "plan_only=true", "cluster=h100x256"],

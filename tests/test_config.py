@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import yaml
 
 from launcher.config.compose import compose_run, split_sweep
+from launcher.config.defaults import RUN_NODE, nodes
+from launcher.config.execution import CheckpointConfig, TrainerConfig
+from launcher.config.keys import replace_in
 from launcher.config.resources import conf_dir, recipes_dir
 from launcher.config.schema import RunConfig, to_dict, to_run_config
 from launcher.errors import ConfigError
+from tests.helpers import ROOT
 
 GROUP_FILES = sorted(conf_dir().glob("*/*.yaml"))
 RECIPE_FILES = sorted(recipes_dir().glob("*.yaml"))
@@ -49,9 +54,71 @@ def test_every_group_option_composes(path):
     assert isinstance(cfg, RunConfig) and cfg.recipe == "mnist1d"
     got = to_dict(cfg)[group]
     set_by_recipe = _recipe_values("mnist1d").get(group, {})
-    for key, value in yaml.safe_load(path.read_text()).items():
-        if key not in set_by_recipe:
+    option = yaml.safe_load(path.read_text())
+    for key, value in option.items():
+        if key != "defaults" and key not in set_by_recipe:
             assert got[key] == value, f"{group}.{key}"
+    base = nodes().get(_base_of(option))  # the schema's defaults the option extends
+    for key, value in (base or {}).items():
+        if key not in option and key not in set_by_recipe:
+            assert got[key] == value, f"{group}.{key} (schema default)"
+
+
+def _base_of(option: dict) -> str | None:
+    """The schema node a group option extends (`/schema/...@_here_` in its defaults list)."""
+    for entry in option.get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/schema/"):
+            return entry[1:].removesuffix("@_here_")
+    return None
+
+
+def _restated(option: dict, base: dict, prefix: str = "") -> list[str]:
+    """Keys of a YAML option (recursively) whose value is the schema default."""
+    out = []
+    for key, value in option.items():
+        if key == "defaults" or key not in base:
+            continue
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            out += _restated(value, base[key], f"{prefix}{key}.")
+        elif value == base[key]:
+            out.append(f"{prefix}{key}: {value!r}")
+    return out
+
+
+@pytest.mark.parametrize("path", [*GROUP_FILES, conf_dir() / "config.yaml"], ids=lambda p: p.name)
+def test_the_yaml_holds_only_what_an_option_changes(path):
+    """Defaults are written once, in the schema: a YAML value equal to it would be a second copy
+    that silently wins when the schema's default changes."""
+    option = yaml.safe_load(path.read_text())
+    tree = nodes()
+    if path.name == "config.yaml":
+        base = tree[RUN_NODE]
+        assert f"{RUN_NODE}" in option["defaults"], "config.yaml must start from the schema"
+    else:
+        name, group = _base_of(option), f"schema/{path.parent.name}"
+        expected = group if group in tree else f"{group}/{option.get('name')}"
+        if tree.get(expected):  # a group option extends its schema node
+            assert name == expected, f"{path}: extends {name}, not {expected}"
+        base = tree.get(expected, {})
+    assert _restated(option, base) == [], f"{path}: restates schema defaults"
+
+
+def test_a_changed_schema_default_reaches_the_composed_config(monkeypatch):
+    """The schema is the source: change a default there and a run gets it, with no YAML edit."""
+    trainer = {f.name: f for f in dataclasses.fields(TrainerConfig)}["nonfinite_limit"]
+    checkpoint = {f.name: f for f in dataclasses.fields(CheckpointConfig)}["keep"]
+    monkeypatch.setattr(trainer, "default", 7)
+    monkeypatch.setattr(checkpoint, "default", 5)
+    cfg = compose_run([])
+    assert (cfg.trainer.nonfinite_limit, cfg.checkpoint.keep) == (7, 5)
+    assert compose_run(["trainer.nonfinite_limit=2"]).trainer.nonfinite_limit == 2  # no `+`
+
+
+def test_every_key_section_of_the_readme_is_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    assert replace_in(readme) == readme, "run: python -m launcher.config.keys --write README.md"
+    for key in ("trainer.nonfinite_limit", "optim.large_batch.threshold", "slurm.mem", "seed"):
+        assert f"| `{key}` |" in readme
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
@@ -135,8 +202,8 @@ def test_bad_input_raises_one_line_config_error(overrides, needles):
 
 def test_missing_required_key():
     node = to_dict(_cfg())
-    del node["global_batch"]
-    with pytest.raises(ConfigError, match="global_batch is required"):
+    del node["optim"]["base_lr"]  # a key without a schema default
+    with pytest.raises(ConfigError, match="optim.base_lr is required"):
         to_run_config(node)
 
 

@@ -44,6 +44,7 @@ def test_health_flags_a_non_finite_step_and_a_spike() -> None:
 
 
 @pytest.mark.parametrize("devices", [1, 2])
+@pytest.mark.slow
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(devices, tmp_path, data_cache):
     """LAUNCHER_TEST_LOSS makes the last rank's loss NaN at step 3: every rank drops the step
     (the flag gather), the run goes on and ends with replicas that agree (checked at the end)."""

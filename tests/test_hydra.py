@@ -146,6 +146,7 @@ def test_flags_that_show_and_train_nothing(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_joblib_runs_a_sweeps_jobs_in_worker_processes(one_rank_reference, tmp_path, data_cache):
     """hydra/launcher=joblib: two jobs of the same global batch in joblib's worker processes, each
     with Hydra's records, each equal to one process's training (float64, 1e-10)."""
@@ -214,6 +215,7 @@ def test_an_interval_is_checked_at_both_ends() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_an_optuna_search_returns_each_jobs_objective(tmp_path, data_cache) -> None:
     """hydra/sweeper=optuna over lr x global batch: a small real study (3 trials). The best
     trial's value is the best of the jobs' final eval accuracies as their metrics.jsonl hold

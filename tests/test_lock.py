@@ -62,6 +62,7 @@ def test_another_hosts_lock_is_not_guessed_at(tmp_path) -> None:
     assert res.returncode == 2 and "in use by process 1 on node7" in res.stderr
 
 
+@pytest.mark.slow
 def test_two_launches_on_one_folder(tmp_path, data_cache) -> None:
     """The first run waits at step 1 (a test hook) holding the folder; the second, started on
     the same folder, is refused; SIGTERM lets the first stop with its checkpoint."""

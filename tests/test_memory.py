@@ -221,6 +221,7 @@ def _rank_main(rank: int, port: int, budgets: tuple[float, float], cache: str, o
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_different_budgets_agree_on_the_minimum(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -172,6 +172,7 @@ def test_a_changed_global_batch_is_refused_and_nothing_changes(
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_deepspeed_without_resumable_state_runs_without_checkpoints_and_says_so(
     tmp_path, data_cache
 ):

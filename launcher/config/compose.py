@@ -201,7 +201,10 @@ def check_composes(overrides: list[str], config_dir: Path | None = None) -> None
 def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[str, list[str]]:
     """(recipe, the overrides as Hydra composes them): the recipe selected as a global package
     and registered when built in, the launcher's own group options set with `++`."""
+    from launcher.config.defaults import register
+
     recipe, overrides = _recipe_of(_launcher_options(overrides))
+    register()  # the schema's defaults, which the packaged YAML extends
     _register_recipe(recipe, config_dir)
     return recipe, overrides
 

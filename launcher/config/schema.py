@@ -37,17 +37,17 @@ from launcher.errors import ConfigError
 class RunConfig:
     recipe: str
     """recipe that was composed (+recipe=NAME)"""
-    global_batch: int
+    global_batch: int = 256
     """samples per optimizer step, over all devices and accumulation steps"""
-    micro_batch: int | Literal["auto"]
+    micro_batch: int | Literal["auto"] = "auto"
     """samples per device per forward/backward; auto = largest divisor under the caps"""
-    max_micro_batch: int
+    max_micro_batch: int = 1024
     """upper bound for an automatic micro-batch"""
-    seed: int
+    seed: int = 0
     """seed of model init and shuffling"""
-    plan_only: bool
+    plan_only: bool = False
     """print and save the plan, then exit without training"""
-    run_dir: str | None
+    run_dir: str | None = None
     """output directory; default outputs/<recipe>/<timestamp>"""
     model: ModelConfig
     """model group"""
