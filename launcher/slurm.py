@@ -27,7 +27,7 @@ USAGE = __doc__.split("\n\n")[1]
 def main(argv: list[str] | None = None) -> int:
     from launcher.cluster.topology import Topology
     from launcher.config.compose import compose_run, split_config_dir
-    from launcher.planning.plan import format_plan
+    from launcher.planning.render import format_plan
     from launcher.training.job import estimated_plan, job_run_dir, run_stamp
 
     args = list(sys.argv[1:] if argv is None else argv)

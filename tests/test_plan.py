@@ -10,7 +10,10 @@ import pytest
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import choose_optimizer, format_plan, plan_batch, scale_lr, split_batch
+from launcher.planning.plan import plan_batch
+from launcher.planning.render import format_plan
+from launcher.planning.rules import choose_optimizer, scale_lr
+from launcher.planning.split import split_batch
 
 IMAGENET = 1_281_167  # ImageNet-1k training images
 

@@ -13,8 +13,9 @@ import yaml
 
 from launcher.batchsize.advice import advise, format_advice, samples_to_match
 from launcher.config.schema import to_dict
-from launcher.planning.plan import format_plan, plan_batch
+from launcher.planning.plan import plan_batch
 from launcher.planning.prior import budget, find_prior, from_records
+from launcher.planning.render import format_plan
 from launcher.training.job import with_budget
 from tests.helpers import composed
 

@@ -40,7 +40,7 @@ def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
 def next_sentence(cfg: RunConfig, advice: Any, cap: int | None) -> str:
     """advice.next_run with the LR the plan would give the recommended batch."""
     from launcher.batchsize.advice import next_run
-    from launcher.planning.plan import choose_optimizer, scale_lr
+    from launcher.planning.rules import choose_optimizer, scale_lr
 
     batch = advice.recommended
     optimizer = choose_optimizer(cfg.optim, batch)[0]

@@ -79,12 +79,20 @@ def nodes() -> dict[str, dict[str, Any]]:
     return out
 
 
+_stored: dict[str, dict[str, Any]] = {}
+
+
 def register() -> None:
     """Store the nodes in Hydra's ConfigStore (before composing; joblib and submitit jobs get
     the store with the job)."""
     from hydra.core.config_store import ConfigStore
 
+    current = nodes()
+    if current == _stored:  # once per process (the store outlives each composition)
+        return
     store = ConfigStore.instance()
-    for path, node in nodes().items():
+    for path, node in current.items():
         group, _, name = path.rpartition("/")
         store.store(group=group or None, name=name, node=node)
+    _stored.clear()
+    _stored.update(current)

@@ -39,7 +39,8 @@ from launcher.memory.profile import (
 )
 from launcher.models import build_model
 from launcher.optim import build_optimizer
-from launcher.planning.plan import BatchPlan, split_batch
+from launcher.planning.plan import BatchPlan
+from launcher.planning.split import split_batch
 from launcher.training.loss import LossMismatch, build_loss
 
 OOM_ERROR = torch.OutOfMemoryError

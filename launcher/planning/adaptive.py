@@ -27,7 +27,9 @@ from typing import Any
 from launcher.backends.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, _fmt, ramp_batches, run_samples, scaled_stage
+from launcher.planning.plan import BatchPlan, run_samples
+from launcher.planning.ramp import ramp_batches, scaled_stage
+from launcher.planning.rules import fmt
 
 
 def decide(
@@ -83,11 +85,11 @@ def stage_plan(
         "is its cap)",
         "lr": f"{stage.reasons['lr']}; at the cap {steady.reasons['lr']}",
         "steps": f"{steps:,} if the batch stays {batch}: {origin_step:,} steps ({origin_samples:,} "
-        f"samples) before it + ceil(({_fmt(cfg.trainer.epochs)} epochs x "
+        f"samples) before it + ceil(({fmt(cfg.trainer.epochs)} epochs x "
         f"{steady.epoch_samples:,} - {origin_samples:,}) / {batch}); fewer as it grows",
         "ramp": f"adaptive from {cfg.ramp.start_batch} up to {cfg.global_batch}: at a log step, "
         f"once {cfg.ramp.min_steps} steps (ramp.min_steps) ran at the current batch, it grows to "
-        f"the largest doubling <= B_simple / {_fmt(cfg.ramp.noise_factor)} (ramp.noise_factor), "
+        f"the largest doubling <= B_simple / {fmt(cfg.ramp.noise_factor)} (ramp.noise_factor), "
         "the measured noise scale (McCandlish et al. 2018; Merrill et al. 2025); "
         f"{steady.optimizer} and the schedule of global_batch, LR by the scaling rule per batch"
         + (f"; so far: {history}; {batch} from step {origin_step:,}" if grown else ""),

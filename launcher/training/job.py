@@ -15,7 +15,8 @@ from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig, to_dict
 from launcher.data import declared_epoch_samples
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, format_plan, plan_batch
+from launcher.planning.plan import BatchPlan, plan_batch
+from launcher.planning.render import format_plan
 from launcher.training.metrics import check_trackers
 
 

@@ -23,8 +23,9 @@ import torch
 
 from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
-from launcher.planning.plan import BatchPlan, shrink_micro_batch
+from launcher.planning.plan import BatchPlan
 from launcher.planning.schedule import lr_at
+from launcher.planning.split import shrink_micro_batch
 from launcher.training.guard import (
     NON_FINITE,
     OOM,

@@ -17,7 +17,8 @@ import torch
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, format_plan
+from launcher.planning.plan import BatchPlan
+from launcher.planning.render import format_plan
 from launcher.training.job import (
     create_run_dir,
     plan_for,
