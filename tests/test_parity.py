@@ -207,8 +207,8 @@ class _Gather:
 
 
 def test_replica_check_tells_differing_ranks_from_a_run_that_diverged():
+    from launcher.training.evaluation import check_replicas
     from launcher.training.guard import Diverged
-    from launcher.training.loop import check_replicas
 
     model = torch.nn.Linear(2, 1)
     digest = check_replicas(model, _Gather(), 7)

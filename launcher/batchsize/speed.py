@@ -51,8 +51,8 @@ def time_micro_steps(
 ) -> dict[str, Any]:
     """{"micro_step_seconds": {size: median seconds per micro-step},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
-    from launcher.data import make_loader
-    from launcher.training.loop import OOM_ERRORS, to_device
+    from launcher.data import make_loader, to_device
+    from launcher.training.loop import OOM_ERRORS
 
     module = backend.unwrap(model)
     n = max(sizes)  # samples repeat when the split is smaller: the time is what is measured

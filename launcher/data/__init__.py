@@ -103,6 +103,17 @@ def loader_settings(cfg: DataConfig, device: str) -> LoaderSettings:
     )
 
 
+def to_device(batch: Any, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """A batch (inputs, targets) on `device`, floating-point inputs cast to `dtype`."""
+    import torch
+
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    return x, torch.as_tensor(y).to(device, non_blocking=True)
+
+
 def make_loader(dataset: Any, batches: Any, settings: LoaderSettings = LoaderSettings()) -> Any:
     """A DataLoader over `batches` (an iterable of index arrays, one per micro-batch)."""
     from torch.utils.data import DataLoader

@@ -1,4 +1,5 @@
-"""Fault injection for tests, inert unless LAUNCHER_TEST_KILL is set.
+"""Fault injection for tests, inert unless LAUNCHER_TEST_KILL, LAUNCHER_TEST_OOM or
+LAUNCHER_TEST_LOSS is set (the last two: test_oom_hook and test_loss_hook below).
 
 LAUNCHER_TEST_KILL=STEP:PHASE[:ACTION][,...] acts at optimizer step STEP, PHASE `step` (after the
 step), `written` (checkpoint written under its temporary name), `renamed` (in place, `latest` not
@@ -14,6 +15,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from launcher.planning.plan import BatchPlan
 
 
 def test_kill(step: int, phase: str) -> None:
@@ -52,3 +60,44 @@ def _fill(path: str) -> None:
                 f.write(b"\0")
         except OSError:
             return
+
+
+def test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], None] | None:
+    """Test hook: LAUNCHER_TEST_OOM=RANK:STEP:MAX_MICRO makes that rank run out of memory before
+    the last micro-step of every step >= STEP while its micro-batch is above MAX_MICRO (a CPU
+    stand-in for a GPU that cannot hold the activations)."""
+    spec = os.environ.get("LAUNCHER_TEST_OOM")
+    if not spec:
+        return None
+    oom_rank, from_step, max_micro = (int(v) for v in spec.split(":"))
+    if rank != oom_rank or step < from_step or plan.micro_batch <= max_micro:
+        return None
+
+    def hook(j: int) -> None:
+        import torch
+
+        if j == plan.accumulation - 1:
+            raise torch.OutOfMemoryError(f"LAUNCHER_TEST_OOM={spec}: injected at step {step}")
+
+    return hook
+
+
+class _Scaled:
+    """A loss times a factor (the LAUNCHER_TEST_LOSS hook)."""
+
+    def __init__(self, loss_fn: Any, factor: float) -> None:
+        self.loss_fn, self.factor = loss_fn, factor
+
+    def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn.sum(outputs, y) * self.factor
+
+
+def test_loss_hook(rank: int, step: int, loss_fn: Any) -> Any:
+    """Test hook: LAUNCHER_TEST_LOSS=RANK:STEP:FACTOR[,...] multiplies that rank's loss (and so
+    its gradients) at optimizer step STEP (1-based) by FACTOR (nan and inf allowed): a stand-in
+    for a batch that blows up."""
+    for item in filter(None, os.environ.get("LAUNCHER_TEST_LOSS", "").split(",")):
+        at_rank, at_step, factor = item.split(":")
+        if int(at_rank) == rank and int(at_step) == step:
+            return _Scaled(loss_fn, float(factor))
+    return loss_fn

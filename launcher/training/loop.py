@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -23,22 +21,22 @@ import torch
 
 from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
+from launcher.data import to_device
 from launcher.planning.plan import BatchPlan
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
+from launcher.training import faults
+from launcher.training.evaluation import DEFAULT_LOSS, Evaluations
 from launcher.training.guard import (
     NON_FINITE,
     OOM,
     SPIKE,
     Diverged,
     Health,
-    state_message,
     stop_message,
 )
 from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
-
-DEFAULT_LOSS = CrossEntropy()
 
 
 @dataclass(frozen=True)
@@ -86,16 +84,6 @@ class Hooks:
     after_step: Callable[[int, BatchPlan], None] | None = None
     on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None
     grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None
-
-
-def to_device(
-    batch: Any, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
-    x = x.to(device, non_blocking=True)
-    if x.is_floating_point():
-        x = x.to(dtype)
-    return x, torch.as_tensor(y).to(device, non_blocking=True)
 
 
 def accumulate(
@@ -201,71 +189,7 @@ def _checked(
     return Skipped(flags, loss) if any(flags) else loss
 
 
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    batches: Iterable[Any],
-    backend: Backend,
-    dtype: torch.dtype,
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
-) -> dict[str, float]:
-    """Accuracy and mean loss over the whole eval split (each rank holds a disjoint shard); per
-    token for sequences, no label smoothing. With your loss: its mean per sample, and accuracy
-    only where the outputs are class scores of integer targets (else no eval_accuracy)."""
-    model.eval()
-    sums = torch.zeros(5, device=backend.device, dtype=torch.float64)
-    for batch in batches:  # correct, predictions, loss, loss count, samples
-        x, y = to_device(batch, backend.device, dtype)
-        sums[:4] += loss_fn.eval_counts(model(x), y)
-        sums[4] += len(y)
-    model.train()
-    correct, predictions, loss, count, samples = backend.sum(sums).tolist()
-    result = {"eval_loss": loss / count, "eval_samples": int(samples)}
-    if predictions:
-        result["eval_accuracy"] = correct / predictions
-    return result
-
-
 OOM_ERRORS = (torch.OutOfMemoryError,)
-
-
-def _test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], None] | None:
-    """Test hook: LAUNCHER_TEST_OOM=RANK:STEP:MAX_MICRO makes that rank run out of memory before
-    the last micro-step of every step >= STEP while its micro-batch is above MAX_MICRO (a CPU
-    stand-in for a GPU that cannot hold the activations)."""
-    spec = os.environ.get("LAUNCHER_TEST_OOM")
-    if not spec:
-        return None
-    oom_rank, from_step, max_micro = (int(v) for v in spec.split(":"))
-    if rank != oom_rank or step < from_step or plan.micro_batch <= max_micro:
-        return None
-
-    def hook(j: int) -> None:
-        if j == plan.accumulation - 1:
-            raise torch.OutOfMemoryError(f"LAUNCHER_TEST_OOM={spec}: injected at step {step}")
-
-    return hook
-
-
-class _Scaled:
-    """A loss times a factor (the LAUNCHER_TEST_LOSS hook)."""
-
-    def __init__(self, loss_fn: Any, factor: float) -> None:
-        self.loss_fn, self.factor = loss_fn, factor
-
-    def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn.sum(outputs, y) * self.factor
-
-
-def _test_loss_hook(rank: int, step: int, loss_fn: Any) -> Any:
-    """Test hook: LAUNCHER_TEST_LOSS=RANK:STEP:FACTOR[,...] multiplies that rank's loss (and so
-    its gradients) at optimizer step STEP (1-based) by FACTOR (nan and inf allowed): a stand-in
-    for a batch that blows up."""
-    for item in filter(None, os.environ.get("LAUNCHER_TEST_LOSS", "").split(",")):
-        at_rank, at_step, factor = item.split(":")
-        if int(at_rank) == rank and int(at_step) == step:
-            return _Scaled(loss_fn, float(factor))
-    return loss_fn
 
 
 def _step_or_oom(
@@ -283,7 +207,7 @@ def _step_or_oom(
     its partial gradients and no optimizer step was taken), or Skipped (guard.py). No collective
     runs inside the micro-steps, so a rank that fails cannot leave the others waiting.
     """
-    hook = _test_oom_hook(t.backend.rank, step, plan)
+    hook = faults.test_oom_hook(t.backend.rank, step, plan)
     try:
         loss = accumulate(t, batches, plan, False, hook, meter, split)
         failed = 0
@@ -325,7 +249,7 @@ def _one_step(t: Trainee, at: _Position, meter: NoiseMeter | None, settings: Set
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     split = meter is not None and meter.start_step(at.step, at.current)
-    loss_fn = _test_loss_hook(t.backend.rank, at.step + 1, t.loss_fn)
+    loss_fn = faults.test_loss_hook(t.backend.rank, at.step + 1, t.loss_fn)
     if loss_fn is not t.loss_fn:
         t = dataclasses.replace(t, loss_fn=loss_fn)
     if not settings.oom_recovery:
@@ -369,7 +293,7 @@ def fit(
     at = _Position(t, feed, plan, start_step)
     sink.start(start_step)
     first = plan.samples_at(start_step)
-    evals = _Evaluations(t, feed, sink, first, settings.eval_every_samples)
+    evals = Evaluations(t, feed, sink, first, settings.eval_every_samples)
     bad: list[int] = []  # the non-finite steps in a row
     while at.step < at.plan.end_step:
         if at.step >= at.current.steps:  # a ramp-up stage is over: the next batch
@@ -434,32 +358,6 @@ def _log(
     return measured.get("noise_scale")
 
 
-class _Evaluations:
-    """Evaluation every `every` samples and at the end, off the training clock; `result` is the
-    latest one ({} before the first)."""
-
-    def __init__(self, t: Trainee, feed: Feed, sink: MetricsSink, first: int, every: int) -> None:
-        self.t, self.feed, self.sink, self.every = t, feed, sink, every
-        self.plain = CrossEntropy() if isinstance(t.loss_fn, CrossEntropy) else t.loss_fn
-        self.next = (first // every + 1) * every
-        self.result: dict[str, float] = {}
-
-    def run(self, plan: BatchPlan) -> dict[str, float]:
-        t = self.t
-        return evaluate(t.model, self.feed.evaluation(plan), t.backend, t.dtype, self.plain)
-
-    def maybe(self, plan: BatchPlan, step: int, samples: int, last: bool) -> None:
-        """Evaluate if `samples` reached the next evaluation, or at the `last` step."""
-        if samples < self.next and not last:
-            return
-        _pause(self.sink, self.t.backend)
-        self.result = self.run(plan)
-        self.sink.resume()
-        train_s = self.sink.train_seconds()
-        self.sink.log({"step": step, "samples": samples, **self.result, "train_s": train_s})
-        self.next = (samples // self.every + 1) * self.every
-
-
 def _log_skipped(
     outcome: Skipped,
     step: int,
@@ -485,25 +383,3 @@ def _log_skipped(
         )
         done = "step applied" if outcome.applied else "step skipped: its samples are not learned"
         print(f"launcher: {what} at step {step:,} on rank(s) {ranks}; {done}", file=sys.stderr)
-
-
-def _pause(sink: MetricsSink, backend: Backend) -> None:
-    """Stop the training clock once the device has finished the queued training work."""
-    if backend.device.type == "cuda":
-        torch.cuda.synchronize(backend.device)
-    sink.pause()
-
-
-def check_replicas(model: Any, backend: Backend, step: int) -> float:
-    """Raise if the ranks' parameters or buffers (BatchNorm statistics, synced after every step)
-    differ; returns the digest (float64 sum of squares). Call inside `backend.gathered`."""
-    digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
-    tensors = list(model.parameters()) + list(model.buffers())
-    for t in tensors:
-        digest += t.detach().double().square().sum()
-    every = backend.gather(digest).tolist()
-    if not all(math.isfinite(d) for d in every):  # before "differ": NaN != NaN
-        raise Diverged(state_message(step, "model_final.pt"))
-    if any(d != every[0] for d in every):
-        raise RuntimeError(f"replicas differ across ranks after training: digests {every}")
-    return every[0]

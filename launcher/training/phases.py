@@ -343,7 +343,7 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
 def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any]:
     """The run's last metrics line; the replicas checked equal, model_final.pt written, and the
     micro-step timings of the batch-size advice logged before it."""
-    from launcher.training.loop import check_replicas
+    from launcher.training.evaluation import check_replicas
 
     backend = t.backend
     final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
