@@ -28,6 +28,9 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    deleted at exit, and they train in rank 0's folder (the backend broadcasts it).
 hydra.job.chdir=true is honoured where one process trains; with several it is refused (the other
 ranks learn rank 0's folder only once connected, after their paths are resolved).
+
+(Over 400 lines on purpose: it is one piece of glue, Hydra's entry point and what the launcher
+checks around it; its parts are only ever read together.)
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from launcher import log
 from launcher.config.schema import RunConfig
 from launcher.planning.plan import BatchPlan
 
@@ -27,14 +28,14 @@ def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
     advice = advise(records, dataclasses.asdict(plan), reached)
     if advice is None:
         why = "not measured" if plan.noise == "off" else "too few steps measured"
-        print(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
+        log.info(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
     else:
-        print(format_advice(advice), flush=True)
+        log.info(format_advice(advice))
     lines = format_history(records, probes(run_dir))
     if advice is not None:
         lines.append(next_sentence(cfg, advice, plan.memory.get("cap")))
     if lines:
-        print("\n".join(lines), flush=True)
+        log.info("\n".join(lines))
 
 
 def next_sentence(cfg: RunConfig, advice: Any, cap: int | None) -> str:

@@ -14,10 +14,10 @@ import atexit
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
+from launcher import log
 from launcher.errors import ConfigError
 
 NAME = ".lock"
@@ -76,11 +76,9 @@ def acquire(folder: Path) -> None:
                     f"{holder.get('host')} since {holder.get('since')} ({path}); wait for it, "
                     "choose another run_dir, or delete the lock if that process is gone"
                 ) from None
-            print(
+            log.warn(
                 f"launcher: taking over the lock of {folder} from process {holder.get('pid')} on "
-                f"{holder.get('host')} ({why})",
-                file=sys.stderr,
-                flush=True,
+                f"{holder.get('host')} ({why})"
             )
             path.unlink(missing_ok=True)
             continue

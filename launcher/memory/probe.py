@@ -5,6 +5,9 @@ or none when a cached profile matches; every rank probes its own device and the 
 over ranks (one collective). `estimated_cap` does the same with fake tensors for plan_only, and
 caches its profile too: a plan_only sweep over batch sizes or clusters traces the model once, and a
 cached estimate skips FakeTensorMode, whose first use imports torch._dynamo (~1.3 s).
+
+(Over 400 lines on purpose: the measured cap, the estimate and their cache share the probe step,
+the cache key and the out-of-memory lesson; split, each half would import the other.)
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import dataclasses
 import gc
 import logging
 import platform
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from launcher import log
 from launcher.config.components import UserModelConfig
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
@@ -158,11 +161,9 @@ def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> N
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if not _fake_limit(exc):
             raise
-        print(  # not skipped silently: a real run checks it with real tensors before training
+        log.warn(  # not skipped silently: a real run checks it with real tensors before training
             f"launcher: note: plan_only could not check that {_names(cfg)} fit together with "
-            f"fake tensors ({_first_line(exc)}); a real run checks it before training",
-            file=sys.stderr,
-            flush=True,
+            f"fake tensors ({_first_line(exc)}); a real run checks it before training"
         )
 
 

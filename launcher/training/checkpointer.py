@@ -5,11 +5,11 @@ the clock of the time cadence; rank 0's clock decides for every rank."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from launcher import log
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
@@ -88,5 +88,5 @@ def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None,
         return head
     job = os.environ.get("SLURM_JOB_ID")
     if job:  # Slurm kills the job within ~0.1 s of the requeue: say it first
-        print(f"{head}; checkpoint {path}; requeueing Slurm job {job}", file=sys.stderr, flush=True)
+        log.warn(f"{head}; checkpoint {path}; requeueing Slurm job {job}")
     return f"{head}; checkpoint {path}; {preemption.requeue()}"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher import log
 from launcher.backends import check as check_backend
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig, to_dict
@@ -204,9 +205,10 @@ def launch(
         start_workers(jobs.workers, args)
         return []
     results = []
+    log.set_rank(jobs.launched.rank)
     for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
         if multirun:
-            print(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}", flush=True)
+            log.info(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}")
         if cfg.run_dir is None or jobs.launched.rank > 0:  # a default folder is new anyway
             results.append(execute(cfg, jobs.launched, run_dir))
             continue
@@ -270,10 +272,6 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
     write_config(run_dir, cfg, plan, device)
 
 
-def print_error(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
     """The plan with its budget row: are trainer.epochs enough at this batch, judged from the
     newest earlier run of the same workload next to run_dir (launcher/planning/prior.py)."""
@@ -303,13 +301,14 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
 
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
+    log.set_rank(launched.rank)
     cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
         plan = with_budget(cfg, plan, run_dir)
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
         write_plan_files(run_dir, cfg, plan, topology.device)
-        print(format_plan(plan), f"\nplan written to {run_dir}", sep="\n", flush=True)
+        log.info(f"{format_plan(plan)}\n\nplan written to {run_dir}")
         return {"run_dir": str(run_dir)}
     from launcher.cluster import preemption
     from launcher.training.phases import train_job

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from launcher import log
 from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
 from launcher.data import to_device
@@ -382,4 +382,4 @@ def _log_skipped(
             else f"loss spike ({health.loss:.4g} vs a recent mean of {health.mean:.4g})"
         )
         done = "step applied" if outcome.applied else "step skipped: its samples are not learned"
-        print(f"launcher: {what} at step {step:,} on rank(s) {ranks}; {done}", file=sys.stderr)
+        log.warn(f"launcher: {what} at step {step:,} on rank(s) {ranks}; {done}")

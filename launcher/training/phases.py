@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from launcher import log
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
@@ -22,7 +23,6 @@ from launcher.planning.render import format_plan
 from launcher.training.job import (
     create_run_dir,
     plan_for,
-    print_error,
     probes_memory,
     reuses_run_dir,
     with_budget,
@@ -98,18 +98,13 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     return Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
 
 
-def _warn(job: Job, message: str) -> None:
-    if job.topology.rank == 0:
-        print_error(message)
-
-
 def find_checkpoint(job: Job) -> None:
     """The newest usable checkpoint of run_dir, checked against this run; the plan re-made at
     its step (and its adaptive stage). A finished run without one is refused."""
     from launcher.checkpoint import resume
 
     cfg, run_dir = job.cfg, job.run_dir
-    found = resume.find(cfg, run_dir, lambda m: _warn(job, m)) if job.plan.checkpoints else None
+    found = resume.find(cfg, run_dir, log.warn) if job.plan.checkpoints else None
     if found is not None:
         job.found = found
         job.origin = resume.check(cfg, *found)
@@ -124,7 +119,7 @@ def find_checkpoint(job: Job) -> None:
                 f"run_dir={str(run_dir)!r}: holds a finished run without a checkpoint to resume "
                 f"({why}); choose a new run_dir"
             )
-        _warn(job, f"launcher: no usable checkpoint in {run_dir}: starting over")
+        log.warn(f"launcher: no usable checkpoint in {run_dir}: starting over")
 
 
 def prepare(job: Job) -> None:
@@ -157,7 +152,7 @@ def prepare(job: Job) -> None:
     job.run_dir = backend.broadcast_object(made)
     if job.main:
         write_plan_files(job.run_dir, cfg, job.plan, topology.device)
-        print(format_plan(job.plan), f"run directory: {job.run_dir}", sep="\n", flush=True)
+        log.info(f"{format_plan(job.plan)}\nrun directory: {job.run_dir}")
     if cfg.trainer.compile:  # in place: state-dict keys stay the plain module's
         job.model.compile()
     job.model, job.optimizer = backend.prepare(job.model, optimizer, job.plan)
@@ -174,14 +169,13 @@ def restore(job: Job) -> int:
     how = resume.restore(state, job.backend, job.model, job.optimizer)
     start_step, plan = state["step"], job.plan
     if job.main:
-        print(
+        log.info(
             f"launcher: resuming from {path}: step {start_step:,} of {plan.steps:,} "
             f"({state['consumed_samples']:,} samples consumed, saved on "
-            f"{state['world_size']} rank(s)); {how}",
-            flush=True,
+            f"{state['world_size']} rank(s)); {how}"
         )
         if state["global_batch"] != plan.global_batch:
-            print_error(
+            log.warn(
                 f"launcher: GLOBAL BATCH CHANGED on resume: {state['global_batch']} -> "
                 f"{plan.global_batch} from {state['consumed_samples']:,} samples on "
                 "(checkpoint.allow_global_batch_change=true); LR and warmup follow the "
@@ -261,7 +255,7 @@ class _Events:
             }
         )
         if job.main:
-            print_error(
+            log.warn(
                 f"launcher: OUT OF MEMORY on rank(s) {ranks} at step {step} with micro-batch "
                 f"{old.micro_batch}: dropped the partial step on every rank; rerunning its "
                 f"samples with micro-batch {new.micro_batch} x accumulation {new.accumulation} "
@@ -299,7 +293,7 @@ class _Events:
         record, line = event(current, larger, noise, ramp.noise_factor)
         self.sink.log(record)
         if job.main:
-            print(line, flush=True)
+            log.info(line)
             write_plan_files(job.run_dir, job.cfg, larger, job.topology.device)
         return larger
 
@@ -372,10 +366,9 @@ def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any
     """Rank 0 prints the final evaluation and the batch-size advice."""
     if job.main:
         accuracy = result.get("eval_accuracy")  # not for a loss of your own that is no classifier
-        print(
+        log.info(
             (f"test accuracy {accuracy:.4f} " if accuracy is not None else "test ")
-            + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}",
-            flush=True,
+            + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}"
         )
         from launcher.batchsize.run_advice import print_advice
 
