@@ -210,7 +210,7 @@ def main(argv: list[str]) -> None:
     elif chosen is None:  # the launcher's default folder, reserved now (a -2 suffix if taken)
         folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
         new = _new_dirs(folder)
-        target = create_run_dir(folder, explicit=reuses_run_dir(jobs.configs[0]))
+        target = create_run_dir(folder, explicit=reuses_run_dir(jobs.configs[0].run_dir))
         where = [f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_quote(str(target))}"]
     elif _value(overrides, "hydra.sweep.dir" if multirun else "hydra.run.dir") is None:
         where = [f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_quote(chosen)}"]
@@ -276,7 +276,7 @@ def _slurm_shape(overrides: list[str], multirun: bool, config_dir: Path | None) 
     from launcher.config.compose import compose_run, split_sweep
 
     cfg = compose_run(split_sweep(overrides)[0] if multirun else overrides, config_dir)
-    check_shape(cfg)
+    check_shape(cfg.cluster)
     c = cfg.cluster
     world = int(c.nodes) * int(c.devices_per_node)
     source = "hydra/launcher=submitit_slurm"

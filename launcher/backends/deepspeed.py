@@ -114,7 +114,7 @@ class DeepSpeedBackend(Collectives):
         """ZeRO 1-3: optimizer state in flat shards, read and written through DeepSpeed's
         safe_get/set_full_* functions; ZeRO 0 holds a plain torch optimizer (what the plan's
         `checkpoints` row allows is exactly these two cases)."""
-        on, why = checkpointing(self.cfg)
+        on, why = checkpointing(self.cfg.checkpoint, self.cfg.backend)
         assert on, why
         return self.cfg.backend.zero_stage > 0
 

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config.execution import DeepSpeedConfig
+from launcher.config.execution import BackendConfig, DeepSpeedConfig, TrainerConfig
+from launcher.config.optimization import OptimConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete
 from launcher.errors import ConfigError
@@ -39,11 +40,11 @@ def _load(path: str) -> dict[str, Any]:
     return base
 
 
-def _check(b: DeepSpeedConfig, cfg: RunConfig, optimizer: str, device: str) -> None:
+def _check(b: DeepSpeedConfig, trainer: TrainerConfig, optimizer: str, device: str) -> None:
     """What DeepSpeed cannot do with this config, as one line each."""
-    if cfg.trainer.dtype != "float32":
+    if trainer.dtype != "float32":
         raise ConfigError(
-            f"trainer.dtype={cfg.trainer.dtype!r}: backend=deepspeed reduces float32/16 "
+            f"trainer.dtype={trainer.dtype!r}: backend=deepspeed reduces float32/16 "
             "gradients only; use trainer.dtype=float32 (or backend=accelerate)"
         )
     if optimizer in LAYERWISE and b.zero_stage >= 1:
@@ -69,12 +70,12 @@ def _check(b: DeepSpeedConfig, cfg: RunConfig, optimizer: str, device: str) -> N
             )
 
 
-def _fused_optimizer(cfg: RunConfig, optimizer: str, lr: float, wd: float) -> dict[str, Any]:
-    params: dict[str, Any] = {"lr": lr, "betas": list(cfg.optim.betas), "weight_decay": wd}
+def _fused_optimizer(optim: OptimConfig, optimizer: str, lr: float, wd: float) -> dict[str, Any]:
+    params: dict[str, Any] = {"lr": lr, "betas": list(optim.betas), "weight_decay": wd}
     if optimizer == "lamb":
-        params["eps"] = cfg.optim.lamb_eps
+        params["eps"] = optim.lamb_eps
     else:
-        params["eps"] = cfg.optim.eps
+        params["eps"] = optim.eps
         params["adam_w_mode"] = optimizer == "adamw"  # DeepSpeed's "Adam" defaults to AdamW
     return {"type": FUSED[optimizer], "params": params}
 
@@ -99,7 +100,7 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
     assert isinstance(b, DeepSpeedConfig)
     optimizer = plan.optimizer
     require_concrete(cfg)
-    _check(b, cfg, optimizer, device)
+    _check(b, cfg.trainer, optimizer, device)
     base = _load(b.config_file) if b.config_file else {}
     path = b.config_file or ""
     half = "no" if b.autocast else b.mixed_precision
@@ -136,7 +137,7 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
     if b.zero_stage >= 1:  # the launcher's optimizers are torch optimizers DeepSpeed does not list
         out["zero_allow_untested_optimizer"] = True
     if b.fused_optimizer:
-        out["optimizer"] = _fused_optimizer(cfg, optimizer, plan.lr, plan.weight_decay)
+        out["optimizer"] = _fused_optimizer(cfg.optim, optimizer, plan.lr, plan.weight_decay)
     return out
 
 
@@ -147,9 +148,8 @@ def write_ds_config(run_dir: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def check_buffers(cfg: RunConfig, float_buffers: list[str]) -> None:
+def check_buffers(b: BackendConfig, float_buffers: list[str]) -> None:
     """DeepSpeed's half modes cast parameters, not buffers: BatchNorm cannot mix the two."""
-    b = cfg.backend
     if b.name == "deepspeed" and b.mixed_precision != "no" and not b.autocast and float_buffers:
         raise ConfigError(
             f"backend.mixed_precision={b.mixed_precision!r}: DeepSpeed's {b.mixed_precision} mode "

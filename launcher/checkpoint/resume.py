@@ -81,17 +81,17 @@ def capture(
     }
 
 
-def find(cfg: RunConfig, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
+def find(resume: str, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint to continue from (resume=auto|never|PATH), or None to start fresh."""
-    if cfg.resume == "never":
+    if resume == "never":
         return None
-    source = run_dir if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    source = run_dir if resume == "auto" else Path(resume).expanduser()
     try:
         found = checkpoint.load(source, warn)
     except checkpoint.Unusable as exc:
-        raise ConfigError(f"resume={cfg.resume!r}: {exc}") from None
-    if found is None and cfg.resume != "auto":
-        raise ConfigError(f"resume={cfg.resume!r}: no usable checkpoint there")
+        raise ConfigError(f"resume={resume!r}: {exc}") from None
+    if found is None and resume != "auto":
+        raise ConfigError(f"resume={resume!r}: no usable checkpoint there")
     return found
 
 
@@ -146,10 +146,10 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     return origin
 
 
-def adaptive_stage(cfg: RunConfig, state: dict[str, Any]) -> tuple | None:
+def adaptive_stage(ramp: RampConfig, state: dict[str, Any]) -> tuple | None:
     """An adaptive ramp's (batch, origin step, origin samples, earlier stages) in the checkpoint,
     which the plan continues from; None for other runs."""
-    if cfg.ramp.mode != "adaptive":
+    if ramp.mode != "adaptive":
         return None
     p = state["plan"]
     grown = tuple(tuple(int(v) for v in g) for g in p.get("grown", ()))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from launcher.config.checks import TARGET_KEY
+from launcher.config.placement import ClusterConfig
 from launcher.config.resources import slurm_dir
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
@@ -31,9 +32,8 @@ def template_name(cfg: RunConfig) -> str:
     return name
 
 
-def check_shape(cfg: RunConfig) -> None:
+def check_shape(c: ClusterConfig) -> None:
     """A Slurm job needs the cluster's shape and device kind spelled out."""
-    c = cfg.cluster
     for key in ("nodes", "devices_per_node"):
         if getattr(c, key) == "auto":
             raise ConfigError(
@@ -76,7 +76,7 @@ def resources(cfg: RunConfig, tasks_per_node: int) -> dict[str, str]:
 def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
     """The sbatch options for `cfg`'s cluster and slurm settings."""
     c, s = cfg.cluster, cfg.slurm
-    check_shape(cfg)
+    check_shape(cfg.cluster)
     tasks = c.devices_per_node if template_name(cfg) == "multi_node_srun" else 1
     options = [f"--job-name=launcher-{cfg.recipe}", f"--nodes={c.nodes}"]
     options.append(f"--ntasks-per-node={tasks}")

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from launcher import log
-from launcher.config.components import UserModelConfig
+from launcher.config.components import ModelConfig, UserModelConfig
+from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
 from launcher.errors import ConfigError
@@ -44,7 +45,7 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
-from launcher.training.loss import LossMismatch, build_loss
+from launcher.training.loss import LossMismatch, make_loss
 
 OOM_ERROR = torch.OutOfMemoryError
 
@@ -80,7 +81,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.step()
     opt.zero_grad(set_to_none=True)
     x, y = fake_batch(spec, micro, device, dtype)
-    loss_fn = build_loss(cfg)
+    loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
         try:
             outputs = model(x)
@@ -219,7 +220,7 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         device_id = f"cpu {platform.machine()}"
     return {
         "model": to_dict(cfg.model),
-        "code": _code_version(cfg),
+        "code": _code_version(cfg.model),
         "loss": to_dict(cfg.loss),
         "data": spec.describe(),
         "input_shape": list(spec.input_shape),
@@ -236,10 +237,10 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
     }
 
 
-def _code_version(cfg: RunConfig) -> str:
+def _code_version(model: ModelConfig) -> str:
     """For your model: the size and modification time of the file that defines its factory (a
     changed model is measured again); built-in models change with the launcher's version."""
-    if not isinstance(cfg.model, UserModelConfig):
+    if not isinstance(model, UserModelConfig):
         return ""
     import inspect
     import os
@@ -248,18 +249,18 @@ def _code_version(cfg: RunConfig) -> str:
     from launcher.config.targets import locate
 
     try:
-        if cfg.model.target == api.TARGET:  # launcher.run(model=...): the object's own code
+        if model.target == api.TARGET:  # launcher.run(model=...): the object's own code
             path = inspect.getsourcefile(api.source_of("model"))
         else:
-            path = inspect.getsourcefile(inspect.unwrap(locate(cfg.model.target, "model")))
+            path = inspect.getsourcefile(inspect.unwrap(locate(model.target, "model")))
         stat = os.stat(path) if path else None
     except (TypeError, OSError):
         return "unknown"
     return f"{path} {stat.st_size} {stat.st_mtime_ns}" if stat else "unknown"
 
 
-def _auto_micro(plan: BatchPlan, cfg: RunConfig, cap: int) -> int:
-    return split_batch(plan.global_batch, plan.world_size, "auto", cfg.max_micro_batch, cap)[0]
+def _auto_micro(plan: BatchPlan, max_micro: int, cap: int) -> int:
+    return split_batch(plan.global_batch, plan.world_size, "auto", max_micro, cap)[0]
 
 
 def _first_traces(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> list:
@@ -287,13 +288,13 @@ def measured_cap(
     """(cap, what the plan reports) from this device's profile, minimum over all ranks."""
     budget, budget_why = budget_bytes(cfg.memory, free_bytes(device, local_processes))
     key = _cache_key(cfg, spec, plan, device)
-    profile, note = _cached(cfg, key)
+    profile, note = _cached(cfg.memory, key)
     steps = 0
     if profile is None:
         (n1, trace1), (n2, trace2) = _first_traces(cfg, spec, plan, device)
         profile, steps = fit_traces(n1, trace1, n2, trace2, "measured"), 2
         if profile.max_micro(budget) >= 1:  # verify the size the plan will pick, with a real step
-            micro = _auto_micro(plan, cfg, profile.max_micro(budget))
+            micro = _auto_micro(plan, cfg.max_micro_batch, profile.max_micro(budget))
             predicted = profile.peak(micro)
             try:
                 observed = probe_peak(cfg, spec, plan, device, micro)
@@ -309,7 +310,7 @@ def measured_cap(
                 overhead_bytes=max(observed - predicted, 0),  # what the tensor count missed
                 points=(*profile.points, (micro, observed)),
             )
-        note = f"{note}; {_save(cfg, key, profile)}"
+        note = f"{note}; {_save(cfg.memory, key, profile)}"
     profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
     cap = all_min(profile.max_micro(budget))
     if cap < 1:
@@ -368,13 +369,13 @@ def estimated_cap(
                 ) from exc
 
     key = _cache_key(cfg, spec, plan, FAKE)
-    profile, cached = _cached(cfg, key)
+    profile, cached = _cached(cfg.memory, key)
     note = "fake tensors: tensor storage counted; no allocator rounding, workspaces or CUDA context"
     if profile is None:
         n1, n2 = PROBE_SIZES
         profile = fit_traces(n1, fake_trace(n1), n2, fake_trace(n2), "estimated")
         try:
-            note = f"{note}; {cached}; {_save(cfg, key, profile)}"
+            note = f"{note}; {cached}; {_save(cfg.memory, key, profile)}"
         except OSError as exc:  # plan_only needs no cache: say so, plan anyway
             note = f"{note}; {cached}; not cached ({exc})"
     else:
@@ -391,17 +392,17 @@ def estimated_cap(
     return cap, _report(profile, budget, budget_why, cap, 0, note)
 
 
-def _cached(cfg: RunConfig, key: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
+def _cached(memory: MemoryConfig, key: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
     """The cache entry under memory.cache=use; none (measure again) under refresh and off."""
-    if cfg.memory.cache != "use":
-        return None, f"memory.cache={cfg.memory.cache}: not read"
-    return load_cached(cfg.memory.cache_dir, key)
+    if memory.cache != "use":
+        return None, f"memory.cache={memory.cache}: not read"
+    return load_cached(memory.cache_dir, key)
 
 
-def _save(cfg: RunConfig, key: dict[str, Any], profile: MemoryProfile) -> str:
-    if cfg.memory.cache == "off":
+def _save(memory: MemoryConfig, key: dict[str, Any], profile: MemoryProfile) -> str:
+    if memory.cache == "off":
         return "not saved (memory.cache=off)"
-    return f"saved to {save_cached(cfg.memory.cache_dir, key, profile)}"
+    return f"saved to {save_cached(memory.cache_dir, key, profile)}"
 
 
 def _ceiling_note(profile: MemoryProfile, budget: int) -> str:

@@ -319,7 +319,7 @@ def _plan(
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
     gb = cfg.global_batch
-    recover, reasons_oom = oom_recovery(cfg)
+    recover, reasons_oom = oom_recovery(cfg.trainer, cfg.backend)
     micro, accum, noise, reasons = split_for(cfg, gb, world_size, memory, recover)
     reasons["oom_recovery"] = reasons_oom
     reasons["global_batch"] = f"{gb} (global_batch)"
@@ -341,7 +341,7 @@ def _plan(
     warmup, reasons["warmup_samples"] = _warmup(cfg, warmup_epochs, epoch_samples, steps, start, lr)
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
-    saves, reasons["checkpoints"] = checkpointing(cfg)
+    saves, reasons["checkpoints"] = checkpointing(cfg.checkpoint, cfg.backend)
     seq = getattr(cfg.data, "seq_len", 0)  # sequence data: every sample is seq_len tokens
     if seq:
         reasons["tokens_per_batch"] = (

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 from launcher.backends.capabilities import capabilities
+from launcher.config.execution import BackendConfig, CheckpointConfig, TrainerConfig
 from launcher.config.optimization import OptimConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS, SGD_FAMILY
-from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 
 
@@ -103,12 +103,11 @@ def clipping(clip: float, scale: float) -> str:
     return why
 
 
-def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
+def oom_recovery(trainer: TrainerConfig, b: BackendConfig) -> tuple[bool, str]:
     """(on, reason): whether an out-of-memory step can be dropped on every rank and rerun."""
-    wanted = cfg.trainer.oom_recovery
+    wanted = trainer.oom_recovery
     if wanted is False:
         return False, "trainer.oom_recovery=false: an out-of-memory error ends the run"
-    b = cfg.backend
     why = capabilities(b).oom_recovery
     if why is not None:
         if wanted is True:
@@ -124,10 +123,9 @@ def oom_recovery(cfg: RunConfig) -> tuple[bool, str]:
     )
 
 
-def checkpointing(cfg: RunConfig) -> tuple[bool, str]:
+def checkpointing(c: CheckpointConfig, backend: BackendConfig) -> tuple[bool, str]:
     """(on, reason): whether checkpoints are written (and can be resumed) with this backend."""
-    c = cfg.checkpoint
-    why = capabilities(cfg.backend).checkpoints
+    why = capabilities(backend).checkpoints
     if why is not None:
         return False, why
     when = [f"every {c.every_samples:,} samples"] if c.every_samples else []

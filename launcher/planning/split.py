@@ -8,6 +8,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from launcher.backends.capabilities import capabilities
+from launcher.config.execution import BackendConfig, TrainerConfig
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError, LauncherError
 
@@ -162,15 +163,21 @@ def noise_mode(
 
 
 def noise_measurement(
-    cfg: RunConfig, global_batch: int, micro: int, accumulation: int, world_size: int, recover: bool
+    trainer: TrainerConfig,
+    backend: BackendConfig,
+    global_batch: int,
+    micro: int,
+    accumulation: int,
+    world_size: int,
+    recover: bool,
 ) -> tuple[str, str]:
     """(mode, reason) for the run: off by config or where the loop cannot see the gradients."""
-    if not cfg.trainer.noise_scale:
+    if not trainer.noise_scale:
         return "off", "not measured (trainer.noise_scale=false)"
-    unseen = capabilities(cfg.backend).gradients
+    unseen = capabilities(backend).gradients
     if unseen is not None:
         return "off", f"not measured under {unseen}"
-    split_every = cfg.trainer.noise_split_every
+    split_every = trainer.noise_split_every
     mode, why = noise_mode(micro, accumulation, global_batch, world_size, recover, split_every)
     if mode == "split" and micro < 4:  # halves of one sample cannot train BatchNorm
         return "off", (
@@ -193,6 +200,6 @@ def split_for(
         memory["cap"] if memory else None,
     )
     noise, reasons["noise_scale"] = noise_measurement(
-        cfg, global_batch, micro, accum, world_size, recover
+        cfg.trainer, cfg.backend, global_batch, micro, accum, world_size, recover
     )
     return micro, accum, noise, reasons

@@ -13,6 +13,7 @@ from typing import Any
 from launcher import log
 from launcher.backends import check as check_backend
 from launcher.cluster.topology import Topology, resolve
+from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.data import declared_epoch_samples
 from launcher.errors import ConfigError
@@ -76,8 +77,8 @@ def _auto_precision(device: str) -> str:
     return "bf16"  # and for plan_only on a declared CUDA cluster without a GPU here
 
 
-def probes_memory(cfg: RunConfig) -> bool:
-    return cfg.memory.probe and cfg.micro_batch == "auto"
+def probes_memory(memory: MemoryConfig, micro_batch: int | str) -> bool:
+    return memory.probe and micro_batch == "auto"
 
 
 def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dict:
@@ -108,9 +109,9 @@ def run_stamp() -> str:
     return f"slurm-{job}" if job else time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def reuses_run_dir(cfg: RunConfig) -> bool:
+def reuses_run_dir(run_dir: str | None) -> bool:
     """An explicit run_dir, or the Slurm job's: used as it is, never given a -2 suffix."""
-    return cfg.run_dir is not None or "SLURM_JOB_ID" in os.environ
+    return run_dir is not None or "SLURM_JOB_ID" in os.environ
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,7 @@ def validate(
     run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
-        check_trackers(cfg)
+        check_trackers(cfg.trainer.trackers)
         if launched.rank == 0:  # one process checks: ranks sharing a file system would race
             _check_folders(cfg, run_dir)
         if (run_dir / "plan.json").exists() and (cfg.resume == "never" or cfg.plan_only):
@@ -181,7 +182,7 @@ def _check_folders(cfg: RunConfig, run_dir: Path) -> None:
     from launcher.checkpoint.paths import check_writable
 
     check_writable(run_dir, "run_dir")
-    if probes_memory(cfg) and cfg.memory.cache != "off":
+    if probes_memory(cfg.memory, cfg.micro_batch) and cfg.memory.cache != "off":
         check_writable(cfg.memory.cache_dir, "memory.cache_dir")
     if isinstance(getattr(cfg.data, "cache_dir", None), str):
         check_writable(cfg.data.cache_dir, "data.cache_dir")
@@ -289,7 +290,7 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
     cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     epoch = declared_epoch_samples(cfg.data)  # once: a text corpus is counted by listing files
     topology, plan = plan_for(cfg, launched, epoch)
-    if probes_memory(cfg):
+    if probes_memory(cfg.memory, cfg.micro_batch):
         _, plan = plan_for(cfg, launched, epoch, estimated_memory(cfg, topology, plan))
     else:  # the estimate's steps would have checked that model, data and loss fit together
         from launcher.data import data_spec
@@ -306,7 +307,7 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
         plan = with_budget(cfg, plan, run_dir)
-        run_dir = create_run_dir(run_dir, reuses_run_dir(cfg))
+        run_dir = create_run_dir(run_dir, reuses_run_dir(cfg.run_dir))
         write_plan_files(run_dir, cfg, plan, topology.device)
         log.info(f"{format_plan(plan)}\n\nplan written to {run_dir}")
         return {"run_dir": str(run_dir)}

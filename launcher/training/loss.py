@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import CrossEntropyConfig, LossConfig
-from launcher.config.schema import RunConfig
 
 
 class LossMismatch(ValueError):
@@ -128,11 +127,6 @@ def classifies(outputs: Any, y: torch.Tensor) -> bool:
         and outputs.dim() == y.dim() + 1
         and outputs.shape[:-1] == y.shape
     )
-
-
-def build_loss(cfg: RunConfig) -> CrossEntropy | UserLoss:
-    """The run's loss: cross-entropy with trainer.label_smoothing, or loss._target_'s callable."""
-    return make_loss(cfg.loss, cfg.trainer.label_smoothing)
 
 
 def make_loss(cfg: LossConfig, label_smoothing: float = 0.0) -> CrossEntropy | UserLoss:

@@ -19,12 +19,12 @@ from launcher.errors import ConfigError
 TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # trainer.trackers -> module to import
 
 
-def check_trackers(cfg: RunConfig) -> None:
+def check_trackers(trackers: tuple[str, ...]) -> None:
     """Refuse a tracker whose package is not installed (before anything is written)."""
-    for name in cfg.trainer.trackers:
+    for name in trackers:
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
             raise ConfigError(
-                f"trainer.trackers={list(cfg.trainer.trackers)}: {name} is not installed; "
+                f"trainer.trackers={list(trackers)}: {name} is not installed; "
                 f"pip install {'mlflow-skinny' if name == 'mlflow' else name}, or leave it out "
                 "(TensorBoard needs nothing)"
             )

@@ -78,7 +78,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits
     from launcher.models import build_model
-    from launcher.training.loss import build_loss
+    from launcher.training.loss import make_loss
 
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
@@ -91,10 +91,10 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
-    loss_fn = build_loss(cfg)
+    loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
-    check_buffers(cfg, [n for n, b in model.named_buffers() if b.is_floating_point()])
+    check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
     return Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
 
 
@@ -104,11 +104,11 @@ def find_checkpoint(job: Job) -> None:
     from launcher.checkpoint import resume
 
     cfg, run_dir = job.cfg, job.run_dir
-    found = resume.find(cfg, run_dir, log.warn) if job.plan.checkpoints else None
+    found = resume.find(cfg.resume, run_dir, log.warn) if job.plan.checkpoints else None
     if found is not None:
         job.found = found
         job.origin = resume.check(cfg, *found)
-        job.stage = resume.adaptive_stage(cfg, found[0])
+        job.stage = resume.adaptive_stage(cfg.ramp, found[0])
         job.plan = job.replan()
         resume.check_optimizer(found[0], job.plan, found[1])
     elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
@@ -138,7 +138,7 @@ def prepare(job: Job) -> None:
             f"{topology.world_size}"
         )
     device = str(backend.device)
-    if probes_memory(cfg):
+    if probes_memory(cfg.memory, cfg.micro_batch):
         local = topology.local_world_size
         _, job.report = measured_cap(cfg, job.splits.spec, job.plan, device, local, backend.all_min)
         job.plan = job.replan()  # RNG state kept
@@ -148,7 +148,7 @@ def prepare(job: Job) -> None:
     optimizer = build_optimizer(plan.optimizer, cfg.optim, job.model, plan.lr, plan.weight_decay)
     if job.main:
         job.plan = with_budget(cfg, job.plan, job.run_dir)
-    made = create_run_dir(job.run_dir, reuses_run_dir(cfg)) if job.main else None
+    made = create_run_dir(job.run_dir, reuses_run_dir(cfg.run_dir)) if job.main else None
     job.run_dir = backend.broadcast_object(made)
     if job.main:
         write_plan_files(job.run_dir, cfg, job.plan, topology.device)
