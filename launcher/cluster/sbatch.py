@@ -12,21 +12,21 @@ import time
 from pathlib import Path
 
 from launcher.config.checks import TARGET_KEY
-from launcher.config.placement import ClusterConfig
+from launcher.config.placement import ClusterConfig, SlurmConfig
 from launcher.config.resources import slurm_dir
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
 
 
-def template_name(cfg: RunConfig) -> str:
+def template_name(cluster: ClusterConfig, slurm: SlurmConfig) -> str:
     """slurm.template, with auto = single_node on one node, else multi_node (torchrun)."""
-    nodes = cfg.cluster.nodes
-    name = cfg.slurm.template
+    nodes = cluster.nodes
+    name = slurm.template
     if name == "auto":
         return "single_node" if nodes == 1 else "multi_node"
     if name == "single_node" and nodes != 1:
         raise ConfigError(
-            f"slurm.template='single_node': cluster={cfg.cluster.name!r} has {nodes} nodes; use "
+            f"slurm.template='single_node': cluster={cluster.name!r} has {nodes} nodes; use "
             "multi_node or multi_node_srun"
         )
     return name
@@ -77,7 +77,7 @@ def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
     """The sbatch options for `cfg`'s cluster and slurm settings."""
     c, s = cfg.cluster, cfg.slurm
     check_shape(cfg.cluster)
-    tasks = c.devices_per_node if template_name(cfg) == "multi_node_srun" else 1
+    tasks = c.devices_per_node if template_name(cfg.cluster, cfg.slurm) == "multi_node_srun" else 1
     options = [f"--job-name=launcher-{cfg.recipe}", f"--nodes={c.nodes}"]
     options.append(f"--ntasks-per-node={tasks}")
     if c.device == "cuda":
@@ -145,7 +145,7 @@ def job_script(
     """The rendered job.sbatch text."""
     from launcher.config.compose import config_dir_args, hydra_quote
 
-    name = template_name(cfg)
+    name = template_name(cfg.cluster, cfg.slurm)
     args = [o for o in overrides if not o.startswith("run_dir=")]
     args.append(f"run_dir={hydra_quote(str(run_dir))}")
     args = config_dir_args(config_dir) + args

@@ -59,7 +59,7 @@ def stage_plan(
     optimizer and schedule (total_samples included: the LR curve is one function of samples over
     every stage), its LR x the scaling rule's lr(batch) / lr(global_batch); `steps` ends the run
     at the first step boundary after its epochs at this batch."""
-    ladder = [*ramp_batches(cfg), cfg.global_batch]
+    ladder = [*ramp_batches(cfg.ramp, cfg.global_batch), cfg.global_batch]
     if batch not in ladder:
         raise ConfigError(
             f"ramp.mode=adaptive: batch {batch} (from the checkpoint) is not one of the ramp's "
@@ -70,7 +70,7 @@ def stage_plan(
             "ramp.mode=adaptive: decides by the measured noise scale, which needs "
             "trainer.noise_scale=true and a backend whose gradients the loop sees (not deepspeed)"
         )
-    total_exact = run_samples(cfg, steady.epoch_samples)
+    total_exact = run_samples(cfg.trainer, steady.epoch_samples)
     steps = origin_step + max(math.ceil((total_exact - origin_samples) / batch), 0)
     stage = scaled_stage(cfg, steady, batch, memory, (origin_step, origin_samples), steps)
     if stage.noise == "off":

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, cast
 
-from launcher.config.optimization import ScheduleConfig
+from launcher.config.execution import TrainerConfig
+from launcher.config.optimization import OptimConfig, ScheduleConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
@@ -112,15 +113,15 @@ class BatchPlan:
         return self.steps if self.stop_step is None else self.stop_step
 
 
-def run_samples(cfg: RunConfig, epoch_samples: int) -> Fraction:
+def run_samples(trainer: TrainerConfig, epoch_samples: int) -> Fraction:
     """trainer.epochs x the epoch, exactly (1.1 x 50000 is 55000): what the steps must cover."""
-    return Fraction(repr(cfg.trainer.epochs)) * epoch_samples
+    return Fraction(repr(trainer.epochs)) * epoch_samples
 
 
 def noise_window_samples(cfg: RunConfig, epoch_samples: int) -> float:
     """The noise-scale averages' time constant in samples: trainer.noise_window x the run's
     samples (run_samples, not the plan's rounded total, which moves with the batch)."""
-    return cfg.trainer.noise_window * float(run_samples(cfg, epoch_samples))
+    return cfg.trainer.noise_window * float(run_samples(cfg.trainer, epoch_samples))
 
 
 def plan_batch(
@@ -149,14 +150,14 @@ def plan_batch(
 
         batch, step, samples, grown = stage or (cast(int, cfg.ramp.start_batch), 0, 0, ())
         steady = _plan(*args, (0, 0))
-        return _stopping(cfg, stage_plan(cfg, steady, batch, step, samples, grown, memory))
-    return _stopping(cfg, _ramped(args, origin))
+        return _stopping(cfg.trainer, stage_plan(cfg, steady, batch, step, samples, grown, memory))
+    return _stopping(cfg.trainer, _ramped(args, origin))
 
 
 def _within_the_data(cfg: RunConfig, epoch_samples: int) -> None:
     """Sizes the data allows: a step no larger than the whole run, an evaluation interval of at
     least one sample (a global batch of 10^12 would try to index 7 TiB; 0 would divide by 0)."""
-    total = run_samples(cfg, epoch_samples)
+    total = run_samples(cfg.trainer, epoch_samples)
     if epoch_samples < 1:  # said by _plan, which names the empty split
         return
     if cfg.global_batch > total:
@@ -172,9 +173,9 @@ def _within_the_data(cfg: RunConfig, epoch_samples: int) -> None:
         )
 
 
-def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
+def _stopping(trainer: TrainerConfig, plan: BatchPlan) -> BatchPlan:
     """The plan with trainer.stop_after_samples' early end, if set."""
-    stop = cfg.trainer.stop_after_samples
+    stop = trainer.stop_after_samples
     if not stop:
         return plan
     if stop >= plan.total_samples:
@@ -188,7 +189,7 @@ def _stopping(cfg: RunConfig, plan: BatchPlan) -> BatchPlan:
         f"; stops early after step {step:,} ({end:,} samples, the first step reaching "
         f"trainer.stop_after_samples={stop:,}); the schedule is the whole run's"
     )
-    cool = cfg.trainer.stop_cooldown_samples
+    cool = trainer.stop_cooldown_samples
     cooldown: tuple[int, int] | tuple[()] = ()
     if cool:
         if cool > end:
@@ -214,7 +215,7 @@ def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
     cfg, _, epoch_samples, _, _, memory = args
     if cfg.ramp.start_batch is None:
         return _plan(*args, origin)
-    batches = ramp_batches(cfg)
+    batches = ramp_batches(cfg.ramp, cfg.global_batch)
     if origin != (0, 0):  # the global batch changed on resume, after the ramp-up (resume.check)
         plan = _plan(*args, origin)
         why = f"{batches[0]} -> {cfg.global_batch}: done before the checkpoint resumed from"
@@ -244,31 +245,32 @@ def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
     return dataclasses.replace(plan, ramp=stages, reasons=reasons)
 
 
-def _memory_reason(cfg: RunConfig, memory: dict[str, Any] | None) -> str:
+def _memory_reason(micro_batch: int | str, memory: dict[str, Any] | None) -> str:
     if memory is not None:
         return str(memory["reason"])
-    if cfg.micro_batch != "auto":
+    if micro_batch != "auto":
         return "not probed: micro_batch is set explicitly"
     return "not probed (memory.probe=false): micro-batch capped by max_micro_batch"
 
 
-def _decay(cfg: RunConfig, optimizer: str, swapped: bool) -> tuple[str, float, float, str]:
+def _decay(
+    optim: OptimConfig, sched: ScheduleConfig, optimizer: str, swapped: bool
+) -> tuple[str, float, float, str]:
     """(decay, power, warmup epochs, reason): the schedule's, or the swapped-in optimizer's
     policy (poly decay, its own warmup)."""
-    sched = cfg.schedule
     if not swapped:
         return sched.decay, sched.power, sched.warmup_epochs, f"{sched.decay} (schedule.decay)"
     power = OPTIMIZER_FACTS[optimizer].swap_poly_power
     assert power is not None  # every swap target (lars, lamb) has one
     why = f"poly power {fmt(power)} ({optimizer} policy)"
-    return "poly", power, cfg.optim.large_batch.warmup_epochs, why
+    return "poly", power, optim.large_batch.warmup_epochs, why
 
 
 def _steps(cfg: RunConfig, epoch_samples: int, origin: tuple[int, int]) -> tuple[int, int, str]:
     """(steps, samples they consume, reason): the run's epochs at global_batch, from `origin`
     (step, samples) when a checkpoint at another global batch is resumed."""
     gb, epochs = cfg.global_batch, fmt(cfg.trainer.epochs)
-    total_exact = run_samples(cfg, epoch_samples)
+    total_exact = run_samples(cfg.trainer, epoch_samples)
     o_step, o_samples = origin
     steps = o_step + max(math.ceil((total_exact - o_samples) / gb), 0)
     total = o_samples + (steps - o_step) * gb
@@ -287,11 +289,16 @@ def _steps(cfg: RunConfig, epoch_samples: int, origin: tuple[int, int]) -> tuple
 
 
 def _warmup(
-    cfg: RunConfig, epochs: float, epoch_samples: int, steps: int, start: float, lr: float
+    sched: ScheduleConfig,
+    gb: int,
+    epochs: float,
+    epoch_samples: int,
+    steps: int,
+    start: float,
+    lr: float,
 ) -> tuple[int, str]:
     """(warmup samples, reason): linear from `start` to the peak `lr`; none when the peak is not
     above the reference LR (warmup_from=ref) or warmup_epochs is 0."""
-    gb, sched = cfg.global_batch, cfg.schedule
     warmup = round(epochs * epoch_samples)
     if epochs == 0:
         return 0, "no warmup (warmup_epochs=0)"
@@ -323,7 +330,7 @@ def _plan(
     micro, accum, noise, reasons = split_for(cfg, gb, world_size, memory, recover)
     reasons["oom_recovery"] = reasons_oom
     reasons["global_batch"] = f"{gb} (global_batch)"
-    reasons["memory"] = _memory_reason(cfg, memory)
+    reasons["memory"] = _memory_reason(cfg.micro_batch, memory)
     reasons["world_size"] = f"{world_size}{world_source}"
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
     lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb, optimizer)
@@ -332,13 +339,17 @@ def _plan(
     reasons["clip_grad_norm"] = clipping(cfg.optim.clip_grad_norm, gb / cfg.optim.ref_batch)
 
     sched: ScheduleConfig = cfg.schedule
-    decay, power, warmup_epochs, reasons["decay"] = _decay(cfg, optimizer, swapped)
+    decay, power, warmup_epochs, reasons["decay"] = _decay(
+        cfg.optim, cfg.schedule, optimizer, swapped
+    )
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
     steps, total, reasons["steps"] = _steps(cfg, epoch_samples, origin)
     o_step, o_samples = origin
     base_lr, _ = base_lr_for(cfg.optim, optimizer)
     start = min(base_lr, lr) if sched.warmup_from == "ref" else 0.0
-    warmup, reasons["warmup_samples"] = _warmup(cfg, warmup_epochs, epoch_samples, steps, start, lr)
+    warmup, reasons["warmup_samples"] = _warmup(
+        sched, gb, warmup_epochs, epoch_samples, steps, start, lr
+    )
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
     saves, reasons["checkpoints"] = checkpointing(cfg.checkpoint, cfg.backend)

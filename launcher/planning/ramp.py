@@ -8,6 +8,7 @@ import math
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
+from launcher.config.optimization import RampConfig
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.rules import fmt, scale_lr
@@ -17,9 +18,9 @@ if TYPE_CHECKING:
     from launcher.planning.plan import BatchPlan
 
 
-def ramp_batches(cfg: RunConfig) -> list[int]:
+def ramp_batches(ramp: RampConfig, gb: int) -> list[int]:
     """The ramp-up's global batches before global_batch: start, 2 start, 4 start, ..."""
-    start, gb = cfg.ramp.start_batch, cfg.global_batch
+    start = ramp.start_batch
     if start is None:  # no ramp-up
         return []
     ratio = gb // start
