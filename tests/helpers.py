@@ -1,15 +1,18 @@
 """Helpers the tests import: run the launcher as a user would, read what a run wrote, the small
-configurations the tests share. The fixtures are in conftest.py."""
+configurations the tests share, data files written as their formats are (text, CIFAR-10). The
+fixtures are in conftest.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +129,32 @@ def refused_in_process(args: list[str], tmp_path: Path, monkeypatch, capsys) -> 
     assert err.count("\n") == 1 and err.startswith("launcher: error: "), err
     assert list(tmp_path.iterdir()) == [], "bad input wrote something"
     return err
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> bytes:
+    words = ["alpha", "beta", "gamma", "delta", "the", "batch", "token", "é"]
+    rng = np.random.default_rng(seed)
+    text = " ".join(words[i] for i in rng.integers(len(words), size=n)).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text)
+    return text
+
+
+def write_cifar10(root: Path, per_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A stand-in in CIFAR-10's python on-disk format (random pixels, labels 0..9)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=per_batch)]
+        entry = {"batch_label": name, "data": data, "labels": labels, "filenames": []}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        written[name] = (data, labels)
+    names_meta = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(names_meta, f, protocol=2)
+    return written
