@@ -165,7 +165,8 @@ def placement(overrides: list[str], multirun: bool) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    """Check, then hand the jobs to Hydra. Raises ConfigError (bad input) or Failed (a job)."""
+    """Check, then hand the jobs to Hydra. Raises ConfigError (bad input) or Failed (a job).
+    (Over 60 lines: one sequence of checks, each a few lines, read in the order they run.)"""
     from launcher.config.compose import hydra_quote, prepare_overrides, user_config_dir
 
     args = parse(argv)

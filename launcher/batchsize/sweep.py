@@ -256,7 +256,8 @@ def _f(value: float | None, spec: str) -> str:
 
 
 def format_report(summary: Summary, title: str) -> str:
-    """The markdown report: the table and the fit, noise-scale and recommendation lines."""
+    """The markdown report: the table and the fit, noise-scale and recommendation lines. (Over
+    60 lines: the report's sections in the order they are printed.)"""
     head = (
         "job",
         "B",
