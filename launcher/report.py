@@ -99,7 +99,7 @@ def print_run_advice(run_dir: Path, target: float | None, out: Path | None) -> i
         from launcher.batchsize.run_advice import next_sentence
 
         memory = plan.get("memory") or {}
-        lines.append(next_sentence(cfg, advice, memory.get("cap")))
+        lines.append(next_sentence(cfg.optim, cfg.cluster, advice, memory.get("cap")))
     out = out or run_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out={str(out)!r}: not a directory")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         cfg = dataclasses.replace(compose_run(overrides, config_dir), plan_only=True)
         workdir = Path.cwd()
-        run_dir = (workdir / job_run_dir(cfg, run_stamp(), None)).resolve()
+        run_dir = (workdir / job_run_dir(cfg.run_dir, cfg.recipe, run_stamp(), None)).resolve()
         text = job_script(cfg, overrides, run_dir, workdir, config_dir)
         _, plan = estimated_plan(cfg, Topology(1, 0, 0, 1, cfg.cluster.device))
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,11 @@ SRUN_TASK = {  # rank 3 of `srun --nodes=2 --ntasks-per-node=2`, as Slurm 22.05 
 }
 
 
+def _groups(overrides: list[str]):
+    cfg = compose_run(overrides)
+    return cfg.trainer, cfg.cluster
+
+
 def test_srun_task_gets_torch_variables_from_slurm() -> None:
     assert slurm_env(SRUN_TASK) == {
         "RANK": "3",
@@ -107,15 +112,15 @@ GPU_BOX = Topology(1, 0, 0, 1, "cuda")
     ],
 )
 def test_local_processes(overrides, launched, gpus, workers) -> None:
-    assert local_processes(compose_run(overrides), launched, gpus) == workers
+    assert local_processes(*_groups(overrides), launched, gpus) == workers
 
 
 def test_local_processes_refuse_what_cannot_be() -> None:
     with pytest.raises(ConfigError, match=r"trainer.devices=4: this machine has 2 visible CUDA"):
-        local_processes(compose_run(["trainer.devices=4"]), GPU_BOX, 2)
+        local_processes(*_groups(["trainer.devices=4"]), GPU_BOX, 2)
     torchrun = Topology(4, 0, 0, 2, "cpu", "torchrun / accelerate launch", True)
     with pytest.raises(ConfigError, match=r"trainer.devices=8: torchrun / accelerate launch "):
-        local_processes(compose_run(["trainer.devices=8"]), torchrun, 0)
+        local_processes(*_groups(["trainer.devices=8"]), torchrun, 0)
 
 
 def test_a_slurm_allocation_of_another_shape_than_the_cluster_is_refused() -> None:

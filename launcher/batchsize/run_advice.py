@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher import log
+from launcher.config.optimization import OptimConfig
+from launcher.config.placement import ClusterConfig
 from launcher.config.schema import RunConfig
 from launcher.planning.plan import BatchPlan
 
@@ -33,19 +35,19 @@ def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
         log.info(format_advice(advice))
     lines = format_history(records, probes(run_dir))
     if advice is not None:
-        lines.append(next_sentence(cfg, advice, plan.memory.get("cap")))
+        lines.append(next_sentence(cfg.optim, cfg.cluster, advice, plan.memory.get("cap")))
     if lines:
         log.info("\n".join(lines))
 
 
-def next_sentence(cfg: RunConfig, advice: Any, cap: int | None) -> str:
+def next_sentence(optim: OptimConfig, cluster: ClusterConfig, advice: Any, cap: int | None) -> str:
     """advice.next_run with the LR the plan would give the recommended batch."""
     from launcher.batchsize.advice import next_run
     from launcher.planning.rules import choose_optimizer, scale_lr
 
     batch = advice.recommended
-    optimizer = choose_optimizer(cfg.optim, batch)[0]
-    lr, rule, _ = scale_lr(cfg.optim, batch, optimizer)
-    per_node = cfg.cluster.devices_per_node
+    optimizer = choose_optimizer(optim, batch)[0]
+    lr, rule, _ = scale_lr(optim, batch, optimizer)
+    per_node = cluster.devices_per_node
     per_node = per_node if isinstance(per_node, int) else None
     return next_run(advice, lr, f"{optimizer}, the {rule} rule", cap, per_node)

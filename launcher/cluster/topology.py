@@ -14,8 +14,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from launcher.config.execution import TrainerConfig
 from launcher.config.placement import ClusterConfig
-from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 
 
@@ -156,11 +156,13 @@ def from_env(env: Mapping[str, str] | None = None, cuda: bool | None = None) -> 
     )
 
 
-def local_processes(cfg: RunConfig, launched: Topology, visible_gpus: int) -> int:
+def local_processes(
+    trainer: TrainerConfig, c: ClusterConfig, launched: Topology, visible_gpus: int
+) -> int:
     """How many workers a plain `python -m launcher` starts on this machine (trainer.devices);
     0 when it trains in this process (one device, or a launcher already started us). Under
     plan_only nothing starts, but the plan is for this many processes."""
-    devices, c = cfg.trainer.devices, cfg.cluster
+    devices = trainer.devices
     if launched.started:
         if devices != "auto" and devices != launched.local_world_size:
             raise ConfigError(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from launcher import log
-from launcher.config.components import ModelConfig, UserModelConfig
+from launcher.config.components import DataConfig, ModelConfig, UserModelConfig
 from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
@@ -90,11 +90,13 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if _fake_limit(exc):
                 raise
-            raise ConfigError(f"{_names(cfg)}: {_first_line(exc)} {_inputs(x)}") from exc
+            raise ConfigError(
+                f"{_names(cfg.model, cfg.data)}: {_first_line(exc)} {_inputs(x)}"
+            ) from exc
         try:
             loss = loss_fn.checked_sum(outputs, y) / micro
         except LossMismatch as exc:
-            raise ConfigError(f"{_names(cfg)}: {exc}") from exc.__cause__
+            raise ConfigError(f"{_names(cfg.model, cfg.data)}: {exc}") from exc.__cause__
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -121,7 +123,7 @@ def gives_accuracy(cfg: RunConfig) -> bool:
         return True
 
 
-def _names(cfg: RunConfig) -> str:
+def _names(model: ModelConfig, data: DataConfig) -> str:
     """model and data as the user chose them, for messages."""
 
     def name(group: str, c: Any) -> str:
@@ -132,7 +134,7 @@ def _names(cfg: RunConfig) -> str:
             return f"{group} {c.kwargs['described']} (launcher.run)"
         return f"{group}._target_={target!r}"
 
-    return f"{name('model', cfg.model)} with {name('data', cfg.data)}"
+    return f"{name('model', model)} with {name('data', data)}"
 
 
 def _inputs(x: Any) -> str:
@@ -162,8 +164,9 @@ def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> N
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         if not _fake_limit(exc):
             raise
+        names = _names(cfg.model, cfg.data)
         log.warn(  # not skipped silently: a real run checks it with real tensors before training
-            f"launcher: note: plan_only could not check that {_names(cfg)} fit together with "
+            f"launcher: note: plan_only could not check that {names} fit together with "
             f"fake tensors ({_first_line(exc)}); a real run checks it before training"
         )
 
@@ -199,11 +202,11 @@ def probe_peak(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, mic
     return meter.peak()
 
 
-def param_bytes(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> int:
+def param_bytes(model_cfg: ModelConfig, dtype_name: str, spec: DataSpec, plan: BatchPlan) -> int:
     """Bytes of the model's parameters, counted on the meta device (nothing allocated)."""
-    dtype = getattr(torch, cfg.trainer.dtype)
+    dtype = getattr(torch, dtype_name)
     with torch.device("meta"):
-        model = build_model(cfg.model, spec, fresh=False)  # counted, never run
+        model = build_model(model_cfg, spec, fresh=False)  # counted, never run
     return sum(p.numel() * dtype.itemsize for p in model.parameters())
 
 
@@ -335,7 +338,7 @@ def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[i
         extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
         return extra, f"ZeRO-{b.zero_stage} gradient buckets {human_bytes(extra)}"
     if plan.world_size > 1:  # DDP (and ZeRO 0) keep a flat gradient bucket copy of the parameters
-        extra = param_bytes(cfg, spec, plan)
+        extra = param_bytes(cfg.model, cfg.trainer.dtype, spec, plan)
         return extra, f"gradient all-reduce buckets {human_bytes(extra)}"
     return 0, ""
 
@@ -362,8 +365,9 @@ def estimated_cap(
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 if not _fake_limit(exc):
                     raise
+                names = _names(cfg.model, cfg.data)
                 raise ConfigError(
-                    f"plan_only: the memory estimate cannot trace {_names(cfg)} with fake "
+                    f"plan_only: the memory estimate cannot trace {names} with fake "
                     f"tensors ({_first_line(exc)}); plan without it: micro_batch=N or "
                     "memory.probe=false"
                 ) from exc

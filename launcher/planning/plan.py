@@ -118,10 +118,10 @@ def run_samples(trainer: TrainerConfig, epoch_samples: int) -> Fraction:
     return Fraction(repr(trainer.epochs)) * epoch_samples
 
 
-def noise_window_samples(cfg: RunConfig, epoch_samples: int) -> float:
+def noise_window_samples(trainer: TrainerConfig, epoch_samples: int) -> float:
     """The noise-scale averages' time constant in samples: trainer.noise_window x the run's
     samples (run_samples, not the plan's rounded total, which moves with the batch)."""
-    return cfg.trainer.noise_window * float(run_samples(cfg.trainer, epoch_samples))
+    return trainer.noise_window * float(run_samples(trainer, epoch_samples))
 
 
 def plan_batch(
@@ -143,7 +143,7 @@ def plan_batch(
     global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
     `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
     """
-    _within_the_data(cfg, epoch_samples)
+    _within_the_data(cfg.global_batch, cfg.trainer, epoch_samples)
     args: _PlanArgs = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
         from launcher.planning.adaptive import stage_plan
@@ -154,21 +154,21 @@ def plan_batch(
     return _stopping(cfg.trainer, _ramped(args, origin))
 
 
-def _within_the_data(cfg: RunConfig, epoch_samples: int) -> None:
+def _within_the_data(gb: int, trainer: TrainerConfig, epoch_samples: int) -> None:
     """Sizes the data allows: a step no larger than the whole run, an evaluation interval of at
     least one sample (a global batch of 10^12 would try to index 7 TiB; 0 would divide by 0)."""
-    total = run_samples(cfg.trainer, epoch_samples)
+    total = run_samples(trainer, epoch_samples)
     if epoch_samples < 1:  # said by _plan, which names the empty split
         return
-    if cfg.global_batch > total:
+    if gb > total:
         raise ConfigError(
-            f"global_batch={cfg.global_batch}: larger than the whole run ({float(total):,.0f} "
-            f"samples = trainer.epochs {cfg.trainer.epochs:g} x {epoch_samples:,} per epoch); "
+            f"global_batch={gb}: larger than the whole run ({float(total):,.0f} "
+            f"samples = trainer.epochs {trainer.epochs:g} x {epoch_samples:,} per epoch); "
             "one step would train on more than the run has: lower it, or train more epochs"
         )
-    if round(cfg.trainer.eval_every_epochs * epoch_samples) < 1:
+    if round(trainer.eval_every_epochs * epoch_samples) < 1:
         raise ConfigError(
-            f"trainer.eval_every_epochs={cfg.trainer.eval_every_epochs:g}: less than one sample "
+            f"trainer.eval_every_epochs={trainer.eval_every_epochs:g}: less than one sample "
             f"of the {epoch_samples:,} per epoch; must be >= {1 / epoch_samples:.3g}"
         )
 
@@ -266,11 +266,13 @@ def _decay(
     return "poly", power, optim.large_batch.warmup_epochs, why
 
 
-def _steps(cfg: RunConfig, epoch_samples: int, origin: tuple[int, int]) -> tuple[int, int, str]:
+def _steps(
+    gb: int, trainer: TrainerConfig, epoch_samples: int, origin: tuple[int, int]
+) -> tuple[int, int, str]:
     """(steps, samples they consume, reason): the run's epochs at global_batch, from `origin`
     (step, samples) when a checkpoint at another global batch is resumed."""
-    gb, epochs = cfg.global_batch, fmt(cfg.trainer.epochs)
-    total_exact = run_samples(cfg.trainer, epoch_samples)
+    epochs = fmt(trainer.epochs)
+    total_exact = run_samples(trainer, epoch_samples)
     o_step, o_samples = origin
     steps = o_step + max(math.ceil((total_exact - o_samples) / gb), 0)
     total = o_samples + (steps - o_step) * gb
@@ -344,7 +346,7 @@ def _plan(
         cfg.optim, cfg.schedule, optimizer, swapped
     )
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
-    steps, total, reasons["steps"] = _steps(cfg, epoch_samples, origin)
+    steps, total, reasons["steps"] = _steps(gb, cfg.trainer, epoch_samples, origin)
     o_step, o_samples = origin
     base_lr, _ = base_lr_for(cfg.optim, optimizer)
     start = min(base_lr, lr) if sched.warmup_from == "ref" else 0.0

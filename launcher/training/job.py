@@ -95,11 +95,11 @@ def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dic
     return estimated_cap(cfg, data_spec(cfg.data), plan, device_bytes)[1]
 
 
-def job_run_dir(cfg: RunConfig, stamp: str, job: int | None) -> Path:
+def job_run_dir(run_dir: str | None, recipe: str, stamp: str, job: int | None) -> Path:
     """run_dir, or outputs/<recipe>/<stamp>; in a sweep (job set) one numbered folder per job."""
     if job is None:
-        return Path(cfg.run_dir or Path("outputs") / cfg.recipe / stamp)
-    return Path(cfg.run_dir or Path("outputs") / cfg.recipe / f"multirun-{stamp}") / str(job)
+        return Path(run_dir or Path("outputs") / recipe / stamp)
+    return Path(run_dir or Path("outputs") / recipe / f"multirun-{stamp}") / str(job)
 
 
 def run_stamp() -> str:
@@ -149,7 +149,10 @@ def validate(
             )
     os.environ.update(slurm_env(os.environ))  # srun per device: torch's variables from Slurm's
     launched = launched or from_env()
-    workers = max(local_processes(cfg, launched, _visible_gpus(launched)) for cfg in configs)
+    workers = max(
+        local_processes(cfg.trainer, cfg.cluster, launched, _visible_gpus(launched))
+        for cfg in configs
+    )
     # plan_only plans for the workers without starting them: the dry run is the real run
     workers_started = 0 if all(cfg.plan_only for cfg in configs) else workers
     if workers_started and provided:
@@ -163,7 +166,10 @@ def validate(
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
     configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
     stamp = run_stamp()
-    run_dirs = [job_run_dir(cfg, stamp, i if multirun else None) for i, cfg in enumerate(configs)]
+    run_dirs = [
+        job_run_dir(cfg.run_dir, cfg.recipe, stamp, i if multirun else None)
+        for i, cfg in enumerate(configs)
+    ]
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
         plan_for(cfg, launched)
         check_trackers(cfg.trainer.trackers)

@@ -226,7 +226,7 @@ def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
         from launcher.batchsize.meter import NoiseMeter
         from launcher.planning.plan import noise_window_samples
 
-        window = noise_window_samples(cfg, plan.epoch_samples)
+        window = noise_window_samples(cfg.trainer, plan.epoch_samples)
         meter = NoiseMeter(job.backend, window, cfg.trainer.noise_split_every)
         if "noise" in progress:
             meter.load_state_dict(progress["noise"])
