@@ -313,7 +313,7 @@ def _plugin_settings(plugin: str, jobs: Any, overrides: list[str]) -> list[str]:
             from launcher.memory.probe import gives_accuracy
 
             distinct = {repr((c.model, c.data, c.loss)): c for c in jobs.configs}
-            if not all(gives_accuracy(cfg) for cfg in distinct.values()):
+            if not all(gives_accuracy(cfg.model, cfg.data, cfg.loss) for cfg in distinct.values()):
                 raise ConfigError(
                     f"objective={objective}: this model's outputs are not class scores of integer "
                     "targets, so its evaluation gives no accuracy; use objective=eval_loss"
@@ -344,7 +344,7 @@ def _submitit(configs: list[Any], overrides: list[str]) -> list[str]:
     c, s = first.cluster, first.slurm
     tasks = int(c.devices_per_node)
     found = {"nodes": c.nodes, "tasks_per_node": tasks, "signal_delay_s": s.signal_seconds}
-    sbatch = resources(first, tasks)
+    sbatch = resources(first.cluster, first.slurm, first.data, tasks)
     found["cpus_per_task"] = int(sbatch.pop("cpus-per-task"))
     if c.device == "cuda":
         found["gpus_per_node"] = tasks

@@ -20,7 +20,7 @@ class AccelerateBackend(Collectives):
     def __init__(self, cfg: RunConfig, device: str) -> None:
         from accelerate import Accelerator
 
-        require_concrete(cfg)
+        require_concrete(cfg.backend, cfg.trainer)
         self.acc = Accelerator(cpu=device == "cpu", mixed_precision=cfg.backend.mixed_precision)
         self.clip = cfg.optim.clip_grad_norm
         self.world_size = self.acc.num_processes

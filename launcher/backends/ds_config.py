@@ -99,7 +99,7 @@ def ds_config(cfg: RunConfig, plan: BatchPlan, device: str) -> dict[str, Any]:
     b = cfg.backend
     assert isinstance(b, DeepSpeedConfig)
     optimizer = plan.optimizer
-    require_concrete(cfg)
+    require_concrete(cfg.backend, cfg.trainer)
     _check(b, cfg.trainer, optimizer, device)
     base = _load(b.config_file) if b.config_file else {}
     path = b.config_file or ""

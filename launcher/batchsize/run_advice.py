@@ -11,11 +11,16 @@ from typing import Any
 from launcher import log
 from launcher.config.optimization import OptimConfig
 from launcher.config.placement import ClusterConfig
-from launcher.config.schema import RunConfig
 from launcher.planning.plan import BatchPlan
 
 
-def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
+def print_advice(
+    run_dir: Path,
+    plan: BatchPlan,
+    target_accuracy: float | None,
+    optim: OptimConfig,
+    cluster: ClusterConfig,
+) -> None:
     """The batch-size advice from the run's metrics (launcher/batchsize/advice.py), or why there is
     none; the run's ramp decisions, loss spikes and branched probes (launcher/batchsize/history.py);
     the next run in a sentence."""
@@ -25,7 +30,7 @@ def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
     from launcher.planning.prior import from_records
 
     records = read_job(run_dir)[1]
-    own = from_records(run_dir, plan.global_batch, records, cfg.target_accuracy)
+    own = from_records(run_dir, plan.global_batch, records, target_accuracy)
     reached = (own.target, own.samples) if own is not None and own.samples else None
     advice = advise(records, dataclasses.asdict(plan), reached)
     if advice is None:
@@ -35,7 +40,7 @@ def print_advice(run_dir: Path, plan: BatchPlan, cfg: RunConfig) -> None:
         log.info(format_advice(advice))
     lines = format_history(records, probes(run_dir))
     if advice is not None:
-        lines.append(next_sentence(cfg.optim, cfg.cluster, advice, plan.memory.get("cap")))
+        lines.append(next_sentence(optim, cluster, advice, plan.memory.get("cap")))
     if lines:
         log.info("\n".join(lines))
 

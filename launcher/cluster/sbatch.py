@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from launcher.config.checks import TARGET_KEY
+from launcher.config.components import DataConfig
 from launcher.config.placement import ClusterConfig, SlurmConfig
 from launcher.config.resources import slurm_dir
 from launcher.config.schema import RunConfig, to_dict
@@ -44,11 +45,12 @@ def check_shape(c: ClusterConfig) -> None:
         raise ConfigError("cluster.device=auto: say cpu or cuda for the job's nodes")
 
 
-def resources(cfg: RunConfig, tasks_per_node: int) -> dict[str, str]:
+def resources(
+    c: ClusterConfig, s: SlurmConfig, data: DataConfig, tasks_per_node: int
+) -> dict[str, str]:
     """CPUs and host memory a job asks for, as sbatch options ({name: value}, '' for a flag)."""
-    c, s = cfg.cluster, cfg.slurm
     per_task = int(c.devices_per_node) // tasks_per_node
-    workers = getattr(cfg.data, "workers", 0)
+    workers = getattr(data, "workers", 0)
     cpus = per_task * (1 + workers) if s.cpus_per_task == "auto" else s.cpus_per_task
     found = {"cpus-per-task": str(cpus)}
     if s.mem_per_gpu is not None:
@@ -82,7 +84,10 @@ def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
     options.append(f"--ntasks-per-node={tasks}")
     if c.device == "cuda":
         options.append(f"--gpus-per-node={c.devices_per_node}")
-    options += [f"--{k}={v}" if v else f"--{k}" for k, v in resources(cfg, tasks).items()]
+    options += [
+        f"--{k}={v}" if v else f"--{k}"
+        for k, v in resources(cfg.cluster, cfg.slurm, cfg.data, tasks).items()
+    ]
     output = str(run_dir).replace("%", "%%")  # sbatch expands %j, %x ... in it; %% is a %
     options += [f"--time={s.time}", f"--chdir={workdir}", f"--output={output}/slurm-%j.out"]
     options += [f"--partition={s.partition}"] if s.partition else []

@@ -118,10 +118,10 @@ class RunConfig:
         )
 
 
-def require_concrete(cfg: RunConfig) -> None:
+def require_concrete(backend: BackendConfig, trainer: TrainerConfig) -> None:
     """Raise if a device-dependent `auto` is still unresolved (run.on_device resolves them): code
     that builds, probes or trains must never guess what `auto` means."""
-    if cfg.backend.mixed_precision == "auto" or cfg.trainer.channels_last == "auto":
+    if backend.mixed_precision == "auto" or trainer.channels_last == "auto":
         raise RuntimeError(
             "backend.mixed_precision / trainer.channels_last are 'auto': resolve them for the "
             "device first (launcher.training.job.on_device)"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from launcher import log
-from launcher.config.components import DataConfig, ModelConfig, UserModelConfig
+from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
 from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
@@ -63,7 +63,7 @@ def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: i
 
 
 def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
-    require_concrete(cfg)
+    require_concrete(cfg.backend, cfg.trainer)
     dtype = getattr(torch, cfg.trainer.dtype)
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -102,7 +102,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.zero_grad(set_to_none=True)
 
 
-def gives_accuracy(cfg: RunConfig) -> bool:
+def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -> bool:
     """Whether the run's evaluation reports accuracy: the built-in cross-entropy always does;
     your loss where the model's outputs are class scores of integer targets, which one forward
     of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
@@ -111,12 +111,12 @@ def gives_accuracy(cfg: RunConfig) -> bool:
     from launcher.data import data_spec
     from launcher.training.loss import classifies
 
-    if isinstance(cfg.loss, CrossEntropyConfig):
+    if isinstance(loss, CrossEntropyConfig):
         return True
-    spec = data_spec(cfg.data)
+    spec = data_spec(data)
     try:
         with fake_mode(), torch.device("cpu"):
-            model = build_model(cfg.model, spec)
+            model = build_model(model_cfg, spec)
             x, y = fake_batch(spec, 2, "cpu", torch.get_default_dtype())
             return classifies(model(x), y)
     except (RuntimeError, ValueError, TypeError, IndexError):

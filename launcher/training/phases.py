@@ -372,7 +372,8 @@ def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any
         )
         from launcher.batchsize.run_advice import print_advice
 
-        print_advice(job.run_dir, plan, job.cfg)
+        cfg = job.cfg
+        print_advice(job.run_dir, plan, cfg.target_accuracy, cfg.optim, cfg.cluster)
     return {**result, "run_dir": str(job.run_dir)}
 
 
