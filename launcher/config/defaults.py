@@ -29,25 +29,26 @@ def field_defaults(cls: type) -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         factory = f.default_factory
         if f.default is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default)
+            out[f.name] = plain(f.default)
         elif isinstance(factory, type) and dataclasses.is_dataclass(factory):
             out[f.name] = field_defaults(factory)  # a section: memory, checkpoint, ...
         elif factory is not dataclasses.MISSING:
-            out[f.name] = _plain(factory())
+            out[f.name] = plain(factory())
     return out
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """`value` as YAML-able data: tuples as lists, a dataclass as its fields."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
-def _option_name(cls: type) -> str | None:
+def option_name(cls: type) -> str | None:
     """The option a dataclass of a group union is chosen by (its `name` Literal), if one."""
     hint = typing.get_type_hints(cls).get("name")
     if typing.get_origin(hint) is Literal and len(typing.get_args(hint)) == 1:
@@ -60,6 +61,7 @@ def nodes() -> dict[str, dict[str, Any]]:
     for each kind of a union group, and `schema_run` for the top level."""
     out: dict[str, dict[str, Any]] = {}
     hints = typing.get_type_hints(RunConfig)
+    top = field_defaults(RunConfig)
     run: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
         hint = hints[f.name]
@@ -68,13 +70,13 @@ def nodes() -> dict[str, dict[str, Any]]:
         kinds = [o for o in options if dataclasses.is_dataclass(o)]
         if kinds:  # a group of several kinds: model, data, backend, loss
             for cls in kinds:
-                name = _option_name(cls)
+                name = option_name(cls)
                 if name is not None and not issubclass(cls, Target):
                     out[f"{SCHEMA_GROUP}/{f.name}/{name}"] = field_defaults(cls)
         elif dataclasses.is_dataclass(hint) and f.default_factory is dataclasses.MISSING:
             out[f"{SCHEMA_GROUP}/{f.name}"] = field_defaults(hint)  # a group: optim, trainer, ...
         elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-            run[f.name] = field_defaults(RunConfig)[f.name]
+            run[f.name] = top[f.name]
     out[RUN_NODE] = run
     return out
 

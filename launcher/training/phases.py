@@ -56,11 +56,11 @@ class Job:
     def main(self) -> bool:
         return self.backend.rank == 0 if self.backend is not None else self.topology.rank == 0
 
-    def replan(self, memory: dict | None = None, stage: Any = None) -> BatchPlan:
-        """The plan for this job's facts so far (with `stage`: an adaptive stage's)."""
-        stage = self.stage if stage is None else stage
-        memory = self.report if memory is None else memory
-        return plan_for(self.cfg, self.launched, self.epoch, memory, self.origin, stage)[1]
+    def replan(self) -> BatchPlan:
+        """The plan for this job's facts so far: its data, checkpoint stage, measured memory."""
+        return plan_for(self.cfg, self.launched, self.epoch, self.report, self.origin, self.stage)[
+            1
+        ]
 
 
 def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
