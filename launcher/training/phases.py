@@ -58,9 +58,10 @@ class Job:
 
     def replan(self) -> BatchPlan:
         """The plan for this job's facts so far: its data, checkpoint stage, measured memory."""
-        return plan_for(self.cfg, self.launched, self.epoch, self.report, self.origin, self.stage)[
-            1
-        ]
+        _, plan = plan_for(
+            self.cfg, self.launched, self.epoch, self.report, self.origin, self.stage
+        )
+        return plan
 
 
 def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
