@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from launcher.config.checks import own_options
 from launcher.config.components import UserDataConfig, UserModelConfig
@@ -68,9 +68,10 @@ def group_options(group: str, config_dir: Path | None = None) -> list[str]:
     return sorted(_names(conf_dir() / group) | _names(_user(config_dir, group)))
 
 
-def _clash(group: str, name: str, config_dir: Path) -> ConfigError:
+def _clash(group: str, name: str, config_dir: Path | None) -> ConfigError:
     return ConfigError(
-        f"{group}={name!r}: both the launcher and {config_dir / group / name}.yaml define it, and "
+        f"{group}={name!r}: both the launcher and {Path(config_dir or '.') / group / name}.yaml "
+        "define it, and "
         "Hydra's search path takes the launcher's (its config comes before --config-dir); give "
         "yours another name"
     )
@@ -175,7 +176,9 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
         choices = dict(cfg.hydra.runtime.choices)
         with open_dict(cfg):
             del cfg["hydra"]
-        node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        node = cast(
+            dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        )
     except (HydraException, OmegaConfBaseException) as exc:
         raise _hydra_error(exc, config_dir) from None
     check_clashes(choices, config_dir)
@@ -209,7 +212,7 @@ def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[st
     return recipe, overrides
 
 
-def check_clashes(choices: dict, config_dir: Path | None) -> None:
+def check_clashes(choices: dict[str, Any], config_dir: Path | None) -> None:
     """Refuse a selected group option that exists both built in and in the user's folder."""
     for group in GROUPS:
         option = choices.get(group)

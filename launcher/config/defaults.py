@@ -67,13 +67,17 @@ def nodes() -> dict[str, dict[str, Any]]:
         hint = hints[f.name]
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         options = typing.get_args(hint) if union else ()
-        kinds = [o for o in options if dataclasses.is_dataclass(o)]
+        kinds = [o for o in options if isinstance(o, type) and dataclasses.is_dataclass(o)]
         if kinds:  # a group of several kinds: model, data, backend, loss
             for cls in kinds:
                 name = option_name(cls)
                 if name is not None and not issubclass(cls, Target):
                     out[f"{SCHEMA_GROUP}/{f.name}/{name}"] = field_defaults(cls)
-        elif dataclasses.is_dataclass(hint) and f.default_factory is dataclasses.MISSING:
+        elif (
+            isinstance(hint, type)
+            and dataclasses.is_dataclass(hint)
+            and f.default_factory is dataclasses.MISSING
+        ):
             out[f"{SCHEMA_GROUP}/{f.name}"] = field_defaults(hint)  # a group: optim, trainer, ...
         elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
             run[f.name] = top[f.name]

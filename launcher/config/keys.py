@@ -35,7 +35,8 @@ def _docs(cls: type) -> dict[str, str]:
             field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
             doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
             if field and doc:
-                out[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore
+                name, text = node.target.id, after.value.value
+                out[name] = " ".join(str(text).split())
     return out
 
 
@@ -60,14 +61,15 @@ def _cell(text: str) -> str:
 
 def _rows(cls: type, prefix: str) -> list[str]:
     hints, docs, rows = typing.get_type_hints(cls), _docs(cls), []
-    nested = []
+    nested: list[tuple[type, str]] = []
     for f in dataclasses.fields(cls):
         if f.name in ("target", "kwargs") and issubclass(cls, Target):
             continue
         if f.name == "name" and option_name(cls) is not None:  # the table's title says it
             continue
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint) and f.default_factory is not dataclasses.MISSING:
+        section = isinstance(hint, type) and dataclasses.is_dataclass(hint)
+        if section and f.default_factory is not dataclasses.MISSING:
             nested.append((hint, f"{prefix}{f.name}."))
             continue
         kind, default, doc = describe(hint), _default(f), docs.get(f.name, "")
@@ -94,13 +96,14 @@ def reference() -> str:
     top, groups = [], []
     for f in dataclasses.fields(RunConfig):
         hint = hints[f.name]
-        kinds = [o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)]
+        kinds = [o for o in typing.get_args(hint) if isinstance(o, type)]
+        kinds = [o for o in kinds if dataclasses.is_dataclass(o)]
         if typing.get_origin(hint) in (typing.Union, types.UnionType) and kinds:
             for cls in kinds:
                 name = option_name(cls)
                 title = f"{f.name}={name}" if name else f"{f.name}._target_ (your own)"
                 groups += _table(title, _rows(cls, f"{f.name}."))
-        elif dataclasses.is_dataclass(hint):
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             groups += _table(f.name, _rows(hint, f"{f.name}."))
         elif f.name != "recipe":
             top += _rows_for_field(f, hint)

@@ -92,7 +92,7 @@ class SlurmConfig:
         if isinstance(self.time, int):  # slurm.time=90: Hydra reads minutes as a number
             object.__setattr__(self, "time", str(self.time))
         require(
-            bool(SLURM_TIME.match(self.time)),
+            bool(SLURM_TIME.match(str(self.time))),
             "slurm.time",
             self.time,
             "must be MINUTES, HH:MM:SS or D-HH:MM:SS",
@@ -112,7 +112,9 @@ class SlurmConfig:
         )
         for key in ("mem", "mem_per_gpu"):
             value = getattr(self, key)
-            ok = value is None or (key == "mem" and value == "auto") or SLURM_SIZE.match(value)
+            ok = (
+                value is None or (key == "mem" and value == "auto") or bool(SLURM_SIZE.match(value))
+            )
             require(bool(ok), f"slurm.{key}", value, "must be a size like 64G or 512000M")
         require(
             self.mem_per_gpu is None or self.mem in (None, "auto"),

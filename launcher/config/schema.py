@@ -154,7 +154,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return tuple(
             _coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
         )
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if hint is type(None):
         require(value is None, key, value, "must be null")
@@ -250,7 +250,8 @@ def _build_target(cls: type, node: dict[str, Any], key: str) -> Any:
 
 def to_run_config(node: dict[str, Any]) -> RunConfig:
     """Validate a composed config dict and return the frozen RunConfig."""
-    return _build(RunConfig, node, "")
+    cfg: RunConfig = _build(RunConfig, node, "")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -270,4 +271,5 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    return plain(cfg)
+    out: dict[str, Any] = plain(cfg)
+    return out
