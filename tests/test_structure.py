@@ -78,4 +78,3 @@ def test_the_whole_run_config_is_taken_only_where_it_is_composed_or_recorded():
     extra = sorted(found - allowed)
     assert not extra, f"take the groups they read, or say here why they need it all: {extra}"
     assert not allowed - found, f"allowed but gone (remove them here): {sorted(allowed - found)}"
-    assert len(found) == 43  # 79 when issue 21 began

@@ -242,9 +242,11 @@ class _Position:
         self.batches = iter(self.feed.train(current, self.step))
 
 
-def _one_step(t: Trainee, at: _Position, meter: NoiseMeter | None, settings: Settings) -> Any:
-    """The step at `at.step` with the LR the schedule gives there: its loss, Skipped, or the
-    ranks that ran out of memory. Returns (outcome, lr)."""
+def _one_step(
+    t: Trainee, at: _Position, meter: NoiseMeter | None, settings: Settings
+) -> tuple[torch.Tensor | Skipped | list[int], float]:
+    """The step at `at.step` with the LR the schedule gives there: (its loss, Skipped, or the
+    ranks that ran out of memory; the LR)."""
     lr = lr_at(at.current, at.current.samples_at(at.step))
     for group in t.optimizer.param_groups:
         group["lr"] = lr
