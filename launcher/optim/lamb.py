@@ -1,4 +1,11 @@
-"""LAMB: layer-wise adaptive moments for large-batch training (You et al. 2019)."""
+"""LAMB: layer-wise adaptive moments for large-batch training (You et al. 2019).
+
+FSDP2-sharded (DTensor) parameters are updated on this rank's slices; the trust ratio takes the
+norms of the whole tensors: once a group's updates are computed, the squared norms of its weight
+and update slices go into one tensor, all-reduced once per step and group
+(launcher.optim.layerwise.full_norms). The moment estimates are DTensors sharded as their
+parameter; ``step`` is a per-parameter int.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launcher.optim.layerwise import closure_loss, params_with_grads, trust_ratio
+from launcher.optim.layerwise import (
+    closure_loss,
+    full_norms,
+    is_sharded,
+    local,
+    local_param_and_grad,
+    params_with_grads,
+    trust_ratio,
+)
 
 
 class LAMB(torch.optim.Optimizer):
-    """Adam-style update with decoupled weight decay scaled by a per-parameter trust ratio."""
+    """Adam-style update with decoupled weight decay scaled by a per-parameter trust ratio.
+
+    The trust ratio of a tensor is ``||w|| / ||u||`` for its update ``u`` (1 where either norm is
+    0). For a DTensor (FSDP2) parameter the norms are those of the whole tensor across all shards,
+    computed with one all-reduce per param group and step, after the group's updates (which are
+    held until then: one slice-sized tensor per parameter); a plain tensor's are
+    ``torch.linalg.vector_norm`` of the tensor, and its update is applied at once.
+    """
 
     def __init__(
         self,
@@ -48,6 +70,7 @@ class LAMB(torch.optim.Optimizer):
         loss = closure_loss(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            held: list[tuple[Tensor, Tensor, Tensor]] = []  # (param, its slice, the update's)
             for p, g in params_with_grads(group, "LAMB"):
                 state = self.state[p]
                 if not state:
@@ -56,16 +79,26 @@ class LAMB(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
+                w, g = local_param_and_grad(p, g, "LAMB")
+                m, v = local(state["exp_avg"]), local(state["exp_avg_sq"])
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (v / (1 - b2**t)).sqrt_().add_(eps)
                 u = (m / (1 - b1**t)).div_(denom)
                 if wd != 0:
-                    u.add_(p, alpha=wd)
+                    u.add_(w, alpha=wd)
                 if group["adapt"]:
-                    w_norm = torch.linalg.vector_norm(p)
+                    if is_sharded(p):
+                        held.append((p, w, u))
+                        continue
+                    w_norm = torch.linalg.vector_norm(w)
                     u_norm = torch.linalg.vector_norm(u)
                     u.mul_(trust_ratio(w_norm / u_norm, w_norm, u_norm))
-                p.add_(u, alpha=-lr)
+                w.add_(u, alpha=-lr)
+            if held:
+                found = full_norms([(w, p) for p, w, _ in held] + [(u, p) for p, _, u in held])
+                for j, (_, w, u) in enumerate(held):
+                    w_norm, u_norm = found[j], found[len(held) + j]
+                    u.mul_(trust_ratio(w_norm / u_norm, w_norm, u_norm))
+                    w.add_(u, alpha=-lr)
         return loss

@@ -1,4 +1,10 @@
-"""LARS: layer-wise adaptive rate scaling (You et al. 2017), as used in MLPerf and timm."""
+"""LARS: layer-wise adaptive rate scaling (You et al. 2017), as used in MLPerf and timm.
+
+FSDP2-sharded (DTensor) parameters are updated on this rank's slices; the trust ratio takes the
+norms of the whole tensors: the squared norms of a group's weight and gradient slices go into one
+tensor, all-reduced once per step and group (launcher.optim.layerwise.full_norms). The momentum
+buffer is a DTensor sharded as its parameter.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launcher.optim.layerwise import closure_loss, params_with_grads, trust_ratio
+from launcher.optim.layerwise import (
+    closure_loss,
+    full_norms,
+    is_sharded,
+    like,
+    local,
+    local_param_and_grad,
+    params_with_grads,
+    trust_ratio,
+)
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a per-parameter trust ratio; groups with ``adapt=False`` skip it."""
+    """SGD with momentum and a per-parameter trust ratio; groups with ``adapt=False`` skip it.
+
+    The trust ratio of a tensor is ``trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps)``
+    (1 where either norm is 0). For a DTensor (FSDP2) parameter the norms are those of the whole
+    tensor across all shards, computed with one all-reduce per param group and step; a plain
+    tensor's are ``torch.linalg.vector_norm`` of the tensor.
+    """
 
     def __init__(
         self,
@@ -53,22 +74,38 @@ class LARS(torch.optim.Optimizer):
         """One optimisation step; ``closure`` re-evaluates the model and returns the loss."""
         loss = closure_loss(closure)
         for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p, g in params_with_grads(group, "LARS"):
-                d = g.add(p, alpha=wd) if wd != 0 else g.clone()
-                if group["adapt"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    ratio = (
-                        group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    )
-                    d.mul_(trust_ratio(ratio, w_norm, g_norm))
-                if mom != 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        buf = state["momentum_buffer"] = d.clone()
-                    else:
-                        buf = state["momentum_buffer"].mul_(mom).add_(d)
-                    d = d.add(buf, alpha=mom) if group["nesterov"] else buf
-                p.add_(d, alpha=-lr)
+            pairs = list(params_with_grads(group, "LARS"))
+            norms: list[tuple[Tensor, Tensor] | None] = [None] * len(pairs)
+            sharded = [i for i, (p, _) in enumerate(pairs) if is_sharded(p)]
+            if group["adapt"] and sharded:
+                tensors = [pairs[i][0] for i in sharded] + [pairs[i][1] for i in sharded]
+                found = full_norms([(local(t), t) for t in tensors])  # weights', then gradients'
+                for j, i in enumerate(sharded):
+                    norms[i] = (found[j], found[len(sharded) + j])
+            for (p, g), pg_norms in zip(pairs, norms, strict=True):
+                self._update(group, p, g, pg_norms)
         return loss
+
+    def _update(
+        self, group: dict[str, Any], p: Tensor, g: Tensor, norms: tuple[Tensor, Tensor] | None
+    ) -> None:
+        """Update `p` (this rank's slice of it, for a DTensor) from its gradient `g`; `norms` are
+        the full (||w||, ||g||) of a sharded parameter, None to take a plain tensor's own."""
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        w, g = local_param_and_grad(p, g, "LARS")
+        d = g.add(w, alpha=wd) if wd != 0 else g.clone()
+        if group["adapt"]:
+            if norms is None:
+                norms = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+            w_norm, g_norm = norms
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            d.mul_(trust_ratio(ratio, w_norm, g_norm))
+        if mom != 0:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                buf = d.clone()
+                state["momentum_buffer"] = like(p, buf)
+            else:
+                buf = local(state["momentum_buffer"]).mul_(mom).add_(d)
+            d = d.add(buf, alpha=mom) if group["nesterov"] else buf
+        w.add_(d, alpha=-lr)
