@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # launcher.planning.plan reads capabilities from this package
 BACKENDS = {
     "accelerate": "launcher.backends.accelerate:AccelerateBackend",
     "deepspeed": "launcher.backends.deepspeed:DeepSpeedBackend",
+    "fsdp": "launcher.backends.fsdp:FsdpBackend",
 }
 
 
@@ -24,6 +25,12 @@ def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
         from launcher.backends.ds_config import ds_config
 
         ds_config(cfg, plan, device)
+    if cfg.backend.name == "fsdp" and cfg.backend.mixed_precision == "fp16":
+        raise ConfigError(
+            "backend.mixed_precision='fp16' (auto on a GPU without bf16): backend=fsdp offers bf16 "
+            "or no (fp16 loss scaling would need a sharded gradient scaler); set "
+            "backend.mixed_precision=no"
+        )
     unable = capabilities(cfg.backend).ramp_up
     if plan.ramp and unable is not None:
         raise ConfigError(f"ramp.start_batch={cfg.ramp.start_batch}: {unable}")

@@ -57,6 +57,9 @@ class AccelerateBackend(Collectives):
     def gathered(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # every rank holds all parameters
 
+    def begin_deferred_step(self, model: Any) -> None:
+        """Nothing: no collective runs before the gradient reduction."""
+
     def no_sync(self, model: Any) -> AbstractContextManager:
         return self.acc.no_sync(model)
 

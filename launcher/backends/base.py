@@ -42,6 +42,11 @@ class Backend(Protocol):
     def gathered(self, model: Any) -> AbstractContextManager:
         """Inside it, every rank's module holds all parameters (ZeRO 3 gathers its shards)."""
 
+    def begin_deferred_step(self, model: Any) -> None:
+        """Before the micro-steps of a step whose gradients are reduced only after every rank
+        got through them (OOM-safe steps): whatever must happen so those micro-steps run no
+        collective (FSDP2 gathers the parameters now; nothing for DDP and ZeRO 0/1)."""
+
     def no_sync(self, model: Any) -> AbstractContextManager:
         """Skip the gradient all-reduce for a micro-step that is not the last of its step."""
 

@@ -52,7 +52,18 @@ def _deepspeed(b: Any) -> Capabilities:
     )
 
 
-CAPABILITIES = {"accelerate": _accelerate, "deepspeed": _deepspeed}
+def _fsdp(b: Any) -> Capabilities:
+    return Capabilities(
+        oom_recovery=None,  # deferred reduction: launcher/backends/fsdp.py
+        checkpoints=None,
+        gradients="backend=fsdp: gradients are reduce-scattered, each rank holds only its shard",
+        ramp_up=None,
+        zero_buckets=False,
+        config_file=False,
+    )
+
+
+CAPABILITIES = {"accelerate": _accelerate, "deepspeed": _deepspeed, "fsdp": _fsdp}
 
 
 def capabilities(backend: Any) -> Capabilities:

@@ -192,6 +192,9 @@ class DeepSpeedBackend(Collectives):
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0):
             model.module.load_state_dict(weights)
 
+    def begin_deferred_step(self, model: Any) -> None:
+        """Nothing: no collective runs before the gradient reduction."""
+
     def no_sync(self, model: Any) -> AbstractContextManager:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward
 

@@ -50,7 +50,24 @@ class DeepSpeedConfig:
         )
 
 
-BackendConfig = AccelerateConfig | DeepSpeedConfig
+@dataclass(frozen=True, kw_only=True)
+class FsdpConfig:
+    name: Literal["fsdp"]
+    """training backend, from the BACKENDS registry"""
+    mixed_precision: Literal["no", "bf16", "auto"] = "no"
+    """FSDP2's parameter dtype: the float32 sharded parameters are all-gathered in bf16 for
+    forward and backward (optimizer state stays float32). auto = bf16 on CUDA, no on CPU. No
+    fp16: its loss scaling would need a sharded gradient scaler"""
+    reduce_dtype: Literal["float32", "param"] = "float32"
+    """with mixed_precision=bf16, the dtype gradients are reduced in: float32, or the parameter
+    dtype (half the traffic, at bf16's precision); without it, the parameters' own dtype"""
+    reshard_after_forward: bool = True
+    """free each block's gathered parameters after its forward and gather them again for
+    backward (parameters fully sharded, like ZeRO 3); false keeps them until backward (less
+    communication, like ZeRO 2). The root module keeps its parameters either way"""
+
+
+BackendConfig = AccelerateConfig | DeepSpeedConfig | FsdpConfig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,20 +30,26 @@ def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
     trains) may return an instance handed to launcher.run() itself."""
     if isinstance(cfg, UserModelConfig):
         model = _user_model(cfg, fresh)
-        blocks = _named_classes(model, cfg.checkpoint_blocks)
     else:
         if spec.num_classes is None:
             raise ConfigError(
                 f"model.name={cfg.name!r}: needs the number of classes, which your data does not "
                 "say; return num_classes beside train and eval from your data factory"
             )
-        module = importlib.import_module(MODELS[cfg.name])
-        model, blocks = module.build(cfg, spec), module.BLOCKS
+        model = importlib.import_module(MODELS[cfg.name]).build(cfg, spec)
     if cfg.activation_checkpointing:
         from launcher.models.checkpointing import checkpoint_blocks
 
-        checkpoint_blocks(model, blocks)
+        checkpoint_blocks(model, blocks_of(cfg, model))
     return model
+
+
+def blocks_of(cfg: ModelConfig, model: Any) -> tuple[type, ...]:
+    """The model's block classes: what activation checkpointing recomputes as a whole and
+    backend=fsdp shards as one unit (a built-in model's BLOCKS; yours: model.checkpoint_blocks)."""
+    if isinstance(cfg, UserModelConfig):
+        return _named_classes(model, cfg.checkpoint_blocks)
+    return tuple(importlib.import_module(MODELS[cfg.name]).BLOCKS)
 
 
 def _user_model(cfg: UserModelConfig, fresh: bool) -> Any:

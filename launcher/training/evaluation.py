@@ -36,10 +36,17 @@ def evaluate(
     only where the outputs are class scores of integer targets (else no eval_accuracy)."""
     model.eval()
     sums = torch.zeros(5, device=backend.device, dtype=torch.float64)
+    x, n = None, 0
     for batch in batches:  # correct, predictions, loss, loss count, samples
+        n += 1
         x, y = to_device(batch, backend.device, dtype)
         sums[:4] += loss_fn.eval_counts(model(x), y)
         sums[4] += len(y)
+    # A sharded model (FSDP2, ZeRO 3) gathers parameters in every forward: a rank with fewer
+    # eval batches runs uncounted forwards until every rank has run as many
+    extra = -backend.all_min(-n) - n
+    for _ in range(extra if x is not None else 0):
+        model(x[:1])
     model.train()
     correct, predictions, loss, count, samples = backend.sum(sums).tolist()
     result = {"eval_loss": loss / count, "eval_samples": int(samples)}
@@ -86,8 +93,9 @@ def check_replicas(model: Any, backend: Backend, step: int) -> float:
     differ; returns the digest (float64 sum of squares). Call inside `backend.gathered`."""
     digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
     tensors = list(model.parameters()) + list(model.buffers())
-    for t in tensors:
-        digest += t.detach().double().square().sum()
+    for t in tensors:  # a sharded parameter (DTensor) is gathered whole, every rank alike
+        whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+        digest += whole.detach().double().square().sum()
     every = backend.gather(digest).tolist()
     if not all(math.isfinite(d) for d in every):  # before "differ": NaN != NaN
         raise Diverged(state_message(step, "model_final.pt"))

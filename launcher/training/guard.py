@@ -65,8 +65,14 @@ class Health:
         self.recent.append(self.loss)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (FSDP2's DTensors), else the tensor: each rank
+    checks its own part, and the flag gather tells every rank."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def grads_finite(model: Any) -> bool:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
@@ -74,7 +80,7 @@ def grads_finite(model: Any) -> bool:
 
 def params_finite(model: Any) -> bool:
     """This rank's parameters and floating buffers are all finite."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    tensors = [local(t) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 

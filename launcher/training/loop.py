@@ -208,6 +208,7 @@ def _step_or_oom(
     runs inside the micro-steps, so a rank that fails cannot leave the others waiting.
     """
     hook = faults.test_oom_hook(t.backend.rank, step, plan)
+    t.backend.begin_deferred_step(t.model)
     try:
         loss = accumulate(t, batches, plan, False, hook, meter, split)
         failed = 0

@@ -1,0 +1,275 @@
+"""FSDP2 backend: PyTorch's own sharding (`fully_shard`, DTensor parameters) run from the plan.
+
+Why `fully_shard` directly rather than Accelerate's FSDP plugin: the loop, not a wrapper, owns
+the step boundary (micro-steps, the flag gather, the deferred reduction below), and the plugin
+adds its own accumulation and no-sync bookkeeping on top of the same four calls.
+
+Sharding units ("the wrap policy"): each block of the model is one unit (`fully_shard` on it),
+the root takes what is left. The blocks are the built-in models' BLOCKS (launcher/models: GPT's
+transformer layers, ResNet's residual blocks, the MLP's and CNN's blocks) and, for a model of
+your own, `model.checkpoint_blocks`; a model naming none shards each module held in an
+nn.ModuleList (the usual list of transformer blocks), and a model without one is a single unit.
+Blocks wrapped for activation checkpointing are sharded with their wrapper.
+
+Mixed precision is FSDP2's policy: float32 sharded parameters and optimizer state, parameters
+all-gathered in `mixed_precision` for forward and backward, gradients reduce-scattered in
+`reduce_dtype` (float32 by default).
+
+Out-of-memory-safe steps ("deferred reduction"): FSDP2 all-gathers parameters inside forward and
+reduce-scatters gradients inside backward, so a rank that runs out of memory mid-step would leave
+the others waiting in a collective. With `plan.oom_recovery` every step therefore starts by
+gathering each unit's parameters (`unshard`, every rank at the same point, before any forward),
+runs its micro-steps with resharding and gradient sync off (no collective at all), agrees on the
+flags, and only then either reduce-scatters the accumulated gradients through FSDP2's own
+post-backward (dtype policy and divide factor as in a normal backward) or drops them on every
+rank (`reset_iter_state`, FSDP2's recovery after an aborted forward/backward). The price: during a
+step the parameters and gradients are held whole (ZeRO-1-like memory; the optimizer state stays
+sharded); `trainer.oom_recovery=false` keeps FSDP2's full sharding with its in-backward reduction.
+The reduction calls FSDP2's per-group post_backward and the root's final callback, private API of
+torch 2.14, pinned by tests/test_fsdp.py against the plain FSDP2 path.
+
+Checkpoints are the launcher's (whole tensors, so a run resumes on any number of ranks or on
+another backend): torch.distributed.checkpoint's state-dict functions gather the full model and
+optimizer state from the shards and scatter them back on load.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.backends.collectives import Collectives
+from launcher.config.schema import RunConfig, require_concrete
+from launcher.planning.plan import BatchPlan
+
+PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
+
+
+class FsdpBackend(Collectives):
+    def __init__(self, cfg: RunConfig, device: str) -> None:
+        require_concrete(cfg.backend, cfg.trainer)
+        self.cfg = cfg
+        if device == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            backend = "nccl" if device == "cuda" else "gloo"
+            if "WORLD_SIZE" in os.environ:  # torchrun, accelerate launch, srun, trainer.devices
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+            else:  # one plain process: a group of one, on a free port picked by the store
+                dist.init_process_group(
+                    backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1
+                )
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.deferred = False  # the OOM-safe path (plan.oom_recovery): set by prepare
+        self._units: list[Any] = []  # the FSDP modules, root last
+        self._names: list[list[str]] = []  # the optimizer's parameters by name, group by group
+        self._pending = False  # a deferred step has gathered parameters and not reduced yet
+
+    # ----------------------------------------------------------------------------- set-up
+    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
+        """Shard `model` unit by unit and point `optimizer` at the sharded parameters."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from launcher.models import blocks_of
+
+        b = self.cfg.backend
+        param_dtype = PARAM_DTYPES[b.mixed_precision]
+        # without a half parameter dtype, gradients reduce in the parameters' own (float64 too)
+        reduce_dtype = torch.float32 if param_dtype and b.reduce_dtype == "float32" else None
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        model.to(self.device)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        kwargs = {"mesh": mesh, "mp_policy": policy}
+        units = shard_units(model, blocks_of(self.cfg.model, model))
+        for unit in units:
+            fully_shard(unit, reshard_after_forward=b.reshard_after_forward, **kwargs)
+        fully_shard(model, **kwargs)
+        self._units = [*units, model]
+        sharded = dict(model.named_parameters())
+        for group, group_names in zip(optimizer.param_groups, self._names, strict=True):
+            group["params"] = [sharded[n] for n in group_names]
+        self.deferred = plan.oom_recovery
+        if self.deferred:
+            for unit in self._units:
+                unit.set_requires_gradient_sync(False, recurse=False)
+                unit.set_reshard_after_backward(False, recurse=False)
+        return model, optimizer
+
+    def replan(self, model: Any, plan: BatchPlan) -> None:
+        """Nothing to tell: the loop drives accumulation."""
+
+    def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype  # the policy casts floating inputs to the parameter dtype
+
+    def unwrap(self, model: Any) -> torch.nn.Module:
+        return model  # fully_shard changes the module's class in place
+
+    # ----------------------------------------------------------------------------- a step
+    def begin_deferred_step(self, model: Any) -> None:
+        """Gather every unit's parameters (every rank, before any forward): the micro-steps
+        that follow run no collective."""
+        for unit in self._units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        self._pending = True
+
+    def no_sync(self, model: Any) -> AbstractContextManager:
+        if self.deferred:
+            return nullcontext()  # gradient sync is off for the whole deferred step
+        return _sync_off(model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def gradient_scale(self) -> float:
+        return 1.0
+
+    def reduce_gradients(self, model: Any) -> None:
+        """Deferred steps: reduce-scatter the accumulated gradients now (FSDP2's post-backward
+        per parameter group, then the root's final callback, which waits for them)."""
+        if not self._pending:
+            return  # reduced inside the last backward
+        for unit in reversed(self._units):
+            for group in unit._get_fsdp_state()._fsdp_param_groups:
+                group.reduce_grads = group.all_reduce_grads = True
+                group.reshard_after_backward = True
+                group.post_backward()
+                group.reduce_grads = group.all_reduce_grads = False
+                group.reshard_after_backward = False
+        root = model._get_fsdp_state()
+        root._state_ctx.is_last_backward = True
+        root._root_post_backward_final_callback()
+        self._end_deferred()
+
+    def step(self, model: Any, optimizer: Any) -> None:
+        if self.cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def drop_gradients(self, model: Any, optimizer: Any) -> None:
+        """Discard a step's gradients on this rank: FSDP2's per-iteration state reset (it may
+        have stopped mid-forward), the unsharded accumulations freed, the parameters resharded."""
+        if self._pending:
+            model.reset_iter_state()
+            for unit in self._units:
+                for group in unit._get_fsdp_state()._fsdp_param_groups:
+                    for param in group.fsdp_params:
+                        param.unsharded_accumulated_grad = None
+                        if hasattr(param, "_unsharded_param"):
+                            param._unsharded_param.grad = None
+                unit.reshard()
+            self._end_deferred()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _end_deferred(self) -> None:
+        for unit in self._units[:-1]:
+            unit.set_reshard_after_forward(self.cfg.backend.reshard_after_forward, recurse=False)
+        self._units[-1].set_reshard_after_forward(False, recurse=False)  # the root's default
+        self._pending = False
+
+    # ----------------------------------------------------------------------------- state
+    def gathered(self, model: Any) -> AbstractContextManager:
+        return nullcontext()  # state_dict gathers what it needs itself
+
+    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+        """The whole float32 state on rank 0 (every rank takes part; the others get {})."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_full())
+
+    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+        """torch's format (parameters by index, in the optimizer's group order), whole on rank 0."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(model, optimizer, options=_full())
+        if self.rank != 0:
+            return {}
+        order = [_fqn(n) for group in self._names for n in group]
+        index = {n: i for i, n in enumerate(order)}
+        state = {index[n]: s for n, s in by_name["state"].items()}
+        groups = []
+        for group, names in zip(by_name["param_groups"], self._names, strict=True):
+            groups.append({**group, "params": [index[_fqn(n)] for n in names]})
+        return {"state": state, "param_groups": groups}
+
+    def load_state(
+        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+    ) -> None:
+        """A checkpoint's whole tensors (every rank read it) scattered into this rank's shards."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, weights, options=options)
+        if not opt_state["state"]:  # plain SGD keeps none (and torch cannot load an empty one)
+            return
+        order = [_fqn(n) for group in self._names for n in group]
+        groups = []
+        for group, names in zip(opt_state["param_groups"], self._names, strict=True):
+            groups.append({**group, "params": [_fqn(n) for n in names]})
+        by_name = {
+            "state": {order[int(i)]: s for i, s in opt_state["state"].items()},
+            "param_groups": groups,
+        }
+        set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _fqn(name: str) -> str:
+    """A parameter's name as the state-dict functions (and the plain module) spell it: without
+    the activation-checkpointing wrapper's and torch.compile's inserted module names."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _full() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@contextmanager
+def _sync_off(model: Any) -> Iterator[None]:
+    """A micro-step that is not the last of its step: gradients accumulate unreduced."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def shard_units(model: torch.nn.Module, blocks: tuple[type, ...]) -> list[torch.nn.Module]:
+    """The modules sharded as one unit each, in module order (the wrap policy, module
+    docstring): instances of `blocks` (with their activation-checkpointing wrapper), else the
+    members of every nn.ModuleList, else none (the root alone)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    if blocks:
+
+        def inner(m: torch.nn.Module) -> torch.nn.Module:
+            return m._checkpoint_wrapped_module if isinstance(m, CheckpointWrapper) else m
+
+        return _outermost([m for m in model.modules() if isinstance(inner(m), blocks)])
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return _outermost([child for lst in lists for child in lst.children()])
+
+
+def _outermost(units: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """`units` without those nested inside another unit (one unit owns each parameter)."""
+    inside = {id(m) for u in units for m in u.modules() if m is not u}
+    return [u for u in units if id(u) not in inside]
