@@ -158,9 +158,9 @@ def branch_config(
 
     node = copy.deepcopy(saved)
     node |= {"global_batch": batch, "run_dir": str(out), "resume": str(checkpoint)}
-    node |= {"plan_only": False}
+    node |= {"plan_only": False, "global_batch_tokens": None}  # the batch in samples, k x
     node["checkpoint"] |= {"allow_global_batch_change": True, "every_minutes": 0, "keep": 1}
-    node["checkpoint"]["every_samples"] = 0
+    node["checkpoint"] |= {"every_samples": 0, "every_tokens": 0}
     node["trainer"] |= {"stop_after_samples": stop, "progress": False, "tensorboard": False}
     node["trainer"] |= {"eval_every_epochs": every_epochs, "stop_cooldown_samples": cooldown}
     node["trainer"]["noise_scale"] = False  # nothing to advise on: the branches are the measure
@@ -262,7 +262,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
     world = from_env().world_size
     configs = []
     for k in ks:
-        every = state["config"]["trainer"]["epochs"]  # due after the stop: the end only
+        every = saved_plan["total_samples"] / saved_plan["epoch_samples"]  # the end only
         cfg = branch_config(
             state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, args.overrides
         )

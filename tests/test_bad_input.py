@@ -81,6 +81,17 @@ PLANNED = [
     ("ramp.start_batch=0", "ramp.start_batch"),
     ("ramp.noise_factor=0", "ramp.noise_factor"),
     ("ramp.min_steps=0", "ramp.min_steps"),
+    ("global_batch_tokens=0", "global_batch_tokens"),
+    ("global_batch_tokens=4096", "global_batch_tokens"),  # mnist1d: no tokens
+    ("schedule.warmup_tokens=-1", "schedule.warmup_tokens"),
+    ("schedule.warmup_samples=-1", "schedule.warmup_samples"),
+    ("trainer.tokens=-1", "trainer.tokens"),
+    ("trainer.tokens=4096", "trainer.tokens"),
+    ("trainer.samples=-1", "trainer.samples"),
+    ("ramp.tokens=-1", "ramp.tokens"),
+    ("ramp.start_batch_tokens=0", "ramp.start_batch_tokens"),
+    ("checkpoint.every_tokens=-1", "checkpoint.every_tokens"),
+    ("checkpoint.every_tokens=4096", "checkpoint.every_tokens"),
     ("slurm.time=abc", "slurm.time"),
     ("slurm.signal_seconds=-1", "slurm.signal_seconds"),
     ("slurm.partition=a b", "slurm.partition"),
@@ -88,6 +99,15 @@ PLANNED = [
     ("slurm.cpus_per_task=0", "slurm.cpus_per_task"),
     ("hydra.foo=1", "hydra.foo"),
     ("hydra.run.dir=", "hydra.run.dir"),
+]
+IN_TOKENS = [  # sequence data (+recipe=gpt_small, 256 tokens per sequence): what does not convert
+    ("global_batch_tokens=1000", "global_batch_tokens=1000: 3.90625, not a whole number"),
+    ("global_batch_tokens=1000000000", "global_batch_tokens=1000000000 (3,906,250 sequences)"),
+    ("schedule.warmup_tokens=100", "schedule.warmup_tokens=100: 0.390625, not a whole"),
+    ("trainer.tokens=1000", "trainer.tokens=1000: 3.90625, not a whole number"),
+    ("ramp.tokens=1000", "ramp.tokens=1000: 3.90625, not a whole number"),
+    ("checkpoint.every_tokens=1000", "checkpoint.every_tokens=1000: 3.90625, not a whole"),
+    ("trainer.samples=1", "global_batch=64: larger than the whole run (1 samples = trainer.sam"),
 ]
 RUN = [  # refused by a real run, still before it writes anything
     ("resume=/no/such/file.pt", "resume='/no/such/file.pt': no usable checkpoint there"),
@@ -109,6 +129,12 @@ def test_the_table_covers_every_group() -> None:
 def test_a_bad_value_is_one_line_naming_its_key(override, key, tmp_path, monkeypatch, capsys):
     args = ["plan_only=true", "memory.probe=false", override]
     assert key in refused_in_process(args, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("override", "message"), IN_TOKENS, ids=[o for o, _ in IN_TOKENS])
+def test_what_tokens_cannot_say_is_one_line(override, message, tmp_path, monkeypatch, capsys):
+    args = ["+recipe=gpt_small", "plan_only=true", "memory.probe=false", override]
+    assert message in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(("override", "message"), RUN, ids=[o[:40] for o, _ in RUN])

@@ -14,6 +14,7 @@ PROBE = "a probe step builds the run's model, data, loss, optimizer and backend"
 BACKEND = "a backend is built from its own, the optimizer's and the trainer's settings"
 RECORD = "records or compares the whole config (checkpoint, earlier run, trackers)"
 SCRIPT = "an sbatch script carries the whole command line: overrides, recipe, _target_ paths"
+TOKENS = "converts the keys in tokens of the top level and four groups, by the data's seq_len"
 
 WHOLE_CONFIG = {
     "training/job.py": {
@@ -35,6 +36,7 @@ WHOLE_CONFIG = {
     "planning/split.py": {"split_for": PLAN},
     "planning/ramp.py": {"ramp_stages": PLAN, "scaled_stage": PLAN},
     "planning/adaptive.py": {"stage_plan": PLAN},
+    "planning/tokens.py": {"in_samples": TOKENS, "stated_in_tokens": TOKENS},
     "memory/probe.py": dict.fromkeys(
         [
             "_step",

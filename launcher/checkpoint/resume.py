@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from launcher.checkpoint import files as checkpoint
-from launcher.config.optimization import RampConfig
+from launcher.config.optimization import RampConfig, ScheduleConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan
+from launcher.planning.plan import BatchPlan, batch_key
+from launcher.planning.tokens import TWINS, in_samples, tokens_per_sample
 
 FORMAT = 1
 
@@ -109,7 +110,13 @@ LOADING_KEYS = (
 
 def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     """Refuse to continue a checkpoint with a config that would train something else; returns
-    the plan's origin (step, samples) where the current global batch took over."""
+    the plan's origin (step, samples) where the current global batch took over. A batch stated
+    in tokens is its sequences (launcher/planning/tokens.py), as everything the config says."""
+    cfg = in_samples(cfg)
+    said = batch_key(cfg.global_batch, cfg.global_batch_tokens)
+    was = f"global_batch={state['global_batch']}"
+    if cfg.global_batch_tokens is not None:
+        was = f"global_batch_tokens={state['global_batch'] * tokens_per_sample(cfg.data)}"
     saved = state["config"]
     origin = (state["plan"]["origin_step"], state["plan"]["origin_samples"])
     ramp_end = origin[0] if state["plan"].get("ramp") else 0
@@ -119,23 +126,25 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     if state["global_batch"] != cfg.global_batch and not adaptive:
         if not cfg.checkpoint.allow_global_batch_change:
             raise ConfigError(
-                f"global_batch={cfg.global_batch}: {path} was trained with global batch "
-                f"{state['global_batch']} (consumed {state['consumed_samples']:,} samples); "
-                f"resume with global_batch={state['global_batch']}, or say "
+                f"{said}: {path} was trained with global batch {state['global_batch']} "
+                f"(consumed {state['consumed_samples']:,} samples); resume with {was}, or say "
                 "checkpoint.allow_global_batch_change=true, or resume=never to start over"
             )
         if state["step"] < ramp_end:
             raise ConfigError(
-                f"global_batch={cfg.global_batch}: {path} is in its batch ramp-up (step "
-                f"{state['step']:,} of {ramp_end:,}); resume with global_batch="
-                f"{state['global_batch']} and change it after the ramp-up"
+                f"{said}: {path} is in its batch ramp-up (step {state['step']:,} of "
+                f"{ramp_end:,}); resume with {was} and change it after the ramp-up"
             )
         origin = (state["step"], state["consumed_samples"])
     ours = to_dict(cfg)
     older = {"ramp": to_dict(RampConfig()), "loss": {"name": "cross_entropy"}}
     saved = older | saved  # checkpoints written before these keys existed
+    for group, default in (("ramp", RampConfig()), ("schedule", ScheduleConfig())):
+        saved[group] = to_dict(default) | saved[group]  # and before the keys in tokens
     for part in (ours, saved):  # where the data lives and how it is loaded may change
         part["data"] = {k: v for k, v in part["data"].items() if k not in LOADING_KEYS}
+        for group, key, _ in TWINS:  # a key in tokens says its twin in samples (compared)
+            part[group] = {k: v for k, v in part[group].items() if k != key}
     for key in ("model", "data", "loss", "optim", "schedule", "seed", "ramp"):
         if ours[key] != saved[key]:
             raise ConfigError(

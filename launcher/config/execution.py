@@ -74,6 +74,12 @@ BackendConfig = AccelerateConfig | DeepSpeedConfig | FsdpConfig
 class TrainerConfig:
     epochs: float = 20.0
     """training length in epochs of the training set (converted to samples by the plan)"""
+    samples: int = 0
+    """training length in samples (the LR decay spans them): replaces trainer.epochs; 0 =
+    trainer.epochs says it"""
+    tokens: int = 0
+    """trainer.samples in tokens, for sequence data: / data.seq_len sequences, exactly; 0 = not
+    in tokens"""
     eval_every_epochs: float = 1.0
     """evaluate on the held-out split every this many epochs (and always at the end)"""
     log_every: int = 10
@@ -135,6 +141,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         require(self.epochs > 0, "trainer.epochs", self.epochs, "must be > 0")
+        require(self.samples >= 0, "trainer.samples", self.samples, "must be >= 0")
+        require(self.tokens >= 0, "trainer.tokens", self.tokens, "must be >= 0")
         require(
             self.eval_every_epochs > 0,
             "trainer.eval_every_epochs",
@@ -223,6 +231,9 @@ class MemoryConfig:
 class CheckpointConfig:
     every_samples: int = 0
     """save after the step that crosses each multiple of this many samples; 0 = not by samples"""
+    every_tokens: int = 0
+    """checkpoint.every_samples in tokens, for sequence data: / data.seq_len sequences, exactly;
+    0 = not in tokens"""
     every_minutes: float = 30.0
     """save when this long has passed since the last save; 0 = not by time"""
     keep: int = 2
@@ -237,6 +248,9 @@ class CheckpointConfig:
             "checkpoint.every_samples",
             self.every_samples,
             "must be >= 0",
+        )
+        require(
+            self.every_tokens >= 0, "checkpoint.every_tokens", self.every_tokens, "must be >= 0"
         )
         require(
             self.every_minutes >= 0,

@@ -121,6 +121,12 @@ class ScheduleConfig:
     """LR decay after warmup, in samples"""
     warmup_epochs: float = 5.0
     """gradual linear warmup length, used when the scaled LR exceeds the reference LR"""
+    warmup_samples: int | None = None
+    """the warmup length in samples: replaces warmup_epochs (and optim.large_batch.warmup_epochs
+    when the optimizer is swapped); null = in epochs"""
+    warmup_tokens: int | None = None
+    """warmup_samples in tokens, for sequence data: / data.seq_len sequences, exactly; null = not
+    in tokens"""
     warmup_from: Literal["ref", "zero"] = "ref"
     """warmup start: the reference LR (Goyal et al.) or zero"""
     milestones: tuple[float, ...] = (30.0, 60.0, 80.0)
@@ -136,6 +142,9 @@ class ScheduleConfig:
         require(
             self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "must be >= 0"
         )
+        for key in ("warmup_samples", "warmup_tokens"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, f"schedule.{key}", value, "must be >= 0 or null")
         require(
             list(self.milestones) == sorted(self.milestones)
             and all(m > 0 for m in self.milestones),
@@ -152,9 +161,15 @@ class ScheduleConfig:
 class RampConfig:
     start_batch: int | None = None
     """first global batch of a ramp-up that doubles the batch up to global_batch; null = none"""
+    start_batch_tokens: int | None = None
+    """ramp.start_batch in tokens, for sequence data: / data.seq_len sequences, exactly; null =
+    not in tokens"""
     samples: int = 0
     """fixed mode: samples the ramp-up lasts: each doubling gets an equal share, and a stage ends
     at the first step boundary at or after its share"""
+    tokens: int = 0
+    """fixed mode: ramp.samples in tokens, for sequence data: / data.seq_len sequences, exactly;
+    0 = not in tokens"""
     mode: Literal["fixed", "adaptive"] = "fixed"
     """fixed: doublings on the ramp.samples schedule; adaptive: the batch grows when the measured
     gradient noise scale says it pays (launcher/planning/adaptive.py)"""
@@ -172,22 +187,31 @@ class RampConfig:
             self.start_batch,
             "must be a positive integer or null",
         )
+        require(
+            self.start_batch_tokens is None or self.start_batch_tokens > 0,
+            "ramp.start_batch_tokens",
+            self.start_batch_tokens,
+            "must be a positive integer or null",
+        )
         require(self.samples >= 0, "ramp.samples", self.samples, "must be >= 0")
+        require(self.tokens >= 0, "ramp.tokens", self.tokens, "must be >= 0")
         fixed = self.mode == "fixed"
+        started = self.start_batch is not None or self.start_batch_tokens is not None
         require(
-            self.start_batch is None or not fixed or self.samples > 0,
+            not started or not fixed or self.samples > 0 or self.tokens > 0,
             "ramp.samples",
             self.samples,
-            "must be > 0 when ramp.start_batch is set (ramp.mode=fixed)",
+            "must be > 0 when ramp.start_batch is set (ramp.mode=fixed), or ramp.tokens",
         )
+        for key in ("samples", "tokens"):
+            require(
+                fixed or getattr(self, key) == 0,
+                f"ramp.{key}",
+                getattr(self, key),
+                "applies to ramp.mode=fixed only; the adaptive ramp decides by the noise scale (0)",
+            )
         require(
-            fixed or self.samples == 0,
-            "ramp.samples",
-            self.samples,
-            "applies to ramp.mode=fixed only; the adaptive ramp decides by the noise scale (0)",
-        )
-        require(
-            fixed or self.start_batch is not None,
+            fixed or started,
             "ramp.mode",
             self.mode,
             "adaptive needs ramp.start_batch (the batch it starts from)",

@@ -39,6 +39,10 @@ class RunConfig:
     """recipe that was composed (+recipe=NAME)"""
     global_batch: int = 256
     """samples per optimizer step, over all devices and accumulation steps"""
+    global_batch_tokens: int | None = None
+    """the global batch in tokens, for sequence data (data.seq_len tokens per sample): replaces
+    global_batch by global_batch_tokens / data.seq_len sequences, which must be whole and split
+    over the devices (launcher/planning/tokens.py); null = global_batch says it"""
     micro_batch: int | Literal["auto"] = "auto"
     """samples per device per forward/backward; auto = largest divisor under the caps"""
     max_micro_batch: int = 1024
@@ -88,6 +92,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(self.global_batch > 0, "global_batch", self.global_batch, "must be > 0")
+        tokens = self.global_batch_tokens
+        require(tokens is None or tokens > 0, "global_batch_tokens", tokens, "must be > 0 or null")
         check_seed("seed", self.seed)
         ok = self.run_dir is None or bool(self.run_dir.strip())
         require(ok, "run_dir", self.run_dir, "empty; give a folder (or leave it out)")

@@ -27,7 +27,7 @@ from typing import Any
 from launcher.backends.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, run_samples
+from launcher.planning.plan import BatchPlan, run_length, run_samples
 from launcher.planning.ramp import ramp_batches, scaled_stage
 from launcher.planning.rules import fmt
 
@@ -65,10 +65,12 @@ def stage_plan(
             f"ramp.mode=adaptive: batch {batch} (from the checkpoint) is not one of the ramp's "
             f"{ladder}; resume with the ramp.start_batch and global_batch it was trained with"
         )
-    if capabilities(cfg.backend).gradients is not None or not cfg.trainer.noise_scale:
+    unseen = capabilities(cfg.backend).gradients
+    if unseen is not None or not cfg.trainer.noise_scale:
         raise ConfigError(
             "ramp.mode=adaptive: decides by the measured noise scale, which needs "
-            "trainer.noise_scale=true and a backend whose gradients the loop sees (not deepspeed)"
+            "trainer.noise_scale=true and a backend whose gradients the loop sees"
+            + (f" ({unseen})" if unseen else "")
         )
     total_exact = run_samples(cfg.trainer, steady.epoch_samples)
     steps = origin_step + max(math.ceil((total_exact - origin_samples) / batch), 0)
@@ -80,13 +82,14 @@ def stage_plan(
             "larger batch"
         )
     history = "; ".join(f"{b} from step {s:,} (sample {n:,})" for s, n, b in grown)
+    seq = steady.sample_tokens
     reasons = stage.reasons | {
         "global_batch": f"{batch}: the adaptive ramp's batch now (global_batch {cfg.global_batch} "
         "is its cap)",
         "lr": f"{stage.reasons['lr']}; at the cap {steady.reasons['lr']}",
         "steps": f"{steps:,} if the batch stays {batch}: {origin_step:,} steps ({origin_samples:,} "
-        f"samples) before it + ceil(({fmt(cfg.trainer.epochs)} epochs x "
-        f"{steady.epoch_samples:,} - {origin_samples:,}) / {batch}); fewer as it grows",
+        f"samples) before it + ceil(({run_length(cfg.trainer, steady.epoch_samples, seq)} - "
+        f"{origin_samples:,}) / {batch}); fewer as it grows",
         "ramp": f"adaptive from {cfg.ramp.start_batch} up to {cfg.global_batch}: at a log step, "
         f"once {cfg.ramp.min_steps} steps (ramp.min_steps) ran at the current batch, it grows to "
         f"the largest doubling <= B_simple / {fmt(cfg.ramp.noise_factor)} (ramp.noise_factor), "

@@ -30,7 +30,8 @@ from launcher.planning.rules import (
     scale_lr,
     weight_decay,
 )
-from launcher.planning.split import split_for
+from launcher.planning.split import batch_step, split_for
+from launcher.planning.tokens import in_samples, stated_in_tokens, tokens_per_sample
 
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report
@@ -65,6 +66,7 @@ class BatchPlan:
     checkpoints: bool = True
     noise: str = "off"
     sample_tokens: int = 0  # tokens per sample of a sequence data set (0: not one)
+    in_tokens: tuple[str, ...] = ()  # the keys the run states in tokens (planning/tokens.py)
     origin_step: int = 0
     origin_samples: int = 0
     ramp: tuple[BatchPlan, ...] = ()
@@ -114,8 +116,20 @@ class BatchPlan:
 
 
 def run_samples(trainer: TrainerConfig, epoch_samples: int) -> Fraction:
-    """trainer.epochs x the epoch, exactly (1.1 x 50000 is 55000): what the steps must cover."""
+    """trainer.samples, or trainer.epochs x the epoch, exactly (1.1 x 50000 is 55000): what the
+    steps must cover."""
+    if trainer.samples:
+        return Fraction(trainer.samples)
     return Fraction(repr(trainer.epochs)) * epoch_samples
+
+
+def run_length(trainer: TrainerConfig, epoch_samples: int, per_sample: int = 0) -> str:
+    """The run's length as its config states it, in words (the reasons' formulas)."""
+    if trainer.tokens:
+        return f"{trainer.tokens:,} tokens / {per_sample} = {trainer.samples:,} (trainer.tokens)"
+    if trainer.samples:
+        return f"{trainer.samples:,} samples (trainer.samples)"
+    return f"{fmt(trainer.epochs)} epochs x {epoch_samples:,}"
 
 
 def noise_window_samples(trainer: TrainerConfig, epoch_samples: int) -> float:
@@ -142,8 +156,11 @@ def plan_batch(
     ramp-up (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
     global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
     `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
+    Quantities stated in tokens are converted into samples first (launcher/planning/tokens.py).
     """
-    _within_the_data(cfg.global_batch, cfg.trainer, epoch_samples)
+    cfg = in_samples(cfg, batch_step(world_size, cfg.micro_batch))
+    key = batch_key(cfg.global_batch, cfg.global_batch_tokens)
+    _within_the_data(key, cfg.global_batch, cfg.trainer, epoch_samples)
     args: _PlanArgs = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
         from launcher.planning.adaptive import stage_plan
@@ -154,17 +171,26 @@ def plan_batch(
     return _stopping(cfg.trainer, _ramped(args, origin))
 
 
-def _within_the_data(gb: int, trainer: TrainerConfig, epoch_samples: int) -> None:
+def batch_key(global_batch: int, tokens: int | None) -> str:
+    """How a config states its global batch: `global_batch=N`, or global_batch_tokens."""
+    if tokens is None:
+        return f"global_batch={global_batch}"
+    return f"global_batch_tokens={tokens} ({global_batch:,} sequences)"
+
+
+def _within_the_data(key: str, gb: int, trainer: TrainerConfig, epoch_samples: int) -> None:
     """Sizes the data allows: a step no larger than the whole run, an evaluation interval of at
     least one sample (a global batch of 10^12 would try to index 7 TiB; 0 would divide by 0)."""
     total = run_samples(trainer, epoch_samples)
     if epoch_samples < 1:  # said by _plan, which names the empty split
         return
     if gb > total:
+        length = f"trainer.epochs {trainer.epochs:g} x {epoch_samples:,} per epoch"
+        if trainer.samples:
+            length = "trainer.tokens" if trainer.tokens else "trainer.samples"
         raise ConfigError(
-            f"global_batch={gb}: larger than the whole run ({float(total):,.0f} "
-            f"samples = trainer.epochs {trainer.epochs:g} x {epoch_samples:,} per epoch); "
-            "one step would train on more than the run has: lower it, or train more epochs"
+            f"{key}: larger than the whole run ({float(total):,.0f} samples = {length}); one "
+            "step would train on more than the run has: lower it, or train longer"
         )
     if round(trainer.eval_every_epochs * epoch_samples) < 1:
         raise ConfigError(
@@ -221,9 +247,13 @@ def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
         why = f"{batches[0]} -> {cfg.global_batch}: done before the checkpoint resumed from"
         return dataclasses.replace(plan, reasons=plan.reasons | {"ramp": why})
     steady = _plan(*args, origin)
+    seq = tokens_per_sample(cfg.data)
+    length = f"ramp.samples={cfg.ramp.samples}"
+    if cfg.ramp.tokens:
+        length = f"ramp.tokens={cfg.ramp.tokens} ({cfg.ramp.samples:,} sequences of {seq})"
     if cfg.ramp.samples >= steady.total_samples:
         raise ConfigError(
-            f"ramp.samples={cfg.ramp.samples}: the ramp-up must end before the run does "
+            f"{length}: the ramp-up must end before the run does "
             f"({steady.total_samples:,} samples); shorten it or train longer"
         )
     stages = ramp_stages(cfg, steady, batches, memory)
@@ -232,14 +262,14 @@ def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
     gb, share = cfg.global_batch, cfg.ramp.samples / len(batches)
     reasons = plan.reasons | {
         "steps": f"{plan.steps:,} = {end[0]:,} ramp-up steps ({end[1]:,} samples) + "
-        f"ceil(({fmt(cfg.trainer.epochs)} epochs x {epoch_samples:,} - {end[1]:,}) / {gb})",
+        f"ceil(({run_length(cfg.trainer, epoch_samples, seq)} - {end[1]:,}) / {gb})",
         "ramp": "; ".join(
             f"{p.global_batch} (micro {p.micro_batch} x {p.accumulation}, lr {fmt(p.lr)}) for "
             f"steps {p.origin_step:,}-{p.steps - 1:,}"
             for p in stages
         )
         + f"; {gb} from step {end[0]:,} (sample {end[1]:,}): the batch doubles every "
-        f"{share:,.6g} samples (ramp.samples={cfg.ramp.samples:,}), each stage from the first "
+        f"{share:,.6g} samples ({length}), each stage from the first "
         "step boundary after its share; LR = the plan's schedule x the scaling rule's ratio",
     }
     return dataclasses.replace(plan, ramp=stages, reasons=reasons)
@@ -267,20 +297,20 @@ def _decay(
 
 
 def _steps(
-    gb: int, trainer: TrainerConfig, epoch_samples: int, origin: tuple[int, int]
+    gb: int, trainer: TrainerConfig, epoch_samples: int, origin: tuple[int, int], seq: int
 ) -> tuple[int, int, str]:
-    """(steps, samples they consume, reason): the run's epochs at global_batch, from `origin`
+    """(steps, samples they consume, reason): the run's length at global_batch, from `origin`
     (step, samples) when a checkpoint at another global batch is resumed."""
-    epochs = fmt(trainer.epochs)
+    length = run_length(trainer, epoch_samples, seq)
     total_exact = run_samples(trainer, epoch_samples)
     o_step, o_samples = origin
     steps = o_step + max(math.ceil((total_exact - o_samples) / gb), 0)
     total = o_samples + (steps - o_step) * gb
-    why = f"{steps:,} = ceil({epochs} epochs x {epoch_samples:,} / {gb})"
+    why = f"{steps:,} = ceil({length} / {gb})"
     if origin != (0, 0):
         why = (
             f"{steps:,} = {o_step:,} steps ({o_samples:,} samples) with the checkpoint's global "
-            f"batch + ceil(({epochs} epochs x {epoch_samples:,} - {o_samples:,}) / {gb})"
+            f"batch + ceil(({length} - {o_samples:,}) / {gb})"
         )
     if total != total_exact:
         why += (
@@ -290,24 +320,40 @@ def _steps(
     return steps, total, why
 
 
+def _warmup_length(
+    sched: ScheduleConfig, epochs: float, epoch_samples: int, seq: int
+) -> tuple[int, str, str]:
+    """(samples, in words, the key that says it) of the warmup: schedule.warmup_samples (or its
+    tokens), else `epochs` (schedule.warmup_epochs, or the swapped optimizer's) x the epoch;
+    no words when it is 0."""
+    warmup = sched.warmup_samples
+    if warmup is None:
+        words = f"{fmt(epochs)} epochs = " if epochs else ""
+        return round(epochs * epoch_samples), words, "warmup_epochs"
+    if sched.warmup_tokens is not None:
+        words = f"{sched.warmup_tokens:,} tokens / {seq} (schedule.warmup_tokens) = "
+        return warmup, words if warmup else "", "schedule.warmup_tokens"
+    return warmup, "schedule.warmup_samples = " if warmup else "", "schedule.warmup_samples"
+
+
 def _warmup(
     sched: ScheduleConfig,
     gb: int,
-    epochs: float,
-    epoch_samples: int,
+    length: tuple[int, str, str],
     steps: int,
     start: float,
     lr: float,
 ) -> tuple[int, str]:
-    """(warmup samples, reason): linear from `start` to the peak `lr`; none when the peak is not
-    above the reference LR (warmup_from=ref) or warmup_epochs is 0."""
-    warmup = round(epochs * epoch_samples)
-    if epochs == 0:
-        return 0, "no warmup (warmup_epochs=0)"
+    """(warmup samples, reason): linear from `start` to the peak `lr` over `length` (samples,
+    in words, key: _warmup_length); none when the peak is not above the reference LR
+    (warmup_from=ref) or the length is 0."""
+    warmup, words, key = length
+    if not words:
+        return 0, f"no warmup ({key}=0)"
     if sched.warmup_from == "ref" and start >= lr:
         return 0, f"no warmup: lr {fmt(lr)} is not above the reference lr"
     why = (
-        f"{fmt(epochs)} epochs = {warmup:,} samples ({warmup / gb:.1f} steps), "
+        f"{words}{warmup:,} samples ({warmup / gb:.1f} steps), "
         f"linear from {fmt(start)} to {fmt(lr)}"
     )
     if warmup > steps * gb:
@@ -329,10 +375,16 @@ def _plan(
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
     gb = cfg.global_batch
+    seq = tokens_per_sample(cfg.data)  # sequence data: every sample is seq_len tokens
     recover, reasons_oom = oom_recovery(cfg.trainer, cfg.backend)
     micro, accum, noise, reasons = split_for(cfg, gb, world_size, memory, recover)
     reasons["oom_recovery"] = reasons_oom
     reasons["global_batch"] = f"{gb} (global_batch)"
+    if cfg.global_batch_tokens is not None:
+        reasons["global_batch"] = (
+            f"{cfg.global_batch_tokens:,} tokens / {seq} tokens per sequence = {gb:,} sequences "
+            "(global_batch_tokens)"
+        )
     reasons["memory"] = _memory_reason(cfg.micro_batch, memory)
     reasons["world_size"] = f"{world_size}{world_source}"
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
@@ -346,17 +398,15 @@ def _plan(
         cfg.optim, cfg.schedule, optimizer, swapped
     )
     reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
-    steps, total, reasons["steps"] = _steps(gb, cfg.trainer, epoch_samples, origin)
+    steps, total, reasons["steps"] = _steps(gb, cfg.trainer, epoch_samples, origin, seq)
     o_step, o_samples = origin
     base_lr, _ = base_lr_for(cfg.optim, optimizer)
     start = min(base_lr, lr) if sched.warmup_from == "ref" else 0.0
-    warmup, reasons["warmup_samples"] = _warmup(
-        sched, gb, warmup_epochs, epoch_samples, steps, start, lr
-    )
+    length = _warmup_length(sched, warmup_epochs, epoch_samples, seq)
+    warmup, reasons["warmup_samples"] = _warmup(sched, gb, length, steps, start, lr)
 
     milestones = tuple(round(m * epoch_samples) for m in sched.milestones)
     saves, reasons["checkpoints"] = checkpointing(cfg.checkpoint, cfg.backend)
-    seq = getattr(cfg.data, "seq_len", 0)  # sequence data: every sample is seq_len tokens
     if seq:
         reasons["tokens_per_batch"] = (
             f"{gb * seq:,} = {gb} sequences x {seq} tokens (data.seq_len); "
@@ -390,6 +440,7 @@ def _plan(
         checkpoints=saves,
         noise=noise,
         sample_tokens=seq,
+        in_tokens=tuple(key for key, _, _ in stated_in_tokens(cfg)),
         memory=memory or {},
         reasons=reasons,
     )

@@ -18,13 +18,19 @@ if TYPE_CHECKING:
     from launcher.planning.plan import BatchPlan
 
 
+def starts(start: int, gb: int) -> bool:
+    """Whether a ramp-up from `start` reaches global batch `gb` by doublings."""
+    ratio = gb // start if 0 < start < gb else 0
+    return bool(ratio) and gb % start == 0 and not ratio & (ratio - 1)
+
+
 def ramp_batches(ramp: RampConfig, gb: int) -> list[int]:
     """The ramp-up's global batches before global_batch: start, 2 start, 4 start, ..."""
     start = ramp.start_batch
     if start is None:  # no ramp-up
         return []
     ratio = gb // start
-    if start >= gb or gb % start or ratio & (ratio - 1):
+    if not starts(start, gb):
         fits = [gb >> k for k in range(1, gb.bit_length()) if gb % (1 << k) == 0]
         near = sorted(fits, key=lambda b: abs(b - start))[:2]
         raise ConfigError(

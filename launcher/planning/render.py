@@ -54,6 +54,13 @@ def format_plan(plan: BatchPlan) -> str:
         **({"ramp": f"adaptive<={plan.adaptive_cap}"} if plan.adaptive_cap else {}),
         "tokens_per_batch": f"{plan.global_batch * plan.sample_tokens:,}",
     }
+    seq = plan.sample_tokens  # a run stated in tokens: both units (launcher/planning/tokens.py)
+    if "global_batch_tokens" in plan.in_tokens:
+        values["global_batch"] = (
+            f"{plan.global_batch:,} sequences = {plan.global_batch * seq:,} tokens"
+        )
+    if "schedule.warmup_tokens" in plan.in_tokens:
+        values["warmup_samples"] += f" = {plan.warmup_samples * seq:,} tokens"
     rows = [
         (k, values[k] if k in values else str(getattr(plan, k)), plan.reasons.get(k, ""))
         for k in TABLE_ROWS

@@ -129,6 +129,8 @@ def checkpointing(c: CheckpointConfig, backend: BackendConfig) -> tuple[bool, st
     if why is not None:
         return False, why
     when = [f"every {c.every_samples:,} samples"] if c.every_samples else []
+    if c.every_tokens:  # converted into every_samples (launcher/planning/tokens.py)
+        when = [f"every {c.every_samples:,} samples = {c.every_tokens:,} tokens"]
     when += [f"every {c.every_minutes:g} min"] if c.every_minutes else []
     return True, (
         f"{' and '.join(when + ['at the end'])}, the newest {c.keep} kept in "

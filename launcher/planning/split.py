@@ -27,6 +27,15 @@ def _nearest_multiples(value: int, unit: int) -> str:
     return " or ".join(str(m) for m in options)
 
 
+def batch_step(world_size: int, micro_batch: int | str) -> tuple[int, str]:
+    """(step, words): the global batches split_batch accepts are the positive multiples of `step`
+    (a micro-batch above the caps aside): the world size, x an explicit micro-batch."""
+    if micro_batch == "auto":
+        return world_size, f"a multiple of the world size {world_size}"
+    step = world_size * int(micro_batch)
+    return step, f"a multiple of {step} (micro_batch {micro_batch} x world size {world_size})"
+
+
 def split_batch(
     global_batch: int,
     world_size: int,

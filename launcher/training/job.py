@@ -307,9 +307,14 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
 
 
 def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
-    """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only)."""
+    """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only).
+    The job's config is the one it trains with: its device `auto`s resolved, its quantities
+    stated in tokens converted into samples (launcher/planning/tokens.py; validate's plans
+    refused those that do not convert), as config.yaml and the checkpoints record it."""
+    from launcher.planning.tokens import in_samples
+
     log.set_rank(launched.rank)
-    cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
+    cfg = in_samples(on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device))
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
         plan = with_budget(cfg, plan, run_dir)
