@@ -100,6 +100,19 @@ def test_gpt_small_under_fsdp_matches_ddp(extra, gpt_ddp, corpus, tmp_path) -> N
 
 
 @pytest.mark.slow
+def test_compile_under_fsdp_compiles_each_block_and_trains_the_same(gpt_ddp, corpus, tmp_path):
+    """trainer.compile=true: each sharded block's forward is compiled (Inductor wrote kernels;
+    a whole-model compile would stop at FSDP2's hooks and compile nothing) and learns what the
+    DDP run learns."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = [*TINY_GPT, f"data.path={corpus}", "backend=fsdp", "trainer.compile=true"]
+    res = run_cli([*args, "run_dir=run"], tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any((tmp_path / "inductor").rglob("*.py"))
+    _same_training(tmp_path / "run", gpt_ddp)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("oom_recovery", ["true", "false"])
 def test_fsdp_float64_matches_the_one_rank_reference(
     oom_recovery, one_rank_reference, tmp_path, data_cache

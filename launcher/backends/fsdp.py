@@ -94,6 +94,8 @@ class FsdpBackend(Collectives):
         self._names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         kwargs = {"mesh": mesh, "mp_policy": policy}
         units = shard_units(model, blocks_of(self.cfg.model, model))
+        if self.cfg.trainer.compile:
+            _compile_units(model, units)
         for unit in units:
             fully_shard(unit, reshard_after_forward=b.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
@@ -251,6 +253,17 @@ def _sync_off(model: Any) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def _compile_units(model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+    """trainer.compile under FSDP2: each unit's forward compiled on its own, as torchtitan does
+    (the units' all-gathers and reduce-scatters run in FSDP2's hooks, outside the graphs), in
+    place so the state-dict keys stay the plain module's. The whole-model compile the job set up
+    is undone: its graph would stop at FSDP2's dynamo-disabled hooks, and a torch.nn block such
+    as nn.TransformerEncoderLayer is only traced when its own forward is compiled."""
+    model._compiled_call_impl = None
+    for unit in units:
+        unit.forward = torch.compile(unit.forward)  # type: ignore[method-assign]
 
 
 def shard_units(model: torch.nn.Module, blocks: tuple[type, ...]) -> list[torch.nn.Module]:
