@@ -9,7 +9,14 @@ The plan's `noise` mode (plan.noise_mode) says which two batch sizes are compare
   fallback) were tried first and read a negative |G|^2 while the weights move fast (MNIST-1D at
   lr 0.48); splitting every step cost 18% of the step time on the CPU default run.
 against the global gradient after the all-reduce (before clipping). The loss of a piece of n
-samples is divided by the per-device batch P, so its mean-gradient norm is (P/n) x larger.
+samples is divided by the per-device batch P, so its mean-gradient norm is (P/n) x larger. A
+loss per token (sequences, launcher/training/loss.py) is divided by the global batch's counted
+tokens / the world size instead; for it the loop gives as n the piece's counted tokens in samples
+of the global batch's mean counted length, for which the same (P/n) holds and which is the
+piece's samples when no target is ignored: the estimate stays one in samples. Those sizes may
+then differ between ranks: the mean over ranks of |g_small|^2 is then |G|^2 + tr(Sigma) x the mean
+of 1/n, so the small batch is the harmonic mean of the ranks' n (their common n otherwise); a
+piece without a counted token has no mean gradient, and its step is left out on every rank.
 
 Nothing here waits for the device: norms stay tensors until `flush`, which the loop calls at its
 log steps (when it reads the loss anyway) and before a checkpoint, on every rank at once (it sums
@@ -47,8 +54,8 @@ class NoiseMeter:
         self.scale = NoiseScale()
         self.skipped = 0
         self._last_samples: int | None = None  # samples at the last update of the averages
-        self._pending: list[tuple[torch.Tensor, int, torch.Tensor, int, int]] = []
-        self._small: tuple[torch.Tensor, int] | None = None
+        self._pending: list[tuple[torch.Tensor, float, torch.Tensor, int, int]] = []
+        self._small: tuple[torch.Tensor, float] | None = None
         self._samples = 0
         self._split = False
 
@@ -59,13 +66,16 @@ class NoiseMeter:
         self._split = plan.noise == "split" and step % self.split_every == 0
         return self._split
 
-    def backward_done(self, model: Any, plan: BatchPlan, j: int, piece: int, n: int) -> None:
+    def backward_done(self, model: Any, plan: BatchPlan, j: int, piece: int, n: float) -> None:
         """After the backward of piece `piece` (n samples) of micro-batch j, before any
-        all-reduce of this step: keep the local norm the mode compares."""
+        all-reduce of this step: keep the local norm the mode compares (rank mode: one
+        micro-batch per step, the rank's whole per-device batch, is the piece)."""
         mode, last = plan.noise, plan.accumulation - 1
         first = j == 0 and piece == 0 and (mode == "micro" or (mode == "split" and self._split))
         if first or (mode == "rank" and j == last):
-            n = plan.per_device_batch if mode == "rank" else n
+            if not n:  # no counted token (a loss per token): NaN leaves the step out (flush)
+                self._small = (squared_norm(model) * math.nan, n)
+                return
             factor = (plan.per_device_batch / n) ** 2
             self._small = (squared_norm(model) * factor, n)
 
@@ -87,14 +97,20 @@ class NoiseMeter:
         """Fold the pending steps into the estimate (collective: every rank calls it at the same
         steps); returns the current estimates for the metrics."""
         if self._pending:
-            values = torch.stack([torch.stack([s, b]) for s, _, b, _, _ in self._pending])
+            values = torch.stack(
+                [
+                    torch.stack([s, b, s.new_tensor(1 / n if n else 0.0)])
+                    for s, n, b, _, _ in self._pending
+                ]
+            )
             values = self.backend.sum(values) / self.backend.world_size
-            for (small_sq, big_sq), (_, small, _, big, samples) in zip(
+            for (small_sq, big_sq, mean_inverse), (_, n, _, big, samples) in zip(
                 values.tolist(), self._pending, strict=True
             ):
                 gap = big if self._last_samples is None else samples - self._last_samples
                 self._last_samples = samples
-                if math.isfinite(small_sq) and math.isfinite(big_sq):
+                small = _small_batch(n, mean_inverse)
+                if math.isfinite(small_sq) and math.isfinite(big_sq) and math.isfinite(small):
                     beta = math.exp(-gap / self.window)
                     self.scale.update(small_sq, small, big_sq, big, beta)
                 else:
@@ -111,3 +127,11 @@ class NoiseMeter:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale.load_state_dict(state["ema"])
         self.skipped, self._last_samples = state["skipped"], state["at"]
+
+
+def _small_batch(n: float, mean_inverse: float) -> float:
+    """The small batch of a step: this rank's size `n` where every rank's is the same (the mean
+    of 1/n over the ranks is 1/n), else the harmonic mean of the ranks' sizes."""
+    if n and math.isclose(1 / n, mean_inverse, rel_tol=1e-12):
+        return n
+    return 1 / mean_inverse if mean_inverse > 0 else math.nan

@@ -91,6 +91,12 @@ class _Scaled:
     def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn.sum(outputs, y) * self.factor
 
+    def token_sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn.token_sum(outputs, y) * self.factor
+
+    def __getattr__(self, name: str) -> Any:  # per_token, counted: the loss's own
+        return getattr(self.loss_fn, name)
+
 
 def test_loss_hook(rank: int, step: int, loss_fn: Any) -> Any:
     """Test hook: LAUNCHER_TEST_LOSS=RANK:STEP:FACTOR[,...] multiplies that rank's loss (and so

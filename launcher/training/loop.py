@@ -2,15 +2,17 @@
 
 It knows nothing of Hydra or DeepSpeed: it gets a built model and optimizer (a Trainee), the
 BatchPlan, a backend and the micro-batch streams (a Feed). The loss is normalised by the global
-batch: each rank sums its per-sample losses over `accumulation` micro-batches and divides by its
-per-device batch; the backend's all-reduce then averages over ranks, which is the mean over the
-global batch.
+batch (launcher/training/loss.py): each rank sums its per-sample losses over `accumulation`
+micro-batches and divides by its per-device batch, or for a loss per token (sequences) sums its
+token losses and divides by the global batch's counted tokens / the world size; the backend's
+all-reduce then averages over ranks, which is the mean over the global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -101,14 +103,19 @@ def accumulate(
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
     `meter` reads the local gradient norms it needs after each backward; `split` runs each
-    micro-batch as two halves (the noise meter's split mode; the same gradient).
+    micro-batch as two halves (the noise meter's split mode; the same gradient). A loss per token
+    counts the step's tokens over the ranks first (`_step_batches`: one all-reduce, before the
+    micro-steps and any hook); its returned value is this rank's token sum x world size / the
+    global count, whose mean over the ranks is the global batch's loss.
     """
     model, backend = t.model, t.backend
     total = torch.zeros((), device=backend.device, dtype=torch.float64)
+    batches, tokens = _step_batches(t, micro_batches, plan)
     for j in range(plan.accumulation):
         if before_micro_step is not None:
             before_micro_step(j)
-        x, y = to_device(next(micro_batches), backend.device, t.dtype)
+        batch = next(batches)
+        x, y = to_device(batch, backend.device, t.dtype)
         if len(y) != plan.micro_batch:
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
         half = len(y) // 2
@@ -116,12 +123,49 @@ def accumulate(
         for k, (xp, yp) in enumerate(pieces):
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
-                loss = t.loss_fn.sum(model(xp), yp) / plan.per_device_batch
+                if tokens:
+                    loss = t.loss_fn.token_sum(model(xp), yp) * (plan.world_size / tokens)
+                else:
+                    loss = t.loss_fn.sum(model(xp), yp) / plan.per_device_batch
                 backend.backward(loss)
             if meter is not None:
-                meter.backward_done(model, plan, j, k, len(yp))
+                size = _size(t, batch, k if split else None, plan, tokens)
+                meter.backward_done(model, plan, j, k, size)
             total += loss.detach()
     return total
+
+
+def _step_batches(
+    t: Trainee, micro_batches: Iterator[Any], plan: BatchPlan
+) -> tuple[Iterator[Any], float]:
+    """This step's micro-batches, and for a loss per token (sequence targets) the counted target
+    tokens of its whole global batch (0.0: a loss per sample). To count them the step's
+    `plan.accumulation` micro-batches are fetched first (host memory: the targets are counted on
+    the host) and one all-reduce sums the ranks' counts: on every rank alike (the targets' kind
+    is the data's), before any forward, so none runs inside the micro-steps. The count is the
+    step's, so a step rerun with another split (an out-of-memory re-split) normalises alike. A
+    global batch without a counted token trains nothing (its loss and gradients are 0)."""
+    first = next(micro_batches)
+    if not t.loss_fn.per_token(torch.as_tensor(first[1])):
+        return itertools.chain([first], micro_batches), 0.0
+    step = [first, *(next(micro_batches) for _ in range(plan.accumulation - 1))]
+    local = sum(t.loss_fn.counted(torch.as_tensor(b[1])) for b in step)
+    backend = t.backend
+    count = backend.sum(torch.tensor(float(local), dtype=torch.float64, device=backend.device))
+    return iter(step), max(float(count), 1.0)
+
+
+def _size(t: Trainee, batch: Any, half: int | None, plan: BatchPlan, tokens: float) -> float:
+    """A piece's size in samples for the noise meter (launcher/batchsize/meter.py): the micro-batch
+    or its half `half` (0, 1); for a loss per token its counted tokens in samples of the global
+    batch's mean counted length, which its loss weighs it as (its samples, with no ignored
+    target)."""
+    y = torch.as_tensor(batch[1])
+    if half is not None:
+        y = y[: len(y) // 2] if half == 0 else y[len(y) // 2 :]
+    if not tokens:
+        return len(y)
+    return t.loss_fn.counted(y) * plan.global_batch / tokens
 
 
 def train_step(

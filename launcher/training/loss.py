@@ -1,8 +1,16 @@
 """The training loss and the evaluation counts: the built-in cross-entropy, or your own.
 
-Every sample weighs the same: a class label's cross-entropy, or for a sequence (targets batch x
-positions) the mean over its positions; your loss returns one value per sample. The loop divides
-the sum over samples by the per-device batch, so the mean over the global batch stays exact.
+The loss of an optimizer step is a mean over its whole global batch, whatever its split into
+ranks and micro-batches (launcher/training/loop.py `accumulate`):
+- per token, for the cross-entropy of sequences (targets batch x positions): the sum of the token
+  losses over the global batch / the number of counted target tokens in it, targets equal to
+  IGNORE_INDEX (-100, F.cross_entropy's ignore_index: padding, prompt tokens) left out of both
+  (Transformers' `num_items_in_batch`). The loop counts the step's tokens before its first
+  forward (one all-reduce) and each micro-step's loss is its token sum x world size / that count
+  (the backend averages over ranks). With no ignored target every sequence counts its positions,
+  and this is the mean over sequences of their per-position mean, as before;
+- per sample, for class labels and your loss (one value per sample): the sum over samples / the
+  per-device batch, so the ranks' average is the mean over the global batch.
 
 `checked_sum` is the loss of the memory probe's and the pre-flight's step: it says in one line
 when the model's outputs do not fit the targets (`LossMismatch`); the loop calls `sum`.
@@ -17,6 +25,8 @@ import torch.nn.functional as F
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import CrossEntropyConfig, LossConfig
+
+IGNORE_INDEX = -100  # a target left out of the loss and of its count (F.cross_entropy's default)
 
 
 class LossMismatch(ValueError):
@@ -40,8 +50,28 @@ class CrossEntropy:
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
+    def per_token(self, y: torch.Tensor) -> bool:
+        """Whether the loss of targets like `y` is a mean per token (sequences), not per sample."""
+        return y.dim() > 1
+
+    def counted(self, y: torch.Tensor) -> int:
+        """The target tokens the loss counts (those not IGNORE_INDEX)."""
+        return int((y != IGNORE_INDEX).sum())
+
+    def token_sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sum of the token losses over the counted targets (the loop divides by their number
+        over the global batch)."""
+        return F.cross_entropy(
+            full(logits).reshape(-1, logits.shape[-1]),
+            y.reshape(-1),
+            reduction="sum",
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.label_smoothing,
+        )
+
     def sum(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sum over the samples of their cross-entropy (a sequence's: its positions' mean)."""
+        """Sum over the samples of their cross-entropy (a sequence's: its positions' mean); the
+        memory probe's loss, where the value does not matter."""
         logits = full(logits)
         if y.dim() == 1:
             return F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing)
@@ -70,12 +100,14 @@ class CrossEntropy:
 
     def eval_counts(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[correct, predictions, summed cross-entropy, its count] of a batch (float64): accuracy
-        and loss per class label, or per token for sequences; no label smoothing."""
+        and loss per class label, or per token for sequences, over the counted targets (not
+        IGNORE_INDEX); no label smoothing."""
         logits = full(logits).reshape(-1, logits.shape[-1])
         y = y.reshape(-1)
-        correct = (logits.argmax(dim=-1) == y).sum().double()
-        loss = F.cross_entropy(logits, y, reduction="sum").double()
-        count = torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)
+        kept = y != IGNORE_INDEX
+        correct = ((logits.argmax(dim=-1) == y) & kept).sum().double()
+        loss = F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).double()
+        count = kept.sum().double()
         return torch.stack([correct, count, loss, count])
 
 
@@ -86,6 +118,10 @@ class UserLoss:
 
     def __init__(self, fn: Any, name: str) -> None:
         self.fn, self.name = fn, name
+
+    def per_token(self, y: torch.Tensor) -> bool:
+        """Never: your loss gives one value per sample, averaged over the global batch."""
+        return False
 
     def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
         return full(self.fn(outputs, y)).sum()
