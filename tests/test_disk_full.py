@@ -77,3 +77,27 @@ def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything(disk, tmp_pat
         f"launcher: error: run_dir={str(disk / 'run')!r}: cannot write there (Read-only file "
         "system)\n"
     )
+
+
+def test_shards_that_do_not_fit_are_one_line_and_keep_the_last(disk, tmp_path, data_cache):
+    """backend=fsdp on 2 ranks: the shard folder of step 2 does not fit; every rank stops (no
+    hang), one line, exit 5, no partial folder, the sharded checkpoint of step 1 loads."""
+    res = _run(
+        disk,
+        tmp_path,
+        data_cache,
+        ["checkpoint.every_samples=64", "backend=fsdp"] + ["micro_batch=16", "trainer.devices=2"],
+    )
+    assert res.returncode == 5, res.stderr[-3000:]
+    run = disk / "run"
+    lines = [x for x in res.stderr.splitlines() if x.startswith("launcher: error: cannot write")]
+    assert lines and lines[0] == (
+        f"launcher: error: cannot write checkpoint shards {run}/checkpoints/"
+        "step-000000002.dcp.tmp (No space left on device); the previous one, "
+        f"{run}/checkpoints/step-000000001.pt, is intact"
+    )
+    assert "Traceback" not in res.stderr
+    assert not list(run.rglob("*.tmp")) and not (run / "checkpoints/step-000000002.dcp").exists()
+    (disk / "filler").unlink()
+    state, path = checkpoint.load(run, pytest.fail)
+    assert state["step"] == 1 and "shards" in state and checkpoint.shards_of(path).is_dir()

@@ -281,22 +281,54 @@ def test_deepspeed_sharded_resume_is_bit_identical(mode, tmp_path, data_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [[], ["backend.mixed_precision=bf16"]], ids=["fp32", "bf16"])
-def test_fsdp_kill_and_resume_on_two_ranks_is_bit_identical(mode, tmp_path, data_cache):
-    """FSDP2 on 2 ranks, AdamW (its moments sharded like the parameters) killed after step 5:
-    the whole state gathered into the checkpoint and scattered back into the shards loses no
-    bit (under bf16 too: the sharded parameters stay float32)."""
+@pytest.mark.parametrize(
+    ("mode", "kill"),
+    [([], "5:step"), (["backend.mixed_precision=bf16"], "6:written")],
+    ids=["fp32-after-step", "bf16-mid-save"],
+)
+def test_fsdp_kill_and_resume_on_two_ranks_is_bit_identical(mode, kill, tmp_path, data_cache):
+    """FSDP2 on 2 ranks, AdamW (its moments sharded like the parameters), killed after step 5,
+    or while saving step 6 (its shards in place, its .pt not yet): every rank's shards written
+    through torch.distributed.checkpoint and loaded back lose no bit (under bf16 too: the
+    sharded parameters stay float32); a shard folder no .pt lists is never used, and removed."""
     cmd = [*ARGS, f"data.cache_dir={data_cache}", "backend=fsdp", "optim=adamw", *mode]
     two = [*TORCHRUN, "--master_port", "29543"]
     whole = run_cli([*cmd, "run_dir=whole"], tmp_path, prefix=two)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = run_cli(
-        [*cmd, "run_dir=run"], tmp_path, prefix=two, env={"LAUNCHER_TEST_KILL": "5:step"}
-    )
+    killed = run_cli([*cmd, "run_dir=run"], tmp_path, prefix=two, env={"LAUNCHER_TEST_KILL": kill})
     assert killed.returncode != 0
+    state, path = checkpoint.load(tmp_path / "run", pytest.fail)
+    assert path.name == "step-000000004.pt" and state["model"] == {} and state["optimizer"] == {}
+    shards = checkpoint.shards_of(path)
+    assert (shards / ".metadata").is_file() and len(list(shards.glob("__*_*.distcp"))) == 2
     done = run_cli([*cmd, "run_dir=run"], tmp_path, prefix=two)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout and "step 4 of 10" in done.stdout
     for name, value in _params(tmp_path / "whole").items():
         assert torch.equal(_params(tmp_path / "run")[name], value), name
     assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_falls_back_and_another_backend_is_refused(tmp_path, data_cache):
+    """A flipped byte in a shard of the newest sharded checkpoint: reported, the one before
+    used. Resuming FSDP2 shards under backend=accelerate: one line, exit 2, nothing changed."""
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "backend=fsdp", "run_dir=run"]
+    killed = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    newest = checkpoint.shards_of(checkpoint.folder(tmp_path / "run") / "step-000000004.pt")
+    shard = next(newest.glob("__0_*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:50] + bytes([data[50] ^ 1]) + data[51:])
+    warnings: list[str] = []
+    state, path = checkpoint.load(tmp_path / "run", warnings.append)
+    assert path.name == "step-000000002.pt"
+    assert len(warnings) == 1 and "does not match the digest" in warnings[0]
+    def files() -> list[str]:  # but the lock the killed run left, which is taken over
+        return sorted(str(p) for p in (tmp_path / "run").rglob("*") if p.name != ".lock")
+
+    before = files()
+    other = run_cli([*cmd[:-2], "run_dir=run", "backend=accelerate"], tmp_path)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "holds shards written by backend=fsdp" in other.stderr
+    assert files() == before

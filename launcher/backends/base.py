@@ -39,6 +39,10 @@ class Backend(Protocol):
     ) -> None:
         """Put a checkpoint's float32 weights and optimizer state into the prepared objects."""
 
+    # backends whose capabilities say sharded_checkpoints (FSDP2) also have
+    # save_shards(model, optimizer, folder) -> manifest | None and load_shards(model, optimizer,
+    # folder): launcher/backends/fsdp.py
+
     def gathered(self, model: Any) -> AbstractContextManager:
         """Inside it, every rank's module holds all parameters (ZeRO 3 gathers its shards)."""
 

@@ -19,6 +19,7 @@ class Capabilities:
     ramp_up: str | None  # why a fixed batch ramp-up cannot run
     zero_buckets: bool  # its memory beyond a plain step: ZeRO's gradient buckets, not DDP's
     config_file: bool  # it writes its own config beside plan.json (ds_config.json)
+    sharded_checkpoints: bool = False  # every rank writes its shards (torch.distributed.checkpoint)
 
 
 def _accelerate(b: Any) -> Capabilities:
@@ -60,6 +61,7 @@ def _fsdp(b: Any) -> Capabilities:
         ramp_up=None,
         zero_buckets=False,
         config_file=False,
+        sharded_checkpoints=True,
     )
 
 

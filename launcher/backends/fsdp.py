@@ -28,9 +28,11 @@ sharded); `trainer.oom_recovery=false` keeps FSDP2's full sharding with its in-b
 The reduction calls FSDP2's per-group post_backward and the root's final callback, private API of
 torch 2.14, pinned by tests/test_fsdp.py against the plain FSDP2 path.
 
-Checkpoints are the launcher's (whole tensors, so a run resumes on any number of ranks or on
-another backend): torch.distributed.checkpoint's state-dict functions gather the full model and
-optimizer state from the shards and scatter them back on load.
+Checkpoints are sharded: every rank writes its shards of the model and optimizer state through
+torch.distributed.checkpoint into the checkpoint's folder (launcher/checkpoint/files.py: atomic,
+digest-checked), and loads them back re-split for the world size it runs on (elastic resume).
+A whole checkpoint of another backend resumes here too (its tensors scattered into the shards);
+model_final.pt holds the whole float32 state (gathered by the state-dict functions).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -208,6 +211,52 @@ class FsdpBackend(Collectives):
             groups.append({**group, "params": [index[_fqn(n)] for n in names]})
         return {"state": state, "param_groups": groups}
 
+    def save_shards(self, model: Any, optimizer: Any, folder: Path) -> dict[str, list[Any]] | None:
+        """Every rank writes its shards of the model and optimizer state into `folder`
+        (torch.distributed.checkpoint, fsynced) and hashes its own files; rank 0 gets the whole
+        manifest (launcher/checkpoint/files.py), the others None. A rank that cannot write
+        (disk full) makes every rank raise."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from launcher.checkpoint.files import hash_files
+
+        try:
+            dcp.save(self._sharded_state(model, optimizer), checkpoint_id=folder)
+        except CheckpointException as exc:  # a BaseException holding every rank's error
+            raise _os_error(exc) from None
+        mine = sorted(folder.glob(f"__{self.rank}_*"))
+        if self.rank == 0:
+            mine.append(folder / ".metadata")
+        manifests = self.gather_objects(hash_files(mine))
+        return {k: v for m in manifests for k, v in m.items()} if self.rank == 0 else None
+
+    def load_shards(self, model: Any, optimizer: Any, folder: Path) -> None:
+        """A sharded checkpoint into this rank's shards; saved on another number of ranks, the
+        shards are re-split by torch.distributed.checkpoint (elastic resume)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = self._sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=folder)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+    @staticmethod
+    def _sharded_state(model: Any, optimizer: Any) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        return {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+        }
+
     def load_state(
         self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
     ) -> None:
@@ -231,6 +280,17 @@ class FsdpBackend(Collectives):
             "param_groups": groups,
         }
         set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _os_error(exc: BaseException) -> OSError:
+    """The OSError (disk full) some rank's write raised, or one saying what went wrong."""
+    for failure in getattr(exc, "failures", {}).values():
+        e = failure[0] if isinstance(failure, tuple) else failure
+        while e is not None:
+            if isinstance(e, OSError):
+                return e
+            e = e.__cause__ or e.__context__
+    return OSError(None, str(exc).strip().splitlines()[0] if str(exc).strip() else "failed")
 
 
 def _fqn(name: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.backends.capabilities import capabilities
 from launcher.checkpoint import files as checkpoint
 from launcher.config.optimization import RampConfig, ScheduleConfig
 from launcher.config.schema import RunConfig, to_dict
@@ -58,13 +59,18 @@ def capture(
     model: Any,
     optimizer: Any,
     progress: dict[str, Any] | None = None,
+    whole: bool = True,
 ) -> dict[str, Any] | None:
     """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it).
-    `progress`: what the run measured so far (training seconds, the noise-scale averages)."""
+    `progress`: what the run measured so far (training seconds, the noise-scale averages).
+    `whole=False`: the ranks wrote their shards of weights and optimizer state already."""
     rngs = backend.gather_objects(rng_state())
-    with backend.gathered(model):
-        weights = backend.state_dict(model)
-    opt_state = backend.optimizer_state(model, optimizer)
+    weights: dict[str, Any] = {}
+    opt_state: dict[str, Any] = {}
+    if whole:
+        with backend.gathered(model):
+            weights = backend.state_dict(model)
+        opt_state = backend.optimizer_state(model, optimizer)
     if backend.rank != 0:
         return None
     return {
@@ -113,6 +119,12 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     the plan's origin (step, samples) where the current global batch took over. A batch stated
     in tokens is its sequences (launcher/planning/tokens.py), as everything the config says."""
     cfg = in_samples(cfg)
+    if "shards" in state and not capabilities(cfg.backend).sharded_checkpoints:
+        raise ConfigError(
+            f"backend.name={cfg.backend.name!r}: {path} holds shards written by backend=fsdp "
+            "(torch.distributed.checkpoint); resume it with backend=fsdp (on any number of "
+            "ranks), whose model_final.pt any backend can load"
+        )
     said = batch_key(cfg.global_batch, cfg.global_batch_tokens)
     was = f"global_batch={state['global_batch']}"
     if cfg.global_batch_tokens is not None:
@@ -177,9 +189,12 @@ def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
         )
 
 
-def restore(state: dict[str, Any], backend: Any, model: Any, optimizer: Any) -> str:
+def restore(state: dict[str, Any], path: Path, backend: Any, model: Any, optimizer: Any) -> str:
     """Load weights, optimizer state and (same world size) RNG states; returns what was done."""
-    backend.load_state(model, optimizer, state["model"], state["optimizer"])
+    if "shards" in state:
+        backend.load_shards(model, optimizer, checkpoint.shards_of(path))
+    else:
+        backend.load_state(model, optimizer, state["model"], state["optimizer"])
     if state["world_size"] == backend.world_size:
         set_rng_state(state["rng"][backend.rank])
         return "weights, optimizer state and every rank's RNG states restored"

@@ -4,7 +4,7 @@ command line; they find WORLD_SIZE etc. in their environment and train as under 
 
 This process is the agent: SIGTERM, SIGINT and SIGUSR1 are passed on to the workers (which
 checkpoint at the next step boundary, preemption.py) and it waits for them; the exit code is the
-first failing worker's (2 bad input, 3 stopped on a signal), or 1.
+first failing worker's (2 bad input, 3 stopped on a signal, 4 diverged, 5 a write failed), or 1.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from launcher.cluster.preemption import EXIT_CODE
 from launcher.errors import LauncherError
 
 SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# the launcher's own exit codes, each with the one line the worker printed: 2 bad input,
+# 3 stopped on a signal, 4 diverged, 5 a file could not be written (launcher/errors.py)
+SAID = (2, EXIT_CODE, 4, 5)
 SHUTDOWN_TIMEOUT_S = 600  # a worker asked to stop finishes its step and writes a checkpoint
 
 
@@ -67,7 +70,7 @@ def spawn(processes: int, args: list[str]) -> None:
         elastic_launch(config, sys.executable)("-m", "launcher", *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        if failure.exitcode in (2, EXIT_CODE):  # rank 0 printed the line already
+        if failure.exitcode in SAID:  # the worker printed its one line already
             raise WorkersFailed(failure.exitcode, None) from None
         raise WorkersFailed(
             1, f"worker rank {rank} exited with code {failure.exitcode} (its output is above)"

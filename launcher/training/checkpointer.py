@@ -5,11 +5,13 @@ the clock of the time cadence; rank 0's clock decides for every rank."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher import log
+from launcher.backends.capabilities import capabilities
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
@@ -38,6 +40,7 @@ class Checkpointer:
         c = cfg.checkpoint
         self.cadence = Cadence(c.every_samples, c.every_minutes)
         self.last_save = time.monotonic()
+        self.sharded = capabilities(cfg.backend).sharded_checkpoints
 
     def after_step(self, step: int, plan: BatchPlan) -> None:
         faults.test_kill(step, "step")
@@ -65,14 +68,32 @@ class Checkpointer:
         if self.meter is not None:
             self.meter.flush()
             measured["noise"] = self.meter.state_dict()
-        state = resume.capture(self.cfg, plan, step, t.backend, t.model, t.optimizer, measured)
+        manifest = self._write_shards(step) if self.sharded else None
+        state = resume.capture(
+            self.cfg, plan, step, t.backend, t.model, t.optimizer, measured, whole=not self.sharded
+        )
         path = None
         if self.main:
-            path = checkpoint.save(self.run_dir, step, state, self.cfg.checkpoint.keep)
+            path = checkpoint.save(self.run_dir, step, state, self.cfg.checkpoint.keep, manifest)
             self.sink.log({"event": "checkpoint", "step": step, "path": str(path)})
         self.last_save = time.monotonic()
         self.sink.resume()
         return path
+
+    def _write_shards(self, step: int) -> dict[str, Any] | None:
+        """Every rank's shards into the checkpoint's temporary folder; rank 0 gets the manifest.
+        A rank that cannot write makes every rank fail: WriteFailed, the folder removed."""
+        where = checkpoint.shards_tmp(self.run_dir, step)
+        try:
+            return self.t.backend.save_shards(self.t.model, self.t.optimizer, where)
+        except OSError as exc:  # on any rank: every rank gets it
+            from launcher.checkpoint.paths import WriteFailed
+
+            if self.main:
+                shutil.rmtree(where, ignore_errors=True)
+            before = checkpoint.checkpoints(self.run_dir)
+            kept = f"; the previous one, {before[0]}, is intact" if before else "; none before"
+            raise WriteFailed("checkpoint shards", where, exc, kept) from None
 
 
 def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:

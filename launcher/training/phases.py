@@ -167,7 +167,7 @@ def restore(job: Job) -> int:
     if job.found is None:
         return 0
     state, path = job.found
-    how = resume.restore(state, job.backend, job.model, job.optimizer)
+    how = resume.restore(state, path, job.backend, job.model, job.optimizer)
     start_step, plan = state["step"], job.plan
     if job.main:
         log.info(
