@@ -57,6 +57,7 @@ WHOLE_CONFIG = {
     "backends/__init__.py": dict.fromkeys(["check", "write_config", "build_backend"], BACKEND),
     "backends/accelerate.py": {"__init__": BACKEND},
     "backends/deepspeed.py": {"__init__": BACKEND},
+    "backends/fsdp.py": {"__init__": BACKEND},
     "backends/ds_config.py": {"ds_config": BACKEND},
     "cluster/sbatch.py": dict.fromkeys(["directives", "python_path", "job_script"], SCRIPT),
 }
