@@ -324,6 +324,7 @@ def test_a_damaged_shard_falls_back_and_another_backend_is_refused(tmp_path, dat
     state, path = checkpoint.load(tmp_path / "run", warnings.append)
     assert path.name == "step-000000002.pt"
     assert len(warnings) == 1 and "does not match the digest" in warnings[0]
+
     def files() -> list[str]:  # but the lock the killed run left, which is taken over
         return sorted(str(p) for p in (tmp_path / "run").rglob("*") if p.name != ".lock")
 
@@ -332,3 +333,21 @@ def test_a_damaged_shard_falls_back_and_another_backend_is_refused(tmp_path, dat
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
     assert "holds shards written by backend=fsdp" in other.stderr
     assert files() == before
+
+
+@pytest.mark.slow
+def test_a_whole_checkpoint_resumes_under_fsdp(uninterrupted, tmp_path, data_cache):
+    """Saved by backend=accelerate on 1 rank (whole tensors), continued under FSDP2 on 2 ranks:
+    the weights and SGD momentum scattered into the shards, the run ends as the uninterrupted
+    one (1e-5, the reduction order differs); its own checkpoints are then sharded."""
+    cmd = [*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"]
+    res = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
+    assert res.returncode == -9, res.stderr[-2000:]
+    res = run_cli([*cmd, "backend=fsdp"], tmp_path, prefix=[*TORCHRUN, "--master_port", "29545"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 4 of 10" in res.stdout and "saved on 1 rank(s)" in res.stdout
+    ref, got = _params(uninterrupted), _params(tmp_path / "run")
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0, msg=name)
+    state, path = checkpoint.load(tmp_path / "run", pytest.fail)
+    assert path.name == "step-000000010.pt" and "shards" in state

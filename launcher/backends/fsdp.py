@@ -197,19 +197,8 @@ class FsdpBackend(Collectives):
         return get_model_state_dict(model, options=_full())
 
     def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
-        """torch's format (parameters by index, in the optimizer's group order), whole on rank 0."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        by_name = get_optimizer_state_dict(model, optimizer, options=_full())
-        if self.rank != 0:
-            return {}
-        order = [_fqn(n) for group in self._names for n in group]
-        index = {n: i for i, n in enumerate(order)}
-        state = {index[n]: s for n, s in by_name["state"].items()}
-        groups = []
-        for group, names in zip(by_name["param_groups"], self._names, strict=True):
-            groups.append({**group, "params": [index[_fqn(n)] for n in names]})
-        return {"state": state, "param_groups": groups}
+        """Not asked for: this backend's checkpoints are sharded (save_shards)."""
+        raise NotImplementedError("backend=fsdp writes sharded checkpoints (save_shards)")
 
     def save_shards(self, model: Any, optimizer: Any, folder: Path) -> dict[str, list[Any]] | None:
         """Every rank writes its shards of the model and optimizer state into `folder`
