@@ -100,6 +100,21 @@ def test_gpt_small_under_fsdp_matches_ddp(extra, gpt_ddp, corpus, tmp_path) -> N
 
 
 @pytest.mark.slow
+def test_a_token_stated_ramp_up_under_fsdp_matches_ddp(corpus, tmp_path) -> None:
+    """global_batch_tokens with a ramp-up stated in tokens (16 -> 32 -> 64 sequences of 16
+    tokens): each stage re-splits the micro-steps, the loss is per token over the global
+    batch, and FSDP2 trains what DDP trains."""
+    args = [*TINY_GPT, f"data.path={corpus}", "global_batch_tokens=1024", "micro_batch=4"]
+    args += ["ramp.start_batch_tokens=256", "ramp.tokens=4096"]
+    for backend in ("accelerate", "fsdp"):
+        res = run_cli([*args, f"backend={backend}", f"run_dir={backend}"], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    batches = [m["global_batch"] for m in read_metrics(tmp_path / "fsdp") if "loss" in m]
+    assert batches[0] == 16 and 32 in batches and batches[-1] == 64
+    _same_training(tmp_path / "fsdp", tmp_path / "accelerate")
+
+
+@pytest.mark.slow
 def test_compile_under_fsdp_compiles_each_block_and_trains_the_same(gpt_ddp, corpus, tmp_path):
     """trainer.compile=true: each sharded block's forward is compiled (Inductor wrote kernels;
     a whole-model compile would stop at FSDP2's hooks and compile nothing) and learns what the
