@@ -108,6 +108,10 @@ IN_TOKENS = [  # sequence data (+recipe=gpt_small, 256 tokens per sequence): wha
     ("ramp.tokens=1000", "ramp.tokens=1000: 3.90625, not a whole number"),
     ("checkpoint.every_tokens=1000", "checkpoint.every_tokens=1000: 3.90625, not a whole"),
     ("trainer.samples=1", "global_batch=64: larger than the whole run (1 samples = trainer.sam"),
+    (  # a ramp stage that does not split is named by the key in tokens the user wrote
+        "ramp.start_batch_tokens=256 ramp.tokens=65536 micro_batch=2",
+        "ramp.start_batch_tokens=256: the stage at global batch 1: micro_batch=2",
+    ),
 ]
 RUN = [  # refused by a real run, still before it writes anything
     ("resume=/no/such/file.pt", "resume='/no/such/file.pt': no usable checkpoint there"),
@@ -133,7 +137,7 @@ def test_a_bad_value_is_one_line_naming_its_key(override, key, tmp_path, monkeyp
 
 @pytest.mark.parametrize(("override", "message"), IN_TOKENS, ids=[o for o, _ in IN_TOKENS])
 def test_what_tokens_cannot_say_is_one_line(override, message, tmp_path, monkeypatch, capsys):
-    args = ["+recipe=gpt_small", "plan_only=true", "memory.probe=false", override]
+    args = ["+recipe=gpt_small", "plan_only=true", "memory.probe=false", *override.split()]
     assert message in refused_in_process(args, tmp_path, monkeypatch, capsys)
 
 

@@ -73,9 +73,10 @@ def scaled_stage(
     try:
         micro, accum, noise, why = split_for(cfg, batch, world, memory, steady.oom_recovery)
     except ConfigError as exc:
-        raise ConfigError(
-            f"ramp.start_batch={cfg.ramp.start_batch}: the stage at global batch {batch}: {exc}"
-        ) from None
+        said = f"ramp.start_batch={cfg.ramp.start_batch}"
+        if cfg.ramp.start_batch_tokens is not None:  # what the user wrote (planning/tokens.py)
+            said = f"ramp.start_batch_tokens={cfg.ramp.start_batch_tokens}"
+        raise ConfigError(f"{said}: the stage at global batch {batch}: {exc}") from None
     lr = scale_lr(cfg.optim, batch, steady.optimizer)[0]
     r = lr / steady.lr
     why["lr"] = f"{fmt(lr)} = {fmt(steady.lr)} x {fmt(r)} (scaling rule at batch {batch})"
