@@ -258,6 +258,15 @@ def test_time_based_checkpoints_follow_rank_0s_clock(tmp_path, data_cache):
     ]
 
 
+def _resumed_at_step_4_bit_identical(done, tmp_path: Path) -> None:
+    """`done` resumed run/ from its step-4 checkpoint and ended as whole/ did, to the bit."""
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout and "step 4 of 10" in done.stdout
+    for name, value in _params(tmp_path / "whole").items():
+        assert torch.equal(_params(tmp_path / "run")[name], value), name
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mode",
@@ -273,11 +282,7 @@ def test_deepspeed_sharded_resume_is_bit_identical(mode, tmp_path, data_cache):
     killed = run_cli([*cmd, "run_dir=run"], tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
     assert killed.returncode == -9
     done = run_cli([*cmd, "run_dir=run"], tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stdout and "step 4 of 10" in done.stdout
-    for name, value in _params(tmp_path / "whole").items():
-        assert torch.equal(_params(tmp_path / "run")[name], value), name
-    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")
+    _resumed_at_step_4_bit_identical(done, tmp_path)
 
 
 @pytest.mark.slow
@@ -302,11 +307,7 @@ def test_fsdp_kill_and_resume_on_two_ranks_is_bit_identical(mode, kill, tmp_path
     shards = checkpoint.shards_of(path)
     assert (shards / ".metadata").is_file() and len(list(shards.glob("__*_*.distcp"))) == 2
     done = run_cli([*cmd, "run_dir=run"], tmp_path, prefix=two)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stdout and "step 4 of 10" in done.stdout
-    for name, value in _params(tmp_path / "whole").items():
-        assert torch.equal(_params(tmp_path / "run")[name], value), name
-    assert _losses(tmp_path / "run") == _losses(tmp_path / "whole")
+    _resumed_at_step_4_bit_identical(done, tmp_path)
 
 
 @pytest.mark.slow
