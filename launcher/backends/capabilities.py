@@ -12,6 +12,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """How a backend that shards the model over the ranks (FSDP2) holds it on each: what the
+    memory probe credits (launcher/memory/sharding.py). Itemsizes are None where the tensors
+    keep the parameters' own dtype."""
+
+    gather_itemsize: int | None  # gathered (unsharded) parameters: bf16 mixed precision 2
+    grad_itemsize: int | None  # gradients accumulated over micro-steps: the reduce dtype's
+    reshard_after_forward: bool  # blocks gathered one at a time (else forward to backward)
+    oom_safe_whole: bool  # the OOM-safe step gathers every parameter and holds whole gradients
+
+
+@dataclass(frozen=True)
 class Capabilities:
     oom_recovery: str | None  # why an out-of-memory step cannot be dropped on every rank
     checkpoints: str | None  # why a run cannot be resumed from its checkpoints
@@ -19,6 +31,7 @@ class Capabilities:
     ramp_up: str | None  # why a fixed batch ramp-up cannot run
     zero_buckets: bool  # its memory beyond a plain step: ZeRO's gradient buckets, not DDP's
     config_file: bool  # it writes its own config beside plan.json (ds_config.json)
+    sharding: Sharding | None = None  # parameters, gradients, optimizer state sharded: how
     sharded_checkpoints: bool = False  # every rank writes its shards (torch.distributed.checkpoint)
 
 
@@ -62,6 +75,20 @@ def _fsdp(b: Any) -> Capabilities:
         zero_buckets=False,
         config_file=False,
         sharded_checkpoints=True,
+        sharding=_fsdp_sharding(b),
+    )
+
+
+def _fsdp_sharding(b: Any) -> Sharding:
+    """launcher/backends/fsdp.py's policy: bf16 gathers in bf16 and accumulates gradients in
+    float32 (reduce_dtype=float32) or bf16 (param); mixed_precision=no (auto before it is
+    resolved counts as no: the larger) keeps the parameters' dtype throughout."""
+    half = b.mixed_precision == "bf16"
+    return Sharding(
+        gather_itemsize=2 if half else None,
+        grad_itemsize=(4 if b.reduce_dtype == "float32" else 2) if half else None,
+        reshard_after_forward=b.reshard_after_forward,
+        oom_safe_whole=True,  # the deferred reduction (module docstring there)
     )
 
 

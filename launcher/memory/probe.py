@@ -24,7 +24,7 @@ import torch
 
 from launcher import log
 from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
-from launcher.config.execution import MemoryConfig
+from launcher.config.execution import BackendConfig, MemoryConfig
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
 from launcher.errors import ConfigError
@@ -56,6 +56,9 @@ def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: i
     The model, its optimizer state (made by a step on zero gradients, as training has it from the
     second step on), the batch, forward, loss, backward and the step all run, with the run's dtype
     and autocast precision; everything is freed on return, and the caller's RNG state is untouched.
+    For a sharding backend the step is a micro-step after the first of an accumulation: the zero
+    gradients stay, held through forward and backward as earlier micro-steps' gradients are
+    (launcher/memory/sharding.py credits the rest).
     """
     cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=cuda):
@@ -64,6 +67,7 @@ def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: i
 
 def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
     require_concrete(cfg.backend, cfg.trainer)
+    held = _holds_gradients(cfg.backend)
     dtype = getattr(torch, cfg.trainer.dtype)
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -79,7 +83,8 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    if not held:
+        opt.zero_grad(set_to_none=True)
     x, y = fake_batch(spec, micro, device, dtype)
     loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
@@ -97,9 +102,17 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
             loss = loss_fn.checked_sum(outputs, y) / micro
         except LossMismatch as exc:
             raise ConfigError(f"{_names(cfg.model, cfg.data)}: {exc}") from exc.__cause__
+    del outputs  # as in the loop's micro-step, which keeps no reference to them in backward
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _holds_gradients(backend: BackendConfig) -> bool:
+    """Whether the probe's step holds earlier micro-steps' gradients (a sharding backend)."""
+    from launcher.backends.capabilities import capabilities
+
+    return capabilities(backend).sharding is not None
 
 
 def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -> bool:
@@ -236,7 +249,8 @@ def _cache_key(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> 
         "device": device_id,
         "torch": torch.__version__,
         "probe_sizes": list(PROBE_SIZES),
-        "profile": 2,  # backend overheads (DDP/ZeRO buckets) are added on load, not stored
+        "profile": 2,  # backend overheads (DDP/ZeRO buckets, sharding) are added on load
+        **({"held_gradients": True} if _holds_gradients(cfg.backend) else {}),
     }
 
 
@@ -314,7 +328,7 @@ def measured_cap(
                 points=(*profile.points, (micro, observed)),
             )
         note = f"{note}; {_save(cfg.memory, key, profile)}"
-    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
+    profile, note, said = _with_backend_overhead(cfg, spec, plan, profile, note)
     cap = all_min(profile.max_micro(budget))
     if cap < 1:
         raise ConfigError(
@@ -322,14 +336,22 @@ def measured_cap(
             f"but the budget on at least one rank is smaller (here: {budget_why}); raise "
             "memory.budget_gb, lower memory.margin_gb, or use a device with more memory"
         )
-    return cap, _report(profile, budget, budget_why, cap, steps, note)
+    return cap, _report(profile, budget, budget_why, cap, steps, note, said)
 
 
 def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
-    """Bytes the backend holds beyond one plain training step, and what they are."""
+    """Bytes the backend holds beyond one plain training step (negative: less, a sharding
+    backend's credit), and what they are."""
     from launcher.backends.capabilities import capabilities
 
     b = cfg.backend
+    sharding = capabilities(b).sharding
+    if sharding is not None:
+        from launcher.memory.sharding import model_bytes, sharding_credit
+
+        counts = model_bytes(cfg.model, cfg.trainer.dtype, spec, plan, cfg.optim)
+        credit = sharding_credit(counts, plan.world_size, sharding, plan.oom_recovery)
+        return -credit.bytes, credit.text
     if capabilities(b).zero_buckets:
         from launcher.backends.ds_config import reduce_bucket_elements
 
@@ -345,12 +367,15 @@ def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[i
 
 def _with_backend_overhead(
     cfg: RunConfig, spec: DataSpec, plan: BatchPlan, profile: MemoryProfile, note: str
-) -> tuple[MemoryProfile, str]:
+) -> tuple[MemoryProfile, str, str]:
+    """(profile, note, what the plan's memory row says of it) with the backend's bytes."""
     extra, why = backend_overhead(cfg, spec, plan)
     if not extra:
-        return profile, note
+        return profile, note, ""
     profile = dataclasses.replace(profile, overhead_bytes=profile.overhead_bytes + extra)
-    return profile, f"{note}; + {why}"
+    if _holds_gradients(cfg.backend):  # sharding: in the plan's memory row too
+        return profile, f"{note}; {why}", f"; {why}"
+    return profile, f"{note}; + {why}", ""
 
 
 def estimated_cap(
@@ -385,7 +410,7 @@ def estimated_cap(
     else:
         profile = dataclasses.replace(profile, source="estimated")
         note = f"{note}; from {cached}"
-    profile, note = _with_backend_overhead(cfg, spec, plan, profile, note)
+    profile, note, said = _with_backend_overhead(cfg, spec, plan, profile, note)
     budget, budget_why = budget_bytes(cfg.memory, device_memory_bytes)
     cap = profile.max_micro(budget)
     if cap < 1:
@@ -393,7 +418,7 @@ def estimated_cap(
             f"memory: one sample needs an estimated {human_bytes(profile.peak(1))} "
             f"({profile.describe()}) but the budget is {budget_why}"
         )
-    return cap, _report(profile, budget, budget_why, cap, 0, note)
+    return cap, _report(profile, budget, budget_why, cap, 0, note, said)
 
 
 def _cached(memory: MemoryConfig, key: dict[str, Any]) -> tuple[MemoryProfile | None, str]:
@@ -445,7 +470,13 @@ def record_oom(
 
 
 def _report(
-    profile: MemoryProfile, budget: int, budget_why: str, cap: int, steps: int, note: str
+    profile: MemoryProfile,
+    budget: int,
+    budget_why: str,
+    cap: int,
+    steps: int,
+    note: str,
+    said: str = "",
 ) -> dict[str, Any]:
     return dataclasses.asdict(profile) | {
         "lines": [list(line) for line in profile.lines],
@@ -453,7 +484,7 @@ def _report(
         "budget_bytes": budget,
         "cap": cap,
         "probe_steps": steps,
-        "reason": f"{profile.describe()}; budget {budget_why}; fits {cap:,} samples"
+        "reason": f"{profile.describe()}{said}; budget {budget_why}; fits {cap:,} samples"
         + _ceiling_note(profile, budget),
         "note": note,
     }
