@@ -16,7 +16,14 @@
 #   3. step 1 with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
 #   4. step 1 with cudnn.benchmark off (the launcher's default), one repeat;
 #   5. bench/memory_finder.py under an 8 GiB allocator limit (launcher vs Accelerate vs Lightning);
-#   6. the gpt_small recipe, ~90 steps (bf16 by auto).
+#   6. the gpt_small recipe, ~90 steps (bf16 by auto);
+#   7. bench/fsdp_memory.py (issue 22 memory): backend=fsdp's per-rank peak (the allocator's) vs the
+#      probe's sharding-credited prediction, bf16, OOM-safe and in-backward reduction. One GPU is one
+#      rank (NCCL, world size 1: the credit is then a debit, the shard beside the gathered copy);
+#      on a machine with 2 GPUs set FSDP_RANKS=2 for the 2-rank check the CPU bench ran on gloo.
+#   8. bench/backends.py (issue 22 speed, last and time-boxed: ~90 s, no run starts after 70 s):
+#      GPT 12 x 768, seq 512, bf16, accumulation 2, 40 steps, one rank per GPU: samples/s and the
+#      allocator's peak (cuda_peak_bytes) for DDP, ZeRO 2, ZeRO 3, FSDP2 (OOM-safe, then plain).
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 BUDGET=${GPU_CHECK_SECONDS:-470}
@@ -67,12 +74,22 @@ step memory_finder 90 150 python3 bench/memory_finder.py --device cuda --budget-
 step gpt_small 60 100 python3 -m launcher +recipe=gpt_small trainer.epochs=0.05 \
   trainer.eval_every_epochs=0.05 trainer.progress=false run_dir=/tmp/gpu-gpt_small
 cp /tmp/gpu-gpt_small/plan.json /tmp/gpu-gpt_small/metrics.jsonl "$W/" 2>/dev/null
+step fsdp_memory 60 120 bash -c 'set -e; for m in true false; do
+  python3 -m torch.distributed.run --nproc_per_node "$1" bench/fsdp_memory.py --device cuda --micro 8 \
+    --json "$0/fsdp_memory_$m.json" -- +recipe=gpt_small model.layers=8 model.width=256 model.heads=4 \
+    data.seq_len=256 "global_batch=$((16 * $1))" backend.mixed_precision=bf16 "trainer.oom_recovery=$m"
+done' "$W" "${FSDP_RANKS:-1}"
+# -- 8. backends side by side (issue 22): late, time-boxed; its per-run lines are in the log as they go
+step backends 60 95 python3 bench/backends.py --device cuda --repeats 1 --budget-s 70 \
+  --run-timeout-s 60 --no-baseline --out "$W/backends.json"
 
 {
   echo; grep -h -E "images/s|^ratio|torch" "$W"/throughput_*.log 2>/dev/null
   echo; grep -h -E "passed|failed|error|s call " "$W/pytest_gpu.log" 2>/dev/null | tail -n 16
   echo; grep -h -E "^\||true largest" "$W/memory_finder.log" 2>/dev/null
   echo; tail -n 2 "$W/metrics.jsonl" 2>/dev/null
+  echo; grep -h '^{' "$W/fsdp_memory.log" 2>/dev/null | cut -c1-1500
+  echo; grep -h -A3 -E "^(cuda:|\[0\]|total|ddp|zero|fsdp)" "$W/backends.log" 2>/dev/null | head -n 40
   echo "== total $((SECONDS - START))s of ${BUDGET}s"
 } >> "$OUT/summary.txt"
 tar czf "$OUT/results.tgz" -C "$W" .
