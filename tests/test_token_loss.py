@@ -217,6 +217,9 @@ def _worker(rank: int, port: int, micro: int, oom: bool, out: str) -> None:
     assert resplits == ([(1, 8)] if oom else []), resplits
     if rank == 0:
         torch.save(params, out)
+    from launcher.backends import teardown
+
+    teardown()  # barrier + destroy: gloo aborts some exits without (environment-facts.md)
 
 
 def _free_port() -> int:
