@@ -104,8 +104,8 @@ def accumulate(
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
     `meter` reads the local gradient norms it needs after each backward; `split` runs each
     micro-batch as two halves (the noise meter's split mode; the same gradient). A loss per token
-    counts the step's tokens over the ranks first (`_step_batches`: one all-reduce, before the
-    micro-steps and any hook); its returned value is this rank's token sum x world size / the
+    counts the step's tokens over the ranks first (`_step_batches`: one host-side gather, before
+    the micro-steps and any hook); its returned value is this rank's token sum x world size / the
     global count, whose mean over the ranks is the global batch's loss.
     """
     model, backend = t.model, t.backend
@@ -141,18 +141,17 @@ def _step_batches(
     """This step's micro-batches, and for a loss per token (sequence targets) the counted target
     tokens of its whole global batch (0.0: a loss per sample). To count them the step's
     `plan.accumulation` micro-batches are fetched first (host memory: the targets are counted on
-    the host) and one all-reduce sums the ranks' counts: on every rank alike (the targets' kind
-    is the data's), before any forward, so none runs inside the micro-steps. The count is the
-    step's, so a step rerun with another split (an out-of-memory re-split) normalises alike. A
-    global batch without a counted token trains nothing (its loss and gradients are 0)."""
+    the host) and one host-side gather (`backend.flags`, gloo: no device sync, no GPU
+    collective) sums the ranks' counts: on every rank alike (the targets' kind is the data's),
+    before any forward, so none runs inside the micro-steps. The count is the step's, so a step
+    rerun with another split (an out-of-memory re-split) normalises alike. A global batch without
+    a counted token trains nothing (its loss and gradients are 0)."""
     first = next(micro_batches)
     if not t.loss_fn.per_token(torch.as_tensor(first[1])):
         return itertools.chain([first], micro_batches), 0.0
     step = [first, *(next(micro_batches) for _ in range(plan.accumulation - 1))]
     local = sum(t.loss_fn.counted(torch.as_tensor(b[1])) for b in step)
-    backend = t.backend
-    count = backend.sum(torch.tensor(float(local), dtype=torch.float64, device=backend.device))
-    return iter(step), max(float(count), 1.0)
+    return iter(step), float(max(sum(t.backend.flags(local)), 1))
 
 
 def _size(t: Trainee, batch: Any, half: int | None, plan: BatchPlan, tokens: float) -> float:

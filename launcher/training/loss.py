@@ -6,9 +6,9 @@ ranks and micro-batches (launcher/training/loop.py `accumulate`):
   losses over the global batch / the number of counted target tokens in it, targets equal to
   IGNORE_INDEX (-100, F.cross_entropy's ignore_index: padding, prompt tokens) left out of both
   (Transformers' `num_items_in_batch`). The loop counts the step's tokens before its first
-  forward (one all-reduce) and each micro-step's loss is its token sum x world size / that count
-  (the backend averages over ranks). With no ignored target every sequence counts its positions,
-  and this is the mean over sequences of their per-position mean, as before;
+  forward (one host-side gather) and each micro-step's loss is its token sum x world size / that
+  count (the backend averages over ranks). With no ignored target every sequence counts its
+  positions, and this is the mean over sequences of their per-position mean, as before;
 - per sample, for class labels and your loss (one value per sample): the sum over samples / the
   per-device batch, so the ranks' average is the mean over the global batch.
 
