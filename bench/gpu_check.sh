@@ -64,7 +64,7 @@ step() {  # name, seconds it needs at least, seconds it may take at most, then t
 TP=(python3 bench/throughput.py --batch 256 --steps 40)
 step throughput_accelerate 60 110 "${TP[@]}" --repeats 2 --cudnn-benchmark \
   --out "$W/throughput_accelerate.json"
-step pytest_gpu 200 280 env LAUNCHER_REQUIRE_GPU_TESTS=1 python3 -m pytest -m gpu tests/test_gpu.py \
+step pytest_gpu 200 310 env LAUNCHER_REQUIRE_GPU_TESTS=1 python3 -m pytest -m gpu tests/test_gpu.py \
   -p no:cacheprovider -q -rA --durations=0
 step throughput_zero2 70 110 "${TP[@]}" --repeats 2 --cudnn-benchmark --backend deepspeed \
   --zero-stage 2 --out "$W/throughput_zero2.json"

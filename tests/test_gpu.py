@@ -147,8 +147,9 @@ def _limit_between_32_and_64(args: list[str]) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["accelerate", "fsdp"])
-@pytest.mark.parametrize("how", ["injected", "real"])
+@pytest.mark.parametrize(  # FSDP2's injected case runs on CPU (tests/test_fsdp.py)
+    ("how", "backend"), [("injected", "accelerate"), ("real", "accelerate"), ("real", "fsdp")]
+)
 def test_out_of_memory_on_cuda_reruns_the_step_at_half_the_micro_batch(how, backend, gpu, tmp_path):
     """micro 64 runs out of memory (injected at step 2 by LAUNCHER_TEST_OOM, or for real at
     step 1 under an allocator limit between the peaks at 32 and 64): the step is dropped and
