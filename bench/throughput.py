@@ -21,8 +21,15 @@ the median run; MFU = images/s x 24.5 GFLOP (ResNet-50 at
 bf16 peak. cudnn.benchmark is the launcher's trainer.cudnn_benchmark (off unless --cudnn-benchmark),
 set process-wide, so both sides run with the same setting.
 
+Each side builds its model (and the launcher side its optimizer and backend.prepare) once, before
+its untimed run, and keeps it for its timed runs. `--compile` compiles it in place on both sides:
+the launcher's trainer.compile=true path (`model.compile()` before backend.prepare, as
+launcher/training/phases.py `prepare` does) and `model.compile()` in the plain loop; the untimed
+run then holds the compilation (train and eval graphs), and the timed runs reuse it.
+
     python bench/throughput.py [--device cuda] [--batch 256] [--steps 50] [--repeats 3]
-        [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--out result.json]
+        [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--compile]
+        [--out result.json]
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
 """
 
@@ -77,43 +84,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(cfg, spec) -> torch.nn.Module:
+def _model(cfg, spec, compile_: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(cfg.model, spec)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile_:  # in place, as the launcher's trainer.compile=true (training/phases.py prepare)
+        model.compile()
     return model
 
 
-def launcher_run(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, run: str) -> float:
-    """fit() through the backend; returns seconds (model set-up and prepare not timed)."""
-    model = _model(cfg, spec)
+def launcher_side(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, compile_: bool):
+    """The model, its optimizer and backend.prepare once; returns run(name) -> seconds: fit()
+    through the backend (the set-up is not timed)."""
+    model = _model(cfg, spec, compile_)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
-    run_dir = Path(tmp, f"{run}-noise" if noise else run)
-    run_dir.mkdir()
-    sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
-    window = cfg.trainer.noise_window * plan.total_samples
-    meter = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if noise else None
-    _sync(backend.device)
-    start = time.perf_counter()
-    fit(
-        Trainee(model, optimizer, backend, torch.float32),
-        plan,
-        Feed(lambda plan, step: itertools.cycle(pool), lambda plan: evals),
-        sink,
-        Settings(log_every=cfg.trainer.log_every, eval_every_samples=plan.total_samples),
-        meter=meter,
-    )
-    _sync(backend.device)
-    elapsed = time.perf_counter() - start
-    sink.close()
-    return elapsed
+
+    def run(name: str) -> float:
+        run_dir = Path(tmp, f"{name}-noise" if noise else name)
+        run_dir.mkdir()
+        sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
+        window = cfg.trainer.noise_window * plan.total_samples
+        meter = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if noise else None
+        _sync(backend.device)
+        start = time.perf_counter()
+        fit(
+            Trainee(model, optimizer, backend, torch.float32),
+            plan,
+            Feed(lambda plan, step: itertools.cycle(pool), lambda plan: evals),
+            sink,
+            Settings(log_every=cfg.trainer.log_every, eval_every_samples=plan.total_samples),
+            meter=meter,
+        )
+        _sync(backend.device)
+        elapsed = time.perf_counter() - start
+        sink.close()
+        return elapsed
+
+    return run
 
 
-def plain_run(cfg, spec, plan, pool, evals, device: torch.device) -> float:
-    """The hand-written loop on the same batches; returns seconds."""
-    model = _model(cfg, spec).to(device)
+def plain_side(cfg, spec, plan, pool, evals, device: torch.device, compile_: bool):
+    """The hand-written loop on the same batches; returns run(name) -> seconds."""
+    model = _model(cfg, spec, compile_).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
@@ -123,24 +137,28 @@ def plain_run(cfg, spec, plan, pool, evals, device: torch.device) -> float:
     lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
     precision = cfg.backend.mixed_precision
     half = torch.bfloat16 if precision == "bf16" else torch.float16
-    batches = itertools.cycle(pool)
-    _sync(device)
-    start = time.perf_counter()
-    model.train()
-    for step in range(plan.steps):
-        for group in opt.param_groups:
-            group["lr"] = lrs[step]
-        x, y = next(batches)
-        with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=precision != "no"):
-        sum(int((model(x).argmax(1) == y).sum()) for x, y in evals)  # as the launcher counts
-    _sync(device)
-    return time.perf_counter() - start
+
+    def run(name: str) -> float:
+        batches = itertools.cycle(pool)
+        _sync(device)
+        start = time.perf_counter()
+        model.train()
+        for step in range(plan.steps):
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+            x, y = next(batches)
+            with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=precision != "no"):
+            sum(int((model(x).argmax(1) == y).sum()) for x, y in evals)  # as the launcher counts
+        _sync(device)
+        return time.perf_counter() - start
+
+    return run
 
 
 def main() -> None:
@@ -154,6 +172,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["accelerate", "deepspeed"], default="accelerate")
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     overrides = [
@@ -193,16 +212,16 @@ def main() -> None:
     runs: dict[str, list[float]] = {"plain": [], "launcher": [], "launcher+noise": []}
     with tempfile.TemporaryDirectory() as tmp:
         sides = {
-            "plain": lambda r: plain_run(cfg, spec, plan, pool, evals, device),
-            "launcher": lambda r: launcher_run(
-                cfg, spec, plan, backend, pool, evals, False, tmp, r
+            "plain": plain_side(cfg, spec, plan, pool, evals, device, args.compile),
+            "launcher": launcher_side(
+                cfg, spec, plan, backend, pool, evals, False, tmp, args.compile
             ),
-            "launcher+noise": lambda r: launcher_run(
-                cfg, spec, plan, backend, pool, evals, True, tmp, r
+            "launcher+noise": launcher_side(
+                cfg, spec, plan, backend, pool, evals, True, tmp, args.compile
             ),
         }
-        for name, side in sides.items():  # untimed: autotuning, allocator, first-call costs
-            side(f"warm-{name}")  # (run-folder names: one per run)
+        for name, side in sides.items():  # untimed: compilation, autotuning, allocator, first
+            side(f"warm-{name}")  # calls (run-folder names: one per run)
         for r in range(args.repeats):
             for name, side in sides.items():
                 runs[name].append(side(f"{name}-{r}"))
@@ -221,12 +240,14 @@ def main() -> None:
         "precision": cfg.backend.mixed_precision,
         "channels_last": cfg.trainer.channels_last,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "compile": args.compile,
         "runs_s": runs,
     }
     print(
         f"{device_name}, torch {torch.__version__}, {args.arch} {args.image}px, micro-batch "
         f"{args.batch}, {args.steps} steps, {cfg.backend.mixed_precision}, backend "
-        f"{result['backend']}, {args.repeats} alternating runs"
+        f"{result['backend']}, compile {'on' if args.compile else 'off'}, {args.repeats} "
+        "alternating runs"
     )
     rates = {}
     for name, seconds in runs.items():
