@@ -1,4 +1,4 @@
-"""Training throughput: the launcher's loop vs a plain PyTorch loop on ResNet-50, with MFU.
+"""Training throughput: the launcher's loop vs a plain PyTorch loop on ResNet-50 or a GPT, with MFU.
 
 Both sides train the `resnet50` recipe's model (torchvision ResNet-50, zero-init residual gamma),
 channels-last (trainer.channels_last=auto: on CUDA), in the precision backend.mixed_precision=auto
@@ -27,10 +27,37 @@ the launcher's trainer.compile=true path (`model.compile()` before backend.prepa
 launcher/training/phases.py `prepare` does) and `model.compile()` in the plain loop; the untimed
 run then holds the compilation (train and eval graphs), and the timed runs reuse it.
 
+`--model gpt` (issue 23): the launcher's own GPT (launcher/models/gpt.py, `+recipe=gpt_small`:
+AdamW, betas (0.9, 0.99), weight decay 0.1 on the >= 2-D weights, gradient clipping 1.0, cosine
+LR; bf16 autocast by backend.mixed_precision=auto on a bf16 GPU, float32 on CPU) at --layers x
+--width, --heads, --seq (default 12 x 768, 12 heads, 1024: GPT-2 small's body, byte vocabulary),
+micro-batch --batch (default 16), on a pool of 4 resident batches of random byte tokens, through the
+same `fit` as above vs a nanoGPT-style loop (Karpathy's train.py: autocast forward, cross-entropy
+on the flattened logits, backward, clip_grad_norm_, step, zero_grad(None), the LR set every step)
+on the same model class and batches. The optimizer settings are the same on both sides; its
+implementation is not: the plain loop uses AdamW(fused=True) on CUDA, as nanoGPT does
+(--plain-foreach: torch's default foreach, the launcher's), the launcher its own AdamW (torch's
+default: foreach on CUDA). The launcher counts each step's target tokens before the step
+(training/loop.py `_step_batches`): with these device-resident targets that count reads the device
+(one sync per step), which host batches from a loader would not. Tokens/s = trained tokens / the
+median run; MFU = tokens/s x FLOP per token / the dense bf16 peak, with nanoGPT's estimate_mfu
+count: 6 N + 12 L H Q T per token, N = the parameters less the position embedding (nanoGPT's
+non-embedding count: the token embedding is the tied output layer and counts), L layers, H x Q =
+the width, T = the sequence length (attention FLOP as if unmasked, as nanoGPT counts them).
+
+`--profile PATH`: after the timed runs, one more run of the launcher (no meter) and of the plain
+loop, each under torch.profiler (CPU activity, and CUDA where available); PATH gets their
+`key_averages().table(sort_by=..., row_limit=25)`, by self CPU time and on CUDA also by self CUDA
+time, each headed by its run's seconds under the profiler.
+
     python bench/throughput.py [--device cuda] [--batch 256] [--steps 50] [--repeats 3]
         [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--compile]
-        [--out result.json]
+        [--profile prof.txt] [--out result.json]
+    python bench/throughput.py --model gpt [--layers 12 --width 768 --heads 12 --seq 1024]
+        [--batch 16] [--plain-foreach] [--compile] ...
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
+    python bench/throughput.py --device cpu --model gpt --layers 2 --width 64 --heads 2 --seq 64 \
+        --batch 8 --steps 6 --repeats 2  # smoke
 """
 
 from __future__ import annotations
@@ -161,27 +188,134 @@ def plain_side(cfg, spec, plan, pool, evals, device: torch.device, compile_: boo
     return run
 
 
+def plain_gpt_side(cfg, spec, plan, pool, evals, device: torch.device, compile_: bool, fused):
+    """A nanoGPT-style loop (Karpathy's train.py) on the same GPT and the same token batches:
+    AdamW over two groups (weight decay on the >= 2-D weights only, as nanoGPT's
+    configure_optimizers), the recipe's LR, betas and eps, `fused` (nanoGPT: on CUDA), autocast,
+    the loss on the flattened logits, backward, clip_grad_norm_ (the recipe's 1.0, nanoGPT's
+    grad_clip), step, zero_grad(None), the LR set every step; returns run(name) -> seconds."""
+    model = _model(cfg, spec, compile_).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
+    opt = torch.optim.AdamW(
+        groups,
+        lr=plan.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=0.0,
+        fused=fused,
+    )
+    lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
+    precision = cfg.backend.mixed_precision
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    clip = cfg.optim.clip_grad_norm
+
+    def run(name: str) -> float:
+        batches = itertools.cycle(pool)
+        _sync(device)
+        start = time.perf_counter()
+        model.train()
+        for step in range(plan.steps):
+            for group in opt.param_groups:
+                group["lr"] = lrs[step]
+            x, y = next(batches)
+            with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
+                logits = model(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=precision != "no"):
+            for x, y in evals:  # loss and accuracy, read once, as the launcher's evaluation
+                logits = model(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
+                float(loss), int((logits.argmax(-1) == y).sum())
+        _sync(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def gpt_flop_per_token(model: torch.nn.Module, layers: int, width: int, seq: int) -> float:
+    """nanoGPT's estimate_mfu: 6 N + 12 L H Q T per token, N = the parameters less the position
+    embedding (nanoGPT's get_num_params(non_embedding=True); the token embedding is the tied
+    output layer and counts), H x Q = width, T = the sequence length."""
+    n = sum(p.numel() for p in model.parameters()) - model.positions.weight.numel()
+    return 6 * n + 12 * layers * width * seq
+
+
+def profile_runs(sides: dict, device: torch.device, path: Path) -> None:
+    """One more run of the launcher and of the plain loop, each under torch.profiler (CPU, and
+    CUDA where available); their key_averages tables (top 25 by self CPU time, and on CUDA by
+    self CUDA time) written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.type == "cuda" else [])
+    parts = []
+    for name in ("launcher", "plain"):
+        with profile(activities=activities) as prof:
+            seconds = sides[name](f"profile-{name}")
+        averages = prof.key_averages()
+        for key in keys:
+            parts.append(f"== {name}: one run under the profiler, {seconds:.3f} s; sorted by {key}")
+            parts.append(averages.table(sort_by=key, row_limit=25))
+    path.write_text("\n".join(parts) + "\n")
+    print(f"profile tables: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=["resnet", "gpt"], default="resnet")
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=12, help="gpt: blocks")
+    parser.add_argument("--width", type=int, default=768, help="gpt: model width")
+    parser.add_argument("--heads", type=int, default=12, help="gpt: attention heads")
+    parser.add_argument("--seq", type=int, default=1024, help="gpt: sequence length")
+    parser.add_argument("--batch", type=int, help="micro-batch (resnet: 256, gpt: 16)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", choices=["accelerate", "deepspeed"], default="accelerate")
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
+    parser.add_argument(
+        "--plain-foreach",
+        action="store_true",
+        help="gpt: the plain loop's AdamW foreach (the launcher's), not fused on CUDA",
+    )
+    parser.add_argument("--profile", type=Path, help="profiler tables of one more run per side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    overrides = [
-        "+recipe=resnet50",
-        "data=synthetic",
-        f"data.input_shape=[3,{args.image},{args.image}]",
-        f"data.train_samples={args.batch * args.steps}",
-        f"data.eval_samples={args.batch}",
-        f"model.arch={args.arch}",
+    gpt = args.model == "gpt"
+    if args.batch is None:
+        args.batch = 16 if gpt else 256
+    if gpt:
+        overrides = [
+            "+recipe=gpt_small",
+            f"model.layers={args.layers}",
+            f"model.width={args.width}",
+            f"model.heads={args.heads}",
+            f"data.seq_len={args.seq}",
+        ]
+    else:
+        overrides = [
+            "+recipe=resnet50",
+            "data=synthetic",
+            f"data.input_shape=[3,{args.image},{args.image}]",
+            f"data.train_samples={args.batch * args.steps}",
+            f"data.eval_samples={args.batch}",
+            f"model.arch={args.arch}",
+        ]
+    overrides += [
         f"global_batch={args.batch}",
         f"micro_batch={args.batch}",
         "trainer.epochs=1",
@@ -199,20 +333,34 @@ def main() -> None:
     plan = plan_batch(cfg, 1, args.batch * args.steps)
     assert plan.steps == args.steps and plan.micro_batch == args.batch
     g = torch.Generator(device="cpu").manual_seed(0)
-    shape = (args.batch, *spec.input_shape)
-    pool = [
-        (
-            torch.randn(shape, generator=g).to(device),
-            torch.randint(spec.num_classes, (args.batch,), generator=g).to(device),
-        )
-        for _ in range(4)
-    ]
+    if gpt:  # random byte tokens: inputs and next-token targets, batch x seq
+        pool = [
+            tuple(
+                torch.randint(spec.num_classes, (args.batch, args.seq), generator=g).to(device)
+                for _ in range(2)
+            )
+            for _ in range(4)
+        ]
+    else:
+        shape = (args.batch, *spec.input_shape)
+        pool = [
+            (
+                torch.randn(shape, generator=g).to(device),
+                torch.randint(spec.num_classes, (args.batch,), generator=g).to(device),
+            )
+            for _ in range(4)
+        ]
     evals = pool[:1]
     backend = build_backend(cfg, str(device))
+    fused = gpt and device.type == "cuda" and not args.plain_foreach
     runs: dict[str, list[float]] = {"plain": [], "launcher": [], "launcher+noise": []}
     with tempfile.TemporaryDirectory() as tmp:
+        if gpt:
+            plain = plain_gpt_side(cfg, spec, plan, pool, evals, device, args.compile, fused)
+        else:
+            plain = plain_side(cfg, spec, plan, pool, evals, device, args.compile)
         sides = {
-            "plain": plain_side(cfg, spec, plan, pool, evals, device, args.compile),
+            "plain": plain,
             "launcher": launcher_side(
                 cfg, spec, plan, backend, pool, evals, False, tmp, args.compile
             ),
@@ -225,41 +373,74 @@ def main() -> None:
         for r in range(args.repeats):
             for name, side in sides.items():
                 runs[name].append(side(f"{name}-{r}"))
+        if args.profile:
+            profile_runs(sides, device, args.profile)
     peak, device_name = peak_flops(device)
-    flop = R50_TRAIN_FLOP * (args.image / 224) ** 2 if args.arch == "resnet50" else None
-    images = args.batch * args.steps  # trained; the time includes one eval batch on every side
+    if gpt:
+        flop = gpt_flop_per_token(_model(cfg, spec, False), args.layers, args.width, args.seq)
+        unit, per_sample = "tokens", args.seq
+        what = f"GPT {args.layers} x {args.width} ({args.heads} heads), seq {args.seq}"
+    else:
+        flop = R50_TRAIN_FLOP * (args.image / 224) ** 2 if args.arch == "resnet50" else None
+        unit, per_sample = "images", 1
+        what = f"{args.arch} {args.image}px"
+    trained = args.batch * args.steps * per_sample  # the time includes one eval batch per side
     result = {
         "device": device_name,
         "torch": torch.__version__,
         "backend": args.backend
         + (f" ZeRO {args.zero_stage}" if args.backend == "deepspeed" else ""),
-        "arch": args.arch,
-        "image": args.image,
+        "model": args.model,
         "micro_batch": args.batch,
         "steps": args.steps,
         "precision": cfg.backend.mixed_precision,
-        "channels_last": cfg.trainer.channels_last,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "compile": args.compile,
         "runs_s": runs,
     }
+    if gpt:
+        result |= {
+            "layers": args.layers,
+            "width": args.width,
+            "heads": args.heads,
+            "seq": args.seq,
+            "optimizer": {
+                "plain": f"AdamW {'fused' if fused else 'foreach (torch default)'}",
+                "launcher": "AdamW (torch default: foreach on CUDA)",
+            },
+            "flop_per_token": flop,
+        }
+    else:
+        result |= {
+            "arch": args.arch,
+            "image": args.image,
+            "channels_last": cfg.trainer.channels_last,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "flop_per_image": flop,
+        }
     print(
-        f"{device_name}, torch {torch.__version__}, {args.arch} {args.image}px, micro-batch "
-        f"{args.batch}, {args.steps} steps, {cfg.backend.mixed_precision}, backend "
-        f"{result['backend']}, compile {'on' if args.compile else 'off'}, {args.repeats} "
-        "alternating runs"
+        f"{device_name}, torch {torch.__version__}, {what}, micro-batch {args.batch}, "
+        f"{args.steps} steps, {cfg.backend.mixed_precision}, backend {result['backend']}, "
+        f"compile {'on' if args.compile else 'off'}, {args.repeats} alternating runs"
     )
+    count = "nanoGPT's 6 N + 12 L H Q T" if gpt else "24.5 GFLOP x (image/224)^2"
+    print(
+        f"FLOP per {unit[:-1]}: {f'{flop:.4g}' if flop else 'not set for this arch'} ({count}); "
+        f"dense bf16 peak: {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown (no MFU)'}"
+    )
+    if gpt:
+        print(f"plain optimizer: {result['optimizer']['plain']}; launcher: AdamW torch default")
     rates = {}
     for name, seconds in runs.items():
-        rates[name] = images / statistics.median(seconds)
+        rates[name] = trained / statistics.median(seconds)
         mfu = f", MFU {rates[name] * flop / peak:.1%}" if flop and peak else ""
         print(
-            f"{name:>15}: {rates[name]:,.0f} images/s{mfu} "
+            f"{name:>15}: {rates[name]:,.0f} {unit}/s{mfu} "
             f"(runs s: {', '.join(f'{t:.2f}' for t in seconds)})"
         )
     for name in ("launcher", "launcher+noise"):
         print(f"ratio {name} / plain = {rates[name] / rates['plain']:.3f} (medians)")
-    result["images_per_s"] = rates
+    result[f"{unit}_per_s"] = rates
+    result["peak_flops"] = peak
     result["mfu"] = {k: v * flop / peak for k, v in rates.items()} if flop and peak else None
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
