@@ -25,7 +25,8 @@ Each side builds its model (and the launcher side its optimizer and backend.prep
 its untimed run, and keeps it for its timed runs. `--compile` compiles it in place on both sides:
 the launcher's trainer.compile=true path (`model.compile()` before backend.prepare, as
 launcher/training/phases.py `prepare` does) and `model.compile()` in the plain loop; the untimed
-run then holds the compilation (train and eval graphs), and the timed runs reuse it.
+run then holds the compilation (train and eval graphs), and the timed runs reuse it. `--sides`
+runs a subset (e.g. plain,launcher: the noise meter's half-batch graph is one more compilation).
 
 `--model gpt` (issue 23): the launcher's own GPT (launcher/models/gpt.py, `+recipe=gpt_small`:
 AdamW, betas (0.9, 0.99), weight decay 0.1 on the >= 2-D weights, gradient clipping 1.0, cosine
@@ -52,7 +53,7 @@ time, each headed by its run's seconds under the profiler.
 
     python bench/throughput.py [--device cuda] [--batch 256] [--steps 50] [--repeats 3]
         [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--compile]
-        [--profile prof.txt] [--out result.json]
+        [--sides plain,launcher,launcher+noise] [--profile prof.txt] [--out result.json]
     python bench/throughput.py --model gpt [--layers 12 --width 768 --heads 12 --seq 1024]
         [--batch 16] [--plain-foreach] [--compile] ...
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
@@ -292,6 +293,11 @@ def main() -> None:
         action="store_true",
         help="gpt: the plain loop's AdamW foreach (the launcher's), not fused on CUDA",
     )
+    parser.add_argument(
+        "--sides",
+        default="plain,launcher,launcher+noise",
+        help="which to run, comma-separated (plain and a launcher side at least)",
+    )
     parser.add_argument("--profile", type=Path, help="profiler tables of one more run per side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -353,21 +359,29 @@ def main() -> None:
     evals = pool[:1]
     backend = build_backend(cfg, str(device))
     fused = gpt and device.type == "cuda" and not args.plain_foreach
-    runs: dict[str, list[float]] = {"plain": [], "launcher": [], "launcher+noise": []}
+    chosen = args.sides.split(",")
+    if "plain" not in chosen or not {"launcher", "launcher+noise"} & set(chosen):
+        parser.error("--sides: plain and at least one of launcher, launcher+noise")
+    if set(chosen) - {"plain", "launcher", "launcher+noise"}:
+        parser.error(f"--sides {args.sides!r}: plain, launcher, launcher+noise")
+    if args.profile and "launcher" not in chosen:
+        parser.error("--profile profiles the launcher side: include it in --sides")
+    runs: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as tmp:
-        if gpt:
-            plain = plain_gpt_side(cfg, spec, plan, pool, evals, device, args.compile, fused)
-        else:
-            plain = plain_side(cfg, spec, plan, pool, evals, device, args.compile)
-        sides = {
-            "plain": plain,
-            "launcher": launcher_side(
+        makers = {
+            "plain": lambda: (
+                plain_gpt_side(cfg, spec, plan, pool, evals, device, args.compile, fused)
+                if gpt
+                else plain_side(cfg, spec, plan, pool, evals, device, args.compile)
+            ),
+            "launcher": lambda: launcher_side(
                 cfg, spec, plan, backend, pool, evals, False, tmp, args.compile
             ),
-            "launcher+noise": launcher_side(
+            "launcher+noise": lambda: launcher_side(
                 cfg, spec, plan, backend, pool, evals, True, tmp, args.compile
             ),
         }
+        sides = {name: makers[name]() for name in chosen}
         for name, side in sides.items():  # untimed: compilation, autotuning, allocator, first
             side(f"warm-{name}")  # calls (run-folder names: one per run)
         for r in range(args.repeats):
@@ -395,6 +409,7 @@ def main() -> None:
         "steps": args.steps,
         "precision": cfg.backend.mixed_precision,
         "compile": args.compile,
+        "sides": chosen,
         "runs_s": runs,
     }
     if gpt:
@@ -437,7 +452,7 @@ def main() -> None:
             f"{name:>15}: {rates[name]:,.0f} {unit}/s{mfu} "
             f"(runs s: {', '.join(f'{t:.2f}' for t in seconds)})"
         )
-    for name in ("launcher", "launcher+noise"):
+    for name in [n for n in runs if n != "plain"]:
         print(f"ratio {name} / plain = {rates[name] / rates['plain']:.3f} (medians)")
     result[f"{unit}_per_s"] = rates
     result["peak_flops"] = peak
