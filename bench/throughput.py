@@ -40,7 +40,10 @@ implementation is not: the plain loop uses AdamW(fused=True) on CUDA, as nanoGPT
 (--plain-foreach: torch's default foreach, the launcher's), the launcher its own AdamW (torch's
 default: foreach on CUDA). The launcher counts each step's target tokens before the step
 (training/loop.py `_step_batches`): with these device-resident targets that count reads the device
-(one sync per step), which host batches from a loader would not. Tokens/s = trained tokens / the
+(one sync per step), which host batches from a loader would not. `--host-batches` keeps the token
+pool in pinned host memory instead, as a loader's batches arrive: the launcher copies each batch
+with its own `to_device` (non_blocking) and counts the tokens on the host, the plain loop copies
+them as nanoGPT's get_batch does (`.to(device, non_blocking=True)`). Tokens/s = trained tokens / the
 median run; MFU = tokens/s x FLOP per token / the dense bf16 peak, with nanoGPT's estimate_mfu
 count: 6 N + 12 L H Q T per token, N = the parameters less the position embedding (nanoGPT's
 non-embedding count: the token embedding is the tied output layer and counts), L layers, H x Q =
@@ -55,7 +58,7 @@ time, each headed by its run's seconds under the profiler.
         [--backend accelerate|deepspeed] [--zero-stage 2] [--cudnn-benchmark] [--compile]
         [--sides plain,launcher,launcher+noise] [--profile prof.txt] [--out result.json]
     python bench/throughput.py --model gpt [--layers 12 --width 768 --heads 12 --seq 1024]
-        [--batch 16] [--plain-foreach] [--compile] ...
+        [--batch 16] [--plain-foreach] [--host-batches] [--compile] ...
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
     python bench/throughput.py --device cpu --model gpt --layers 2 --width 64 --heads 2 --seq 64 \
         --batch 8 --steps 6 --repeats 2  # smoke
@@ -220,7 +223,7 @@ def plain_gpt_side(cfg, spec, plan, pool, evals, device: torch.device, compile_:
         for step in range(plan.steps):
             for group in opt.param_groups:
                 group["lr"] = lrs[step]
-            x, y = next(batches)
+            x, y = (t.to(device, non_blocking=True) for t in next(batches))  # --host-batches
             with torch.autocast(device.type, dtype=half, enabled=precision != "no"):
                 logits = model(x)
                 loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
@@ -232,6 +235,7 @@ def plain_gpt_side(cfg, spec, plan, pool, evals, device: torch.device, compile_:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=half, enabled=precision != "no"):
             for x, y in evals:  # loss and accuracy, read once, as the launcher's evaluation
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
                 float(loss), int((logits.argmax(-1) == y).sum())
@@ -294,6 +298,11 @@ def main() -> None:
         help="gpt: the plain loop's AdamW foreach (the launcher's), not fused on CUDA",
     )
     parser.add_argument(
+        "--host-batches",
+        action="store_true",
+        help="gpt: token batches in pinned host memory, copied per step (as a loader's)",
+    )
+    parser.add_argument(
         "--sides",
         default="plain,launcher,launcher+noise",
         help="which to run, comma-separated (plain and a launcher side at least)",
@@ -340,9 +349,15 @@ def main() -> None:
     assert plan.steps == args.steps and plan.micro_batch == args.batch
     g = torch.Generator(device="cpu").manual_seed(0)
     if gpt:  # random byte tokens: inputs and next-token targets, batch x seq
+
+        def place(t: torch.Tensor) -> torch.Tensor:  # resident, or pinned host memory
+            if not args.host_batches:
+                return t.to(device)
+            return t.pin_memory() if device.type == "cuda" else t
+
         pool = [
             tuple(
-                torch.randint(spec.num_classes, (args.batch, args.seq), generator=g).to(device)
+                place(torch.randint(spec.num_classes, (args.batch, args.seq), generator=g))
                 for _ in range(2)
             )
             for _ in range(4)
@@ -393,7 +408,9 @@ def main() -> None:
     if gpt:
         flop = gpt_flop_per_token(_model(cfg, spec, False), args.layers, args.width, args.seq)
         unit, per_sample = "tokens", args.seq
-        what = f"GPT {args.layers} x {args.width} ({args.heads} heads), seq {args.seq}"
+        what = f"GPT {args.layers} x {args.width} ({args.heads} heads), seq {args.seq}, " + (
+            "host batches" if args.host_batches else "resident batches"
+        )
     else:
         flop = R50_TRAIN_FLOP * (args.image / 224) ** 2 if args.arch == "resnet50" else None
         unit, per_sample = "images", 1
@@ -410,6 +427,7 @@ def main() -> None:
         "precision": cfg.backend.mixed_precision,
         "compile": args.compile,
         "sides": chosen,
+        "host_batches": gpt and args.host_batches,
         "runs_s": runs,
     }
     if gpt:
