@@ -24,23 +24,27 @@
 #   4. throughput_compile: step 1 with --compile (torch.compile both sides), plain and launcher
 #      only, one repeat [~100 s: compilation];
 #   5. throughput_gpt_compile: step 2 with --compile, plain and launcher only [~80 s];
+#   6. throughput_gpt_host: step 2 with --host-batches (pinned host token batches copied per step,
+#      as a loader's: the launcher then counts tokens on the host, no device read), plain and
+#      launcher only [~35 s];
 # then the earlier checks (issues 9 and 22):
-#   6. pytest -m gpu (tests/test_gpu.py): probe vs allocator, injected and real OOM recovery,
+#   7. pytest -m gpu (tests/test_gpu.py): probe vs allocator, injected and real OOM recovery,
 #      bf16 vs float32, DeepSpeed FusedAdam / FusedLamb (JIT-compiled: ~50 s each on first use);
-#   7. step 1 with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
-#   8. step 1 with cudnn.benchmark off (the launcher's default), one repeat, no profile;
-#   9. bench/memory_finder.py under an 8 GiB allocator limit (launcher vs Accelerate vs Lightning);
-#  10. the gpt_small recipe, ~90 steps (bf16 by auto);
-#  11. bench/fsdp_memory.py (issue 22 memory): backend=fsdp's per-rank peak (the allocator's) vs the
+#   8. step 1 with DeepSpeed ZeRO 2 (against its own plain-loop baseline in the same process);
+#   9. step 1 with cudnn.benchmark off (the launcher's default), one repeat, no profile;
+# 10. bench/memory_finder.py under an 8 GiB allocator limit (launcher vs Accelerate vs Lightning);
+# 11. the gpt_small recipe, ~90 steps (bf16 by auto);
+# 12. bench/fsdp_memory.py (issue 22 memory): backend=fsdp's per-rank peak (the allocator's) vs the
 #      probe's sharding-credited prediction, bf16, OOM-safe and in-backward reduction. One GPU is one
 #      rank (NCCL, world size 1: the credit is then a debit, the shard beside the gathered copy);
 #      on a machine with 2 GPUs set FSDP_RANKS=2 for the 2-rank check the CPU bench ran on gloo.
-#  12. bench/backends.py (issue 22 speed, last and time-boxed: ~90 s, no run starts after 70 s):
+# 13. bench/backends.py (issue 22 speed, last and time-boxed: ~90 s, no run starts after 70 s):
 #      GPT 12 x 768, seq 512, bf16, accumulation 2, 40 steps, one rank per GPU: samples/s and the
 #      allocator's peak (cuda_peak_bytes) for DDP, ZeRO 2, ZeRO 3, FSDP2 (OOM-safe, then plain).
-# GPU_CHECK_CPU=1 GPU_CHECK_PYTHON=.venv/bin/python: a CPU dry run of steps 1-5 at smoke sizes
-# (~3 minutes on 2 cores, mostly compilation). With the default budget steps 1-5 take ~340 s, so pytest_gpu (needs 200 s) is then skipped: run
-# it alone with GPU_CHECK_STEPS=pytest_gpu when the tests are what a session needs.
+# GPU_CHECK_CPU=1 GPU_CHECK_PYTHON=.venv/bin/python: a CPU dry run of steps 1-6 at smoke sizes
+# (35 s on 2 cores with a warm inductor cache, ~2 minutes cold). With the default budget steps 1-6
+# take ~375 s, so pytest_gpu (needs 200 s) is then skipped: run it alone with
+# GPU_CHECK_STEPS=pytest_gpu when the tests are what a session needs.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
 BUDGET=${GPU_CHECK_SECONDS:-470}
@@ -87,11 +91,11 @@ TP=("$PY" bench/throughput.py --batch 256 --steps 40)
 GPT=("$PY" bench/throughput.py --model gpt --layers 12 --width 768 --heads 12 --seq 1024 --batch 32
   --steps 40)
 IP=("$PY" bench/input_pipeline.py --device cuda --seconds 6)
-if [ -n "${GPU_CHECK_CPU:-}" ]; then  # a CPU dry run of steps 1-5 at smoke sizes (later flags win)
+if [ -n "${GPU_CHECK_CPU:-}" ]; then  # a CPU dry run of steps 1-6 at smoke sizes (later flags win)
   TP+=(--device cpu --arch resnet18 --image 64 --batch 16 --steps 4)
   GPT+=(--device cpu --layers 2 --width 64 --heads 2 --seq 64 --batch 8 --steps 6)
   IP+=(--device cpu --images 128 --seconds 2)
-  GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-throughput_accelerate,throughput_gpt,input_pipeline,throughput_compile,throughput_gpt_compile}
+  GPU_CHECK_STEPS=${GPU_CHECK_STEPS:-throughput_accelerate,throughput_gpt,input_pipeline,throughput_compile,throughput_gpt_compile,throughput_gpt_host}
 fi
 # -- issue 23: the launcher vs plain loops, eager then compiled, and the input pipeline
 step throughput_accelerate 60 120 "${TP[@]}" --repeats 2 --cudnn-benchmark \
@@ -103,6 +107,8 @@ step throughput_compile 110 200 "${TP[@]}" --repeats 1 --cudnn-benchmark --compi
   --sides plain,launcher --out "$W/throughput_compile.json"
 step throughput_gpt_compile 90 170 "${GPT[@]}" --repeats 2 --compile --sides plain,launcher \
   --out "$W/throughput_gpt_compile.json"
+step throughput_gpt_host 40 80 "${GPT[@]}" --repeats 2 --host-batches --sides plain,launcher \
+  --out "$W/throughput_gpt_host.json"
 # -- issues 9 and 22
 step pytest_gpu 200 310 env LAUNCHER_REQUIRE_GPU_TESTS=1 "$PY" -m pytest -m gpu tests/test_gpu.py \
   -p no:cacheprovider -q -rA --durations=0
@@ -119,7 +125,7 @@ step fsdp_memory 60 120 bash -c 'set -e; for m in true false; do
     --json "$0/fsdp_memory_$m.json" -- +recipe=gpt_small model.layers=8 model.width=256 model.heads=4 \
     data.seq_len=256 "global_batch=$((16 * $1))" backend.mixed_precision=bf16 "trainer.oom_recovery=$m"
 done' "$W" "${FSDP_RANKS:-1}"
-# -- 12. backends side by side (issue 22): late, time-boxed; its per-run lines are in the log as they go
+# -- 13. backends side by side (issue 22): late, time-boxed; its per-run lines are in the log as they go
 step backends 60 95 "$PY" bench/backends.py --device cuda --repeats 1 --budget-s 70 \
   --run-timeout-s 60 --no-baseline --out "$W/backends.json"
 
