@@ -127,12 +127,21 @@ def _model(cfg, spec, compile_: bool) -> torch.nn.Module:
 
 def launcher_side(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, compile_: bool):
     """The model, its optimizer and backend.prepare once; returns run(name) -> seconds: fit()
-    through the backend (the set-up is not timed)."""
-    model = _model(cfg, spec, compile_)
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
-    model, optimizer = backend.prepare(model, optimizer, plan)
+    through the backend (the set-up is not timed). DeepSpeed's backend holds the state of the
+    engine it prepared last (its parameter groups; ZeRO's gradient buckets), so with it every run
+    builds and prepares its own model, untimed, as before --compile (a compiled model's code is
+    then reused: no recompilation for a new instance of the same module)."""
+    fresh = cfg.backend.name == "deepspeed"
+
+    def build():
+        model = _model(cfg, spec, compile_)
+        optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+        return backend.prepare(model, optimizer, plan)
+
+    prepared = None if fresh else build()
 
     def run(name: str) -> float:
+        model, optimizer = build() if fresh else prepared
         run_dir = Path(tmp, f"{name}-noise" if noise else name)
         run_dir.mkdir()
         sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
