@@ -165,18 +165,24 @@ def launcher_side(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, 
     return run
 
 
+def _plain_setup(cfg, plan, model: torch.nn.Module) -> tuple[list, list[float], torch.dtype, str]:
+    """What both hand-written loops start from: two parameter groups (weight decay on the >= 2-D
+    weights only), the LR of every step, the autocast dtype and the precision setting."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
+    lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
+    precision = cfg.backend.mixed_precision
+    return groups, lrs, torch.bfloat16 if precision == "bf16" else torch.float16, precision
+
+
 def plain_side(cfg, spec, plan, pool, evals, device: torch.device, compile_: bool):
     """The hand-written loop on the same batches; returns run(name) -> seconds."""
     model = _model(cfg, spec, compile_).to(device)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
+    groups, lrs, half, precision = _plain_setup(cfg, plan, model)
     opt = torch.optim.SGD(
         groups, lr=plan.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov
     )
-    lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
-    precision = cfg.backend.mixed_precision
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
 
     def run(name: str) -> float:
         batches = itertools.cycle(pool)
@@ -208,9 +214,7 @@ def plain_gpt_side(cfg, spec, plan, pool, evals, device: torch.device, compile_:
     the loss on the flattened logits, backward, clip_grad_norm_ (the recipe's 1.0, nanoGPT's
     grad_clip), step, zero_grad(None), the LR set every step; returns run(name) -> seconds."""
     model = _model(cfg, spec, compile_).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": plan.weight_decay}, {"params": rest}]
+    groups, lrs, half, precision = _plain_setup(cfg, plan, model)
     opt = torch.optim.AdamW(
         groups,
         lr=plan.lr,
@@ -219,9 +223,6 @@ def plain_gpt_side(cfg, spec, plan, pool, evals, device: torch.device, compile_:
         weight_decay=0.0,
         fused=fused,
     )
-    lrs = [lr_at(plan, plan.samples_at(step)) for step in range(plan.steps)]
-    precision = cfg.backend.mixed_precision
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
     clip = cfg.optim.clip_grad_norm
 
     def run(name: str) -> float:
