@@ -403,14 +403,14 @@ def _run(args: argparse.Namespace) -> None:
     from hydra import version
     from hydra._internal.utils import _run_hydra, get_args_parser
 
-    from launcher.config.resources import CONF_PACKAGE
+    from launcher.config.resources import conf_search_path
 
     version.setbase("1.3")
     _run_hydra(
         args=args,
         args_parser=get_args_parser(),
         task_function=task,
-        config_path=f"pkg://{CONF_PACKAGE}",
+        config_path=conf_search_path(),
         config_name="config",
     )
 

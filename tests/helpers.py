@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,15 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("LAUNCHER_REQUIRE_CLUSTER_TESTS") == "1":
         pytest.fail(f"LAUNCHER_REQUIRE_CLUSTER_TESTS=1 but {reason}")
     pytest.skip(reason)
+
+
+def checkout_copy(where: Path) -> Path:
+    """The files a fresh clone has that the launcher runs from: code, config, recipes, templates."""
+    for name in ("launcher", "conf", "recipes", "slurm"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / name, where / name, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", where)
+    return where
 
 
 def wheel_env() -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, checkout_copy, read_metrics, run_cli, run_process
 
 BAD_INPUTS = [
     (
@@ -279,3 +279,22 @@ def test_a_budget_below_one_sample_is_refused(extra, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.startswith("launcher: error: memory: one sample needs") and err.count("\n") == 1
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_checkout_runs_with_its_own_config_whatever_is_installed(tmp_path):
+    """`python -m launcher` inside a checkout imports that checkout's launcher/ (first on
+    sys.path) and composes from that checkout's conf/ and recipes/, not an installed copy's."""
+    from launcher.config.resources import source_tree
+
+    assert source_tree() == Path(__file__).resolve().parent.parent
+    checkout = checkout_copy(tmp_path / "checkout")
+    (checkout / "recipes" / "only_here.yaml").write_text("# @package _global_\nglobal_batch: 64\n")
+    env = {"PYTHONPATH": ""}  # nothing but the working directory puts launcher/ on the path
+    helped = run_process([sys.executable, "-m", "launcher", "--help"], checkout, env=env)
+    assert helped.returncode == 0, helped.stderr
+    assert "only_here" in helped.stdout
+    shown = run_process(
+        [sys.executable, "-m", "launcher", "+recipe=only_here", "--cfg", "job"], checkout, env=env
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["global_batch"] == 64

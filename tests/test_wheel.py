@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, accelerate_launch, read_metrics, wheel_env
+from tests.helpers import ROOT, accelerate_launch, checkout_copy, read_metrics, wheel_env
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +233,26 @@ def test_the_examples_script_trains_through_launcher_run(wheel_python, project, 
     assert sum(line.startswith("accuracy ") for line in lines) == ranks  # each rank's result
     assert json.loads((project / "run" / "plan.json").read_text())["world_size"] == ranks
     assert accuracy(project / "run") >= ACCURACY
+
+
+def test_the_readme_commands_run_inside_a_checkout_beside_an_installed_wheel(
+    wheel_python, tmp_path
+):
+    """README "Install": `pip install .`, then `python -m launcher` inside the checkout, whose
+    launcher/ comes first on sys.path and shadows the installed package: the configs come from
+    the checkout's own conf/, recipes/ and slurm/."""
+    checkout = checkout_copy(tmp_path / "checkout")
+    helped = run(wheel_python, ["-m", "launcher", "--help"], checkout)
+    assert helped.returncode == 0, helped.stderr
+    assert "(cifar10, gpt_small, mnist1d, resnet50, resnet50_lars)" in helped.stdout
+    plan = ["-m", "launcher", "+recipe=resnet50", "plan_only=true", "cluster=h100x256"]
+    planned = run(wheel_python, [*plan, f"run_dir={tmp_path / 'plan'}"], checkout)
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["world_size"] == 256
+    where = ["-m", "launcher.slurm", "cluster=a100x8", f"run_dir={tmp_path / 'job'}"]
+    rendered = run(wheel_python, where, checkout)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "#SBATCH --gpus-per-node=8" in (tmp_path / "job" / "job.sbatch").read_text()
+    sources = yaml.safe_load((tmp_path / "plan" / ".hydra" / "hydra.yaml").read_text())
+    paths = [s["path"] for s in sources["hydra"]["runtime"]["config_sources"]]
+    assert str(checkout / "conf") in paths

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from launcher.config.checks import own_options
 from launcher.config.components import UserDataConfig, UserModelConfig
-from launcher.config.resources import CONF_PACKAGE, conf_dir, recipes_dir
+from launcher.config.resources import conf_dir, conf_search_path, recipes_dir
 from launcher.config.schema import RunConfig, to_run_config
 from launcher.errors import ConfigError
 
@@ -139,7 +139,8 @@ def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
 
 @contextmanager
 def _hydra(config_dir: Path | None) -> Iterator[None]:
-    """Hydra initialised as for an app with config module `launcher.conf` and `--config-dir`."""
+    """Hydra initialised as for an app with the launcher's config (config/resources.py) and
+    `--config-dir`."""
     from hydra import version
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
@@ -147,7 +148,7 @@ def _hydra(config_dir: Path | None) -> Iterator[None]:
     from hydra.core.global_hydra import GlobalHydra
 
     version.setbase("1.3")
-    search_path = create_config_search_path(f"pkg://{CONF_PACKAGE}")
+    search_path = create_config_search_path(conf_search_path())
     if config_dir is not None:  # where hydra._internal.utils.run_hydra puts --config-dir
         search_path.prepend(
             provider="command-line",
