@@ -59,7 +59,9 @@ def _usage(config_dir: Path | None) -> str:
 
 def run(args: list[str]) -> None:
     from launcher import hydra_app
+    from launcher.checkpoint.lock import join
 
+    join()  # a trainer.devices worker shares its launcher's lock of the run folder
     try:
         hydra_app.main(args)
     except hydra_app.Failed as failed:  # a job's error, carried through Hydra
@@ -79,6 +81,9 @@ def _help(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launcher.cluster.spawn import die_with_parent
+
+    die_with_parent()  # a worker of torch's elastic agent: first, before anything can hang
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         return _help(args)

@@ -112,6 +112,7 @@ class Context:
     # folder is the real one + its path under scratch (hydra.sweep.subdir, whatever it is)
     scratch: Path | None = None
     real: Path | None = None
+    locked: Path | None = None  # the folder whose lock this process holds (its workers share it)
 
 
 CONTEXT: Context | None = None
@@ -226,7 +227,10 @@ def main(argv: list[str]) -> None:
     global CONTEXT
     real = Path(chosen) if chosen else jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
     scratch_dir = Path(scratch) if scratch else None
-    CONTEXT = Context(config_dir, jobs.launched, jobs.workers, rank, scratch_dir, real.absolute())
+    held = Path(target) if locked else None
+    CONTEXT = Context(
+        config_dir, jobs.launched, jobs.workers, rank, scratch_dir, real.absolute(), held
+    )
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
     args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
     from launcher.checkpoint.lock import NAME, release
@@ -473,7 +477,8 @@ def _task(cfg: Any) -> float | None:
         task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
         worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *worker]
-        start_workers(context.workers, [*args, f"hydra.run.dir={hydra_quote(str(run_dir))}"])
+        folder = f"hydra.run.dir={hydra_quote(str(run_dir))}"
+        start_workers(context.workers, [*args, folder], context.locked)
     else:
         run_dir = Path(execute(run_cfg, launched, run_dir)["run_dir"])
     if context.rank > 0 or run_cfg.plan_only:

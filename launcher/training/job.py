@@ -204,12 +204,20 @@ def launch(
     this machine that do). `provided`: config nodes that replace whole groups (launcher.run's
     objects). Returns each job's final evaluation and run_dir. The command line goes through
     launcher/hydra_app.py instead, which hands each job to Hydra."""
+    from launcher.checkpoint.lock import NAME, acquire, release
     from launcher.config.compose import config_dir_args
 
     jobs = validate(overrides, multirun, config_dir, provided)
     if jobs.workers:
-        args = [*config_dir_args(config_dir), *(["-m"] * multirun), *overrides]
-        start_workers(jobs.workers, args)
+        folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+        locked = jobs.configs[0].run_dir is not None  # a default folder is new anyway
+        if locked:
+            acquire(folder)
+        try:
+            args = [*config_dir_args(config_dir), *(["-m"] * multirun), *overrides]
+            start_workers(jobs.workers, args, folder if locked else None)
+        finally:
+            release(folder.absolute() / NAME, os.getpid())
         return []
     results = []
     log.set_rank(jobs.launched.rank)
@@ -219,8 +227,6 @@ def launch(
         if cfg.run_dir is None or jobs.launched.rank > 0:  # a default folder is new anyway
             results.append(execute(cfg, jobs.launched, run_dir))
             continue
-        from launcher.checkpoint.lock import NAME, acquire, release
-
         acquire(run_dir)
         try:
             results.append(execute(cfg, jobs.launched, run_dir))
@@ -229,13 +235,15 @@ def launch(
     return results
 
 
-def start_workers(workers: int, args: list[str]) -> None:
-    """`python -m launcher ARGS` as `workers` local processes (launcher/cluster/spawn.py)."""
+def start_workers(workers: int, args: list[str], folder: Path | None) -> None:
+    """`python -m launcher ARGS` as `workers` local processes (launcher/cluster/spawn.py), which
+    share this process's lock of `folder` (None: it holds none)."""
+    from launcher.checkpoint.lock import shared
     from launcher.cluster.spawn import spawn
 
     if "launcher.data.user" in sys.modules:  # the plan counted your data; workers build theirs
         sys.modules["launcher.data.user"].release()
-    spawn(workers, args)
+    spawn(workers, args, shared(folder) if folder is not None else None)
 
 
 def _get(cfg: Any, key: str) -> Any:
