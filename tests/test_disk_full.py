@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
 from launcher.checkpoint import files as checkpoint
 from tests.helpers import PARITY_ARGS, run_cli, skip_or_fail
@@ -101,3 +102,23 @@ def test_shards_that_do_not_fit_are_one_line_and_keep_the_last(disk, tmp_path, d
     (disk / "filler").unlink()
     state, path = checkpoint.load(run, pytest.fail)
     assert state["step"] == 1 and "shards" in state and checkpoint.shards_of(path).is_dir()
+
+
+def test_a_full_disk_inside_torch_save_is_one_line_with_nothing_left(disk) -> None:
+    """A state larger than the space left: torch's zip writer fails mid-write (its RuntimeError
+    hides the OSError), for a checkpoint and for the final weights alike."""
+    from launcher.checkpoint.paths import WriteFailed
+    from launcher.training.phases import _save_final
+
+    big = {"consumed_samples": 1, "model": {"w": torch.zeros(8_000_000)}}  # 32 MB on 16 MiB
+    (disk / "run").mkdir()
+    with pytest.raises(WriteFailed) as raised:
+        checkpoint.save(disk / "run", 3, big, keep=2)
+    assert raised.value.line() == (
+        f"launcher: error: cannot write checkpoint {disk}/run/checkpoints/step-000000003.pt "
+        "(No space left on device); none saved before"
+    )
+    assert list((disk / "run" / "checkpoints").iterdir()) == []
+    with pytest.raises(WriteFailed, match="cannot write the final weights .*No space left"):
+        _save_final(big["model"], disk / "model_final.pt")
+    assert not (disk / "model_final.pt").exists()

@@ -220,17 +220,25 @@ class FsdpBackend(Collectives):
         manifests = self.gather_objects(hash_files(mine))
         return {k: v for m in manifests for k, v in m.items()} if self.rank == 0 else None
 
-    def load_shards(self, model: Any, optimizer: Any, folder: Path) -> None:
+    def load_shards(self, model: Any, optimizer: Any, folder: Path, files: list[str]) -> None:
         """A sharded checkpoint into this rank's shards; saved on another number of ranks, the
-        shards are re-split by torch.distributed.checkpoint (elastic resume)."""
+        shards are re-split by torch.distributed.checkpoint (elastic resume). `files`: the
+        manifest's names, the only files its metadata may point at; nothing it holds is
+        unpickled as code (checkpoint/shards.py)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
+        from launcher.checkpoint.shards import SafePlanner, SafeReader, Unsafe
+
         state = self._sharded_state(model, optimizer)
-        dcp.load(state, checkpoint_id=folder)
+        try:
+            dcp.load(state, storage_reader=SafeReader(folder, files), planner=SafePlanner())
+        except CheckpointException as exc:  # a BaseException holding every rank's error
+            raise Unsafe(f"{folder} cannot be loaded safely ({_first_error(exc)})") from None
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
@@ -271,14 +279,27 @@ class FsdpBackend(Collectives):
         set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
-def _os_error(exc: BaseException) -> OSError:
-    """The OSError (disk full) some rank's write raised, or one saying what went wrong."""
+def _errors(exc: BaseException) -> list[BaseException]:
+    """What each rank raised inside a CheckpointException, with their causes."""
+    found = []
     for failure in getattr(exc, "failures", {}).values():
         e = failure[0] if isinstance(failure, tuple) else failure
         while e is not None:
-            if isinstance(e, OSError):
-                return e
+            found.append(e)
             e = e.__cause__ or e.__context__
+    return found
+
+
+def _first_error(exc: BaseException) -> str:
+    errors = _errors(exc)
+    return str(errors[0]).strip().splitlines()[0] if errors else type(exc).__name__
+
+
+def _os_error(exc: BaseException) -> OSError:
+    """The OSError (disk full) some rank's write raised, or one saying what went wrong."""
+    for e in _errors(exc):
+        if isinstance(e, OSError):
+            return e
     return OSError(None, str(exc).strip().splitlines()[0] if str(exc).strip() else "failed")
 
 

@@ -17,20 +17,23 @@ per node).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import re
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from launcher.training.faults import test_kill
 
 FOLDER = "checkpoints"
 LATEST = "latest"
 NAME = re.compile(r"^step-(\d{9})\.pt$")
+PLAIN_NAME = re.compile(r"(?!\.\.?$)[\w.-]+")  # a file name inside a folder, not . or ..
 
 
 def folder(run_dir: Path) -> Path:
@@ -56,11 +59,47 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _digest(path: Path) -> str:
+    with open_regular(path) as f:
+        return _digest_of(f)
+
+
+def _digest_of(f: BinaryIO) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (a symlink to one is fine); OSError for
+    anything else, a FIFO or a device (/dev/zero) included, without blocking on it or reading it
+    without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _small_text(path: Path, limit: int = 4096) -> str:
+    """A short text file (a digest sidecar, the `latest` pointer): ValueError when it is longer
+    than `limit` bytes or not UTF-8, OSError when it is not a regular file."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is longer than {limit} bytes")
+    return data.decode().strip()
 
 
 def shards_tmp(run_dir: Path, step: int) -> Path:
@@ -135,22 +174,39 @@ def _remove(path: Path) -> None:
 
 def _check_shards(path: Path, manifest: dict[str, list[Any]]) -> None:
     """Raise ValueError unless the shard folder of `path` holds every file of the manifest with
-    its size and digest."""
+    its size and digest, and its metadata builds nothing but checkpoint metadata pointing at
+    those files (checkpoint/shards.py: no pickle of it runs code)."""
+    from launcher.checkpoint.shards import METADATA, read_metadata
+
     where = shards_of(path)
     for name, (size, digest) in sorted(manifest.items()):
         file = where / name
-        if not file.is_file():
+        if not _regular(file):
             raise ValueError(f"its shard {file} is missing")
         if file.stat().st_size != size or _digest(file) != digest:
             raise ValueError(f"its shard {file} does not match the digest written with it")
+    if METADATA not in manifest:
+        raise ValueError(f"its shard folder's {METADATA} is not listed")
+    read_metadata((where / METADATA).read_bytes(), manifest)
+
+
+def torch_save(obj: Any, f: BinaryIO) -> None:
+    """torch.save into the open file `f`. torch's zip writer turns a failed write (a full disk)
+    into a RuntimeError; the OSError it hides is raised instead, for the one-line exit 5."""
+    import torch
+
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 
 def _save(where: Path, final: Path, step: int, state: dict[str, Any]) -> None:
-    import torch
-
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch_save(state, f)
         f.flush()
         os.fsync(f.fileno())
     test_kill(step, "written")
@@ -170,38 +226,62 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
 
 
-def _candidates(run_dir: Path) -> list[Path]:
-    """`latest` first (if it names a file), then every checkpoint, newest first."""
+def _candidates(run_dir: Path, warn: Callable[[str], None]) -> list[Path]:
+    """`latest` first (if it names a checkpoint file), then every checkpoint, newest first."""
     found = checkpoints(run_dir)
     pointer = folder(run_dir) / LATEST
     try:
-        named = folder(run_dir) / pointer.read_text().strip()
-    except OSError:
+        name = _small_text(pointer)
+    except FileNotFoundError:
         return found
+    except (OSError, ValueError) as exc:
+        warn(f"launcher: {pointer} is unreadable ({_why(exc)}); looking at every checkpoint")
+        return found
+    if not NAME.match(name):
+        warn(f"launcher: {pointer} names {name!r}, not a checkpoint; looking at every checkpoint")
+        return found
+    named = folder(run_dir) / name
     return [named] + [p for p in found if p != named]
 
 
-def load(source: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+def _why(exc: BaseException) -> str:
+    """An error in a few words: its first line, or its type."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load(
+    source: Path, warn: Callable[[str], None], check: Callable[[Any], None] | None = None
+) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint in run directory `source` (or the checkpoint file `source`) whose
-    digest matches and which loads safely, or None."""
+    digest matches, which loads safely and which `check` (raising ValueError) accepts, or None.
+    Files that are not regular files (a FIFO, a link to a device) are passed over unread."""
     import torch
 
-    single = source.is_file()
-    for path in [source] if single else _candidates(source):
+    single = _regular(source)
+    for path in [source] if single else _candidates(source, warn):
         try:
-            expected = path.with_suffix(".sha256").read_text().strip()
-            if _digest(path) != expected:
-                raise ValueError("its SHA-256 does not match the one written with it")
-            with warnings.catch_warnings():  # torch's notes on pickle protocols: not ours
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            expected = _small_text(path.with_suffix(".sha256"))
+            with open_regular(path) as f:  # digest and load read the same file
+                if _digest_of(f) != expected:
+                    raise ValueError("its SHA-256 does not match the one written with it")
+                f.seek(0)
+                with warnings.catch_warnings():  # torch's notes on pickle protocols: not ours
+                    warnings.simplefilter("ignore")
+                    state = torch.load(f, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "consumed_samples" not in state:
                 raise ValueError("it is not a launcher checkpoint")
+            if check is not None:
+                check(state)
             if "shards" in state:
                 _check_shards(path, state["shards"])
             return state, path
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, try an older one
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = _why(exc)
             if isinstance(exc, pickle.UnpicklingError):
                 why = "it holds more than tensors and plain containers, which is never unpickled"
             if single:  # a file named by resume=: there is no older one to try

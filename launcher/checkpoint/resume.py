@@ -88,13 +88,60 @@ def capture(
     }
 
 
+# what a checkpoint must hold, and of which type, for a run to continue from it
+HOLDS = {
+    "step": int,
+    "consumed_samples": int,
+    "global_batch": int,
+    "world_size": int,
+    "model": dict,
+    "optimizer": dict,
+    "rng": list,
+    "plan": dict,
+    "config": dict,
+    "progress": dict,
+}
+PLAN_HOLDS = {"origin_step": int, "origin_samples": int, "optimizer": str}
+CONFIG_HOLDS = {"model": dict, "data": dict, "optim": dict, "schedule": dict, "seed": int}
+
+
+def check_state(state: Any) -> None:
+    """ValueError unless `state` has the shape of a launcher checkpoint (a forged or foreign file
+    whose digest matches is refused here, not by a traceback later)."""
+    if not isinstance(state, dict) or "consumed_samples" not in state:
+        raise ValueError("it is not a launcher checkpoint")
+    parts = [("", state, HOLDS), ("plan.", state.get("plan"), PLAN_HOLDS)]
+    parts.append(("config.", state.get("config"), CONFIG_HOLDS))
+    for prefix, part, holds in parts:
+        for key, kind in holds.items():
+            value = part.get(key) if isinstance(part, dict) else None
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(
+                    f"it is not a launcher checkpoint: {prefix}{key} is not a {kind.__name__}"
+                )
+    if len(state["rng"]) != state["world_size"] or state["world_size"] < 1:
+        raise ValueError("it is not a launcher checkpoint: one RNG state per rank expected")
+    shards = state.get("shards")
+    if shards is not None and not (
+        isinstance(shards, dict)
+        and all(
+            isinstance(name, str)
+            and checkpoint.PLAIN_NAME.fullmatch(name)
+            and isinstance(entry, list)
+            and len(entry) == 2
+            for name, entry in shards.items()
+        )
+    ):
+        raise ValueError("it is not a launcher checkpoint: its shard manifest is malformed")
+
+
 def find(resume: str, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
     """The checkpoint to continue from (resume=auto|never|PATH), or None to start fresh."""
     if resume == "never":
         return None
     source = run_dir if resume == "auto" else Path(resume).expanduser()
     try:
-        found = checkpoint.load(source, warn)
+        found = checkpoint.load(source, warn, check_state)
     except checkpoint.Unusable as exc:
         raise ConfigError(f"resume={resume!r}: {exc}") from None
     if found is None and resume != "auto":
@@ -190,14 +237,26 @@ def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
 
 
 def restore(state: dict[str, Any], path: Path, backend: Any, model: Any, optimizer: Any) -> str:
-    """Load weights, optimizer state and (same world size) RNG states; returns what was done."""
-    if "shards" in state:
-        backend.load_shards(model, optimizer, checkpoint.shards_of(path))
-    else:
-        backend.load_state(model, optimizer, state["model"], state["optimizer"])
-    if state["world_size"] == backend.world_size:
-        set_rng_state(state["rng"][backend.rank])
-        return "weights, optimizer state and every rank's RNG states restored"
+    """Load weights, optimizer state and (same world size) RNG states; returns what was done.
+    A checkpoint whose contents do not fit this run (forged: its digest and shape checks passed)
+    is one line; every rank reads the same file, so every rank raises alike."""
+    try:
+        if "shards" in state:
+            folder = checkpoint.shards_of(path)
+            backend.load_shards(model, optimizer, folder, list(state["shards"]))
+        else:
+            backend.load_state(model, optimizer, state["model"], state["optimizer"])
+        if state["world_size"] == backend.world_size:
+            set_rng_state(state["rng"][backend.rank])
+            return "weights, optimizer state and every rank's RNG states restored"
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"resume: {path} does not fit this run's model and optimizer ({why}); resume=never "
+            "starts over"
+        ) from None
     torch.manual_seed(hash((state["config"]["seed"], state["step"], backend.rank)) % 2**63)
     return (
         f"weights and optimizer state restored; saved on {state['world_size']} rank(s), now "

@@ -380,8 +380,11 @@ def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any
 
 def _save_final(weights: dict[str, Any], path: Path) -> None:
     """model_final.pt, or WriteFailed (one line) with no partial file left."""
+    from launcher.checkpoint.files import torch_save
+
     try:
-        torch.save(weights, path)
+        with open(path, "wb") as f:
+            torch_save(weights, f)
     except OSError as exc:
         from launcher.checkpoint.paths import WriteFailed
 
