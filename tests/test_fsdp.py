@@ -104,7 +104,8 @@ def test_a_token_stated_ramp_up_under_fsdp_matches_ddp(corpus, tmp_path) -> None
     """global_batch_tokens with a ramp-up stated in tokens (16 -> 32 -> 64 sequences of 16
     tokens): each stage re-splits the micro-steps, the loss is per token over the global
     batch, and FSDP2 trains what DDP trains."""
-    args = [*TINY_GPT, f"data.path={corpus}", "global_batch_tokens=1024", "micro_batch=4"]
+    tiny = [a for a in TINY_GPT if not a.startswith("global_batch=")]  # stated in tokens here
+    args = [*tiny, f"data.path={corpus}", "global_batch_tokens=1024", "micro_batch=4"]
     args += ["ramp.start_batch_tokens=256", "ramp.tokens=4096"]
     for backend in ("accelerate", "fsdp"):
         res = run_cli([*args, f"backend={backend}", f"run_dir={backend}"], tmp_path)

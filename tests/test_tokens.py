@@ -96,6 +96,22 @@ def test_a_twin_set_to_another_value_is_refused_naming_both():
     assert in_samples(agreeing).trainer.samples == 10_000
 
 
+@pytest.mark.parametrize("order", [0, 1])
+def test_a_global_batch_stated_beside_its_tokens_must_agree(order):
+    """global_batch_tokens replaces the recipe's global_batch, but not one the command line
+    states: 65,536 tokens are 256 sequences of 256, so global_batch=100 is refused in one line
+    (the issue: it trained at 256 silently), and global_batch=256 agrees."""
+    pair = ["global_batch_tokens=65536", "global_batch=100"][:: 1 - 2 * order]
+    with pytest.raises(ConfigError) as err:
+        compose_run(["+recipe=gpt_small", *pair])
+    assert str(err.value) == (
+        "global_batch_tokens=65536 and global_batch=100: both set, and 65,536 tokens are 256 "
+        "sequences of 256 (data.seq_len); set one of them"
+    )
+    cfg = compose_run(["+recipe=gpt_small", "global_batch_tokens=65536", "global_batch=256"])
+    assert in_samples(cfg).global_batch == 256
+
+
 def test_tokens_need_sequence_data():
     cfg = compose_run(["global_batch_tokens=4096"])  # mnist1d: no tokens
     with pytest.raises(ConfigError) as err:

@@ -21,6 +21,15 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         fail(key, value, allowed)
 
 
+def twins_disagree(key: str, tokens: int, twin: str, value: object, seq: int) -> ConfigError:
+    """A quantity stated both in tokens and in samples, the two disagreeing (planning/tokens.py)."""
+    count = f"{tokens // seq:,}" if tokens % seq == 0 else f"{tokens / seq:,.6g}"
+    return ConfigError(
+        f"{key}={tokens} and {twin}={value}: both set, and {tokens:,} tokens are {count} "
+        f"sequences of {seq} (data.seq_len); set one of them"
+    )
+
+
 SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2^32); torch's would take more
 
 

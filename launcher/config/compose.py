@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from launcher.config.checks import own_options
+from launcher.config.checks import own_options, twins_disagree
 from launcher.config.components import UserDataConfig, UserModelConfig
 from launcher.config.resources import conf_dir, conf_search_path, recipes_dir
 from launcher.config.schema import RunConfig, to_run_config
@@ -183,8 +183,22 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
     except (HydraException, OmegaConfBaseException) as exc:
         raise _hydra_error(exc, config_dir) from None
     check_clashes(choices, config_dir)
+    _check_stated_batch(overrides, node)
     node["recipe"] = recipe
     return node
+
+
+def _check_stated_batch(overrides: list[str], node: dict[str, Any]) -> None:
+    """global_batch_tokens replaces the recipe's global_batch (planning/tokens.py), but not one
+    the command line states: the two must then be the same batch."""
+    tokens, seq = node.get("global_batch_tokens"), (node.get("data") or {}).get("seq_len")
+    stated = any(o.partition("=")[0].lstrip("+") == "global_batch" for o in overrides)
+    if not stated or not isinstance(tokens, int) or not isinstance(seq, int) or seq <= 0:
+        return  # the schema and the conversion say what is wrong with these
+    if tokens % seq or tokens // seq != node.get("global_batch"):
+        raise twins_disagree(
+            "global_batch_tokens", tokens, "global_batch", node["global_batch"], seq
+        )
 
 
 def check_composes(overrides: list[str], config_dir: Path | None = None) -> None:

@@ -11,7 +11,8 @@ launcher reads:
     ramp.start_batch_tokens   -> ramp.start_batch
     checkpoint.every_tokens   -> checkpoint.every_samples
 
-global_batch always has a value (the recipes set it), so global_batch_tokens replaces it; the
+global_batch always has a value (the recipes set it), so global_batch_tokens replaces it, unless
+global_batch is stated on the command line too (then the two must agree: config/compose.py); the
 other twins are unused unless set (null or 0), and a twin set to another value than its token
 key gives is refused, naming both. A count that is not whole, or that the plan would refuse (a
 global batch that does not split over the devices, a ramp start that does not double up to
@@ -27,6 +28,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from launcher.config.checks import twins_disagree
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.ramp import starts
@@ -119,10 +121,8 @@ def in_samples(cfg: RunConfig, batch_step: tuple[int, str] = (1, "")) -> RunConf
         samples = to_samples(f"{group}.{key}", tokens, seq, *_valid(group, key, gb))
         unused = {f.name: f.default for f in dataclasses.fields(part)}[twin]
         if getattr(part, twin) not in (unused, samples):
-            raise ConfigError(
-                f"{group}.{key}={tokens} and {group}.{twin}={getattr(part, twin)}: both set, and "
-                f"{tokens:,} tokens are {samples:,} sequences of {seq} (data.seq_len); set one "
-                f"of them"
+            raise twins_disagree(
+                f"{group}.{key}", tokens, f"{group}.{twin}", getattr(part, twin), seq
             )
         changed.setdefault(group, {})[twin] = samples
     parts = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in changed.items()}
