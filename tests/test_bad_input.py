@@ -99,6 +99,20 @@ PLANNED = [
     ("slurm.cpus_per_task=0", "slurm.cpus_per_task"),
     ("hydra.foo=1", "hydra.foo"),
     ("hydra.run.dir=", "hydra.run.dir"),
+    # numbers no run can use (issue 30): each key's maximum, config/ranges.py
+    ("trainer.epochs=1e308", "trainer.epochs=1e+308: must be <= 1e+09 (epochs)"),
+    ("schedule.warmup_epochs=1e308", "schedule.warmup_epochs=1e+308: must be <= 1e+09"),
+    ("trainer.eval_every_epochs=1e308", "trainer.eval_every_epochs=1e+308: must be <= 1e+09"),
+    ("trainer.epochs=1" + "0" * 400, "trainer.epochs=1000"),  # past float: must be finite
+    ("trainer.cpu_threads=100000", "trainer.cpu_threads=100000: must be <= 1,024"),
+    ("model.channels=10000000", "model.channels=10000000: must be <= 65,536"),
+    ("trainer.samples=" + "1" + "0" * 30, "trainer.samples=1" + "0" * 30 + ": must be <= 9,007"),
+    ("checkpoint.every_samples=" + "1" + "0" * 24, "checkpoint.every_samples=1" + "0" * 24),
+    ("max_micro_batch=" + "1" + "0" * 21, "max_micro_batch=1" + "0" * 21 + ": must be <= 2,147"),
+    ("trainer.log_every=" + "1" + "0" * 21, "trainer.log_every=1" + "0" * 21 + ": must be <="),
+    ("data.num_samples=1000000000000", "data.num_samples=1000000000000: must be <= 10,000,000"),
+    ("optim.base_lr=1e307", "optim.base_lr=1e+307: must be <= 1e+09 (a learning rate)"),
+    ("memory.margin_gb=1e300", "memory.margin_gb=1e+300: must be <="),
 ]
 IN_TOKENS = [  # sequence data (+recipe=gpt_small, 256 tokens per sequence): what does not convert
     ("global_batch_tokens=1000", "global_batch_tokens=1000: 3.90625, not a whole number"),
@@ -119,6 +133,11 @@ RUN = [  # refused by a real run, still before it writes anything
     ("run_dir=/proc/x", "run_dir='/proc/x': cannot write there"),
     ("run_dir=" + "a" * 300, "cannot write there (File name too long)"),
     ("data.num_samples=100", "global_batch=512: larger than the whole run"),
+    (  # before the model is built: 4.5 billion weights, 3x with gradients and momentum
+        "model.channels=30000",
+        "memory: model='cnn1d' with data='mnist1d' does not fit even at micro-batch 1: it needs "
+        "at least 60.4 GiB on cpu (weights, gradients and sgd's state), more than the budget of",
+    ),
 ]
 
 

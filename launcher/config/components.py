@@ -211,6 +211,7 @@ class ImageFolderConfig(_LoaderOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.train_samples > 0, "data.train_samples", self.train_samples, "must be > 0")
+        require(self.num_classes > 1, "data.num_classes", self.num_classes, "must be >= 2")
         require(self.image_size > 0, "data.image_size", self.image_size, "must be > 0")
 
 

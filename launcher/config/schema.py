@@ -29,6 +29,7 @@ from launcher.config.components import CrossEntropyConfig, DataConfig, LossConfi
 from launcher.config.execution import BackendConfig, CheckpointConfig, MemoryConfig, TrainerConfig
 from launcher.config.optimization import OptimConfig, RampConfig, ScheduleConfig
 from launcher.config.placement import ClusterConfig, SlurmConfig
+from launcher.config.ranges import maximum
 from launcher.errors import ConfigError
 
 
@@ -176,12 +177,31 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         require(ok, key, value, "must be a number")
-        require(math.isfinite(value), key, value, "must be a finite number")
+        require(_finite(value), key, value, "must be a finite number")
         return float(value)
     if hint is str:
         require(isinstance(value, str), key, value, "must be a string")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _finite(value: float) -> bool:
+    """A finite number, and an integer within float's range (10**400 is not a float)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _within_maxima(obj: Any, prefix: str) -> None:
+    """Every number of the built dataclass `obj` at most its key's maximum (config/ranges.py)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                top, what = maximum(prefix + f.name)
+                shown = f"{top:,}" if isinstance(top, int) else f"{top:g}"
+                require(v <= top, prefix + f.name, value, f"must be <= {shown} ({what})")
 
 
 def describe(hint: Any) -> str:
@@ -219,7 +239,9 @@ def _build(cls: type, node: Any, key: str) -> Any:
                 raise ConfigError(f"{prefix}{name} is required but not set")
             continue
         kwargs[name] = _coerce(prefix + name, node[name], hints[name])
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    _within_maxima(built, prefix)
+    return built
 
 
 def _build_named(options: tuple[type, ...], node: Any, key: str) -> Any:

@@ -25,6 +25,7 @@ import torch
 from launcher import log
 from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
 from launcher.config.execution import BackendConfig, MemoryConfig
+from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
 from launcher.errors import ConfigError
@@ -221,6 +222,36 @@ def param_bytes(model_cfg: ModelConfig, dtype_name: str, spec: DataSpec, plan: B
     with torch.device("meta"):
         model = build_model(model_cfg, spec, fresh=False)  # counted, never run
     return sum(p.numel() * dtype.itemsize for p in model.parameters())
+
+
+def check_model_fits(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, local: int
+) -> None:
+    """Before the model is built: refuse in one line a model that cannot train even at
+    micro-batch 1, from what it must hold whatever the batch, counted on the meta device: every
+    rank builds its weights whole in host memory, and training holds weights, gradients and the
+    optimizer's state (split over the ranks at best, as full sharding does) on the device. A
+    model the meta device cannot build is checked by its building instead."""
+    try:
+        weights = param_bytes(cfg.model, cfg.trainer.dtype, spec, plan)
+    except Exception:  # noqa: BLE001 - e.g. a factory that reads files: built for real then
+        return
+    states = 2 if OPTIMIZER_FACTS[plan.optimizer].family == "adam" else int(cfg.optim.momentum > 0)
+    held = weights * (2 + states) // plan.world_size
+    what = "weights, gradients" + (f" and {plan.optimizer}'s state" if states else "")
+    if plan.world_size > 1:
+        what += f" split over {plan.world_size} ranks, the weights whole while built"
+    checks = [(max(held, weights), device, what)]
+    if device != "cpu":
+        checks.append((weights, "cpu", "the weights, built whole on each rank's host"))
+    for need, where, words in checks:
+        budget, why = budget_bytes(cfg.memory, free_bytes(where, local))
+        if need > budget:
+            raise ConfigError(
+                f"memory: {_names(cfg.model, cfg.data)} does not fit even at micro-batch 1: it "
+                f"needs at least {human_bytes(need)} on {where} ({words}), more than the budget "
+                f"of {why}; use a smaller model or a machine with more memory"
+            )
 
 
 FAKE = "fake"  # the estimate's "device": fake tensors, the same profile for every declared device

@@ -17,6 +17,7 @@ from typing import Any, cast
 from launcher.config.execution import TrainerConfig
 from launcher.config.optimization import OptimConfig, ScheduleConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
+from launcher.config.ranges import COUNT
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.ramp import ramp_batches, ramp_stages
@@ -184,6 +185,11 @@ def _within_the_data(key: str, gb: int, trainer: TrainerConfig, epoch_samples: i
     total = run_samples(trainer, epoch_samples)
     if epoch_samples < 1:  # said by _plan, which names the empty split
         return
+    if total > COUNT:
+        raise ConfigError(
+            f"trainer.epochs={trainer.epochs:g}: {float(total):,.0f} samples ({epoch_samples:,} "
+            f"per epoch), more than a run can count exactly (2^53); train fewer epochs"
+        )
     if gb > total:
         length = f"trainer.epochs {trainer.epochs:g} x {epoch_samples:,} per epoch"
         if trainer.samples:

@@ -281,7 +281,8 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
     import yaml
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (run_dir / "plan.json").write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+    plan_json = json.dumps(dataclasses.asdict(plan), indent=2, allow_nan=False)  # valid JSON
+    (run_dir / "plan.json").write_text(plan_json + "\n")
     from launcher.backends import write_config
 
     write_config(run_dir, cfg, plan, device)

@@ -78,6 +78,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits
+    from launcher.memory.probe import check_model_fits
     from launcher.models import build_model
     from launcher.training.loss import make_loss
 
@@ -89,9 +90,18 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     splits = build_splits(cfg.data)
     epoch = (len(splits.train), " (counted in the training split)")
     _, plan = plan_for(cfg, launched, epoch)
+    check_model_fits(cfg, splits.spec, plan, topology.device, topology.local_world_size)
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
+    try:
+        model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
+    except RuntimeError as exc:  # CPU allocation: a model the meta device could not count
+        if "can't allocate memory" not in str(exc):
+            raise
+        raise ConfigError(
+            f"memory: the model does not fit in host memory: building it failed "
+            f"({str(exc).strip().splitlines()[-1]}); use a smaller model or more memory"
+        ) from None
     loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
