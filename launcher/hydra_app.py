@@ -121,12 +121,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """Hydra's command line; unknown flags and Hydra's parse errors are one-line bad input."""
     from hydra._internal.utils import get_args_parser
 
+    from launcher.flags import version
+
     parser = get_args_parser()
 
     def error(message: str) -> None:
         raise ConfigError(message)
 
     parser.error = error  # argparse prints its usage and exits 2; the launcher says one line
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # --version's lines as they are
+    for action in parser._actions:
+        if isinstance(action, argparse._VersionAction):  # Hydra's: "Hydra 1.3.8" alone
+            action.version = version()
     args, unknown = parser.parse_known_intermixed_args(  # overrides before and after flags
         [a for a in argv if not a.startswith(LOCAL_RANK)]
     )
@@ -138,6 +144,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, why in REFUSED.items():
         if getattr(args, key):
             raise ConfigError(why)
+    modes = {"--run": args.run, "-m": args.multirun, "--cfg": args.cfg, "--info": args.info}
+    modes |= {"--shell-completion": args.shell_completion}
+    given = [flag for flag, value in modes.items() if value]
+    if len(given) > 1:  # Hydra's own checks, which it raises as tracebacks
+        raise ConfigError(f"{' and '.join(given)}: give one of --run, -m, --cfg, --info, -sc")
+    if args.resolve and not args.cfg:
+        raise ConfigError("--resolve: only with --cfg (it resolves the config --cfg shows)")
     return args
 
 
@@ -174,6 +187,11 @@ def main(argv: list[str]) -> None:
     if config_dir is not None:
         args.config_dir = str(config_dir)
     overrides = list(args.overrides)
+    if args.shell_completion:  # Hydra's, checked first, also for python -m launcher
+        from launcher.flags import shell_completion
+
+        shell_completion(args.overrides, lambda: _run(args))
+        return
     if any(getattr(args, key) for key in SHOW):
         if not args.hydra_help:  # Hydra's help composes its own config, without the primary
             from launcher.config.compose import check_composes, split_sweep

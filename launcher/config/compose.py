@@ -77,7 +77,7 @@ def _clash(group: str, name: str, config_dir: Path | None) -> ConfigError:
     )
 
 
-def _register_recipe(name: str, config_dir: Path | None) -> None:
+def register_recipe(name: str, config_dir: Path | None) -> None:
     """Store the selected built-in recipe (parsing every recipe is start-up time). An unknown name
     is refused here: with no recipe found Hydra would take `+recipe=NAME` for a plain new key."""
     from hydra.core.config_store import ConfigStore
@@ -208,7 +208,7 @@ def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[st
 
     recipe, overrides = _recipe_of(_launcher_options(overrides))
     register()  # the schema's defaults, which the packaged YAML extends
-    _register_recipe(recipe, config_dir)
+    register_recipe(recipe, config_dir)
     return recipe, overrides
 
 
