@@ -129,8 +129,13 @@ def prepare_query() -> None:
     from launcher.config.compose import recipe_names, register_recipe
     from launcher.config.defaults import register
 
-    if "COMP_LINE" in os.environ:
-        os.environ["COMP_LINE"] = query_line(os.environ["COMP_LINE"])
+    if "COMP_LINE" not in os.environ:  # Hydra's query reads it: a KeyError traceback
+        raise ConfigError(
+            "--shell-completion query=SHELL: the installed completion runs it, with the line "
+            "being completed in COMP_LINE; install it: "
+            'eval "$(python -m launcher -sc install=bash)"'
+        )
+    os.environ["COMP_LINE"] = query_line(os.environ["COMP_LINE"])
     register()
     for name in recipe_names():
         register_recipe(name, None)

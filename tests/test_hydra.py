@@ -70,6 +70,7 @@ PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
         (["-sc"], "--shell-completion: give one of install, uninstall, query=SHELL (SHELL: bash"),
         (["-sc", "install=tcsh"], "--shell-completion install=tcsh: give one of install"),
         (["-sc", "query=bash", "x=1"], "--shell-completion query=bash x=1: give one of"),
+        (["-sc", "query=bash"], "the installed completion runs it, with the line being"),
         (["-sc", "install=bash", "-m"], "-m and --shell-completion: give one of --run, -m, --cfg"),
         (["--cfg", "job", "--info"], "--cfg and --info: give one of"),  # Hydra: a traceback
         (["--resolve"], "--resolve: only with --cfg"),
