@@ -117,11 +117,19 @@ class Context:
 CONTEXT: Context | None = None
 
 
+class _Version(argparse._VersionAction):
+    """--version: the launcher's version, then Hydra's line (launcher/flags.py), when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from launcher.flags import version
+
+        self.version = version()
+        super().__call__(parser, *args, **kwargs)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """Hydra's command line; unknown flags and Hydra's parse errors are one-line bad input."""
     from hydra._internal.utils import get_args_parser
-
-    from launcher.flags import version
 
     parser = get_args_parser()
 
@@ -132,7 +140,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter  # --version's lines as they are
     for action in parser._actions:
         if isinstance(action, argparse._VersionAction):  # Hydra's: "Hydra 1.3.8" alone
-            action.version = version()
+            action.__class__ = _Version
     args, unknown = parser.parse_known_intermixed_args(  # overrides before and after flags
         [a for a in argv if not a.startswith(LOCAL_RANK)]
     )
