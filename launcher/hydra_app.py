@@ -5,7 +5,8 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    job|hydra|all (with --resolve, --package), --info [...], --shell-completion, --version,
    --hydra-help. Refused in one line: --config-name/-cn and --config-path/-cp (the primary config
    is the launcher's conf/config.yaml; yours goes in a recipe of your --config-dir) and
-   --experimental-rerun (it unpickles a file). -h/--help is the launcher's help (cli.py).
+   --experimental-rerun (it unpickles a file). -h/--help is the launcher's help (cli.py);
+   --version and --shell-completion as launcher/flags.py gives them.
 2. Every job of a run or a grid sweep is composed and checked (job.validate) before Hydra starts:
    bad input, Hydra's own included (an unknown hydra.foo, a plugin that is not installed), is one
    line with exit 2 and nothing written.
