@@ -5,7 +5,8 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    job|hydra|all (with --resolve, --package), --info [...], --shell-completion, --version,
    --hydra-help. Refused in one line: --config-name/-cn and --config-path/-cp (the primary config
    is the launcher's conf/config.yaml; yours goes in a recipe of your --config-dir) and
-   --experimental-rerun (it unpickles a file). -h/--help is the launcher's help (cli.py).
+   --experimental-rerun (it unpickles a file). -h/--help is the launcher's help (cli.py);
+   --version and --shell-completion as launcher/flags.py gives them.
 2. Every job of a run or a grid sweep is composed and checked (job.validate) before Hydra starts:
    bad input, Hydra's own included (an unknown hydra.foo, a plugin that is not installed), is one
    line with exit 2 and nothing written.
@@ -118,6 +119,16 @@ class Context:
 CONTEXT: Context | None = None
 
 
+class _Version(argparse._VersionAction):
+    """--version: the launcher's version, then Hydra's line (launcher/flags.py), when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from launcher.flags import version
+
+        self.version = version()
+        super().__call__(parser, *args, **kwargs)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     """Hydra's command line; unknown flags and Hydra's parse errors are one-line bad input."""
     from hydra._internal.utils import get_args_parser
@@ -128,6 +139,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise ConfigError(message)
 
     parser.error = error  # argparse prints its usage and exits 2; the launcher says one line
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # --version's lines as they are
+    for action in parser._actions:
+        if isinstance(action, argparse._VersionAction):  # Hydra's: "Hydra 1.3.8" alone
+            action.__class__ = _Version
     args, unknown = parser.parse_known_intermixed_args(  # overrides before and after flags
         [a for a in argv if not a.startswith(LOCAL_RANK)]
     )
@@ -139,6 +154,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, why in REFUSED.items():
         if getattr(args, key):
             raise ConfigError(why)
+    modes = {"--run": args.run, "-m": args.multirun, "--cfg": args.cfg, "--info": args.info}
+    modes |= {"--shell-completion": args.shell_completion}
+    given = [flag for flag, value in modes.items() if value]
+    if len(given) > 1:  # Hydra's own checks, which it raises as tracebacks
+        raise ConfigError(f"{' and '.join(given)}: give one of --run, -m, --cfg, --info, -sc")
+    if args.resolve and not args.cfg:
+        raise ConfigError("--resolve: only with --cfg (it resolves the config --cfg shows)")
     return args
 
 
@@ -175,6 +197,11 @@ def main(argv: list[str]) -> None:
     if config_dir is not None:
         args.config_dir = str(config_dir)
     overrides = list(args.overrides)
+    if args.shell_completion:  # Hydra's, checked first, also for python -m launcher
+        from launcher.flags import shell_completion
+
+        shell_completion(args.overrides, lambda: _run(args))
+        return
     if any(getattr(args, key) for key in SHOW):
         if not args.hydra_help:  # Hydra's help composes its own config, without the primary
             from launcher.config.compose import check_composes, split_sweep

@@ -25,6 +25,9 @@ PLANNED = [
     ("objective=nope", "objective"),
     ("run_dir=", "run_dir"),
     ("plan_only=maybe", "plan_only"),
+    ("plan_only='maybe'", "plan_only"),  # a string converts as OmegaConf's (yes, on, 1: true)
+    ("trainer.epochs='three'", "trainer.epochs"),
+    ("optim.base_lr='nan'", "optim.base_lr"),
     ("foo=1", "foo"),
     ("model=nosuch", "model"),
     ("model.hidden=0", "model.hidden"),
@@ -164,3 +167,64 @@ def test_what_tokens_cannot_say_is_one_line(override, message, tmp_path, monkeyp
 def test_a_real_run_refuses_before_writing(override, message, tmp_path, monkeypatch, capsys):
     args = ["trainer.epochs=0.05", "trainer.progress=false", override]
     assert message in refused_in_process(args, tmp_path, monkeypatch, capsys)
+
+
+SHOWN = {"cfg": ["--cfg", "job"], "info": ["--info"], "slurm": []}  # besides a run
+BROKEN = {  # files of a --config-dir that does not compose: the option that reads them, the line
+    "syntax": (
+        {"recipe/syntax.yaml": "global_batch: 64\ntrainer: {epochs: 1\n"},
+        "+recipe=syntax",
+        "recipe/syntax.yaml, line 3, column 1: not valid YAML: expected ',' or '}', but got "
+        "'<stream end>' (while parsing a flow mapping at line 2, column 10)",
+    ),
+    "loop": (
+        {"recipe/loop.yaml": "defaults:\n  - /recipe/loop\n"},
+        "+recipe=loop",
+        "circular defaults: recipe/loop.yaml -> recipe/loop.yaml (a defaults list includes",
+    ),
+    "cycle": (
+        {"model/a.yaml": "defaults:\n  - /model/b\n", "model/b.yaml": "defaults:\n  - /model/a\n"},
+        "model=a",
+        "circular defaults: model/a.yaml -> model/b.yaml -> model/a.yaml",
+    ),
+    "latin": ({"recipe/latin.yaml": "é"}, "+recipe=latin", "latin.yaml: not UTF-8 text"),
+    "twice": (
+        {"recipe/twice.yaml": "seed: 1\nseed: 2\n"},
+        "+recipe=twice",
+        "twice.yaml, line 2, column 1: not valid YAML: found duplicate key seed",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken")
+    for files, _, _ in BROKEN.values():
+        for name, text in files.items():
+            (folder / name).parent.mkdir(exist_ok=True)
+            data = text.encode("latin-1") if "latin" in name else text.encode()
+            (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "how"),
+    [(case, "run") for case in BROKEN] + [(c, h) for c in ("syntax", "loop") for h in SHOWN],
+)
+def test_a_config_folder_that_does_not_compose_is_one_line(
+    case, how, broken, tmp_path, monkeypatch, capsys
+):
+    """A YAML error or a defaults list that includes itself: one line naming the file (and the
+    line), exit 2, nothing written; Hydra's own answer is a traceback of up to 2,498 lines."""
+    _, option, message = BROKEN[case]
+    args = ["--config-dir", str(broken), option, *SHOWN.get(how, ["plan_only=true"])]
+    if how == "slurm":
+        from launcher.slurm import main as render
+
+        monkeypatch.chdir(tmp_path)
+        assert render(["cluster=a100x8", *args[:3]]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not list(tmp_path.iterdir()), err
+    else:
+        err = refused_in_process(args, tmp_path, monkeypatch, capsys)
+    assert message in err and err.startswith("launcher: error: "), err

@@ -200,6 +200,62 @@ def test_bad_input_raises_one_line_config_error(overrides, needles):
     assert [n for n in needles if n not in msg] == [], msg
 
 
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("trainer.epochs='3'", "trainer.epochs", 3.0),  # float
+        ("optim.base_lr='1e-3'", "optim.base_lr", 0.001),
+        ("global_batch='128'", "global_batch", 128),  # int
+        ("trainer.devices='2'", "trainer.devices", 2),  # int | Literal["auto"]
+        ("trainer.devices='auto'", "trainer.devices", "auto"),
+        ("memory.budget_gb='8'", "memory.budget_gb", 8.0),  # float | Literal["auto"]
+        ("trainer.channels_last='false'", "trainer.channels_last", False),  # bool | "auto"
+        ("trainer.channels_last='auto'", "trainer.channels_last", "auto"),
+        ("data.pin_memory='0'", "data.pin_memory", False),
+        ("plan_only='yes'", "plan_only", True),  # bool: OmegaConf's yes/no, on/off, 1/0
+        ("schedule.milestones=['30','60']", "schedule.milestones", (30.0, 60.0)),
+        ("slurm.time='90'", "slurm.time", "90"),  # str | int: a string stays a string
+    ],
+)
+def test_a_string_for_a_number_or_bool_converts_as_omegaconfs_typed_nodes(override, key, value):
+    """What `${oc.env:EPOCHS,3}` gives is a string; OmegaConf's IntegerNode, FloatNode and
+    BooleanNode convert it for a typed field, and so does the schema."""
+    cfg = compose_run(["+recipe=resnet50", "data=synthetic", override])
+    got = functools.reduce(getattr, key.split("."), cfg)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.epochs='three'", "trainer.epochs='three': must be a number"),
+        ("optim.base_lr='inf'", "optim.base_lr=inf: must be a finite number"),
+        ("optim.base_lr='nan'", "optim.base_lr=nan: must be a finite number"),
+        ("global_batch='1.5'", "global_batch='1.5': must be an integer"),
+        ("trainer.devices='two'", "trainer.devices='two': must be an integer or one of auto"),
+        ("trainer.channels_last='maybe'", "must be true or false or one of auto"),
+    ],
+)
+def test_a_string_that_does_not_convert_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose_run(["+recipe=resnet50", "data=synthetic", override])
+    assert message in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_an_environment_variable_gives_a_number(tmp_path, monkeypatch):
+    """`${oc.env:EPOCHS,3}` through the command line's entry point, with EPOCHS set."""
+    from launcher.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EPOCHS", "2")
+    args = ["trainer.epochs=${oc.env:EPOCHS,3}", "plan_only=true", "memory.probe=false"]
+    assert main([*args, "run_dir=run"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trainer"]["epochs"] == 2
+    monkeypatch.delenv("EPOCHS")
+    assert compose_run(args[:1]).trainer.epochs == 3  # the default, also a string
+
+
 def test_missing_required_key():
     node = to_dict(_cfg())
     del node["optim"]["base_lr"]  # a key without a schema default

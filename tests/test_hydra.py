@@ -6,14 +6,19 @@ line, and nothing written for bad input (a refused resume leaves the run's recor
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from launcher import __version__
 from launcher.cli import main
 from tests.helpers import (
     PARITY_ARGS,
+    ROOT,
     final_state,
     read_metrics,
     refused_in_process,
@@ -62,6 +67,13 @@ PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
         (["-m", "run_dir=a", "hydra.sweep.dir=b"], "run_dir is an alias of hydra.sweep.dir"),
         (["hydra.job.chdir=true", "trainer.devices=2"], "hydra.job.chdir=true: honoured where"),
         (["+recipe=resnet50", "plan_only=false"], "data.root is not set"),  # found in the job
+        (["-sc"], "--shell-completion: give one of install, uninstall, query=SHELL (SHELL: bash"),
+        (["-sc", "install=tcsh"], "--shell-completion install=tcsh: give one of install"),
+        (["-sc", "query=bash", "x=1"], "--shell-completion query=bash x=1: give one of"),
+        (["-sc", "query=bash"], "the installed completion runs it, with the line being"),
+        (["-sc", "install=bash", "-m"], "-m and --shell-completion: give one of --run, -m, --cfg"),
+        (["--cfg", "job", "--info"], "--cfg and --info: give one of"),  # Hydra: a traceback
+        (["--resolve"], "--resolve: only with --cfg"),
     ],
 )
 def test_bad_hydra_input_is_one_line_exit_2(args, message, tmp_path, monkeypatch, capsys):
@@ -137,12 +149,70 @@ def test_flags_that_show_and_train_nothing(tmp_path) -> None:
         assert res.returncode == 0, res.stderr
         return res.stdout
 
-    assert launcher("--version").startswith("Hydra ")
+    assert launcher("--version").splitlines() == [f"globalbatch {__version__}", "Hydra 1.3.8"]
     job = yaml.safe_load(launcher("--cfg", "job", "global_batch=77", "+recipe=gpt_small"))
     assert job["global_batch"] == 77 and job["model"]["name"] == "gpt"
     assert "hydra/job_logging/launcher" in launcher("--info", "defaults")
     assert "Hydra (" in launcher("--hydra-help")
     assert "usage: python -m launcher" in launcher("--help")  # the launcher's own help
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_version_is_the_installed_distributions_or_the_source_trees(monkeypatch) -> None:
+    from importlib import metadata
+
+    from launcher import flags
+
+    project = (ROOT / "pyproject.toml").read_text()  # tomllib is Python 3.11's; 3.10 is supported
+    assert re.search(r'^name = "(.*)"\nversion = "(.*)"$', project, re.M).groups() == (
+        flags.DISTRIBUTION,
+        __version__,
+    )
+
+    def missing(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    line = flags.version().splitlines()[0]
+    assert line == f"globalbatch {__version__} (not installed: the source tree at {ROOT})"
+    monkeypatch.setattr(metadata, "version", lambda name: "9.9")
+    assert flags.version().startswith(f"globalbatch {__version__} (the source tree at {ROOT}; 9.9")
+
+
+def test_the_completion_script_of_python_m_launcher_is_bash(tmp_path, monkeypatch, capsys):
+    """Run as python -m launcher, the script Hydra writes also completes `python -m launcher`
+    (bash -n: it parses); as the installed command, it is Hydra's own for that command."""
+    from launcher import flags
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "launcher" / "__main__.py")])
+    assert main(["-sc", "install=bash"]) == 0
+    script = tmp_path / "complete.sh"
+    script.write_text(capsys.readouterr().out)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert flags.MODULE_BRANCH in script.read_text()
+    assert script.read_text().endswith("-F hydra_bash_completion python\n")
+    assert flags.query_line("python3.11 -m launcher  tra") == "launcher  tra"
+    assert flags.query_line("globalbatch -m tra") == "globalbatch -m tra"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/globalbatch"])
+    assert main(["-sc", "install=bash"]) == 0
+    own = capsys.readouterr().out
+    assert flags.MODULE_BRANCH not in own and own.endswith("hydra_bash_completion globalbatch\n")
+
+
+@pytest.mark.slow
+def test_bash_completes_python_m_launcher(tmp_path) -> None:
+    """The installed completion in a real bash: the function Hydra's script registers for
+    `python`, called as bash calls it, asks `python -m launcher -sc query=bash`."""
+    complete = """eval "$(python -m launcher -sc install=bash)"
+for line in "python -m launcher tra" "python -m launcher trainer.ep" "python -m launcher +rec"; do
+  COMP_LINE="$line"; COMP_POINT=${#line}; words=($line); COMP_CWORD=$((${#words[@]} - 1))
+  COMPREPLY=(); hydra_bash_completion; echo "${COMPREPLY[*]}"
+done
+"""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    res = run_process(["bash", "-c", complete], tmp_path, env={"PATH": path})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["trainer. trainer=", "trainer.epochs=", "+recipe="]
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from launcher.cluster.sbatch import directives, render
-from launcher.config.compose import compose_run
+from launcher.config.compose import compose_run, hydra_quote
 from tests.helpers import (
     PARITY_ARGS,
     ROOT,
@@ -113,6 +113,69 @@ def test_hydra_quote_reads_back_as_written() -> None:
 
     for text in ["/runs/a", '/r w#1/"a" 5%', "it's", "a${x}b", "both'\"", "end\\", "a,b", "x=y"]:
         assert override_value(f"run_dir={hydra_quote(text)}") == text
+
+
+def _sbatch_words(line: str, space_escape: bool = False) -> list[str]:
+    """The words sbatch reads from an #SBATCH line: get_argument of Slurm's src/sbatch/opt.c
+    (22.05, Debian's; space_escape: 24.05's `\\ ` for a space) written in Python."""
+    text, i, words = line.removeprefix("#SBATCH"), 0, []
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        word, quote, escape = "", "", False
+        while i < len(text) and (quote or not text[i].isspace()):
+            ch = text[i]
+            if escape:
+                escape = False
+            elif ch == "\\":
+                i += 1
+                if space_escape and text[i : i + 1] == " ":
+                    word, i = word + " ", i + 1
+                else:
+                    escape = True
+                continue
+            elif quote:
+                if ch == quote:
+                    quote, i = "", i + 1
+                    continue
+            elif ch in "\"'":
+                quote, i = ch, i + 1
+                continue
+            elif ch == "#":  # the rest of the line is a comment
+                return words + [word] if word else words
+            word, i = word + ch, i + 1
+        if quote:
+            raise ValueError(f"sbatch: Unmatched `{quote}` in [{line}]")
+        if not word:
+            return words
+        words.append(word)
+
+
+# the characters sbatch reads in an #SBATCH line; % is Slurm's pattern sign (doubled: a %)
+SBATCH_HOSTILE = ["it's", 'say "hi"', "back\\slash", "#1", "my runs", "5%%", "a'b c\"d#e%%f \\"]
+
+
+def test_each_sbatch_option_is_one_word_as_sbatch_reads_it() -> None:
+    from launcher.cluster.sbatch import sbatch_option
+
+    for value in ["/runs/plain-1", *(f"/runs/{v}" for v in SBATCH_HOSTILE)]:
+        option = f"--output={value}/slurm-%j.out"
+        line = f"#SBATCH {sbatch_option(option)}"
+        for space_escape in (False, True):
+            assert _sbatch_words(line, space_escape) == [option], line
+    assert sbatch_option("--output=/runs/it's") == '--output="/runs/it\'s"'  # was bare: unmatched
+    assert sbatch_option("--requeue") == "--requeue"
+
+
+def test_a_run_dir_slurm_cannot_name_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """A backslash in --output turns off Slurm's %j and is dropped: refused, nothing written."""
+    from launcher.slurm import main as render
+
+    monkeypatch.chdir(tmp_path)
+    assert render([*TWO_NODES, "run_dir='a\\b'"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher: error: run_dir='"), err
+    assert "holds a backslash" in err and not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +336,33 @@ def test_submitit_sweep_trains_each_job_on_two_nodes(
         assert '"world_size": 2' in plan and "on 2 node(s), srun in Slurm job " in plan
         assert (run / ".hydra" / "overrides.yaml").exists()
         _same(final_state(run), one_rank_reference)
+
+
+@pytest.mark.slow
+def test_sbatch_reads_each_hostile_run_dir_as_written(slurm, tmp_path, monkeypatch):
+    """Slurm's own parser and filename patterns: the #SBATCH lines rendered for each run_dir,
+    with a body that only prints its working directory, run as jobs; each job's output is in its
+    run_dir and says it ran where it was rendered (a folder with the same characters)."""
+    from launcher.slurm import main as render
+
+    workdir = tmp_path / "submit from 'here' #2 %d"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    jobs = {}
+    for name in SBATCH_HOSTILE:
+        run = tmp_path / name.replace("%%", "%")
+        if "\\" in name:  # Slurm cannot name it in --output (refused: test above)
+            continue
+        assert render([*TWO_NODES, f"run_dir={hydra_quote(str(run))}"]) == 0
+        lines = (run / "job.sbatch").read_text().splitlines()
+        last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+        probe = run / "probe.sbatch"
+        probe.write_text("\n".join([*lines[: last + 1], "pwd"]) + "\n")
+        jobs[run] = slurm.submit(probe, cwd=tmp_path)
+    assert len(jobs) == len(SBATCH_HOSTILE) - 2
+    for run, job in jobs.items():
+        assert slurm.wait(job, timeout=120) == "COMPLETED", slurm.job_info(job)
+        assert (run / f"slurm-{job}.out").read_text() == f"{workdir}\n", list(run.iterdir())
 
 
 @pytest.mark.slow

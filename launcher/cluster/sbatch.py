@@ -18,6 +18,8 @@ from launcher.config.resources import slurm_dir
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
 
+SBATCH_SPECIAL = "'\"\\#"  # what sbatch reads in an #SBATCH line besides whitespace (sbatch_option)
+
 
 def template_name(cluster: ClusterConfig, slurm: SlurmConfig) -> str:
     """slurm.template, with auto = single_node on one node, else multi_node (torchrun)."""
@@ -79,6 +81,11 @@ def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
     """The sbatch options for `cfg`'s cluster and slurm settings."""
     c, s = cfg.cluster, cfg.slurm
     check_shape(cfg.cluster)
+    if "\\" in str(run_dir):  # Slurm's filename patterns: a \ anywhere turns %j off and is dropped
+        raise ConfigError(
+            f"run_dir={str(run_dir)!r}: holds a backslash, which Slurm's --output cannot name "
+            "(a \\ in it is dropped and turns off %j); choose a folder without one"
+        )
     tasks = c.devices_per_node if template_name(cfg.cluster, cfg.slurm) == "multi_node_srun" else 1
     options = [f"--job-name=launcher-{cfg.recipe}", f"--nodes={c.nodes}"]
     options.append(f"--ntasks-per-node={tasks}")
@@ -179,11 +186,14 @@ def job_script(
 
 
 def sbatch_option(option: str) -> str:
-    """An option as an #SBATCH line must hold it: sbatch splits the line at whitespace, ends it at
-    a `#` and reads `\\` and `"` as escape and quote, so a value holding any of them goes in
-    double quotes with `\\` and `"` escaped (--output="/runs/my run/slurm-%j.out")."""
+    """An option as an #SBATCH line must hold it. sbatch reads the line as words (Slurm's
+    src/sbatch/opt.c, get_argument): whitespace splits them, a `'` or `"` opens a quote that the
+    same character closes, `\\` makes the next character literal, an unquoted `#` ends the line.
+    So a value holding any of these goes in double quotes with `\\` and `"` escaped
+    (--output="/runs/it's here/slurm-%j.out"), read the same by every Slurm version (a `\\ ` for
+    a space only from 24.05). A newline cannot be said at all (job_script refuses it)."""
     name, eq, value = option.partition("=")
-    if not eq or not any(ch.isspace() or ch in '"\\#' for ch in value):
+    if not eq or not any(ch.isspace() or ch in SBATCH_SPECIAL for ch in value):
         return option
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'{name}="{escaped}"'

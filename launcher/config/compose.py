@@ -8,7 +8,9 @@ recipes are registered as structured configs of the `recipe` group when selected
 `+recipe@_global_=NAME`, so a recipe sets top-level keys whether or not its file says
 `# @package _global_`. A selected option that exists both built in and in the user's folder is
 refused: the search path would silently take the launcher's. Hydra's own errors become one-line
-`ConfigError`s.
+`ConfigError`s, and so do a config file's YAML errors (file, line, column), a defaults list that
+includes itself (the cycle of files) and a file that is not UTF-8 text: Hydra lets them escape
+as tracebacks, a circular defaults list as a RecursionError thousands of lines long.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def user_config_dir(path: str) -> Path:
 
 
 def _names(folder: Path | None) -> set[str]:
-    return {p.stem for p in folder.glob("*.yaml")} if folder is not None else set()
+    return {p.stem for p in folder.glob("*.yaml") if p.is_file()} if folder is not None else set()
 
 
 def _user(config_dir: Path | None, group: str) -> Path | None:
@@ -77,7 +79,7 @@ def _clash(group: str, name: str, config_dir: Path | None) -> ConfigError:
     )
 
 
-def _register_recipe(name: str, config_dir: Path | None) -> None:
+def register_recipe(name: str, config_dir: Path | None) -> None:
     """Store the selected built-in recipe (parsing every recipe is start-up time). An unknown name
     is refused here: with no recipe found Hydra would take `+recipe=NAME` for a plain new key."""
     from hydra.core.config_store import ConfigStore
@@ -115,9 +117,78 @@ def _launcher_options(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.partition("=")[0] in own else o for o in overrides]
 
 
-def _hydra_error(exc: Exception, config_dir: Path | None = None) -> ConfigError:
-    from hydra.errors import MissingConfigException, OverrideParseException
+# what composing a config folder can raise besides Hydra's and OmegaConf's own errors: YAML that
+# does not parse (PyYAML's error, raised through Hydra as it is), a defaults list that includes
+# itself (Hydra recurses until Python stops it), a file that is not text or not readable
+FILE_ERRORS = (RecursionError, UnicodeDecodeError, OSError)
 
+
+def _compose_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (HydraException, OmegaConfBaseException, yaml.YAMLError, *FILE_ERRORS)
+
+
+def _yaml_error(exc: Any) -> ConfigError:
+    """PyYAML's error as one line: the file, the line and column, what is wrong."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return ConfigError(f"not valid YAML: {' '.join(str(exc).split())}")
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
+    context, at = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and at is not None:
+        problem += f" ({context} at line {at.line + 1}, column {at.column + 1})"
+    return ConfigError(f"{where}: not valid YAML: {problem}")
+
+
+def _cycle_error(exc: RecursionError, config_dir: Path | None) -> ConfigError:
+    """A defaults list that includes itself, named from Hydra's recursion (its frames hold each
+    config it was expanding), or another endless recursion said as such."""
+    seen: list[str] = []
+    frame_tb = exc.__traceback__
+    while frame_tb is not None:
+        frame = frame_tb.tb_frame
+        if frame.f_code.co_name == "_create_defaults_tree_impl" and "root" in frame.f_locals:
+            path = str(frame.f_locals["root"].node.get_config_path())
+            if path in seen:
+                cycle = [*seen[seen.index(path) :], path]
+                where = f"--config-dir={str(config_dir)!r}: " if config_dir else ""
+                return ConfigError(
+                    f"{where}circular defaults: {' -> '.join(f'{c}.yaml' for c in cycle)} (a "
+                    "defaults list includes a config that includes it again)"
+                )
+            seen.append(path)
+        frame_tb = frame_tb.tb_next
+    return ConfigError("composing the config recursed without end (circular defaults?)")
+
+
+def _file_of(exc: BaseException) -> str:
+    """The config file Hydra was reading when `exc` was raised (its file source's `full_path`)."""
+    found, tb = "a config file", exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load_config" and isinstance(
+            frame.f_locals.get("full_path"), str
+        ):
+            found = frame.f_locals["full_path"]
+        tb = tb.tb_next
+    return found
+
+
+def _hydra_error(exc: BaseException, config_dir: Path | None = None) -> ConfigError:
+    import yaml
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    if isinstance(exc, yaml.YAMLError):
+        return _yaml_error(exc)
+    if isinstance(exc, RecursionError):
+        return _cycle_error(exc, config_dir)
+    if isinstance(exc, UnicodeDecodeError):
+        return ConfigError(f"{_file_of(exc)}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException):
+        return ConfigError(f"{_file_of(exc)}: cannot be read ({exc.strerror or exc})")
     if isinstance(exc, OverrideParseException):
         first = str(exc).splitlines()[0].rstrip(".")
         return ConfigError(
@@ -166,9 +237,7 @@ def _hydra(config_dir: Path | None) -> Iterator[None]:
 def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[str, Any]:
     """Compose the config for one job and return it as a resolved plain dict."""
     from hydra import compose
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf, open_dict
-    from omegaconf.errors import OmegaConfBaseException
 
     recipe, overrides = prepare_overrides(overrides, config_dir)
     try:
@@ -180,7 +249,7 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
         node = cast(
             dict[str, Any], OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         )
-    except (HydraException, OmegaConfBaseException) as exc:
+    except _compose_errors() as exc:
         raise _hydra_error(exc, config_dir) from None
     check_clashes(choices, config_dir)
     _check_stated_batch(overrides, node)
@@ -205,14 +274,12 @@ def check_composes(overrides: list[str], config_dir: Path | None = None) -> None
     """Hydra composes these overrides (values are not resolved: --cfg shows them as written), or
     one-line ConfigError."""
     from hydra import compose
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     overrides = prepare_overrides(overrides, config_dir)[1]
     try:
         with _hydra(config_dir):
             compose("config", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except _compose_errors() as exc:
         raise _hydra_error(exc, config_dir) from None
 
 
@@ -223,7 +290,7 @@ def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[st
 
     recipe, overrides = _recipe_of(_launcher_options(overrides))
     register()  # the schema's defaults, which the packaged YAML extends
-    _register_recipe(recipe, config_dir)
+    register_recipe(recipe, config_dir)
     return recipe, overrides
 
 

@@ -166,6 +166,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is type(None):
         require(value is None, key, value, "must be null")
         return None
+    if hint in (bool, int, float) and isinstance(value, str):
+        value = _from_string(value, hint)
     if hint is bool:
         require(isinstance(value, bool), key, value, "must be true or false")
         return value
@@ -202,6 +204,22 @@ def _within_maxima(obj: Any, prefix: str) -> None:
                 top, what = maximum(prefix + f.name)
                 shown = f"{top:,}" if isinstance(top, int) else f"{top:g}"
                 require(v <= top, prefix + f.name, value, f"must be <= {shown} ({what})")
+
+
+def _from_string(value: str, hint: type) -> Any:
+    """A string given for a number or true/false key, converted as OmegaConf's typed nodes convert
+    it ("3" for an int, "1e-3" for a float, "yes"/"no"/"true"/"false"/"1"/"0" for a bool): what
+    an OmegaConf user expects of `${oc.env:EPOCHS,3}` or `'3'`. A string that does not convert
+    comes back as it is, for the caller to refuse naming the key."""
+    from omegaconf import BooleanNode, FloatNode, IntegerNode
+    from omegaconf.errors import ValidationError
+
+    try:
+        if hint is bool:
+            return BooleanNode(value)._value()
+        return IntegerNode(value)._value() if hint is int else FloatNode(value)._value()
+    except ValidationError:
+        return value
 
 
 def describe(hint: Any) -> str:
