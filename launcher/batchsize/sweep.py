@@ -79,7 +79,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
             "subfolders with plan.json and metrics.jsonl); give a run's folder or a sweep's, "
             "e.g. outputs/mnist1d/multirun-<stamp>"
         )
-    return jobs
+    return sorted(jobs, key=lambda d: name_key(d.name))
 
 
 def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
