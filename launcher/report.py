@@ -20,11 +20,17 @@ Per job, from metrics.jsonl:
   scale phi is the median over its jobs.
 
 Over the sweep:
+- only jobs that learned count (launcher/batchsize/outcome.py); the others are marked in the
+  table and said, with the reason;
 - steps to target S against the batch B follow S = S_min (1 + B_crit / B) (McCandlish et al.
   2018, eq. 2.11); `fit_critical_batch` fits it in log space (relative errors: the steps span an
   order of magnitude or more). E_min = S_min B_crit is the fewest samples that reach the target.
+  A run that reached the target at its first evaluation has only an upper bound (`<=`) and is
+  left out; where the rest cannot determine the fit (launcher/batchsize/fit.py) there are no fit
+  numbers, and one line says why;
 - fastest batch: the least measured time to target (with several runs per batch, e.g. a sweep
-  over seeds too, the least median over its runs; a run that missed the target counts as never).
+  over seeds too, the least median over its runs; a run that missed the target counts as never);
+  not determined while a run's time to it is an upper bound.
 - goodput-optimal batch (Pollux, Qiao et al. OSDI'21, eq. 1-2): goodput(B) = samples_per_s(B) x
   efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
   samples per second of B_0-equivalent progress.
@@ -37,8 +43,11 @@ Given one run's folder instead, it prints that run's batch-size advice
 (launcher/batchsize/advice.py) with its history (launcher/batchsize/history.py) and writes
 training.png there (or to --out).
 
-Bad input (no such folder, no job folders, a target outside (0, 1), an unreadable file) prints one
-line on stderr and exits 2; nothing is written.
+Bad input prints one line on stderr and exits 2, and nothing is written: no such folder, a folder
+that is neither a run (plan.json) nor a sweep (job folders of one recipe, model and data, with
+something measured), a target outside (0, 1), a plan.json, metrics.jsonl, config.yaml or Optuna
+result that is not what the launcher writes, an --out that cannot be written. A write that fails
+(a full disk) is one line and exit 5 (WriteFailed), with nothing left behind.
 """
 
 from __future__ import annotations
