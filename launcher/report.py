@@ -203,6 +203,7 @@ def write_files(out: Path, key: str, files: dict[str, Writer]) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}={str(out)!r}: not a directory")
     check_writable(out, key)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this call makes
     out.mkdir(parents=True, exist_ok=True)
     done: list[tuple[Path, Path]] = []
     for name, write in files.items():
@@ -211,9 +212,11 @@ def write_files(out: Path, key: str, files: dict[str, Writer]) -> list[Path]:
         try:
             write(done[-1][0])
         except OSError as exc:
-            for temporary, _ in done:
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                for temporary, _ in done:
                     temporary.unlink(missing_ok=True)
+                for folder in made:
+                    folder.rmdir()
             raise WriteFailed(name, final, exc) from None
     for temporary, final in done:
         os.replace(temporary, final)

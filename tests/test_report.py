@@ -524,3 +524,5 @@ def test_a_failed_write_is_exit_5_and_leaves_nothing(tmp_path: Path, monkeypatch
         "(No space left on device)\n"
     )
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0"]
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "new" / "out")]) == 5
+    assert not (tmp_path / "new").exists()  # the folders it made for --out are gone too
