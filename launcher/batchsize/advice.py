@@ -322,25 +322,26 @@ def recommendation(a: Advice) -> str:
     """The recommended batch and why: a gain above the spread, or the run's batch kept."""
     now, chosen = a.global_batch, a.recommended
     gains = {row[0]: row[4] - 1 for row in a.rows}
-    plus = dict(zip((row[0] for row in a.rows), a.spreads, strict=True)).get(a.best, 0.0)
-    best = f"{gains[a.best]:.1%} at {a.best:,}"
+    top = a.best if a.best in gains else chosen  # an Advice made without its best: the chosen
+    plus = dict(zip((row[0] for row in a.rows), a.spreads, strict=False)).get(top, 0.0)
+    best = f"{gains.get(top, 0.0):.1%} at {top:,}"
     head = f"  recommended global batch: {chosen:,} (now {now:,})"
     if a.interval_spread is None:
-        if a.best == now:
+        if top == now:
             return f"{head}: no candidate's goodput is higher"
         return (
             f"{head}: keep global_batch={now:,}: the best gain, {best}, cannot be told from the "
             "timings' noise, whose spread was not measured"
         )
     tied = f"within the spread of the best goodput: {', '.join(f'{b:,}' for b in a.near)}"
-    if chosen == now and a.best == now:
+    if chosen == now and top == now:
         return f"{head}: no candidate's goodput is higher; {tied}"
     if chosen == now:
         return (
             f"{head}: keep global_batch={now:,}: the best gain, {best}, is within the "
             f"measurement's spread of ±{plus:.1%}; {tied}"
         )
-    if chosen == a.best:
+    if chosen == top:
         return (
             f"{head}: its goodput gain, {gains[chosen]:.1%}, is above the measurement's spread "
             f"of ±{plus:.1%}; {tied}"
