@@ -29,8 +29,12 @@ of at least one epoch).
 Beside the result: the noise scale B_simple the run logged nearest before the checkpoint, and the
 run's critical batch from its noise scale up to the checkpoint
 (launcher.batchsize.advice.critical_batch).
-Writes OUT/cbs.json (default OUT: RUN_DIR/cbs-step<N>) and prints a table. Bad input: one line on
-stderr, exit 2, nothing written.
+Launcher overrides for the branches go after `--` (e.g. `-- trainer.cpu_threads=2`); the keys the
+probe sets itself (BRANCH_KEYS: the batch, the checkpoint, the stop and its cooldown, the folder)
+are refused there. A branch that diverges (exit 4 of a run) counts as an infinite loss.
+Writes OUT/cbs.json (default OUT: RUN_DIR/cbs-step<N>) and prints a table. Bad input (also a run
+folder, plan.json, metrics.jsonl or checkpoint that is not what the launcher writes): one line on
+stderr, exit 2, nothing written; cbs.json that cannot be written: one line, exit 5.
 """
 
 from __future__ import annotations
@@ -39,43 +43,25 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import ConfigError
+from launcher.batchsize.branches import crossing, format_result
+from launcher.errors import ConfigError, LauncherError
 
 PROG = "launcher.cbs"
-
-
-@dataclass(frozen=True)
-class Crossing:
-    """What the branches say: gaps per k, the largest batch within tolerance, the crossing."""
-
-    gaps: tuple[float, ...]  # (loss_k - loss_1) / loss_1; inf for a non-finite loss
-    largest: int  # the largest k x B within tolerance (every smaller k within too)
-    interpolated: float | None  # where the gap crosses the tolerance; None: never crossed
-
-
-def crossing(batch: int, ks: list[int], losses: list[float], tolerance: float) -> Crossing:
-    """PURE. `ks` ascending from 1, `losses` the branches' final eval losses."""
-    if not ks or ks[0] != 1 or sorted(set(ks)) != ks or len(ks) != len(losses):
-        raise ValueError(f"crossing: ks must ascend from 1 (got {ks}) with one loss each")
-    base = losses[0]
-    if not math.isfinite(base) or base == 0:
-        raise ValueError(f"crossing: the k=1 branch's loss {base} is not a finite nonzero value")
-    gaps = tuple((x - base) / abs(base) if math.isfinite(x) else math.inf for x in losses)
-    last = 0
-    while last + 1 < len(ks) and gaps[last + 1] <= tolerance:
-        last += 1
-    interpolated = None
-    if last + 1 < len(ks):
-        g0, g1 = gaps[last], gaps[last + 1]
-        k0, k1 = math.log(ks[last]), math.log(ks[last + 1])
-        frac = 1.0 if math.isinf(g1) else (tolerance - g0) / (g1 - g0)
-        interpolated = batch * math.exp(k0 + frac * (k1 - k0))
-    return Crossing(gaps, batch * ks[last], interpolated)
+BRANCH_KEYS = (  # set by the probe for every branch: an override of them is refused
+    "global_batch",
+    "global_batch_tokens",
+    "run_dir",
+    "resume",
+    "plan_only",
+    "checkpoint.allow_global_batch_change",
+    "trainer.stop_after_samples",
+    "trainer.stop_cooldown_samples",
+)
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -90,18 +76,20 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path]:
-    """The checkpoint to branch from: `step`'s, or the newest before the end of the run."""
+def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path, list[dict]]:
+    """The checkpoint to branch from (`step`'s, or the newest before the end of the run), its
+    path, and the run's metrics records."""
+    from launcher.batchsize.sweep import read_job
     from launcher.checkpoint import files as checkpoint
 
     if not run_dir.is_dir():
         raise ConfigError(f"{str(run_dir)!r}: no such directory")
+    plan, records = read_job(run_dir)
+    if "steps" not in plan:
+        raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer steps)")
+    end = plan["steps"]
     found = checkpoint.checkpoints(run_dir)
     steps = {int(checkpoint.NAME.match(p.name).group(1)): p for p in found}
-    try:
-        end = json.loads((run_dir / "plan.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{str(run_dir)!r}: no plan.json with the run's steps") from None
     if step is not None:
         if step not in steps:
             have = ", ".join(f"{s:,}" for s in sorted(steps)) or "none"
@@ -115,10 +103,32 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path]:
                 "the LR is still up; train it with checkpoint.every_samples=N checkpoint.keep=M"
             )
         path = steps[max(inside)]
-    loaded = checkpoint.load(path, lambda message: None)
-    if loaded is None:
-        raise ConfigError(f"{str(path)!r}: not a usable checkpoint (digest or format)")
-    return loaded
+    try:
+        loaded = checkpoint.load(path, lambda message: None)
+    except checkpoint.Unusable as exc:
+        raise ConfigError(str(exc)) from None
+    problem = "digest or format" if loaded is None else _state_problem(loaded[0])
+    if problem is not None:
+        raise ConfigError(f"{str(path)!r}: not a usable checkpoint ({problem})")
+    assert loaded is not None
+    return loaded[0], loaded[1], records
+
+
+def _state_problem(state: dict) -> str | None:
+    """What a branch needs from the checkpoint's state that it does not hold, or None."""
+    counts = {k: state.get(k) for k in ("step", "global_batch", "consumed_samples")}
+    plan = state.get("plan")
+    if isinstance(plan, dict):
+        counts |= {f"plan.{k}": plan.get(k) for k in ("epoch_samples", "total_samples")}
+    for key, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={value!r}: not a count"
+    config = state.get("config")
+    if not isinstance(plan, dict) or not isinstance(config, dict):
+        return "no plan or config in it"
+    if not all(isinstance(config.get(k), dict) for k in ("checkpoint", "trainer")):
+        return "its config has no checkpoint and trainer sections"
+    return None
 
 
 def branch_samples(requested: str, largest_batch: int, epoch_samples: int) -> int:
@@ -173,15 +183,10 @@ def branch_config(
     return to_run_config(node)
 
 
-def noise_beside(run_dir: Path, samples: int, batch: int) -> dict[str, float | None]:
+def noise_beside(records: list[dict], samples: int, batch: int) -> dict[str, float | None]:
     """The run's logged B_simple nearest before `samples`, and its critical batch up to there."""
     from launcher.batchsize.advice import critical_batch
-    from launcher.batchsize.sweep import read_job
 
-    try:
-        records = read_job(run_dir)[1]
-    except ConfigError:
-        return {"noise_scale_at_checkpoint": None, "run_critical_batch": None}
     train = [r for r in records if "loss" in r and r.get("samples", math.inf) <= samples]
     logged = [r["noise_scale"] for r in train if r.get("noise_scale") is not None]
     estimate = critical_batch(train, batch)
@@ -224,25 +229,57 @@ def _parser() -> argparse.ArgumentParser:
         help="share of each branch's samples its LR falls to 0 over (default 0.5)",
     )
     parser.add_argument("--out", type=Path, help="default RUN_DIR/cbs-step<N>")
-    parser.add_argument("overrides", nargs="*", help="launcher overrides for the branches")
+    parser.epilog = "Launcher overrides for the branches go after --, e.g. -- trainer.cpu_threads=2"
     return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The options, and the launcher overrides for the branches (everything after `--`)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, extra = _parser().parse_known_args(argv[:cut])
+    stray = [a for a in extra if "=" in a and not a.startswith("-")]
+    if stray:
+        raise ConfigError(
+            f"{stray[0]}: launcher overrides for the branches go after --, e.g. "
+            f"python -m {PROG} RUN_DIR --k 1,2 -- {stray[0]}"
+        )
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    overrides = argv[cut + 1 :]
+    for item in overrides:
+        key, equals, _ = item.partition("=")
+        if not equals or not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key
+        ):
+            raise ConfigError(
+                f"{item}: not a launcher override (KEY=VALUE with a dotted key, e.g. "
+                "optim.weight_decay=0)"
+            )
+        if key in BRANCH_KEYS:
+            raise ConfigError(
+                f"{item}: the probe sets {key} for every branch; choose the branches with --k, "
+                "--samples, --cooldown and --out"
+            )
+    return args, overrides
 
 
 def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any], int, Path]:
     """Check everything before a branch trains: (args, checkpoint state, its path, one
     RunConfig per k, the samples per branch, the output folder)."""
+    from launcher.checkpoint.paths import check_writable
     from launcher.checkpoint.resume import check_optimizer
     from launcher.cluster.topology import from_env
     from launcher.planning.plan import plan_batch
 
-    args = _parser().parse_args(argv)
+    args, overrides = parse(argv)
     ks = _parse_ks(args.k)
     if not 0 < args.tolerance < 1:
         raise ConfigError(f"--tolerance={args.tolerance}: must be in (0, 1)")
     if not 0 <= args.cooldown <= 1:
         raise ConfigError(f"--cooldown={args.cooldown}: must be in [0, 1]")
-    state, path = pick_checkpoint(args.run_dir, args.step)
-    if (state["config"].get("ramp") or {}).get("start_batch") is not None:
+    state, path, records = pick_checkpoint(args.run_dir, args.step)
+    ramp = state["config"].get("ramp")
+    if isinstance(ramp, dict) and ramp.get("start_batch") is not None:
         raise ConfigError(
             f"{str(args.run_dir)!r}: trained with a batch ramp (ramp.start_batch), which a branch "
             "at another global batch cannot continue; probe a run at a fixed batch"
@@ -259,12 +296,13 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
     out = args.out or args.run_dir / f"cbs-step{state['step']}"
     if out.exists():
         raise ConfigError(f"--out={str(out)!r}: exists already; choose a new folder")
+    check_writable(out, "--out")
     world = from_env().world_size
     configs = []
     for k in ks:
         every = saved_plan["total_samples"] / saved_plan["epoch_samples"]  # the end only
         cfg = branch_config(
-            state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, args.overrides
+            state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, overrides
         )
         origin = (state["step"], done) if k > 1 else (0, 0)
         plan = plan_batch(cfg, world, saved_plan["epoch_samples"], origin=origin)
@@ -273,6 +311,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
         except ConfigError as exc:
             raise ConfigError(f"--k={args.k}: k={k}: {exc}") from None
         configs.append((k, cfg, plan.lr))
+    args.beside = noise_beside(records, done, batch)  # before anything trains: a bad file
     return args, state, path, configs, samples, out
 
 
@@ -281,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, state, path, configs, samples, out = prepare(argv)
         result = run_branches(args, state, path, configs, samples, out)
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except LauncherError as exc:  # bad input 2, a failed write 5, the k=1 branch diverged 4
+        line = str(exc).removeprefix("launcher: error: ")
+        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+        return exc.exit_code
     finally:
         if "torch" in sys.modules:
             from launcher.backends import teardown
@@ -299,6 +339,7 @@ def run_branches(args, state, path, configs, samples, out) -> dict | None:  # no
     import os
 
     from launcher.cluster.topology import from_env, slurm_env
+    from launcher.training.guard import Diverged
     from launcher.training.job import execute
 
     os.environ.update(slurm_env(os.environ))
@@ -306,13 +347,23 @@ def run_branches(args, state, path, configs, samples, out) -> dict | None:  # no
     batch = state["global_batch"]
     losses, rows = [], []
     for k, cfg, lr in configs:
-        final = execute(cfg, launched, out / f"k{k}")
+        row = {"k": k, "global_batch": k * batch, "lr": lr}
+        try:
+            final = execute(cfg, launched, out / f"k{k}")
+        except Diverged as exc:  # a measurement: this batch does not train at this LR
+            if k == 1:
+                raise Diverged(f"the k=1 branch diverged, nothing to compare with: {exc}") from None
+            final = {"eval_loss": math.inf}
+            row["diverged"] = str(exc)
         losses.append(final["eval_loss"])
-        rows.append({"k": k, "global_batch": k * batch, "lr": lr, "eval_loss": final["eval_loss"]})
+        row["eval_loss"] = final["eval_loss"]
         if "eval_accuracy" in final:
-            rows[-1]["eval_accuracy"] = final["eval_accuracy"]
+            row["eval_accuracy"] = final["eval_accuracy"]
+        rows.append(row)
     if launched.rank != 0:
         return None
+    if not math.isfinite(losses[0]):
+        raise Diverged(f"the k=1 branch's eval loss is {losses[0]}: nothing to compare with")
     found = crossing(batch, [k for k, _, _ in configs], losses, args.tolerance)
     for row, gap in zip(rows, found.gaps, strict=True):
         row["gap"] = gap
@@ -329,45 +380,33 @@ def run_branches(args, state, path, configs, samples, out) -> dict | None:  # no
         "branches": rows,
         "critical_batch": found.largest,
         "interpolated": found.interpolated,
-        **noise_beside(args.run_dir, state["consumed_samples"], batch),
+        **args.beside,
     }
-    (out / "cbs.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_result(out / "cbs.json", result)
     return result
 
 
-def format_result(r: dict) -> str:
-    """The branches as a table, then the critical batch and the noise scale beside it."""
-    lines = [
-        f"critical batch, measured by branching (Merrill et al. 2025) from {r['checkpoint']} "
-        f"(step {r['step']:,}, {r['consumed_samples']:,} samples, global batch "
-        f"{r['global_batch']:,}): each branch trains the next {r['branch_samples']:,} samples",
-        f"  {'k':>4} {'global batch':>13} {'lr':>10} {'eval loss':>10} {'gap':>8}",
-    ]
-    for b in r["branches"]:
-        mark = "" if b["gap"] <= r["tolerance"] else "  > tolerance"
-        lines.append(
-            f"  {b['k']:>4} {b['global_batch']:>13,} {b['lr']:>10.4g} {b['eval_loss']:>10.4f} "
-            f"{b['gap']:>+8.2%}{mark}"
-        )
-    crossed = r["interpolated"]
-    where = (
-        f"; the gap crosses {r['tolerance']:.1%} at ~{crossed:,.0f} (log-linear in k)"
-        if crossed is not None
-        else f"; every branch stayed within {r['tolerance']:.1%}: it is at least this"
-    )
-    lines.append(
-        f"  critical batch here: {r['critical_batch']:,} (the largest k x B within "
-        f"{r['tolerance']:.1%} of k=1's eval loss){where}"
-    )
-    at, run = r["noise_scale_at_checkpoint"], r["run_critical_batch"]
-    lines.append(
-        "  noise scale beside it: B_simple "
-        + (f"{at:,.0f}" if at is not None else "not logged")
-        + " at the checkpoint, the run's critical batch up to it "
-        + (f"{run:,.0f}" if run is not None else "not measured")
-        + f"; the branches trained {r['samples_trained']:,} samples in all"
-    )
-    return "\n".join(lines)
+def _write_result(path: Path, result: dict) -> None:
+    """cbs.json, atomically (a temporary file renamed): valid JSON, a non-finite number (a
+    diverged branch's loss and gap) as null; a failed write is WriteFailed (exit 5)."""
+    import os
+
+    from launcher.checkpoint.paths import WriteFailed
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        return [finite(v) for v in value] if isinstance(value, list) else value
+
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps(finite(result), indent=2, allow_nan=False) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise WriteFailed("the probe's result", path, exc) from None
 
 
 if __name__ == "__main__":

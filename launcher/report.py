@@ -20,11 +20,17 @@ Per job, from metrics.jsonl:
   scale phi is the median over its jobs.
 
 Over the sweep:
+- only jobs that learned count (launcher/batchsize/outcome.py); the others are marked in the
+  table and said, with the reason;
 - steps to target S against the batch B follow S = S_min (1 + B_crit / B) (McCandlish et al.
   2018, eq. 2.11); `fit_critical_batch` fits it in log space (relative errors: the steps span an
   order of magnitude or more). E_min = S_min B_crit is the fewest samples that reach the target.
+  A run that reached the target at its first evaluation has only an upper bound (`<=`) and is
+  left out; where the rest cannot determine the fit (launcher/batchsize/fit.py) there are no fit
+  numbers, and one line says why;
 - fastest batch: the least measured time to target (with several runs per batch, e.g. a sweep
-  over seeds too, the least median over its runs; a run that missed the target counts as never).
+  over seeds too, the least median over its runs; a run that missed the target counts as never);
+  not determined while a run's time to it is an upper bound.
 - goodput-optimal batch (Pollux, Qiao et al. OSDI'21, eq. 1-2): goodput(B) = samples_per_s(B) x
   efficiency(B), efficiency(B) = (phi + B_0) / (phi + B), B_0 the sweep's smallest batch: the
   samples per second of B_0-equivalent progress.
@@ -37,8 +43,11 @@ Given one run's folder instead, it prints that run's batch-size advice
 (launcher/batchsize/advice.py) with its history (launcher/batchsize/history.py) and writes
 training.png there (or to --out).
 
-Bad input (no such folder, no job folders, a target outside (0, 1), an unreadable file) prints one
-line on stderr and exits 2; nothing is written.
+Bad input prints one line on stderr and exits 2, and nothing is written: no such folder, a folder
+that is neither a run (plan.json) nor a sweep (job folders of one recipe, model and data, with
+something measured), a target outside (0, 1), a plan.json, metrics.jsonl, config.yaml or Optuna
+result that is not what the launcher writes, an --out that cannot be written. A write that fails
+(a full disk) is one line and exit 5 (WriteFailed), with nothing left behind.
 """
 
 from __future__ import annotations
@@ -46,20 +55,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launcher.batchsize.advice import advise, format_advice
+from launcher.batchsize.advice import format_advice
+from launcher.batchsize.plots import plot_report, plot_run
 from launcher.batchsize.sweep import (
     find_jobs,
     format_report,
     name_key,
-    plot_report,
     read_job,
     summarize_job,
     summarize_sweep,
 )
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, LauncherError
+
+Writer = Callable[[Path], Any]  # writes one output file at the path it is given
 
 PROG = "launcher.report"
 ADVICE_KEYS = ("global_batch", "world_size", "micro_batch", "accumulation", "epoch_samples")
@@ -69,95 +81,146 @@ ADVICE_KEYS = ("global_batch", "world_size", "micro_batch", "accumulation", "epo
 # command line
 
 
-def print_run_advice(run_dir: Path, target: float | None, out: Path | None) -> int:
-    """One run's folder: print its advice (what the run printed at its end) with its ramp
-    decisions, loss spikes and branched probes; write training.png (noise scale and critical
-    batch over training, the batch over samples) to `out` (default: the run's folder).
-    `target`: the eval accuracy its epochs-to-target column counts to (None: the run's
-    target_accuracy, else its own final eval loss)."""
+def run_report(run_dir: Path, target: float | None) -> tuple[str, dict[str, Writer]]:
+    """One run's folder: its advice (what the run printed at its end) with its ramp decisions,
+    loss spikes and branched probes, and training.png (noise scale and critical batch over
+    training, the batch over samples) to write. `target`: the eval accuracy its
+    epochs-to-target column counts to (None: the run's target_accuracy, else its own final eval
+    loss)."""
     from launcher.batchsize.history import format_history, probes
-    from launcher.planning.prior import from_records
+    from launcher.batchsize.run_advice import advice_or_why, next_sentence
 
     plan, records = read_job(run_dir)
     missing = [k for k in ADVICE_KEYS if not isinstance(plan.get(k), int)]
     if missing:
         raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer {missing[0]})")
-    cfg = _run_config(run_dir)
+    cfg, why_no_config = _run_config(run_dir)
     if target is None and cfg is not None:
         target = cfg.target_accuracy
-    own = from_records(run_dir, plan["global_batch"], records, target)
-    reached = (own.target, own.samples) if own is not None and own.samples else None
-    advice = advise(records, plan, reached)
+    advice, why = advice_or_why(run_dir, records, plan, target)
     if advice is None:
-        raise ConfigError(
-            f"{str(run_dir)!r}: no batch-size advice: the run logged no noise scale or step "
-            "timing (trainer.noise_scale=false, backend=deepspeed, or too few steps)"
-        )
-    found = probes(run_dir)
+        raise ConfigError(f"{str(run_dir)!r}: no batch-size advice: {why}")
+    left_out: list[str] = []
+    found = probes(run_dir, left_out)
     lines = [format_advice(advice), *format_history(records, found)]
+    lines += [f"  left out (not a probe's result): {where}" for where in left_out]
     if cfg is not None:
-        from launcher.batchsize.run_advice import next_sentence
-
         memory = plan.get("memory") or {}
         lines.append(next_sentence(cfg.optim, cfg.cluster, advice, memory.get("cap")))
-    out = out or run_dir
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out={str(out)!r}: not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    plot_run(records, plan, found, out / "training.png")
-    print("\n".join(lines), f"written: {out / 'training.png'}", sep="\n", flush=True)
-    return 0
+    else:
+        lines.append(f"  next: no sentence ({why_no_config})")
+
+    def draw(path: Path) -> None:
+        plot_run(records, plan, found, path)
+
+    return "\n".join(lines), {"training.png": draw}
 
 
-def _run_config(run_dir: Path) -> Any:
-    """The run's RunConfig from its config.yaml, or None where it cannot be read back."""
-    import yaml
-
+def _run_config(run_dir: Path) -> tuple[Any, str]:
+    """(the run's RunConfig from its config.yaml, "") or (None, why not): not there, or written
+    by another version of the launcher. A config.yaml that is no YAML mapping is bad input."""
     from launcher.config.schema import to_run_config
 
+    node = read_config(run_dir)
+    if node is None:
+        return None, "the run folder has no config.yaml"
     try:
-        return to_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, yaml.YAMLError, ConfigError):  # not there, or written by an older launcher
+        return to_run_config(node), ""
+    except ConfigError as exc:
+        return None, f"its config.yaml does not read as this launcher's: {exc}"
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """A run folder's config.yaml as a mapping; None where there is none."""
+    import yaml
+
+    path = folder / "config.yaml"
+    if not path.exists():
         return None
+    try:
+        node = yaml.safe_load(path.read_text())
+        if not isinstance(node, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        line = str(why).splitlines()[0] if str(why) else type(exc).__name__
+        raise ConfigError(f"{str(path)!r}: not a run's config ({line})") from None
+    return node
 
 
-def plot_run(records: list[dict], plan: dict, found: list[dict], path: Path) -> None:
-    """training.png: B_simple and the running critical batch over the run's samples (with the
-    branched probes' critical batches), and the global batch over samples."""
-    import matplotlib
+def _workload(node: dict[str, Any]) -> str:
+    """A run's recipe, model and data, in words (a sweep's jobs share them)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def name(part: Any) -> Any:
+        return part.get("name", part.get("_target_")) if isinstance(part, dict) else part
 
-    from launcher.batchsize.history import batch_over_samples, noise_over_training
+    model, data = name(node.get("model")), name(node.get("data"))
+    return f"recipe {node.get('recipe')}, model {model}, data {data}"
 
-    batch = plan["global_batch"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)
-    noise = noise_over_training(records, batch)
-    if noise:
-        x, phi, crit = zip(*noise, strict=True)
-        top.plot(x, phi, ".", alpha=0.35, label="B_simple (moving average, logged)")
-        top.plot(x, crit, "-", label="critical batch of the run so far")
-    for p in found:
-        label = "branched probe (launcher.cbs)" if p is found[0] else None
-        top.plot(p["consumed_samples"], p["critical_batch"], "s", color="C3", label=label)
-        if p.get("interpolated"):
-            top.plot(p["consumed_samples"], p["interpolated"], "x", color="C3")
-    top.set_yscale("log")
-    top.set_ylabel("batch (samples)")
-    top.grid(True, which="both", alpha=0.3)
-    if top.get_legend_handles_labels()[0]:
-        top.legend(fontsize="small")
-    steps = batch_over_samples(records, batch)
-    if steps:
-        bottom.step(*zip(*steps, strict=True), where="post")
-    bottom.set_yscale("log", base=2)
-    bottom.set_ylabel("global batch")
-    bottom.set_xlabel("samples trained")
-    bottom.grid(True, which="both", alpha=0.3)
-    fig.suptitle("noise scale, critical batch and global batch over the run")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+
+def sweep_report(sweep_dir: Path, target: float | None) -> tuple[str, dict[str, Writer]]:
+    """A sweep's folder: report.md's text, and report.md and report.png to write. Not a sweep
+    (no job folders, jobs of different workloads, nothing measured yet): ConfigError."""
+    target = 0.95 if target is None else target
+    folders = find_jobs(sweep_dir)
+    read = [(d, *read_job(d)) for d in folders]
+    workloads: dict[str, str] = {}
+    for d in folders:
+        node = read_config(d)
+        if node is not None:
+            workloads.setdefault(_workload(node), d.name)
+    if len(workloads) > 1:
+        (one, a), (two, b) = list(workloads.items())[:2]
+        raise ConfigError(
+            f"{str(sweep_dir)!r}: not one sweep: its job folders train different workloads "
+            f"({a}: {one}; {b}: {two}); give one sweep's folder"
+        )
+    if not any("loss" in r or "eval_loss" in r for _, _, records in read for r in records):
+        raise ConfigError(
+            f"{str(sweep_dir)!r}: nothing to report yet: no job folder's metrics.jsonl holds a "
+            "training or evaluation record"
+        )
+    jobs = [summarize_job(d.name, plan, records, target) for d, plan, records in read]
+    summary = summarize_sweep(jobs, target)
+    text = format_report(summary, str(sweep_dir))
+    text += "".join(f"{line}\n" for line in search_lines(sweep_dir, folders))
+
+    def draw(path: Path) -> None:
+        plot_report(summary, path)
+
+    return text, {"report.md": lambda path: path.write_text(text), "report.png": draw}
+
+
+def write_files(out: Path, key: str, files: dict[str, Writer]) -> list[Path]:
+    """Write each file into folder `out` (made if missing): all to temporary names first, then
+    each renamed into place, so a failed write (WriteFailed: one line, exit 5) leaves nothing
+    behind; a folder that cannot be written is bad input (`key` names it)."""
+    import contextlib
+    import os
+
+    from launcher.checkpoint.paths import WriteFailed, check_writable
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{key}={str(out)!r}: not a directory")
+    check_writable(out, key)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this call makes
+    out.mkdir(parents=True, exist_ok=True)
+    done: list[tuple[Path, Path]] = []
+    for name, write in files.items():
+        final = out / name
+        done.append((out / f".{final.stem}.tmp{final.suffix}", final))
+        try:
+            write(done[-1][0])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                for temporary, _ in done:
+                    temporary.unlink(missing_ok=True)
+                for folder in made:
+                    folder.rmdir()
+            raise WriteFailed(name, final, exc) from None
+    for temporary, final in done:
+        os.replace(temporary, final)
+    return [final for _, final in done]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,7 +235,7 @@ def _ran(job_dir: Path, params: dict) -> bool:
     try:
         given = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
         values = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in given)}
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # no overrides.yaml to read
         return False
     for key, value in params.items():
         got = values.get(key)
@@ -208,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"python -m {PROG}",
         description="Table, critical-batch fit, recommended batch and plots for a sweep.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="the sweep's folder (one subfolder per job)")
+    parser.add_argument(
+        "sweep_dir", type=Path, help="the sweep's folder (one subfolder per job), or a run's"
+    )
     parser.add_argument(
         "--target",
         type=float,
@@ -219,25 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.target is not None and not 0 < args.target < 1:
             raise ConfigError(f"--target={args.target}: must be in (0, 1)")
-        if (args.sweep_dir / "plan.json").is_file():  # one run: its batch-size advice
-            return print_run_advice(args.sweep_dir, args.target, args.out)
-        target = 0.95 if args.target is None else args.target
-        folders = find_jobs(args.sweep_dir)
-        jobs = [summarize_job(d.name, *read_job(d), target) for d in folders]
-        summary = summarize_sweep(jobs, target)
-        text = format_report(summary, str(args.sweep_dir))
-        text += "".join(f"{line}\n" for line in search_lines(args.sweep_dir, folders))
+        if (args.sweep_dir / "plan.json").exists():  # one run: its batch-size advice
+            text, files = run_report(args.sweep_dir, args.target)
+        else:
+            text, files = sweep_report(args.sweep_dir, args.target)
         out = args.out or args.sweep_dir
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out={str(out)!r}: not a directory")
-    except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    plot_report(summary, out / "report.png")
+        written = write_files(out, "--out", files)
+    except LauncherError as exc:  # bad input: exit 2; a write that failed: WriteFailed, exit 5
+        line = str(exc).removeprefix("launcher: error: ")
+        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+        return exc.exit_code
     print(text)
-    print(f"written: {out / 'report.md'}, {out / 'report.png'}", flush=True)
+    print(f"written: {', '.join(str(p) for p in written)}", flush=True)
     return 0
 
 

@@ -95,8 +95,14 @@ def _cbs(args: list[str], cwd):
 
 @pytest.mark.slow
 def test_branches_train_the_same_samples_at_k_times_the_batch(trained) -> None:
-    res = _cbs([str(trained), "--step", "40", "--k", "1,2,4", "--samples", "384"], trained.parent)
+    args = [str(trained), "--step", "40", "--k", "1,2,4", "--samples", "384"]
+    res = _cbs([*args, "--", "trainer.tensorboard=true"], trained.parent)  # the documented form
     assert res.returncode == 0, res.stderr
+    for k in (1, 2, 4):  # the override reached every branch (the probe turns it off otherwise)
+        assert (
+            "  tensorboard: true" in (trained / "cbs-step40" / f"k{k}" / "config.yaml").read_text()
+        )
+        assert (trained / "cbs-step40" / f"k{k}" / "tensorboard").is_dir()
     result = json.loads((trained / "cbs-step40" / "cbs.json").read_text())
     assert (result["consumed_samples"], result["branch_samples"]) == (1280, 384)
     assert result["samples_trained"] == 3 * 384 and result["cooldown_samples"] == 192
@@ -144,6 +150,65 @@ def test_bad_input_is_one_line_and_nothing_trains(trained, args, message) -> Non
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert message in res.stderr
     assert not out.exists()
+
+
+def _forge(run, state: dict) -> None:
+    """Step 40's checkpoint replaced by `state`, its digest file matching."""
+    import hashlib
+
+    import torch
+
+    path = run / "checkpoints" / "step-000000040.pt"
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_suffix(".sha256").write_text(digest + "\n")
+
+
+CORRUPT = {
+    "plan-types": lambda run: (run / "plan.json").write_text('{"global_batch": 32, "steps": "x"}'),
+    "plan-bytes": lambda run: (run / "plan.json").write_bytes(b"\xff"),
+    "metrics": lambda run: (run / "metrics.jsonl").write_text('{"step": 1, "samples": -4}\n'),
+    "digest": lambda run: (run / "checkpoints" / "step-000000040.pt").write_bytes(b"x"),
+    "forged": lambda run: _forge(run, {"consumed_samples": 1280, "step": 40}),
+}
+
+
+@pytest.mark.parametrize(
+    ("what", "args", "message"),
+    [
+        ("", ["optim.base_lr=0.1"], "optim.base_lr=0.1: launcher overrides for the branches go"),
+        ("", ["--", "global_batch=64"], "global_batch=64: the probe sets global_batch for every"),
+        ("", ["--", "+foo"], "+foo: not a launcher override (KEY=VALUE with a dotted key"),
+        ("", ["--", "optim.base_lr"], "optim.base_lr: not a launcher override"),
+        ("", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("", ["--out", "/proc/x"], "--out='/proc/x': cannot write there"),
+        ("plan-types", [], "plan.json': not a plan (steps='x': not a positive integer)"),
+        ("plan-bytes", [], "plan.json': not a plan ('utf-8' codec can't decode"),
+        ("metrics", [], "metrics.jsonl' line 1: not a metrics record (samples=-4: not a count)"),
+        ("digest", [], "step-000000040.pt is not a usable checkpoint (its SHA-256 does not match"),
+        ("forged", [], "step-000000040.pt': not a usable checkpoint (global_batch=None: not a"),
+    ],
+)
+def test_malformed_input_is_one_line_in_process(
+    trained, tmp_path, monkeypatch, capsys, what, args, message
+) -> None:
+    """launcher.cbs.main in this process: exit 2, one line, no branch folder; a run folder
+    that is not what the launcher writes is a copy of the trained one, corrupted."""
+    import shutil
+
+    from launcher.cbs import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("cbs-*", "refused"))
+    if what:
+        CORRUPT[what](run)
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "out")]
+    assert main([str(run), "--step", "40", "--k", "1,2", *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher.cbs: error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out").exists() and not list(run.glob("cbs-*"))
 
 
 @pytest.mark.slow

@@ -54,9 +54,17 @@ def test_ramp_decisions_and_probes_are_told(tmp_path) -> None:
     (tmp_path / "cbs-step40").mkdir()
     (tmp_path / "cbs-step40" / "cbs.json").write_text(json.dumps(probe))
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "cbs.json").write_text("{not json")  # left out
-    found = probes(tmp_path)
+    (tmp_path / "other" / "cbs.json").write_text("{not json")  # left out, and said
+    (tmp_path / "k2").mkdir()
+    (tmp_path / "k2" / "cbs.json").write_text(json.dumps(probe | {"step": "40"}))
+    left: list[str] = []
+    found = probes(tmp_path, left)
     assert found == [probe]
+    assert left == [
+        f"{tmp_path / 'k2' / 'cbs.json'} (step='40': not a count)",
+        f"{tmp_path / 'other' / 'cbs.json'} (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+    ]
     text = "\n".join(format_history(records, found))
     assert "ramp: global batch 32 -> 64 at step 100 (sample 3,200), measured noise scale 70" in text
     assert "ramp-up: global batch 32 from step 10" in text

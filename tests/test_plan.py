@@ -151,6 +151,28 @@ def test_warmup(overrides, warmup_epochs, start, needle):
     assert needle in plan.reasons["warmup_samples"]
 
 
+@pytest.mark.parametrize(
+    ("epochs", "note"),
+    [
+        (20, None),  # 5 of 20 epochs: a quarter of the run
+        (10, None),  # half the run exactly: no note
+        (9.9, "(most of the run: 156.2 of its 310 steps train below the peak lr;"),
+        (5, "(most of the run: 156.2 of its 157 steps train below the peak lr;"),  # issue 30
+        (4, "(longer than the run: the peak lr is never reached)"),
+    ],
+)
+def test_a_warmup_over_most_of_the_run_gets_a_note(epochs, note):
+    """mnist1d at 1,024 (LAMB, 5 warmup epochs of 32,000 samples): a warmup longer than half
+    of the run's steps says so; one longer than the run says that instead."""
+    plan = plan_batch(_cfg("global_batch=1024", f"trainer.epochs={epochs}"), 1, 32000)
+    why = plan.reasons["warmup_samples"]
+    assert plan.warmup_samples == 160000
+    if note is None:
+        assert "most of the run" not in why and "longer than the run" not in why
+    else:
+        assert note in why
+
+
 # ---------------------------------------------------------------------------- steps / samples
 @pytest.mark.parametrize(
     ("overrides", "n", "steps", "overflow"),

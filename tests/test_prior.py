@@ -89,6 +89,15 @@ def test_the_plan_finds_the_newest_finished_run_of_the_same_workload(tmp_path) -
     _write_run(tmp_path / "new", cfg, 512, good, age=10)
     _write_run(tmp_path / "multirun-x" / "0", other, 512, good, age=20)
     _write_run(tmp_path / "unfinished", cfg, 512, _records(512, [0.96], final=False), age=30)
+    slow = _records(512, [0.10, 0.10])  # eval loss 0.9, from a first loss of 1.0 ...
+    _write_run(tmp_path / "slow", cfg, 512, slow, age=40)  # 10% below: it learned
+    diverged = [*good[:-1], {"event": "diverged", "step": 9, "samples": 4608, "why": "x"}]
+    _write_run(tmp_path / "diverged", cfg, 512, [*diverged, good[-1]], age=50)  # not a prior
+    flat = [*good[:-3], {"step": 60, "samples": 30720, "eval_loss": 0.995}, good[-1]]
+    _write_run(tmp_path / "flat", cfg, 512, flat, age=60)  # 0.5% below its first loss: not one
+    prior = find_prior(cfg, tmp_path, exclude=tmp_path / "this")
+    assert (prior.run_dir.name, prior.global_batch) == ("slow", 512)  # the newest that learned
+    (tmp_path / "slow" / "metrics.jsonl").unlink()
     prior = find_prior(cfg, tmp_path, exclude=tmp_path / "this")
     assert (prior.run_dir.name, prior.global_batch, prior.samples) == ("new", 512, 64_000)
     assert find_prior(cfg, tmp_path, exclude=tmp_path / "new").run_dir.name == "old"

@@ -3,6 +3,7 @@ hand-written sweep with known answers, one real (tiny) sweep, and bad input."""
 
 from __future__ import annotations
 
+import errno
 import json
 import statistics
 import sys
@@ -12,13 +13,16 @@ import numpy as np
 import pytest
 
 from launcher.batchsize.advice import efficiency
+from launcher.batchsize.plots import empty_panel
 from launcher.batchsize.sweep import (
     Job,
     fit_critical_batch,
+    format_report,
     run_noise_scale,
     summarize_job,
     summarize_sweep,
 )
+from launcher.report import main
 from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -203,8 +207,8 @@ def test_report_out_dir(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["missing"], "'missing': no such directory"),
-        (["empty"], "no job folders"),
-        (["sweep/0"], "'sweep/0': no batch-size advice: the run logged no"),
+        (["empty"], "'empty': neither a run (no plan.json) nor a sweep (no job folders"),
+        (["sweep/0"], "'sweep/0': no batch-size advice: too few steps measured for the noise"),
         (["sweep", "--target", "1.5"], "--target=1.5: must be in (0, 1)"),
         (["sweep", "--target", "0"], "--target=0.0: must be in (0, 1)"),
         (["sweep", "--target", "high"], "invalid float value"),
@@ -261,8 +265,9 @@ def test_report_of_a_real_sweep(tmp_path: Path, data_cache: str) -> None:
         evals = [m for m in records if "eval_accuracy" in m]
         assert row["final acc"] == f"{evals[-1]['eval_accuracy']:.4f}"
         hit = next((m for m in evals if m["eval_accuracy"] >= target), None)
-        assert row["steps to target"] == (f"{hit['step']:,}" if hit else "-")
-        assert row["time to target (s)"] == (f"{hit['train_s']:,.2f}" if hit else "-")
+        bound = "<= " if hit is evals[0] else ""  # at the first evaluation: an upper bound
+        assert row["steps to target"] == (f"{bound}{hit['step']:,}" if hit else "-")
+        assert row["time to target (s)"] == (f"{bound}{hit['train_s']:,.2f}" if hit else "-")
         end = [m for m in records if "train_s" in m][-1]
         assert row["samples/s"] == f"{end['samples'] / end['train_s']:,.0f}"
         noise = run_noise_scale(records, int(row["B"]))  # measured: the noise meter is on
@@ -273,6 +278,24 @@ def test_report_of_a_real_sweep(tmp_path: Path, data_cache: str) -> None:
     assert "recommended global batch:" in one.stdout and "(now 64)" in one.stdout
     assert "next: train at global_batch=" in one.stdout  # the plain sentence
     assert (tmp_path / "sweep" / "1" / "training.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_a_real_run_that_does_not_learn_gets_no_advice(tmp_path: Path, data_cache: str) -> None:
+    """lr 1e-9: the loss stays at its start (2.30 on 10 classes): the end of the run and
+    launcher.report say why there is no batch-size advice, instead of recommending a batch.
+    (test_report_of_a_real_sweep: the same tiny runs at their own lr get advice.)"""
+    args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "trainer.epochs=2"]
+    args += ["optim.base_lr=1e-9", "trainer.progress=false", "trainer.tensorboard=false"]
+    res = run_cli([*args, "run_dir=run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = res.stdout + res.stderr
+    assert "batch-size advice: none (the run did not learn: its final eval loss" in said
+    assert "recommended global batch" not in said and "next: train at" not in said
+    one = report(["run"], tmp_path)
+    assert one.returncode == 2 and one.stderr.count("\n") == 1, one.stderr
+    assert "'run': no batch-size advice: the run did not learn: its final eval loss" in one.stderr
+    assert not (tmp_path / "run" / "training.png").exists()
 
 
 def test_several_runs_per_batch_count_by_their_median() -> None:
@@ -306,3 +329,200 @@ def test_the_fit_takes_one_optimizers_runs() -> None:
     assert summary.fit_runs == 4
     assert summary.fit_note.startswith("sgd runs only: the model holds for one training setup")
     assert "the lamb runs (B 1,024-2,048) follow their own curve" in summary.fit_note
+
+
+# ---------------------------------------------------------------------------------------------
+# a fit of nothing gets no number (issue 30)
+
+
+def _job(batch: int, steps: int | None, *, first: bool = False, opt: str = "sgd") -> Job:
+    """A run at `batch` that reached the target after `steps` (at its first evaluation: only an
+    upper bound)."""
+    return Job(f"{batch}-{steps}", batch, opt, 0.1, True, 0.96, steps, None, 1.0, 1.0, 50.0, first)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "note"),
+    [
+        (  # every run reached it at its first evaluation: the report of issue 30
+            [_job(b, 32000 // b, first=True) for b in (32, 64, 128, 256, 512)],
+            "no fit: 5 of the 5 runs that reached the target did so at their first evaluation, "
+            "so their steps to it are only upper bounds",
+        ),
+        (  # one resolved batch is left: too few
+            [_job(32, 400), _job(64, 250, first=True), _job(128, 125, first=True)],
+            "no fit: 2 of the 3 runs that reached the target did so at their first evaluation",
+        ),
+        (
+            [_job(32, 100), _job(64, 120), _job(128, 150)],
+            "no fit: the steps to target do not fall as the batch grows (100 steps at B = 32, "
+            "150 at B = 128)",
+        ),
+        (
+            [_job(32, 400), _job(64, 200), _job(128, 100)],
+            "no fit: the samples to target do not grow with the batch (400 steps at B = 32, 100 "
+            "at B = 128): every batch is below the critical batch, and nothing here bounds it",
+        ),
+        (  # samples grow by 0.04%: B_crit far beyond the largest batch, at the search's edge
+            [_job(32, 10000), _job(64, 5000), _job(128, 2501)],
+            "no fit: the fitted B_crit runs to the edge of its search range",
+        ),
+        ([_job(64, 100)], "no fit: fewer than 2 batch sizes reached the target"),
+    ],
+)
+def test_no_fit_from_steps_that_do_not_determine_it(jobs: list[Job], note: str) -> None:
+    summary = summarize_sweep(jobs, target=0.9)
+    assert summary.fit is None and summary.fit_runs == 0
+    assert summary.fit_note.startswith(note), summary.fit_note
+    text = format_report(summary, "s")
+    assert "S_min =" not in text and "B_crit =" not in text
+    assert f"- Fit S = S_min (1 + B_crit / B): {summary.fit_note}." in text
+
+
+def test_upper_bounds_are_left_out_of_a_fit_and_marked() -> None:
+    exact = [_job(b, round(100 * (1 + 128 / b))) for b in (32, 64, 128)]
+    summary = summarize_sweep([*exact, _job(256, 20, first=True)], target=0.9)
+    assert summary.fit == (pytest.approx(100, rel=1e-2), pytest.approx(128, rel=1e-2))
+    assert summary.fit_runs == 3
+    assert "1 run(s) that reached the target at their first evaluation left out" in (
+        summary.fit_note
+    )
+    two = summarize_sweep(exact[:2], target=0.9)
+    assert "2 batch sizes: the curve passes through both, nothing tests it" in two.fit_note
+    text = format_report(summary, "s")
+    assert "| <= 20 |" in text and "<= : the target was reached at the run's first" in text
+    assert summary.fastest is None and summary.bounded == 1
+    assert "- Fastest to target: not determined (1 run(s) reached it at their first" in text
+
+
+def test_runs_that_did_not_learn_are_left_out(tmp_path: Path) -> None:
+    """A sweep job that diverged and one that did not learn are in the table, marked, and left
+    out of the fit, the noise scale and both recommendations, with the reason."""
+    sweep = tmp_path / "sweep"
+    for name, batch in zip("0123", (32, 64, 128, 256), strict=True):
+        write_job(sweep / name, batch)
+    with open(sweep / "1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "diverged", "step": 99, "samples": 6336, "why": "x"}) + "\n")
+    lines = (sweep / "3" / "metrics.jsonl").read_text().splitlines()
+    lines[-2] = json.dumps({**json.loads(lines[-2]), "eval_loss": 2.5})  # above the first loss
+    (sweep / "3" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main([str(sweep), "--target", str(TARGET)]) == 0
+    markdown = (sweep / "report.md").read_text()
+    rows = table(markdown)
+    assert [r["job"] for r in rows] == ["0", "1 (left out)", "2", "3 (left out)"]
+    assert [r["goodput"] for r in rows][1::2] == ["-", "-"]
+    assert "job 1 (B 64): the run diverged at step 99: x." in markdown
+    assert "job 3 (B 256): the run did not learn: its final eval loss 2.5 is not 1%" in markdown
+    assert "the steps to target of 2 runs" in markdown  # 32 and 128
+    assert "median 58.0 (range 48.0 to 68.0 over 2 runs)" in markdown
+    assert "Fastest to target (measured): B = 128" in markdown
+
+
+@pytest.mark.parametrize(
+    ("field", "jobs", "label"),
+    [
+        ("steps_to_target", [_job(64, None)], "target 0.9 not reached"),
+        ("time_to_target", [_job(64, None)], "target 0.9 not reached"),
+        ("steps_to_target", [Job("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
+        ("samples_per_s", [Job("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
+    ],
+)
+def test_an_empty_panel_says_why(field: str, jobs: list[Job], label: str) -> None:
+    assert empty_panel(jobs, field, 0.9) == label
+
+
+# ---------------------------------------------------------------------------------------------
+# what is not a run or a sweep, malformed files, an unwritable --out: one line, nothing written
+
+
+def _corrupt(folder: Path, what: str) -> None:
+    run = folder / "sweep" / "0"
+    edits = {
+        "plan-garbage": lambda: (run / "plan.json").write_text("garbage"),
+        "plan-types": lambda: (run / "plan.json").write_text('{"global_batch": 64, "steps": "x"}'),
+        "plan-list": lambda: (run / "plan.json").write_text("[1, 2]"),
+        "plan-bytes": lambda: (run / "plan.json").write_bytes(b"\xff\xfe{}"),
+        "metrics-bytes": lambda: (run / "metrics.jsonl").write_bytes(b'{"step": 1}\n\xff\n'),
+        "metrics-types": lambda: (run / "metrics.jsonl").write_text('{"loss": "high"}\n'),
+        "metrics-timing": lambda: (run / "metrics.jsonl").write_text(
+            '{"micro_step_seconds": {"a": 1}}\n'
+        ),
+        "config-garbage": lambda: (run / "config.yaml").write_text(": ["),
+    }
+    if what.endswith("-dir"):
+        name = what.removesuffix("-dir")
+        (run / name).unlink()
+        (run / name).mkdir()
+    else:
+        edits[what]()
+
+
+@pytest.mark.parametrize(
+    ("args", "what", "message"),
+    [
+        (["sweep/0"], "plan-garbage", "'sweep/0/plan.json': not a plan (Expecting value"),
+        (["sweep"], "plan-types", "'sweep/0/plan.json': not a plan (steps='x': not a positive"),
+        (["sweep"], "plan-list", "'sweep/0/plan.json': not a plan (not a JSON object)"),
+        (["sweep/0"], "plan-bytes", "'sweep/0/plan.json': not a plan ('utf-8' codec can't"),
+        (["sweep/0"], "plan.json-dir", "'sweep/0/plan.json': not a plan (Is a directory)"),
+        (["sweep"], "metrics.jsonl-dir", "'sweep/0/metrics.jsonl': cannot read it (Is a dir"),
+        (["sweep/0"], "metrics-bytes", "'sweep/0/metrics.jsonl': cannot read it ('utf-8'"),
+        (["sweep"], "metrics-types", "metrics.jsonl' line 1: not a metrics record (loss='high'"),
+        (["sweep/0"], "metrics-timing", "line 1: not a metrics record (micro_step_seconds: not"),
+        (["sweep/0"], "config-garbage", "'sweep/0/config.yaml': not a run's config (while"),
+        (["sweep/0"], "config.yaml-dir", "'sweep/0/config.yaml': not a run's config (Is a dir"),
+        (["sweep/0", "--out", "/proc/x"], "", "--out='/proc/x': cannot write there"),
+        (["sweep", "--out", "/proc/x"], "", "--out='/proc/x': cannot write there"),
+        (["sweep", "--out", "sweep/0/plan.json"], "", "'sweep/0/plan.json': not a directory"),
+        (["sweep/0/checkpoints"], "", "neither a run (no plan.json) nor a sweep (no job folders"),
+        (["."], "", "'.': not one sweep: its job folders train different workloads (a: recipe"),
+        (["empty-sweep"], "", "'empty-sweep': nothing to report yet: no job folder's metrics"),
+    ],
+)
+def test_malformed_input_is_one_line_and_nothing_written(
+    tmp_path: Path, monkeypatch, capsys, args: list[str], what: str, message: str
+) -> None:
+    """In process (launcher.report.main): exit 2, one line on stderr, no file added or changed."""
+    write_job(tmp_path / "sweep" / "0", 64)
+    write_job(tmp_path / "sweep" / "1", 128)
+    timing = {"step": 1, "micro_step_seconds": {"32": 0.01, "64": 0.02}}
+    with open(tmp_path / "sweep" / "0" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(timing) + "\n")  # the run's advice can be given
+    (tmp_path / "sweep" / "0" / "checkpoints").mkdir()
+    for name, recipe in (("0", "mnist1d"), ("1", "mnist1d")):
+        (tmp_path / "sweep" / name / "config.yaml").write_text(f"recipe: {recipe}\n")
+    for name, recipe in (("a", "mnist1d"), ("b", "gpt_small")):  # "." holds two workloads
+        write_job(tmp_path / name, 64)
+        (tmp_path / name / "config.yaml").write_text(f"recipe: {recipe}\n")
+    (tmp_path / "empty-sweep" / "0").mkdir(parents=True)
+    (tmp_path / "empty-sweep" / "0" / "plan.json").write_text('{"global_batch": 8}')
+    (tmp_path / "empty-sweep" / "0" / "metrics.jsonl").write_text("")
+    if what:
+        _corrupt(tmp_path, what)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("launcher.report: error: "), err
+    assert message in err, err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_a_failed_write_is_exit_5_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A disk that fills up while report.png is drawn: one line naming it, exit 5 (WriteFailed),
+    neither report.md nor a temporary file left."""
+    write_job(tmp_path / "sweep" / "0", 64)
+
+    def full(summary, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("launcher.report.plot_report", full)
+    assert main([str(tmp_path / "sweep")]) == 5
+    err = capsys.readouterr().err
+    assert err == (
+        f"launcher.report: error: cannot write report.png {tmp_path / 'sweep' / 'report.png'} "
+        "(No space left on device)\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0"]
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "new" / "out")]) == 5
+    assert not (tmp_path / "new").exists()  # the folders it made for --out are gone too

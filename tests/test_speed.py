@@ -3,6 +3,7 @@ was (buffers such as BatchNorm's statistics put back, no gradients left behind).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from launcher.backends.accelerate import AccelerateBackend
@@ -33,6 +34,9 @@ def test_timing_leaves_the_model_as_it_was() -> None:
     seconds = result["micro_step_seconds"]
     assert sorted(seconds) == ["1", "64", "8"] and result["micro_step_out_of_memory_at"] is None
     assert all(t > 0 for t in seconds.values())
+    repeats = result["micro_step_repeats"]  # each repeat, the warm-up left out: the median's
+    assert sorted(repeats) == sorted(seconds) and all(len(v) == 2 for v in repeats.values())
+    assert all(seconds[k] == pytest.approx(sum(v) / 2) for k, v in repeats.items())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # running mean/var and num_batches_tracked too
     assert all(p.grad is None for p in model.parameters())

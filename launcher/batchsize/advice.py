@@ -15,8 +15,15 @@ backward) at micro-batches 2, 4, 8, ... up to the plan's cap. What a step spends
 micro-steps (loading, all-reduce, optimizer, the loop), t_step, is the step time measured in
 training minus accumulation x t_micro(micro) of the run's plan. A step of global batch B on W ranks
 then takes t_step + (B/W / m) t_micro(m), m the largest measured micro-batch dividing B/W
-(accumulation beyond the largest): at the run's own batch this is the measured step time. The
-recommended batch is the candidate (W x 2^k, and the run's) with the highest goodput.
+(accumulation beyond the largest): at the run's own batch this is the measured step time.
+
+The candidates are W x 2^k and the run's batch. Each goodput ratio to the run's own carries a
+spread, derived from the spread of the timings it rests on (spread.py): identical runs on a busy
+machine time differently, and a gain within the spread would send the next run to a batch at
+random. The candidates whose goodput is within the spread of the highest are as good as the
+measurement can tell; of them the one nearest the run's batch is recommended: the run's own
+batch (kept, with the reason) when the best gain is within its spread, else the smallest change
+that gains more than the spread.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
+
+from launcher.batchsize import spread
 
 PHASES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -39,12 +48,18 @@ class Advice:
     step_seconds: float  # measured in training at the run's batch (evaluation excluded)
     t_step: float  # seconds per step besides its micro-steps
     micro_seconds: dict[int, float]  # seconds per micro-step, by micro-batch (speed.py)
-    recommended: int  # the candidate batch with the highest goodput
-    near: tuple[int, ...]  # the candidates within 10% of the highest goodput
+    recommended: int  # of the candidates `near`, the one nearest the run's batch
+    near: tuple[int, ...]  # the candidates within the spread of the highest goodput
     rows: tuple[tuple[int, int, float, float, float], ...]  # (B, micro, samples/s, eff., vs now)
     epochs: float = 0.0  # the run's length in epochs
     target: str = ""  # the result `to_target` counts to, in words ("" when not reached)
     to_target: tuple[float, ...] = ()  # per row: epochs that batch needs to reach it
+    best: int = 0  # the candidate with the highest goodput
+    spreads: tuple[float, ...] = ()  # per row: the spread of "vs now" (same units; now: 0)
+    intervals: int = 0  # the training log intervals the step time is the median of
+    interval_spread: float | None = None  # their relative spread (None: too few to tell)
+    repeats: int = 0  # the repeats of each micro-step timing (0: not logged, an older run)
+    repeat_spread: float = 0.0  # the largest relative half-range of a timing's repeats
 
 
 def efficiency(batch: float, noise: float, base: float) -> float:
@@ -101,15 +116,21 @@ def progress_terms(r: dict[str, Any], batch: int) -> tuple[float, float] | None:
     return b * t / (b * g + t), b * g / (b * g + t)
 
 
-def seconds_per_step(train: list[dict[str, Any]], batch: int) -> float | None:
-    """Median training seconds per step between consecutive log lines at global batch `batch`
-    (train_s leaves evaluation and checkpoints out)."""
-    lines = [r for r in train if "train_s" in r and r.get("global_batch", batch) == batch]
-    spans = [
+def step_spans(train: list[dict[str, Any]], batch: int) -> list[float]:
+    """Training seconds per step between consecutive log lines at global batch `batch` (train_s
+    leaves evaluation and checkpoints out)."""
+    lines = [r for r in train if r.get("train_s") is not None]
+    lines = [r for r in lines if r.get("global_batch", batch) == batch]
+    return [
         (b["train_s"] - a["train_s"]) / (b["step"] - a["step"])
         for a, b in zip(lines, lines[1:], strict=False)
         if b["step"] > a["step"]
     ]
+
+
+def seconds_per_step(train: list[dict[str, Any]], batch: int) -> float | None:
+    """The median of step_spans, or None without one."""
+    spans = step_spans(train, batch)
     return statistics.median(spans) if spans else None
 
 
@@ -122,6 +143,41 @@ def candidates(world: int, current: int, limit: int) -> list[int]:
     return sorted(out)
 
 
+def _timings(
+    records: list[dict[str, Any]], plan: dict[str, Any]
+) -> tuple[list[float], dict[int, float], dict[int, list[float]]] | None:
+    """(step spans at the run's batch, seconds per micro-step, their repeats) or None where the
+    run did not time its steps and its micro-steps (at its own micro-batch too)."""
+    train = [r for r in records if "loss" in r]
+    spans = step_spans(train, plan["global_batch"])
+    timed = [r for r in records if r.get("micro_step_seconds")]
+    if not spans or not timed:
+        return None
+    micro_seconds = {int(k): v for k, v in timed[-1]["micro_step_seconds"].items()}
+    repeats = {int(k): v for k, v in (timed[-1].get("micro_step_repeats") or {}).items()}
+    if plan["micro_batch"] not in micro_seconds:
+        return None
+    return spans, micro_seconds, repeats
+
+
+def nearest(rows: list[tuple[int, int, float, float, float]], now: int) -> int:
+    """The batch of `rows` closest to `now` on a log scale (of two as close, the higher
+    goodput): the smallest change the measurement supports."""
+    return min(rows, key=lambda row: (abs(math.log2(row[0] / now)), -row[4]))[0]
+
+
+def _phases(train: list[dict[str, Any]]) -> tuple[tuple[float, float], ...]:
+    """(fraction of the run's samples, the logged B_simple at it) at PHASES."""
+    total = train[-1]["samples"]
+    with_noise = [r for r in train if r.get("noise_scale") is not None]
+    phases = []
+    for fraction in PHASES:
+        at = next((r for r in with_noise if r["samples"] >= fraction * total), None)
+        if at is not None:
+            phases.append((fraction, at["noise_scale"]))
+    return tuple(phases)
+
+
 def advise(
     records: list[dict[str, Any]], plan: dict[str, Any], reached: tuple[str, int] | None = None
 ) -> Advice | None:
@@ -132,56 +188,61 @@ def advise(
     train = [r for r in records if "loss" in r]
     gb, world = plan["global_batch"], plan["world_size"]
     estimate = critical_batch(train, gb)
-    step_seconds = seconds_per_step(train, gb)
-    timed = [r for r in records if r.get("micro_step_seconds")]
-    if estimate is None or step_seconds is None or not timed:
+    timings = _timings(records, plan)
+    if estimate is None or timings is None:
         return None
-    micro_seconds = {int(k): v for k, v in timed[-1]["micro_step_seconds"].items()}
-    if plan["micro_batch"] not in micro_seconds:
-        return None
+    spans, micro_seconds, repeats = timings
     noise, points = estimate
-    t_step = max(step_seconds - plan["accumulation"] * micro_seconds[plan["micro_batch"]], 0.0)
-    total = train[-1]["samples"]
-    with_noise = [r for r in train if r.get("noise_scale") is not None]
-    phases = []
-    for fraction in PHASES:
-        at = next((r for r in with_noise if r["samples"] >= fraction * total), None)
-        if at is not None:
-            phases.append((fraction, at["noise_scale"]))
-    speed = {}
+    step_seconds = statistics.median(spans)
+    now = (plan["accumulation"], plan["micro_batch"])
+    t_step = max(step_seconds - now[0] * micro_seconds[now[1]], 0.0)
+    r = spread.interval_spread(spans)
+    each = spread.micro_spreads(micro_seconds, repeats, r or 0.0)
+    measured = (step_seconds, spread.median_error(spans, r or 0.0))
+    rows, spreads = [], []
     for b in candidates(world, gb, plan["epoch_samples"]):
         timing = step_time(b, world, t_step, micro_seconds)
         if b == gb:  # as the run trained it: the measured step
             timing = (step_seconds, plan["micro_batch"])
-        if timing is not None:
-            speed[b] = (b / timing[0], timing[1])
-    rows = tuple(
-        (b, m, s, efficiency(b, noise, gb), s * efficiency(b, noise, gb) / speed[gb][0])
-        for b, (s, m) in speed.items()
-    )
-    best = max(r[4] for r in rows)
+        if timing is None:
+            continue
+        e = efficiency(b, noise, gb)
+        ratio = b / timing[0] * e * step_seconds / gb
+        rows.append((b, timing[1], b / timing[0], e, ratio))
+        steps_of = ((b // world) // timing[1], timing[1])
+        relative = spread.ratio_spread(steps_of, now, measured, micro_seconds, each)
+        spreads.append(0.0 if b == gb else ratio * relative)
+    top = max(range(len(rows)), key=lambda i: rows[i][4])
+    floor = rows[top][4] - spreads[top] if r is not None else rows[top][4]
+    tied = [row for row in rows if row[4] >= floor]
     epoch_samples = plan["epoch_samples"]
     target, to_target = "", ()
     if reached is not None:
         target = reached[0]
         to_target = tuple(
-            samples_to_match(noise, gb, reached[1], r[0]) / epoch_samples for r in rows
+            samples_to_match(noise, gb, reached[1], row[0]) / epoch_samples for row in rows
         )
     return Advice(
         global_batch=gb,
         world_size=world,
         noise_scale=noise,
-        phases=tuple(phases),
+        phases=_phases(train),
         points=points,
         step_seconds=step_seconds,
         t_step=t_step,
         micro_seconds=micro_seconds,
-        recommended=max(rows, key=lambda r: r[4])[0],
-        near=tuple(r[0] for r in rows if r[4] >= 0.9 * best),
-        rows=rows,
-        epochs=total / epoch_samples,
+        recommended=nearest(tied, gb) if r is not None else gb,
+        near=tuple(row[0] for row in tied),
+        rows=tuple(rows),
+        epochs=train[-1]["samples"] / epoch_samples,
         target=target,
         to_target=to_target,
+        best=rows[top][0],
+        spreads=tuple(spreads),
+        intervals=len(spans),
+        interval_spread=r,
+        repeats=min((len(v) for v in repeats.values()), default=0),
+        repeat_spread=max((spread.repeat_spread(v) for v in repeats.values() if v), default=0.0),
     )
 
 
@@ -207,8 +268,8 @@ def format_advice(a: Advice) -> str:
         " optimizer, loop: the measured step minus its micro-steps)",
         f"  goodput = samples/s x efficiency, efficiency = ({b:,.0f} + {a.global_batch:,}) / "
         f"({b:,.0f} + B) (progress per sample relative to now)",
-        f"  recommended global batch: {a.recommended:,} (now {a.global_batch:,}); within 10% of "
-        f"its goodput: {', '.join(f'{b:,}' for b in a.near)}",
+        spread_line(a),
+        recommendation(a),
     ]
     if a.to_target:
         lines.append(
@@ -218,7 +279,9 @@ def format_advice(a: Advice) -> str:
         )
     head = f"  {'global batch':>14} {'micro':>7} {'samples/s':>12} {'efficiency':>11} "
     lines.append(
-        head + f"{'goodput vs now':>15}" + (f"{'epochs to it':>14}" if a.to_target else "")
+        head
+        + f"{'goodput vs now':>15}{'spread':>8}"
+        + (f"{'epochs to it':>14}" if a.to_target else "")
     )
     for i, (batch, micro, speed, e, g) in enumerate(a.rows):
         mark = "  <- recommended" if batch == a.recommended else ""
@@ -227,8 +290,67 @@ def format_advice(a: Advice) -> str:
             need = a.to_target[i]
             short = " SHORT" if need > a.epochs * (1 + 1e-9) else ""
             mark = f"{need:>14.3g}{short}{mark}"
-        lines.append(f"  {batch:>14,} {micro:>7,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{mark}")
+        plus = "-" if batch == a.global_batch or not a.spreads else f"±{a.spreads[i]:.3f}"
+        lines.append(
+            f"  {batch:>14,} {micro:>7,} {speed:>12,.0f} {e:>11.3f} {g:>15.3f}{plus:>8}{mark}"
+        )
     return "\n".join(lines)
+
+
+def spread_line(a: Advice) -> str:
+    """Where the spread of the goodput comparison comes from."""
+    if a.interval_spread is None:
+        return (
+            f"  spread: not measured ({a.intervals} timed log interval(s) at this batch; "
+            f"{spread.MIN_INTERVALS} are needed)"
+        )
+    repeats = (
+        f", or by half the range of its {a.repeats} repeats where more (up to "
+        f"±{a.repeat_spread:.1%})"
+        if a.repeats
+        else " (its repeats were not logged)"
+    )
+    return (
+        f"  spread: the step time varies by ±{a.interval_spread:.1%} between the run's "
+        f"{a.intervals} log intervals (1.4826 MAD / median); a micro-step timing by as much"
+        f"{repeats}; both carried to each batch's goodput vs now (the spread column; the noise "
+        "scale's own uncertainty is not in it)"
+    )
+
+
+def recommendation(a: Advice) -> str:
+    """The recommended batch and why: a gain above the spread, or the run's batch kept."""
+    now, chosen = a.global_batch, a.recommended
+    gains = {row[0]: row[4] - 1 for row in a.rows}
+    top = a.best if a.best in gains else chosen  # an Advice made without its best: the chosen
+    plus = dict(zip((row[0] for row in a.rows), a.spreads, strict=False)).get(top, 0.0)
+    best = f"{gains.get(top, 0.0):.1%} at {top:,}"
+    head = f"  recommended global batch: {chosen:,} (now {now:,})"
+    if a.interval_spread is None:
+        if top == now:
+            return f"{head}: no candidate's goodput is higher"
+        return (
+            f"{head}: keep global_batch={now:,}: the best gain, {best}, cannot be told from the "
+            "timings' noise, whose spread was not measured"
+        )
+    tied = f"within the spread of the best goodput: {', '.join(f'{b:,}' for b in a.near)}"
+    if chosen == now and top == now:
+        return f"{head}: no candidate's goodput is higher; {tied}"
+    if chosen == now:
+        return (
+            f"{head}: keep global_batch={now:,}: the best gain, {best}, is within the "
+            f"measurement's spread of ±{plus:.1%}; {tied}"
+        )
+    if chosen == top:
+        return (
+            f"{head}: its goodput gain, {gains[chosen]:.1%}, is above the measurement's spread "
+            f"of ±{plus:.1%}; {tied}"
+        )
+    return (
+        f"{head}: the best gain, {best}, is above the measurement's spread of ±{plus:.1%}, and "
+        f"{chosen:,}'s {gains[chosen]:.1%} is within that spread of it: the smallest change the "
+        f"measurement supports; {tied}"
+    )
 
 
 def next_run(

@@ -67,18 +67,42 @@ def batch_over_samples(records: list[dict[str, Any]], batch: int) -> list[tuple[
     return [(r["samples"], r.get("global_batch", batch)) for r in train]
 
 
-def probes(run_dir: Path) -> list[dict[str, Any]]:
+PROBE_COUNTS = ("step", "consumed_samples", "global_batch", "critical_batch")
+
+
+def probes(run_dir: Path, left_out: list[str] | None = None) -> list[dict[str, Any]]:
     """The branched probes run from this run (RUN_DIR/cbs-*/cbs.json and --out folders inside
-    it), oldest checkpoint first; unreadable files are left out."""
+    it), oldest checkpoint first. A file that is not a probe's result is left out, and said in
+    `left_out` ("PATH (why)")."""
     found = []
     for path in sorted(run_dir.glob("*/cbs.json")):
         try:
             result = json.loads(path.read_text())
-            if isinstance(result, dict) and "critical_batch" in result:
-                found.append(result)
-        except (OSError, ValueError):
+            why = _probe_problem(result)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if why is None:
+            found.append(result)
+        elif left_out is not None:
+            left_out.append(f"{path} ({why})")
+    return sorted(found, key=lambda r: r["consumed_samples"])
+
+
+def _probe_problem(result: Any) -> str | None:
+    """What keeps a cbs.json from being told (format_history, the plot), or None."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    for key in PROBE_COUNTS:
+        value = result.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{key}={value!r}: not a count"
+    numbers = {"tolerance": result.get("tolerance"), "interpolated": result.get("interpolated")}
+    for key, value in numbers.items():
+        if value is None and key == "interpolated":
             continue
-    return sorted(found, key=lambda r: r.get("consumed_samples", 0))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{key}={value!r}: not a number"
+    return None
 
 
 def format_history(records: list[dict[str, Any]], found_probes: list[dict[str, Any]]) -> list[str]:

@@ -24,25 +24,41 @@ def print_advice(
     """The batch-size advice from the run's metrics (launcher/batchsize/advice.py), or why there is
     none; the run's ramp decisions, loss spikes and branched probes (launcher/batchsize/history.py);
     the next run in a sentence."""
-    from launcher.batchsize.advice import advise, format_advice
+    from launcher.batchsize.advice import format_advice
     from launcher.batchsize.history import format_history, probes
     from launcher.batchsize.sweep import read_job
-    from launcher.planning.prior import from_records
 
     records = read_job(run_dir)[1]
-    own = from_records(run_dir, plan.global_batch, records, target_accuracy)
-    reached = (own.target, own.samples) if own is not None and own.samples else None
-    advice = advise(records, dataclasses.asdict(plan), reached)
-    if advice is None:
-        why = "not measured" if plan.noise == "off" else "too few steps measured"
-        log.info(f"batch-size advice: none (noise scale {why}; see the plan's noise_scale row)")
-    else:
-        log.info(format_advice(advice))
+    advice, why = advice_or_why(run_dir, records, dataclasses.asdict(plan), target_accuracy)
+    log.info(f"batch-size advice: none ({why})" if advice is None else format_advice(advice))
     lines = format_history(records, probes(run_dir))
     if advice is not None:
         lines.append(next_sentence(optim, cluster, advice, plan.memory.get("cap")))
     if lines:
         log.info("\n".join(lines))
+
+
+def advice_or_why(
+    run_dir: Path, records: list[dict[str, Any]], plan: dict[str, Any], target: float | None
+) -> tuple[Any, str]:
+    """(the run's Advice, "") or (None, why it has none): it diverged or did not learn
+    (outcome.py), or it measured no noise scale or too few timed steps. `target`: the eval
+    accuracy the epochs-to-target column counts to (None: the run's own final eval loss)."""
+    from launcher.batchsize.advice import advise
+    from launcher.batchsize.outcome import why_not_learned
+    from launcher.planning.prior import from_records
+
+    failed = why_not_learned(records)
+    if failed is not None:
+        return None, failed
+    own = from_records(run_dir, plan["global_batch"], records, target)
+    reached = (own.target, own.samples) if own is not None and own.samples else None
+    advice = advise(records, plan, reached)
+    if advice is not None:
+        return advice, ""
+    if plan.get("noise") == "off":
+        return None, "the noise scale was not measured; see the plan's noise_scale row"
+    return None, "too few steps measured for the noise scale and the step timings"
 
 
 def next_sentence(optim: OptimConfig, cluster: ClusterConfig, advice: Any, cap: int | None) -> str:

@@ -6,7 +6,8 @@ A micro-step is what the loop does per micro-batch: forward, loss, backward (wit
 precision, autocast and loss scaling), on the plain module (no DDP: no collective, so rank 0 runs
 it alone). Sizes: the powers of two from 2 up to the largest micro-batch the plan allows (memory
 cap and max_micro_batch), and the plan's own micro-batch; for each, one warm-up micro-step, then
-the median of `repeats`. The gradients are dropped and the buffers (BatchNorm statistics) put back
+the median of `repeats` (each repeat is logged too: their range is part of the advice's spread,
+spread.py). The gradients are dropped and the buffers (BatchNorm statistics) put back
 afterwards, so the trained model is left as it was. An out-of-memory error ends the ladder there
 (said in the result, never skipped silently).
 """
@@ -50,6 +51,7 @@ def time_micro_steps(
     repeats: int = 3,
 ) -> dict[str, Any]:
     """{"micro_step_seconds": {size: median seconds per micro-step},
+    "micro_step_repeats": {size: the seconds of each repeat},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
     from launcher.data import make_loader, to_device
     from launcher.training.loop import OOM_ERRORS
@@ -60,6 +62,7 @@ def time_micro_steps(
     kept = {name: b.detach().clone() for name, b in module.named_buffers()}
     cuda = backend.device.type == "cuda"
     seconds: dict[int, float] = {}
+    timed: dict[int, list[float]] = {}
     failed = None
     try:
         for size in sizes:
@@ -76,6 +79,7 @@ def time_micro_steps(
                 runs.append(time.perf_counter() - start)
                 for p in module.parameters():
                     p.grad = None
+            timed[size] = runs[1:]
             seconds[size] = statistics.median(runs[1:])
     except OOM_ERRORS:
         failed = size
@@ -89,5 +93,6 @@ def time_micro_steps(
                 b.copy_(kept[name])
     return {
         "micro_step_seconds": {str(k): v for k, v in seconds.items()},
+        "micro_step_repeats": {str(k): v for k, v in timed.items()},
         "micro_step_out_of_memory_at": failed,
     }

@@ -12,9 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from launcher.batchsize.advice import critical_batch, efficiency
+from launcher.batchsize.fit import edge_problem, fit_critical_batch, fit_problem
+from launcher.batchsize.outcome import why_not_learned
+from launcher.batchsize.records import plan_problem, record_problem
 from launcher.errors import ConfigError
 
 
@@ -33,6 +34,8 @@ class Job:
     time_to_target: float | None
     samples_per_s: float | None
     noise_scale: float | None
+    upper_bound: bool = False  # the target was reached at the first evaluation: "<= steps"
+    failed: str | None = None  # why the run did not learn (outcome.py); None: it did
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class Summary:
     base_batch: int  # B_0: the smallest batch of the sweep
     fastest: tuple[int, float, int] | None  # (B, median time to target, runs at B)
     best_goodput: tuple[int, float, int] | None  # (B, median goodput, runs at B)
+    left_out: tuple[Job, ...] = ()  # runs that did not learn: in the table only
+    bounded: int = 0  # runs that reached the target at their first evaluation (fastest: none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,20 +61,25 @@ class Summary:
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
-    """The sweep's job folders: subfolders of `sweep_dir` that hold plan.json and metrics.jsonl."""
+    """The sweep's job folders: subfolders of `sweep_dir` that hold plan.json and metrics.jsonl
+    (whatever they are: read_job says what is wrong with one that is not a file)."""
     if not sweep_dir.is_dir():
         raise ConfigError(f"{str(sweep_dir)!r}: no such directory")
-    jobs = [
-        d
-        for d in sweep_dir.iterdir()
-        if d.is_dir() and (d / "plan.json").is_file() and (d / "metrics.jsonl").is_file()
-    ]
+    try:
+        jobs = [
+            d
+            for d in sweep_dir.iterdir()
+            if d.is_dir() and (d / "plan.json").exists() and (d / "metrics.jsonl").exists()
+        ]
+    except OSError as exc:
+        raise ConfigError(f"{str(sweep_dir)!r}: cannot list it ({exc.strerror})") from None
     if not jobs:
         raise ConfigError(
-            f"{str(sweep_dir)!r}: no job folders (subfolders with plan.json and metrics.jsonl); "
-            "give the sweep's folder, e.g. outputs/mnist1d/multirun-<stamp>"
+            f"{str(sweep_dir)!r}: neither a run (no plan.json) nor a sweep (no job folders: "
+            "subfolders with plan.json and metrics.jsonl); give a run's folder or a sweep's, "
+            "e.g. outputs/mnist1d/multirun-<stamp>"
         )
-    return jobs
+    return sorted(jobs, key=lambda d: name_key(d.name))
 
 
 def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
@@ -77,15 +87,18 @@ def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
     killed while writing it) is dropped; any other unreadable line is an error."""
     try:
         plan = json.loads((job_dir / "plan.json").read_text())
-        if not isinstance(plan, dict) or not isinstance(plan.get("global_batch"), int):
-            raise ValueError("no integer global_batch")
+        problem = plan_problem(plan)
+        if problem:
+            raise ValueError(problem)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(job_dir / 'plan.json')!r}: not a plan ({exc})") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{str(job_dir / 'plan.json')!r}: not a plan ({why})") from None
     path = job_dir / "metrics.jsonl"
     try:
         text = path.read_text()
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(path)!r}: cannot read it ({exc})") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"{str(path)!r}: cannot read it ({why})") from None
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()
@@ -97,6 +110,9 @@ def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
+            problem = record_problem(record)
+            if problem:
+                raise ValueError(problem)
         except ValueError as exc:
             raise ConfigError(
                 f"{str(path)!r} line {number}: not a metrics record ({exc})"
@@ -118,7 +134,7 @@ def run_noise_scale(records: list[dict], batch: int) -> float | None:
 def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> Job:
     """Reduce one run (its plan and metrics records) to a row of the report."""
     batch = plan["global_batch"]
-    evals = [r for r in records if "eval_accuracy" in r and "event" not in r]
+    evals = [r for r in records if r.get("eval_accuracy") is not None and "event" not in r]
     logs = [r for r in records if "loss" in r and "event" not in r]
     hit = next((r for r in evals if r["eval_accuracy"] >= target), None)
     timed = [r for r in records if r.get("train_s") and "event" not in r and "step" in r]
@@ -141,6 +157,8 @@ def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> 
         time_to_target=hit.get("train_s") if hit else None,
         samples_per_s=throughput,
         noise_scale=run_noise_scale(records, batch),
+        upper_bound=hit is not None and hit is evals[0],
+        failed=why_not_learned(records),
     )
 
 
@@ -148,99 +166,92 @@ def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> 
 # over the sweep
 
 
-def fit_critical_batch(batches: list[float], steps: list[float]) -> tuple[float, float]:
-    """Least-squares fit of S = S_min (1 + B_crit / B) in log space; returns (S_min, B_crit).
-
-    Minimises sum_i (log S_i - log S_min - log(1 + B_crit / B_i))^2. For a fixed B_crit the best
-    log S_min is the mean of the residuals log S_i - log(1 + B_crit / B_i), which leaves a 1-D
-    problem in log B_crit: a grid over [min B / 100, max B x 100], then golden-section search
-    between the neighbours of the best grid point. Needs 2 distinct batches (ValueError).
-    """
-    b = np.asarray(batches, dtype=np.float64)
-    s = np.asarray(steps, dtype=np.float64)
-    if b.shape != s.shape or b.ndim != 1:
-        raise ValueError(f"fit_critical_batch: {b.shape} batches but {s.shape} steps")
-    if np.any(b <= 0) or np.any(s <= 0):
-        raise ValueError("fit_critical_batch: batches and steps must be > 0")
-    if len(np.unique(b)) < 2:
-        raise ValueError("fit_critical_batch: needs at least 2 distinct batch sizes")
-    log_b, log_s = np.log(b), np.log(s)
-
-    def residuals(log_b_crit: np.ndarray) -> np.ndarray:  # (..., n): log S_i - log(1 + Bc/B_i)
-        return log_s - np.logaddexp(0.0, log_b_crit[..., None] - log_b)
-
-    def loss(log_b_crit: np.ndarray) -> np.ndarray:
-        r = residuals(log_b_crit)
-        return np.sum((r - r.mean(axis=-1, keepdims=True)) ** 2, axis=-1)
-
-    grid = np.linspace(log_b.min() - math.log(100), log_b.max() + math.log(100), 2001)
-    i = int(np.argmin(loss(grid)))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(100):  # the bracket shrinks by 0.618 a step: ~1e-21 of its width
-        x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if loss(np.array(x1)) <= loss(np.array(x2)):
-            hi = x2
-        else:
-            lo = x1
-    log_b_crit = np.array((lo + hi) / 2)
-    s_min = math.exp(float(residuals(log_b_crit).mean()))
-    return s_min, math.exp(float(log_b_crit))
-
-
 def summarize_sweep(jobs: list[Job], target: float) -> Summary:
-    """Fit, noise scale, goodput and the two recommendations from the jobs (sorted here)."""
+    """Fit, noise scale, goodput and the two recommendations from the jobs (sorted here) that
+    learned; the others are listed in `left_out`."""
     jobs = sorted(jobs, key=lambda j: (j.global_batch, name_key(j.name)))
-    reached = [j for j in jobs if j.steps_to_target is not None]
-    groups: dict[str, list[Job]] = {}
-    for j in reached:
-        groups.setdefault(j.optimizer, []).append(j)
-    spans = {o: {j.global_batch for j in g} for o, g in groups.items()}
-    fittable = [o for o in groups if len(spans[o]) >= 2]
-    fit, note, used = None, "", []
-    if not fittable:
-        note = "no fit: fewer than 2 batch sizes reached the target"
-        note += " with one optimizer" if len(groups) > 1 else ""
-    else:  # the optimizer with the most batch sizes (the smallest batches on a tie)
-        optimizer = max(fittable, key=lambda o: (len(spans[o]), -min(spans[o])))
-        used = groups[optimizer]
-        batches = [j.global_batch for j in used]
-        fit = fit_critical_batch(batches, [j.steps_to_target for j in used])
-        others = sorted({j.global_batch for j in reached if j.optimizer != optimizer})
-        notes = []
-        if others:
-            names = ", ".join(sorted(o for o in groups if o != optimizer))
-            notes.append(
-                f"{optimizer} runs only: the model holds for one training setup, and the "
-                f"{names} runs (B {others[0]:,}-{others[-1]:,}) follow their own curve"
-            )
-        if not min(batches) / 99 < fit[1] < max(batches) * 99:
-            notes.append("B_crit is at the edge of the search range: these runs do not pin it down")
-        note = "; ".join(notes)
-    scales = [j.noise_scale for j in jobs if j.noise_scale is not None]
+    usable = [j for j in jobs if j.failed is None]
+    fit, note, used = fit_sweep(usable)
+    scales = [j.noise_scale for j in usable if j.noise_scale is not None]
     phi = statistics.median(scales) if scales else None
     base = jobs[0].global_batch
     goodput = [
         j.samples_per_s * efficiency(j.global_batch, phi, base)
-        if phi is not None and j.samples_per_s is not None
+        if phi is not None and j.samples_per_s is not None and j.failed is None
         else None
         for j in jobs
     ]
-    times = {}
-    for j in jobs:
+    times: dict[int, list[float]] = {}
+    for j in usable:
         times.setdefault(j.global_batch, []).append(
             math.inf if j.time_to_target is None else j.time_to_target
         )
     medians = [(b, statistics.median(t), len(t)) for b, t in times.items()]
     finite = [m for m in medians if math.isfinite(m[1])]
-    fastest = min(finite, key=lambda m: m[1]) if finite else None
+    bounded = sum(1 for j in usable if j.upper_bound and j.time_to_target is not None)
+    fastest = min(finite, key=lambda m: m[1]) if finite and not bounded else None
     rated: dict[int, list[float]] = {}
     for g, j in zip(goodput, jobs, strict=True):
         if g is not None:
             rated.setdefault(j.global_batch, []).append(g)
     by_batch = [(b, statistics.median(g), len(g)) for b, g in rated.items()]
     best = max(by_batch, key=lambda m: m[1]) if by_batch else None
-    return Summary(target, jobs, fit, note, len(used), phi, goodput, base, fastest, best)
+    left_out = tuple(j for j in jobs if j.failed is not None)
+    return Summary(
+        target, jobs, fit, note, used, phi, goodput, base, fastest, best, left_out, bounded
+    )
+
+
+def fit_sweep(jobs: list[Job]) -> tuple[tuple[float, float] | None, str, int]:
+    """(the fit or None, why not or its caveats, the runs it used): S = S_min (1 + B_crit / B)
+    over the runs whose steps to target were resolved (not at their first evaluation), of the
+    optimizer with the most batch sizes (the smallest batches on a tie)."""
+    reached = [j for j in jobs if j.steps_to_target is not None]
+    resolved = [j for j in reached if not j.upper_bound]
+    bounds = len(reached) - len(resolved)
+    groups: dict[str, list[Job]] = {}
+    for j in resolved:
+        groups.setdefault(j.optimizer, []).append(j)
+    spans = {o: {j.global_batch for j in g} for o, g in groups.items()}
+    fittable = [o for o in groups if len(spans[o]) >= 2]
+    if not fittable:
+        if bounds and len({j.global_batch for j in reached}) >= 2:
+            return None, _bounds_note(bounds, len(reached)), 0
+        note = "no fit: fewer than 2 batch sizes reached the target"
+        return None, note + (" with one optimizer" if len(groups) > 1 else ""), 0
+    optimizer = max(fittable, key=lambda o: (len(spans[o]), -min(spans[o])))
+    used = groups[optimizer]
+    batches, steps = [j.global_batch for j in used], [float(j.steps_to_target) for j in used]
+    problem = fit_problem(batches, steps)
+    if problem is None:
+        fit = fit_critical_batch(batches, steps)
+        problem = edge_problem(batches, fit[1])
+    if problem is not None:
+        return None, f"no fit: {problem}", 0
+    notes = []
+    others = sorted({j.global_batch for j in resolved if j.optimizer != optimizer})
+    if others:
+        names = ", ".join(sorted(o for o in groups if o != optimizer))
+        notes.append(
+            f"{optimizer} runs only: the model holds for one training setup, and the "
+            f"{names} runs (B {others[0]:,}-{others[-1]:,}) follow their own curve"
+        )
+    if len(spans[optimizer]) == 2:
+        notes.append("2 batch sizes: the curve passes through both, nothing tests it")
+    if bounds:
+        notes.append(
+            f"{bounds} run(s) that reached the target at their first evaluation left out: "
+            "their steps are only an upper bound"
+        )
+    return fit, "; ".join(notes), len(used)
+
+
+def _bounds_note(bounds: int, reached: int) -> str:
+    return (
+        f"no fit: {bounds} of the {reached} runs that reached the target did so at their first "
+        "evaluation, so their steps to it are only upper bounds, and too few batch sizes are "
+        "left; evaluate more often (trainer.eval_every_epochs) or set a higher --target"
+    )
 
 
 def name_key(name: str) -> tuple[int, str]:
@@ -253,6 +264,11 @@ def name_key(name: str) -> tuple[int, str]:
 
 def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else f"{value:{spec}}"
+
+
+def _at_most(job: Job) -> str:
+    """The mark of a number to target that is only an upper bound."""
+    return "<= " if job.upper_bound and job.steps_to_target is not None else ""
 
 
 def format_report(summary: Summary, title: str) -> str:
@@ -271,16 +287,17 @@ def format_report(summary: Summary, title: str) -> str:
         "noise scale",
         "goodput",
     )
+    at_most = _at_most
     rows = [
         (
-            j.name + ("" if j.finished else " (unfinished)"),
+            j.name + ("" if j.finished else " (unfinished)") + (" (left out)" * bool(j.failed)),
             f"{j.global_batch:,}",
             j.optimizer,
             _f(j.lr, ".4g"),
             _f(j.final_accuracy, ".4f"),
-            _f(j.steps_to_target, ","),
-            _f(j.samples_to_target, ","),
-            _f(j.time_to_target, ",.2f"),
+            at_most(j) + _f(j.steps_to_target, ","),
+            at_most(j) + _f(j.samples_to_target, ","),
+            at_most(j) + _f(j.time_to_target, ",.2f"),
             _f(j.samples_per_s, ",.0f"),
             _f(j.noise_scale, ",.1f"),
             _f(g, ",.0f"),
@@ -291,6 +308,14 @@ def format_report(summary: Summary, title: str) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
+    if any(j.upper_bound for j in summary.jobs):
+        lines.append("<= : the target was reached at the run's first evaluation (an upper bound).")
+        lines.append("")
+    for j in summary.left_out:
+        lines.append(
+            f"- Left out of the fit, the noise scale and the recommendations: job {j.name} "
+            f"(B {j.global_batch:,}): {j.failed}."
+        )
     if summary.fit is None:
         lines.append(f"- Fit S = S_min (1 + B_crit / B): {summary.fit_note}.")
     else:
@@ -302,7 +327,7 @@ def format_report(summary: Summary, title: str) -> str:
             f"E_min = S_min x B_crit = {s_min * b_crit:,.0f} samples"
             + (f" ({summary.fit_note})." if summary.fit_note else ".")
         )
-    scales = [j.noise_scale for j in summary.jobs if j.noise_scale is not None]
+    scales = [j.noise_scale for j in summary.jobs if j.noise_scale is not None and not j.failed]
     if summary.noise_scale is None:
         lines.append("- Measured noise scale: none (no run logged noise_scale).")
     else:
@@ -312,8 +337,15 @@ def format_report(summary: Summary, title: str) -> str:
             f"{summary.noise_scale:,.1f} (range {min(scales):,.1f} to {max(scales):,.1f} over "
             f"{len(scales)} runs)."
         )
-    if summary.fastest is None:
-        lines.append("- Fastest to target: none (no run reached it with train_s logged).")
+    if summary.bounded:
+        lines.append(
+            f"- Fastest to target: not determined ({summary.bounded} run(s) reached it at their "
+            "first evaluation: their times to it are only upper bounds)."
+        )
+    elif summary.fastest is None:
+        reached = any(j.steps_to_target is not None and not j.failed for j in summary.jobs)
+        why = "no run that reached it logged train_s" if reached else "no run reached it"
+        lines.append(f"- Fastest to target: none ({why}).")
     else:
         b, seconds, runs = summary.fastest
         over = f" (median of {runs} runs)" if runs > 1 else ""
@@ -332,64 +364,3 @@ def format_report(summary: Summary, title: str) -> str:
             f"B_0 = {summary.base_batch:,}."
         )
     return "\n".join(lines) + "\n"
-
-
-def plot_report(summary: Summary, path: Path) -> None:
-    """report.png: final accuracy, time to target, steps to target (with the fit, B_crit and the
-    measured noise scale) and samples/s, each against the global batch on a log2 axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
-    panels = (
-        ("final eval accuracy", "final_accuracy", False),
-        (f"time to accuracy {summary.target:g} (s)", "time_to_target", True),
-        (f"steps to accuracy {summary.target:g}", "steps_to_target", True),
-        ("training samples/s", "samples_per_s", True),
-    )
-    marks = [j.global_batch for j in summary.jobs]  # the x range: every batch and every line
-    marks += [summary.fit[1]] if summary.fit else []
-    marks += [summary.noise_scale] if summary.noise_scale else []
-    x_range = (min(marks) / 1.5, max(marks) * 1.5)
-    plain = FuncFormatter(lambda x, _: f"{x:,.4g}")
-    for ax, (label, field, log_y) in zip(axes.flat, panels, strict=True):
-        points = [(j.global_batch, getattr(j, field)) for j in summary.jobs]
-        points = [(b, v) for b, v in points if v is not None]
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(*x_range)
-        ax.xaxis.set_major_formatter(plain)
-        ax.set_xlabel("global batch B")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        if not points:
-            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
-            continue
-        by_batch: dict[int, list[float]] = {}
-        for b, v in points:
-            by_batch.setdefault(b, []).append(v)
-        medians = [(b, statistics.median(v)) for b, v in sorted(by_batch.items())]
-        several = any(len(v) > 1 for v in by_batch.values())
-        ax.plot(*zip(*medians, strict=True), "o-", label="measured" + (" (median)" * several))
-        if several:
-            ax.plot(*zip(*points, strict=True), ".", color="C0", alpha=0.35, label="each run")
-        if log_y:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
-    ax = axes.flat[2]
-    if summary.fit is not None:
-        s_min, b_crit = summary.fit
-        b = np.geomspace(*x_range, 200)
-        ax.plot(b, s_min * (1 + b_crit / b), "-", alpha=0.7, label="S_min (1 + B_crit / B)")
-        ax.axvline(b_crit, color="C2", label=f"B_crit (fit) = {b_crit:,.0f}")
-    if summary.noise_scale is not None:
-        phi = summary.noise_scale
-        ax.axvline(phi, color="C3", ls="--", label=f"noise scale (measured) = {phi:,.0f}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-    fig.suptitle(f"batch-size sweep, target accuracy {summary.target:g}")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

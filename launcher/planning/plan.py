@@ -37,6 +37,7 @@ from launcher.planning.tokens import in_samples, stated_in_tokens, tokens_per_sa
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report
 _PlanArgs = tuple["RunConfig", int, int, str, str, "dict[str, Any] | None"]
+MOST_OF_THE_RUN = 0.5  # a warmup over more than this share of the run's samples gets a note
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,6 +365,11 @@ def _warmup(
     )
     if warmup > steps * gb:
         why += " (longer than the run: the peak lr is never reached)"
+    elif warmup > steps * gb * MOST_OF_THE_RUN:
+        why += (
+            f" (most of the run: {warmup / gb:.1f} of its {steps:,} steps train below the peak "
+            "lr; shorten the warmup or train longer)"
+        )
     return warmup, why
 
 

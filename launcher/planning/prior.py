@@ -46,14 +46,15 @@ def _candidates(parent: Path) -> list[Path]:
 
 def read_prior(run_dir: Path, target_accuracy: float | None) -> Prior | None:
     """The run in `run_dir` as a Prior, or None when it is not a finished run with a noise
-    scale."""
+    scale, or one that diverged or did not learn (launcher/batchsize/outcome.py)."""
+    from launcher.batchsize.outcome import why_not_learned
     from launcher.batchsize.sweep import read_job
 
     try:
         plan, records = read_job(run_dir)
     except ConfigError:
         return None
-    if not any(r.get("final") for r in records):
+    if not any(r.get("final") for r in records) or why_not_learned(records) is not None:
         return None
     return from_records(run_dir, plan["global_batch"], records, target_accuracy)
 
@@ -63,7 +64,8 @@ def from_records(
 ) -> Prior | None:
     """A run's metrics records as a Prior; None without a noise scale or an evaluation."""
     estimate = critical_batch([r for r in records if "loss" in r], batch)
-    evals = [r for r in records if "eval_loss" in r and "event" not in r and "samples" in r]
+    evals = [r for r in records if r.get("eval_loss") is not None and "samples" in r]
+    evals = [r for r in evals if "event" not in r]
     if estimate is None or not evals:
         return None
     if target_accuracy is not None:
