@@ -81,6 +81,7 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path, list[d
     path, and the run's metrics records."""
     from launcher.batchsize.sweep import read_job
     from launcher.checkpoint import files as checkpoint
+    from launcher.checkpoint.resume import check_state
 
     if not run_dir.is_dir():
         raise ConfigError(f"{str(run_dir)!r}: no such directory")
@@ -104,31 +105,12 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path, list[d
             )
         path = steps[max(inside)]
     try:
-        loaded = checkpoint.load(path, lambda message: None)
+        loaded = checkpoint.load(path, lambda message: None, check_state)
     except checkpoint.Unusable as exc:
         raise ConfigError(str(exc)) from None
-    problem = "digest or format" if loaded is None else _state_problem(loaded[0])
-    if problem is not None:
-        raise ConfigError(f"{str(path)!r}: not a usable checkpoint ({problem})")
-    assert loaded is not None
+    if loaded is None:
+        raise ConfigError(f"{str(path)!r}: not a usable checkpoint (digest or format)")
     return loaded[0], loaded[1], records
-
-
-def _state_problem(state: dict) -> str | None:
-    """What a branch needs from the checkpoint's state that it does not hold, or None."""
-    counts = {k: state.get(k) for k in ("step", "global_batch", "consumed_samples")}
-    plan = state.get("plan")
-    if isinstance(plan, dict):
-        counts |= {f"plan.{k}": plan.get(k) for k in ("epoch_samples", "total_samples")}
-    for key, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            return f"{key}={value!r}: not a count"
-    config = state.get("config")
-    if not isinstance(plan, dict) or not isinstance(config, dict):
-        return "no plan or config in it"
-    if not all(isinstance(config.get(k), dict) for k in ("checkpoint", "trainer")):
-        return "its config has no checkpoint and trainer sections"
-    return None
 
 
 def branch_samples(requested: str, largest_batch: int, epoch_samples: int) -> int:

@@ -186,7 +186,11 @@ CORRUPT = {
         ("plan-bytes", [], "plan.json': not a plan ('utf-8' codec can't decode"),
         ("metrics", [], "metrics.jsonl' line 1: not a metrics record (samples=-4: not a count)"),
         ("digest", [], "step-000000040.pt is not a usable checkpoint (its SHA-256 does not match"),
-        ("forged", [], "step-000000040.pt': not a usable checkpoint (global_batch=None: not a"),
+        (
+            "forged",
+            [],
+            "step-000000040.pt is not a usable checkpoint (it is not a launcher checkpoint",
+        ),
     ],
 )
 def test_malformed_input_is_one_line_in_process(

@@ -28,8 +28,17 @@ def _state(step: int) -> dict:
         "model": {"w": torch.ones(2)},
         "optimizer": {},
         "rng": [{}],
-        "plan": {"origin_step": 0, "origin_samples": 0, "optimizer": "sgd"},
-        "config": {"model": {}, "data": {}, "optim": {}, "schedule": {}, "seed": 0},
+        "plan": {
+            "origin_step": 0,
+            "origin_samples": 0,
+            "optimizer": "sgd",
+            "epoch_samples": 640,
+            "total_samples": 640,
+        },
+        "config": {
+            **{g: {} for g in ("model", "data", "optim", "schedule", "trainer", "checkpoint")},
+            "seed": 0,
+        },
         "progress": {},
     }
 
@@ -111,11 +120,12 @@ def _forge(run, state) -> None:
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"step": "3"}, "step is not a int"),
-        ({"step": True}, "step is not a int"),
-        ({"config": []}, "config is not a dict"),
-        ({"plan": {"origin_step": 0}}, "plan.origin_samples is not a int"),
+        ({"step": "3"}, "step is not an integer"),
+        ({"step": True}, "step is not an integer"),
+        ({"config": []}, "config is not a mapping"),
+        ({"plan": {"origin_step": 0}}, "plan.origin_samples is not an integer"),
         ({"rng": []}, "one RNG state per rank expected"),
+        ({"consumed_samples": -64}, "a negative count"),
         ({"shards": {"../x": [1, "d"]}}, "its shard manifest is malformed"),
         ({"shards": {".metadata": [1, "d"]}}, "its shard .* is missing"),
     ],

@@ -88,6 +88,7 @@ def capture(
     }
 
 
+KINDS = {int: "an integer", str: "a string", dict: "a mapping", list: "a list"}
 # what a checkpoint must hold, and of which type, for a run to continue from it
 HOLDS = {
     "step": int,
@@ -101,8 +102,22 @@ HOLDS = {
     "config": dict,
     "progress": dict,
 }
-PLAN_HOLDS = {"origin_step": int, "origin_samples": int, "optimizer": str}
-CONFIG_HOLDS = {"model": dict, "data": dict, "optim": dict, "schedule": dict, "seed": int}
+PLAN_HOLDS = {
+    "origin_step": int,
+    "origin_samples": int,
+    "optimizer": str,
+    "epoch_samples": int,
+    "total_samples": int,
+}
+CONFIG_HOLDS = {
+    "model": dict,
+    "data": dict,
+    "optim": dict,
+    "schedule": dict,
+    "seed": int,
+    "trainer": dict,
+    "checkpoint": dict,
+}
 
 
 def check_state(state: Any) -> None:
@@ -117,8 +132,11 @@ def check_state(state: Any) -> None:
             value = part.get(key) if isinstance(part, dict) else None
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(
-                    f"it is not a launcher checkpoint: {prefix}{key} is not a {kind.__name__}"
+                    f"it is not a launcher checkpoint: {prefix}{key} is not {KINDS[kind]}"
                 )
+    counts = [state[k] for k in ("step", "consumed_samples", "global_batch")]
+    if min(counts) < 0 or min(state["plan"][k] for k in PLAN_HOLDS if k != "optimizer") < 0:
+        raise ValueError("it is not a launcher checkpoint: a negative count")
     if len(state["rng"]) != state["world_size"] or state["world_size"] < 1:
         raise ValueError("it is not a launcher checkpoint: one RNG state per rank expected")
     shards = state.get("shards")
