@@ -144,7 +144,12 @@ def main() -> None:
         optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
         model, optimizer = backend.prepare(model, optimizer, plan)
         t = Trainee(model, optimizer, backend, backend.input_dtype(dtype), make_loss(cfg.loss, 0.0))
-        settings = Settings(1, 10**9, plan.oom_recovery, Health(cfg.trainer.spike_factor))
+        settings = Settings(
+            1,
+            10**9,
+            plan.oom_recovery,
+            Health(cfg.trainer.spike_factor, cfg.trainer.diverge_factor),
+        )
         batches = iter(lambda: fake_batch(spec, args.micro, device, dtype), None)
         for step in range(args.steps):
             if step == args.steps - 1:  # steady state: optimizer state made, buffers warm

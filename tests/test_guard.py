@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from launcher.training.guard import NON_FINITE, SPIKE, WINDOW, Health
+from launcher.training.guard import DIVERGED, NON_FINITE, SPIKE, WINDOW, Health
 from tests.helpers import run_cli
 
 SMALL = ["data.num_samples=4000", "global_batch=64", "trainer.progress=false"]
@@ -27,7 +27,7 @@ def _strict(path) -> list[dict]:
 
 def test_health_flags_a_non_finite_step_and_a_spike() -> None:
     model = torch.nn.Linear(2, 1)
-    health = Health(spike_factor=5.0)
+    health = Health(spike_factor=5.0, diverge_factor=0)
     assert health.bits(torch.tensor(float("nan")), model, check_grads=False) == NON_FINITE
     model.weight.grad = torch.full_like(model.weight, float("inf"))
     assert health.bits(torch.tensor(1.0), model, check_grads=True) == NON_FINITE
@@ -40,7 +40,10 @@ def test_health_flags_a_non_finite_step_and_a_spike() -> None:
     health.applied()
     assert health.bits(torch.tensor(5.5), model, check_grads=False) == SPIKE
     assert health.bits(torch.tensor(4.5), model, check_grads=False) == 0
-    assert Health(spike_factor=0).bits(torch.tensor(1e9), model, check_grads=False) == 0
+    assert (
+        Health(spike_factor=0, diverge_factor=0).bits(torch.tensor(1e9), model, check_grads=False)
+        == 0
+    )
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -79,15 +82,100 @@ def test_a_run_that_keeps_diverging_stops_in_one_line(tmp_path, data_cache) -> N
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-def test_parameters_that_overflow_are_never_saved(tmp_path, data_cache) -> None:
-    """An LR so large that a finite, clipped step overflows the parameters: the checkpoint due
-    after it is refused (every rank checks), exit 4."""
-    args = [*SMALL, f"data.cache_dir={data_cache}", "trainer.epochs=0.2", "run_dir=run"]
-    args += ["optim.base_lr=1e38", "global_batch=32", "checkpoint.every_samples=32"]
+def _fed(health: Health, losses: list[float]) -> list[int]:
+    """The bits of each step, every step applied (a finite divergence is, until it is caught)."""
+    model, found = torch.nn.Linear(2, 1), []
+    for loss in losses:
+        found.append(health.bits(torch.tensor(loss), model, check_grads=False))
+        health.applied()
+    return found
+
+
+def test_a_loss_that_climbs_and_stays_up_is_a_divergence() -> None:
+    """The median of the last WINDOW applied steps above diverge_factor x the first loss."""
+    health = Health(spike_factor=0, diverge_factor=10)
+    bits = _fed(health, [2.0, *[3.0] * WINDOW, *[25.0] * (WINDOW // 2 + 2)])
+    assert not any(b & DIVERGED for b in bits[:-1]) and bits[-1] & DIVERGED
+    assert health.start == 2.0 and health.median == 25.0
+
+
+@pytest.mark.parametrize(
+    ("losses", "why"),
+    [
+        ([2.0, *[1e6, 1.5] * WINDOW], "spikes in half the window: the median is not up"),
+        ([2.0, *[19.0] * 3 * WINDOW], "up 9.5x: below the factor"),
+        ([-1.0, *[1e6] * 2 * WINDOW], "a start that is not positive: the ratio means nothing"),
+        ([0.0, *[1e6] * 2 * WINDOW], "a start that is not positive: the ratio means nothing"),
+    ],
+)
+def test_what_is_no_divergence(losses, why) -> None:
+    assert not any(b & DIVERGED for b in _fed(Health(0, 10), losses)), why
+    assert not any(b & DIVERGED for b in _fed(Health(0, 0), [2.0, *[1e6] * 3 * WINDOW]))
+
+
+def test_the_start_of_a_resumed_run_is_the_checkpoints() -> None:
+    health = Health(spike_factor=0, diverge_factor=10, start=0.5)
+    bits = _fed(health, [*[6.0] * (WINDOW + 1)])
+    assert bits[-1] & DIVERGED and health.start == 0.5
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_without_nan_stops_and_gets_no_advice(tmp_path, data_cache) -> None:
+    """The issue's run: optim.base_lr=1e6 (the loss climbs to ~1e6 and stays, every value
+    finite): exit 4, one line, a `diverged` event, no advice, no final weights."""
+    args = [*SMALL, f"data.cache_dir={data_cache}", "trainer.epochs=1", "run_dir=run"]
+    args += ["optim.base_lr=1e6"]
     res = run_cli(args, tmp_path)
     assert res.returncode == 4, res.stderr[-3000:]
-    assert "the parameters are not finite after step 1; checkpoint not written" in res.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    lines = [x for x in res.stderr.splitlines() if x.startswith("launcher: diverged")]
+    assert len(lines) == 1 and "the loss stayed above 10 x its value at the start" in lines[0]
+    records = _strict(tmp_path / "run" / "metrics.jsonl")
+    (event,) = [r for r in records if r.get("event") == "diverged"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert event["step"] == len(losses) + 1 and math.isfinite(max(losses))
+    assert "batch-size advice" not in res.stdout and "next: train" not in res.stdout
+    assert not (tmp_path / "run" / "model_final.pt").exists()
+
+
+def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
+    """Parameters a finite step made non-finite (float32 overflow; the largest LR a run takes,
+    1e9, cannot get there through a step whose gradient norm is finite, so the state is made
+    so here): the checkpoint due is refused (every rank checks), Diverged (exit 4), nothing
+    written."""
+    from launcher.backends.accelerate import AccelerateBackend
+    from launcher.models import build_model
+    from launcher.optim import build_optimizer
+    from launcher.planning.plan import plan_batch
+    from launcher.training.checkpointer import Checkpointer
+    from launcher.training.guard import Diverged
+    from launcher.training.loop import Trainee
+    from launcher.training.metrics import MetricsSink
+    from tests.helpers import composed
+
+    cfg = composed(["model=mlp", "global_batch=64", f"run_dir={tmp_path / 'run'}"])
+    plan = plan_batch(cfg, world_size=1, epoch_samples=640)
+    backend = AccelerateBackend(cfg, "cpu")
+    model = build_model(cfg.model, _spec())
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    model, optimizer = backend.prepare(model, optimizer, plan)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.inf
+    (tmp_path / "run").mkdir()
+    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
+    saver = Checkpointer(
+        cfg, tmp_path / "run", Trainee(model, optimizer, backend, torch.float32), sink, None
+    )
+    with pytest.raises(
+        Diverged, match="the parameters are not finite after step 1; checkpoint not written"
+    ):
+        saver.save(1, plan)
+    assert Diverged.exit_code == 4 and list((tmp_path / "run").iterdir()) == []
+
+
+def _spec():
+    from launcher.data import DataSpec
+
+    return DataSpec((1, 40), 10)
 
 
 @pytest.mark.parametrize("skip", [False, True])

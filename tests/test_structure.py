@@ -42,6 +42,7 @@ WHOLE_CONFIG = {
             "_step",
             "_seeded_step",
             "check_fit",
+            "check_model_fits",
             "probe_trace",
             "probe_peak",
             "_cache_key",

@@ -129,6 +129,9 @@ class TrainerConfig:
     spike_factor: float = 5.0
     """a step whose loss is above this x the mean of the last 20 applied steps (on any rank) is
     a loss_spike event; 0 = no check"""
+    diverge_factor: float = 10.0
+    """the run stops as diverged (exit 4) once the median loss of the last 20 applied steps is
+    above this x the loss at the start of the run: divergence that stays finite; 0 = no check"""
     skip_spikes: bool = False
     """do not apply a loss-spike step (its samples are consumed, nothing learned)"""
     stop_after_samples: int = 0
@@ -153,6 +156,8 @@ class TrainerConfig:
         limit = self.nonfinite_limit
         require(limit >= 1, "trainer.nonfinite_limit", limit, "must be >= 1")
         require(self.spike_factor >= 0, "trainer.spike_factor", self.spike_factor, "must be >= 0")
+        factor = self.diverge_factor
+        require(factor == 0 or factor > 1, "trainer.diverge_factor", factor, "must be > 1, or 0")
         require(
             self.stop_after_samples >= 0,
             "trainer.stop_after_samples",

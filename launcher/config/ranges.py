@@ -83,6 +83,7 @@ MAXIMA: dict[str, tuple[float, str]] = {
     "trainer.noise_window": (1.0, "a fraction of the run"),
     "trainer.nonfinite_limit": (STEPS, "steps"),
     "trainer.spike_factor": (1e30, "a factor on the loss"),
+    "trainer.diverge_factor": (1e30, "a factor on the loss"),
     "trainer.stop_after_samples": (COUNT, "samples"),
     "trainer.stop_cooldown_samples": (COUNT, "samples"),
     # cluster

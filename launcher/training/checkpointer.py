@@ -34,8 +34,10 @@ class Checkpointer:
         t: Trainee,
         sink: MetricsSink,
         meter: Any,
+        health: Any = None,
     ) -> None:
         self.cfg, self.run_dir, self.t, self.sink, self.meter = cfg, run_dir, t, sink, meter
+        self.health = health  # guard.Health: its loss at the start goes into the checkpoint
         self.main = t.backend.rank == 0
         c = cfg.checkpoint
         self.cadence = Cadence(c.every_samples, c.every_minutes)
@@ -68,6 +70,8 @@ class Checkpointer:
         if self.meter is not None:
             self.meter.flush()
             measured["noise"] = self.meter.state_dict()
+        if self.health is not None and self.health.start is not None:
+            measured["loss_start"] = self.health.start
         manifest = self._write_shards(step) if self.sharded else None
         state = resume.capture(
             self.cfg, plan, step, t.backend, t.model, t.optimizer, measured, whole=not self.sharded

@@ -9,6 +9,13 @@ the out-of-memory check already gathers from every rank, so all ranks take the s
   (exit 4, one line naming the step, the LR and what to try).
 - SPIKE: the rank's loss is above `trainer.spike_factor` x the mean of its last WINDOW applied
   steps: a `loss_spike` event; with `trainer.skip_spikes` the step is not applied either.
+- DIVERGED: divergence that stays finite (an LR far past stability: the loss climbs by orders of
+  magnitude and stays there). The median of the rank's last WINDOW applied steps is above
+  `trainer.diverge_factor` x its loss at the start of the run (the first step's, at the initial
+  weights): the run stops as diverged (exit 4) without applying the step. A median needs more
+  than half of the window up there: a few spikes are not a divergence. Not caught: a loss that
+  is not positive at the start (the ratio means nothing), a climb of less than the factor, a
+  model that stops learning without its loss rising (the advice's rule says it did not learn).
 
 Parameters that became non-finite through a finite step (an LR far past stability) are caught
 before anything is saved, a checkpoint or the final weights (every rank checks its own and the
@@ -19,6 +26,7 @@ number as null (valid JSON always).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import Any
 
@@ -26,7 +34,7 @@ import torch
 
 from launcher.errors import LauncherError
 
-OOM, NON_FINITE, SPIKE = 1, 2, 4  # bits of the per-step flag (train.py gathers them)
+OOM, NON_FINITE, SPIKE, DIVERGED = 1, 2, 4, 8  # bits of the per-step flag (train.py gathers them)
 WINDOW = 20  # applied steps a spike is measured against
 EXIT_CODE = 4
 ADVICE = (
@@ -43,22 +51,37 @@ class Diverged(LauncherError):
 
 
 class Health:
-    """This rank's view of its steps: the flag bits of a step, the recent losses."""
+    """This rank's view of its steps: the flag bits of a step, the recent losses, the loss at
+    the start of the run (`start`: kept in checkpoints, so a resumed run compares with it)."""
 
-    def __init__(self, spike_factor: float) -> None:
-        self.spike_factor = spike_factor
+    def __init__(
+        self, spike_factor: float, diverge_factor: float, start: float | None = None
+    ) -> None:
+        self.spike_factor, self.diverge_factor = spike_factor, diverge_factor
         self.recent: deque[float] = deque(maxlen=WINDOW)
+        self.start = start
         self.loss = math.nan  # this rank's loss of the step just checked
         self.mean = math.nan  # what it was compared with
+        self.median = math.nan  # of the window, against the start (DIVERGED)
 
     def bits(self, loss: torch.Tensor, model: Any, check_grads: bool) -> int:
-        """NON_FINITE and/or SPIKE for this rank's step (one device-to-host copy)."""
+        """NON_FINITE, SPIKE and/or DIVERGED for this rank's step (one device-to-host copy)."""
         self.loss = float(loss)
         if not math.isfinite(self.loss) or (check_grads and not grads_finite(model)):
             return NON_FINITE
+        if self.start is None:
+            self.start = self.loss
         self.mean = sum(self.recent) / len(self.recent) if self.recent else math.nan
-        full = len(self.recent) == WINDOW and self.spike_factor > 0
-        return SPIKE if full and self.loss > self.spike_factor * self.mean else 0
+        full = len(self.recent) == WINDOW
+        bits = (
+            SPIKE
+            if full and self.spike_factor > 0 and self.loss > self.spike_factor * self.mean
+            else 0
+        )
+        if full and self.diverge_factor > 0 and self.start > 0:
+            self.median = statistics.median_low(self.recent)  # more than half of them up
+            bits |= DIVERGED if self.median > self.diverge_factor * self.start else 0
+        return bits
 
     def applied(self) -> None:
         """The step was taken: its loss joins the window."""
@@ -89,6 +112,16 @@ def state_message(step: int, what: str) -> str:
     return (
         f"launcher: diverged: the parameters are not finite after step {step:,}; {what} not "
         f"written (any earlier one on disk is finite). Try: {ADVICE}"
+    )
+
+
+def diverged_message(step: int, lr: float, health: Health) -> str:
+    """The one line of a run stopped by a loss that climbed and stayed up (DIVERGED)."""
+    return (
+        f"launcher: diverged: the loss stayed above {health.diverge_factor:g} x its value at the "
+        f"start of the run at step {step:,} (median {health.median:.4g} over the last {WINDOW} "
+        f"steps vs {health.start:.4g} at the first; lr {lr:.4g}); the step was not applied, no "
+        f"checkpoint of it written (trainer.diverge_factor). Try: {ADVICE}"
     )
 
 

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -30,11 +30,13 @@ from launcher.planning.split import shrink_micro_batch
 from launcher.training import faults
 from launcher.training.evaluation import DEFAULT_LOSS, Evaluations
 from launcher.training.guard import (
+    DIVERGED,
     NON_FINITE,
     OOM,
     SPIKE,
     Diverged,
     Health,
+    diverged_message,
     stop_message,
 )
 from launcher.training.loss import CrossEntropy, UserLoss
@@ -216,7 +218,7 @@ def _checked(
     if any(f & OOM for f in flags):
         return [r for r, f in enumerate(flags) if f & OOM]
     skip_spikes = settings is not None and settings.skip_spikes
-    forbid = NON_FINITE | (SPIKE if skip_spikes else 0)
+    forbid = NON_FINITE | DIVERGED | (SPIKE if skip_spikes else 0)
     if any(f & forbid for f in flags):
         backend.drop_gradients(model, t.optimizer)
         if meter is not None:
@@ -356,10 +358,12 @@ def fit(
         at.step += 1
         step, end, samples = at.step, at.plan.end_step, at.current.samples_at(at.step)
         if isinstance(loss, Skipped):
-            _log_skipped(loss, step, samples, lr, settings.health, sink, t.backend)
             bad = [*bad, step] if loss.ranks(NON_FINITE) else []
+            if loss.ranks(DIVERGED) and not loss.ranks(NON_FINITE):
+                _stop(sink, step, samples, diverged_message(step, lr, settings.health))
+            _log_skipped(loss, step, samples, lr, settings.health, sink, t.backend)
             if len(bad) >= settings.nonfinite_limit:
-                raise Diverged(stop_message(bad, lr, bad[0] - 1))
+                _stop(sink, step, samples, stop_message(bad, lr, bad[0] - 1))
             loss = loss.loss  # None when skipped: no loss of it is logged
         else:
             bad = []
@@ -402,6 +406,13 @@ def _log(
     measured = meter.flush() if meter is not None else {}
     sink.log(record | measured)
     return measured.get("noise_scale")
+
+
+def _stop(sink: MetricsSink, step: int, samples: int, message: str) -> NoReturn:
+    """End a run that diverged: a `diverged` event (no advice is given from such a run), then
+    Diverged with its one line."""
+    sink.log({"event": "diverged", "step": step, "samples": samples, "why": message})
+    raise Diverged(message)
 
 
 def _log_skipped(

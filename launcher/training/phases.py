@@ -320,8 +320,11 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
     sink, meter = _outputs(job, start_step)
     events = _Events(job, sink)
+    progress = job.found[0].get("progress", {}) if job.found is not None else {}
+    start = progress.get("loss_start")  # the loss divergence is measured against
+    health = Health(cfg.trainer.spike_factor, cfg.trainer.diverge_factor, start)
     hooks = Hooks(
-        after_step=Checkpointer(cfg, job.run_dir, t, sink, meter).after_step,
+        after_step=Checkpointer(cfg, job.run_dir, t, sink, meter, health).after_step,
         on_oom=events.on_oom,
         grow=events.grow if cfg.ramp.mode == "adaptive" else None,
     )
@@ -329,7 +332,7 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
         log_every=cfg.trainer.log_every,
         eval_every_samples=round(cfg.trainer.eval_every_epochs * job.plan.epoch_samples),
         oom_recovery=job.plan.oom_recovery,
-        health=Health(cfg.trainer.spike_factor),
+        health=health,
         skip_spikes=cfg.trainer.skip_spikes,
         nonfinite_limit=cfg.trainer.nonfinite_limit,
     )
