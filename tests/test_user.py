@@ -158,6 +158,16 @@ BAD: list[tuple[list[str], str | tuple[str, ...]]] = [
         "Flatten, Linear, Sequential, Tanh, Tiny",
     ),
     (["--config-dir=/no/such/folder"], "--config-dir='/no/such/folder': not a folder"),
+    (  # a head with fewer outputs than the data's classes: declared ...
+        ["+recipe=tiny", "+data.classes=4"],
+        "the model gives 3 class scores per sample, but the data has at least 4 classes (it "
+        "declares 4 classes); give the model's output layer 4 or more outputs",
+    ),
+    (  # ... or read: eval[0]'s target is 8 (a pair declares no num_classes)
+        ["+recipe=tiny", "+data.classes=10", "data.form=pair"],
+        "the model gives 3 class scores per sample, but the data has at least 9 classes (a "
+        "target of 8 in its first samples)",
+    ),
 ]
 
 

@@ -19,6 +19,9 @@ DATASETS = {
 }
 
 
+IGNORE_INDEX = -100  # a target left out of the loss and of its count (F.cross_entropy's default)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about its inputs."""
@@ -28,6 +31,8 @@ class DataSpec:
     tokens: bool = False  # inputs are token ids and every position has a target (a language model)
     example: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
     """one real (input, target) pair of your data (data/user.py): probe batches repeat it"""
+    top_target: int | None = None
+    """the largest integer target of your data's samples the launcher read (train[0], eval[0])"""
 
     def describe(self) -> str:
         """The shapes and dtypes of one sample, for cache keys and messages."""

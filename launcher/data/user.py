@@ -29,7 +29,7 @@ from launcher.config.checks import TARGET_KEY
 from launcher.config.components import UserDataConfig
 from launcher.config.schema import to_dict
 from launcher.config.targets import instantiate
-from launcher.data import DataSpec, Splits
+from launcher.data import IGNORE_INDEX, DataSpec, Splits
 from launcher.errors import ConfigError
 
 EVAL_NAMES = ("eval", "test", "val", "validation")
@@ -124,7 +124,9 @@ def _build(cfg: UserDataConfig) -> Splits:
         )
     if classes is not None and not (isinstance(classes, int) and classes > 1):
         raise ConfigError(f"{where}: num_classes={classes!r} must be an integer >= 2")
-    spec = DataSpec(tuple(x.shape), classes, tokens=y.dim() > 0, example=(x, y))
+    counted = [t[t != IGNORE_INDEX] for t in (y, ey) if not t.is_floating_point()]
+    top = max((int(t.max()) for t in counted if t.numel()), default=None)
+    spec = DataSpec(tuple(x.shape), classes, tokens=y.dim() > 0, example=(x, y), top_target=top)
     return Splits(train=train, eval=evaluation, spec=spec)
 
 

@@ -46,7 +46,7 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
-from launcher.training.loss import LossMismatch, make_loss
+from launcher.training.loss import LossMismatch, classifies, make_loss
 
 OOM_ERROR = torch.OutOfMemoryError
 
@@ -99,6 +99,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
             raise ConfigError(
                 f"{_names(cfg.model, cfg.data)}: {_first_line(exc)} {_inputs(x)}"
             ) from exc
+        _check_classes(cfg, spec, outputs, y)
         try:
             loss = loss_fn.checked_sum(outputs, y) / micro
         except LossMismatch as exc:
@@ -107,6 +108,26 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _check_classes(cfg: RunConfig, spec: DataSpec, outputs: Any, y: torch.Tensor) -> None:
+    """Class scores for every class the data has: its declared classes (num_classes; a text's
+    vocabulary) and the largest target the launcher has read (your data's first samples), against
+    the outputs' last dimension (known on fake tensors too: plan_only checks it). A target without
+    a score would end the run in an IndexError (on a GPU, a device-side assert)."""
+    if not classifies(outputs, y):
+        return
+    scores, need, source = outputs.shape[-1], 0, ""
+    if spec.num_classes is not None:
+        need, source = spec.num_classes, f"it declares {spec.num_classes} classes"
+    if spec.top_target is not None and spec.top_target + 1 > need:
+        need, source = spec.top_target + 1, f"a target of {spec.top_target} in its first samples"
+    if need > scores:
+        raise ConfigError(
+            f"{_names(cfg.model, cfg.data)}: the model gives {scores} class scores per sample, but "
+            f"the data has at least {need} classes ({source}); give the model's output layer "
+            f"{need} or more outputs (a model of your own: its class-count argument)"
+        )
 
 
 def _holds_gradients(backend: BackendConfig) -> bool:

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import CrossEntropyConfig, LossConfig
-
-IGNORE_INDEX = -100  # a target left out of the loss and of its count (F.cross_entropy's default)
+from launcher.data import IGNORE_INDEX
 
 
 class LossMismatch(ValueError):
