@@ -63,9 +63,9 @@ def make_data(data: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
     for name in names:
-        batch = {
-            b"data": rng.integers(0, 256, (1000, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, 1000).tolist(),
+        batch = {  # the official files' keys, as Python 2 pickles read under latin1
+            "data": rng.integers(0, 256, (1000, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, 1000).tolist(),
         }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)

@@ -11,12 +11,15 @@ the requeued Slurm job, resumes from it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
 from pathlib import Path
 
 from launcher.errors import ConfigError
+
+EXIT_STOPPED = 3  # launcher/cluster/preemption.py EXIT_CODE: a signal stopped the run
 
 USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 
@@ -121,7 +124,27 @@ def main(argv: list[str] | None = None) -> int:
 def console() -> None:
     """`python -m launcher` and the `globalbatch` command."""
     try:
-        sys.exit(main())
+        code = main()
     except BrokenPipeError:  # `python -m launcher --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    if code == EXIT_STOPPED:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with `code` without Python's finalization, which restores the default signal
+    handlers: a second SIGTERM or Ctrl-C in the run's last moments would end it as killed (143,
+    130) instead of stopped (3). The exit handlers run first (the run folder's lock, temporary
+    folders, logging), with signals still only recorded."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    from launcher.training.faults import test_kill
+
+    test_kill(0, "exited")  # a test's signal in the process's last moments
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to say
+            stream.flush()
+    os._exit(code)

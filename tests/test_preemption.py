@@ -128,3 +128,55 @@ def test_ctrl_c_and_a_second_sigterm_stop_with_a_checkpoint(kill, names, tmp_pat
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"launcher: stopped by {names} after step 2 of 5; checkpoint "), last
     assert last.endswith("rerun the same command (resume=auto) to continue")
+
+
+@pytest.mark.parametrize(
+    ("kill", "tail"),
+    [
+        ("0:preparing:TERM", "rerun the same command to start"),
+        ("0:preparing:INT", "rerun the same command to start"),
+        ("0:preparing:USR1", "not under Slurm: rerun the same command (resume=auto) to continue"),
+    ],
+)
+def test_a_signal_before_training_stops_at_once(kill, tail, tmp_path, data_cache):
+    """While the data is prepared (61 s at 300k MNIST-1D samples) a signal stops the run where
+    it is, not after the first step: exit 3, one line, nothing written."""
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    res = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": kill})
+    assert res.returncode == 3, res.stderr[-3000:]
+    name = "SIG" + kill.rsplit(":", 1)[1]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"launcher: stopped by {name} before training started: nothing to save; {tail}"
+    )
+    assert "Traceback" not in res.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_signal_in_the_last_moments_of_a_stopped_run_changes_nothing(tmp_path, data_cache):
+    """SIGTERM after the run stopped and its exit handlers ran: still exit 3 (Python's
+    finalization, which would restore the default handlers, is not entered)."""
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    res = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": "2:step:TERM,0:exited:TERM"})
+    assert res.returncode == 3, (res.returncode, res.stderr[-3000:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_trainer_devices_agent_stops_with_exit_3(tmp_path, data_cache):
+    """Ctrl-C (SIGINT) to `python -m launcher trainer.devices=2`: the workers stop after the
+    same step with a checkpoint, and the launcher exits 3 as one process would (it was 130)."""
+    cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", "run_dir=run"]
+    cmd.append("trainer.devices=2")
+    env = launcher_env() | {"LAUNCHER_TEST_KILL": "3:step:WAIT"}
+    out = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([sys.executable, "-m", "launcher", *cmd], cwd=tmp_path, env=env, **out)
+    try:
+        deadline = time.monotonic() + 300  # a condition to wait for, not a timing
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.1)
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 3, err[-3000:]
+    assert "launcher: stopped by SIGINT after step 3 of 5; checkpoint" in err

@@ -37,23 +37,54 @@ class Stopped(LauncherError):
     prefix = ""  # not an error: the run continues from its checkpoint
 
 
+_at_once = False  # before training: a signal stops the job where it is (nothing to save yet)
+
+
 def _record(signum: int, frame: object) -> None:
     _received.add(signum)
+    if _at_once:
+        _stop_now(signal.Signals(signum))
+
+
+def _stop_now(sig: signal.Signals) -> None:
+    """A signal before the first step (data preparation, the memory probe, start-up): stop
+    here, at once, with nothing to save; a requeue signal requeues the Slurm job (rank 0)."""
+    global _at_once
+    _at_once = False  # once: the stop below runs with signals only recorded
+    head = f"launcher: stopped by {sig.name} before training started: nothing to save"
+    if sig in STOPS or os.environ.get("RANK", "0") != "0":
+        raise Stopped(f"{head}; rerun the same command to start")
+    raise Stopped(f"{head}; {requeue()}")
 
 
 @contextmanager
 def handled() -> Iterator[None]:
     """Record SIGUSR1, SIGUSR2, SIGTERM and SIGINT instead of dying, for the duration of a job.
-    A job that stops on one keeps recording them until the process exits, so a second signal
-    while it saves, says its line or tears down changes nothing (exit 3, not 143)."""
+    Until training starts (`training`) a signal stops the job at once (Stopped); from then on
+    it is acted on at the next step boundary. A job that stops on one keeps recording them until
+    the process exits, so a second signal while it saves, says its line or tears down changes
+    nothing (exit 3, not 143; cli.py exits without Python's finalization, which would restore
+    the default handlers)."""
+    global _at_once
     _received.clear()
     previous = {sig: signal.signal(sig, _record) for sig in BITS}
+    _at_once = True
     try:
         yield
     finally:
+        _at_once = False
         if not _received:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def training() -> None:
+    """The first step is about to run: from now on a signal is acted on at a step boundary,
+    with a checkpoint. One that came already stops the job here."""
+    global _at_once
+    _at_once = False
+    if _received:
+        _stop_now(signal.Signals(min(_received)))
 
 
 def received() -> int:

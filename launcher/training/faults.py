@@ -3,11 +3,12 @@ LAUNCHER_TEST_LOSS is set (the last two: test_oom_hook and test_loss_hook below)
 
 LAUNCHER_TEST_KILL=STEP:PHASE[:ACTION][,...] acts at optimizer step STEP, PHASE `step` (after the
 step), `written` (checkpoint written under its temporary name), `renamed` (in place, `latest` not
-yet updated), `stopping` (a signal's checkpoint saved, the run about to stop) or, at STEP 0, `exit`
-(the run stopped, the process exiting). ACTION: KILL (default; SIGKILL, as `kill -9` would), USR1,
-USR2, TERM or INT (sends that signal to this process), FILL (fills the file system of the file
-LAUNCHER_TEST_FILL names), WAIT (blocks until SIGUSR1 or SIGTERM arrives, at most 10 minutes, so a
-test can deliver it from outside at a known step).
+yet updated), `stopping` (a signal's checkpoint saved, the run about to stop) or, at STEP 0,
+`preparing` (before the data is built), `exit` (the run stopped, the process exiting) or `exited`
+(its exit handlers done, the last moment before it ends). ACTION: KILL (default; SIGKILL, as
+`kill -9` would), USR1, USR2, TERM or INT (sends that signal to this process), FILL (fills the
+file system of the file LAUNCHER_TEST_FILL names), WAIT (blocks until SIGUSR1 or SIGTERM
+arrives, at most 10 minutes, so a test can deliver it from outside at a known step).
 """
 
 from __future__ import annotations

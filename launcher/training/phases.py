@@ -20,6 +20,7 @@ from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
 from launcher.planning.render import format_plan
+from launcher.training import faults
 from launcher.training.job import (
     create_run_dir,
     plan_for,
@@ -87,6 +88,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     if topology.device == "cuda":  # before the memory probe: its verify step autotunes too
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
+    faults.test_kill(0, "preparing")  # a test's signal while the data is prepared
     splits = build_splits(cfg.data)
     epoch = (len(splits.train), " (counted in the training split)")
     _, plan = plan_for(cfg, launched, epoch)
@@ -338,6 +340,9 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     )
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)  # the probe steps are not training
+    from launcher.cluster import preemption
+
+    preemption.training()  # a signal now stops the run at a step boundary, with a checkpoint
     try:
         result, plan = fit(
             t, job.plan, _feed(job), sink, settings, start_step=start_step, meter=meter, hooks=hooks
