@@ -19,8 +19,6 @@ from pathlib import Path
 
 from launcher.errors import ConfigError
 
-EXIT_STOPPED = 3  # launcher/cluster/preemption.py EXIT_CODE: a signal stopped the run
-
 USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 
   +recipe=NAME        a recipe ({recipes}); default {default}
@@ -128,7 +126,9 @@ def console() -> None:
     except BrokenPipeError:  # `python -m launcher --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    if code == EXIT_STOPPED:
+    from launcher.cluster.preemption import EXIT_CODE
+
+    if code == EXIT_CODE:  # stopped by a signal
         _exit_now(code)
     sys.exit(code)
 

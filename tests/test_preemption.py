@@ -76,6 +76,25 @@ def test_sigusr_outside_a_working_slurm_says_the_requeue_failed(sig, tmp_path, d
     assert last.endswith("resubmit the job to continue")
 
 
+def _signal_the_agent_at_step_3(cmd: list[str], cwd, sig: signal.Signals) -> tuple[int, str]:
+    """`python -m launcher CMD` whose workers wait at step 3 (a test hook) until `sig`, sent to
+    the agent once step 3 is logged; (its exit code, its stderr)."""
+    env = launcher_env() | {"LAUNCHER_TEST_KILL": "3:step:WAIT"}
+    out = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen([sys.executable, "-m", "launcher", *cmd], cwd=cwd, env=env, **out)
+    try:
+        deadline = time.monotonic() + 300  # a condition to wait for, not a timing
+        metrics = cwd / "run" / "metrics.jsonl"
+        while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.1)
+        agent.send_signal(sig)
+        _, err = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    return agent.returncode, err
+
+
 @pytest.mark.slow
 def test_sigusr1_to_the_trainer_devices_agent_reaches_the_workers(
     one_rank_reference, tmp_path, data_cache
@@ -84,26 +103,8 @@ def test_sigusr1_to_the_trainer_devices_agent_reaches_the_workers(
     step 3 for a signal): both stop after the same step, and the rerun matches one process."""
     cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", "run_dir=run"]
     cmd.append("trainer.devices=2")
-    env = launcher_env() | {"LAUNCHER_TEST_KILL": "3:step:WAIT"}
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "launcher", *cmd],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300  # a condition to wait for, not a timing
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
-            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
-            time.sleep(0.1)
-        agent.send_signal(signal.SIGUSR1)
-        out, err = agent.communicate(timeout=300)
-    finally:
-        agent.kill()
-    assert agent.returncode == 3, err[-3000:]
+    code, err = _signal_the_agent_at_step_3(cmd, tmp_path, signal.SIGUSR1)
+    assert code == 3, err[-3000:]
     assert "launcher: stopped by SIGUSR1 after step 3 of 5; checkpoint" in err
     assert "launcher: error" not in err  # a stop on request is not an error
     res = run_cli(cmd, tmp_path)
@@ -164,19 +165,6 @@ def test_ctrl_c_to_the_trainer_devices_agent_stops_with_exit_3(tmp_path, data_ca
     """Ctrl-C (SIGINT) to `python -m launcher trainer.devices=2`: the workers stop after the
     same step with a checkpoint, and the launcher exits 3 as one process would (it was 130)."""
     cmd = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", "run_dir=run"]
-    cmd.append("trainer.devices=2")
-    env = launcher_env() | {"LAUNCHER_TEST_KILL": "3:step:WAIT"}
-    out = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    agent = subprocess.Popen([sys.executable, "-m", "launcher", *cmd], cwd=tmp_path, env=env, **out)
-    try:
-        deadline = time.monotonic() + 300  # a condition to wait for, not a timing
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while '"step": 3' not in (metrics.read_text() if metrics.exists() else ""):
-            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
-            time.sleep(0.1)
-        agent.send_signal(signal.SIGINT)
-        _, err = agent.communicate(timeout=300)
-    finally:
-        agent.kill()
-    assert agent.returncode == 3, err[-3000:]
+    code, err = _signal_the_agent_at_step_3([*cmd, "trainer.devices=2"], tmp_path, signal.SIGINT)
+    assert code == 3, err[-3000:]
     assert "launcher: stopped by SIGINT after step 3 of 5; checkpoint" in err

@@ -58,7 +58,9 @@ def die_with_parent() -> None:
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     agent = os.environ.get(AGENT) if "LAUNCHER_SPAWNED" in os.environ else None
-    if os.getppid() != int(agent) if agent else os.getppid() == 1:
+    # trainer.devices: the agent is known; torchrun, accelerate launch: adopted by init
+    orphaned = (os.getppid() != int(agent)) if agent else (os.getppid() == 1)
+    if orphaned:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
