@@ -14,7 +14,8 @@ records, logging, launcher and sweeper, with the launcher's checks first.
    hydra.sweep.subdir for a sweep's jobs. `run_dir=DIR` is an alias of hydra.run.dir=DIR (of
    hydra.sweep.dir=DIR under -m: the jobs go to DIR/0, DIR/1, ...); both given, they must agree.
    Neither given: outputs/<recipe>/<time> (-2, -3 ... when taken), outputs/<recipe>/multirun-<time>
-   for a sweep, or .../slurm-<job id> under Slurm (a requeued job finds its run again).
+   for a sweep, or .../slurm-<job id> under Slurm (a requeued job finds its run again), or
+   .../torchrun-<rendezvous id> under torchrun given --rdzv-id (so does an elastic restart).
 4. Hydra runs the jobs: each folder gets .hydra/{config,hydra,overrides}.yaml and launcher.log,
    then the task trains the job (job.execute), or starts its trainer.devices workers with
    hydra.run.dir set to the folder, and returns the job's objective
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher import log
 from launcher.errors import ConfigError
 
 LOCAL_RANK = ("--local_rank=", "--local-rank=")  # the `deepspeed` launcher appends it
@@ -217,7 +219,7 @@ def main(argv: list[str]) -> None:
     if chosen is not None:
         checked.append(f"run_dir={hydra_quote(chosen)}")
     from launcher.cluster.topology import from_env
-    from launcher.training.job import create_run_dir, reuses_run_dir, validate
+    from launcher.training.job import create_run_dir, restart_note, reuses_run_dir, validate
 
     plugin = _plugins(overrides, multirun)
     slurm = _slurm_shape(checked, multirun, config_dir) if plugin == "submitit_slurm" else None
@@ -238,6 +240,9 @@ def main(argv: list[str]) -> None:
         where += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     elif chosen is None:  # the launcher's default folder, reserved now (a -2 suffix if taken)
         folder = jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+        note = restart_note(None)
+        if note:
+            log.warn(note)
         new = _new_dirs(folder)
         target = create_run_dir(folder, explicit=reuses_run_dir(jobs.configs[0].run_dir))
         where = [f"hydra.{'sweep' if multirun else 'run'}.dir={hydra_quote(str(target))}"]

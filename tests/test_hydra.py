@@ -134,6 +134,42 @@ def test_without_a_folder_the_launchers_default_layout(tmp_path, monkeypatch) ->
     assert (run / ".hydra" / "config.yaml").exists() and (run / "plan.json").exists()
 
 
+def test_torchruns_rendezvous_id_names_the_default_folder(tmp_path, monkeypatch, capsys) -> None:
+    """Under torchrun --rdzv-id=ID (TORCHELASTIC_RUN_ID in its workers, the same in every
+    restart) the default folder is outputs/<recipe>/torchrun-ID, found again, never suffixed;
+    torchrun's `none` (no --rdzv-id) and trainer.devices workers keep the launch time, and a
+    restart without an id says that it starts over; an id that cannot name a folder is one line."""
+    from launcher.training.job import reuses_run_dir, run_stamp
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert (run_stamp(), reuses_run_dir(None)) == ("torchrun-job-7", True)
+    assert main([*PLAN]) == 0
+    assert [p.name for p in (tmp_path / "outputs" / "mnist1d").iterdir()] == ["torchrun-job-7"]
+    capsys.readouterr()
+    assert main([*PLAN]) == 2  # a restart finds it (plan_only refuses a folder with a run)
+    assert "torchrun-job-7': already holds a run" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setenv("SLURM_JOB_ID", "41")
+        assert run_stamp() == "slurm-41"  # a requeue is a new torchrun: the job's id holds
+        m.setenv("TORCHELASTIC_RUN_ID", "../up")
+        m.delenv("SLURM_JOB_ID")
+        (tmp_path / "bad").mkdir()
+        line = refused_in_process([*PLAN], tmp_path / "bad", monkeypatch, capsys)
+        assert line.startswith("launcher: error: TORCHELASTIC_RUN_ID='../up' (torchrun --rdzv-id)")
+    for env in ({"TORCHELASTIC_RUN_ID": "none"}, {"LAUNCHER_SPAWNED": "1"}):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            assert re.fullmatch(r"[0-9_-]+", run_stamp()) and not reuses_run_dir(None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert main([*PLAN]) == 0
+    err = capsys.readouterr().err
+    assert "(restart 1) without --rdzv-id: its default run folder is a new one, so it starts" in err
+
+
 def test_chdir_is_honoured_where_one_process_trains(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     try:

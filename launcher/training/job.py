@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, plan_batch
 from launcher.planning.render import format_plan
 from launcher.training.metrics import check_trackers
+
+RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # torchrun --rdzv-id, in a folder name
 
 
 def plan_for(
@@ -104,14 +107,48 @@ def job_run_dir(run_dir: str | None, recipe: str, stamp: str, job: int | None) -
 
 def run_stamp() -> str:
     """The default run folder's name: slurm-<job id> under Slurm (a requeued job finds its run
-    again and resumes), else the launch time."""
+    again and resumes), torchrun-<rendezvous id> in a worker of torchrun given --rdzv-id (an
+    elastic restart finds its run again), else the launch time."""
     job = os.environ.get("SLURM_JOB_ID")
-    return f"slurm-{job}" if job else time.strftime("%Y-%m-%d_%H-%M-%S")
+    if job:
+        return f"slurm-{job}"
+    run = elastic_run()
+    return f"torchrun-{run}" if run else time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def elastic_run() -> str | None:
+    """torchrun's rendezvous id (TORCHELASTIC_RUN_ID, the same in every restart of its workers),
+    when it names a run: not torchrun's default `none` (every run without --rdzv-id has it), and
+    not in a trainer.devices worker (its agent chose the folder)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run or run == "none" or "LAUNCHER_SPAWNED" in os.environ:
+        return None
+    if not RUN_ID.fullmatch(run):
+        raise ConfigError(
+            f"TORCHELASTIC_RUN_ID={run!r} (torchrun --rdzv-id): names the default run folder "
+            "(torchrun-<id>); use 1-128 letters, digits, '.', '_' or '-', not starting with '.' "
+            "or '-' (or give run_dir)"
+        )
+    return run
+
+
+def restart_note(run_dir: str | None) -> str | None:
+    """What to say when torch's elastic agent restarted the workers of a run whose default
+    folder cannot be found again (no --rdzv-id, not under Slurm): it starts over in a new one."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or "LAUNCHER_SPAWNED" in os.environ or reuses_run_dir(run_dir):
+        return None
+    return (
+        f"launcher: torchrun restarted this run's workers (restart {restart}) without --rdzv-id: "
+        "its default run folder is a new one, so it starts over; give torchrun --rdzv-id=NAME "
+        "or run_dir=DIR for restarts that continue the same run"
+    )
 
 
 def reuses_run_dir(run_dir: str | None) -> bool:
-    """An explicit run_dir, or the Slurm job's: used as it is, never given a -2 suffix."""
-    return run_dir is not None or "SLURM_JOB_ID" in os.environ
+    """An explicit run_dir, or the Slurm job's or the elastic run's: used as it is, never given a
+    -2 suffix."""
+    return run_dir is not None or "SLURM_JOB_ID" in os.environ or elastic_run() is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +202,7 @@ def validate(
     if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
     configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
-    stamp = run_stamp()
+    stamp = run_stamp() if any(cfg.run_dir is None for cfg in configs) else ""
     run_dirs = [
         job_run_dir(cfg.run_dir, cfg.recipe, stamp, i if multirun else None)
         for i, cfg in enumerate(configs)
@@ -224,7 +261,10 @@ def launch(
     for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
         if multirun:
             log.info(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}")
-        if cfg.run_dir is None or jobs.launched.rank > 0:  # a default folder is new anyway
+        note = restart_note(cfg.run_dir)
+        if note and jobs.launched.rank == 0:
+            log.warn(note)
+        if not reuses_run_dir(cfg.run_dir) or jobs.launched.rank > 0:  # a new folder: unlocked
             results.append(execute(cfg, jobs.launched, run_dir))
             continue
         acquire(run_dir)
