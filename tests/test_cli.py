@@ -270,14 +270,22 @@ def test_measured_memory_caps_the_micro_batch_and_is_cached(tmp_path, data_cache
     assert (second["micro_batch"], second["accumulation"]) == (128, 4)
 
 
-@pytest.mark.parametrize("extra", [["plan_only=true"], []])
-def test_a_budget_below_one_sample_is_refused(extra, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["plan_only=true"], "memory: one sample needs"),  # the estimate's step
+        ([], "memory: model='cnn1d' with data='synthetic' does not fit even at micro-batch 1"),
+    ],
+)
+def test_a_budget_below_one_sample_is_refused(extra, said, tmp_path, monkeypatch, capsys):
+    """A run refuses before it builds the model (its weights, gradients and momentum alone are
+    more than 10 KiB); plan_only by its estimated step."""
     monkeypatch.chdir(tmp_path)
     args = ["data=synthetic", "data.input_shape=[1,40]", "data.num_classes=10", *extra]
     args += ["memory.budget_gb=0.00001", "memory.margin_gb=0", "memory.cache_dir=mem"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("launcher: error: memory: one sample needs") and err.count("\n") == 1
+    assert err.startswith(f"launcher: error: {said}") and err.count("\n") == 1
     assert not (tmp_path / "outputs").exists()
 
 
