@@ -125,6 +125,10 @@ IN_TOKENS = [  # sequence data (+recipe=gpt_small, 256 tokens per sequence): wha
     ("ramp.tokens=1000", "ramp.tokens=1000: 3.90625, not a whole number"),
     ("checkpoint.every_tokens=1000", "checkpoint.every_tokens=1000: 3.90625, not a whole"),
     ("trainer.samples=1", "global_batch=64: larger than the whole run (1 samples = trainer.sam"),
+    (  # both stated, disagreeing (issue 30: it trained at the tokens' 256 silently)
+        "global_batch_tokens=65536 global_batch=100",
+        "global_batch_tokens=65536 and global_batch=100: both set, and 65,536 tokens are 256",
+    ),
     (  # a ramp stage that does not split is named by the key in tokens the user wrote
         "ramp.start_batch_tokens=256 ramp.tokens=65536 micro_batch=2",
         "ramp.start_batch_tokens=256: the stage at global batch 1: micro_batch=2",

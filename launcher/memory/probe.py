@@ -99,7 +99,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
             raise ConfigError(
                 f"{_names(cfg.model, cfg.data)}: {_first_line(exc)} {_inputs(x)}"
             ) from exc
-        _check_classes(cfg, spec, outputs, y)
+        _check_classes(_names(cfg.model, cfg.data), spec, outputs, y)
         try:
             loss = loss_fn.checked_sum(outputs, y) / micro
         except LossMismatch as exc:
@@ -110,7 +110,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     opt.zero_grad(set_to_none=True)
 
 
-def _check_classes(cfg: RunConfig, spec: DataSpec, outputs: Any, y: torch.Tensor) -> None:
+def _check_classes(names: str, spec: DataSpec, outputs: Any, y: torch.Tensor) -> None:
     """Class scores for every class the data has: its declared classes (num_classes; a text's
     vocabulary) and the largest target the launcher has read (your data's first samples), against
     the outputs' last dimension (known on fake tensors too: plan_only checks it). A target without
@@ -124,7 +124,7 @@ def _check_classes(cfg: RunConfig, spec: DataSpec, outputs: Any, y: torch.Tensor
         need, source = spec.top_target + 1, f"a target of {spec.top_target} in its first samples"
     if need > scores:
         raise ConfigError(
-            f"{_names(cfg.model, cfg.data)}: the model gives {scores} class scores per sample, but "
+            f"{names}: the model gives {scores} class scores per sample, but "
             f"the data has at least {need} classes ({source}); give the model's output layer "
             f"{need} or more outputs (a model of your own: its class-count argument)"
         )
