@@ -89,14 +89,19 @@ def test_a_folder_in_use_is_refused_in_one_line(tmp_path) -> None:
         ),
     ],
 )
-def test_a_stale_lock_is_taken_over_with_a_line(holder, env, why, tmp_path) -> None:
+def test_a_stale_lock_is_taken_over_with_a_line(holder, env, why, tmp_path, monkeypatch, capsys):
+    for key, value in {"SLURM_JOB_ID": None, "TORCHELASTIC_RUN_ID": None, **env}.items():
+        monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
     _lock(tmp_path, **holder)
-    res = run_cli(PLAN, tmp_path, env=env)
-    assert res.returncode == 0, res.stderr
-    assert f"launcher: taking over the lock of {tmp_path / 'run'} from process" in res.stderr
-    assert why in res.stderr
-    assert not (tmp_path / "run" / ".lock").exists()  # released at exit
-    assert (tmp_path / "run" / "plan.json").exists()
+    lock.acquire(tmp_path / "run")
+    try:
+        assert json.loads((tmp_path / "run" / ".lock").read_text())["pid"] == os.getpid()
+    finally:
+        lock.release(tmp_path / "run" / ".lock", os.getpid())
+    err = capsys.readouterr().err
+    assert f"launcher: taking over the lock of {tmp_path / 'run'} from process" in err
+    assert why in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / ".lock").exists()  # released
 
 
 @pytest.mark.parametrize("content", [b"", b"\xff\xfe{not json", b"[1, 2]"])
@@ -112,11 +117,13 @@ def test_an_empty_or_garbled_lock_file_does_not_block_a_launch(content, tmp_path
     assert not (tmp_path / "run" / ".lock").exists()
 
 
-def test_another_hosts_lock_is_not_guessed_at(tmp_path) -> None:
+def test_another_hosts_lock_is_not_guessed_at(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     _lock(tmp_path, host="node7", pid=1, slurm_job="1")
-    res = run_cli(PLAN, tmp_path)
-    assert res.returncode == 2 and "locked by process 1 on node7" in res.stderr
-    assert "if it is gone, delete the lock" in res.stderr
+    for _ in range(2):  # refused each time: the refusal holds nothing of it
+        with pytest.raises(ConfigError, match="locked by process 1 on node7 .*delete the lock$"):
+            lock.acquire(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / ".lock").read_text())["host"] == "node7"  # untouched
 
 
 def _race(folder: str, start, results) -> None:
