@@ -93,10 +93,14 @@ def one(overrides: list[str], out: Path, steps: int, seed: int) -> dict:
     lines = (out / "metrics.jsonl").read_text().splitlines() if out.exists() else []
     records = [json.loads(x) for x in lines if x.strip()]
     losses = [r["loss"] for r in records if r.get("loss") is not None]
-    stopped = [r["step"] for r in records if r.get("event") == "diverged"]
+    stopped = [r for r in records if r.get("event") == "diverged"]
+    rule = None  # which rule stopped it: non-finite steps in a row, or the loss that stayed up
+    if stopped:
+        rule = "finite" if "stayed above" in stopped[0]["why"] else "non-finite"
     return {
         "code": done.returncode,
-        "stopped": stopped[0] if stopped else None,
+        "stopped": stopped[0]["step"] if stopped else None,
+        "rule": rule,
         "ratio": ratio(losses),
         "steps": len(losses),
     }
@@ -107,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--factor", type=float, default=1e4, help="the diverging runs' LR x")
+    parser.add_argument("--healthy", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--recipes", default="mnist1d,gpt_small,cifar10,resnet50,resnet50_lars")
     parser.add_argument("--smoke", action="store_true", help="one tiny run of each kind")
     parser.add_argument("--out", type=Path, required=True)
@@ -116,13 +121,12 @@ def main() -> None:
     recipes = ["mnist1d"] if args.smoke else args.recipes.split(",")
     seeds, steps = (1, WINDOW + 5) if args.smoke else (args.seeds, args.steps)
     summary = {}
-    print(f"{'recipe':<14} {'run':<10} {'seed':>4} {'exit':>4} {'stopped at':>10} {'ratio':>10}")
+    head = f"{'recipe':<14} {'run':<10} {'seed':>4} {'exit':>4} {'stopped at':>10} {'by':>10}"
+    print(f"{head} {'ratio':>10}")
     for recipe in recipes:
         overrides, lr = table[recipe]
-        for kind, extra in (
-            ("healthy", []),
-            ("diverging", [f"optim.base_lr={lr * args.factor:g}"]),
-        ):
+        kinds = [("diverging", [f"optim.base_lr={lr * args.factor:g}"])]
+        for kind, extra in [("healthy", [])] * args.healthy + kinds:
             for seed in range(seeds):
                 out = args.out / f"{recipe}-{kind}-{seed}"
                 got = one([*overrides, *extra], out, steps, seed)
@@ -130,7 +134,7 @@ def main() -> None:
                 stop = "-" if got["stopped"] is None else str(got["stopped"])
                 print(
                     f"{recipe:<14} {kind:<10} {seed:>4} {got['code']:>4} {stop:>10} "
-                    f"{got['ratio']:>10.3g}",
+                    f"{got['rule'] or '-':>10} {got['ratio']:>10.3g}",
                     flush=True,
                 )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
