@@ -56,7 +56,7 @@ def test_help_lists_the_users_recipes_and_group_options(project, capsys):
     assert main(["--help", "--config-dir", str(project / "conf")]) == 0
     out = capsys.readouterr().out
     assert "cifar10, gpt_small, mnist1d, resnet50, resnet50_lars, tiny" in out
-    assert "model=branchy|broken|cnn1d|gpt|mlp|not_module|resnet50|scalar|tiny;" in out
+    assert "model=branchy|broken|cnn1d|gpt|huge|mlp|not_module|resnet50|scalar|tiny;" in out
     assert "data=cifar10|imagefolder|mnist1d|points|synthetic|text;" in out
     assert "loss=cross_entropy|mean|per_sample|squared;" in out
     assert main(["--help"]) == 0
@@ -201,6 +201,17 @@ def test_a_search_needs_an_objective_the_model_gives(project, run_here):
     results = yaml.safe_load((run_here.work / "sw" / "optimization_results.yaml").read_text())
     evals = [r for r in read_metrics(run_here.work / "sw" / "0") if "eval_loss" in r]
     assert results["best_value"] == evals[-1]["eval_loss"] and "eval_accuracy" not in evals[-1]
+
+
+def test_a_model_too_large_to_build_is_one_line(project, run_here):
+    """A model the meta device cannot count (made through numpy, so the memory pre-check passes it
+    by) whose weights do not fit in host memory: its factory's allocation error is one line."""
+    args = ["--config-dir", str(project / "conf"), "+recipe=tiny", "model=huge"]
+    code, out, err = run_here(args)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"launcher: error: model._target_='{PACKAGE}.parts.huge_model' raised ")
+    assert "can't allocate memory" in err
+    assert list(run_here.work.iterdir()) == []
 
 
 def test_builtin_model_on_data_it_cannot_take_is_one_line(run_here):

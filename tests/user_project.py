@@ -87,6 +87,12 @@ def broken_model():
     raise FileNotFoundError("no weights at /nowhere/tiny.pt")
 
 
+def huge_model():
+    """Weights of 4 TiB, made by numpy (the meta device cannot count them): building it fails."""
+    table = torch.zeros(2**40).numpy()
+    return nn.Linear(int(table.shape[0]), 3)
+
+
 def not_a_model():
     return [1, 2, 3]
 
@@ -137,6 +143,7 @@ FILES = {
     """,
     "conf/model/branchy.yaml": f"_target_: {PACKAGE}.parts.Branchy\n",
     "conf/model/broken.yaml": f"_target_: {PACKAGE}.parts.broken_model\n",
+    "conf/model/huge.yaml": f"_target_: {PACKAGE}.parts.huge_model\n",
     "conf/model/not_module.yaml": f"_target_: {PACKAGE}.parts.not_a_model\n",
     "conf/model/cnn1d.yaml": "name: cnn1d\nchannels: 3\n",  # shadows a built-in: refused
     "conf/data/points.yaml": f"""

@@ -95,15 +95,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     check_model_fits(cfg, splits.spec, plan, topology.device, topology.local_world_size)
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
-    try:
-        model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
-    except RuntimeError as exc:  # CPU allocation: a model the meta device could not count
-        if "can't allocate memory" not in str(exc):
-            raise
-        raise ConfigError(
-            f"memory: the model does not fit in host memory: building it failed "
-            f"({str(exc).strip().splitlines()[-1]}); use a smaller model or more memory"
-        ) from None
+    model = build_model(cfg.model, splits.spec, fresh=False).to(dtype)
     loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
@@ -218,12 +210,18 @@ def _feed(job: Job) -> Any:
     )
 
 
+def _progress(job: Job) -> dict[str, Any]:
+    """What the checkpoint resumed from measured so far (training seconds, the noise meter's
+    averages, the loss at the start); empty for a fresh run."""
+    return job.found[0].get("progress", {}) if job.found is not None else {}
+
+
 def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
     """The metrics sink (rank 0 writes) and the noise meter, both continued from a checkpoint."""
     from launcher.training.metrics import MetricsSink, open_trackers
 
     cfg, plan, main = job.cfg, job.plan, job.main
-    progress = job.found[0].get("progress", {}) if job.found is not None else {}
+    progress = _progress(job)
     sink = MetricsSink(
         job.run_dir if main else None,
         total_steps=plan.end_step,
@@ -322,8 +320,7 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
     sink, meter = _outputs(job, start_step)
     events = _Events(job, sink)
-    progress = job.found[0].get("progress", {}) if job.found is not None else {}
-    start = progress.get("loss_start")  # the loss divergence is measured against
+    start = _progress(job).get("loss_start")  # the loss divergence is measured against
     health = Health(cfg.trainer.spike_factor, cfg.trainer.diverge_factor, start)
     hooks = Hooks(
         after_step=Checkpointer(cfg, job.run_dir, t, sink, meter, health).after_step,
