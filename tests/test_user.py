@@ -119,7 +119,8 @@ BAD: list[tuple[list[str], str | tuple[str, ...]]] = [
     (["+recipe=tiny", "model=not_module"], "returned a list, not a torch.nn.Module"),
     (
         ["+recipe=tiny", "data.form=iterable"],
-        "its train data (iterator) is not a map-style dataset",
+        "its train data is an iterator (iterator), which can be read once; return an iterable "
+        "whose iter() starts over (an IterableDataset)",
     ),
     (["+recipe=tiny", "data.form=triple"], "returned a tuple of 3 items; expected (train, eval)"),
     (["+recipe=tiny", "data.form=unpaired"], "train[0] is a Tensor; items must be (input, target)"),

@@ -18,7 +18,6 @@ import statistics
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from launcher.planning.plan import BatchPlan
@@ -44,7 +43,7 @@ def largest_micro(plan: BatchPlan, max_micro_batch: int, samples: int) -> int:
 def time_micro_steps(
     model: Any,
     backend: Any,
-    dataset: Any,
+    source: Any,
     sizes: list[int],
     dtype: torch.dtype,
     loss_fn: Any,
@@ -53,12 +52,14 @@ def time_micro_steps(
     """{"micro_step_seconds": {size: median seconds per micro-step},
     "micro_step_repeats": {size: the seconds of each repeat},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
-    from launcher.data import make_loader, to_device
+    from launcher.data import as_source, first_samples
+    from launcher.data.batches import call, rows, to_device
+    from launcher.models.outputs import logits_of
     from launcher.training.loop import OOM_ERRORS
 
     module = backend.unwrap(model)
     n = max(sizes)  # samples repeat when the split is smaller: the time is what is measured
-    x, y = next(iter(make_loader(dataset, [np.arange(n) % len(dataset)])))
+    x, y = first_samples(as_source(source), n)
     kept = {name: b.detach().clone() for name, b in module.named_buffers()}
     cuda = backend.device.type == "cuda"
     seconds: dict[int, float] = {}
@@ -66,13 +67,13 @@ def time_micro_steps(
     failed = None
     try:
         for size in sizes:
-            xb, yb = to_device((x[:size], y[:size]), backend.device, dtype)
+            xb, yb = to_device((rows(x, 0, size), y[:size]), backend.device, dtype)
             runs = []
             for _ in range(1 + repeats):
                 if cuda:
                     torch.cuda.synchronize(backend.device)
                 start = time.perf_counter()
-                loss = loss_fn.sum(module(xb), yb) / size
+                loss = loss_fn.sum(logits_of(call(module, xb)), yb) / size
                 backend.backward(loss)
                 if cuda:
                     torch.cuda.synchronize(backend.device)

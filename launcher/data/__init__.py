@@ -33,9 +33,17 @@ class DataSpec:
     """one real (input, target) pair of your data (data/user.py): probe batches repeat it"""
     top_target: int | None = None
     """the largest integer target of your data's samples the launcher read (train[0], eval[0])"""
+    collate: Any = dataclasses.field(default=None, compare=False)
+    """your collate_fn (data/user.py): probe batches are `sample` n times through it"""
+    sample: Any = dataclasses.field(default=None, compare=False)
+    """with a collate_fn: the worst-case sample (the longest) the probe measures"""
+    worst: str = ""
+    """with a collate_fn: how the worst-case sample was found, for the plan's memory row"""
 
     def describe(self) -> str:
         """The shapes and dtypes of one sample, for cache keys and messages."""
+        if self.collate is not None:
+            return f"collated samples, inputs {self.input_shape} ({self.worst})"
         if self.example is None:
             return f"inputs {self.input_shape}, {self.num_classes} classes, tokens={self.tokens}"
         x, y = self.example
@@ -47,6 +55,11 @@ def fake_batch(spec: DataSpec, n: int, device: Any, dtype: Any) -> tuple[Any, An
     random inputs and targets for a built-in data set."""
     import torch
 
+    if spec.collate is not None:
+        from launcher.data.batches import Collate, to_device
+
+        batch = Collate(spec.collate).pair(spec.collate([spec.sample] * n))
+        return to_device(batch, device, dtype)
     if spec.example is not None:
         x, y = (t.unsqueeze(0).expand(n, *t.shape).to(device).clone() for t in spec.example)
         return (x.to(dtype) if x.is_floating_point() else x), y
@@ -59,9 +72,35 @@ def fake_batch(spec: DataSpec, n: int, device: Any, dtype: Any) -> tuple[Any, An
 
 @dataclass(frozen=True)
 class Splits:
-    train: Any  # a map-style torch Dataset
+    train: Any  # a map-style torch Dataset, or a stream (launcher/data/stream.py)
     eval: Any
     spec: DataSpec
+    collate: Any = None  # your collate_fn (data/user.py), None: torch's default
+
+    def sources(self, shift: bool = False) -> tuple[Source, Source]:
+        """(train, eval) as the loaders read them; `shift`: a causal language model's labels
+        (launcher/data/batches.py)."""
+        from launcher.data.batches import Collate
+        from launcher.data.stream import is_stream, stream_len
+
+        collate = Collate(self.collate, shift)
+        train, evaluation = (
+            Source(d, collate, is_stream(d), is_stream(d) and stream_len(d) is not None)
+            for d in (self.train, self.eval)
+        )
+        return train, evaluation
+
+    def epoch(self) -> tuple[int, str]:
+        """(samples per epoch, where that comes from); 0 for a stream without len() (its epoch
+        is trainer.samples)."""
+        from launcher.data.stream import is_stream, stream_len
+
+        if not is_stream(self.train):
+            return len(self.train), " (counted in the training split)"
+        n = stream_len(self.train)
+        if n is None:
+            return 0, " (a stream without len(): trainer.samples)"
+        return n, " (the len() of the training stream)"
 
 
 def _module(cfg: DataConfig) -> Any:
@@ -108,20 +147,17 @@ def loader_settings(cfg: DataConfig, device: str) -> LoaderSettings:
     )
 
 
-def to_device(batch: Any, device: Any, dtype: Any) -> tuple[Any, Any]:
-    """A batch (inputs, targets) on `device`, floating-point inputs cast to `dtype`."""
-    import torch
-
-    x, y = batch
-    x = x.to(device, non_blocking=True)
-    if x.is_floating_point():
-        x = x.to(dtype)
-    return x, torch.as_tensor(y).to(device, non_blocking=True)
-
-
-def make_loader(dataset: Any, batches: Any, settings: LoaderSettings = LoaderSettings()) -> Any:
-    """A DataLoader over `batches` (an iterable of index arrays, one per micro-batch)."""
+def make_loader(
+    dataset: Any,
+    batches: Any,
+    settings: LoaderSettings = LoaderSettings(),
+    collate: Any = None,
+) -> Any:
+    """A DataLoader over `batches` (an iterable of index arrays, one per micro-batch), each
+    batch `(inputs, targets)` (launcher/data/batches.py `Collate`: yours, or torch's default)."""
     from torch.utils.data import DataLoader
+
+    from launcher.data.batches import Collate
 
     if getattr(dataset, "batched", False):  # in memory: index the whole batch at once
         return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=settings.pin_memory)
@@ -129,6 +165,7 @@ def make_loader(dataset: Any, batches: Any, settings: LoaderSettings = LoaderSet
     return DataLoader(
         dataset,
         batch_sampler=batches,
+        collate_fn=collate or Collate(None),
         num_workers=workers,
         persistent_workers=settings.persistent_workers and workers > 0,
         prefetch_factor=settings.prefetch_factor if workers else None,
@@ -136,20 +173,88 @@ def make_loader(dataset: Any, batches: Any, settings: LoaderSettings = LoaderSet
     )
 
 
+def _share_loader(share: Any, settings: LoaderSettings) -> Any:
+    """A DataLoader over a stream's share (launcher/data/stream.py): whole micro-batches."""
+    from torch.utils.data import DataLoader
+
+    from launcher.data.stream import same
+
+    workers = settings.workers
+    return DataLoader(
+        share,
+        batch_size=None,
+        collate_fn=same,
+        num_workers=workers,
+        persistent_workers=settings.persistent_workers and workers > 0,
+        prefetch_factor=settings.prefetch_factor if workers else None,
+        pin_memory=settings.pin_memory,
+    )
+
+
+@dataclass(frozen=True)
+class Source:
+    """The training or evaluation data as the loaders read it: a map-style dataset or a stream
+    (`stream`; `sized`: its len() says its samples per pass, else trainer.samples does) and the
+    collate that makes its batches (inputs, targets)."""
+
+    dataset: Any
+    collate: Any
+    stream: bool = False
+    sized: bool = True
+
+
+def as_source(data: Any) -> Source:
+    """A Source as it is; a dataset as one (torch's default collate)."""
+    if isinstance(data, Source):
+        return data
+    from launcher.data.batches import Collate
+    from launcher.data.stream import is_stream, stream_len
+
+    stream = is_stream(data)
+    return Source(data, Collate(None), stream, not stream or stream_len(data) is not None)
+
+
 def train_loader(
-    dataset: Any,
+    source: Source | Any,
     plan: Any,
     rank: int,
     seed: int,
     start_step: int = 0,
     settings: LoaderSettings = LoaderSettings(),
+    snapshots: Any = None,
 ) -> Any:
     """This rank's micro-batches of the plan's global batches, from optimizer step `start_step`
-    (one pass over the rest of the run: its workers need not persist)."""
+    (one pass over the rest of the run: its workers need not persist). A stream resumes from
+    the saved place `snapshots` holds at that step, if any (launcher/data/stream.py)."""
+    source = as_source(source)
+    settings = dataclasses.replace(settings, persistent_workers=False)
+    start = plan.samples_at(start_step)
+    if source.stream:
+        from launcher.data.stream import Layout, Snapshots, TrainShare
+
+        snapshots = snapshots if snapshots is not None else Snapshots()
+        layout = Layout(
+            plan.global_batch,
+            plan.micro_batch,
+            plan.world_size,
+            rank,
+            start,
+            plan.steps - start_step,
+        )
+        share = TrainShare(
+            source.dataset,
+            layout,
+            plan.epoch_samples,
+            source.sized,
+            source.collate,
+            snapshots.at(start),
+        )
+        return snapshots.batches(_share_loader(share, settings), _stream_error)
+
     from launcher.data.sampler import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(
-        len(dataset),
+        len(source.dataset),
         global_batch=plan.global_batch,
         micro_batch=plan.micro_batch,
         world_size=plan.world_size,
@@ -157,17 +262,58 @@ def train_loader(
         seed=seed,
         steps=plan.steps,
         start_step=start_step,
-        start_position=plan.samples_at(start_step),
+        start_position=start,
     )
-    return make_loader(dataset, sampler, dataclasses.replace(settings, persistent_workers=False))
+    return make_loader(source.dataset, sampler, settings, source.collate)
+
+
+def _stream_error(message: str) -> Exception:
+    from launcher.errors import ConfigError
+
+    return ConfigError(f"data: {message}")
 
 
 def eval_loader(
-    dataset: Any, plan: Any, rank: int, settings: LoaderSettings = LoaderSettings()
+    source: Source | Any, plan: Any, rank: int, settings: LoaderSettings = LoaderSettings()
 ) -> Any:
     """This rank's share of the evaluation split, each sample exactly once over all ranks;
     iterate it once per evaluation (persistent workers are then reused)."""
+    source = as_source(source)
+    if source.stream:
+        from launcher.data.stream import EvalShare, Snapshots
+
+        share = EvalShare(source.dataset, plan.world_size, rank, plan.micro_batch, source.collate)
+        loader = _share_loader(share, settings)
+        return _Replayable(lambda: Snapshots().batches(loader, _stream_error))
     from launcher.data.sampler import eval_shards
 
-    shards = eval_shards(len(dataset), plan.world_size, rank, plan.micro_batch)
-    return make_loader(dataset, shards, settings)
+    shards = eval_shards(len(source.dataset), plan.world_size, rank, plan.micro_batch)
+    return make_loader(source.dataset, shards, settings, source.collate)
+
+
+def first_samples(source: Source, n: int) -> tuple[Any, Any]:
+    """A batch (inputs, targets) of the training data's first `n` samples (repeated if it has
+    fewer): what the batch-size advice times micro-steps on."""
+    if source.stream:
+        import itertools
+
+        from launcher.data.stream import _iterate
+
+        first = list(itertools.islice(_iterate(source.dataset), n))
+        return source.collate([first[i % len(first)] for i in range(n)])  # type: ignore[no-any-return]
+    import numpy as np
+
+    loader = make_loader(
+        source.dataset, [np.arange(n) % len(source.dataset)], collate=source.collate
+    )
+    return next(iter(loader))  # type: ignore[no-any-return]
+
+
+class _Replayable:
+    """An iterable that makes a fresh iterator each time (one per evaluation)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Any:
+        return iter(self.make())

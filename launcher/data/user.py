@@ -54,21 +54,21 @@ def _seeded() -> Iterator[None]:
             np.random.set_state(state[1])
 
 
-def _parts(result: Any, where: str) -> tuple[Any, Any, Any]:
-    """(train, eval, num_classes or None) of what the factory returned."""
+def _parts(result: Any, where: str) -> tuple[Any, Any, Any, Any]:
+    """(train, eval, num_classes or None, collate_fn or None) of what the factory returned."""
     if isinstance(result, (tuple, list)):
         if len(result) != 2:
             raise ConfigError(
                 f"{where}: returned a {type(result).__name__} of {len(result)} items; expected "
                 "(train, eval)"
             )
-        return result[0], result[1], None
+        return result[0], result[1], None, None
     if isinstance(result, dict):
         found = {k: v for k, v in result.items() if isinstance(k, str)}
     else:
         found = {
             k: getattr(result, k)
-            for k in ("train", *EVAL_NAMES, "num_classes")
+            for k in ("train", *EVAL_NAMES, "num_classes", "collate_fn")
             if hasattr(result, k)
         }
     evals = [name for name in EVAL_NAMES if found.get(name) is not None]
@@ -77,25 +77,63 @@ def _parts(result: Any, where: str) -> tuple[Any, Any, Any]:
             f"{where}: returned a {type(result).__name__}; expected (train, eval), or a dict or "
             f"object with train and one of {', '.join(EVAL_NAMES)}"
         )
-    return found["train"], found[evals[0]], found.get("num_classes")
+    collate = found.get("collate_fn")
+    if collate is not None and not callable(collate):
+        raise ConfigError(f"{where}: its collate_fn is a {type(collate).__name__}, not a callable")
+    return found["train"], found[evals[0]], found.get("num_classes"), collate
 
 
-def _first(dataset: Any, split: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split's first (input, target) as tensors; ConfigError if it is not such a dataset."""
+def _first_sample(dataset: Any, split: str, where: str) -> Any:
+    """The split's first sample: [0] of a map-style dataset, the first a stream yields."""
+    from launcher.data.stream import _iterate, is_stream
+
+    if is_stream(dataset):
+        if iter(dataset) is dataset:
+            raise ConfigError(
+                f"{where}: its {split} data is an iterator ({type(dataset).__name__}), which can "
+                "be read once; return an iterable whose iter() starts over (an IterableDataset)"
+            )
+        try:
+            return next(iter(_iterate(dataset)))
+        except StopIteration:
+            raise ConfigError(f"{where}: its {split} stream yields nothing") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"{where}: reading its {split} stream raised {type(exc).__name__}: {exc}"
+            ) from exc
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise ConfigError(
-            f"{where}: its {split} data ({type(dataset).__name__}) is not a map-style dataset "
-            "(len() and [i]); an iterable one cannot be cut into exact global batches"
+            f"{where}: its {split} data ({type(dataset).__name__}) is neither a map-style dataset "
+            "(len() and [i]) nor an iterable one"
         )
     if len(dataset) == 0:
         raise ConfigError(f"{where}: its {split} data is empty")
     try:
-        item = dataset[0]
+        return dataset[0]
     except Exception as exc:
         raise ConfigError(f"{where}: {split}[0] raised {type(exc).__name__}: {exc}") from exc
+
+
+def _first(dataset: Any, split: str, where: str, collate: Any) -> tuple[Any, torch.Tensor]:
+    """The split's first sample as a batch of one (inputs, targets): through your collate_fn,
+    or as an (input, target) pair of tensors; ConfigError if it is not such data."""
+    item = _first_sample(dataset, split, where)
+    if collate is not None:
+        from launcher.data.batches import BadBatch, Collate
+
+        try:
+            x, y = Collate(collate).pair(collate([item]))
+        except BadBatch as exc:
+            raise ConfigError(f"{where}: its collate_fn on [{split}[0]] gives {exc}") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"{where}: its collate_fn on [{split}[0]] raised {type(exc).__name__}: {exc}"
+            ) from exc
+        return x, y[0]
     if not (isinstance(item, (tuple, list)) and len(item) == 2):
         raise ConfigError(
-            f"{where}: {split}[0] is a {type(item).__name__}; items must be (input, target) pairs"
+            f"{where}: {split}[0] is a {type(item).__name__}; items must be (input, target) pairs "
+            "(or return a collate_fn beside train and eval that makes batches of them)"
         )
     pair = []
     for name, value in zip(("input", "target"), item, strict=True):
@@ -109,14 +147,27 @@ def _first(dataset: Any, split: str, where: str) -> tuple[torch.Tensor, torch.Te
     return pair[0], pair[1]
 
 
+def _shape(x: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) of one sample's inputs (a dict's input_ids, or its first tensor)."""
+    if isinstance(x, dict):
+        x = x.get("input_ids", next(iter(x.values())))
+    t = torch.as_tensor(x)
+    return tuple(t.shape), t.dtype
+
+
 def _build(cfg: UserDataConfig) -> Splits:
     where = _where(cfg)
     with _seeded():
         result = instantiate(cfg.target, cfg.kwargs, "data")
-    train, evaluation, classes = _parts(result, where)
-    x, y = _first(train, "train", where)
-    ex, ey = _first(evaluation, "eval", where)
-    if (ex.shape, ex.dtype, ey.shape, ey.dtype) != (x.shape, x.dtype, y.shape, y.dtype):
+    train, evaluation, classes, collate = _parts(result, where)
+    x, y = _first(train, "train", where, collate)
+    ex, ey = _first(evaluation, "eval", where, collate)
+    if collate is None and (ex.shape, ex.dtype, ey.shape, ey.dtype) != (
+        x.shape,
+        x.dtype,
+        y.shape,
+        y.dtype,
+    ):
         raise ConfigError(
             f"{where}: train[0] has inputs {tuple(x.shape)} {x.dtype} and targets "
             f"{tuple(y.shape)} {y.dtype}, eval[0] inputs {tuple(ex.shape)} {ex.dtype} and "
@@ -126,8 +177,31 @@ def _build(cfg: UserDataConfig) -> Splits:
         raise ConfigError(f"{where}: num_classes={classes!r} must be an integer >= 2")
     counted = [t[t != IGNORE_INDEX] for t in (y, ey) if not t.is_floating_point()]
     top = max((int(t.max()) for t in counted if t.numel()), default=None)
-    spec = DataSpec(tuple(x.shape), classes, tokens=y.dim() > 0, example=(x, y), top_target=top)
-    return Splits(train=train, eval=evaluation, spec=spec)
+    if collate is None:
+        spec = DataSpec(tuple(x.shape), classes, tokens=y.dim() > 0, example=(x, y), top_target=top)
+    else:
+        spec = _collated_spec(train, collate, x, y, classes, top)
+    return Splits(train=train, eval=evaluation, spec=spec, collate=collate)
+
+
+def _collated_spec(
+    train: Any, collate: Any, x: Any, y: torch.Tensor, classes: Any, top: int | None
+) -> DataSpec:
+    """The spec of data your collate_fn batches: probe batches are the longest sample the
+    launcher found, `n` times, through the collate (the worst case for a padding collate)."""
+    from launcher.data.lengths import longest
+
+    sample, length, how = longest(train)
+    shape, _ = _shape(x)
+    return DataSpec(
+        shape[1:],
+        classes,
+        tokens=y.dim() > 0,
+        top_target=top,
+        collate=collate,
+        sample=sample,
+        worst=f"{how}: {length:,} tokens",
+    )
 
 
 def build(cfg: UserDataConfig) -> Splits:
@@ -148,4 +222,8 @@ def spec(cfg: UserDataConfig) -> DataSpec:
 
 
 def epoch_samples(cfg: UserDataConfig) -> tuple[int, str]:
-    return len(build(cfg).train), f" (len() of the training data {cfg.target} returned)"
+    """The training data's len(); 0 for a stream without one (its epoch is trainer.samples)."""
+    samples, _ = build(cfg).epoch()
+    if samples == 0:
+        return 0, f" (the training data {cfg.target} returned is a stream without len())"
+    return samples, f" (len() of the training data {cfg.target} returned)"

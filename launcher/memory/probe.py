@@ -28,6 +28,7 @@ from launcher.config.execution import BackendConfig, MemoryConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
+from launcher.data.batches import call
 from launcher.errors import ConfigError
 from launcher.memory.profile import (
     PROBE_SIZES,
@@ -43,6 +44,7 @@ from launcher.memory.profile import (
     save_cached,
 )
 from launcher.models import build_model
+from launcher.models.outputs import logits_of
 from launcher.optim import build_optimizer
 from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
@@ -90,7 +92,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     loss_fn = make_loss(cfg.loss, cfg.trainer.label_smoothing)
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
         try:
-            outputs = model(x)
+            outputs = logits_of(call(model, x))
         except OOM_ERROR:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -153,7 +155,7 @@ def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -
         with fake_mode(), torch.device("cpu"):
             model = build_model(model_cfg, spec)
             x, y = fake_batch(spec, 2, "cpu", torch.get_default_dtype())
-            return classifies(model(x), y)
+            return classifies(logits_of(call(model, x)), y)
     except (RuntimeError, ValueError, TypeError, IndexError):
         return True
 
@@ -173,6 +175,10 @@ def _names(model: ModelConfig, data: DataConfig) -> str:
 
 
 def _inputs(x: Any) -> str:
+    if isinstance(x, dict):
+        return (
+            "(on inputs " + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in x.items()) + ")"
+        )
     return f"(on inputs {tuple(x.shape)} {x.dtype})"
 
 

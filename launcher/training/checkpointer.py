@@ -35,9 +35,11 @@ class Checkpointer:
         sink: MetricsSink,
         meter: Any,
         health: Any = None,
+        snapshots: Any = None,
     ) -> None:
         self.cfg, self.run_dir, self.t, self.sink, self.meter = cfg, run_dir, t, sink, meter
         self.health = health  # guard.Health: its loss at the start goes into the checkpoint
+        self.snapshots = snapshots  # a stream's saved places (launcher/data/stream.py)
         self.main = t.backend.rank == 0
         c = cfg.checkpoint
         self.cadence = Cadence(c.every_samples, c.every_minutes)
@@ -72,6 +74,9 @@ class Checkpointer:
             measured["noise"] = self.meter.state_dict()
         if self.health is not None and self.health.start is not None:
             measured["loss_start"] = self.health.start
+        snapshot = self.snapshots.at(plan.samples_at(step)) if self.snapshots else None
+        if snapshot is not None:  # the stream's place: resume loads it instead of re-reading
+            measured["stream"] = snapshot
         manifest = self._write_shards(step) if self.sharded else None
         state = resume.capture(
             self.cfg, plan, step, t.backend, t.model, t.optimizer, measured, whole=not self.sharded

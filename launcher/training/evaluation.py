@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from launcher.backends.base import Backend
-from launcher.data import to_device
+from launcher.data.batches import call, rows, to_device
+from launcher.models.outputs import logits_of
 from launcher.planning.plan import BatchPlan
 from launcher.training.guard import Diverged, state_message
 from launcher.training.loss import CrossEntropy, UserLoss
@@ -40,13 +41,13 @@ def evaluate(
     for batch in batches:  # correct, predictions, loss, loss count, samples
         n += 1
         x, y = to_device(batch, backend.device, dtype)
-        sums[:4] += loss_fn.eval_counts(model(x), y)
+        sums[:4] += loss_fn.eval_counts(logits_of(call(model, x)), y)
         sums[4] += len(y)
     # A sharded model (FSDP2, ZeRO 3) gathers parameters in every forward: a rank with fewer
     # eval batches runs uncounted forwards until every rank has run as many
     extra = -backend.all_min(-n) - n
     for _ in range(extra if x is not None else 0):
-        model(x[:1])
+        call(model, rows(x, 0, 1))
     model.train()
     correct, predictions, loss, count, samples = backend.sum(sums).tolist()
     result = {"eval_loss": loss / count, "eval_samples": int(samples)}

@@ -37,6 +37,8 @@ def plan_for(
     `stage`: an adaptive ramp's batch, origin and history (plan_batch)."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
     samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
+    if samples == 0:  # a stream without len() (data/stream.py): its epoch is the run's length
+        samples, source = unsized_epoch(cfg, source)
     c = cfg.cluster
     if cfg.plan_only and c.declared_world_size is not None:
         each = "" if c.device_memory_gb == "auto" else f", {c.device_memory_gb:g} GiB each"
@@ -338,6 +340,17 @@ def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
         return plan
     value, why = budget(prior, plan.global_batch, plan.total_samples, plan.epoch_samples)
     return dataclasses.replace(plan, budget=value, reasons=plan.reasons | {"budget": why})
+
+
+def unsized_epoch(cfg: RunConfig, source: str) -> tuple[int, str]:
+    """A stream without len(): one epoch is trainer.samples (trainer.tokens, converted)."""
+    if cfg.trainer.samples <= 0:
+        target = getattr(cfg.data, "target", cfg.data)
+        raise ConfigError(
+            f"data._target_={target!r}: its training data is a stream without len(); state the "
+            "run's length with trainer.samples=N or trainer.tokens=N (one pass of the stream)"
+        )
+    return cfg.trainer.samples, f"{source}: one epoch = trainer.samples"
 
 
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:

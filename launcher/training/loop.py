@@ -23,7 +23,8 @@ import torch
 from launcher import log
 from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
-from launcher.data import to_device
+from launcher.data.batches import call, rows, to_device
+from launcher.models.outputs import logits_of
 from launcher.planning.plan import BatchPlan
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
@@ -121,14 +122,18 @@ def accumulate(
         if len(y) != plan.micro_batch:
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
         half = len(y) // 2
-        pieces = [(x[:half], y[:half]), (x[half:], y[half:])] if split else [(x, y)]
+        pieces = (
+            [(rows(x, 0, half), y[:half]), (rows(x, half, None), y[half:])] if split else [(x, y)]
+        )
         for k, (xp, yp) in enumerate(pieces):
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
+                outputs = logits_of(call(model, xp))
                 if tokens:
-                    loss = t.loss_fn.token_sum(model(xp), yp) * (plan.world_size / tokens)
+                    loss = t.loss_fn.token_sum(outputs, yp) * (plan.world_size / tokens)
                 else:
-                    loss = t.loss_fn.sum(model(xp), yp) / plan.per_device_batch
+                    loss = t.loss_fn.sum(outputs, yp) / plan.per_device_batch
+                del outputs
                 backend.backward(loss)
             if meter is not None:
                 size = _size(t, batch, k if split else None, plan, tokens)

@@ -52,6 +52,8 @@ class Job:
     backend: Any = None
     optimizer: Any = None
     report: dict | None = None  # the memory probe's profile report
+    sources: Any = None  # (train, eval) as the loaders read them (launcher/data Source)
+    snapshots: Any = None  # a stream's saved places by position (launcher/data/stream.py)
 
     @property
     def main(self) -> bool:
@@ -79,8 +81,10 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
     from launcher.backends.ds_config import check_buffers
     from launcher.data import build_splits
+    from launcher.data.stream import Snapshots
     from launcher.memory.probe import check_model_fits
     from launcher.models import build_model
+    from launcher.models.outputs import shifts_labels
     from launcher.training.loss import make_loss
 
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
@@ -90,7 +94,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     faults.test_kill(0, "preparing")  # a test's signal while the data is prepared
     splits = build_splits(cfg.data)
-    epoch = (len(splits.train), " (counted in the training split)")
+    epoch = splits.epoch()
     _, plan = plan_for(cfg, launched, epoch)
     check_model_fits(cfg, splits.spec, plan, topology.device, topology.local_world_size)
     dtype = getattr(torch, cfg.trainer.dtype)
@@ -100,7 +104,10 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
-    return Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
+    job = Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
+    job.sources = splits.sources(shift=shifts_labels(model))
+    job.snapshots = Snapshots()
+    return job
 
 
 def find_checkpoint(job: Job) -> None:
@@ -196,18 +203,19 @@ def _feed(job: Job) -> Any:
     from launcher.training.loop import Feed
 
     loading = loader_settings(job.cfg.data, job.topology.device)
-    splits, rank, seed = job.splits, job.backend.rank, job.cfg.seed
+    (train, evaluation), rank, seed = job.sources, job.backend.rank, job.cfg.seed
     evals: dict[int, Any] = {}
 
     def eval_batches(plan: BatchPlan) -> Any:
         if plan.micro_batch not in evals:
             evals.clear()
-            evals[plan.micro_batch] = eval_loader(splits.eval, plan, rank, loading)
+            evals[plan.micro_batch] = eval_loader(evaluation, plan, rank, loading)
         return evals[plan.micro_batch]
 
-    return Feed(
-        lambda plan, step: train_loader(splits.train, plan, rank, seed, step, loading), eval_batches
-    )
+    def train_batches(plan: BatchPlan, step: int) -> Any:
+        return train_loader(train, plan, rank, seed, step, loading, job.snapshots)
+
+    return Feed(train_batches, eval_batches)
 
 
 def _progress(job: Job) -> dict[str, Any]:
@@ -320,10 +328,14 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
     sink, meter = _outputs(job, start_step)
     events = _Events(job, sink)
-    start = _progress(job).get("loss_start")  # the loss divergence is measured against
+    progress = _progress(job)
+    start = progress.get("loss_start")  # the loss divergence is measured against
+    if isinstance(progress.get("stream"), dict):  # a stream's saved place at the checkpoint
+        job.snapshots.found[progress["stream"]["position"]] = progress["stream"]
     health = Health(cfg.trainer.spike_factor, cfg.trainer.diverge_factor, start)
+    saver = Checkpointer(cfg, job.run_dir, t, sink, meter, health, job.snapshots)
     hooks = Hooks(
-        after_step=Checkpointer(cfg, job.run_dir, t, sink, meter, health).after_step,
+        after_step=saver.after_step,
         on_oom=events.on_oom,
         grow=events.grow if cfg.ramp.mode == "adaptive" else None,
     )
@@ -369,11 +381,9 @@ def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any
     if job.main and plan.noise != "off":  # the throughput curve of the batch-size advice
         from launcher.batchsize import speed
 
-        largest = speed.largest_micro(plan, job.cfg.max_micro_batch, len(job.splits.train))
+        largest = speed.largest_micro(plan, job.cfg.max_micro_batch, plan.epoch_samples)
         sizes = speed.ladder(plan.micro_batch, largest)
-        times = speed.time_micro_steps(
-            t.model, backend, job.splits.train, sizes, t.dtype, t.loss_fn
-        )
+        times = speed.time_micro_steps(t.model, backend, job.sources[0], sizes, t.dtype, t.loss_fn)
         sink.log({"step": plan.end_step, **times})
     return final
 

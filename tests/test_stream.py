@@ -1,0 +1,252 @@
+"""Streams (iterable datasets) cut into exact global batches (launcher/data/stream.py, issue 31).
+
+Every sample position goes to exactly one rank, worker and micro-batch, in the order of a
+map-style dataset's global stream; a run resumes at the same sample on any world size, by
+reading or from the stream's own saved place; a stream that runs dry or whose len() lies ends
+the run in one line. Variable-length samples through a padding collate give, on 2 gloo ranks x
+accumulation 4, the step of one large batch (float64, 1e-10)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import IterableDataset
+
+from launcher.data import IGNORE_INDEX, LoaderSettings, Source, train_loader
+from launcher.data.batches import Collate
+from launcher.data.stream import Snapshots
+from launcher.errors import ConfigError
+from launcher.planning.plan import plan_batch
+from tests.helpers import composed
+
+
+class Numbers(IterableDataset):
+    """Samples (input [i], target i) for i < n; counts what each iterator read."""
+
+    def __init__(self, n: int, sized: bool = True, length: int | None = None) -> None:
+        self.n, self.sized, self.length = n, sized, length
+        self.epochs: list[int] = []
+
+    def __len__(self) -> int:
+        if not self.sized:
+            raise TypeError("unsized")
+        return self.length if self.length is not None else self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.tensor([i]), torch.tensor(i)
+
+
+class Saving(Numbers):
+    """A stream that saves its place: resumed from a state, it reads nothing before it."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.at = 0
+        self.start = 0
+
+    def state_dict(self) -> dict:
+        return {"at": self.at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["at"]
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        for i in range(start, self.n):
+            self.at = i + 1
+            yield torch.tensor([i]), torch.tensor(i)
+
+
+def _plan(n: int, gb: int, micro: int, world: int, epochs: int = 2):
+    cfg = composed(
+        [f"global_batch={gb}", f"micro_batch={micro}", f"trainer.epochs={epochs}"]
+        + ["optim.large_batch.enabled=false", "schedule.warmup_epochs=0"]
+    )
+    return plan_batch(cfg, world, n)
+
+
+def _taken(stream, plan, rank: int, workers: int, step: int = 0, snapshots=None) -> list[list]:
+    source = Source(stream, Collate(None), stream=True, sized=stream.sized)
+    loading = LoaderSettings(workers=workers)
+    batches = train_loader(source, plan, rank, 0, step, loading, snapshots)
+    return [y.tolist() for _, y in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_position_goes_to_one_rank_in_the_global_order(workers):
+    """2 ranks x 2 workers x accumulation 2, 2 passes of 24 samples (global batch 8): step s
+    holds positions [8s, 8s + 8) mod 24, rank r the r-th half, in order, each once per pass."""
+    n, plan = 24, _plan(24, 8, 2, 2)
+    ranks = [_taken(Numbers(n), plan, r, workers) for r in range(2)]
+    acc = plan.accumulation
+    assert acc == 2 and plan.steps == 6
+    order = []
+    for step in range(plan.steps):
+        for r in range(2):
+            order += sum(ranks[r][step * acc : (step + 1) * acc], [])
+    assert order == [p % n for p in range(2 * n)]
+
+
+def test_a_resumed_stream_continues_at_the_same_sample_on_another_world_size():
+    """From step 2 of a 2-rank plan, 1 rank takes what both ranks would have, in order."""
+    n = 24
+    both = [_taken(Numbers(n), _plan(n, 8, 2, 2), r, 0) for r in range(2)]
+    one = _taken(Numbers(n), _plan(n, 8, 4, 1), 0, 0, step=2)
+    expect = []
+    for step in range(2, 6):
+        expect += sum(both[0][2 * step : 2 * step + 2] + both[1][2 * step : 2 * step + 2], [])
+    assert sum(one, []) == expect
+
+
+def test_a_stream_that_saves_its_place_resumes_from_it_without_re_reading():
+    """The snapshot at step 2's position travels with step 1's last micro-batch; a run resumed
+    from it loads it and reads no sample before its position."""
+    n, plan = 40, _plan(40, 8, 4, 1, epochs=1)
+    snapshots = Snapshots()
+    full = _taken(Saving(n), plan, 0, 0, snapshots=snapshots)
+    assert snapshots.at(16) == {"position": 16, "state": {"at": 16}}
+    again = Saving(n)
+    kept = Snapshots()
+    kept.found[16] = snapshots.at(16)
+    tail = _taken(again, plan, 0, 0, step=2, snapshots=kept)
+    assert tail == full[4:]
+    assert again.start == 0 and again.at == n  # loaded at 16: read on from there only
+
+
+@pytest.mark.parametrize(
+    ("stream", "message"),
+    [
+        (
+            Numbers(20, length=24),
+            "the stream ran dry after 20 samples of pass 0 (global sample 20)"
+            "; its len() says 24 per pass",
+        ),
+        (
+            Numbers(28, length=24),
+            "the stream yields more than its len() (24) samples in pass 0: len() must "
+            "count what it yields",
+        ),
+        (
+            Numbers(20, sized=False),
+            "the stream ran dry after 20 samples of pass 0 (global sample "
+            "20); trainer.samples plans 24 per pass",
+        ),
+    ],
+    ids=["dry", "len-lies", "unsized-dry"],
+)
+def test_a_stream_that_does_not_hold_the_plan_ends_in_one_line(stream, message):
+    plan = _plan(24, 8, 4, 1)
+    with pytest.raises(ConfigError) as err:
+        _taken(stream, plan, 0, 2)
+    assert str(err.value) == f"data: {message}"
+
+
+# ------------------------------------------------ variable-length samples: the large batch
+V, G = 9, 16  # vocabulary; the global batch (sequences)
+
+
+class Documents(IterableDataset):
+    """G sequences of lengths 1..8 (token ids), as Hugging Face would give them: dicts."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(3)
+        for i in range(G):
+            ids = torch.randint(V, (1 + i % 8,), generator=g)
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+
+def pad(samples: list[dict]) -> dict:
+    """A padding collate: input_ids padded with 0, labels with -100."""
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["input_ids"])] = s["input_ids"]
+        labels[i, : len(s["labels"])] = s["labels"]
+    return {"input_ids": ids, "labels": labels}
+
+
+class Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = nn.Embedding(V, 8), nn.Linear(8, V)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+def _reference() -> dict[str, torch.Tensor]:
+    """One SGD step (lr 1) on the mean over every counted token of the G sequences at once."""
+    model = Tagger().double()
+    batch = pad(list(Documents()))
+    logits = model(batch["input_ids"])
+    F.cross_entropy(logits.reshape(-1, V), batch["labels"].reshape(-1)).backward()
+    return {n: (p - p.grad).detach() for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(1)
+    from launcher.backends import teardown
+    from launcher.backends.accelerate import AccelerateBackend
+    from launcher.data import eval_loader
+    from launcher.optim import build_optimizer
+    from launcher.training.loop import Feed, Settings, Trainee, fit
+    from launcher.training.metrics import MetricsSink
+
+    cfg = composed(
+        [f"global_batch={G}", "micro_batch=2", "optim=sgd", "optim.base_lr=1.0"]
+        + [f"optim.ref_batch={G}", "optim.momentum=0", "optim.weight_decay=0"]
+        + ["optim.clip_grad_norm=0", "optim.large_batch.enabled=false", "schedule=constant"]
+        + ["schedule.warmup_epochs=0", "trainer.epochs=1"]
+    )
+    backend = AccelerateBackend(cfg, "cpu")
+    plan = plan_batch(cfg, 2, G)
+    assert (plan.steps, plan.accumulation) == (1, 4)
+    model = Tagger().double()
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    model, optimizer = backend.prepare(model, optimizer, plan)
+    source = Source(Documents(), Collate(pad), stream=True, sized=False)
+    feed = Feed(
+        lambda p, step: train_loader(source, p, rank, 0, step, LoaderSettings(workers=2)),
+        lambda p: eval_loader(source, p, rank),
+    )
+    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
+    t = Trainee(model, optimizer, backend, torch.float64)
+    fit(t, plan, feed, sink, Settings(log_every=1, eval_every_samples=G))
+    if rank == 0:
+        params = backend.unwrap(model).named_parameters()
+        torch.save({n: p.detach().clone() for n, p in params}, out)
+    teardown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_over_a_padded_stream_match_one_large_batch(tmp_path: Path):
+    """2 ranks x 2 workers x micro 2 x accumulation 4 over a stream of sequences of 1-8 tokens
+    in dict batches padded per micro-batch: the weights after the step are those of one large
+    batch of all 16 sequences (float64, 1e-10)."""
+    out = str(tmp_path / "params.pt")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    got, ref = torch.load(out, weights_only=True), _reference()
+    for name, value in ref.items():
+        torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10, msg=name)
