@@ -99,7 +99,7 @@ class Splits:
             return len(self.train), " (counted in the training split)"
         n = stream_len(self.train)
         if n is None:
-            return 0, " (a stream without len(): trainer.samples)"
+            return 0, " (a stream without len())"
         return n, " (the len() of the training stream)"
 
 
@@ -118,6 +118,40 @@ def data_spec(cfg: DataConfig) -> DataSpec:
     """Input shape and classes (for probing and plan_only estimates): from the config alone for a
     built-in data set, from the first training sample for yours."""
     return _module(cfg).spec(cfg)
+
+
+def loading(cfg: DataConfig, world_size: int) -> tuple[str, str] | None:
+    """The plan's `data` row for your data when it is streamed or collated (value, reason);
+    None for a map-style dataset of fixed-shape pairs."""
+    if not isinstance(cfg, UserDataConfig):
+        return None
+    from launcher.data.stream import is_stream
+
+    splits = build_splits(cfg)
+    parts = []
+    if splits.collate is not None:
+        parts.append(
+            f"batches made by your collate_fn; a memory probe batch is the worst case, "
+            f"{splits.spec.worst}"
+        )
+    if is_stream(splits.train):
+        readers = world_size * max(cfg.workers, 1)
+        saves = callable(getattr(splits.train, "state_dict", None))
+        resume = (
+            "a resume loads the stream's saved place (its state_dict()) at the checkpoint"
+            if saves
+            else "a resume reads the stream again up to the checkpoint's sample (it has no "
+            "state_dict())"
+        )
+        parts.insert(
+            0,
+            f"a stream in its own order: each of {readers} reader(s) ({world_size} rank(s) x "
+            f"{max(cfg.workers, 1)} loader process(es)) reads all of it and keeps its share; "
+            + resume,
+        )
+    if not parts:
+        return None
+    return ("stream" if is_stream(splits.train) else "collated"), "; ".join(parts)
 
 
 def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:

@@ -15,6 +15,7 @@ TABLE_ROWS = (
     "tokens_per_batch",
     "world_size",
     "memory",
+    "data",
     "per_device_batch",
     "micro_batch",
     "accumulation",
@@ -34,7 +35,7 @@ TABLE_ROWS = (
 )
 
 
-OPTIONAL_ROWS = ("ramp", "tokens_per_batch", "budget")  # shown when the run has them
+OPTIONAL_ROWS = ("ramp", "tokens_per_batch", "budget", "data")  # shown when the run has them
 
 
 def format_plan(plan: BatchPlan) -> str:

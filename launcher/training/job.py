@@ -16,7 +16,7 @@ from launcher.backends import check as check_backend
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, to_dict
-from launcher.data import declared_epoch_samples
+from launcher.data import declared_epoch_samples, loading
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, plan_batch
 from launcher.planning.render import format_plan
@@ -57,6 +57,9 @@ def plan_for(
         stage=stage,
     )
     check_backend(cfg, plan, topology.device)
+    row = loading(cfg.data, topology.world_size)
+    if row is not None:  # streamed or collated data: how it is read, what the probe measured
+        plan = dataclasses.replace(plan, reasons=plan.reasons | {"data": row[1]}, data=row[0])
     return topology, plan
 
 
@@ -350,7 +353,8 @@ def unsized_epoch(cfg: RunConfig, source: str) -> tuple[int, str]:
             f"data._target_={target!r}: its training data is a stream without len(); state the "
             "run's length with trainer.samples=N or trainer.tokens=N (one pass of the stream)"
         )
-    return cfg.trainer.samples, f"{source}: one epoch = trainer.samples"
+    said = source[:-1] if source.endswith(")") else source
+    return cfg.trainer.samples, f"{said}; one epoch = trainer.samples)"
 
 
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:

@@ -1,0 +1,107 @@
+"""A user's project whose data is a stream of variable-length token sequences in dict batches
+(Hugging Face's form: input_ids, labels) with its own padding collate, and whose model takes
+`input_ids` as a keyword. The collate writes the sample ids it batches in DataLoader workers to
+STREAMPROJ_SEEN/<pid>.txt when that is set, so a test can count every sample a run trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from textwrap import dedent
+
+PACKAGE = "streamproj"
+
+PARTS = '''
+"""Streamed token sequences (the target at each position: the next id mod the vocabulary)."""
+
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import IterableDataset, get_worker_info
+
+
+class Docs(IterableDataset):
+    def __init__(self, n, vocab, seed, sized, first=0):
+        self.n, self.vocab, self.seed, self.sized, self.first = n, vocab, seed, sized, first
+
+    def __len__(self):
+        if not self.sized:
+            raise TypeError("a stream without len()")
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for i in range(self.n):
+            ids = torch.randint(self.vocab, (1 + (7 * i) % 12,), generator=g)
+            yield {"idx": self.first + i, "input_ids": ids, "labels": (ids + 1) % self.vocab}
+
+
+def pad(samples):
+    seen = os.environ.get("STREAMPROJ_SEEN")
+    if seen and get_worker_info() is not None:
+        with open(os.path.join(seen, f"{os.getpid()}.txt"), "a") as f:
+            f.write("".join(f"{s['idx']}\\n" for s in samples))
+    width = max(len(s["input_ids"]) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100)
+    for i, s in enumerate(samples):
+        ids[i, : len(s["input_ids"])] = s["input_ids"]
+        labels[i, : len(s["labels"])] = s["labels"]
+    return {"input_ids": ids, "labels": labels}
+
+
+def make_stream(n=192, vocab=11, sized=True):
+    return {
+        "train": Docs(n, vocab, seed=1, sized=sized),
+        "eval": Docs(40, vocab, seed=2, sized=sized, first=10_000),
+        "collate_fn": pad,
+        "num_classes": vocab,
+    }
+
+
+class Tagger(nn.Module):
+    def __init__(self, vocab=11, width=16):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        return self.out(torch.tanh(self.emb(input_ids)))
+'''
+
+FILES = {
+    f"{PACKAGE}/__init__.py": '"""streamproj: a user\'s project with streamed data."""\n',
+    f"{PACKAGE}/parts.py": PARTS,
+    "conf/recipe/streamed.yaml": """
+        defaults:
+          - override /model: tagger
+          - override /data: stream
+          - override /optim: adamw
+          - override /schedule: constant
+        global_batch: 16
+        micro_batch: 2
+        optim:
+          base_lr: 0.01
+          ref_batch: 16
+        schedule:
+          warmup_epochs: 0
+        trainer:
+          epochs: 2
+          cpu_threads: 1
+          progress: false
+          tensorboard: false
+          log_every: 1
+        checkpoint:
+          every_samples: 32
+    """,
+    "conf/model/tagger.yaml": f"_target_: {PACKAGE}.parts.Tagger\nvocab: 11\n",
+    "conf/data/stream.yaml": f"_target_: {PACKAGE}.parts.make_stream\nworkers: 2\n",
+}
+
+
+def write_project(root: Path) -> Path:
+    """Write the project under `root`; returns its config dir (`root`/conf)."""
+    for name, text in FILES.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(dedent(text).lstrip("\n"))
+    return root / "conf"
