@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset
 
 from launcher.data import IGNORE_INDEX, LoaderSettings, Source, train_loader
 from launcher.data.batches import Collate
-from launcher.data.stream import Snapshots
+from launcher.data.stream import Snapshots, digest
 from launcher.errors import ConfigError
 from launcher.planning.plan import plan_batch
 from tests.helpers import composed
@@ -46,13 +46,21 @@ class Numbers(IterableDataset):
             yield torch.tensor([i]), torch.tensor(i)
 
 
+class Reads(list):
+    """What every copy of a stream read (the launcher loads a saved place into a deep copy)."""
+
+    def __deepcopy__(self, memo: dict) -> Reads:
+        return self
+
+
 class Saving(Numbers):
-    """A stream that saves its place: resumed from a state, it reads nothing before it."""
+    """A stream that saves its place: loaded from a state, it starts there."""
 
     def __init__(self, n: int) -> None:
         super().__init__(n)
         self.at = 0
         self.start = 0
+        self.reads = Reads()
 
     def state_dict(self) -> dict:
         return {"at": self.at}
@@ -61,10 +69,14 @@ class Saving(Numbers):
         self.start = state["at"]
 
     def __iter__(self):
-        start, self.start = self.start, 0
-        for i in range(start, self.n):
+        for i in range(self.start, self.n):
             self.at = i + 1
+            self.reads.append(i)
             yield torch.tensor([i]), torch.tensor(i)
+
+
+def _sample(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([i]), torch.tensor(i)
 
 
 def _plan(n: int, gb: int, micro: int, world: int, epochs: int = 2):
@@ -109,18 +121,36 @@ def test_a_resumed_stream_continues_at_the_same_sample_on_another_world_size():
 
 
 def test_a_stream_that_saves_its_place_resumes_from_it_without_re_reading():
-    """The snapshot at step 2's position travels with step 1's last micro-batch; a run resumed
-    from it loads it and reads no sample before its position."""
+    """The place at step 2's position travels with step 1's last micro-batch (the stream's
+    state and the digest of the sample there); a run resumed from it loads it, checks the
+    sample, and reads nothing before its position."""
     n, plan = 40, _plan(40, 8, 4, 1, epochs=1)
     snapshots = Snapshots()
     full = _taken(Saving(n), plan, 0, 0, snapshots=snapshots)
-    assert snapshots.at(16) == {"position": 16, "state": {"at": 16}}
+    place = snapshots.at(24)
+    assert place == {"position": 24, "state": {"at": 24}, "digest": digest(_sample(24))}
     again = Saving(n)
     kept = Snapshots()
-    kept.found[16] = snapshots.at(16)
-    tail = _taken(again, plan, 0, 0, step=2, snapshots=kept)
-    assert tail == full[4:]
-    assert again.start == 0 and again.at == n  # loaded at 16: read on from there only
+    kept.found[24] = place
+    tail = _taken(again, plan, 0, 0, step=3, snapshots=kept)
+    assert tail == full[6:]
+    assert again.reads == list(range(24, n))
+
+
+def test_a_saved_place_that_does_not_resume_exactly_is_read_up_to_instead(caplog):
+    """A state that lands elsewhere (as a Hugging Face shuffle buffer's does) is caught by the
+    sample's digest: the stream is read up to the position instead, with one line saying so
+    (once, however many readers found it)."""
+    n, plan = 40, _plan(40, 8, 4, 1, epochs=1)
+    full = _taken(Saving(n), plan, 0, 0)
+    kept = Snapshots()
+    kept.found[24] = {"position": 24, "state": {"at": 20}, "digest": digest(_sample(24))}
+    again = Saving(n)
+    assert _taken(again, plan, 0, 0, step=3, snapshots=kept) == full[6:]
+    assert again.reads[:2] == [20, 0]  # tried the state, then read from the start
+    assert _taken(Saving(n), plan, 0, 2, step=3, snapshots=kept) == full[6:]
+    said = [r for r in caplog.records if "does not give the sample saved with it" in r.message]
+    assert len(said) == 2, said  # once per run: 2 workers found it in the second
 
 
 @pytest.mark.parametrize(
@@ -149,6 +179,44 @@ def test_a_stream_that_does_not_hold_the_plan_ends_in_one_line(stream, message):
     with pytest.raises(ConfigError) as err:
         _taken(stream, plan, 0, 2)
     assert str(err.value) == f"data: {message}"
+
+
+def _hf_stream(shuffle: bool):
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"x": list(range(48))})
+    stream = table.to_iterable_dataset(num_shards=4)
+    return stream.shuffle(seed=1, buffer_size=8) if shuffle else stream
+
+
+def _hf_collate(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([[s["x"]] for s in samples]), torch.tensor([s["x"] for s in samples])
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffle-buffer"])
+def test_a_hugging_face_stream_is_read_whole_by_every_worker_and_resumes_exactly(shuffle, caplog):
+    """A Hugging Face iterable dataset of 4 shards read by 2 DataLoader workers (which it would
+    otherwise split its shards between): the global order is its own, each pass whole; resumed
+    at step 9 of 12 from its saved place, the rest is the same. Its shuffle buffer is not
+    saved: then the place is caught by its digest and the stream read up to it."""
+    plan = _plan(48, 8, 2, 2, epochs=2)
+
+    def taken(step: int, snapshots: Snapshots) -> list:
+        source = Source(_hf_stream(shuffle), Collate(_hf_collate), stream=True, sized=True)
+        loader = train_loader(source, plan, 0, 0, step, LoaderSettings(workers=2), snapshots)
+        return [y.tolist() for _, y in loader]
+
+    whole = Snapshots()
+    full = taken(0, whole)
+    if not shuffle:  # rank 0 of 2: the first half of each step's 8 samples, pass after pass
+        assert full == [
+            [8 * s % 48 + 2 * j, 8 * s % 48 + 2 * j + 1] for s in range(12) for j in (0, 1)
+        ]
+    kept = Snapshots()
+    kept.found[72] = whole.at(72)
+    assert kept.found[72] is not None and kept.found[72]["state"] is not None
+    assert taken(9, kept) == full[18:]
+    fell_back = any("does not give the sample" in r.message for r in caplog.records)
+    assert fell_back == shuffle
 
 
 # ------------------------------------------------ variable-length samples: the large batch

@@ -23,11 +23,17 @@ ends the run in one line (`StreamError`, a ConfigError in the training process).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import copy
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from launcher import log
 
 
 class StreamError(ValueError):
@@ -61,71 +67,134 @@ def _iterate(source: Any) -> Iterator[Any]:
     yield from source
 
 
+def digest(sample: Any) -> int:
+    """A 31-bit digest of a sample's contents (its structure, tensors' dtypes, shapes and bytes):
+    what a saved place is checked by, and what the ranks compare."""
+    h = hashlib.blake2b(digest_size=8)
+    _digest_into(h, sample)
+    return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _digest_into(h: Any, x: Any) -> None:
+    if isinstance(x, Mapping):
+        for key in sorted(x, key=str):
+            h.update(f"{key!s}:".encode())
+            _digest_into(h, x[key])
+    elif isinstance(x, (list, tuple)):
+        h.update(f"[{len(x)}".encode())
+        for item in x:
+            _digest_into(h, item)
+    elif isinstance(x, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(x).detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(x).encode())
+
+
 class Reader:
     """Reads a stream sample by sample from global position `start`, pass after pass (`epoch`
-    samples each; a sized stream must hold exactly that many)."""
+    samples each; a sized stream must hold exactly that many). From a saved place (`state`, a
+    snapshot) it loads the stream's state and checks that the sample it then gives is the one
+    saved with it; if not (a Hugging Face shuffle buffer is not saved, for one), it reads up to
+    `start` instead and says so in `notice`."""
 
     def __init__(
         self, source: Any, epoch: int, sized: bool, start: int, state: dict[str, Any] | None
     ) -> None:
         self.source, self.epoch, self.sized = source, epoch, sized
-        self.resumed_by = "reading"
-        self._open(start // epoch)
-        if start % epoch and state is not None and state.get("position") == start:
-            self.source.load_state_dict(state["state"])
-            self._it = _iterate(self.source)
-            self.position = start
-            self.resumed_by = "state"
-        else:  # the pass's start, then read on to `start`
-            self.position = start - start % epoch
-            self.skip(start % epoch)
+        self.resumed_by, self.notice = "reading", ""
+        self._ahead: list[Any] = []  # the sample at `position`, read ahead by snapshot()
+        self.position = start - start % epoch
+        self._open()
+        usable = state is not None and state.get("state") is not None
+        if start % epoch and usable and state is not None and state["position"] == start:
+            loaded = self._load(state)
+            if loaded:
+                return
+        self.skip(start % epoch)
 
-    def _open(self, number: int) -> None:
+    def _open(self) -> None:
+        """A new pass of the stream, at `position` (a pass's start)."""
         if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(number)
+            self.source.set_epoch(self.position // self.epoch)
         self._it = _iterate(self.source)
+        self._opened = self.position
+
+    def _load(self, state: dict[str, Any]) -> bool:
+        loaded = _copy(self.source)  # the original stays unloaded, to read from instead
+        loaded.load_state_dict(state["state"])
+        self._it = _iterate(loaded)
+        first = next(self._it, _END)
+        if first is not _END and digest(first) == state["digest"]:
+            self.source = loaded
+            self.position, self._ahead, self.resumed_by = state["position"], [first], "state"
+            return True
+        self.notice = (
+            f"launcher: the stream's saved place at sample {state['position']:,} does not give "
+            "the sample saved with it (a shuffle buffer's contents are not saved, for one); "
+            "reading the stream up to it instead"
+        )
+        self._open()
+        return False
 
     def read(self) -> Any:
         """The sample at `position`; the position moves on by one."""
-        if self.position and self.position % self.epoch == 0:
+        if self._ahead:
+            self.position += 1
+            return self._ahead.pop()
+        if self.position % self.epoch == 0 and self.position != self._opened:
             self._end_of_pass()
-        try:
-            sample = next(self._it)
-        except StopIteration:
+        sample = next(self._it, _END)
+        if sample is _END:
             offset = self.position % self.epoch
             said = "its len() says" if self.sized else "trainer.samples plans"
             raise StreamError(
                 f"the stream ran dry after {offset:,} samples of pass {self.position // self.epoch}"
                 f" (global sample {self.position:,}); {said} {self.epoch:,} per pass"
-            ) from None
+            )
         self.position += 1
         return sample
 
     def _end_of_pass(self) -> None:
         """A new pass starts here: a sized stream must have ended exactly at its len()."""
-        if self.sized:
-            try:
-                next(self._it)
-            except StopIteration:
-                pass
-            else:
-                raise StreamError(
-                    f"the stream yields more than its len() ({self.epoch:,}) samples in pass "
-                    f"{self.position // self.epoch - 1}: len() must count what it yields"
-                )
-        self._open(self.position // self.epoch)
+        if self.sized and next(self._it, _END) is not _END:
+            raise StreamError(
+                f"the stream yields more than its len() ({self.epoch:,}) samples in pass "
+                f"{self.position // self.epoch - 1}: len() must count what it yields"
+            )
+        self._open()
 
     def skip(self, count: int) -> None:
         for _ in range(count):
             self.read()
 
     def snapshot(self) -> dict[str, Any] | None:
-        """The stream's own saved place at `position`, for a checkpoint; None if it has none."""
-        if not callable(getattr(self.source, "state_dict", None)) or not self.position:
+        """The place at `position` for a checkpoint: the stream's own state (None if it has no
+        state_dict()) and the digest of the sample there (read ahead: the next read gives it).
+        None at a pass's start (a new pass starts over) or at the stream's end."""
+        if not self.position or self.position % self.epoch == 0 or self._ahead:
             return None
-        if self.position % self.epoch == 0:  # a new pass starts over: no state is needed
+        saves = callable(getattr(self.source, "state_dict", None))
+        state = self.source.state_dict() if saves else None
+        sample = next(self._it, _END)
+        if sample is _END:
             return None
-        return {"position": self.position, "state": self.source.state_dict()}
+        self._ahead = [sample]
+        return {"position": self.position, "state": state, "digest": digest(sample)}
+
+
+_END = object()  # a stream's end, from next(iterator, _END)
+
+
+def _copy(source: Any) -> Any:
+    """A copy of a stream to load a saved place into: deep, as loading a Hugging Face dataset's
+    state changes objects a shallow copy shares (its tables are mapped, not copied); shallow
+    where a stream cannot be deep-copied."""
+    try:
+        return copy.deepcopy(source)
+    except Exception:
+        return copy.copy(source)
 
 
 @dataclass(frozen=True)
@@ -158,12 +227,12 @@ class Layout:
         )
 
 
-class _Failed:
-    """A reader's StreamError, carried to the training process as an item (a worker's exception
-    would arrive wrapped in its traceback)."""
+class _Message:
+    """A reader's StreamError (`fatal`) or notice, carried to the training process as an item
+    (a worker's exception would arrive wrapped in its traceback)."""
 
-    def __init__(self, message: str) -> None:
-        self.message = message
+    def __init__(self, text: str, fatal: bool) -> None:
+        self.text, self.fatal = text, fatal
 
 
 def _worker() -> tuple[int, int]:
@@ -192,6 +261,8 @@ class TrainShare(IterableDataset):  # type: ignore[type-arg]
         lay = self.layout
         try:
             reader = Reader(self.source, self.epoch, self.sized, lay.start, self.state)
+            if reader.notice:
+                yield _Message(reader.notice, fatal=False)
             for m in range(w, lay.steps * lay.accumulation, workers):
                 reader.skip(lay.first(m) - reader.position)
                 batch = self.collate([reader.read() for _ in range(lay.micro_batch)])
@@ -202,7 +273,7 @@ class TrainShare(IterableDataset):  # type: ignore[type-arg]
                     snapshot = reader.snapshot()
                 yield batch, snapshot
         except StreamError as exc:
-            yield _Failed(str(exc))
+            yield _Message(str(exc), fatal=True)
 
 
 class EvalShare(IterableDataset):  # type: ignore[type-arg]
@@ -249,9 +320,15 @@ class Snapshots:
     def batches(self, items: Any, on_error: Callable[[str], Exception]) -> Iterator[Any]:
         """The batches of a share's loader; snapshots kept (the latest few), a reader's
         StreamError raised as `on_error(message)`."""
+        said: set[str] = set()
         for item in items:
-            if isinstance(item, _Failed):
-                raise on_error(item.message)
+            if isinstance(item, _Message):
+                if item.fatal:
+                    raise on_error(item.text)
+                if item.text not in said:  # once, not once per reader
+                    log.warn(item.text)
+                    said.add(item.text)
+                continue
             batch, snapshot = item
             if snapshot is not None:
                 self.found[snapshot["position"]] = snapshot
