@@ -112,3 +112,15 @@ def test_resumed_on_one_rank_it_trains_on_the_same_samples_after_the_checkpoint(
     assert sorted(got) == list(range(1, 25))
     for step in range(5, 25):
         assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got[step], ref[step])
+
+
+@pytest.mark.slow
+def test_a_stream_that_differs_between_ranks_is_refused_after_the_first_step(project, tmp_path):
+    res, _ = _run(project, tmp_path, ["+data.by_rank=true"], two=True)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "launcher: error: data: the training stream differs between ranks at sample 16 " in (
+        res.stderr
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list(
+        (tmp_path / "run" / "checkpoints").glob("*.pt")
+    )

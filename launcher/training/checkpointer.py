@@ -17,6 +17,7 @@ from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
 from launcher.cluster import preemption
 from launcher.config.schema import RunConfig
+from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
 from launcher.training import faults
 from launcher.training.guard import Diverged, params_finite, state_message
@@ -40,6 +41,7 @@ class Checkpointer:
         self.cfg, self.run_dir, self.t, self.sink, self.meter = cfg, run_dir, t, sink, meter
         self.health = health  # guard.Health: its loss at the start goes into the checkpoint
         self.snapshots = snapshots  # a stream's saved places (launcher/data/stream.py)
+        self.compared = False  # the ranks' streams compared at this process's first step
         self.main = t.backend.rank == 0
         c = cfg.checkpoint
         self.cadence = Cadence(c.every_samples, c.every_minutes)
@@ -47,6 +49,9 @@ class Checkpointer:
         self.sharded = capabilities(cfg.backend).sharded_checkpoints
 
     def after_step(self, step: int, plan: BatchPlan) -> None:
+        if not self.compared:
+            self.compared = True
+            self.same_stream(step, plan)
         faults.test_kill(step, "step")
         late = self.main and self.cadence.late(time.monotonic() - self.last_save)
         bits = 0
@@ -62,8 +67,25 @@ class Checkpointer:
             faults.test_kill(step, "stopping")
             raise preemption.Stopped(message)
 
+    def same_stream(self, step: int, plan: BatchPlan) -> None:
+        """Every rank read the same stream: the digests of the sample at this step's end
+        (launcher/data/stream.py snapshots; -1 where there is none, as for map-style data)."""
+        if self.snapshots is None or self.t.backend.world_size == 1:
+            return
+        position = plan.samples_at(step)
+        place = self.snapshots.at(position)
+        every = self.t.backend.flags(place["digest"] if place is not None else -1)
+        if len(set(every)) > 1:
+            raise ConfigError(
+                f"data: the training stream differs between ranks at sample {position:,} "
+                f"(digests by rank: {every}); every rank must read the same stream, of which the "
+                "launcher gives each its share (do not split it by rank yourself)"
+            )
+
     def save(self, step: int, plan: BatchPlan) -> Path | None:
-        """Every rank's part of the state; rank 0 writes it. Never a non-finite checkpoint."""
+        """Every rank's part of the state; rank 0 writes it. Never a non-finite checkpoint.
+        The ranks' streams are compared first."""
+        self.same_stream(step, plan)
         t = self.t
         if any(t.backend.flags(int(not params_finite(t.model)))):
             raise Diverged(state_message(step, "checkpoint"))
