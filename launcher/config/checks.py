@@ -21,12 +21,14 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         fail(key, value, allowed)
 
 
-def twins_disagree(key: str, tokens: int, twin: str, value: object, seq: int) -> ConfigError:
+def twins_disagree(
+    key: str, tokens: int, twin: str, value: object, seq: int, name: str = "data.seq_len"
+) -> ConfigError:
     """A quantity stated both in tokens and in samples, the two disagreeing (planning/tokens.py)."""
     count = f"{tokens // seq:,}" if tokens % seq == 0 else f"{tokens / seq:,.6g}"
     return ConfigError(
         f"{key}={tokens} and {twin}={value}: both set, and {tokens:,} tokens are {count} "
-        f"sequences of {seq} (data.seq_len); set one of them"
+        f"sequences of {seq} ({name}); set one of them"
     )
 
 

@@ -267,6 +267,14 @@ class UserDataConfig(Target, _LoaderOptions):
     workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process; raise it when
     your __getitem__ reads files or augments)"""
+    pack_length: int = 0
+    """> 0: your samples are tokenized documents (token ids, or dicts with input_ids), packed in
+    order into sequences of this many tokens, no target crossing from one document into the
+    next (global_batch_tokens is then exact); 0 = your samples as they are"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.pack_length >= 0, "data.pack_length", self.pack_length, "must be >= 0")
 
 
 DataConfig = (

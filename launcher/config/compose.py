@@ -260,13 +260,15 @@ def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[s
 def _check_stated_batch(overrides: list[str], node: dict[str, Any]) -> None:
     """global_batch_tokens replaces the recipe's global_batch (planning/tokens.py), but not one
     the command line states: the two must then be the same batch."""
-    tokens, seq = node.get("global_batch_tokens"), (node.get("data") or {}).get("seq_len")
+    data = node.get("data") or {}
+    tokens, seq = node.get("global_batch_tokens"), data.get("seq_len") or data.get("pack_length")
     stated = any(o.partition("=")[0].lstrip("+") == "global_batch" for o in overrides)
     if not stated or not isinstance(tokens, int) or not isinstance(seq, int) or seq <= 0:
         return  # the schema and the conversion say what is wrong with these
     if tokens % seq or tokens // seq != node.get("global_batch"):
+        name = "data.seq_len" if data.get("seq_len") else "data.pack_length"
         raise twins_disagree(
-            "global_batch_tokens", tokens, "global_batch", node["global_batch"], seq
+            "global_batch_tokens", tokens, "global_batch", node["global_batch"], seq, name
         )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import IterableDataset
 
 from launcher.data import IGNORE_INDEX
 
@@ -125,3 +126,37 @@ def _one(
     nxt = slice(at + 1, at + length + 1)
     targets = torch.where(starts[nxt], IGNORE_INDEX, tokens[nxt])
     return inputs, targets
+
+
+class PackedStream(IterableDataset):  # type: ignore[type-arg]
+    """A stream of documents as a stream of packs (each reader packs the whole stream in order,
+    so every reader's pack k is the same). No saved place: a resume re-packs up to it."""
+
+    def __init__(self, documents: Any, length: int) -> None:
+        self.documents, self.length = documents, length
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.documents, "set_epoch"):
+            self.documents.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from launcher.data.stream import StreamError, _iterate
+
+        try:
+            yield from pack(_iterate(self.documents), self.length)
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
+
+
+def packed(documents: Any, length: int) -> Any:
+    """Your documents as packs: a stream's lazily (PackedStream), a map-style dataset's all at
+    once, in its order, into memory (TensorPairs: the sampler shuffles the packs)."""
+    from launcher.data.stream import is_stream
+    from launcher.data.tensors import TensorPairs
+
+    if is_stream(documents):
+        return PackedStream(documents, length)
+    packs = list(pack((documents[i] for i in range(len(documents))), length))
+    if not packs:
+        return TensorPairs(torch.zeros(0, length, dtype=torch.long), torch.zeros(0, length))
+    return TensorPairs(torch.stack([x for x, _ in packs]), torch.stack([y for _, y in packs]))

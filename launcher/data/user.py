@@ -160,6 +160,8 @@ def _build(cfg: UserDataConfig) -> Splits:
     with _seeded():
         result = instantiate(cfg.target, cfg.kwargs, "data")
     train, evaluation, classes, collate = _parts(result, where)
+    if cfg.pack_length:
+        train, evaluation = _packed(cfg, where, train, evaluation, collate)
     x, y = _first(train, "train", where, collate)
     ex, ey = _first(evaluation, "eval", where, collate)
     if collate is None and (ex.shape, ex.dtype, ey.shape, ey.dtype) != (
@@ -182,6 +184,22 @@ def _build(cfg: UserDataConfig) -> Splits:
     else:
         spec = _collated_spec(train, collate, x, y, classes, top)
     return Splits(train=train, eval=evaluation, spec=spec, collate=collate)
+
+
+def _packed(cfg: UserDataConfig, where: str, train: Any, evaluation: Any, collate: Any) -> Any:
+    """Both splits' documents packed into sequences of data.pack_length (data/packing.py)."""
+    from launcher.data.packing import packed
+
+    length = f"data.pack_length={cfg.pack_length}"
+    if collate is not None:
+        raise ConfigError(
+            f"{where}: returned a collate_fn, and {length} packs your documents into sequences "
+            "itself; drop one of them"
+        )
+    try:
+        return packed(train, cfg.pack_length), packed(evaluation, cfg.pack_length)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {length}: {exc}") from None
 
 
 def _collated_spec(

@@ -32,7 +32,7 @@ from launcher.planning.rules import (
     weight_decay,
 )
 from launcher.planning.split import batch_step, split_for
-from launcher.planning.tokens import in_samples, stated_in_tokens, tokens_per_sample
+from launcher.planning.tokens import in_samples, length_key, stated_in_tokens, tokens_per_sample
 
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report
@@ -422,7 +422,7 @@ def _plan(
     saves, reasons["checkpoints"] = checkpointing(cfg.checkpoint, cfg.backend)
     if seq:
         reasons["tokens_per_batch"] = (
-            f"{gb * seq:,} = {gb} sequences x {seq} tokens (data.seq_len); "
+            f"{gb * seq:,} = {gb} sequences x {seq} tokens ({length_key(cfg.data)}); "
             f"{micro * seq:,} per micro-batch, {gb * seq * steps:,} in the run"
         )
     return BatchPlan(

@@ -46,8 +46,14 @@ TWINS = (
 
 
 def tokens_per_sample(data: Any) -> int:
-    """data.seq_len for sequence data; 0 for data without a fixed number of tokens per sample."""
-    return int(getattr(data, "seq_len", 0) or 0)
+    """data.seq_len for sequence data, data.pack_length for packed documents; 0 for data without
+    a fixed number of tokens per sample."""
+    return int(getattr(data, "seq_len", 0) or getattr(data, "pack_length", 0) or 0)
+
+
+def length_key(data: Any) -> str:
+    """The key that says how many tokens a sample holds, for messages."""
+    return "data.pack_length" if getattr(data, "pack_length", 0) else "data.seq_len"
 
 
 def to_samples(
@@ -56,6 +62,7 @@ def to_samples(
     per_sample: int,
     valid: Callable[[int], bool] = lambda n: n > 0,
     rule: str = "",
+    name: str = "data.seq_len",
 ) -> int:
     """`tokens` / `per_sample` sequences, exactly, where `valid` accepts the count; else a
     ConfigError naming the key and the value, with the nearest token values that convert to a
@@ -71,9 +78,14 @@ def to_samples(
     what = f"{tokens / per_sample:,.6g}, not a whole number" if rest else f"{count:,}"
     rule = f"; {rule}" if rule else ""
     raise ConfigError(
-        f"{key}={tokens}: {what} sequences of {per_sample} tokens (data.seq_len){rule}; nearest "
+        f"{key}={tokens}: {what} sequences of {per_sample} tokens ({name}){rule}; nearest "
         f"valid: {near}"
     )
+
+
+def _data_name(data: Any) -> str:
+    target = getattr(data, "target", None)
+    return f"data._target_={target!r}" if target else f"data={data.name}"
 
 
 def _stated(key: str, value: int | None) -> bool:
@@ -105,24 +117,35 @@ def in_samples(cfg: RunConfig, batch_step: tuple[int, str] = (1, "")) -> RunConf
         key, value, twin = stated[0]
         raise ConfigError(
             f"{key}={value}: tokens need sequence data with a fixed length (data.seq_len, as "
-            f"data=text has); data={cfg.data.name} has none: state it in samples ({twin})"
+            f"data=text has, or data.pack_length for your documents); "
+            f"{_data_name(cfg.data)} has none: state it in samples ({twin})"
         )
     gb = cfg.global_batch
     if cfg.global_batch_tokens is not None:
         step, words = batch_step
         rule = f"the global batch must be {words}" if step > 1 else ""
-        gb = to_samples("global_batch_tokens", cfg.global_batch_tokens, seq, _multiple(step), rule)
+        name = length_key(cfg.data)
+        gb = to_samples(
+            "global_batch_tokens", cfg.global_batch_tokens, seq, _multiple(step), rule, name
+        )
     changed: dict[str, dict[str, int]] = {}
     for group, key, twin in TWINS:
         part = getattr(cfg, group)
         tokens = getattr(part, key)
         if not _stated(key, tokens):
             continue
-        samples = to_samples(f"{group}.{key}", tokens, seq, *_valid(group, key, gb))
+        samples = to_samples(
+            f"{group}.{key}", tokens, seq, *_valid(group, key, gb), name=length_key(cfg.data)
+        )
         unused = {f.name: f.default for f in dataclasses.fields(part)}[twin]
         if getattr(part, twin) not in (unused, samples):
             raise twins_disagree(
-                f"{group}.{key}", tokens, f"{group}.{twin}", getattr(part, twin), seq
+                f"{group}.{key}",
+                tokens,
+                f"{group}.{twin}",
+                getattr(part, twin),
+                seq,
+                length_key(cfg.data),
             )
         changed.setdefault(group, {})[twin] = samples
     parts = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in changed.items()}
