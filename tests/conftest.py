@@ -3,6 +3,7 @@ The helpers the tests import are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -61,11 +62,15 @@ def wheel_python(tmp_path_factory) -> Path:
         check=True,
     ).stdout.strip()
     Path(site, "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # PYTHONPATH left out: a checkout on it shows pip the globalbatch.egg-info that building
+    # the wheel writes there, and pip would skip the install as "already satisfied"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run(
         [*pip, "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
         capture_output=True,
         text=True,
         cwd=root,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return python
