@@ -61,6 +61,31 @@ def make_stream(n=192, vocab=11, sized=True, by_rank=False):
     }
 
 
+class DocStream(IterableDataset):
+    """Documents only (token ids of every length), to be packed by data.pack_length."""
+
+    def __init__(self, docs):
+        self.docs = docs
+
+    def __iter__(self):
+        yield from self.docs
+
+
+def make_documents(n=300, vocab=11, form="list", bad_at=-1):
+    """Documents counting up mod vocab from a random start (learnable: next = this + 1), of
+    lengths 1..20; `form` list (map-style) or stream; `bad_at`: that document is 2-D (a mistake)."""
+    g = torch.Generator().manual_seed(5)
+    docs = []
+    for i in range(n):
+        start = int(torch.randint(vocab, (1,), generator=g))
+        ids = (start + torch.arange(1 + (5 * i) % 20)) % vocab
+        docs.append(ids.reshape(1, -1) if i == bad_at else ids)
+    train, test = docs[: n * 4 // 5], docs[n * 4 // 5 :]
+    if form == "stream":
+        train, test = DocStream(train), DocStream(test)
+    return {"train": train, "eval": test, "num_classes": vocab}
+
+
 class Tagger(nn.Module):
     def __init__(self, vocab=11, width=16):
         super().__init__()
@@ -97,6 +122,7 @@ FILES = {
     """,
     "conf/model/tagger.yaml": f"_target_: {PACKAGE}.parts.Tagger\nvocab: 11\n",
     "conf/data/stream.yaml": f"_target_: {PACKAGE}.parts.make_stream\nworkers: 2\n",
+    "conf/data/documents.yaml": f"_target_: {PACKAGE}.parts.make_documents\npack_length: 8\n",
 }
 
 

@@ -46,6 +46,7 @@ MAXIMA: dict[str, tuple[float, str]] = {
     "data.num_classes": (2**24, "classes (16.8 million)"),
     "data.image_size": (WIDTH, "pixels"),
     "data.seq_len": (2**24, "tokens per sequence"),
+    "data.pack_length": (2**24, "tokens per packed sequence"),
     "data.eval_fraction": (1.0, "a fraction"),
     # optim
     "optim.base_lr": (RATE, "a learning rate"),

@@ -149,9 +149,15 @@ def loading(cfg: DataConfig, world_size: int) -> tuple[str, str] | None:
             f"{max(cfg.workers, 1)} loader process(es)) reads all of it and keeps its share; "
             + resume,
         )
+    if cfg.pack_length:
+        parts.append(
+            f"your documents packed in order into sequences of {cfg.pack_length} tokens "
+            "(data.pack_length); a target that starts a document is left out of the loss"
+        )
     if not parts:
         return None
-    return ("stream" if is_stream(splits.train) else "collated"), "; ".join(parts)
+    kind = "packed" if cfg.pack_length else "collated"
+    return ("stream" if is_stream(splits.train) else kind), "; ".join(parts)
 
 
 def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:

@@ -347,14 +347,17 @@ def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
 
 def unsized_epoch(cfg: RunConfig, source: str) -> tuple[int, str]:
     """A stream without len(): one epoch is trainer.samples (trainer.tokens, converted)."""
-    if cfg.trainer.samples <= 0:
+    from launcher.planning.tokens import in_samples
+
+    samples = in_samples(cfg).trainer.samples
+    if samples <= 0:
         target = getattr(cfg.data, "target", cfg.data)
         raise ConfigError(
             f"data._target_={target!r}: its training data is a stream without len(); state the "
             "run's length with trainer.samples=N or trainer.tokens=N (one pass of the stream)"
         )
     said = source[:-1] if source.endswith(")") else source
-    return cfg.trainer.samples, f"{said}; one epoch = trainer.samples)"
+    return samples, f"{said}; one epoch = trainer.samples)"
 
 
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
