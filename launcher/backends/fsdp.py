@@ -7,8 +7,9 @@ adds its own accumulation and no-sync bookkeeping on top of the same four calls.
 Sharding units ("the wrap policy"): each block of the model is one unit (`fully_shard` on it),
 the root takes what is left. The blocks are the built-in models' BLOCKS (launcher/models: GPT's
 transformer layers, ResNet's residual blocks, the MLP's and CNN's blocks) and, for a model of
-your own, `model.checkpoint_blocks`; a model naming none shards each module held in an
-nn.ModuleList (the usual list of transformer blocks), and a model without one is a single unit.
+your own, `model.checkpoint_blocks` (or the decoder layers a Transformers model declares in
+`_no_split_modules`); a model naming none shards each module held in an nn.ModuleList (the usual
+list of transformer blocks), and a model without one is a single unit.
 Blocks wrapped for activation checkpointing are sharded with their wrapper.
 
 Mixed precision is FSDP2's policy: float32 sharded parameters and optimizer state, parameters

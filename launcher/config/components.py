@@ -93,7 +93,9 @@ class UserModelConfig(Target, _ModelOptions):
 
     checkpoint_blocks: tuple[str, ...] = ()
     """class names (or module.ClassName) of the submodules that activation checkpointing
-    recomputes as a whole, e.g. [TransformerBlock]; needed with activation_checkpointing=true"""
+    recomputes as a whole and FSDP2 shards as one unit, e.g. [TransformerBlock]; needed with
+    activation_checkpointing=true unless the model declares them (a Transformers model's
+    _no_split_modules: checked when the model is built)"""
 
     def __post_init__(self) -> None:
         for name in self.checkpoint_blocks:
@@ -103,13 +105,6 @@ class UserModelConfig(Target, _ModelOptions):
                 name,
                 "each must be a class name, or module.ClassName",
             )
-        require(
-            bool(self.checkpoint_blocks) or not self.activation_checkpointing,
-            "model.activation_checkpointing",
-            True,
-            "a model of your own needs model.checkpoint_blocks: the class names of the blocks to "
-            "recompute (e.g. [Block]); the launcher cannot guess them",
-        )
 
 
 ModelConfig = MLPConfig | CNN1DConfig | ResNetConfig | GPTConfig | UserModelConfig

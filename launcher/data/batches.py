@@ -60,13 +60,22 @@ class Collate:
         return self.pair(batch)
 
     def pair(self, batch: Any) -> tuple[Any, Any]:
+        """(inputs, targets); a dict's labels shifted for a causal language model (a pair's
+        targets are aligned with the outputs already: packed sequences, the text data)."""
         x, y = split(batch)
         y = torch.as_tensor(y)
-        if self.shift:
-            from launcher.data import IGNORE_INDEX
-
-            y = torch.nn.functional.pad(y, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        if self.shift and isinstance(batch, Mapping):
+            y = shift(y)
         return x, y
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """Target t = label t + 1, the last IGNORE_INDEX: Transformers' ForCausalLMLoss shift (pad one
+    IGNORE_INDEX on the right, drop the first); the result has `labels`' shape."""
+    from launcher.data import IGNORE_INDEX
+
+    padded = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)
+    return padded[..., 1:].contiguous()
 
 
 def to_device(batch: Any, device: Any, dtype: Any) -> tuple[Any, Any]:

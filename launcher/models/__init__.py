@@ -3,8 +3,10 @@
 A built-in module exposes `build(cfg, spec) -> torch.nn.Module` and `BLOCKS`, the submodule types
 that activation checkpointing recomputes as a whole. Your factory returns a torch.nn.Module that
 maps an input batch to outputs; `model.checkpoint_blocks` names its block classes for activation
-checkpointing. Every build is fresh (the memory probe builds several models); a model instance
-handed to launcher.run() is the one exception: it is trained in place, and copied for the probe.
+checkpointing and FSDP2's units (where it names none: those a Transformers model declares in
+`_no_split_modules`). Every build is fresh (the memory probe builds several models); a model
+instance handed to launcher.run() is the one exception: it is trained in place, and copied for the
+probe.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
     """The model, built in the current default device and dtype. `fresh=False` (the model a run
     trains) may return an instance handed to launcher.run() itself."""
     if isinstance(cfg, UserModelConfig):
+        from launcher.models.outputs import drop_cache
+
         model = _user_model(cfg, fresh)
+        drop_cache(model)  # a Transformers model's: training reads none
     else:
         if spec.num_classes is None:
             raise ConfigError(
@@ -40,15 +45,27 @@ def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
     if cfg.activation_checkpointing:
         from launcher.models.checkpointing import checkpoint_blocks
 
-        checkpoint_blocks(model, blocks_of(cfg, model))
+        blocks = blocks_of(cfg, model)
+        if not blocks:
+            raise ConfigError(
+                "model.activation_checkpointing=True: a model of your own needs "
+                "model.checkpoint_blocks: the class names of the blocks to recompute (e.g. "
+                f"[Block]); {type(model).__name__} declares none, as a Transformers model does "
+                "in _no_split_modules"
+            )
+        checkpoint_blocks(model, blocks)
     return model
 
 
 def blocks_of(cfg: ModelConfig, model: Any) -> tuple[type, ...]:
     """The model's block classes: what activation checkpointing recomputes as a whole and
-    backend=fsdp shards as one unit (a built-in model's BLOCKS; yours: model.checkpoint_blocks)."""
+    backend=fsdp shards as one unit (a built-in model's BLOCKS; yours: model.checkpoint_blocks,
+    or where you name none, those a Transformers model declares in `_no_split_modules`, e.g.
+    LlamaDecoderLayer)."""
     if isinstance(cfg, UserModelConfig):
-        return _named_classes(model, cfg.checkpoint_blocks)
+        from launcher.models.outputs import default_blocks
+
+        return _named_classes(model, cfg.checkpoint_blocks or default_blocks(model))
     return tuple(importlib.import_module(MODELS[cfg.name]).BLOCKS)
 
 
