@@ -86,6 +86,33 @@ def make_documents(n=300, vocab=11, form="list", bad_at=-1):
     return {"train": train, "eval": test, "num_classes": vocab}
 
 
+class Sequences(torch.utils.data.Dataset):
+    """Map-style sequences of long-tailed lengths (token budgets), as dicts like Docs'."""
+
+    def __init__(self, n, vocab, seed):
+        g = torch.Generator().manual_seed(seed)
+        lengths = (torch.empty(n).log_normal_(2.0, 0.8, generator=g).clamp(2, 60)).long()
+        self.items = []
+        for i, length in enumerate(lengths.tolist()):
+            ids = torch.randint(vocab, (length,), generator=g)
+            self.items.append({"idx": i, "input_ids": ids, "labels": (ids + 1) % vocab})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_sequences(n=256, vocab=11):
+    return {
+        "train": Sequences(n, vocab, 1),
+        "eval": Sequences(48, vocab, 2),
+        "collate_fn": pad,
+        "num_classes": vocab,
+    }
+
+
 class Tagger(nn.Module):
     def __init__(self, vocab=11, width=16):
         super().__init__()
@@ -122,6 +149,7 @@ FILES = {
     """,
     "conf/model/tagger.yaml": f"_target_: {PACKAGE}.parts.Tagger\nvocab: 11\n",
     "conf/data/stream.yaml": f"_target_: {PACKAGE}.parts.make_stream\nworkers: 2\n",
+    "conf/data/sequences.yaml": f"_target_: {PACKAGE}.parts.make_sequences\n",
     "conf/data/documents.yaml": f"_target_: {PACKAGE}.parts.make_documents\npack_length: 8\n",
 }
 

@@ -267,9 +267,20 @@ class UserDataConfig(Target, _LoaderOptions):
     order into sequences of this many tokens, no target crossing from one document into the
     next (global_batch_tokens is then exact); 0 = your samples as they are"""
 
+    micro_batch_tokens: int = 0
+    """> 0: micro-batches by tokens, not samples: each rank's share of a step grouped by length
+    into micro-batches of at most this many padded tokens (your collate_fn pads them; the global
+    batch stays as stated); 0 = micro-batches of micro_batch samples"""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.pack_length >= 0, "data.pack_length", self.pack_length, "must be >= 0")
+        require(
+            self.micro_batch_tokens >= 0,
+            "data.micro_batch_tokens",
+            self.micro_batch_tokens,
+            "must be >= 0",
+        )
 
 
 DataConfig = (

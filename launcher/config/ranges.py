@@ -47,6 +47,7 @@ MAXIMA: dict[str, tuple[float, str]] = {
     "data.image_size": (WIDTH, "pixels"),
     "data.seq_len": (2**24, "tokens per sequence"),
     "data.pack_length": (2**24, "tokens per packed sequence"),
+    "data.micro_batch_tokens": (2**40, "padded tokens per micro-batch"),
     "data.eval_fraction": (1.0, "a fraction"),
     # optim
     "optim.base_lr": (RATE, "a learning rate"),

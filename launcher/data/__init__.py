@@ -7,6 +7,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from launcher.config.components import DataConfig, UserDataConfig
 
 # name -> module with `build(cfg) -> Splits` and `epoch_samples(cfg) -> (int, str)`
@@ -39,6 +41,8 @@ class DataSpec:
     """with a collate_fn: the worst-case sample (the longest) the probe measures"""
     worst: str = ""
     """with a collate_fn: how the worst-case sample was found, for the plan's memory row"""
+    longest: int = 0
+    """with a collate_fn: the worst-case sample's length in tokens"""
 
     def describe(self) -> str:
         """The shapes and dtypes of one sample, for cache keys and messages."""
@@ -77,9 +81,9 @@ class Splits:
     spec: DataSpec
     collate: Any = None  # your collate_fn (data/user.py), None: torch's default
 
-    def sources(self, shift: bool = False) -> tuple[Source, Source]:
+    def sources(self, shift: bool = False, budget: int = 0) -> tuple[Source, Source]:
         """(train, eval) as the loaders read them; `shift`: a causal language model's labels
-        (launcher/data/batches.py)."""
+        (launcher/data/batches.py); `budget`: training micro-batches by tokens."""
         from launcher.data.batches import Collate
         from launcher.data.stream import is_stream, stream_len
 
@@ -88,6 +92,11 @@ class Splits:
             Source(d, collate, is_stream(d), is_stream(d) and stream_len(d) is not None)
             for d in (self.train, self.eval)
         )
+        if budget:
+            from launcher.data.lengths import lengths
+
+            every = np.asarray(lengths(self.train), dtype=np.int64)
+            train = dataclasses.replace(train, budget=budget, lengths=every)
         return train, evaluation
 
     def epoch(self) -> tuple[int, str]:
@@ -241,6 +250,8 @@ class Source:
     collate: Any
     stream: bool = False
     sized: bool = True
+    budget: int = 0  # data.micro_batch_tokens: micro-batches by a token budget (sampler.py)
+    lengths: Any = None  # with a budget: every sample's length (data/lengths.py)
 
 
 def as_source(data: Any) -> Source:
@@ -291,10 +302,9 @@ def train_loader(
         )
         return snapshots.batches(_share_loader(share, settings), _stream_error)
 
-    from launcher.data.sampler import GlobalBatchSampler
+    from launcher.data.sampler import BudgetSampler, GlobalBatchSampler
 
-    sampler = GlobalBatchSampler(
-        len(source.dataset),
+    kw = dict(
         global_batch=plan.global_batch,
         micro_batch=plan.micro_batch,
         world_size=plan.world_size,
@@ -304,7 +314,43 @@ def train_loader(
         start_step=start_step,
         start_position=start,
     )
+    if source.budget:
+        budgeted = BudgetSampler(
+            len(source.dataset), lengths=source.lengths, budget=source.budget, **kw
+        )
+        return Budgeted(make_loader(source.dataset, budgeted, settings, source.collate), budgeted)
+    sampler = GlobalBatchSampler(len(source.dataset), **kw)
     return make_loader(source.dataset, sampler, settings, source.collate)
+
+
+class Budgeted:
+    """The micro-batches of a token-budget run, with how many make each step (`next_step`) and
+    the padding they carried since `padding()` was last read."""
+
+    def __init__(self, loader: Any, sampler: Any) -> None:
+        self._batches = iter(loader)
+        self._sizes = sampler.step_sizes()
+        self.real = self.slots = 0
+
+    def __iter__(self) -> Budgeted:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._batches)
+
+    def next_step(self) -> int:
+        """The number of micro-batches of the next step (its padding counted)."""
+        count, real, slots = next(self._sizes)
+        self.real, self.slots = self.real + real, self.slots + slots
+        return int(count)
+
+    def padding(self) -> float | None:
+        """The share of padded token slots since the last call (None: no step since)."""
+        if not self.slots:
+            return None
+        share = 1 - self.real / self.slots
+        self.real = self.slots = 0
+        return share
 
 
 def _stream_error(message: str) -> Exception:

@@ -84,3 +84,55 @@ def eval_shards(num_samples: int, world_size: int, rank: int, batch: int) -> lis
     """This rank's eval batches: indices rank, rank + world, ... (each sample exactly once)."""
     mine = np.arange(rank, num_samples, world_size)
     return [mine[i : i + batch] for i in range(0, len(mine), batch)]
+
+
+class BudgetSampler(GlobalBatchSampler):
+    """GlobalBatchSampler's steps, each rank's share cut into micro-batches by a token budget
+    (launcher/data/budget.py): grouped by length, at most `budget` padded tokens and
+    `micro_batch` samples each, and as many micro-batches on every rank (the most any rank needs
+    this step; each rank splits every rank's share, so no collective is needed). `step_sizes()`
+    gives, step by step, how many micro-batches this rank yields and their real and padded
+    token counts (the loop reads it beside the batches)."""
+
+    def __init__(self, num_samples: int, *, lengths: np.ndarray, budget: int, **kw: int) -> None:
+        super().__init__(num_samples, **kw)  # type: ignore[arg-type]
+        self.lengths, self.budget = lengths, budget
+
+    def _split(self, step: int) -> list[np.ndarray]:
+        """This rank's micro-batches (dataset indices) of optimizer step start_step + step."""
+        from launcher.data.budget import split_by_tokens, to_count
+
+        first = self.start_position + step * self.global_batch
+        shares = [
+            self._positions(first + r * self.per_device, self.per_device)
+            for r in range(self.global_batch // self.per_device)
+        ]
+        splits = []
+        for share in shares:
+            lengths = [int(n) for n in self.lengths[share]]
+            splits.append(_capped(split_by_tokens(lengths, self.budget), self.micro_batch))
+        count = max(len(s) for s in splits)
+        mine = shares[self.rank]
+        lengths = [int(n) for n in self.lengths[mine]]
+        return [mine[b] for b in to_count(lengths, splits[self.rank], count)]
+
+    def __len__(self) -> int:
+        return sum(len(self._split(k)) for k in range(self.steps - self.start_step))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for k in range(self.steps - self.start_step):
+            yield from self._split(k)
+
+    def step_sizes(self) -> Iterator[tuple[int, int, int]]:
+        """(micro-batches, real tokens, padded token slots) of this rank, step by step."""
+        for k in range(self.steps - self.start_step):
+            batches = self._split(k)
+            real = sum(int(self.lengths[b].sum()) for b in batches)
+            slots = sum(len(b) * int(self.lengths[b].max()) for b in batches)
+            yield len(batches), real, slots
+
+
+def _capped(batches: list[list[int]], cap: int) -> list[list[int]]:
+    """Micro-batches of at most `cap` samples: a larger one cut into pieces of `cap` (in order,
+    longest first, so the padded size only falls)."""
+    return [b[i : i + cap] for b in batches for i in range(0, len(b), cap)]

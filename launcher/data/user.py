@@ -219,6 +219,7 @@ def _collated_spec(
         collate=collate,
         sample=sample,
         worst=f"{how}: {length:,} tokens",
+        longest=length,
     )
 
 

@@ -54,6 +54,11 @@ def format_plan(plan: BatchPlan) -> str:
         "ramp": f"{plan.ramp[0].global_batch}->{plan.global_batch}" if plan.ramp else "-",
         **({"ramp": f"adaptive<={plan.adaptive_cap}"} if plan.adaptive_cap else {}),
         "tokens_per_batch": f"{plan.global_batch * plan.sample_tokens:,}",
+        **(
+            {"accumulation": "varies", "micro_batch": f"<={plan.micro_batch}"}
+            if plan.data == "budget"
+            else {}
+        ),
     }
     seq = plan.sample_tokens  # a run stated in tokens: both units (launcher/planning/tokens.py)
     if "global_batch_tokens" in plan.in_tokens:

@@ -122,7 +122,7 @@ def shrink_micro_batch(plan: BatchPlan, step: int, ranks: list[int]) -> BatchPla
         f"{plan.world_size} devices)",
     }
     noise = plan.noise
-    if noise != "off":  # accumulation is 2 or more now
+    if noise != "off" and plan.data != "budget":  # accumulation is 2 or more now
         noise, reasons["noise_scale"] = noise_mode(
             micro, accumulation, plan.global_batch, plan.world_size, plan.oom_recovery, 1
         )

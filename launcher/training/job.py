@@ -20,6 +20,7 @@ from launcher.data import declared_epoch_samples, loading
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, plan_batch
 from launcher.planning.render import format_plan
+from launcher.training.budgeting import budget_config, budget_of, budget_plan
 from launcher.training.metrics import check_trackers
 
 RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # torchrun --rdzv-id, in a folder name
@@ -46,6 +47,9 @@ def plan_for(
         where = f" = {shape} (cluster={c.name}{each})"
     else:
         where = f" {topology.device} process(es) on {topology.nodes} node(s), {topology.source}"
+    budgeted = budget_of(cfg) > 0
+    if budgeted:  # data.micro_batch_tokens: the budget cuts the per-device batch
+        cfg = budget_config(cfg, topology.world_size)
     plan = plan_batch(
         cfg,
         topology.world_size,
@@ -60,6 +64,11 @@ def plan_for(
     row = loading(cfg.data, topology.world_size)
     if row is not None:  # streamed or collated data: how it is read, what the probe measured
         plan = dataclasses.replace(plan, reasons=plan.reasons | {"data": row[1]}, data=row[0])
+    if budgeted:
+        from launcher.data import build_splits
+        from launcher.data.lengths import lengths
+
+        plan = budget_plan(cfg, plan, lengths(build_splits(cfg.data).train))
     return topology, plan
 
 

@@ -113,13 +113,17 @@ def accumulate(
     """
     model, backend = t.model, t.backend
     total = torch.zeros((), device=backend.device, dtype=torch.float64)
+    count = _count(micro_batches, plan)
+    if count != plan.accumulation:  # token-budget micro-batches: the meter sees this step's
+        plan = dataclasses.replace(plan, accumulation=count)
     batches, tokens = _step_batches(t, micro_batches, plan)
-    for j in range(plan.accumulation):
+    seen = 0.0  # samples (or counted tokens in samples) so far: the rank mode's piece
+    for j in range(count):
         if before_micro_step is not None:
             before_micro_step(j)
         batch = next(batches)
         x, y = to_device(batch, backend.device, t.dtype)
-        if len(y) != plan.micro_batch:
+        if len(y) != plan.micro_batch and not hasattr(micro_batches, "next_step"):
             raise RuntimeError(f"micro-batch of {len(y)} samples, the plan says {plan.micro_batch}")
         half = len(y) // 2
         pieces = (
@@ -137,9 +141,17 @@ def accumulate(
                 backend.backward(loss)
             if meter is not None:
                 size = _size(t, batch, k if split else None, plan, tokens)
-                meter.backward_done(model, plan, j, k, size)
+                seen += size
+                meter.backward_done(model, plan, j, k, seen if plan.noise == "rank" else size)
             total += loss.detach()
     return total
+
+
+def _count(micro_batches: Iterator[Any], plan: BatchPlan) -> int:
+    """The micro-batches of the next step: the plan's accumulation, or as many as a token
+    budget made of it (launcher/data Budgeted)."""
+    next_step = getattr(micro_batches, "next_step", None)
+    return int(next_step()) if next_step is not None else plan.accumulation
 
 
 def _step_batches(
@@ -409,6 +421,10 @@ def _log(
         "train_s": sink.train_seconds(),
     }
     measured = meter.flush() if meter is not None else {}
+    padding = getattr(at.batches, "padding", None)
+    share = padding() if padding is not None else None
+    if share is not None:  # token-budget micro-batches: the padding they carried
+        measured["padding_fraction"] = share
     sink.log(record | measured)
     return measured.get("noise_scale")
 

@@ -106,7 +106,8 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
     _check_context(cfg, model)
     job = Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
-    job.sources = splits.sources(shift=shifts_labels(model))
+    budget = getattr(cfg.data, "micro_batch_tokens", 0)
+    job.sources = splits.sources(shift=shifts_labels(model), budget=budget)
     job.snapshots = Snapshots()
     return job
 
