@@ -22,7 +22,7 @@ from launcher.data.sampler import BudgetSampler, GlobalBatchSampler
 from launcher.planning.plan import plan_batch
 from tests.helpers import composed
 from tests.stream_project import write_project
-from tests.test_stream import V, Tagger, pad
+from tests.test_stream import Tagger, V, pad
 
 LENGTHS = np.random.default_rng(3).lognormal(2.0, 0.8, 200).clip(2, 60).astype(np.int64)
 
