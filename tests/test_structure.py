@@ -28,6 +28,7 @@ WHOLE_CONFIG = {
         "execute": JOB,
     },
     "training/phases.py": {"train_job": JOB, "set_up": JOB},
+    "training/budgeting.py": {"budget_config": PLAN},
     "training/checkpointer.py": {"__init__": RECORD},
     "training/metrics.py": {"open_trackers": RECORD},
     "checkpoint/resume.py": {"capture": RECORD, "check": RECORD},

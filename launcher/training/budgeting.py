@@ -20,8 +20,9 @@ from launcher.errors import ConfigError
 DRAWS = 64  # random steps the plan's padding estimate averages over
 
 
-def budget_of(cfg: RunConfig) -> int:
-    return int(getattr(cfg.data, "micro_batch_tokens", 0) or 0)
+def budget_of(data: Any) -> int:
+    """data.micro_batch_tokens of your data's config; 0 for any other data."""
+    return int(getattr(data, "micro_batch_tokens", 0) or 0)
 
 
 def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
@@ -31,7 +32,7 @@ def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
     from launcher.data.stream import is_stream
     from launcher.planning.tokens import in_samples
 
-    budget = budget_of(cfg)
+    budget = budget_of(cfg.data)
     key = f"data.micro_batch_tokens={budget}"
     splits = build_splits(cfg.data)
     if is_stream(splits.train) or getattr(cfg.data, "pack_length", 0) or splits.collate is None:
@@ -56,13 +57,13 @@ def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
     return dataclasses.replace(cfg, micro_batch=max(gb // world_size, 1))
 
 
-def budget_plan(cfg: RunConfig, plan: Any, lengths: Any) -> Any:
+def budget_plan(data: Any, plan: Any, lengths: Any) -> Any:
     """The plan's micro_batch, accumulation and noise rows for a token budget."""
     import numpy as np
 
     from launcher.data.budget import expected_padding, fixed_padding, split_by_tokens
 
-    budget, per_device = budget_of(cfg), plan.per_device_batch
+    budget, per_device = budget_of(data), plan.per_device_batch
     sample = np.asarray(lengths)
     rng = np.random.default_rng(0)
     draws = [rng.choice(sample, per_device) for _ in range(DRAWS)]

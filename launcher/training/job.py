@@ -39,7 +39,7 @@ def plan_for(
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
     samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
     if samples == 0:  # a stream without len() (data/stream.py): its epoch is the run's length
-        samples, source = unsized_epoch(cfg, source)
+        samples, source = unsized_epoch(cfg.data, cfg.trainer, source)
     c = cfg.cluster
     if cfg.plan_only and c.declared_world_size is not None:
         each = "" if c.device_memory_gb == "auto" else f", {c.device_memory_gb:g} GiB each"
@@ -47,7 +47,7 @@ def plan_for(
         where = f" = {shape} (cluster={c.name}{each})"
     else:
         where = f" {topology.device} process(es) on {topology.nodes} node(s), {topology.source}"
-    budgeted = budget_of(cfg) > 0
+    budgeted = budget_of(cfg.data) > 0
     if budgeted:  # data.micro_batch_tokens: the budget cuts the per-device batch
         cfg = budget_config(cfg, topology.world_size)
     plan = plan_batch(
@@ -68,7 +68,7 @@ def plan_for(
         from launcher.data import build_splits
         from launcher.data.lengths import lengths
 
-        plan = budget_plan(cfg, plan, lengths(build_splits(cfg.data).train))
+        plan = budget_plan(cfg.data, plan, lengths(build_splits(cfg.data).train))
     return topology, plan
 
 
@@ -354,13 +354,14 @@ def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
     return dataclasses.replace(plan, budget=value, reasons=plan.reasons | {"budget": why})
 
 
-def unsized_epoch(cfg: RunConfig, source: str) -> tuple[int, str]:
+def unsized_epoch(data: Any, trainer: Any, source: str) -> tuple[int, str]:
     """A stream without len(): one epoch is trainer.samples (trainer.tokens, converted)."""
-    from launcher.planning.tokens import in_samples
+    from launcher.planning.tokens import tokens_per_sample
 
-    samples = in_samples(cfg).trainer.samples
+    per = tokens_per_sample(data)
+    samples = trainer.samples or (trainer.tokens // per if per else 0)
     if samples <= 0:
-        target = getattr(cfg.data, "target", cfg.data)
+        target = getattr(data, "target", data)
         raise ConfigError(
             f"data._target_={target!r}: its training data is a stream without len(); state the "
             "run's length with trainer.samples=N or trainer.tokens=N (one pass of the stream)"

@@ -104,7 +104,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     if cfg.trainer.channels_last:  # 4-D weights only: other models are unchanged
         model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
-    _check_context(cfg, model)
+    _check_context(cfg.data, model)
     job = Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
     budget = getattr(cfg.data, "micro_batch_tokens", 0)
     job.sources = splits.sources(shift=shifts_labels(model), budget=budget)
@@ -112,11 +112,11 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     return job
 
 
-def _check_context(cfg: RunConfig, model: Any) -> None:
+def _check_context(data: Any, model: Any) -> None:
     """A packed sequence the model can take: data.pack_length within its context (positions)."""
     from launcher.models.outputs import context_length
 
-    length = getattr(cfg.data, "pack_length", 0)
+    length = getattr(data, "pack_length", 0)
     context = context_length(model) if length else None
     if context is not None and length > context:
         raise ConfigError(
