@@ -8,6 +8,7 @@ accumulation 4, the step of one large batch (float64, 1e-10)."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import IterableDataset
 
 from launcher.data import IGNORE_INDEX, LoaderSettings, Source, train_loader
 from launcher.data.batches import Collate
+from launcher.data.packing import PackedStream, pack
 from launcher.data.stream import Snapshots, digest
 from launcher.errors import ConfigError
 from launcher.planning.plan import plan_batch
@@ -260,16 +262,32 @@ class Tagger(nn.Module):
         return self.out(torch.tanh(self.emb(input_ids)))
 
 
-def _reference() -> dict[str, torch.Tensor]:
-    """One SGD step (lr 1) on the mean over every counted token of the G sequences at once."""
+PACK = 4  # tokens per packed sequence (72 tokens: 17 packs)
+
+
+def _source(packed: bool) -> Source:
+    """The padded stream of dict batches, or the same documents packed into PACK tokens."""
+    if packed:
+        return Source(PackedStream(Documents(), PACK), Collate(None), stream=True, sized=False)
+    return Source(Documents(), Collate(pad), stream=True, sized=False)
+
+
+def _reference(packed: bool) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 1) on the mean over every counted token of G sequences at once (the
+    first G packs, for packing)."""
     model = Tagger().double()
-    batch = pad(list(Documents()))
-    logits = model(batch["input_ids"])
-    F.cross_entropy(logits.reshape(-1, V), batch["labels"].reshape(-1)).backward()
+    if packed:
+        packs = list(itertools.islice(pack(Documents(), PACK), G))
+        x, y = torch.stack([p[0] for p in packs]), torch.stack([p[1] for p in packs])
+        assert len(packs) == G and (y == IGNORE_INDEX).any()  # boundaries inside the step
+    else:
+        batch = pad(list(Documents()))
+        x, y = batch["input_ids"], batch["labels"]
+    F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
     return {n: (p - p.grad).detach() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, packed: bool) -> None:
     import os
 
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
@@ -294,7 +312,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     model = Tagger().double()
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
-    source = Source(Documents(), Collate(pad), stream=True, sized=False)
+    source = _source(packed)
     feed = Feed(
         lambda p, step: train_loader(source, p, rank, 0, step, LoaderSettings(workers=2)),
         lambda p: eval_loader(source, p, rank),
@@ -315,12 +333,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_over_a_padded_stream_match_one_large_batch(tmp_path: Path):
-    """2 ranks x 2 workers x micro 2 x accumulation 4 over a stream of sequences of 1-8 tokens
-    in dict batches padded per micro-batch: the weights after the step are those of one large
-    batch of all 16 sequences (float64, 1e-10)."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_two_gloo_ranks_over_a_stream_match_one_large_batch(packed, tmp_path: Path):
+    """2 ranks x 2 workers x micro 2 x accumulation 4 over a stream of sequences of 1-8 tokens,
+    in dict batches padded per micro-batch, or packed into sequences of 4 tokens (no target
+    across a document): the weights after the step are those of one large batch of the same 16
+    sequences (float64, 1e-10)."""
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
-    got, ref = torch.load(out, weights_only=True), _reference()
+    mp.spawn(_worker, args=(_free_port(), out, packed), nprocs=2, join=True)
+    got, ref = torch.load(out, weights_only=True), _reference(packed)
     for name, value in ref.items():
         torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10, msg=name)
