@@ -148,6 +148,19 @@ FILES = {
           every_samples: 32
     """,
     "conf/model/tagger.yaml": f"_target_: {PACKAGE}.parts.Tagger\nvocab: 11\n",
+    "conf/model/llama.yaml": """
+        # a Transformers causal LM built offline from a config (pip install 'globalbatch[hf]')
+        _target_: transformers.AutoModelForCausalLM.from_config
+        config:
+          _target_: transformers.LlamaConfig
+          vocab_size: 11
+          hidden_size: 32
+          intermediate_size: 64
+          num_hidden_layers: 2
+          num_attention_heads: 4
+          num_key_value_heads: 2
+          max_position_embeddings: 64
+    """,
     "conf/data/stream.yaml": f"_target_: {PACKAGE}.parts.make_stream\nworkers: 2\n",
     "conf/data/sequences.yaml": f"_target_: {PACKAGE}.parts.make_sequences\n",
     "conf/data/documents.yaml": f"_target_: {PACKAGE}.parts.make_documents\npack_length: 8\n",

@@ -26,12 +26,16 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def _run(project: Path, cwd: Path, extra: list[str], kill: str = "", two: bool = False):
+def _run(
+    project: Path, cwd: Path, extra: list[str], kill: str = "", two: bool = False, oom: str = ""
+):
     seen = cwd / f"seen-{len(list(cwd.glob('seen-*')))}"
     seen.mkdir(parents=True)
     env = {"STREAMPROJ_SEEN": str(seen), "PYTHONPATH": str(project)}
     if kill:
         env["LAUNCHER_TEST_KILL"] = kill
+    if oom:
+        env["LAUNCHER_TEST_OOM"] = oom
     args = ["--config-dir", str(project / "conf"), "+recipe=streamed", "run_dir=run", *extra]
     if two:
         args.append("trainer.devices=2")
@@ -124,3 +128,44 @@ def test_a_stream_that_differs_between_ranks_is_refused_after_the_first_step(pro
     assert not (tmp_path / "run" / "checkpoints").exists() or not list(
         (tmp_path / "run" / "checkpoints").glob("*.pt")
     )
+
+
+LLAMA = [
+    "data=documents",
+    "model=llama",
+    "global_batch_tokens=128",
+    "backend=fsdp",
+    "micro_batch=auto",
+]
+LLAMA += ["model.activation_checkpointing=true", "trainer.epochs=3"]
+
+
+@pytest.mark.slow
+def test_a_transformers_llama_on_packed_documents_under_fsdp2_on_two_ranks(project, tmp_path):
+    """A LlamaForCausalLM built from its config, packed documents (global_batch_tokens), FSDP2
+    sharding its LlamaDecoderLayers on 2 ranks with activation checkpointing: a ramp-up in
+    tokens and an injected out-of-memory error on rank 1 go through, the loss falls; killed
+    after step 10 and rerun, a run without them ends bit-identical to one never interrupted."""
+    pytest.importorskip("transformers")
+    env_oom = tmp_path / "oom"
+    ramp = ["ramp.start_batch_tokens=32", "ramp.tokens=512"]
+    res, _ = _run(project, env_oom, [*LLAMA, *ramp], two=True, oom="1:6:4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = read_metrics(env_oom / "run")
+    events = collections.Counter(r.get("event") for r in records)
+    assert events["out_of_memory"] == 1 and events["ramp"] == 2, events
+    losses = _losses(env_oom / "run")
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert losses[max(losses)] < 0.3 * losses[1] and evals[-1] < 0.1, (losses, evals)
+
+    whole, _ = _run(project, tmp_path / "whole", LLAMA, two=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = tmp_path / "cut"
+    killed, _ = _run(project, cut, LLAMA, kill="10:step", two=True)
+    assert killed.returncode != 0
+    done, _ = _run(project, cut, LLAMA, two=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launcher: resuming from" in done.stdout
+    ref, got = _params(tmp_path / "whole" / "run"), _params(cut / "run")
+    for name, value in ref.items():
+        assert torch.equal(got[name], value), name
