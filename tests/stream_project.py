@@ -113,6 +113,21 @@ def make_sequences(n=256, vocab=11):
     }
 
 
+def extra_key(samples):
+    """A mistake: a key the model's forward does not take."""
+    return pad(samples) | {"extra": torch.zeros(len(samples))}
+
+
+def no_labels(samples):
+    """A mistake: no labels in the batch."""
+    return {"input_ids": pad(samples)["input_ids"]}
+
+
+def make_collated(collate="extra_key"):
+    """The stream with one of the mistaken collates above."""
+    return make_stream(64) | {"collate_fn": globals()[collate]}
+
+
 class Tagger(nn.Module):
     def __init__(self, vocab=11, width=16):
         super().__init__()

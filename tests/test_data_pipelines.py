@@ -1,8 +1,9 @@
 """Token-budget micro-batches in the loader and the loop (data.micro_batch_tokens, issue 31):
 each step's samples are the global order's, whatever the budget; every rank runs as many
 micro-batches; no micro-batch exceeds the budget; and on 2 gloo ranks a step over padded
-variable-length samples is the step of one large batch (float64, 1e-10). Bad budgets are one
-line, exit 2, nothing written."""
+variable-length samples is the step of one large batch (float64, 1e-10). Data the run cannot
+take (a bad budget, a collate the model cannot take or without labels, a document that is not
+token ids, packs beyond the model's context) is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -184,50 +185,75 @@ def test_two_gloo_ranks_with_a_token_budget_match_one_large_batch(tmp_path: Path
 
 
 # -------------------------------------------------------------------------------- bad input
+COLLATED = "data._target_=streamproj.parts.make_collated"
+BAD = [
+    (
+        ["data=sequences", "+data.micro_batch_tokens=50"],
+        "data.micro_batch_tokens=50: smaller than the longest sample (60 tokens, the longest "
+        "of all 256 training samples: 60 tokens); must be at least 60",
+    ),
+    (
+        ["data=stream", "+data.micro_batch_tokens=500"],
+        "data.micro_batch_tokens=500: needs map-style data of variable-length samples",
+    ),
+    (
+        ["data=sequences", "+data.micro_batch_tokens=500", "ramp.start_batch=4", "ramp.samples=64"],
+        "data.micro_batch_tokens=500: a batch ramp-up (ramp.start_batch) with token budgets "
+        "is not supported",
+    ),
+    (
+        [COLLATED],
+        "TypeError: Tagger.forward() got an unexpected keyword argument 'extra' (on inputs "
+        "input_ids (2, 12) torch.int64, extra (2,) torch.float32)",
+    ),
+    (
+        [COLLATED, "+data.collate=no_labels"],
+        "its collate_fn on [train[0]] gives a dict batch with keys ['input_ids'] has no 'labels'",
+    ),
+    (
+        ["data=documents", "+data.bad_at=5"],
+        "data.pack_length=8: document 5 is a Tensor of shape (1, 6)",
+    ),
+    (
+        ["data=documents", "model=llama", "data.pack_length=128"],
+        "data.pack_length=128: longer than the model's context of 64 positions",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
-    [
-        (
-            ["data=sequences", "+data.micro_batch_tokens=50"],
-            "data.micro_batch_tokens=50: smaller than the longest sample (60 tokens, the longest "
-            "of all 256 training samples: 60 tokens); must be at least 60",
-        ),
-        (
-            ["data=stream", "+data.micro_batch_tokens=500"],
-            "data.micro_batch_tokens=500: needs map-style data of variable-length samples",
-        ),
-        (
-            [
-                "data=sequences",
-                "+data.micro_batch_tokens=500",
-                "ramp.start_batch=4",
-                "ramp.samples=64",
-            ],
-            "data.micro_batch_tokens=500: a batch ramp-up (ramp.start_batch) with token budgets "
-            "is not supported",
-        ),
+    BAD,
+    ids=[
+        "budget-too-small",
+        "budget-stream",
+        "budget-ramp",
+        "collate-extra-key",
+        "collate-no-labels",
+        "bad-document",
+        "pack-beyond-context",
     ],
-    ids=["too-small", "stream", "ramp"],
 )
-def test_a_budget_that_cannot_apply_is_one_line_exit_2(
-    args, message, tmp_path, monkeypatch, capsys
+def test_data_that_cannot_apply_is_one_line_exit_2_nothing_written(
+    args, message, streamproj, capsys
 ):
+    code = main(
+        ["--config-dir", str(streamproj / "proj" / "conf"), "+recipe=streamed", *args]
+        + [f"memory.cache_dir={streamproj / 'cache'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in streamproj.iterdir()) == ["proj"]  # nothing written
+
+
+@pytest.fixture
+def streamproj(tmp_path, monkeypatch):
+    """The stream project in tmp_path/proj, importable; the working folder tmp_path."""
     import sys
 
     write_project(tmp_path / "proj")
     monkeypatch.syspath_prepend(str(tmp_path / "proj"))
     monkeypatch.chdir(tmp_path)
-    code = main(
-        [
-            "--config-dir",
-            str(tmp_path / "proj" / "conf"),
-            "+recipe=streamed",
-            *args,
-            f"memory.cache_dir={tmp_path / 'cache'}",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and message in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # nothing written
+    yield tmp_path
     for name in [m for m in sys.modules if m.startswith("streamproj")]:
         del sys.modules[name]
