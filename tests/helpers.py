@@ -168,3 +168,57 @@ def write_cifar10(root: Path, per_batch: int, seed: int = 0) -> dict[str, np.nda
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(names_meta, f, protocol=2)
     return written
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a gloo rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sgd_step_on_rank(
+    rank: int, port: int, source, model, global_batch: int, micro: int, workers: int = 0
+) -> dict:
+    """One plain SGD step (lr 1, no momentum, decay, clipping or warmup) of the real loop on this
+    process's rank of 2 gloo ranks, over `source` (launcher/data Source) from `model`; returns
+    the parameters after it (on every rank)."""
+    import os
+
+    import torch
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+    torch.set_num_threads(1)
+    from launcher.backends import teardown
+    from launcher.backends.accelerate import AccelerateBackend
+    from launcher.data import LoaderSettings, eval_loader, train_loader
+    from launcher.optim import build_optimizer
+    from launcher.planning.plan import plan_batch
+    from launcher.training.loop import Feed, Settings, Trainee, fit
+    from launcher.training.metrics import MetricsSink
+
+    cfg = composed(
+        [f"global_batch={global_batch}", f"micro_batch={micro}", "optim=sgd", "optim.base_lr=1.0"]
+        + [f"optim.ref_batch={global_batch}", "optim.momentum=0", "optim.weight_decay=0"]
+        + ["optim.clip_grad_norm=0", "optim.large_batch.enabled=false", "schedule=constant"]
+        + ["schedule.warmup_epochs=0", "trainer.epochs=1"]
+    )
+    backend = AccelerateBackend(cfg, "cpu")
+    plan = plan_batch(cfg, 2, global_batch)
+    assert plan.steps == 1, plan.steps
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    model, optimizer = backend.prepare(model, optimizer, plan)
+    loading = LoaderSettings(workers=workers)
+    feed = Feed(
+        lambda p, step: train_loader(source, p, rank, 0, step, loading),
+        lambda p: eval_loader(source, p, rank),
+    )
+    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
+    t = Trainee(model, optimizer, backend, torch.float64)
+    fit(t, plan, feed, sink, Settings(log_every=1, eval_every_samples=global_batch))
+    params = {n: p.detach().clone() for n, p in backend.unwrap(model).named_parameters()}
+    teardown()
+    return params

@@ -6,7 +6,8 @@ STREAMPROJ_SEEN/<pid>.txt when that is set, so a test can count every sample a r
 from __future__ import annotations
 
 from pathlib import Path
-from textwrap import dedent
+
+from tests import user_project
 
 PACKAGE = "streamproj"
 
@@ -184,8 +185,4 @@ FILES = {
 
 def write_project(root: Path) -> Path:
     """Write the project under `root`; returns its config dir (`root`/conf)."""
-    for name, text in FILES.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(dedent(text).lstrip("\n"))
-    return root / "conf"
+    return user_project.write_project(root, FILES)

@@ -7,7 +7,6 @@ token ids, packs beyond the model's context) is one line, exit 2, nothing writte
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from launcher.cli import main
-from launcher.data import Source, train_loader
+from launcher.data import Source
 from launcher.data.batches import Collate
 from launcher.data.sampler import BudgetSampler, GlobalBatchSampler
-from launcher.planning.plan import plan_batch
-from tests.helpers import composed
+from tests.helpers import free_port, sgd_step_on_rank
 from tests.stream_project import write_project
 from tests.test_stream import Tagger, V, pad
 
@@ -105,72 +103,24 @@ def _reference() -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    import os
-
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-    torch.set_num_threads(1)
-    from launcher.backends import teardown
-    from launcher.backends.accelerate import AccelerateBackend
-    from launcher.data import eval_loader
-    from launcher.optim import build_optimizer
-    from launcher.training.loop import Feed, Settings, Trainee, fit
-    from launcher.training.metrics import MetricsSink
-
-    cfg = composed(
-        [f"global_batch={G}", "micro_batch=8", "optim=sgd", "optim.base_lr=1.0"]
-        + [f"optim.ref_batch={G}", "optim.momentum=0", "optim.weight_decay=0"]
-        + ["optim.clip_grad_norm=0", "optim.large_batch.enabled=false", "schedule=constant"]
-        + ["schedule.warmup_epochs=0", "trainer.epochs=1"]
-    )
-    backend = AccelerateBackend(cfg, "cpu")
-    plan = plan_batch(cfg, 2, G)
     data = Lengthy()
     lengths = np.array([len(s["input_ids"]) for s in data.items])
-    source = Source(data, Collate(pad), budget=30, lengths=lengths)
-    model = Tagger().double()
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
-    model, optimizer = backend.prepare(model, optimizer, plan)
-    counts: list[int] = []
-
-    def batches(p, step):
-        loader = train_loader(source, p, rank, 0, step)
-        counts.extend(
-            c
-            for c, _, _ in BudgetSampler(
-                G,
-                lengths=lengths,
-                budget=30,
-                global_batch=G,
-                micro_batch=8,
-                world_size=2,
-                rank=rank,
-                seed=0,
-                steps=1,
-            ).step_sizes()
-        )
-        return loader
-
-    feed = Feed(batches, lambda p: eval_loader(Source(data, Collate(pad)), p, rank))
-    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
-    fit(
-        Trainee(model, optimizer, backend, torch.float64),
-        plan,
-        feed,
-        sink,
-        Settings(log_every=1, eval_every_samples=G),
+    budget = BudgetSampler(
+        G,
+        lengths=lengths,
+        budget=30,
+        global_batch=G,
+        micro_batch=8,
+        world_size=2,
+        rank=rank,
+        seed=0,
+        steps=1,
     )
-    assert counts[0] >= 3, counts  # the budget made several micro-batches of the step
+    assert next(budget.step_sizes())[0] >= 3  # the budget makes several micro-batches
+    source = Source(data, Collate(pad), budget=30, lengths=lengths)
+    params = sgd_step_on_rank(rank, port, source, Tagger().double(), G, 8)
     if rank == 0:
-        params = backend.unwrap(model).named_parameters()
-        torch.save({n: p.detach().clone() for n, p in params}, out)
-    teardown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        torch.save(params, out)
 
 
 @pytest.mark.slow
@@ -178,7 +128,7 @@ def test_two_gloo_ranks_with_a_token_budget_match_one_large_batch(tmp_path: Path
     """16 sequences of 1-15 tokens, 2 ranks, micro-batches of at most 30 padded tokens (3 or
     more per rank, as many on both): the weights after the step are one large batch's."""
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     got, ref = torch.load(out, weights_only=True), _reference()
     for name, value in ref.items():
         torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10, msg=name)

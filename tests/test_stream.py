@@ -9,7 +9,6 @@ accumulation 4, the step of one large batch (float64, 1e-10)."""
 from __future__ import annotations
 
 import itertools
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from launcher.data.packing import PackedStream, pack
 from launcher.data.stream import Snapshots, digest
 from launcher.errors import ConfigError
 from launcher.planning.plan import plan_batch
-from tests.helpers import composed
+from tests.helpers import composed, free_port, sgd_step_on_rank
 
 
 class Numbers(IterableDataset):
@@ -288,48 +287,9 @@ def _reference(packed: bool) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, out: str, packed: bool) -> None:
-    import os
-
-    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    os.environ |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-    torch.set_num_threads(1)
-    from launcher.backends import teardown
-    from launcher.backends.accelerate import AccelerateBackend
-    from launcher.data import eval_loader
-    from launcher.optim import build_optimizer
-    from launcher.training.loop import Feed, Settings, Trainee, fit
-    from launcher.training.metrics import MetricsSink
-
-    cfg = composed(
-        [f"global_batch={G}", "micro_batch=2", "optim=sgd", "optim.base_lr=1.0"]
-        + [f"optim.ref_batch={G}", "optim.momentum=0", "optim.weight_decay=0"]
-        + ["optim.clip_grad_norm=0", "optim.large_batch.enabled=false", "schedule=constant"]
-        + ["schedule.warmup_epochs=0", "trainer.epochs=1"]
-    )
-    backend = AccelerateBackend(cfg, "cpu")
-    plan = plan_batch(cfg, 2, G)
-    assert (plan.steps, plan.accumulation) == (1, 4)
-    model = Tagger().double()
-    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
-    model, optimizer = backend.prepare(model, optimizer, plan)
-    source = _source(packed)
-    feed = Feed(
-        lambda p, step: train_loader(source, p, rank, 0, step, LoaderSettings(workers=2)),
-        lambda p: eval_loader(source, p, rank),
-    )
-    sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
-    t = Trainee(model, optimizer, backend, torch.float64)
-    fit(t, plan, feed, sink, Settings(log_every=1, eval_every_samples=G))
+    params = sgd_step_on_rank(rank, port, _source(packed), Tagger().double(), G, 2, workers=2)
     if rank == 0:
-        params = backend.unwrap(model).named_parameters()
-        torch.save({n: p.detach().clone() for n, p in params}, out)
-    teardown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        torch.save(params, out)
 
 
 @pytest.mark.slow
@@ -340,7 +300,7 @@ def test_two_gloo_ranks_over_a_stream_match_one_large_batch(packed, tmp_path: Pa
     across a document): the weights after the step are those of one large batch of the same 16
     sequences (float64, 1e-10)."""
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(_free_port(), out, packed), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out, packed), nprocs=2, join=True)
     got, ref = torch.load(out, weights_only=True), _reference(packed)
     for name, value in ref.items():
         torch.testing.assert_close(got[name], value, atol=1e-10, rtol=1e-10, msg=name)

@@ -9,7 +9,6 @@ and relative of one large-batch `F.cross_entropy(all_logits, all_targets, ignore
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from launcher.planning.plan import plan_batch
 from launcher.training.loop import Feed, Hooks, Settings, Trainee, accumulate, fit
 from launcher.training.loss import IGNORE_INDEX, CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
-from tests.helpers import composed
+from tests.helpers import composed, free_port
 
 N, L, V = 16, 6, 7  # sequences (one global batch), positions, vocabulary
 TOL = 1e-10
@@ -222,12 +221,6 @@ def _worker(rank: int, port: int, micro: int, oom: bool, out: str) -> None:
     teardown()  # barrier + destroy: gloo aborts some exits without (environment-facts.md)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("oom", [False, True], ids=["clean", "oom-re-split"])
 def test_two_gloo_ranks_with_accumulation_match_one_large_batch(oom, tmp_path: Path):
@@ -235,5 +228,5 @@ def test_two_gloo_ranks_with_accumulation_match_one_large_batch(oom, tmp_path: P
     tokens); with `oom` rank 1 runs out of memory in the step, which both ranks rerun with
     micro 1 x accumulation 8. Either way the weights after the step are the large batch's."""
     out = str(tmp_path / "params.pt")
-    mp.spawn(_worker, args=(_free_port(), 2, oom, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), 2, oom, out), nprocs=2, join=True)
     _assert_equal(torch.load(out, weights_only=True), _reference(_data()))

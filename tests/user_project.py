@@ -158,9 +158,10 @@ FILES = {
 }
 
 
-def write_project(root: Path) -> Path:
-    """Write the project under `root`; returns its config dir (`root`/conf)."""
-    for name, text in FILES.items():
+def write_project(root: Path, files: dict[str, str] | None = None) -> Path:
+    """Write the project (`files`: this one's FILES) under `root`; returns its config dir
+    (`root`/conf)."""
+    for name, text in (FILES if files is None else files).items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dedent(text).lstrip("\n"))
