@@ -79,6 +79,8 @@ def test_two_ranks_with_two_workers_train_on_every_sample_once_per_pass(two_rank
     losses = _losses(run)
     assert sorted(losses) == list(range(1, 25))
     assert losses[24] < 0.6 * losses[1], losses  # it learned
+    waits = [m["data_wait"] for m in read_metrics(run) if "data_wait" in m]
+    assert len(waits) == 24 and all(0 <= w <= 1 for w in waits)  # the loop's wait on data
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ NUMBERS = (  # numbers or null
     "grad_sq",
     "grad_trace",
     "noise_scale",
+    "data_wait",
+    "padding_fraction",
 )
 PLAN_INTS = ("global_batch", "world_size", "micro_batch", "accumulation", "epoch_samples", "steps")
 

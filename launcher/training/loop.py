@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -296,13 +297,43 @@ class _Position:
         self.current = plan.at(step)  # a ramp-up stage, or the plan
         if self.current is not plan:
             t.backend.replan(t.model, self.current)
-        self.batches = iter(feed.train(self.current, step))
+        self.waited = 0.0  # seconds the loop waited on its micro-batches (the input pipeline)
+        self.logged = (0.0, 0.0)  # (waited, train seconds) at the last metrics line
+        self.batches = _Timed(feed.train(self.current, step), self)
 
     def switch(self, current: BatchPlan) -> None:
         """Train on with `current`: the backend re-planned, a new stream from this step."""
         self.current = current
         self.t.backend.replan(self.t.model, current)
-        self.batches = iter(self.feed.train(current, self.step))
+        self.batches = _Timed(self.feed.train(current, self.step), self)
+
+    def wait_share(self, train_s: float) -> float | None:
+        """The share of the training time since the last call that the loop spent waiting for
+        micro-batches (None: no time passed)."""
+        waited, before = self.waited - self.logged[0], train_s - self.logged[1]
+        self.logged = (self.waited, train_s)
+        return min(waited / before, 1.0) if before > 0 else None
+
+
+class _Timed:
+    """A micro-batch stream whose waits the loop counts (`at.waited`); a token budget's
+    `next_step` and `padding` (launcher/data Budgeted) pass through."""
+
+    def __init__(self, batches: Iterable[Any], at: _Position) -> None:
+        self.batches, self.at = iter(batches), at
+
+    def __iter__(self) -> _Timed:
+        return self
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.at.waited += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.batches, name)
 
 
 def _one_step(
@@ -420,6 +451,9 @@ def _log(
         "samples_per_s": sink.samples_per_second(samples - first),
         "train_s": sink.train_seconds(),
     }
+    wait = at.wait_share(record["train_s"])
+    if wait is not None:  # the input pipeline: the share of the time spent waiting for data
+        record["data_wait"] = wait
     measured = meter.flush() if meter is not None else {}
     padding = getattr(at.batches, "padding", None)
     share = padding() if padding is not None else None
