@@ -113,3 +113,17 @@ def test_flagged_steps_are_told() -> None:
         "  non-finite step(s): 1 at step(s) 3; 1 skipped (not learned from)",
         "  loss spike(s): 2 at step(s) 25, 40; 1 skipped (not learned from)",
     ]
+
+
+def test_an_input_pipeline_that_does_not_keep_up_is_told() -> None:
+    from launcher.batchsize.history import DATA_WAIT, format_history
+
+    def told(waits):
+        lines = format_history([{"step": i + 1, "data_wait": w} for i, w in enumerate(waits)], [])
+        return [line for line in lines if "input pipeline" in line]
+
+    assert told([0.9, 0.05, 0.02, 0.04]) == []  # a slow start only
+    assert told([0.0, 0.5, 0.6]) == []  # too few intervals to say
+    slow = told([0.9, 0.4, 0.5, 0.6, DATA_WAIT])
+    assert len(slow) == 1 and "waited for its micro-batches 45% of" in slow[0], slow
+    assert "median of 4 log intervals" in slow[0]

@@ -16,6 +16,7 @@ from launcher.batchsize.advice import progress_terms
 SPIKE_FACTOR = 2.0  # a logged loss this many times the median of the lines before it
 SPIKE_WINDOW = 20  # ... over this many lines
 SPIKE_SIGMAS = 5.0  # ... and this many robust standard deviations (1.4826 MAD) above it
+DATA_WAIT = 0.1  # a run whose loop waited for data this share of its time (median) is told
 
 
 def ramp_events(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -105,6 +106,21 @@ def _probe_problem(result: Any) -> str | None:
     return None
 
 
+def _input_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The input pipeline, where the loop waited for data DATA_WAIT of its time or more (the
+    median over its log intervals, the first left out: it holds the loader's start)."""
+    waits = [r["data_wait"] for r in records if isinstance(r.get("data_wait"), (int, float))]
+    if len(waits) < 4 or statistics.median(waits[1:]) < DATA_WAIT:  # 3 intervals at least
+        return []
+    share = statistics.median(waits[1:])
+    return [
+        f"  input pipeline: the loop waited for its micro-batches {share:.0%} of the training "
+        f"time (median of {len(waits) - 1} log intervals): the data, not the model, sets the "
+        "speed; more data.workers or cheaper samples would raise it (and the timings above "
+        "would change)"
+    ]
+
+
 def format_history(records: list[dict[str, Any]], found_probes: list[dict[str, Any]]) -> list[str]:
     """Lines for the advice: decisions, spikes, probes (nothing for what did not happen)."""
     lines = []
@@ -126,6 +142,7 @@ def format_history(records: list[dict[str, Any]], found_probes: list[dict[str, A
             f"or not finite: {shown}{more}"
         )
     lines += _health_lines(records)
+    lines += _input_lines(records)
     for p in found_probes:
         crossed = p.get("interpolated")
         lines.append(
