@@ -116,8 +116,8 @@ def _input_lines(records: list[dict[str, Any]]) -> list[str]:
     return [
         f"  input pipeline: the loop waited for its micro-batches {share:.0%} of the training "
         f"time (median of {len(waits) - 1} log intervals): the data, not the model, sets the "
-        "speed; more data.workers or cheaper samples would raise it (and the timings above "
-        "would change)"
+        "speed; more data.workers or cheaper samples would raise it (the throughput above "
+        "includes these waits)"
     ]
 
 
