@@ -148,3 +148,23 @@ def test_negative_ids_and_bad_lengths_are_refused():
         pack([[1, 2]], 0)  # at the call, before iterating
     with pytest.raises(ValueError, match="pack length 0"):
         packs_in(10, 0)
+
+
+@pytest.mark.parametrize(
+    ("length", "key", "samples"),
+    [("trainer.tokens=800", "trainer.tokens", 100), ("trainer.samples=60", "trainer.samples", 60)],
+)
+def test_an_unsized_stream_s_epoch_names_the_key_that_stated_it(tmp_path, length, key, samples):
+    """The plan's epoch row of a stream without len(): one pass is what trainer.tokens (in
+    packs of data.pack_length) or trainer.samples states, and the row names that key."""
+    from launcher.config.compose import compose_run
+    from launcher.planning.tokens import in_samples
+    from launcher.training.job import unsized_epoch
+    from tests.stream_project import write_project
+
+    conf = write_project(tmp_path)
+    cfg = compose_run(["+recipe=streamed", "data=documents", "+data.form=stream", length], conf)
+    for each in (cfg, in_samples(cfg)):  # as composed, and as the run has it (tokens converted)
+        epoch, why = unsized_epoch(each.data, each.trainer, " (a stream without len())")
+        assert epoch == samples
+        assert why == f" (a stream without len(); one epoch = {key})"

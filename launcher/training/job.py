@@ -367,7 +367,8 @@ def unsized_epoch(data: Any, trainer: Any, source: str) -> tuple[int, str]:
             "run's length with trainer.samples=N or trainer.tokens=N (one pass of the stream)"
         )
     said = source[:-1] if source.endswith(")") else source
-    return samples, f"{said}; one epoch = trainer.samples)"
+    key = "trainer.tokens" if trainer.tokens else "trainer.samples"  # the one stated
+    return samples, f"{said}; one epoch = {key})"
 
 
 def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
