@@ -1,0 +1,1 @@
+"""pydocs: the language-model example's data factory (a stream of tokenized docstrings)."""
