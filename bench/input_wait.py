@@ -6,13 +6,16 @@ its README says (`python -m launcher --config-dir conf +recipe=pydocs`), once pe
 (`data.workers`: 0 reads, tokenizes and packs the Hugging Face stream in the training process; N
 in N DataLoader worker processes, each reading the whole stream and keeping its share).
 
-Each run is a child process that wraps the loop's training batches (the iterator the loop calls
-`next()` on for every micro-batch, launcher/training/phases.py `_feed`) in a timer: wait = the
-seconds inside `next()`. Beside it the run's own training seconds (`train_s` of its last metrics
-line: evaluation and checkpoints excluded, so the evaluation stream's reading is not counted
-either). The first `next()` of a run (a DataLoader's workers starting, the stream opened, the first
-packs read) is reported apart from the rest, the steady state. The noise scale is off (its split
-steps and the advice's timings are not the pipeline); everything else is the recipe's.
+Each run's metrics.jsonl has the launcher's own measure, `data_wait` in every metrics line: the
+share of the training time since the line before that the loop spent waiting for micro-batches
+(launcher/training/loop.py); the whole run's share is their sum weighted by each interval's
+training seconds, over the run's training seconds (`train_s`: evaluation and checkpoints excluded,
+so reading the evaluation stream is not counted). To see what the waits are made of, the child
+process that runs the launcher also wraps the loop's training batches (the iterator the loop calls
+`next()` on for every micro-batch, launcher/training/phases.py `_feed`) in a timer of its own:
+every wait, so their median, their longest, and the first one (a DataLoader's workers starting,
+the stream opened, the first packs read) apart from the steady state. The noise scale is off
+(its split steps and the advice's timings are not the pipeline); everything else is the recipe's.
 
     python bench/input_wait.py [--workers 0,2] [--repeats 2] [--out x.json]
     python bench/input_wait.py --smoke     # seconds: 16 steps, workers 0 and 1, no evaluation
@@ -77,15 +80,19 @@ def child(project: Path, workers: int, overrides: list[str]) -> dict[str, Any]:
     if code:
         raise SystemExit(f"the run with data.workers={workers} exited {code}")
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [m for m in lines if "train_s" in m]
     shutil.rmtree(run_dir)
+    logged = [m for m in lines if "data_wait" in m]  # each: the share since the line before
+    before = [0.0] + [m["train_s"] for m in logged[:-1]]
     losses = [m["eval_loss"] for m in lines if "eval_loss" in m]
-    last = timed[-1]
     return {
         "workers": workers,
         "waits": waits,
-        "train_s": last["train_s"],
-        "steps": last["step"],
+        "train_s": logged[-1]["train_s"],
+        "steps": logged[-1]["step"],
+        "data_wait": [m["data_wait"] for m in logged],
+        "data_wait_s": sum(
+            m["data_wait"] * (m["train_s"] - t) for m, t in zip(logged, before, strict=True)
+        ),
         "eval_loss": losses[-1:],
     }
 
@@ -98,6 +105,8 @@ def summary(r: dict[str, Any]) -> dict[str, Any]:
         "workers": r["workers"],
         "steps": r["steps"],
         "train_s": train,
+        "launcher_wait_fraction": r["data_wait_s"] / train,
+        "launcher_median_data_wait": statistics.median(r["data_wait"][1:]),
         "first_wait_s": first,
         "steady_wait_s": sum(rest),
         "steady_wait_fraction": sum(rest) / train,
@@ -149,18 +158,20 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}; launcher overrides: {' '.join(overrides) or 'none'}"
     )
     print(
-        "| data.workers | steps | training s | first batch s | steady wait s | steady wait / "
-        "training | median wait ms | max wait ms | waits > 50 ms (their s) | ms per step | "
-        "final eval loss |"
+        "| data.workers | steps | training s | data_wait, whole run | data_wait, median "
+        "interval | timed: all waits / training | first batch s | steady waits / training | "
+        "median wait ms | max wait ms | waits > 50 ms (their s) | ms per step | final eval loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         loss = f"{r['eval_loss'][0]:.4f}" if r["eval_loss"] else "-"
         print(
-            f"| {r['workers']} | {r['steps']} | {r['train_s']:.1f} | {r['first_wait_s']:.2f} | "
-            f"{r['steady_wait_s']:.2f} | {100 * r['steady_wait_fraction']:.1f}% | "
-            f"{r['median_wait_ms']:.2f} | {r['max_wait_ms']:.0f} | {r['stalls']} "
-            f"({r['stalls_s']:.2f}) | {r['step_ms']:.1f} | {loss} |"
+            f"| {r['workers']} | {r['steps']} | {r['train_s']:.1f} | "
+            f"{r['launcher_wait_fraction']:.1%} | {r['launcher_median_data_wait']:.1%} | "
+            f"{r['total_wait_fraction']:.1%} | {r['first_wait_s']:.2f} | "
+            f"{r['steady_wait_fraction']:.1%} | {r['median_wait_ms']:.2f} | "
+            f"{r['max_wait_ms']:.0f} | {r['stalls']} ({r['stalls_s']:.2f}) | {r['step_ms']:.1f} | "
+            f"{loss} |"
         )
     if args.out:
         with open(args.out, "w") as f:
