@@ -172,7 +172,7 @@ def test_a_saved_place_that_does_not_resume_exactly_is_read_up_to_instead(monkey
         (
             Numbers(20, sized=False),
             "the stream ran dry after 20 samples of pass 0 (global sample "
-            "20); trainer.samples plans 24 per pass",
+            "20); trainer.samples or trainer.tokens plans 24 per pass",
         ),
     ],
     ids=["dry", "len-lies", "unsized-dry"],

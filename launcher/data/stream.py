@@ -148,7 +148,7 @@ class Reader:
         sample = next(self._it, _END)
         if sample is _END:
             offset = self.position % self.epoch
-            said = "its len() says" if self.sized else "trainer.samples plans"
+            said = "its len() says" if self.sized else "trainer.samples or trainer.tokens plans"
             raise StreamError(
                 f"the stream ran dry after {offset:,} samples of pass {self.position // self.epoch}"
                 f" (global sample {self.position:,}); {said} {self.epoch:,} per pass"
