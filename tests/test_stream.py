@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -154,6 +155,32 @@ def test_a_saved_place_that_does_not_resume_exactly_is_read_up_to_instead(monkey
     assert _taken(Saving(n), plan, 0, 2, step=3, snapshots=kept) == full[6:]
     assert len(said) == 2 and "does not give the sample saved with it" in said[1], said
     # once per run: the second run's 2 workers each found it
+
+
+class Unplain(Saving):
+    """A stream whose state a checkpoint cannot hold (a numpy array), and one whose saved
+    state no longer loads."""
+
+    def state_dict(self) -> dict:
+        return {"at": np.array(self.at)}
+
+
+class Refusing(Saving):
+    def load_state_dict(self, state: dict) -> None:
+        raise KeyError("at")
+
+
+def test_a_state_a_checkpoint_cannot_hold_or_that_does_not_load_is_read_up_to(monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr("launcher.data.stream.log.warn", said.append)
+    n, plan = 40, _plan(40, 8, 4, 1, epochs=1)
+    snapshots = Snapshots()
+    full = _taken(Unplain(n), plan, 0, 0, snapshots=snapshots)
+    assert snapshots.at(24)["state"] is None and snapshots.at(24)["digest"] == digest(_sample(24))
+    kept = Snapshots()
+    kept.found[24] = {"position": 24, "state": {"at": 24}, "digest": digest(_sample(24))}
+    assert _taken(Refusing(n), plan, 0, 0, step=3, snapshots=kept) == full[6:]
+    assert len(said) == 1 and "does not load (KeyError: 'at')" in said[0], said
 
 
 @pytest.mark.parametrize(

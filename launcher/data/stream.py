@@ -123,16 +123,20 @@ class Reader:
 
     def _load(self, state: dict[str, Any]) -> bool:
         loaded = _copy(self.source)  # the original stays unloaded, to read from instead
-        loaded.load_state_dict(state["state"])
-        self._it = _iterate(loaded)
-        first = next(self._it, _END)
+        try:
+            loaded.load_state_dict(state["state"])
+            self._it = _iterate(loaded)
+            first = next(self._it, _END)
+            why = "does not give the sample saved with it (a shuffle buffer's contents are not "
+            why += "saved, for one)"
+        except Exception as exc:  # a state the stream no longer takes (its code changed)
+            first, why = _END, f"does not load ({type(exc).__name__}: {exc})"
         if first is not _END and digest(first) == state["digest"]:
             self.source = loaded
             self.position, self._ahead, self.resumed_by = state["position"], [first], "state"
             return True
         self.notice = (
-            f"launcher: the stream's saved place at sample {state['position']:,} does not give "
-            "the sample saved with it (a shuffle buffer's contents are not saved, for one); "
+            f"launcher: the stream's saved place at sample {state['position']:,} {why}; "
             "reading the stream up to it instead"
         )
         self._open()
@@ -177,6 +181,8 @@ class Reader:
             return None
         saves = callable(getattr(self.source, "state_dict", None))
         state = self.source.state_dict() if saves else None
+        if not _plain(state):  # a checkpoint is read with weights_only=True: plain data only
+            state = None
         sample = next(self._it, _END)
         if sample is _END:
             return None
@@ -185,6 +191,17 @@ class Reader:
 
 
 _END = object()  # a stream's end, from next(iterator, _END)
+
+
+def _plain(state: Any) -> bool:
+    """Whether a stream's state is data a checkpoint holds and loads with weights_only=True
+    (dicts, lists, tuples, strings, numbers, booleans, None, tensors): another one (numpy
+    arrays, objects) is not kept, and a resume reads the stream up to its place instead."""
+    if isinstance(state, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return all(_plain(v) for v in state)
+    return state is None or isinstance(state, (str, int, float, bool, torch.Tensor))
 
 
 def _copy(source: Any) -> Any:

@@ -333,6 +333,8 @@ class _Timed:
             self.at.waited += time.perf_counter() - start
 
     def __getattr__(self, name: str) -> Any:
+        if name == "batches":  # not set yet: no recursion
+            raise AttributeError(name)
         return getattr(self.batches, name)
 
 
