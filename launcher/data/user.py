@@ -4,12 +4,17 @@ What the factory may return:
 - a `(train, eval)` pair;
 - a dict with "train" and one of "eval", "test", "val", "validation";
 - an object with such attributes (e.g. a SimpleNamespace or your own class).
-A `num_classes` key or attribute beside them gives the built-in models their output size.
+A `num_classes` key or attribute beside them gives the built-in models their output size, and a
+`collate_fn` makes the batches (dicts with "labels" or (inputs, targets) pairs: data/batches.py).
 
 Each split is a map-style dataset (`len()` and `[i]`: a torch Dataset, a TensorDataset, a list)
-whose items are `(input, target)` pairs of one fixed shape that torch's default collate stacks
-(tensors, numpy arrays, numbers). The first training sample is the data's spec: the memory probe
-and the plan_only estimate repeat it, so no shape is written by hand. The factory runs once per
+or a stream (an iterable dataset: data/stream.py). Without a collate_fn its items are
+`(input, target)` pairs of one fixed shape that torch's default collate stacks (tensors, numpy
+arrays, numbers); with one they may be anything it takes, of any length. With data.pack_length
+they are tokenized documents, packed here (data/packing.py). The first training sample is the
+data's spec (with a collate_fn: the longest sample the launcher found, data/lengths.py): the
+memory probe and the plan_only estimate repeat it, so no shape is written by hand. The factory
+runs once per
 process, with torch's, numpy's and Python's RNGs seeded to 0 (every rank builds the same data,
 whatever the run's seed) and restored afterwards.
 """
