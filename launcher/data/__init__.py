@@ -1,4 +1,5 @@
-"""Datasets by name, their shapes, and the loaders that feed the plan's micro-batches."""
+"""Datasets by name, their shapes, how the plan says they are read; the loaders that feed the
+plan's micro-batches are in launcher/data/loaders.py (named here as well)."""
 
 from __future__ import annotations
 
@@ -155,7 +156,8 @@ def loading(cfg: DataConfig, world_size: int) -> tuple[str, str] | None:
         parts.insert(
             0,
             f"a stream in its own order: each of {readers} reader(s) ({world_size} rank(s) x "
-            f"{max(cfg.workers, 1)} loader process(es)) reads all of it and keeps its share; "
+            + (f"{cfg.workers} DataLoader worker(s)" if cfg.workers else "its training process")
+            + ") reads all of it and keeps its share; "
             + resume,
         )
     if cfg.pack_length:
