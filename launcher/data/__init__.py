@@ -86,13 +86,10 @@ class Splits:
         """(train, eval) as the loaders read them; `shift`: a causal language model's labels
         (launcher/data/batches.py); `budget`: training micro-batches by tokens."""
         from launcher.data.batches import Collate
-        from launcher.data.stream import is_stream, stream_len
+        from launcher.data.loaders import source_of
 
         collate = Collate(self.collate, shift)
-        train, evaluation = (
-            Source(d, collate, is_stream(d), is_stream(d) and stream_len(d) is not None)
-            for d in (self.train, self.eval)
-        )
+        train, evaluation = source_of(self.train, collate), source_of(self.eval, collate)
         if budget:
             from launcher.data.lengths import lengths
 

@@ -104,10 +104,3 @@ def rows(inputs: Any, start: int, stop: int | None) -> Any:
     if isinstance(inputs, Mapping):
         return {k: rows(v, start, stop) for k, v in inputs.items()}
     return inputs[start:stop]
-
-
-def size(inputs: Any) -> int:
-    """The number of samples of a batch's inputs."""
-    if isinstance(inputs, Mapping):
-        return len(next(iter(inputs.values())))
-    return len(inputs)

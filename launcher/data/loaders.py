@@ -46,15 +46,8 @@ def make_loader(
 
     if getattr(dataset, "batched", False):  # in memory: index the whole batch at once
         return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=settings.pin_memory)
-    workers = settings.workers
     return DataLoader(
-        dataset,
-        batch_sampler=batches,
-        collate_fn=collate or Collate(None),
-        num_workers=workers,
-        persistent_workers=settings.persistent_workers and workers > 0,
-        prefetch_factor=settings.prefetch_factor if workers else None,
-        pin_memory=settings.pin_memory,
+        dataset, batch_sampler=batches, collate_fn=collate or Collate(None), **_options(settings)
     )
 
 
@@ -64,16 +57,18 @@ def _share_loader(share: Any, settings: LoaderSettings) -> Any:
 
     from launcher.data.stream import same
 
+    return DataLoader(share, batch_size=None, collate_fn=same, **_options(settings))
+
+
+def _options(settings: LoaderSettings) -> dict[str, Any]:
+    """A DataLoader's worker and memory options from the settings."""
     workers = settings.workers
-    return DataLoader(
-        share,
-        batch_size=None,
-        collate_fn=same,
-        num_workers=workers,
-        persistent_workers=settings.persistent_workers and workers > 0,
-        prefetch_factor=settings.prefetch_factor if workers else None,
-        pin_memory=settings.pin_memory,
-    )
+    return {
+        "num_workers": workers,
+        "persistent_workers": settings.persistent_workers and workers > 0,
+        "prefetch_factor": settings.prefetch_factor if workers else None,
+        "pin_memory": settings.pin_memory,
+    }
 
 
 @dataclass(frozen=True)
@@ -90,15 +85,19 @@ class Source:
     lengths: Any = None  # with a budget: every sample's length (data/lengths.py)
 
 
-def as_source(data: Any) -> Source:
-    """A Source as it is; a dataset as one (torch's default collate)."""
-    if isinstance(data, Source):
-        return data
-    from launcher.data.batches import Collate
+def source_of(dataset: Any, collate: Any) -> Source:
+    """`dataset` as the loaders read it, its batches made by `collate` (batches.py Collate)."""
     from launcher.data.stream import is_stream, stream_len
 
-    stream = is_stream(data)
-    return Source(data, Collate(None), stream, not stream or stream_len(data) is not None)
+    stream = is_stream(dataset)
+    return Source(dataset, collate, stream, not stream or stream_len(dataset) is not None)
+
+
+def as_source(data: Any) -> Source:
+    """A Source as it is; a dataset as one (torch's default collate)."""
+    from launcher.data.batches import Collate
+
+    return data if isinstance(data, Source) else source_of(data, Collate(None))
 
 
 def train_loader(

@@ -9,6 +9,7 @@ resume from any step, at any world size, by its consumed-sample count.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -97,6 +98,8 @@ class BudgetSampler(GlobalBatchSampler):
     def __init__(self, num_samples: int, *, lengths: np.ndarray, budget: int, **kw: int) -> None:
         super().__init__(num_samples, **kw)  # type: ignore[arg-type]
         self.lengths, self.budget = lengths, budget
+        # the loader's sampler and the loop's step_sizes() each walk the steps: split them once
+        self._split = functools.lru_cache(maxsize=64)(self._split)  # type: ignore[method-assign]
 
     def _split(self, step: int) -> list[np.ndarray]:
         """This rank's micro-batches (dataset indices) of optimizer step start_step + step."""

@@ -103,7 +103,7 @@ class Reader:
         self, source: Any, epoch: int, sized: bool, start: int, state: dict[str, Any] | None
     ) -> None:
         self.source, self.epoch, self.sized = source, epoch, sized
-        self.resumed_by, self.notice = "reading", ""
+        self.notice = ""
         self._ahead: list[Any] = []  # the sample at `position`, read ahead by snapshot()
         self.position = start - start % epoch
         self._open()
@@ -133,7 +133,7 @@ class Reader:
             first, why = _END, f"does not load ({type(exc).__name__}: {exc})"
         if first is not _END and digest(first) == state["digest"]:
             self.source = loaded
-            self.position, self._ahead, self.resumed_by = state["position"], [first], "state"
+            self.position, self._ahead = state["position"], [first]
             return True
         self.notice = (
             f"launcher: the stream's saved place at sample {state['position']:,} {why}; "

@@ -312,7 +312,7 @@ class _Position:
         micro-batches (None: no time passed)."""
         waited, before = self.waited - self.logged[0], train_s - self.logged[1]
         self.logged = (self.waited, train_s)
-        return min(waited / before, 1.0) if before > 0 else None
+        return waited / before if before > 0 else None
 
 
 class _Timed:
@@ -390,6 +390,7 @@ def fit(
     t.model.train()
     at = _Position(t, feed, plan, start_step)
     sink.start(start_step)
+    at.logged = (0.0, sink.train_seconds())  # a resumed run's clock starts at its checkpoint's
     first = plan.samples_at(start_step)
     evals = Evaluations(t, feed, sink, first, settings.eval_every_samples)
     bad: list[int] = []  # the non-finite steps in a row
