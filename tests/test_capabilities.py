@@ -1,4 +1,4 @@
-"""Backends declare what they support (launcher/backends/capabilities.py); the planner and the
+"""Backends declare what they support (launcher/config/capabilities.py); the planner and the
 run read that, and no backend name is compared outside launcher/backends/."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from launcher.backends.capabilities import capabilities
+from launcher.config.capabilities import capabilities
 from launcher.config.compose import compose_run
 
 ROOT = Path(__file__).resolve().parent.parent / "launcher"

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from launcher.backends.capabilities import Sharding, capabilities
+from launcher.config.capabilities import Sharding, capabilities
 from launcher.data import data_spec
 from launcher.memory.probe import _cache_key, backend_overhead, estimated_cap
 from launcher.memory.profile import GB

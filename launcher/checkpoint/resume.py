@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.backends.capabilities import capabilities
 from launcher.checkpoint import files as checkpoint
+from launcher.config.capabilities import capabilities
 from launcher.config.optimization import RampConfig, ScheduleConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from launcher import log
+from launcher.config.capabilities import capabilities
 from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
 from launcher.config.execution import BackendConfig, MemoryConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
@@ -134,8 +135,6 @@ def _check_classes(names: str, spec: DataSpec, outputs: Any, y: torch.Tensor) ->
 
 def _holds_gradients(backend: BackendConfig) -> bool:
     """Whether the probe's step holds earlier micro-steps' gradients (a sharding backend)."""
-    from launcher.backends.capabilities import capabilities
-
     return capabilities(backend).sharding is not None
 
 
@@ -400,8 +399,6 @@ def measured_cap(
 def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
     """Bytes the backend holds beyond one plain training step (negative: less, a sharding
     backend's credit), and what they are."""
-    from launcher.backends.capabilities import capabilities
-
     b = cfg.backend
     sharding = capabilities(b).sharding
     if sharding is not None:

@@ -35,8 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from launcher.config.capabilities import Sharding
+
 if TYPE_CHECKING:
-    from launcher.backends.capabilities import Sharding
     from launcher.config.components import ModelConfig
     from launcher.config.optimization import OptimConfig
     from launcher.data import DataSpec

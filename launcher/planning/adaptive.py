@@ -24,7 +24,7 @@ import dataclasses
 import math
 from typing import Any
 
-from launcher.backends.capabilities import capabilities
+from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan, run_length, run_samples

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from launcher.backends.capabilities import capabilities
+from launcher.config.capabilities import capabilities
 from launcher.config.execution import BackendConfig, CheckpointConfig, TrainerConfig
 from launcher.config.optimization import OptimConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS, SGD_FAMILY

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
-from launcher.backends.capabilities import capabilities
+from launcher.config.capabilities import capabilities
 from launcher.config.execution import BackendConfig, TrainerConfig
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError, LauncherError

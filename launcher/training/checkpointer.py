@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher import log
-from launcher.backends.capabilities import capabilities
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
 from launcher.cluster import preemption
+from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan

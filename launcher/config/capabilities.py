@@ -1,5 +1,6 @@
-"""What each backend supports, declared here, read by the planner and the run (no backend name
-is compared outside launcher/backends/). PURE: no torch, no DeepSpeed.
+"""What each backend supports, declared beside the backends' configs (execution.py) so that the
+planner, a layer below launcher/backends/, reads it too; no backend name is compared outside this
+module and launcher/backends/. PURE: no torch, no DeepSpeed.
 
 Each field is None where the backend supports the thing, else the reason it does not (the plan
 and its refusals quote it), so a new backend is one function in CAPABILITIES.
@@ -7,8 +8,16 @@ and its refusals quote it), so a new backend is one function in CAPABILITIES.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from launcher.config.execution import (
+    AccelerateConfig,
+    BackendConfig,
+    DeepSpeedConfig,
+    FsdpConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -35,11 +44,11 @@ class Capabilities:
     sharded_checkpoints: bool = False  # every rank writes its shards (torch.distributed.checkpoint)
 
 
-def _accelerate(b: Any) -> Capabilities:
+def _accelerate(b: AccelerateConfig) -> Capabilities:
     return Capabilities(None, None, None, None, zero_buckets=False, config_file=False)
 
 
-def _deepspeed(b: Any) -> Capabilities:
+def _deepspeed(b: DeepSpeedConfig) -> Capabilities:
     oom = None
     if b.zero_stage >= 2:
         oom = (
@@ -66,7 +75,7 @@ def _deepspeed(b: Any) -> Capabilities:
     )
 
 
-def _fsdp(b: Any) -> Capabilities:
+def _fsdp(b: FsdpConfig) -> Capabilities:
     return Capabilities(
         oom_recovery=None,  # deferred reduction: launcher/backends/fsdp.py
         checkpoints=None,
@@ -79,7 +88,7 @@ def _fsdp(b: Any) -> Capabilities:
     )
 
 
-def _fsdp_sharding(b: Any) -> Sharding:
+def _fsdp_sharding(b: FsdpConfig) -> Sharding:
     """launcher/backends/fsdp.py's policy: bf16 gathers in bf16 and accumulates gradients in
     float32 (reduce_dtype=float32) or bf16 (param); mixed_precision=no (auto before it is
     resolved counts as no: the larger) keeps the parameters' dtype throughout."""
@@ -92,9 +101,13 @@ def _fsdp_sharding(b: Any) -> Sharding:
     )
 
 
-CAPABILITIES = {"accelerate": _accelerate, "deepspeed": _deepspeed, "fsdp": _fsdp}
+CAPABILITIES: dict[str, Callable[[Any], Capabilities]] = {
+    "accelerate": _accelerate,
+    "deepspeed": _deepspeed,
+    "fsdp": _fsdp,
+}
 
 
-def capabilities(backend: Any) -> Capabilities:
+def capabilities(backend: BackendConfig) -> Capabilities:
     """The capabilities of a backend config (cfg.backend)."""
     return CAPABILITIES[backend.name](backend)
