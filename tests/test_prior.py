@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from launcher.batchsize.advice import advise, format_advice, samples_to_match
+from launcher.batchsize.prior import budget, find_prior, from_records
 from launcher.config.schema import to_dict
 from launcher.planning.plan import plan_batch
-from launcher.planning.prior import budget, find_prior, from_records
 from launcher.planning.render import format_plan
 from launcher.training.job import with_budget
 from tests.helpers import composed
@@ -57,7 +57,7 @@ def test_samples_to_match_is_the_empirical_models_ratio() -> None:
 
 
 def test_budget_says_short_with_the_epochs_and_the_batch_that_fits() -> None:
-    from launcher.planning.prior import Prior
+    from launcher.batchsize.prior import Prior
 
     prior = Prior(Path("runs/a"), 512, 400.0, 96_000, "eval accuracy >= 0.95")
     need = 96_000 * (400 + 4096) / (400 + 512)  # 473,263 samples = 14.8 epochs of 32,000

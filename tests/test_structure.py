@@ -32,7 +32,7 @@ WHOLE_CONFIG = {
     "training/checkpointer.py": {"__init__": RECORD},
     "training/metrics.py": {"open_trackers": RECORD},
     "checkpoint/resume.py": {"capture": RECORD, "check": RECORD},
-    "planning/prior.py": {"_same_workload": RECORD, "find_prior": RECORD},
+    "batchsize/prior.py": {"_same_workload": RECORD, "find_prior": RECORD},
     "planning/plan.py": {"plan_batch": PLAN, "_plan": PLAN},
     "planning/split.py": {"split_for": PLAN},
     "planning/ramp.py": {"ramp_stages": PLAN, "scaled_stage": PLAN},

@@ -46,7 +46,7 @@ def advice_or_why(
     accuracy the epochs-to-target column counts to (None: the run's own final eval loss)."""
     from launcher.batchsize.advice import advise
     from launcher.batchsize.outcome import why_not_learned
-    from launcher.planning.prior import from_records
+    from launcher.batchsize.prior import from_records  # heavy: numpy
 
     failed = why_not_learned(records)
     if failed is not None:

@@ -75,7 +75,7 @@ class BatchPlan:
     grown: tuple[tuple[int, int, int], ...] = ()  # adaptive ramp: earlier (step, samples, batch)
     adaptive_cap: int = 0  # adaptive ramp: the largest batch it may grow to (0: not adaptive)
     clip_grad_norm: float = 0.0  # optim.clip_grad_norm (0: off)
-    budget: str = "-"  # enough / SHORT / ? vs an earlier run (launcher/planning/prior.py), - none
+    budget: str = "-"  # enough / SHORT / ? vs an earlier run (launcher/batchsize/prior.py), - none
     data: str = "-"  # your data streamed or collated (launcher/data `loading`), - neither
     stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
     # (from, to) samples: the LR falls linearly to 0 before a stop; () none

@@ -344,8 +344,8 @@ def write_plan_files(run_dir: Path, cfg: RunConfig, plan: BatchPlan, device: str
 
 def with_budget(cfg: RunConfig, plan: BatchPlan, run_dir: Path) -> BatchPlan:
     """The plan with its budget row: are trainer.epochs enough at this batch, judged from the
-    newest earlier run of the same workload next to run_dir (launcher/planning/prior.py)."""
-    from launcher.planning.prior import budget, find_prior
+    newest earlier run of the same workload next to run_dir (launcher/batchsize/prior.py)."""
+    from launcher.batchsize.prior import budget, find_prior
 
     prior = find_prior(cfg, run_dir.parent, exclude=run_dir)
     if prior is None:

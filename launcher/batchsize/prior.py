@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.batchsize.advice import critical_batch, samples_to_match
+from launcher.batchsize.outcome import why_not_learned
+from launcher.batchsize.sweep import read_job
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
 
@@ -47,9 +49,6 @@ def _candidates(parent: Path) -> list[Path]:
 def read_prior(run_dir: Path, target_accuracy: float | None) -> Prior | None:
     """The run in `run_dir` as a Prior, or None when it is not a finished run with a noise
     scale, or one that diverged or did not learn (launcher/batchsize/outcome.py)."""
-    from launcher.batchsize.outcome import why_not_learned
-    from launcher.batchsize.sweep import read_job
-
     try:
         plan, records = read_job(run_dir)
     except ConfigError:
