@@ -9,8 +9,9 @@ import pytest
 
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig
-from launcher.planning.plan import BatchPlan, plan_batch
+from launcher.planning.plan import plan_batch
 from launcher.planning.schedule import lr_at
+from launcher.types.plan import BatchPlan
 
 IMAGENET = 1_281_167
 

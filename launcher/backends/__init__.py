@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-
-if TYPE_CHECKING:  # launcher.planning.plan reads capabilities from this package: no import cycle
-    from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 BACKENDS = {
     "accelerate": "launcher.backends.accelerate:AccelerateBackend",

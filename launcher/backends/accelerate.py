@@ -13,7 +13,7 @@ import torch
 
 from launcher.backends.collectives import Collectives, flat_in_place
 from launcher.config.schema import RunConfig, require_concrete
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 class AccelerateBackend(Collectives):

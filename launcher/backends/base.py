@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 class Backend(Protocol):

@@ -20,8 +20,8 @@ import torch
 from launcher.backends.collectives import Collectives
 from launcher.backends.ds_config import ds_config
 from launcher.config.schema import RunConfig
-from launcher.planning.plan import BatchPlan
 from launcher.planning.rules import checkpointing
+from launcher.types.plan import BatchPlan
 
 
 class DeepSpeedBackend(Collectives):

@@ -17,7 +17,7 @@ from launcher.config.optimization import OptimConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 # trust ratios per parameter tensor: ZeRO 1+ hands them flat shards
 LAYERWISE = tuple(n for n, o in OPTIMIZER_FACTS.items() if o.layerwise)

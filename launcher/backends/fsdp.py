@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from launcher.backends.collectives import Collectives
 from launcher.config.schema import RunConfig, require_concrete
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 

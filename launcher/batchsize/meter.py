@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from launcher.batchsize.noise import NoiseScale
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def squared_norm(model: Any) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 from launcher import log
 from launcher.config.optimization import OptimConfig
 from launcher.config.placement import ClusterConfig
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def print_advice(

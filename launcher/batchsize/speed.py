@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def ladder(micro: int, largest: int) -> list[int]:

@@ -9,10 +9,8 @@ asked to stop (SIGUSR1/SIGUSR2/SIGTERM/SIGINT: launcher/cluster/preemption.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 @dataclass(frozen=True)

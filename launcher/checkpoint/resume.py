@@ -22,8 +22,9 @@ from launcher.config.capabilities import capabilities
 from launcher.config.optimization import RampConfig, ScheduleConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, batch_key
+from launcher.planning.plan import batch_key
 from launcher.planning.tokens import TWINS, in_samples, tokens_per_sample
+from launcher.types.plan import BatchPlan
 
 FORMAT = 1
 

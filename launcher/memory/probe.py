@@ -47,9 +47,9 @@ from launcher.memory.profile import (
 from launcher.models import build_model
 from launcher.models.outputs import logits_of
 from launcher.optim import build_optimizer
-from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
 from launcher.training.loss import LossMismatch, classifies, make_loss
+from launcher.types.plan import BatchPlan
 
 OOM_ERROR = torch.OutOfMemoryError
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.config.capabilities import Sharding
+from launcher.types.plan import BatchPlan
 
 if TYPE_CHECKING:
     from launcher.config.components import ModelConfig
     from launcher.config.optimization import OptimConfig
     from launcher.data import DataSpec
-    from launcher.planning.plan import BatchPlan
 
 GATHERED_BLOCKS = 3  # computed, prefetched for backward, and the one being copied out
 

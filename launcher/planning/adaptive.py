@@ -27,9 +27,10 @@ from typing import Any
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, run_length, run_samples
+from launcher.planning.length import run_length, run_samples
 from launcher.planning.ramp import ramp_batches, scaled_stage
 from launcher.planning.rules import fmt
+from launcher.types.plan import BatchPlan
 
 
 def decide(

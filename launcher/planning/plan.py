@@ -1,4 +1,5 @@
-"""BatchPlan: every derived training number, with the reason it was chosen. Pure functions only.
+"""The planner: plan_batch -> BatchPlan (launcher/types/plan.py), every derived training number
+with the reason it was chosen. Pure functions only.
 
 global_batch = micro_batch x accumulation x world_size, exactly. LR, warmup and decay follow the
 large-batch policy (DESIGN.md) and are defined in samples, so they do not move when world size,
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, cast
 
 from launcher.config.execution import TrainerConfig
@@ -20,6 +19,8 @@ from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.ranges import COUNT
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
+from launcher.planning.adaptive import stage_plan
+from launcher.planning.length import run_length, run_samples
 from launcher.planning.ramp import ramp_batches, ramp_stages
 from launcher.planning.rules import (
     base_lr_for,
@@ -33,112 +34,12 @@ from launcher.planning.rules import (
 )
 from launcher.planning.split import batch_step, split_for
 from launcher.planning.tokens import in_samples, length_key, stated_in_tokens, tokens_per_sample
+from launcher.types.plan import BatchPlan
 
 # plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
 # numbers come from, the memory report
 _PlanArgs = tuple["RunConfig", int, int, str, str, "dict[str, Any] | None"]
 MOST_OF_THE_RUN = 0.5  # a warmup over more than this share of the run's samples gets a note
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchPlan:
-    """The numbers a run trains with; `reasons` says why for each one."""
-
-    global_batch: int
-    world_size: int
-    per_device_batch: int
-    micro_batch: int
-    accumulation: int
-    optimizer: str
-    lr_rule: str
-    base_lr: float
-    lr: float
-    weight_decay: float
-    warmup_samples: int
-    warmup_start_lr: float
-    decay: str
-    decay_power: float
-    milestone_samples: tuple[int, ...]
-    gamma: float
-    end_lr: float
-    epoch_samples: int
-    steps: int
-    total_samples: int
-    oom_recovery: bool = True
-    checkpoints: bool = True
-    noise: str = "off"
-    sample_tokens: int = 0  # tokens per sample of a sequence data set (0: not one)
-    in_tokens: tuple[str, ...] = ()  # the keys the run states in tokens (planning/tokens.py)
-    origin_step: int = 0
-    origin_samples: int = 0
-    ramp: tuple[BatchPlan, ...] = ()
-    grown: tuple[tuple[int, int, int], ...] = ()  # adaptive ramp: earlier (step, samples, batch)
-    adaptive_cap: int = 0  # adaptive ramp: the largest batch it may grow to (0: not adaptive)
-    clip_grad_norm: float = 0.0  # optim.clip_grad_norm (0: off)
-    budget: str = "-"  # enough / SHORT / ? vs an earlier run (launcher/batchsize/prior.py), - none
-    data: str = "-"  # your data streamed or collated (launcher/data `loading`), - neither
-    stop_step: int | None = None  # trainer.stop_after_samples: the step the run ends early at
-    # (from, to) samples: the LR falls linearly to 0 before a stop; () none
-    cooldown: tuple[int, int] | tuple[()] = ()
-    memory: dict[str, Any] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
-
-    def at(self, step: int) -> BatchPlan:
-        """The plan optimizer step `step` (0-based) trains with: a ramp-up stage, or this one."""
-        for stage in self.ramp:
-            if step < stage.steps:
-                return stage
-        return self
-
-    def samples_at(self, step: int) -> int:
-        """Samples consumed once `step` optimizer steps are done (steps before `origin_step` ran
-        with other global batches: the ramp-up's, or the checkpoint's when it was changed on
-        resume)."""
-        if step < self.origin_step and self.ramp:
-            return self.at(step).samples_at(step)
-        if step < self.origin_step and self.grown:  # an adaptive ramp's earlier batches
-            start, samples, batch = next(g for g in reversed(self.grown) if g[0] <= step)
-            return samples + (step - start) * batch
-        return self.origin_samples + (step - self.origin_step) * self.global_batch
-
-    def step_reaching(self, samples: int) -> int:
-        """The fewest steps whose consumed samples reach `samples` (at most `steps`)."""
-        lo, hi = 0, self.steps
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.samples_at(mid) >= samples:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    @property
-    def end_step(self) -> int:
-        """The step training ends at: `steps`, or earlier with trainer.stop_after_samples."""
-        return self.steps if self.stop_step is None else self.stop_step
-
-
-def run_samples(trainer: TrainerConfig, epoch_samples: int) -> Fraction:
-    """trainer.samples, or trainer.epochs x the epoch, exactly (1.1 x 50000 is 55000): what the
-    steps must cover."""
-    if trainer.samples:
-        return Fraction(trainer.samples)
-    return Fraction(repr(trainer.epochs)) * epoch_samples
-
-
-def run_length(trainer: TrainerConfig, epoch_samples: int, per_sample: int = 0) -> str:
-    """The run's length as its config states it, in words (the reasons' formulas)."""
-    if trainer.tokens:
-        return f"{trainer.tokens:,} tokens / {per_sample} = {trainer.samples:,} (trainer.tokens)"
-    if trainer.samples:
-        return f"{trainer.samples:,} samples (trainer.samples)"
-    return f"{fmt(trainer.epochs)} epochs x {epoch_samples:,}"
-
-
-def noise_window_samples(trainer: TrainerConfig, epoch_samples: int) -> float:
-    """The noise-scale averages' time constant in samples: trainer.noise_window x the run's
-    samples (run_samples, not the plan's rounded total, which moves with the batch)."""
-    return trainer.noise_window * float(run_samples(trainer, epoch_samples))
 
 
 def plan_batch(
@@ -166,8 +67,6 @@ def plan_batch(
     _within_the_data(key, cfg.global_batch, cfg.trainer, epoch_samples)
     args: _PlanArgs = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
     if cfg.ramp.mode == "adaptive":
-        from launcher.planning.adaptive import stage_plan
-
         batch, step, samples, grown = stage or (cast(int, cfg.ramp.start_batch), 0, 0, ())
         steady = _plan(*args, (0, 0))
         return _stopping(cfg.trainer, stage_plan(cfg, steady, batch, step, samples, grown, memory))

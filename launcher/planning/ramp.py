@@ -6,16 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.config.optimization import RampConfig
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.rules import fmt, scale_lr
 from launcher.planning.split import split_for
-
-if TYPE_CHECKING:
-    from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def starts(start: int, gb: int) -> bool:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from launcher.planning.rules import fmt
-
-if TYPE_CHECKING:
-    from launcher.planning.plan import BatchPlan
-
+from launcher.types.plan import BatchPlan
 
 TABLE_ROWS = (
     "global_batch",

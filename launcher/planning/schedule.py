@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def lr_at(plan: BatchPlan, samples: int) -> float:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.config.capabilities import capabilities
 from launcher.config.execution import BackendConfig, TrainerConfig
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError, LauncherError
-
-if TYPE_CHECKING:
-    from launcher.planning.plan import BatchPlan
+from launcher.types.plan import BatchPlan
 
 
 def _divisors(n: int) -> list[int]:

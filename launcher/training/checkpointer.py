@@ -18,11 +18,11 @@ from launcher.cluster import preemption
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan
 from launcher.training import faults
 from launcher.training.guard import Diverged, params_finite, state_message
 from launcher.training.loop import Trainee
 from launcher.training.metrics import MetricsSink
+from launcher.types.plan import BatchPlan
 
 
 class Checkpointer:

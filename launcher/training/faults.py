@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from launcher.types.plan import BatchPlan
+
 if TYPE_CHECKING:
     import torch
-
-    from launcher.planning.plan import BatchPlan
 
 
 def test_kill(step: int, phase: str) -> None:

@@ -18,10 +18,11 @@ from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.data import declared_epoch_samples, loading
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan, plan_batch
+from launcher.planning.plan import plan_batch
 from launcher.planning.render import format_plan
 from launcher.training.budgeting import budget_config, budget_of, budget_plan
 from launcher.training.metrics import check_trackers
+from launcher.types.plan import BatchPlan
 
 RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # torchrun --rdzv-id, in a folder name
 

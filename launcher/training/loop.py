@@ -26,7 +26,6 @@ from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
 from launcher.data.batches import call, rows, to_device
 from launcher.models.outputs import logits_of
-from launcher.planning.plan import BatchPlan
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
 from launcher.training import faults
@@ -43,6 +42,7 @@ from launcher.training.guard import (
 )
 from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
+from launcher.types.plan import BatchPlan
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from launcher import log
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import BatchPlan
 from launcher.planning.render import format_plan
 from launcher.training import faults
 from launcher.training.job import (
@@ -29,6 +28,7 @@ from launcher.training.job import (
     with_budget,
     write_plan_files,
 )
+from launcher.types.plan import BatchPlan
 
 
 @dataclass
@@ -258,7 +258,7 @@ def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
     meter = None
     if plan.noise != "off":
         from launcher.batchsize.meter import NoiseMeter
-        from launcher.planning.plan import noise_window_samples
+        from launcher.planning.length import noise_window_samples
 
         window = noise_window_samples(cfg.trainer, plan.epoch_samples)
         meter = NoiseMeter(job.backend, window, cfg.trainer.noise_split_every)
