@@ -109,7 +109,7 @@ def main() -> None:
     from launcher.memory.profile import GB, MemoryProfile
     from launcher.models import build_model
     from launcher.optim import build_optimizer
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.guard import Health
     from launcher.training.job import on_device
     from launcher.training.loop import Settings, Trainee, _step_or_oom, train_step
@@ -124,7 +124,7 @@ def main() -> None:
     device = str(backend.device)
     world, rank = backend.world_size, backend.rank
     spec = data_spec(cfg.data)
-    plan = plan_batch(cfg, world, 100_000)
+    plan = plan_batch(PlanInput(cfg, world, 100_000))
     _, report = measured_cap(cfg, spec, plan, device, world, backend.all_min)
     _, estimate = estimated_cap(cfg, spec, plan, 64 * GB)
     credit = -backend_overhead(cfg, spec, plan)[0]
@@ -134,7 +134,7 @@ def main() -> None:
         overhead = rep["overhead_bytes"] + (0 if credited else credit)
         return MemoryProfile(lines, overhead, (), "").peak(args.micro)
 
-    plan = plan_batch(cfg, world, 100_000, memory=report)
+    plan = plan_batch(PlanInput(cfg, world, 100_000, memory=report))
     assert plan.micro_batch == args.micro, f"the plan's micro-batch is {plan.micro_batch}"
     dtype = getattr(torch, cfg.trainer.dtype)
     gc.collect()  # what the probe steps left is freed before counting starts

@@ -35,7 +35,7 @@ import torch
 
 from launcher.config.compose import compose_run
 from launcher.data import build_splits, loader_settings, train_loader
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 
 
 def write_jpegs(root: Path, images: int, classes: int, size: tuple[int, int], seed: int = 0):
@@ -65,7 +65,7 @@ def measure(cfg, device: str, workers: int, seconds: float) -> dict:
     """Read the launcher's training loader with `workers` workers; images/s after the first
     wave."""
     splits = build_splits(cfg.data)
-    plan = plan_batch(cfg, 1, len(splits.train))
+    plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
     settings = dataclasses.replace(loader_settings(cfg.data, device), workers=workers)
     loader = train_loader(splits.train, plan, rank=0, seed=cfg.seed, settings=settings)
     start = time.perf_counter()

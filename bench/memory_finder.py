@@ -33,7 +33,7 @@ from launcher.data import data_spec
 from launcher.data.synthetic import SyntheticDataset
 from launcher.memory.probe import _step, measured_cap
 from launcher.memory.profile import StorageMeter
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device
 
 MIB = 2**20
@@ -65,7 +65,7 @@ def setup(args: argparse.Namespace, cache: str):
         + [f"backend.mixed_precision={args.precision}"]
     )
     cfg = on_device(cfg, "cuda" if args.device.startswith("cuda") else "cpu")
-    return cfg, data_spec(cfg.data), plan_batch(cfg, 1, 1_281_167)
+    return cfg, data_spec(cfg.data), plan_batch(PlanInput(cfg, 1, 1_281_167))
 
 
 def is_oom(exc: BaseException) -> bool:

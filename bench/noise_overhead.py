@@ -26,7 +26,7 @@ from overhead import launcher_loop  # bench/: run as `python bench/noise_overhea
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.config.compose import compose_run
 from launcher.data import build_splits
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device
 
 
@@ -45,7 +45,7 @@ def main() -> None:
         "256x2 on": ["micro_batch=256"],
     }
     configs = {k: on_device(compose_run([*base, *v]), "cpu") for k, v in configs.items()}
-    plans = {k: plan_batch(cfg, 1, 32000) for k, cfg in configs.items()}
+    plans = {k: plan_batch(PlanInput(cfg, 1, 32000)) for k, cfg in configs.items()}
     assert [p.noise for p in plans.values()] == ["off", "split", "split", "off", "micro"]
     splits = build_splits(configs["512x1 off"].data)
     backend = AccelerateBackend(configs["512x1 off"], "cpu")
@@ -81,7 +81,7 @@ def meter_cost(cfg, splits, backend, repeats: int = 2000) -> tuple[float, float]
     from launcher.batchsize.meter import NoiseMeter
     from launcher.models import build_model
 
-    plan = plan_batch(cfg, 1, len(splits.train))
+    plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
     model = build_model(cfg.model, splits.spec)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = splits.train.x[:512], splits.train.y[:512]

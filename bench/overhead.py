@@ -32,7 +32,7 @@ from launcher.data import build_splits, eval_loader, train_loader
 from launcher.data.sampler import epoch_permutation
 from launcher.models import build_model
 from launcher.optim import build_optimizer
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device
 from launcher.training.loop import Feed, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink
@@ -44,7 +44,7 @@ _clock = CLOCK["wall"]
 def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = False) -> float:
     """The launcher's real loop, `fit()`, with one final evaluation (and with `meter` the
     noise-scale meter, as job.py builds it); returns seconds."""
-    plan = plan_batch(cfg, 1, len(splits.train))
+    plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
@@ -201,7 +201,7 @@ def main() -> None:
     )
     cfg = on_device(cfg, "cpu")
     splits = build_splits(cfg.data)
-    plan = plan_batch(cfg, 1, len(splits.train))
+    plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
     backend = AccelerateBackend(cfg, "cpu")
     times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
     peers = {"accelerate": accelerate_loop, "lightning": lightning_loop} if args.peers else {}

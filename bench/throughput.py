@@ -83,7 +83,7 @@ from launcher.config.compose import compose_run
 from launcher.data import data_spec
 from launcher.models import build_model
 from launcher.optim import build_optimizer
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
 from launcher.training.job import on_device
 from launcher.training.loop import Feed, Settings, Trainee, fit
@@ -355,7 +355,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     spec = data_spec(cfg.data)
-    plan = plan_batch(cfg, 1, args.batch * args.steps)
+    plan = plan_batch(PlanInput(cfg, 1, args.batch * args.steps))
     assert plan.steps == args.steps and plan.micro_batch == args.batch
     g = torch.Generator(device="cpu").manual_seed(0)
     if gpt:  # random byte tokens: inputs and next-token targets, batch x seq

@@ -50,6 +50,7 @@ from typing import Any
 
 from launcher.batchsize.branches import crossing, format_result
 from launcher.errors import ConfigError, LauncherError
+from launcher.planning.plan import PlanInput, plan_batch
 
 PROG = "launcher.cbs"
 BRANCH_KEYS = (  # set by the probe for every branch: an override of them is refused
@@ -251,7 +252,6 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
     from launcher.checkpoint.paths import check_writable
     from launcher.checkpoint.resume import check_optimizer
     from launcher.cluster.topology import from_env
-    from launcher.planning.plan import plan_batch
 
     args, overrides = parse(argv)
     ks = _parse_ks(args.k)
@@ -287,7 +287,7 @@ def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any],
             state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, overrides
         )
         origin = (state["step"], done) if k > 1 else (0, 0)
-        plan = plan_batch(cfg, world, saved_plan["epoch_samples"], origin=origin)
+        plan = plan_batch(PlanInput(cfg, world, saved_plan["epoch_samples"], origin=origin))
         try:
             check_optimizer(state, plan, path)
         except ConfigError as exc:

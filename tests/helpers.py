@@ -196,7 +196,7 @@ def sgd_step_on_rank(
     from launcher.backends.accelerate import AccelerateBackend
     from launcher.data import LoaderSettings, eval_loader, train_loader
     from launcher.optim import build_optimizer
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.loop import Feed, Settings, Trainee, fit
     from launcher.training.metrics import MetricsSink
 
@@ -207,7 +207,7 @@ def sgd_step_on_rank(
         + ["schedule.warmup_epochs=0", "trainer.epochs=1"]
     )
     backend = AccelerateBackend(cfg, "cpu")
-    plan = plan_batch(cfg, 2, global_batch)
+    plan = plan_batch(PlanInput(cfg, 2, global_batch))
     assert plan.steps == 1, plan.steps
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)

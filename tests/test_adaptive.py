@@ -14,8 +14,9 @@ import torch
 from launcher.cli import main
 from launcher.config.compose import compose_run
 from launcher.planning.adaptive import decide, stage_plan
-from launcher.planning.plan import _plan, plan_batch
+from launcher.planning.plan import PlanInput, _plan, plan_batch
 from launcher.planning.schedule import lr_at
+from launcher.types.plan import AdaptiveStage
 from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
 ADAPTIVE = ["global_batch=2048", "ramp.mode=adaptive", "ramp.start_batch=32"]
@@ -49,8 +50,8 @@ def test_noise_factor_trades_samples_for_steps() -> None:
 
 def test_the_run_starts_small_with_the_caps_optimizer_and_the_rules_lr() -> None:
     cfg = _cfg()
-    plan = plan_batch(cfg, 1, 32000)
-    steady = _plan(cfg, 1, 32000, "", "", None, (0, 0))  # the plan at the cap, 2048
+    plan = plan_batch(PlanInput(cfg, 1, 32000))
+    steady = _plan(PlanInput(cfg, 1, 32000), (0, 0))  # the plan at the cap, 2048
     assert (plan.global_batch, plan.adaptive_cap, plan.optimizer) == (32, 2048, "lamb")
     assert plan.lr == pytest.approx(steady.lr * math.sqrt(32 / 2048))  # LAMB: square-root rule
     assert plan.steps == 20 * 32000 // 32 and plan.total_samples == steady.total_samples
@@ -62,9 +63,9 @@ def test_the_run_starts_small_with_the_caps_optimizer_and_the_rules_lr() -> None
 
 def test_a_later_stage_counts_every_earlier_sample() -> None:
     cfg = _cfg()
-    steady = _plan(cfg, 2, 32000, "", "", None, (0, 0))
+    steady = _plan(PlanInput(cfg, 2, 32000), (0, 0))
     grown = ((0, 0, 32), (100, 3200, 64), (220, 10880, 256))  # 32 x 100, 64 x 120 steps
-    stage = stage_plan(cfg, steady, 1024, 300, 31360, grown, None)  # 256 x 80 steps
+    stage = stage_plan(cfg, steady, AdaptiveStage(1024, 300, 31360, grown), None)  # 256 x 80 steps
     assert [stage.samples_at(s) for s in (0, 50, 100, 150, 220, 260, 300, 301)] == [
         0,
         1600,

@@ -11,7 +11,7 @@ import pytest
 
 from launcher.cbs import crossing
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 
@@ -63,8 +63,8 @@ def test_crossing_edges() -> None:
 
 def test_an_early_stop_keeps_the_schedule_and_cools_down_to_zero() -> None:
     cfg = composed([*ARGS, "trainer.stop_after_samples=1000", "trainer.stop_cooldown_samples=320"])
-    plan = plan_batch(cfg, 1, 1600)
-    full = plan_batch(composed(ARGS), 1, 1600)
+    plan = plan_batch(PlanInput(cfg, 1, 1600))
+    full = plan_batch(PlanInput(composed(ARGS), 1, 1600))
     assert (plan.steps, plan.stop_step, plan.end_step) == (100, 32, 32)  # 32 x 32 = 1,024 >= 1000
     assert plan.cooldown == (1024 - 320, 1024)
     for samples in (0, 320, 672, 704):  # before the cooldown: the whole run's schedule
@@ -73,7 +73,7 @@ def test_an_early_stop_keeps_the_schedule_and_cools_down_to_zero() -> None:
         want = lr_at(full, samples) * (1024 - samples) / 320
         assert lr_at(plan, samples) == pytest.approx(want, rel=1e-12)
     with pytest.raises(ConfigError, match="not before the end of the run"):
-        plan_batch(composed([*ARGS, "trainer.stop_after_samples=3200"]), 1, 1600)
+        plan_batch(PlanInput(composed([*ARGS, "trainer.stop_after_samples=3200"]), 1, 1600))
     with pytest.raises(ConfigError, match="stop_cooldown_samples"):
         composed([*ARGS, "trainer.stop_cooldown_samples=10"])
 

@@ -10,7 +10,7 @@ from launcher.data import DataSpec
 from launcher.memory.probe import probe_trace
 from launcher.memory.profile import PROBE_SIZES, fit_traces
 from launcher.models import build_model
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import composed
 
 MODELS = {
@@ -57,7 +57,7 @@ def test_checkpointing_lowers_the_measured_bytes_per_sample():
     per_sample = {}
     for extra in ([], [ON]):
         cfg = composed([*args, "global_batch=256", *extra])
-        plan = plan_batch(cfg, 1, 1000)
+        plan = plan_batch(PlanInput(cfg, 1, 1000))
         n1, n2 = PROBE_SIZES
         t1, t2 = (probe_trace(cfg, spec, plan, "cpu", n) for n in (n1, n2))
         profile = fit_traces(n1, t1, n2, t2, "measured")

@@ -18,7 +18,7 @@ import torch
 from launcher.backends.ds_config import ds_config
 from launcher.cli import main
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
 
 ATOL = 1e-6
@@ -28,7 +28,7 @@ DS = "backend=deepspeed"
 
 def _config(args: list[str], device: str = "cpu", world: int = 2) -> dict:
     cfg = composed(["global_batch=64", "micro_batch=16", *args])
-    return ds_config(cfg, plan_batch(cfg, world, 1600), device)
+    return ds_config(cfg, plan_batch(PlanInput(cfg, world, 1600)), device)
 
 
 CONFIGS = [
@@ -152,7 +152,7 @@ def test_fused_sgd_is_refused_even_on_cuda():
     ],
 )
 def test_oom_recovery_auto_follows_the_zero_stage(extra, recovery):
-    plan = plan_batch(composed([DS, *extra]), 1, 1600)
+    plan = plan_batch(PlanInput(composed([DS, *extra]), 1, 1600))
     assert plan.oom_recovery is recovery
     assert ("ZeRO stage" in plan.reasons["oom_recovery"]) is (
         "backend.zero_stage=2" in extra or "backend.zero_stage=3" in extra

@@ -238,9 +238,9 @@ def test_shard_units_follow_the_models_blocks() -> None:
 
 
 def test_the_plan_says_what_fsdp_does_and_refuses_what_it_cannot(tmp_path) -> None:
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
 
-    plan = plan_batch(composed(["backend=fsdp"]), world_size=2, epoch_samples=4000)
+    plan = plan_batch(PlanInput(composed(["backend=fsdp"]), world_size=2, epoch_samples=4000))
     assert plan.oom_recovery and plan.checkpoints and plan.noise == "off"
     res = run_cli(["backend=fsdp", "backend.mixed_precision=fp16", "plan_only=true"], tmp_path)
     assert res.returncode == 2 and "backend.mixed_precision" in res.stderr

@@ -23,7 +23,7 @@ from launcher.data import data_spec
 from launcher.memory.probe import _cache_key, backend_overhead, estimated_cap
 from launcher.memory.profile import GB
 from launcher.memory.sharding import ModelBytes, model_bytes, sharding_credit
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import ROOT, composed, run_process
 
 FP32 = Sharding(None, None, reshard_after_forward=True, oom_safe_whole=True)
@@ -83,7 +83,7 @@ def test_model_bytes_counts_units_shards_and_state_on_the_meta_device() -> None:
 
     cfg = composed(TINY_GPT)
     spec = data_spec(cfg.data)
-    plan = plan_batch(cfg, 2, 100_000)
+    plan = plan_batch(PlanInput(cfg, 2, 100_000))
     counts = model_bytes(cfg.model, "float32", spec, plan, cfg.optim)
     model = build_model(cfg.model, spec)
     params = list(model.parameters())
@@ -100,7 +100,7 @@ def test_the_plan_says_what_sharding_saves_and_adds_no_ddp_buckets(tmp_path) -> 
     rows = {}
     for mode in ("true", "false"):
         cfg = composed([*TINY_GPT, cache, f"trainer.oom_recovery={mode}"])
-        spec, plan = data_spec(cfg.data), plan_batch(cfg, 2, 100_000)
+        spec, plan = data_spec(cfg.data), plan_batch(PlanInput(cfg, 2, 100_000))
         extra, why = backend_overhead(cfg, spec, plan)
         _, report = estimated_cap(cfg, spec, plan, 16 * GB)
         assert extra < 0 and report["overhead_bytes"] == extra and why in report["reason"]
@@ -111,7 +111,7 @@ def test_the_plan_says_what_sharding_saves_and_adds_no_ddp_buckets(tmp_path) -> 
     )
     assert "the root and 3 largest blocks gathered at a time" in rows["false"]
     ddp = composed([*TINY_GPT[:-1], cache])  # the same under backend=accelerate: DDP's buckets
-    spec, plan = data_spec(ddp.data), plan_batch(ddp, 2, 100_000)
+    spec, plan = data_spec(ddp.data), plan_batch(PlanInput(ddp, 2, 100_000))
     assert backend_overhead(ddp, spec, plan)[0] == 136_704
     assert "held_gradients" not in _cache_key(ddp, spec, plan, "cpu")
 

@@ -23,7 +23,7 @@ import yaml
 
 from launcher.data import data_spec
 from launcher.memory.probe import probe_peak
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import SMALL_DATA, composed, final_state, read_metrics, run_cli, run_process
 
 
@@ -139,7 +139,7 @@ LIMITED = (  # a real allocator limit in the run's own process: the fraction is 
 def _limit_between_32_and_64(args: list[str]) -> float:
     """The allocator fraction halfway between the peaks of a training step at 32 and at 64."""
     cfg = composed(args, device="cuda")
-    spec, plan = data_spec(cfg.data), plan_batch(cfg, 1, 320)
+    spec, plan = data_spec(cfg.data), plan_batch(PlanInput(cfg, 1, 320))
     p32, p64 = (probe_peak(cfg, spec, plan, "cuda", n) for n in (32, 64))
     assert p64 - p32 > 256 * 2**20, (p32, p64)  # far apart: the limit sits clearly between
     torch.cuda.empty_cache()

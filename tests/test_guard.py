@@ -145,7 +145,7 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     from launcher.backends.accelerate import AccelerateBackend
     from launcher.models import build_model
     from launcher.optim import build_optimizer
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.checkpointer import Checkpointer
     from launcher.training.guard import Diverged
     from launcher.training.loop import Trainee
@@ -153,7 +153,7 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     from tests.helpers import composed
 
     cfg = composed(["model=mlp", "global_batch=64", f"run_dir={tmp_path / 'run'}"])
-    plan = plan_batch(cfg, world_size=1, epoch_samples=640)
+    plan = plan_batch(PlanInput(cfg, world_size=1, epoch_samples=640))
     backend = AccelerateBackend(cfg, "cpu")
     model = build_model(cfg.model, _spec())
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)

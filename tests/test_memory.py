@@ -23,7 +23,7 @@ from launcher.memory.profile import (
     fit_traces,
     upper_lines,
 )
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import composed, run_cli
 
 
@@ -93,7 +93,7 @@ def test_max_micro_and_budget():
 def _setup(*overrides: str, tmp_path=None):
     cache = [f"memory.cache_dir={tmp_path / 'memcache'}"] if tmp_path else []
     cfg = composed(["global_batch=512", *cache, *overrides])
-    plan = plan_batch(cfg, 1, 32000)
+    plan = plan_batch(PlanInput(cfg, 1, 32000))
     return cfg, data_spec(cfg.data), plan
 
 
@@ -152,7 +152,7 @@ def test_estimate_is_cached_and_reused_without_fake_tensors(tmp_path, monkeypatc
         raise AssertionError("a cached estimate traced the model again")
 
     monkeypatch.setattr(probe, "probe_trace", no_trace)
-    other = plan_batch(dataclasses.replace(cfg, global_batch=256), 1, 32000)
+    other = plan_batch(PlanInput(dataclasses.replace(cfg, global_batch=256), 1, 32000))
     assert other.optimizer == plan.optimizer
     cap2, again = estimated_cap(cfg, spec, other, 16 * GB)
     assert "from cache entry" in again["note"] and again["source"] == "estimated"
@@ -206,7 +206,7 @@ def _rank_main(rank: int, port: int, budgets: tuple[float, float], cache: str, o
         ["global_batch=512", f"memory.budget_gb={budgets[rank]}", "memory.margin_gb=0"]
         + [f"memory.cache_dir={cache}/{rank}"]
     )
-    plan = plan_batch(cfg, 2, 32000)
+    plan = plan_batch(PlanInput(cfg, 2, 32000))
 
     def all_min(v: int) -> int:
         t = torch.tensor([v])

@@ -18,7 +18,7 @@ from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.models import build_model
 from launcher.optim import build_optimizer
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.loop import Feed, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink
 from tests.helpers import (
@@ -48,7 +48,7 @@ def _train_in_process(
     )
     g = torch.Generator().manual_seed(0)
     data = TensorPairs(torch.randn(384, 1, 40, generator=g), torch.randint(10, (384,), generator=g))
-    plan = plan_batch(cfg, world_size=1, epoch_samples=len(data))
+    plan = plan_batch(PlanInput(cfg, world_size=1, epoch_samples=len(data)))
     assert plan.steps == 6 and plan.micro_batch == micro_batch
     torch.manual_seed(0)
     model = build_model(cfg.model, _spec()).double()

@@ -10,7 +10,7 @@ import pytest
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.render import format_plan
 from launcher.planning.rules import choose_optimizer, scale_lr
 from launcher.planning.split import split_batch
@@ -76,7 +76,7 @@ def test_split_batch_valid_1000_on_8():
 
 # ------------------------------------------------------------------------------------- Goyal
 def test_goyal_resnet50_8192_on_256():
-    plan = plan_batch(_resnet("global_batch=8192"), 256, IMAGENET)
+    plan = plan_batch(PlanInput(_resnet("global_batch=8192"), 256, IMAGENET))
     assert (plan.per_device_batch, plan.micro_batch, plan.accumulation) == (32, 32, 1)
     assert plan.lr == pytest.approx(3.2) and plan.lr_rule == "linear"
     assert plan.optimizer == "sgd" and plan.decay == "step"
@@ -120,7 +120,7 @@ def test_scale_lr(overrides, gb, lr, rule, needles):
 )
 def test_large_batch_swap(overrides, optimizer, decay, power, warmup_epochs):
     cfg = _resnet(*overrides)
-    plan = plan_batch(cfg, 1, IMAGENET)
+    plan = plan_batch(PlanInput(cfg, 1, IMAGENET))
     assert (plan.optimizer, plan.decay, plan.decay_power) == (optimizer, decay, power)
     assert plan.warmup_samples == warmup_epochs * IMAGENET
     assert (plan.milestone_samples != ()) == (decay == "step")
@@ -145,7 +145,7 @@ def test_large_batch_swap(overrides, optimizer, decay, power, warmup_epochs):
     ],
 )
 def test_warmup(overrides, warmup_epochs, start, needle):
-    plan = plan_batch(_resnet(*overrides), 8, IMAGENET)
+    plan = plan_batch(PlanInput(_resnet(*overrides), 8, IMAGENET))
     assert plan.warmup_samples == round(warmup_epochs * IMAGENET)
     assert plan.warmup_start_lr == start
     assert needle in plan.reasons["warmup_samples"]
@@ -164,7 +164,7 @@ def test_warmup(overrides, warmup_epochs, start, needle):
 def test_a_warmup_over_most_of_the_run_gets_a_note(epochs, note):
     """mnist1d at 1,024 (LAMB, 5 warmup epochs of 32,000 samples): a warmup longer than half
     of the run's steps says so; one longer than the run says that instead."""
-    plan = plan_batch(_cfg("global_batch=1024", f"trainer.epochs={epochs}"), 1, 32000)
+    plan = plan_batch(PlanInput(_cfg("global_batch=1024", f"trainer.epochs={epochs}"), 1, 32000))
     why = plan.reasons["warmup_samples"]
     assert plan.warmup_samples == 160000
     if note is None:
@@ -186,7 +186,7 @@ def test_a_warmup_over_most_of_the_run_gets_a_note(epochs, note):
 )
 def test_steps_and_total_samples(overrides, n, steps, overflow):
     cfg = _cfg(*overrides)
-    plan = plan_batch(cfg, 1, n)
+    plan = plan_batch(PlanInput(cfg, 1, n))
     gb, why = cfg.global_batch, plan.reasons["steps"]
     assert plan.steps == steps, why
     assert plan.total_samples == plan.steps * gb
@@ -200,14 +200,14 @@ def test_steps_and_total_samples(overrides, n, steps, overflow):
 
 def test_empty_training_split_raises():
     with pytest.raises(ConfigError, match="empty"):
-        plan_batch(_cfg(), 1, 0)
+        plan_batch(PlanInput(_cfg(), 1, 0))
 
 
 # -------------------------------------------------------------------------------- format_plan
 
 
 def test_format_plan_lists_every_row_with_its_reason():
-    plan = plan_batch(_resnet("global_batch=8192"), 256, IMAGENET)
+    plan = plan_batch(PlanInput(_resnet("global_batch=8192"), 256, IMAGENET))
     text = format_plan(plan)
     firsts = [line.split()[0] for line in text.splitlines() if line.strip()]
     for row in ("per_device_batch", "micro_batch", "accumulation", "optimizer", "warmup_samples"):
@@ -220,14 +220,14 @@ def test_format_plan_lists_every_row_with_its_reason():
 
 def test_mnist1d_recipe_swaps_to_lamb_with_its_own_lr_and_decay():
     """Above 512 the mnist1d recipe swaps SGD for LAMB: own base LR, sqrt rule, own weight decay."""
-    plan = plan_batch(_cfg("global_batch=2048"), 1, 32000)
+    plan = plan_batch(PlanInput(_cfg("global_batch=2048"), 1, 32000))
     assert plan.optimizer == "lamb" and plan.lr_rule == "sqrt"
     assert plan.lr == pytest.approx(0.00625 * 8)  # sqrt(2048 / 32) = 8
     assert plan.weight_decay == 0.01 and plan.decay == "poly" and plan.decay_power == 1.0
     assert plan.warmup_start_lr == 0.00625 and plan.warmup_samples == 5 * 32000
     assert "optim.large_batch.base_lr" in plan.reasons["lr"]
     assert "optim.large_batch.weight_decay" in plan.reasons["weight_decay"]
-    at_threshold = plan_batch(_cfg("global_batch=512"), 1, 32000)
+    at_threshold = plan_batch(PlanInput(_cfg("global_batch=512"), 1, 32000))
     assert (at_threshold.optimizer, at_threshold.lr, at_threshold.weight_decay) == (
         "sgd",
         0.48,
@@ -242,7 +242,7 @@ def test_swapped_optimizer_is_built_with_the_plans_weight_decay():
     from launcher.optim.lamb import LAMB
 
     cfg = _cfg("global_batch=2048")
-    plan = plan_batch(cfg, 1, 32000)
+    plan = plan_batch(PlanInput(cfg, 1, 32000))
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     opt = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     assert isinstance(opt, LAMB)
@@ -255,14 +255,19 @@ def test_swapped_optimizer_is_built_with_the_plans_weight_decay():
 def test_the_robust_policy_shows_in_the_plan() -> None:
     """The mnist1d recipe's policy (issue 18): clipping at 1.0, the linear rule with warmup up to
     512, LAMB above; unclipped at 8x the reference or more, the plan says what was measured."""
-    default = plan_batch(compose_run(["+recipe=mnist1d", "memory.probe=false"]), 1, 32000)
+    default = plan_batch(
+        PlanInput(compose_run(["+recipe=mnist1d", "memory.probe=false"]), 1, 32000)
+    )
     assert (default.clip_grad_norm, default.optimizer, default.lr) == (1.0, "sgd", 0.48)
     row = re.compile(r"^clip_grad_norm +1  the global gradient norm is clipped to 1", re.M)
     assert row.search(format_plan(default))
-    big = plan_batch(compose_run(["global_batch=2048", "memory.probe=false"]), 1, 32000)
+    big = plan_batch(PlanInput(compose_run(["global_batch=2048", "memory.probe=false"]), 1, 32000))
     assert big.optimizer == "lamb" and big.clip_grad_norm == 1.0
     off = compose_run(["optim.clip_grad_norm=0", "memory.probe=false"])
-    why = plan_batch(off, 1, 32000).reasons["clip_grad_norm"]
+    why = plan_batch(PlanInput(off, 1, 32000)).reasons["clip_grad_norm"]
     assert why.startswith("off (optim.clip_grad_norm=0); the batch is 16x optim.ref_batch")
     small = compose_run(["optim.clip_grad_norm=0", "global_batch=128", "memory.probe=false"])
-    assert plan_batch(small, 1, 32000).reasons["clip_grad_norm"] == "off (optim.clip_grad_norm=0)"
+    assert (
+        plan_batch(PlanInput(small, 1, 32000)).reasons["clip_grad_norm"]
+        == "off (optim.clip_grad_norm=0)"
+    )

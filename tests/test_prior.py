@@ -14,7 +14,7 @@ import yaml
 from launcher.batchsize.advice import advise, format_advice, samples_to_match
 from launcher.batchsize.prior import budget, find_prior, from_records
 from launcher.config.schema import to_dict
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.render import format_plan
 from launcher.training.job import with_budget
 from tests.helpers import composed
@@ -102,9 +102,9 @@ def test_the_plan_finds_the_newest_finished_run_of_the_same_workload(tmp_path) -
     assert (prior.run_dir.name, prior.global_batch, prior.samples) == ("new", 512, 64_000)
     assert find_prior(cfg, tmp_path, exclude=tmp_path / "new").run_dir.name == "old"
 
-    plan = plan_batch(cfg, 1, 32_000)  # 20 epochs at 512 = 640,000 samples: enough
+    plan = plan_batch(PlanInput(cfg, 1, 32_000))  # 20 epochs at 512 = 640,000 samples: enough
     assert with_budget(cfg, plan, tmp_path / "this").budget == "enough"
-    big = plan_batch(composed(["+recipe=mnist1d", "global_batch=16384"]), 1, 32_000)
+    big = plan_batch(PlanInput(composed(["+recipe=mnist1d", "global_batch=16384"]), 1, 32_000))
     short = with_budget(cfg, big, tmp_path / "this")  # 64k x 16784 / 912 = 1.18M samples
     assert short.budget == "SHORT" and "36.8 epochs" in short.reasons["budget"]
     assert "budget" in format_plan(short) and "budget" not in format_plan(big)

@@ -16,7 +16,7 @@ import torch
 from launcher.cli import main
 from launcher.config.compose import compose_run
 from launcher.data.sampler import GlobalBatchSampler, epoch_permutation
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
 from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
 
@@ -24,7 +24,7 @@ RAMP = ["global_batch=512", "ramp.start_batch=64", "ramp.samples=48000", "traine
 
 
 def _plan(overrides: list[str], world: int = 1, epoch: int = 32000):
-    return plan_batch(compose_run(["memory.probe=false", *overrides]), world, epoch)
+    return plan_batch(PlanInput(compose_run(["memory.probe=false", *overrides]), world, epoch))
 
 
 def test_stages_double_the_batch_and_account_for_every_sample() -> None:

@@ -85,11 +85,11 @@ def test_a_value_past_the_maximum_is_one_line_naming_the_key(key, cls, listed) -
 
 
 def test_a_run_longer_than_a_count_can_say_exactly_is_refused_by_the_plan() -> None:
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
 
     cfg = to_run_config(compose_dict(["data=synthetic", "trainer.epochs=1e9"]))
     with pytest.raises(ConfigError) as refused:
-        plan_batch(cfg, 1, 100_000_000)
+        plan_batch(PlanInput(cfg, 1, 100_000_000))
     assert str(refused.value) == (
         "trainer.epochs=1e+09: 100,000,000,000,000,000 samples (100,000,000 per epoch), more than "
         "a run can count exactly (2^53); train fewer epochs"

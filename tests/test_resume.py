@@ -234,10 +234,10 @@ def test_an_explicit_global_batch_change_continues_at_the_consumed_samples(tmp_p
         (8, 640),
     ]
     from launcher.config.compose import compose_run
-    from launcher.planning.plan import plan_batch
+    from launcher.planning.plan import PlanInput, plan_batch
     from launcher.planning.schedule import lr_at
 
-    new = plan_batch(compose_run(allow[:-1]), 1, 1600, origin=(4, 256))
+    new = plan_batch(PlanInput(compose_run(allow[:-1]), 1, 1600, origin=(4, 256)))
     assert [m["lr"] for m in lines[4:]] == [lr_at(new, s) for s in (256, 352, 448, 544)]
     state, _ = checkpoint.load(tmp_path / "run", pytest.fail)
     assert (state["step"], state["consumed_samples"], state["global_batch"]) == (8, 640, 96)

@@ -9,7 +9,7 @@ import pytest
 
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
 from launcher.types.plan import BatchPlan
 
@@ -114,7 +114,9 @@ LAYOUTS = [(256, ()), (8, ()), (8, ("micro_batch=64",)), (1, ()), (2, ("micro_ba
     ],
 )
 def test_lr_depends_only_on_consumed_samples(overrides):
-    plans = [plan_batch(_cfg(*overrides, *extra), world, IMAGENET) for world, extra in LAYOUTS]
+    plans = [
+        plan_batch(PlanInput(_cfg(*overrides, *extra), world, IMAGENET)) for world, extra in LAYOUTS
+    ]
     layouts = {(p.world_size, p.micro_batch, p.accumulation) for p in plans}
     assert len(layouts) == len(LAYOUTS)  # the layouts really differ
     ref = plans[0]

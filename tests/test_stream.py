@@ -24,7 +24,7 @@ from launcher.data.batches import Collate
 from launcher.data.packing import PackedStream, pack
 from launcher.data.stream import Snapshots, digest
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from tests.helpers import composed, free_port, sgd_step_on_rank
 
 
@@ -86,7 +86,7 @@ def _plan(n: int, gb: int, micro: int, world: int, epochs: int = 2):
         [f"global_batch={gb}", f"micro_batch={micro}", f"trainer.epochs={epochs}"]
         + ["optim.large_batch.enabled=false", "schedule.warmup_epochs=0"]
     )
-    return plan_batch(cfg, world, n)
+    return plan_batch(PlanInput(cfg, world, n))
 
 
 def _taken(stream, plan, rank: int, workers: int, step: int = 0, snapshots=None) -> list[list]:

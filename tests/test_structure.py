@@ -33,7 +33,6 @@ WHOLE_CONFIG = {
     "training/metrics.py": {"open_trackers": RECORD},
     "checkpoint/resume.py": {"capture": RECORD, "check": RECORD},
     "batchsize/prior.py": {"_same_workload": RECORD, "find_prior": RECORD},
-    "planning/plan.py": {"plan_batch": PLAN, "_plan": PLAN},
     "planning/split.py": {"split_for": PLAN},
     "planning/ramp.py": {"ramp_stages": PLAN, "scaled_stage": PLAN},
     "planning/adaptive.py": {"stage_plan": PLAN},

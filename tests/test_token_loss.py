@@ -21,7 +21,7 @@ from launcher.batchsize.meter import _small_batch
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.optim import build_optimizer
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.loop import Feed, Hooks, Settings, Trainee, accumulate, fit
 from launcher.training.loss import IGNORE_INDEX, CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
@@ -72,7 +72,7 @@ def _one_step(
     """One step of the real loop (fit) on this process's rank: global batch 16, `micro`;
     `resplits` collects the (micro-batch, accumulation) of each out-of-memory re-split."""
     cfg = _cfg(micro)
-    plan = plan_batch(cfg, backend.world_size, len(data))
+    plan = plan_batch(PlanInput(cfg, backend.world_size, len(data)))
     assert (plan.steps, plan.lr, plan.micro_batch) == (1, 1.0, micro)
     model = _model()
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
@@ -146,7 +146,7 @@ def test_without_ignored_targets_it_is_the_old_per_sequence_mean(backend):
     """Fixed-length sequences, nothing ignored: the loss and gradients of `accumulate` are the
     per-sample rule's (each sequence's mean over positions, / the per-device batch)."""
     data, cfg = _data(ignored=False), _cfg(4)
-    plan = plan_batch(cfg, 1, N)
+    plan = plan_batch(PlanInput(cfg, 1, N))
     grads, losses = [], []
     for per_token in (True, False):
         model = _model()
@@ -183,7 +183,7 @@ def test_the_noise_meter_leaves_out_a_piece_without_a_counted_token():
     out (and counted), the next one is measured."""
     from launcher.batchsize.meter import NoiseMeter
 
-    plan = plan_batch(_cfg(4), 1, N)
+    plan = plan_batch(PlanInput(_cfg(4), 1, N))
     assert plan.noise == "micro"
     model, meter = _model(), NoiseMeter(_OneRank(), window=1000.0)
     for p in model.parameters():

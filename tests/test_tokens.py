@@ -18,7 +18,7 @@ from launcher.checkpoint.resume import check
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.ramp import starts
 from launcher.planning.render import format_plan
 from launcher.planning.split import batch_step, split_batch
@@ -127,7 +127,7 @@ def test_tokens_need_sequence_data():
 def test_the_nearest_global_batches_in_tokens_are_ones_the_plan_accepts(world, micro, tokens):
     cfg = _gpt(f"global_batch_tokens={tokens}", f"micro_batch={micro}")
     with pytest.raises(ConfigError) as err:
-        plan_batch(cfg, world, EPOCH)
+        plan_batch(PlanInput(cfg, world, EPOCH))
     msg = str(err.value)
     assert msg.startswith(f"global_batch_tokens={tokens}: ") and "\n" not in msg
     near = _nearest(msg)
@@ -136,7 +136,9 @@ def test_the_nearest_global_batches_in_tokens_are_ones_the_plan_accepts(world, m
     step = batch_step(world, micro)[0]
     for t in near:
         split_batch(t // 256, world, micro, 1024)  # accepted: no error
-        plan = plan_batch(_gpt(f"global_batch_tokens={t}", f"micro_batch={micro}"), world, EPOCH)
+        plan = plan_batch(
+            PlanInput(_gpt(f"global_batch_tokens={t}", f"micro_batch={micro}"), world, EPOCH)
+        )
         assert plan.global_batch == t // 256 and plan.global_batch % step == 0
     for bad in (near[0] + 256, near[-1] - 256):  # between them: refused
         if near[0] < bad < near[-1]:
@@ -175,7 +177,7 @@ SAME = [  # the same run stated in tokens and in samples
 
 
 def test_a_run_in_tokens_plans_exactly_as_the_same_run_in_samples():
-    tokens, samples = (plan_batch(_gpt(*o), 4, EPOCH) for o in SAME)
+    tokens, samples = (plan_batch(PlanInput(_gpt(*o), 4, EPOCH)) for o in SAME)
     assert tokens.in_tokens == (
         "global_batch_tokens",
         "schedule.warmup_tokens",
@@ -198,7 +200,7 @@ def test_a_run_in_tokens_plans_exactly_as_the_same_run_in_samples():
 
 
 def test_the_printed_plan_shows_tokens_and_sequences():
-    plan = plan_batch(_gpt(*SAME[0]), 4, EPOCH)
+    plan = plan_batch(PlanInput(_gpt(*SAME[0]), 4, EPOCH))
     why = plan.reasons
     assert why["global_batch"] == (
         "262,144 tokens / 256 tokens per sequence = 1,024 sequences (global_batch_tokens)"
@@ -212,30 +214,32 @@ def test_the_printed_plan_shows_tokens_and_sequences():
     table = format_plan(plan)
     assert re.search(r"global_batch +1,024 sequences = 262,144 tokens  262,144 tokens", table)
     assert re.search(r"warmup_samples +5,850 = 1,497,600 tokens  1,497,600 tokens", table)
-    plain = format_plan(plan_batch(_gpt(*SAME[1]), 4, EPOCH))
+    plain = format_plan(plan_batch(PlanInput(_gpt(*SAME[1]), 4, EPOCH)))
     assert re.search(r"global_batch +1024  1024 \(global_batch\)", plain)
 
 
 def test_the_warmup_in_tokens_holds_for_a_swapped_optimizer_and_may_be_zero():
-    swapped = plan_batch(_gpt("global_batch=1024", "schedule.warmup_tokens=25600"), 1, EPOCH)
+    swapped = plan_batch(
+        PlanInput(_gpt("global_batch=1024", "schedule.warmup_tokens=25600"), 1, EPOCH)
+    )
     assert (swapped.optimizer, swapped.warmup_samples) == ("lamb", 100)
-    none = plan_batch(_gpt("schedule.warmup_tokens=0"), 1, EPOCH)
+    none = plan_batch(PlanInput(_gpt("schedule.warmup_tokens=0"), 1, EPOCH))
     assert none.warmup_samples == 0
     assert none.reasons["warmup_samples"] == "no warmup (schedule.warmup_tokens=0)"
 
 
 def test_a_run_length_in_tokens_covers_its_sequences():
-    plan = plan_batch(_gpt("trainer.tokens=256000"), 1, EPOCH)  # 1,000 sequences of 64
+    plan = plan_batch(PlanInput(_gpt("trainer.tokens=256000"), 1, EPOCH))  # 1,000 sequences of 64
     assert (plan.steps, plan.total_samples) == (16, 1024)
     assert "the last step runs 24 samples into the next epoch" in plan.reasons["steps"]
     with pytest.raises(ConfigError, match="^global_batch_tokens=524288 .*trainer.tokens"):
-        plan_batch(_gpt("trainer.tokens=256000", "global_batch_tokens=524288"), 1, EPOCH)
+        plan_batch(PlanInput(_gpt("trainer.tokens=256000", "global_batch_tokens=524288"), 1, EPOCH))
 
 
 # ------------------------------------------------------------------------------------ resume
 def _saved(cfg: RunConfig, step: int = 4) -> dict:
     cfg = in_samples(cfg)
-    plan = plan_batch(cfg, 1, EPOCH)
+    plan = plan_batch(PlanInput(cfg, 1, EPOCH))
     return {
         "config": to_dict(cfg),
         "plan": dataclasses.asdict(plan),

@@ -30,7 +30,7 @@ from launcher.errors import ConfigError
 from launcher.planning.length import run_length, run_samples
 from launcher.planning.ramp import ramp_batches, scaled_stage
 from launcher.planning.rules import fmt
-from launcher.types.plan import BatchPlan
+from launcher.types.plan import AdaptiveStage, BatchPlan
 
 
 def decide(
@@ -48,18 +48,14 @@ def decide(
 
 
 def stage_plan(
-    cfg: RunConfig,
-    steady: BatchPlan,
-    batch: int,
-    origin_step: int,
-    origin_samples: int,
-    grown: tuple[Any, ...],
-    memory: dict[str, Any] | None,
+    cfg: RunConfig, steady: BatchPlan, stage: AdaptiveStage, memory: dict[str, Any] | None
 ) -> BatchPlan:
-    """The plan from (origin_step, origin_samples) on at `batch`: the steady plan's (global_batch)
-    optimizer and schedule (total_samples included: the LR curve is one function of samples over
-    every stage), its LR x the scaling rule's lr(batch) / lr(global_batch); `steps` ends the run
-    at the first step boundary after its epochs at this batch."""
+    """The plan from the stage's (origin_step, origin_samples) on at its batch: the steady plan's
+    (global_batch) optimizer and schedule (total_samples included: the LR curve is one function
+    of samples over every stage), its LR x the scaling rule's lr(batch) / lr(global_batch);
+    `steps` ends the run at the first step boundary after its epochs at this batch."""
+    batch, origin_step, origin_samples = stage.batch, stage.origin_step, stage.origin_samples
+    grown = stage.grown
     ladder = [*ramp_batches(cfg.ramp, cfg.global_batch), cfg.global_batch]
     if batch not in ladder:
         raise ConfigError(
@@ -75,19 +71,19 @@ def stage_plan(
         )
     total_exact = run_samples(cfg.trainer, steady.epoch_samples)
     steps = origin_step + max(math.ceil((total_exact - origin_samples) / batch), 0)
-    stage = scaled_stage(cfg, steady, batch, memory, (origin_step, origin_samples), steps)
-    if stage.noise == "off":
+    plan = scaled_stage(cfg, steady, batch, memory, (origin_step, origin_samples), steps)
+    if plan.noise == "off":
         raise ConfigError(
             f"ramp.start_batch={cfg.ramp.start_batch}: the adaptive ramp needs the noise scale "
-            f"measured at batch {batch}, and it is {stage.reasons['noise_scale']}; start from a "
+            f"measured at batch {batch}, and it is {plan.reasons['noise_scale']}; start from a "
             "larger batch"
         )
     history = "; ".join(f"{b} from step {s:,} (sample {n:,})" for s, n, b in grown)
     seq = steady.sample_tokens
-    reasons = stage.reasons | {
+    reasons = plan.reasons | {
         "global_batch": f"{batch}: the adaptive ramp's batch now (global_batch {cfg.global_batch} "
         "is its cap)",
-        "lr": f"{stage.reasons['lr']}; at the cap {steady.reasons['lr']}",
+        "lr": f"{plan.reasons['lr']}; at the cap {steady.reasons['lr']}",
         "steps": f"{steps:,} if the batch stays {batch}: {origin_step:,} steps ({origin_samples:,} "
         f"samples) before it + ceil(({run_length(cfg.trainer, steady.epoch_samples, seq)} - "
         f"{origin_samples:,}) / {batch}); fewer as it grows",
@@ -98,9 +94,7 @@ def stage_plan(
         f"{steady.optimizer} and the schedule of global_batch, LR by the scaling rule per batch"
         + (f"; so far: {history}; {batch} from step {origin_step:,}" if grown else ""),
     }
-    return dataclasses.replace(
-        stage, grown=tuple(tuple(g) for g in grown), adaptive_cap=cfg.global_batch, reasons=reasons
-    )
+    return dataclasses.replace(plan, grown=grown, adaptive_cap=cfg.global_batch, reasons=reasons)
 
 
 def event(

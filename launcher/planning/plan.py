@@ -1,5 +1,5 @@
-"""The planner: plan_batch -> BatchPlan (launcher/types/plan.py), every derived training number
-with the reason it was chosen. Pure functions only.
+"""The planner: plan_batch(PlanInput) -> BatchPlan (launcher/types/plan.py), every derived
+training number with the reason it was chosen. Pure functions only.
 
 global_batch = micro_batch x accumulation x world_size, exactly. LR, warmup and decay follow the
 large-batch policy (DESIGN.md) and are defined in samples, so they do not move when world size,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, cast
 
 from launcher.config.execution import TrainerConfig
@@ -34,43 +35,47 @@ from launcher.planning.rules import (
 )
 from launcher.planning.split import batch_step, split_for
 from launcher.planning.tokens import in_samples, length_key, stated_in_tokens, tokens_per_sample
-from launcher.types.plan import BatchPlan
+from launcher.types.plan import AdaptiveStage, BatchPlan
 
-# plan_batch's arguments before the origin: cfg, world size, epoch samples and where the two
-# numbers come from, the memory report
-_PlanArgs = tuple["RunConfig", int, int, str, str, "dict[str, Any] | None"]
 MOST_OF_THE_RUN = 0.5  # a warmup over more than this share of the run's samples gets a note
 
 
-def plan_batch(
-    cfg: RunConfig,
-    world_size: int,
-    epoch_samples: int,
-    epoch_source: str = "",
-    world_source: str = " processes",
-    memory: dict[str, Any] | None = None,
-    origin: tuple[int, int] = (0, 0),
-    stage: tuple[int, int, int, tuple[Any, ...]] | None = None,
-) -> BatchPlan:
+@dataclass(frozen=True)
+class PlanInput:
+    """What a plan is made from: the run's config, the world size and the training split's size
+    (each with where it comes from, for the reasons), the memory probe's report, and where the
+    run stands: `origin` (step, samples) already done at another global batch (a global batch
+    changed on resume), or an adaptive ramp's `stage` (None: its start)."""
+
+    cfg: RunConfig
+    world_size: int
+    epoch_samples: int
+    _: KW_ONLY
+    epoch_source: str = ""
+    world_source: str = " processes"
+    memory: dict[str, Any] | None = None  # launcher/memory/probe.py's report; None: not probed
+    origin: tuple[int, int] = (0, 0)
+    stage: AdaptiveStage | None = None
+
+
+def plan_batch(given: PlanInput) -> BatchPlan:
     """The whole plan for one run. Raises ConfigError on anything that does not fit exactly.
 
-    `memory` is the profile report of launcher/memory/probe.py, whose `cap` is the largest
-    micro-batch the device memory allows; None when memory was not probed. `origin` = (step,
-    samples) already done with another global batch (a global batch changed on resume). With a
-    ramp-up (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
-    global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now:
-    `stage` = (batch, origin step, origin samples, earlier stages), by default its start.
-    Quantities stated in tokens are converted into samples first (launcher/planning/tokens.py).
+    The memory report's `cap` is the largest micro-batch the device memory allows. With a ramp-up
+    (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
+    global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now
+    (`given.stage`, by default its start). Quantities stated in tokens are converted into samples
+    first (launcher/planning/tokens.py).
     """
-    cfg = in_samples(cfg, batch_step(world_size, cfg.micro_batch))
+    cfg = in_samples(given.cfg, batch_step(given.world_size, given.cfg.micro_batch))
+    given = dataclasses.replace(given, cfg=cfg)
     key = batch_key(cfg.global_batch, cfg.global_batch_tokens)
-    _within_the_data(key, cfg.global_batch, cfg.trainer, epoch_samples)
-    args: _PlanArgs = (cfg, world_size, epoch_samples, epoch_source, world_source, memory)
+    _within_the_data(key, cfg.global_batch, cfg.trainer, given.epoch_samples)
     if cfg.ramp.mode == "adaptive":
-        batch, step, samples, grown = stage or (cast(int, cfg.ramp.start_batch), 0, 0, ())
-        steady = _plan(*args, (0, 0))
-        return _stopping(cfg.trainer, stage_plan(cfg, steady, batch, step, samples, grown, memory))
-    return _stopping(cfg.trainer, _ramped(args, origin))
+        stage = given.stage or AdaptiveStage(cast(int, cfg.ramp.start_batch))
+        steady = _plan(given, (0, 0))
+        return _stopping(cfg.trainer, stage_plan(cfg, steady, stage, given.memory))
+    return _stopping(cfg.trainer, _ramped(given))
 
 
 def batch_key(global_batch: int, tokens: int | None) -> str:
@@ -142,18 +147,17 @@ def _stopping(trainer: TrainerConfig, plan: BatchPlan) -> BatchPlan:
     )
 
 
-def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
-    """plan_batch before the early stop (`args`: its first six): a fixed ramp-up's stages, then
-    global_batch."""
-    cfg, _, epoch_samples, _, _, memory = args
+def _ramped(given: PlanInput) -> BatchPlan:
+    """plan_batch before the early stop: a fixed ramp-up's stages, then global_batch."""
+    cfg, origin = given.cfg, given.origin
     if cfg.ramp.start_batch is None:
-        return _plan(*args, origin)
+        return _plan(given, origin)
     batches = ramp_batches(cfg.ramp, cfg.global_batch)
     if origin != (0, 0):  # the global batch changed on resume, after the ramp-up (resume.check)
-        plan = _plan(*args, origin)
+        plan = _plan(given, origin)
         why = f"{batches[0]} -> {cfg.global_batch}: done before the checkpoint resumed from"
         return dataclasses.replace(plan, reasons=plan.reasons | {"ramp": why})
-    steady = _plan(*args, origin)
+    steady = _plan(given, origin)
     seq = tokens_per_sample(cfg.data)
     length = f"ramp.samples={cfg.ramp.samples}"
     if cfg.ramp.tokens:
@@ -163,13 +167,13 @@ def _ramped(args: _PlanArgs, origin: tuple[int, int]) -> BatchPlan:
             f"{length}: the ramp-up must end before the run does "
             f"({steady.total_samples:,} samples); shorten it or train longer"
         )
-    stages = ramp_stages(cfg, steady, batches, memory)
+    stages = ramp_stages(cfg, steady, batches, given.memory)
     end = stages[-1].steps, stages[-1].samples_at(stages[-1].steps)
-    plan = _plan(*args, end)
+    plan = _plan(given, end)
     gb, share = cfg.global_batch, cfg.ramp.samples / len(batches)
     reasons = plan.reasons | {
         "steps": f"{plan.steps:,} = {end[0]:,} ramp-up steps ({end[1]:,} samples) + "
-        f"ceil(({run_length(cfg.trainer, epoch_samples, seq)} - {end[1]:,}) / {gb})",
+        f"ceil(({run_length(cfg.trainer, given.epoch_samples, seq)} - {end[1]:,}) / {gb})",
         "ramp": "; ".join(
             f"{p.global_batch} (micro {p.micro_batch} x {p.accumulation}, lr {fmt(p.lr)}) for "
             f"steps {p.origin_step:,}-{p.steps - 1:,}"
@@ -273,17 +277,11 @@ def _warmup(
     return warmup, why
 
 
-def _plan(
-    cfg: RunConfig,
-    world_size: int,
-    epoch_samples: int,
-    epoch_source: str,
-    world_source: str,
-    memory: dict[str, Any] | None,
-    origin: tuple[int, int],
-) -> BatchPlan:
-    """The plan of one global batch (plan_batch without the ramp-up). (Over 60 lines: 30 of
-    them name the BatchPlan's fields; the rules themselves are the helpers above.)"""
+def _plan(given: PlanInput, origin: tuple[int, int]) -> BatchPlan:
+    """The plan of one global batch from `origin` (plan_batch without the ramp-up). (Over 60
+    lines: 30 of them name the BatchPlan's fields; the rules themselves are the helpers above.)"""
+    cfg, memory = given.cfg, given.memory
+    world_size, epoch_samples = given.world_size, given.epoch_samples
     if epoch_samples <= 0:
         raise ConfigError(f"data: the training split is empty ({epoch_samples} samples)")
     gb = cfg.global_batch
@@ -298,7 +296,7 @@ def _plan(
             "(global_batch_tokens)"
         )
     reasons["memory"] = _memory_reason(cfg.micro_batch, memory)
-    reasons["world_size"] = f"{world_size}{world_source}"
+    reasons["world_size"] = f"{world_size}{given.world_source}"
     optimizer, swapped, reasons["optimizer"] = choose_optimizer(cfg.optim, gb)
     lr, rule, reasons["lr"] = scale_lr(cfg.optim, gb, optimizer)
     decay_wd, wd_source = weight_decay(cfg.optim, swapped)
@@ -309,7 +307,7 @@ def _plan(
     decay, power, warmup_epochs, reasons["decay"] = _decay(
         cfg.optim, cfg.schedule, optimizer, swapped
     )
-    reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{epoch_source}"
+    reasons["epoch_samples"] = f"{epoch_samples:,} samples per epoch{given.epoch_source}"
     steps, total, reasons["steps"] = _steps(gb, cfg.trainer, epoch_samples, origin, seq)
     o_step, o_samples = origin
     base_lr, _ = base_lr_for(cfg.optim, optimizer)

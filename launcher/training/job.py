@@ -18,11 +18,11 @@ from launcher.config.execution import MemoryConfig
 from launcher.config.schema import RunConfig, to_dict
 from launcher.data import declared_epoch_samples, loading
 from launcher.errors import ConfigError
-from launcher.planning.plan import plan_batch
+from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.render import format_plan
 from launcher.training.budgeting import budget_config, budget_of, budget_plan
 from launcher.training.metrics import check_trackers
-from launcher.types.plan import BatchPlan
+from launcher.types.plan import AdaptiveStage, BatchPlan
 
 RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # torchrun --rdzv-id, in a folder name
 
@@ -52,14 +52,16 @@ def plan_for(
     if budgeted:  # data.micro_batch_tokens: the budget cuts the per-device batch
         cfg = budget_config(cfg, topology.world_size)
     plan = plan_batch(
-        cfg,
-        topology.world_size,
-        samples,
-        epoch_source=source,
-        world_source=where,
-        memory=memory,
-        origin=origin,
-        stage=stage,
+        PlanInput(
+            cfg,
+            topology.world_size,
+            samples,
+            epoch_source=source,
+            world_source=where,
+            memory=memory,
+            origin=origin,
+            stage=None if stage is None else AdaptiveStage(*stage),
+        )
     )
     check_backend(cfg, plan, topology.device)
     row = loading(cfg.data, topology.world_size)

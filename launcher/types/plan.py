@@ -1,11 +1,23 @@
 """BatchPlan: every number a run trains with, and the reason for each (launcher/planning/ builds
-it, every later layer reads it). Pure: nothing of launcher, no config.
+it, every later layer reads it); AdaptiveStage: where an adaptive ramp is (a checkpoint or the
+loop's decision says it, the planner plans it). Pure: nothing of launcher, no config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class AdaptiveStage:
+    """Where an adaptive ramp (ramp.mode=adaptive) is: the global batch it trains now, from
+    (origin_step, origin_samples) on, and its earlier stages as (step, samples, batch)."""
+
+    batch: int
+    origin_step: int = 0
+    origin_samples: int = 0
+    grown: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
