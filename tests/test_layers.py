@@ -68,6 +68,47 @@ def _resolve(base: str, name: str, known: dict[str, Path]) -> str:
     return f"{base}.{name}" if f"{base}.{name}" in known else base
 
 
+def _imports_of(mod: str, path: Path, known: dict[str, Path]) -> tuple[list[Import], set[str]]:
+    """One module's launcher imports, and the third-party roots it imports at its top level."""
+    lines = path.read_text().splitlines()
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    found: list[Import] = []
+    libraries: set[str] = set()
+
+    def visit(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = where
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                inner = "function"
+            elif (
+                isinstance(child, ast.If)
+                and "TYPE_CHECKING" in ast.unparse(child.test)
+                and where == "top"
+            ):
+                inner = "typing"
+            targets: list[str] = []
+            if isinstance(child, ast.Import):
+                targets = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    up = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [_resolve(base, a.name, known) for a in child.names]
+            for target in targets:
+                if target.split(".")[0] != "launcher":
+                    if where == "top":
+                        libraries.add(target.split(".")[0])
+                    continue
+                comment = HEAVY.search(lines[child.lineno - 1])
+                heavy = tuple(comment.group(1).replace(",", " ").split()) if comment else ()
+                found.append(Import(mod, target, child.lineno, where, heavy))
+            visit(child, inner)
+
+    visit(ast.parse("\n".join(lines)), "top")
+    return found, libraries
+
+
 @cache
 def imports() -> tuple[list[Import], dict[str, set[str]]]:
     """Every launcher import of every module, and each module's top-level third-party roots."""
@@ -75,39 +116,8 @@ def imports() -> tuple[list[Import], dict[str, set[str]]]:
     found: list[Import] = []
     libraries: dict[str, set[str]] = {}
     for mod, path in known.items():
-        source = path.read_text()
-        lines = source.splitlines()
-        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        libraries[mod] = set()
-
-        def visit(node: ast.AST, where: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                inner = where
-                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-                    inner = "function"
-                elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                    inner = "typing" if where == "top" else where
-                targets: list[str] = []
-                if isinstance(child, ast.Import):
-                    targets = [a.name for a in child.names]
-                elif isinstance(child, ast.ImportFrom):
-                    base = child.module or ""
-                    if child.level:
-                        up = package.split(".")[: len(package.split(".")) - child.level + 1]
-                        base = ".".join(up + ([base] if base else []))
-                    targets = [_resolve(base, a.name, known) for a in child.names]
-                for target in targets:
-                    root = target.split(".")[0]
-                    if root != "launcher":
-                        if where == "top":
-                            libraries[mod].add(root)
-                        continue
-                    comment = HEAVY.search(lines[child.lineno - 1])
-                    heavy = tuple(comment.group(1).replace(",", " ").split()) if comment else ()
-                    found.append(Import(mod, target, child.lineno, where, heavy))
-                visit(child, inner)
-
-        visit(ast.parse(source), "top")
+        own, libraries[mod] = _imports_of(mod, path, known)
+        found += own
     return found, libraries
 
 
@@ -116,9 +126,9 @@ def layer_of(module: str, layers: list[list[str]]) -> int | None:
     best: tuple[int, int] | None = None
     for index, names in enumerate(layers):
         for name in names:
-            if module == name or (module.startswith(name + ".") and name != "launcher"):
-                if best is None or len(name) > best[1]:
-                    best = (index, len(name))
+            within = module == name or (module.startswith(name + ".") and name != "launcher")
+            if within and (best is None or len(name) > best[1]):
+                best = (index, len(name))
     return None if best is None else best[0]
 
 
@@ -192,7 +202,7 @@ def test_every_module_has_a_layer(layers: list[list[str]]) -> None:
 def test_no_import_runs_up(layers: list[list[str]]) -> None:
     found, _ = imports()
     up = [
-        f"{imp} : layer {layer_of(imp.importer, layers)} imports layer {layer_of(imp.target, layers)}"
+        f"{imp}: layer {layer_of(imp.importer, layers)} imports {layer_of(imp.target, layers)}"
         for imp in found
         if (layer_of(imp.target, layers) or 0) > (layer_of(imp.importer, layers) or 0)
     ]
