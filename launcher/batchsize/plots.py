@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from launcher.batchsize.sweep import Job, Summary
+from launcher.batchsize.sweep import Summary, SweepRun
 
 
-def empty_panel(jobs: list[Job], field: str, target: float) -> str:
+def empty_panel(jobs: list[SweepRun], field: str, target: float) -> str:
     """What a plot panel with no point says: the target not reached (the runs evaluated, none got
     there), or not measured."""
     to_target = field in ("time_to_target", "steps_to_target")
@@ -83,7 +83,7 @@ def plot_report(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
-def _panel(ax: Any, jobs: list[Job], field: str) -> bool:
+def _panel(ax: Any, jobs: list[SweepRun], field: str) -> bool:
     """One panel's points (the median per batch, each run where a batch has several, the upper
     bounds marked); False when no job has the field."""
     points = [(j.global_batch, getattr(j, field), j.upper_bound) for j in jobs]

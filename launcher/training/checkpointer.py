@@ -63,7 +63,7 @@ class Checkpointer:
             path = self.save(step, plan)
         if stop:
             self.sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
-            message = stop_message(stop, step, plan, path, self.main)
+            message = preempted_message(stop, step, plan, path, self.main)
             faults.test_kill(step, "stopping")
             raise preemption.Stopped(message)
 
@@ -127,7 +127,9 @@ class Checkpointer:
             raise WriteFailed("checkpoint shards", where, exc, kept) from None
 
 
-def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:
+def preempted_message(
+    stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool
+) -> str:
     """What happened on a SIGUSR1/SIGTERM; rank 0 requeues the Slurm job on SIGUSR1."""
     stop = sorted(set(stop) | set(preemption.signals(preemption.received())))  # also mid-save
     names = " and ".join(s.name for s in stop)
