@@ -23,6 +23,7 @@ from launcher.training import faults
 from launcher.training.guard import Diverged, params_finite, state_message
 from launcher.training.loop import Trainee
 from launcher.training.metrics import MetricsSink
+from launcher.types.state import Progress
 
 
 class Checkpointer:
@@ -90,7 +91,7 @@ class Checkpointer:
         if any(t.backend.flags(int(not params_finite(t.model)))):
             raise Diverged(state_message(step, "checkpoint"))
         self.sink.pause()  # saving is not training time
-        measured: dict[str, Any] = {"train_s": self.sink.train_seconds()}
+        measured: Progress = {"train_s": self.sink.train_seconds()}
         if self.meter is not None:
             self.meter.flush()
             measured["noise"] = self.meter.state_dict()
