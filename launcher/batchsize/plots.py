@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from launcher.batchsize.history import batch_over_samples, noise_over_training
 from launcher.batchsize.sweep import Summary, SweepRun
 
 
@@ -39,7 +40,8 @@ def plot_report(summary: Summary, path: Path) -> None:
         (f"steps to accuracy {summary.target:g}", "steps_to_target", True),
         ("training samples/s", "samples_per_s", True),
     )
-    marks = [j.global_batch for j in summary.jobs]  # the x range: every batch and every line
+    # the x range: every batch and every line
+    marks: list[float] = [j.global_batch for j in summary.jobs]
     marks += [summary.fit[1]] if summary.fit else []
     marks += [summary.noise_scale] if summary.noise_scale else []
     x_range = (min(marks) / 1.5, max(marks) * 1.5)
@@ -110,15 +112,15 @@ def _panel(ax: Any, jobs: list[SweepRun], field: str) -> bool:
     return True
 
 
-def plot_run(records: list[dict], plan: dict, found: list[dict], path: Path) -> None:
+def plot_run(
+    records: list[dict[str, Any]], plan: dict[str, Any], found: list[dict[str, Any]], path: Path
+) -> None:
     """training.png: B_simple and the running critical batch over the run's samples (with the
     branched probes' critical batches), and the global batch over samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from launcher.batchsize.history import batch_over_samples, noise_over_training
 
     batch = plan["global_batch"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)

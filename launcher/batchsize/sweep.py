@@ -11,6 +11,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher.batchsize.advice import critical_batch, efficiency
 from launcher.batchsize.fit import edge_problem, fit_critical_batch, fit_problem
@@ -82,7 +83,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda d: name_key(d.name))
 
 
-def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
+def read_job(job_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """plan.json and the records of metrics.jsonl. A last line without its newline (the run was
     killed while writing it) is dropped; any other unreadable line is an error."""
     try:
@@ -125,13 +126,15 @@ def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
 # per job
 
 
-def run_noise_scale(records: list[dict], batch: int) -> float | None:
+def run_noise_scale(records: list[dict[str, Any]], batch: int) -> float | None:
     """The run's critical batch from its logged noise scale (advice.critical_batch), or None."""
     found = critical_batch([r for r in records if "loss" in r], batch)
     return found[0] if found else None
 
 
-def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> SweepRun:
+def summarize_job(
+    name: str, plan: dict[str, Any], records: list[dict[str, Any]], target: float
+) -> SweepRun:
     """Reduce one run (its plan and metrics records) to a row of the report."""
     batch = plan["global_batch"]
     evals = [r for r in records if r.get("eval_accuracy") is not None and "event" not in r]
@@ -221,7 +224,8 @@ def fit_sweep(jobs: list[SweepRun]) -> tuple[tuple[float, float] | None, str, in
         return None, note + (" with one optimizer" if len(groups) > 1 else ""), 0
     optimizer = max(fittable, key=lambda o: (len(spans[o]), -min(spans[o])))
     used = groups[optimizer]
-    batches, steps = [j.global_batch for j in used], [float(j.steps_to_target) for j in used]
+    batches = [j.global_batch for j in used]
+    steps = [float(j.steps_to_target) for j in used if j.steps_to_target is not None]  # all
     problem = fit_problem(batches, steps)
     if problem is None:
         fit = fit_critical_batch(batches, steps)
