@@ -142,7 +142,7 @@ def save(
             if not orphan.with_suffix(".pt").exists():
                 _remove(orphan)
         if partial_shards is not None and shards is not None:
-            state = state.copy()  # the caller's without the manifest
+            state = state.copy()  # the manifest goes into a copy, not the caller's state
             state["shards"] = shards
             _remove(shards_of(final))  # a folder of this step from an earlier, unlisted save
             os.replace(partial_shards, shards_of(final))
