@@ -51,6 +51,7 @@ from typing import Any
 from launcher.batchsize.branches import crossing, format_result
 from launcher.errors import ConfigError, LauncherError
 from launcher.planning.plan import PlanInput, plan_batch
+from launcher.types.state import CheckpointState
 
 PROG = "launcher.cbs"
 BRANCH_KEYS = (  # set by the probe for every branch: an override of them is refused
@@ -77,7 +78,7 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[dict, Path, list[dict]]:
+def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[CheckpointState, Path, list[dict]]:
     """The checkpoint to branch from (`step`'s, or the newest before the end of the run), its
     path, and the run's metrics records."""
     from launcher.batchsize.sweep import read_job
@@ -246,7 +247,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def prepare(argv: list[str]) -> tuple[argparse.Namespace, dict, Path, list[Any], int, Path]:
+def prepare(
+    argv: list[str],
+) -> tuple[argparse.Namespace, CheckpointState, Path, list[Any], int, Path]:
     """Check everything before a branch trains: (args, checkpoint state, its path, one
     RunConfig per k, the samples per branch, the output folder)."""
     from launcher.checkpoint.paths import check_writable

@@ -108,7 +108,7 @@ class Context:
     """What the task function needs besides the job's config (set before Hydra runs)."""
 
     config_dir: Path | None
-    launched: Any  # the topology the jobs train on (job.Jobs.launched)
+    launched: Any  # the topology the jobs train on (job.ValidatedLaunch.launched)
     workers: int  # trainer.devices workers each job starts (0: it trains in this process)
     rank: int = 0
     # ranks > 0: Hydra's folder for them (scratch) and the run's or sweep's real one; a job's

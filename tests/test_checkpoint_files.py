@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import typing
 
 import pytest
 import torch
 
 from launcher.checkpoint import files as checkpoint
-from launcher.checkpoint.resume import check_state, find
+from launcher.checkpoint.resume import CONFIG_HOLDS, HOLDS, PLAN_HOLDS, check_state, find
 from launcher.errors import ConfigError
+from launcher.types.state import CheckpointState, SavedConfig, SavedPlan
 
 
 def _state(step: int) -> dict:
@@ -144,3 +146,22 @@ def test_a_forged_checkpoint_is_refused_in_one_line(run, change, why) -> None:
 
 def test_a_real_checkpoint_passes_the_shape_check(run) -> None:
     check_state(checkpoint.load(run, print)[0])
+
+
+@pytest.mark.parametrize(
+    "typed, holds, unread",
+    [
+        (CheckpointState, HOLDS, {"format"}),
+        (SavedPlan, PLAN_HOLDS, set()),
+        (SavedConfig, CONFIG_HOLDS, set()),
+    ],
+    ids=["state", "plan", "config"],
+)
+def test_the_shape_check_is_the_typed_state(typed, holds, unread) -> None:
+    """check_state holds a loaded file to launcher/types/state.py: each required key (but the
+    format number, which nothing reads yet) of the kind its type says."""
+    hints = typing.get_type_hints(typed, localns={"Tensor": torch.Tensor})
+    assert set(holds) == typed.__required_keys__ - unread
+    for key, kind in holds.items():
+        hint = hints[key]
+        assert (dict if typing.is_typeddict(hint) else typing.get_origin(hint) or hint) is kind

@@ -15,7 +15,7 @@ import pytest
 from launcher.batchsize.advice import efficiency
 from launcher.batchsize.plots import empty_panel
 from launcher.batchsize.sweep import (
-    Job,
+    SweepRun,
     fit_critical_batch,
     format_report,
     run_noise_scale,
@@ -104,8 +104,8 @@ def test_old_runs_without_train_s_or_noise_fields() -> None:
 
 
 def test_no_fit_and_no_recommendation_without_the_numbers() -> None:
-    def job(batch: int, steps: int | None) -> Job:
-        return Job(str(batch), batch, "sgd", 0.1, True, 0.9, steps, None, None, None, None)
+    def job(batch: int, steps: int | None) -> SweepRun:
+        return SweepRun(str(batch), batch, "sgd", 0.1, True, 0.9, steps, None, None, None, None)
 
     summary = summarize_sweep([job(64, 100), job(32, 150), job(128, None)], target=0.9)
     assert [j.global_batch for j in summary.jobs] == [32, 64, 128]
@@ -302,9 +302,9 @@ def test_several_runs_per_batch_count_by_their_median() -> None:
     """A sweep over seeds too: the fastest batch has the least median time to target, a run
     that missed the target counting as never; goodput likewise by its median."""
 
-    def job(batch: int, seconds: float | None, speed: float) -> Job:
+    def job(batch: int, seconds: float | None, speed: float) -> SweepRun:
         steps = None if seconds is None else 100
-        return Job(
+        return SweepRun(
             f"{batch}-{seconds}", batch, "sgd", 0.1, True, 0.9, steps, None, seconds, speed, 50.0
         )
 
@@ -319,8 +319,10 @@ def test_the_fit_takes_one_optimizers_runs() -> None:
     """A sweep across the recipe's large-batch swap: S = S_min (1 + B_crit/B) is fitted to the
     optimizer with the most batch sizes; the others are named, not mixed in."""
 
-    def job(batch: int, optimizer: str, steps: float) -> Job:
-        return Job(str(batch), batch, optimizer, 0.1, True, 0.9, round(steps), None, 1.0, 1.0, 9.0)
+    def job(batch: int, optimizer: str, steps: float) -> SweepRun:
+        return SweepRun(
+            str(batch), batch, optimizer, 0.1, True, 0.9, round(steps), None, 1.0, 1.0, 9.0
+        )
 
     sgd = [job(b, "sgd", 100 * (1 + 128 / b)) for b in (32, 64, 128, 256)]
     lamb = [job(b, "lamb", 20 * (1 + 4096 / b)) for b in (1024, 2048)]
@@ -335,10 +337,12 @@ def test_the_fit_takes_one_optimizers_runs() -> None:
 # a fit of nothing gets no number (issue 30)
 
 
-def _job(batch: int, steps: int | None, *, first: bool = False, opt: str = "sgd") -> Job:
+def _job(batch: int, steps: int | None, *, first: bool = False, opt: str = "sgd") -> SweepRun:
     """A run at `batch` that reached the target after `steps` (at its first evaluation: only an
     upper bound)."""
-    return Job(f"{batch}-{steps}", batch, opt, 0.1, True, 0.96, steps, None, 1.0, 1.0, 50.0, first)
+    return SweepRun(
+        f"{batch}-{steps}", batch, opt, 0.1, True, 0.96, steps, None, 1.0, 1.0, 50.0, first
+    )
 
 
 @pytest.mark.parametrize(
@@ -370,7 +374,7 @@ def _job(batch: int, steps: int | None, *, first: bool = False, opt: str = "sgd"
         ([_job(64, 100)], "no fit: fewer than 2 batch sizes reached the target"),
     ],
 )
-def test_no_fit_from_steps_that_do_not_determine_it(jobs: list[Job], note: str) -> None:
+def test_no_fit_from_steps_that_do_not_determine_it(jobs: list[SweepRun], note: str) -> None:
     summary = summarize_sweep(jobs, target=0.9)
     assert summary.fit is None and summary.fit_runs == 0
     assert summary.fit_note.startswith(note), summary.fit_note
@@ -423,11 +427,11 @@ def test_runs_that_did_not_learn_are_left_out(tmp_path: Path) -> None:
     [
         ("steps_to_target", [_job(64, None)], "target 0.9 not reached"),
         ("time_to_target", [_job(64, None)], "target 0.9 not reached"),
-        ("steps_to_target", [Job("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
-        ("samples_per_s", [Job("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
+        ("steps_to_target", [SweepRun("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
+        ("samples_per_s", [SweepRun("x", 64, "sgd", 0.1, False, *[None] * 6)], "not measured"),
     ],
 )
-def test_an_empty_panel_says_why(field: str, jobs: list[Job], label: str) -> None:
+def test_an_empty_panel_says_why(field: str, jobs: list[SweepRun], label: str) -> None:
     assert empty_panel(jobs, field, 0.9) == label
 
 

@@ -72,11 +72,11 @@ def _check(b: DeepSpeedConfig, trainer: TrainerConfig, optimizer: str, device: s
 
 def _fused_optimizer(optim: OptimConfig, optimizer: str, lr: float, wd: float) -> dict[str, Any]:
     params: dict[str, Any] = {"lr": lr, "betas": list(optim.betas), "weight_decay": wd}
-    if optimizer == "lamb":
+    if FUSED[optimizer] == "Lamb":
         params["eps"] = optim.lamb_eps
-    else:
+    else:  # DeepSpeed's "Adam" defaults to AdamW
         params["eps"] = optim.eps
-        params["adam_w_mode"] = optimizer == "adamw"  # DeepSpeed's "Adam" defaults to AdamW
+        params["adam_w_mode"] = OPTIMIZER_FACTS[optimizer].decoupled_decay
     return {"type": FUSED[optimizer], "params": params}
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 
 import numpy as np
 
 SEARCH = 100  # B_crit is searched over [min B / SEARCH, max B x SEARCH]
 
 
-def fit_critical_batch(batches: list[float], steps: list[float]) -> tuple[float, float]:
+def fit_critical_batch(batches: Sequence[float], steps: Sequence[float]) -> tuple[float, float]:
     """Least-squares fit of S = S_min (1 + B_crit / B) in log space; returns (S_min, B_crit).
 
     Minimises sum_i (log S_i - log S_min - log(1 + B_crit / B_i))^2. For a fixed B_crit the best

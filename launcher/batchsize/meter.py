@@ -34,6 +34,7 @@ import torch
 
 from launcher.batchsize.noise import NoiseScale
 from launcher.types.plan import BatchPlan
+from launcher.types.state import NoiseState
 
 
 def squared_norm(model: Any) -> torch.Tensor:
@@ -120,11 +121,11 @@ class NoiseMeter:
         out["noise_scale"] = self.scale.value
         return {k: v for k, v in out.items() if v is not None}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> NoiseState:
         """The estimate's running state (for checkpoints; call after `flush`)."""
         return {"ema": self.scale.state_dict(), "skipped": self.skipped, "at": self._last_samples}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: NoiseState) -> None:
         self.scale.load_state_dict(state["ema"])
         self.skipped, self._last_samples = state["skipped"], state["at"]
 

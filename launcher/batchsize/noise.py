@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def two_batch(small_sq: float, small: int, big_sq: float, big: int) -> tuple[float, float]:
+def two_batch(small_sq: float, small: float, big_sq: float, big: float) -> tuple[float, float]:
     """Unbiased (|G|^2, tr(Sigma)) from |G_small|^2 over `small` samples and |G_big|^2 over `big`
     samples (`small_sq` may be a mean over several small batches: still unbiased)."""
     if not 0 < small < big:
@@ -39,7 +39,7 @@ class NoiseScale:
             raise ValueError(f"NoiseScale.beta={self.beta}: must be in [0, 1)")
 
     def update(
-        self, small_sq: float, small: int, big_sq: float, big: int, beta: float | None = None
+        self, small_sq: float, small: float, big_sq: float, big: float, beta: float | None = None
     ) -> None:
         """Fold in one step's norms; `beta` overrides the decay for this update (the loop decays
         per sample: exp(-big / window), so a step's weight grows with its batch)."""

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from launcher.batchsize.sweep import Job, Summary
+from launcher.batchsize.history import batch_over_samples, noise_over_training
+from launcher.batchsize.sweep import Summary, SweepRun
 
 
-def empty_panel(jobs: list[Job], field: str, target: float) -> str:
+def empty_panel(jobs: list[SweepRun], field: str, target: float) -> str:
     """What a plot panel with no point says: the target not reached (the runs evaluated, none got
     there), or not measured."""
     to_target = field in ("time_to_target", "steps_to_target")
@@ -39,7 +40,8 @@ def plot_report(summary: Summary, path: Path) -> None:
         (f"steps to accuracy {summary.target:g}", "steps_to_target", True),
         ("training samples/s", "samples_per_s", True),
     )
-    marks = [j.global_batch for j in summary.jobs]  # the x range: every batch and every line
+    # the x range: every batch and every line
+    marks: list[float] = [j.global_batch for j in summary.jobs]
     marks += [summary.fit[1]] if summary.fit else []
     marks += [summary.noise_scale] if summary.noise_scale else []
     x_range = (min(marks) / 1.5, max(marks) * 1.5)
@@ -83,7 +85,7 @@ def plot_report(summary: Summary, path: Path) -> None:
     plt.close(fig)
 
 
-def _panel(ax: Any, jobs: list[Job], field: str) -> bool:
+def _panel(ax: Any, jobs: list[SweepRun], field: str) -> bool:
     """One panel's points (the median per batch, each run where a batch has several, the upper
     bounds marked); False when no job has the field."""
     points = [(j.global_batch, getattr(j, field), j.upper_bound) for j in jobs]
@@ -110,15 +112,15 @@ def _panel(ax: Any, jobs: list[Job], field: str) -> bool:
     return True
 
 
-def plot_run(records: list[dict], plan: dict, found: list[dict], path: Path) -> None:
+def plot_run(
+    records: list[dict[str, Any]], plan: dict[str, Any], found: list[dict[str, Any]], path: Path
+) -> None:
     """training.png: B_simple and the running critical batch over the run's samples (with the
     branched probes' critical batches), and the global batch over samples."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from launcher.batchsize.history import batch_over_samples, noise_over_training
 
     batch = plan["global_batch"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, constrained_layout=True)

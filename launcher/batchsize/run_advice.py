@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from launcher import log
+from launcher.batchsize.advice import advise, format_advice, next_run
+from launcher.batchsize.history import format_history, probes
+from launcher.batchsize.outcome import why_not_learned
 from launcher.config.optimization import OptimConfig
 from launcher.config.placement import ClusterConfig
+from launcher.planning.rules import choose_optimizer, scale_lr
 from launcher.types.plan import BatchPlan
 
 
@@ -24,9 +28,7 @@ def print_advice(
     """The batch-size advice from the run's metrics (launcher/batchsize/advice.py), or why there is
     none; the run's ramp decisions, loss spikes and branched probes (launcher/batchsize/history.py);
     the next run in a sentence."""
-    from launcher.batchsize.advice import format_advice
-    from launcher.batchsize.history import format_history, probes
-    from launcher.batchsize.sweep import read_job
+    from launcher.batchsize.sweep import read_job  # heavy: numpy
 
     records = read_job(run_dir)[1]
     advice, why = advice_or_why(run_dir, records, dataclasses.asdict(plan), target_accuracy)
@@ -44,8 +46,6 @@ def advice_or_why(
     """(the run's Advice, "") or (None, why it has none): it diverged or did not learn
     (outcome.py), or it measured no noise scale or too few timed steps. `target`: the eval
     accuracy the epochs-to-target column counts to (None: the run's own final eval loss)."""
-    from launcher.batchsize.advice import advise
-    from launcher.batchsize.outcome import why_not_learned
     from launcher.batchsize.prior import from_records  # heavy: numpy
 
     failed = why_not_learned(records)
@@ -63,12 +63,9 @@ def advice_or_why(
 
 def next_sentence(optim: OptimConfig, cluster: ClusterConfig, advice: Any, cap: int | None) -> str:
     """advice.next_run with the LR the plan would give the recommended batch."""
-    from launcher.batchsize.advice import next_run
-    from launcher.planning.rules import choose_optimizer, scale_lr
-
     batch = advice.recommended
     optimizer = choose_optimizer(optim, batch)[0]
     lr, rule, _ = scale_lr(optim, batch, optimizer)
     per_node = cluster.devices_per_node
-    per_node = per_node if isinstance(per_node, int) else None
-    return next_run(advice, lr, f"{optimizer}, the {rule} rule", cap, per_node)
+    devices = per_node if isinstance(per_node, int) else None
+    return next_run(advice, lr, f"{optimizer}, the {rule} rule", cap, devices)

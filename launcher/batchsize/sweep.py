@@ -11,6 +11,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher.batchsize.advice import critical_batch, efficiency
 from launcher.batchsize.fit import edge_problem, fit_critical_batch, fit_problem
@@ -20,7 +21,7 @@ from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Job:
+class SweepRun:
     """One run of the sweep, reduced to the numbers the report shows (None: not measured)."""
 
     name: str
@@ -43,7 +44,7 @@ class Summary:
     """The sweep: its jobs (sorted by global batch), the fit and the two recommendations."""
 
     target: float
-    jobs: list[Job]
+    jobs: list[SweepRun]
     fit: tuple[float, float] | None  # (S_min, B_crit)
     fit_note: str  # why there is no fit, or a caveat about it; "" when none
     fit_runs: int  # the runs the fit used (one optimizer's)
@@ -52,7 +53,7 @@ class Summary:
     base_batch: int  # B_0: the smallest batch of the sweep
     fastest: tuple[int, float, int] | None  # (B, median time to target, runs at B)
     best_goodput: tuple[int, float, int] | None  # (B, median goodput, runs at B)
-    left_out: tuple[Job, ...] = ()  # runs that did not learn: in the table only
+    left_out: tuple[SweepRun, ...] = ()  # runs that did not learn: in the table only
     bounded: int = 0  # runs that reached the target at their first evaluation (fastest: none)
 
 
@@ -82,7 +83,7 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda d: name_key(d.name))
 
 
-def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
+def read_job(job_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """plan.json and the records of metrics.jsonl. A last line without its newline (the run was
     killed while writing it) is dropped; any other unreadable line is an error."""
     try:
@@ -125,13 +126,15 @@ def read_job(job_dir: Path) -> tuple[dict, list[dict]]:
 # per job
 
 
-def run_noise_scale(records: list[dict], batch: int) -> float | None:
+def run_noise_scale(records: list[dict[str, Any]], batch: int) -> float | None:
     """The run's critical batch from its logged noise scale (advice.critical_batch), or None."""
     found = critical_batch([r for r in records if "loss" in r], batch)
     return found[0] if found else None
 
 
-def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> Job:
+def summarize_job(
+    name: str, plan: dict[str, Any], records: list[dict[str, Any]], target: float
+) -> SweepRun:
     """Reduce one run (its plan and metrics records) to a row of the report."""
     batch = plan["global_batch"]
     evals = [r for r in records if r.get("eval_accuracy") is not None and "event" not in r]
@@ -145,7 +148,7 @@ def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> 
         throughput = next(
             (r["samples_per_s"] for r in reversed(logs) if r.get("samples_per_s")), None
         )
-    return Job(
+    return SweepRun(
         name=name,
         global_batch=batch,
         optimizer=str(plan.get("optimizer", "-")),
@@ -166,7 +169,7 @@ def summarize_job(name: str, plan: dict, records: list[dict], target: float) -> 
 # over the sweep
 
 
-def summarize_sweep(jobs: list[Job], target: float) -> Summary:
+def summarize_sweep(jobs: list[SweepRun], target: float) -> Summary:
     """Fit, noise scale, goodput and the two recommendations from the jobs (sorted here) that
     learned; the others are listed in `left_out`."""
     jobs = sorted(jobs, key=lambda j: (j.global_batch, name_key(j.name)))
@@ -202,14 +205,14 @@ def summarize_sweep(jobs: list[Job], target: float) -> Summary:
     )
 
 
-def fit_sweep(jobs: list[Job]) -> tuple[tuple[float, float] | None, str, int]:
+def fit_sweep(jobs: list[SweepRun]) -> tuple[tuple[float, float] | None, str, int]:
     """(the fit or None, why not or its caveats, the runs it used): S = S_min (1 + B_crit / B)
     over the runs whose steps to target were resolved (not at their first evaluation), of the
     optimizer with the most batch sizes (the smallest batches on a tie)."""
     reached = [j for j in jobs if j.steps_to_target is not None]
     resolved = [j for j in reached if not j.upper_bound]
     bounds = len(reached) - len(resolved)
-    groups: dict[str, list[Job]] = {}
+    groups: dict[str, list[SweepRun]] = {}
     for j in resolved:
         groups.setdefault(j.optimizer, []).append(j)
     spans = {o: {j.global_batch for j in g} for o, g in groups.items()}
@@ -221,7 +224,8 @@ def fit_sweep(jobs: list[Job]) -> tuple[tuple[float, float] | None, str, int]:
         return None, note + (" with one optimizer" if len(groups) > 1 else ""), 0
     optimizer = max(fittable, key=lambda o: (len(spans[o]), -min(spans[o])))
     used = groups[optimizer]
-    batches, steps = [j.global_batch for j in used], [float(j.steps_to_target) for j in used]
+    batches = [j.global_batch for j in used]
+    steps = [float(j.steps_to_target) for j in used if j.steps_to_target is not None]  # all
     problem = fit_problem(batches, steps)
     if problem is None:
         fit = fit_critical_batch(batches, steps)
@@ -266,7 +270,7 @@ def _f(value: float | None, spec: str) -> str:
     return "-" if value is None else f"{value:{spec}}"
 
 
-def _at_most(job: Job) -> str:
+def _at_most(job: SweepRun) -> str:
     """The mark of a number to target that is only an upper bound."""
     return "<= " if job.upper_bound and job.steps_to_target is not None else ""
 

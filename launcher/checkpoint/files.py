@@ -26,9 +26,11 @@ import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
+from launcher.checkpoint.paths import WriteFailed
 from launcher.training.faults import test_kill
+from launcher.types.state import CheckpointState
 
 FOLDER = "checkpoints"
 LATEST = "latest"
@@ -112,7 +114,7 @@ def shards_of(path: Path) -> Path:
     return path.with_suffix(".dcp")
 
 
-def hash_files(paths: list[Path]) -> dict[str, list[Any]]:
+def hash_files(paths: list[Path]) -> dict[str, list[int | str]]:
     """{name: [bytes, SHA-256]} of `paths` (each rank hashes the shards it wrote)."""
     return {p.name: [p.stat().st_size, _digest(p)] for p in paths}
 
@@ -120,9 +122,9 @@ def hash_files(paths: list[Path]) -> dict[str, list[Any]]:
 def save(
     run_dir: Path,
     step: int,
-    state: dict[str, Any],
+    state: CheckpointState,
     keep: int,
-    shards: dict[str, list[Any]] | None = None,
+    shards: dict[str, list[int | str]] | None = None,
 ) -> Path:
     """Write `state` as the checkpoint of optimizer step `step`; keep the newest `keep`. A write
     that fails (disk full) leaves no temporary file and the previous checkpoints as they were,
@@ -139,15 +141,14 @@ def save(
         for orphan in where.glob("*.dcp"):  # moved into place, killed before its .pt was
             if not orphan.with_suffix(".pt").exists():
                 _remove(orphan)
-        if partial_shards is not None:
-            state = state | {"shards": shards}
+        if partial_shards is not None and shards is not None:
+            state = state.copy()  # the manifest goes into a copy, not the caller's state
+            state["shards"] = shards
             _remove(shards_of(final))  # a folder of this step from an earlier, unlisted save
             os.replace(partial_shards, shards_of(final))
             _fsync_dir(where)
         _save(where, final, step, state)
     except OSError as exc:
-        from launcher.checkpoint.paths import WriteFailed
-
         for partial in where.glob("*.tmp"):
             _remove(partial)
         if partial_shards is not None and not final.exists():
@@ -172,11 +173,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _check_shards(path: Path, manifest: dict[str, list[Any]]) -> None:
+def _check_shards(path: Path, manifest: dict[str, list[int | str]]) -> None:
     """Raise ValueError unless the shard folder of `path` holds every file of the manifest with
     its size and digest, and its metadata builds nothing but checkpoint metadata pointing at
     those files (checkpoint/shards.py: no pickle of it runs code)."""
-    from launcher.checkpoint.shards import METADATA, read_metadata
+    from launcher.checkpoint.shards import METADATA, read_metadata  # heavy: torch
 
     where = shards_of(path)
     for name, (size, digest) in sorted(manifest.items()):
@@ -203,7 +204,7 @@ def torch_save(obj: Any, f: BinaryIO) -> None:
         raise
 
 
-def _save(where: Path, final: Path, step: int, state: dict[str, Any]) -> None:
+def _save(where: Path, final: Path, step: int, state: CheckpointState) -> None:
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f:
         torch_save(state, f)
@@ -222,8 +223,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
     where = folder(run_dir)
     if not where.is_dir():
         return []
-    found = [p for p in where.iterdir() if NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+    found = [(int(m.group(1)), p) for p in where.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def _candidates(run_dir: Path, warn: Callable[[str], None]) -> list[Path]:
@@ -255,8 +256,8 @@ def _why(exc: BaseException) -> str:
 
 
 def load(
-    source: Path, warn: Callable[[str], None], check: Callable[[Any], None] | None = None
-) -> tuple[dict[str, Any], Path] | None:
+    source: Path, warn: Callable[[str], None], check: Callable[[object], None] | None = None
+) -> tuple[CheckpointState, Path] | None:
     """The newest checkpoint in run directory `source` (or the checkpoint file `source`) whose
     digest matches, which loads safely and which `check` (raising ValueError) accepts, or None.
     Files that are not regular files (a FIFO, a link to a device) are passed over unread."""
@@ -279,7 +280,7 @@ def load(
                 check(state)
             if "shards" in state:
                 _check_shards(path, state["shards"])
-            return state, path
+            return cast(CheckpointState, state), path  # its shape: `check` (resume.check_state)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, try an older one
             why = _why(exc)
             if isinstance(exc, pickle.UnpicklingError):

@@ -43,7 +43,7 @@ def _mine() -> dict[str, object]:
     }
 
 
-def _holder(fd: int) -> dict:
+def _holder(fd: int) -> dict[str, object]:
     """What the lock file says of its holder ({} when empty or unreadable: a writer that died
     or a full disk). Read through `fd`: on NFS, closing any other descriptor of the file would
     drop this process's lock."""
@@ -66,7 +66,7 @@ def _alive(pid: object) -> bool:
     return True
 
 
-def _who(holder: dict) -> str:
+def _who(holder: dict[str, object]) -> str:
     if not holder:
         return "another process"
     return f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
@@ -170,7 +170,7 @@ def _take(fd: int, path: Path, folder: Path) -> None:
     atexit.register(release, path, os.getpid())
 
 
-def _stale(holder: dict, me: dict) -> str | None:
+def _stale(holder: dict[str, object], me: dict[str, object]) -> str | None:
     """Why an earlier holder's lock, free in the kernel, can be taken over; None when it belongs
     to another host whose lock this file system may not show."""
     if not holder:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -25,14 +26,17 @@ from launcher.errors import ConfigError
 from launcher.planning.plan import batch_key
 from launcher.planning.tokens import TWINS, in_samples, tokens_per_sample
 from launcher.types.plan import BatchPlan
+from launcher.types.state import CheckpointState, Progress, RngState, SavedConfig, SavedPlan
 
 FORMAT = 1
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> RngState:
     """This process's RNG states, as data `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the global generator is MT19937: the legacy tuple
+    kind, keys, pos, has_gauss, cached = numpy_state
+    state: RngState = {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
@@ -42,7 +46,7 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: RngState) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -59,9 +63,9 @@ def capture(
     backend: Any,
     model: Any,
     optimizer: Any,
-    progress: dict[str, Any] | None = None,
+    progress: Progress | None = None,
     whole: bool = True,
-) -> dict[str, Any] | None:
+) -> CheckpointState | None:
     """The checkpoint of the state after optimizer step `step` (collective; rank 0 gets it).
     `progress`: what the run measured so far (training seconds, the noise-scale averages).
     `whole=False`: the ranks wrote their shards of weights and optimizer state already."""
@@ -83,14 +87,15 @@ def capture(
         "model": weights,
         "optimizer": opt_state,
         "rng": rngs,
-        "plan": dataclasses.asdict(plan),
-        "config": to_dict(cfg),
+        "plan": cast(SavedPlan, dataclasses.asdict(plan)),  # every field: SavedPlan names some
+        "config": cast(SavedConfig, to_dict(cfg)),
         "progress": progress or {},
     }
 
 
 KINDS = {int: "an integer", str: "a string", dict: "a mapping", list: "a list"}
-# what a checkpoint must hold, and of which type, for a run to continue from it
+# what a checkpoint must hold, and of which type, for a run to continue from it: the required
+# keys of launcher/types/state.py CheckpointState (but `format`), SavedPlan and SavedConfig
 HOLDS = {
     "step": int,
     "consumed_samples": int,
@@ -121,7 +126,7 @@ CONFIG_HOLDS = {
 }
 
 
-def check_state(state: Any) -> None:
+def check_state(state: object) -> None:
     """ValueError unless `state` has the shape of a launcher checkpoint (a forged or foreign file
     whose digest matches is refused here, not by a traceback later)."""
     if not isinstance(state, dict) or "consumed_samples" not in state:
@@ -154,7 +159,9 @@ def check_state(state: Any) -> None:
         raise ValueError("it is not a launcher checkpoint: its shard manifest is malformed")
 
 
-def find(resume: str, run_dir: Path, warn: Any) -> tuple[dict[str, Any], Path] | None:
+def find(
+    resume: str, run_dir: Path, warn: Callable[[str], None]
+) -> tuple[CheckpointState, Path] | None:
     """The checkpoint to continue from (resume=auto|never|PATH), or None to start fresh."""
     if resume == "never":
         return None
@@ -180,7 +187,7 @@ LOADING_KEYS = (
 )
 
 
-def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
+def check(cfg: RunConfig, state: CheckpointState, path: Path) -> tuple[int, int]:
     """Refuse to continue a checkpoint with a config that would train something else; returns
     the plan's origin (step, samples) where the current global batch took over. A batch stated
     in tokens is its sequences (launcher/planning/tokens.py), as everything the config says."""
@@ -195,7 +202,6 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     was = f"global_batch={state['global_batch']}"
     if cfg.global_batch_tokens is not None:
         was = f"global_batch_tokens={state['global_batch'] * tokens_per_sample(cfg.data)}"
-    saved = state["config"]
     origin = (state["plan"]["origin_step"], state["plan"]["origin_samples"])
     ramp_end = origin[0] if state["plan"].get("ramp") else 0
     if ramp_end:  # the same ramp-up (compared below): plan_batch makes the same stages again
@@ -216,7 +222,7 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
         origin = (state["step"], state["consumed_samples"])
     ours = to_dict(cfg)
     older = {"ramp": to_dict(RampConfig()), "loss": {"name": "cross_entropy"}}
-    saved = older | saved  # checkpoints written before these keys existed
+    saved: dict[str, Any] = older | dict(state["config"])  # written before these keys existed
     for group, default in (("ramp", RampConfig()), ("schedule", ScheduleConfig())):
         saved[group] = to_dict(default) | saved[group]  # and before the keys in tokens
     for part in (ours, saved):  # where the data lives and how it is loaded may change
@@ -233,7 +239,9 @@ def check(cfg: RunConfig, state: dict[str, Any], path: Path) -> tuple[int, int]:
     return origin
 
 
-def adaptive_stage(ramp: RampConfig, state: dict[str, Any]) -> tuple | None:
+def adaptive_stage(
+    ramp: RampConfig, state: CheckpointState
+) -> tuple[int, int, int, tuple[tuple[int, ...], ...]] | None:
     """An adaptive ramp's (batch, origin step, origin samples, earlier stages) in the checkpoint,
     which the plan continues from; None for other runs."""
     if ramp.mode != "adaptive":
@@ -243,7 +251,7 @@ def adaptive_stage(ramp: RampConfig, state: dict[str, Any]) -> tuple | None:
     return state["global_batch"], p["origin_step"], p["origin_samples"], grown
 
 
-def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
+def check_optimizer(state: CheckpointState, plan: BatchPlan, path: Path) -> None:
     """Refuse a global batch whose plan swaps the optimizer (optim.large_batch): the checkpoint's
     optimizer state is another optimizer's."""
     saved = state["plan"]["optimizer"]
@@ -255,7 +263,7 @@ def check_optimizer(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
         )
 
 
-def restore(state: dict[str, Any], path: Path, backend: Any, model: Any, optimizer: Any) -> str:
+def restore(state: CheckpointState, path: Path, backend: Any, model: Any, optimizer: Any) -> str:
     """Load weights, optimizer state and (same world size) RNG states; returns what was done.
     A checkpoint whose contents do not fit this run (forged: its digest and shape checks passed)
     is one line; every rank reads the same file, so every rank raises alike."""

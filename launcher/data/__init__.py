@@ -6,11 +6,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from launcher.config.components import DataConfig, UserDataConfig
+
+# the loaders (launcher/data/loaders.py), named here as well: what the phases and tests import
+from launcher.data.loaders import (
+    Budgeted,
+    LoaderSettings,
+    Source,
+    as_source,
+    eval_loader,
+    first_samples,
+    loader_settings,
+    make_loader,
+    source_of,
+    train_loader,
+)
+from launcher.data.targets import IGNORE_INDEX
 
 # name -> module with `build(cfg) -> Splits` and `epoch_samples(cfg) -> (int, str)`
 DATASETS = {
@@ -20,9 +35,6 @@ DATASETS = {
     "cifar10": "launcher.data.cifar10",
     "text": "launcher.data.text",
 }
-
-
-IGNORE_INDEX = -100  # a target left out of the loss and of its count (F.cross_entropy's default)
 
 
 @dataclass(frozen=True)
@@ -61,17 +73,19 @@ def fake_batch(spec: DataSpec, n: int, device: Any, dtype: Any) -> tuple[Any, An
     import torch
 
     if spec.collate is not None:
-        from launcher.data.batches import Collate, to_device
+        from launcher.data.batches import Collate, to_device  # heavy: torch
 
         batch = Collate(spec.collate).pair(spec.collate([spec.sample] * n))
         return to_device(batch, device, dtype)
     if spec.example is not None:
         x, y = (t.unsqueeze(0).expand(n, *t.shape).to(device).clone() for t in spec.example)
         return (x.to(dtype) if x.is_floating_point() else x), y
+    classes = spec.num_classes
+    assert classes is not None  # a built-in data set declares its classes
     labels = (n, *spec.input_shape) if spec.tokens else (n,)
-    y = torch.randint(spec.num_classes, labels, device=device)
+    y = torch.randint(classes, labels, device=device)
     if spec.tokens:
-        return torch.randint(spec.num_classes, labels, device=device), y
+        return torch.randint(classes, labels, device=device), y
     return torch.randn(n, *spec.input_shape, device=device, dtype=dtype), y
 
 
@@ -85,13 +99,12 @@ class Splits:
     def sources(self, shift: bool = False, budget: int = 0) -> tuple[Source, Source]:
         """(train, eval) as the loaders read them; `shift`: a causal language model's labels
         (launcher/data/batches.py); `budget`: training micro-batches by tokens."""
-        from launcher.data.batches import Collate
-        from launcher.data.loaders import source_of
+        from launcher.data.batches import Collate  # heavy: torch
 
         collate = Collate(self.collate, shift)
         train, evaluation = source_of(self.train, collate), source_of(self.eval, collate)
         if budget:
-            from launcher.data.lengths import lengths
+            from launcher.data.lengths import lengths  # heavy: torch
 
             every = np.asarray(lengths(self.train), dtype=np.int64)
             train = dataclasses.replace(train, budget=budget, lengths=every)
@@ -100,7 +113,7 @@ class Splits:
     def epoch(self) -> tuple[int, str]:
         """(samples per epoch, where that comes from); 0 for a stream without len() (its epoch
         is trainer.samples)."""
-        from launcher.data.stream import is_stream, stream_len
+        from launcher.data.stream import is_stream, stream_len  # heavy: torch
 
         if not is_stream(self.train):
             return len(self.train), " (counted in the training split)"
@@ -110,10 +123,17 @@ class Splits:
         return n, " (the len() of the training stream)"
 
 
-def _module(cfg: DataConfig) -> Any:
-    if isinstance(cfg, UserDataConfig):
-        return importlib.import_module("launcher.data.user")
-    return importlib.import_module(DATASETS[cfg.name])
+class DatasetModule(Protocol):
+    """What a data set's module (DATASETS, launcher/data/user.py) defines."""
+
+    def build(self, cfg: Any) -> Splits: ...
+    def spec(self, cfg: Any) -> DataSpec: ...
+    def epoch_samples(self, cfg: Any) -> tuple[int, str]: ...
+
+
+def _module(cfg: DataConfig) -> DatasetModule:
+    name = "launcher.data.user" if isinstance(cfg, UserDataConfig) else DATASETS[cfg.name]
+    return cast(DatasetModule, importlib.import_module(name))
 
 
 def build_splits(cfg: DataConfig) -> Splits:
@@ -132,7 +152,7 @@ def loading(cfg: DataConfig, world_size: int) -> tuple[str, str] | None:
     None for a map-style dataset of fixed-shape pairs."""
     if not isinstance(cfg, UserDataConfig):
         return None
-    from launcher.data.stream import is_stream
+    from launcher.data.stream import is_stream  # heavy: torch
 
     splits = build_splits(cfg)
     parts = []
@@ -173,19 +193,6 @@ def declared_epoch_samples(cfg: DataConfig) -> tuple[int, str]:
     loading any data, yours is built (once per process) and counted."""
     return _module(cfg).epoch_samples(cfg)
 
-
-# the loaders (launcher/data/loaders.py), named here as well: what the phases and tests import
-from launcher.data.loaders import (  # noqa: E402
-    Budgeted,
-    LoaderSettings,
-    Source,
-    as_source,
-    eval_loader,
-    first_samples,
-    loader_settings,
-    make_loader,
-    train_loader,
-)
 
 __all__ = [
     "IGNORE_INDEX",

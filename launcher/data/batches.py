@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from launcher.data.targets import IGNORE_INDEX
+
 LABEL_KEYS = ("labels", "label")  # a dict batch's targets (Transformers' collators: "labels")
 
 
@@ -72,8 +74,6 @@ class Collate:
 def shift(labels: torch.Tensor) -> torch.Tensor:
     """Target t = label t + 1, the last IGNORE_INDEX: Transformers' ForCausalLMLoss shift (pad one
     IGNORE_INDEX on the right, drop the first); the result has `labels`' shape."""
-    from launcher.data import IGNORE_INDEX
-
     padded = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)
     return padded[..., 1:].contiguous()
 

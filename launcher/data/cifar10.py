@@ -44,7 +44,7 @@ def _folder(cfg: Cifar10Config) -> Path:
     if not folder.is_dir() and cfg.download:
         import fcntl
 
-        from torchvision.datasets import CIFAR10
+        from torchvision.datasets import CIFAR10  # type: ignore[import-untyped]
 
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".download.lock", "w") as lock:  # ranks of one machine: one download
@@ -133,7 +133,7 @@ def read_batches(
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-class Images(torch.utils.data.Dataset):
+class Images(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """uint8 images held in memory; `transform` runs per sample (in the loader's workers)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any) -> None:
@@ -147,7 +147,7 @@ class Images(torch.utils.data.Dataset):
 
 
 def build(cfg: Cifar10Config) -> Splits:
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # type: ignore[import-untyped]
 
     folder = _folder(cfg)
     train_x, train_y = read_batches(folder, TRAIN_FILES, cfg.verify)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from launcher.data.stream import _iterate, is_stream
+
 STREAM_LOOK = 1000  # samples of a stream read for its longest (a stream cannot be scanned whole)
 
 
@@ -45,8 +47,6 @@ def longest(dataset: Any) -> tuple[Any, int, str]:
     """(the longest sample, its length, how it was found): of all samples of a map-style
     dataset, of the first STREAM_LOOK of a stream (a longer one later is an out-of-memory
     risk the OOM-safe step handles)."""
-    from launcher.data.stream import _iterate, is_stream
-
     if is_stream(dataset):
         best, top, seen = None, -1, 0
         for seen, sample in enumerate(_iterate(dataset), 1):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.config.components import DataConfig
+from launcher.data.sampler import BudgetSampler, GlobalBatchSampler, eval_shards
+from launcher.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ def loader_settings(cfg: DataConfig, device: str) -> LoaderSettings:
     pin = getattr(cfg, "pin_memory", "auto")
     return LoaderSettings(
         workers=getattr(cfg, "workers", 0),
-        pin_memory=device == "cuda" if pin == "auto" else pin,
+        pin_memory=device == "cuda" if pin == "auto" else bool(pin),
         prefetch_factor=getattr(cfg, "prefetch_factor", 2),
         persistent_workers=getattr(cfg, "persistent_workers", False),
     )
@@ -42,7 +44,7 @@ def make_loader(
     batch `(inputs, targets)` (launcher/data/batches.py `Collate`: yours, or torch's default)."""
     from torch.utils.data import DataLoader
 
-    from launcher.data.batches import Collate
+    from launcher.data.batches import Collate  # heavy: torch
 
     if getattr(dataset, "batched", False):  # in memory: index the whole batch at once
         return DataLoader(dataset, sampler=batches, batch_size=None, pin_memory=settings.pin_memory)
@@ -55,7 +57,7 @@ def _share_loader(share: Any, settings: LoaderSettings) -> Any:
     """A DataLoader over a stream's share (launcher/data/stream.py): whole micro-batches."""
     from torch.utils.data import DataLoader
 
-    from launcher.data.stream import same
+    from launcher.data.stream import same  # heavy: torch
 
     return DataLoader(share, batch_size=None, collate_fn=same, **_options(settings))
 
@@ -87,7 +89,7 @@ class Source:
 
 def source_of(dataset: Any, collate: Any) -> Source:
     """`dataset` as the loaders read it, its batches made by `collate` (batches.py Collate)."""
-    from launcher.data.stream import is_stream, stream_len
+    from launcher.data.stream import is_stream, stream_len  # heavy: torch
 
     stream = is_stream(dataset)
     return Source(dataset, collate, stream, not stream or stream_len(dataset) is not None)
@@ -95,7 +97,7 @@ def source_of(dataset: Any, collate: Any) -> Source:
 
 def as_source(data: Any) -> Source:
     """A Source as it is; a dataset as one (torch's default collate)."""
-    from launcher.data.batches import Collate
+    from launcher.data.batches import Collate  # heavy: torch
 
     return data if isinstance(data, Source) else source_of(data, Collate(None))
 
@@ -116,7 +118,7 @@ def train_loader(
     settings = dataclasses.replace(settings, persistent_workers=False)
     start = plan.samples_at(start_step)
     if source.stream:
-        from launcher.data.stream import Layout, Snapshots, TrainShare
+        from launcher.data.stream import Layout, Snapshots, TrainShare  # heavy: torch
 
         snapshots = snapshots if snapshots is not None else Snapshots()
         layout = Layout(
@@ -136,8 +138,6 @@ def train_loader(
             snapshots.at(start),
         )
         return snapshots.batches(_share_loader(share, settings), _stream_error)
-
-    from launcher.data.sampler import BudgetSampler, GlobalBatchSampler
 
     kw = dict(
         global_batch=plan.global_batch,
@@ -189,8 +189,6 @@ class Budgeted:
 
 
 def _stream_error(message: str) -> Exception:
-    from launcher.errors import ConfigError
-
     return ConfigError(f"data: {message}")
 
 
@@ -201,13 +199,11 @@ def eval_loader(
     iterate it once per evaluation (persistent workers are then reused)."""
     source = as_source(source)
     if source.stream:
-        from launcher.data.stream import EvalShare, Snapshots
+        from launcher.data.stream import EvalShare, Snapshots  # heavy: torch
 
         share = EvalShare(source.dataset, plan.world_size, rank, plan.micro_batch, source.collate)
         loader = _share_loader(share, settings)
         return _Replayable(lambda: Snapshots().batches(loader, _stream_error))
-    from launcher.data.sampler import eval_shards
-
     shards = eval_shards(len(source.dataset), plan.world_size, rank, plan.micro_batch)
     return make_loader(source.dataset, shards, settings, source.collate)
 
@@ -218,7 +214,7 @@ def first_samples(source: Source, n: int) -> tuple[Any, Any]:
     if source.stream:
         import itertools
 
-        from launcher.data.stream import _iterate
+        from launcher.data.stream import _iterate  # heavy: torch
 
         first = list(itertools.islice(_iterate(source.dataset), n))
         return source.collate([first[i % len(first)] for i in range(n)])  # type: ignore[no-any-return]

@@ -29,7 +29,7 @@ def epoch_samples(cfg: Mnist1DConfig) -> tuple[int, str]:
 
 
 def _generate(cfg: Mnist1DConfig) -> dict[str, np.ndarray]:
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
 
     args = get_dataset_args()
     args.num_samples, args.train_split, args.seed = cfg.num_samples, cfg.train_split, cfg.data_seed
@@ -47,7 +47,7 @@ def load_arrays(cfg: Mnist1DConfig) -> dict[str, np.ndarray]:
     arrays = _generate(cfg)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=cache, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # the stub: **arrays for allow_pickle
     os.replace(tmp.name, path)
     return arrays
 

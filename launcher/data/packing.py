@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from launcher.data import IGNORE_INDEX
+from launcher.data.stream import StreamError, _iterate, is_stream
+from launcher.data.targets import IGNORE_INDEX
+from launcher.data.tensors import TensorPairs
 
 DOCUMENT = "a document is a 1-D sequence of integer token ids >= 0, or a dict with 'input_ids'"
 
@@ -140,8 +142,6 @@ class PackedStream(IterableDataset):  # type: ignore[type-arg]
             self.documents.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from launcher.data.stream import StreamError, _iterate
-
         try:
             yield from pack(_iterate(self.documents), self.length)
         except ValueError as exc:
@@ -151,9 +151,6 @@ class PackedStream(IterableDataset):  # type: ignore[type-arg]
 def packed(documents: Any, length: int) -> Any:
     """Your documents as packs: a stream's lazily (PackedStream), a map-style dataset's all at
     once, in its order, into memory (TensorPairs: the sampler shuffles the packs)."""
-    from launcher.data.stream import is_stream
-    from launcher.data.tensors import TensorPairs
-
     if is_stream(documents):
         return PackedStream(documents, length)
     packs = list(pack((documents[i] for i in range(len(documents))), length))

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from launcher.data.budget import split_by_tokens, to_count
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffle of epoch `epoch`: the same on every rank and every restart."""
@@ -96,15 +98,13 @@ class BudgetSampler(GlobalBatchSampler):
     token counts (the loop reads it beside the batches)."""
 
     def __init__(self, num_samples: int, *, lengths: np.ndarray, budget: int, **kw: int) -> None:
-        super().__init__(num_samples, **kw)  # type: ignore[arg-type]
+        super().__init__(num_samples, **kw)
         self.lengths, self.budget = lengths, budget
         # the loader's sampler and the loop's step_sizes() each walk the steps: split them once
         self._split = functools.lru_cache(maxsize=64)(self._split)  # type: ignore[method-assign]
 
     def _split(self, step: int) -> list[np.ndarray]:
         """This rank's micro-batches (dataset indices) of optimizer step start_step + step."""
-        from launcher.data.budget import split_by_tokens, to_count
-
         first = self.start_position + step * self.global_batch
         shares = [
             self._positions(first + r * self.per_device, self.per_device)

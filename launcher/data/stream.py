@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from launcher import log
+from launcher.types.state import StreamPlace
 
 
 class StreamError(ValueError):
@@ -100,7 +101,7 @@ class Reader:
     `start` instead and says so in `notice`."""
 
     def __init__(
-        self, source: Any, epoch: int, sized: bool, start: int, state: dict[str, Any] | None
+        self, source: Any, epoch: int, sized: bool, start: int, state: StreamPlace | None
     ) -> None:
         self.source, self.epoch, self.sized = source, epoch, sized
         self.notice = ""
@@ -121,7 +122,7 @@ class Reader:
         self._it = _iterate(self.source)
         self._opened = self.position
 
-    def _load(self, state: dict[str, Any]) -> bool:
+    def _load(self, state: StreamPlace) -> bool:
         loaded = _copy(self.source)  # the original stays unloaded, to read from instead
         try:
             loaded.load_state_dict(state["state"])
@@ -173,7 +174,7 @@ class Reader:
         for _ in range(count):
             self.read()
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> StreamPlace | None:
         """The place at `position` for a checkpoint: the stream's own state (None if it has no
         state_dict()) and the digest of the sample there (read ahead: the next read gives it).
         None at a pass's start (a new pass starts over) or at the stream's end."""
@@ -268,7 +269,7 @@ class TrainShare(IterableDataset):  # type: ignore[type-arg]
         epoch: int,
         sized: bool,
         collate: Callable[[list[Any]], Any],
-        state: dict[str, Any] | None = None,
+        state: StreamPlace | None = None,
     ) -> None:
         self.source, self.layout, self.epoch, self.sized = source, layout, epoch, sized
         self.collate, self.state = collate, state
@@ -329,9 +330,9 @@ class Snapshots:
     checkpoint of a step takes the one at its consumed samples)."""
 
     def __init__(self) -> None:
-        self.found: dict[int, dict[str, Any]] = {}
+        self.found: dict[int, StreamPlace] = {}
 
-    def at(self, position: int) -> dict[str, Any] | None:
+    def at(self, position: int) -> StreamPlace | None:
         return self.found.get(position)
 
     def batches(self, items: Any, on_error: Callable[[str], Exception]) -> Iterator[Any]:

@@ -9,7 +9,7 @@ from launcher.config.components import SyntheticConfig
 from launcher.data import DataSpec, Splits
 
 
-class SyntheticDataset(Dataset):
+class SyntheticDataset(Dataset[tuple[torch.Tensor, int]]):
     """Sample i is always the same tensor; nothing is held in memory."""
 
     def __init__(self, size: int, shape: tuple[int, ...], classes: int, seed: int) -> None:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 
-class TensorPairs(Dataset):
+class TensorPairs(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """(inputs, labels) held in memory; `ds[index_array]` returns a batch."""
 
     batched = True  # the loader passes whole index arrays

@@ -133,7 +133,7 @@ def stream(cfg: TextConfig, c: Corpus) -> np.ndarray:
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-class TokenBlocks(torch.utils.data.Dataset):
+class TokenBlocks(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Sample i = bytes [i*T, i*T + T + 1) of `data`: (inputs [:T], targets [1:]) as int64."""
 
     batched = True  # the loader passes whole index arrays

@@ -34,7 +34,12 @@ from launcher.config.checks import TARGET_KEY
 from launcher.config.components import UserDataConfig
 from launcher.config.schema import to_dict
 from launcher.config.targets import instantiate
-from launcher.data import IGNORE_INDEX, DataSpec, Splits
+from launcher.data import DataSpec, Splits
+from launcher.data.batches import BadBatch, Collate
+from launcher.data.lengths import longest
+from launcher.data.packing import packed
+from launcher.data.stream import _iterate, is_stream
+from launcher.data.targets import IGNORE_INDEX
 from launcher.errors import ConfigError
 
 EVAL_NAMES = ("eval", "test", "val", "validation")
@@ -90,8 +95,6 @@ def _parts(result: Any, where: str) -> tuple[Any, Any, Any, Any]:
 
 def _first_sample(dataset: Any, split: str, where: str) -> Any:
     """The split's first sample: [0] of a map-style dataset, the first a stream yields."""
-    from launcher.data.stream import _iterate, is_stream
-
     if is_stream(dataset):
         if iter(dataset) is dataset:
             raise ConfigError(
@@ -124,8 +127,6 @@ def _first(dataset: Any, split: str, where: str, collate: Any) -> tuple[Any, tor
     or as an (input, target) pair of tensors; ConfigError if it is not such data."""
     item = _first_sample(dataset, split, where)
     if collate is not None:
-        from launcher.data.batches import BadBatch, Collate
-
         try:
             x, y = Collate(collate).pair(collate([item]))
         except BadBatch as exc:
@@ -193,8 +194,6 @@ def _build(cfg: UserDataConfig) -> Splits:
 
 def _packed(cfg: UserDataConfig, where: str, train: Any, evaluation: Any, collate: Any) -> Any:
     """Both splits' documents packed into sequences of data.pack_length (data/packing.py)."""
-    from launcher.data.packing import packed
-
     length = f"data.pack_length={cfg.pack_length}"
     if collate is not None:
         raise ConfigError(
@@ -212,8 +211,6 @@ def _collated_spec(
 ) -> DataSpec:
     """The spec of data your collate_fn batches: probe batches are the longest sample the
     launcher found, `n` times, through the collate (the worst case for a padding collate)."""
-    from launcher.data.lengths import longest
-
     sample, length, how = longest(train)
     shape, _ = _shape(x)
     return DataSpec(

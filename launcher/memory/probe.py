@@ -26,7 +26,7 @@ from launcher import log
 from launcher.config.capabilities import capabilities
 from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
 from launcher.config.execution import BackendConfig, MemoryConfig
-from launcher.config.optimizers import OPTIMIZER_FACTS
+from launcher.config.optimizers import family_of
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.data import DataSpec, fake_batch
 from launcher.data.batches import call
@@ -262,7 +262,7 @@ def check_model_fits(
         weights = param_bytes(cfg.model, cfg.trainer.dtype, spec, plan)
     except Exception:  # noqa: BLE001 - e.g. a factory that reads files: built for real then
         return
-    states = 2 if OPTIMIZER_FACTS[plan.optimizer].family == "adam" else int(cfg.optim.momentum > 0)
+    states = family_of(plan.optimizer).state_tensors(cfg.optim.momentum)
     held = weights * (2 + states) // plan.world_size
     what = "weights, gradients" + (f" and {plan.optimizer}'s state" if states else "")
     if plan.world_size > 1:

@@ -15,7 +15,8 @@ from launcher.optim.lars import LARS
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: weights (decay, adapt) and 1-D params: biases, BN/LN scales (neither)."""
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (plain if p.ndim <= 1 else decay).append(p)
@@ -30,20 +31,20 @@ def _without_adapt(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "adapt"} for g in groups]
 
 
-def _sgd(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def _sgd(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups = _without_adapt(groups)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def _adam(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def _adam(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(_without_adapt(groups), lr=lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def _adamw(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_without_adapt(groups), lr=lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def _lars(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def _lars(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return LARS(
         groups,
         lr=lr,
@@ -53,11 +54,13 @@ def _lars(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     )
 
 
-def _lamb(groups: list, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def _lamb(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     return LAMB(groups, lr=lr, betas=cfg.betas, eps=cfg.lamb_eps)
 
 
-OPTIMIZERS: dict[str, Callable[[list, OptimConfig, float], torch.optim.Optimizer]] = {
+Factory = Callable[[list[dict[str, Any]], OptimConfig, float], torch.optim.Optimizer]
+# by name: the optimizer table's keys (launcher/config/optimizers.py; tests/test_optimizers.py)
+OPTIMIZERS: dict[str, Factory] = {
     "sgd": _sgd,
     "adam": _adam,
     "adamw": _adamw,

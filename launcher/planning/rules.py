@@ -8,7 +8,7 @@ import math
 from launcher.config.capabilities import capabilities
 from launcher.config.execution import BackendConfig, CheckpointConfig, TrainerConfig
 from launcher.config.optimization import OptimConfig
-from launcher.config.optimizers import OPTIMIZER_FACTS, SGD_FAMILY
+from launcher.config.optimizers import OPTIMIZER_FACTS, family_of
 from launcher.errors import ConfigError
 
 
@@ -29,14 +29,14 @@ def scale_lr(
     """(lr, rule, reason) for `optimizer` (default optim.name) at `global_batch`.
 
     The base LR is the recipe's at ref_batch, or optim.large_batch.base_lr for a swapped-in
-    optimizer; auto scaling is linear for the SGD family and square-root for the Adam family.
+    optimizer; auto scaling is the rule of the optimizer's family (config/optimizers.py: linear
+    for the SGD family, square-root for the Adam family).
     """
     optimizer = optimizer or optim.name
     base, base_key = base_lr_for(optim, optimizer)
-    family = "sgd" if optimizer in SGD_FAMILY else "adam"
     rule = optim.scaling
     if rule == "auto":
-        rule = "linear" if family == "sgd" else "sqrt"
+        rule = family_of(optimizer).lr_rule
     k = global_batch / optim.ref_batch
     ratio = f"{global_batch}/{optim.ref_batch}"
     if rule == "linear":

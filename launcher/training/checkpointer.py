@@ -23,6 +23,7 @@ from launcher.training.guard import Diverged, params_finite, state_message
 from launcher.training.loop import Trainee
 from launcher.training.metrics import MetricsSink
 from launcher.types.plan import BatchPlan
+from launcher.types.state import Progress
 
 
 class Checkpointer:
@@ -63,7 +64,7 @@ class Checkpointer:
             path = self.save(step, plan)
         if stop:
             self.sink.log({"event": "stopped", "step": step, "signals": [s.name for s in stop]})
-            message = stop_message(stop, step, plan, path, self.main)
+            message = preempted_message(stop, step, plan, path, self.main)
             faults.test_kill(step, "stopping")
             raise preemption.Stopped(message)
 
@@ -90,7 +91,7 @@ class Checkpointer:
         if any(t.backend.flags(int(not params_finite(t.model)))):
             raise Diverged(state_message(step, "checkpoint"))
         self.sink.pause()  # saving is not training time
-        measured: dict[str, Any] = {"train_s": self.sink.train_seconds()}
+        measured: Progress = {"train_s": self.sink.train_seconds()}
         if self.meter is not None:
             self.meter.flush()
             measured["noise"] = self.meter.state_dict()
@@ -127,7 +128,9 @@ class Checkpointer:
             raise WriteFailed("checkpoint shards", where, exc, kept) from None
 
 
-def stop_message(stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool) -> str:
+def preempted_message(
+    stop: list[Any], step: int, plan: BatchPlan, path: Path | None, main: bool
+) -> str:
     """What happened on a SIGUSR1/SIGTERM; rank 0 requeues the Slurm job on SIGUSR1."""
     stop = sorted(set(stop) | set(preemption.signals(preemption.received())))  # also mid-save
     names = " and ".join(s.name for s in stop)

@@ -125,7 +125,7 @@ def diverged_message(step: int, lr: float, health: Health) -> str:
     )
 
 
-def stop_message(steps: list[int], lr: float, last_applied: int) -> str:
+def non_finite_message(steps: list[int], lr: float, last_applied: int) -> str:
     """The one line of a run stopped by non-finite steps in a row."""
     at = ", ".join(f"{s:,}" for s in steps)
     return (

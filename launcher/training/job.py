@@ -169,7 +169,7 @@ def reuses_run_dir(run_dir: str | None) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class Jobs:
+class ValidatedLaunch:
     """A validated launch: every job's overrides, config and run folder, and the processes."""
 
     overrides: list[list[str]]
@@ -185,7 +185,7 @@ def validate(
     config_dir: Path | None = None,
     provided: dict[str, dict] | None = None,
     launched: Topology | None = None,
-) -> Jobs:
+) -> ValidatedLaunch:
     """Compose and check every job before anything is written: its config, its plan for the
     processes that will train it (`launched`: those a Hydra launcher plugin will start, else
     this process's), its trackers, its run folder."""
@@ -234,7 +234,7 @@ def validate(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    return Jobs(jobs, configs, run_dirs, launched, workers_started)
+    return ValidatedLaunch(jobs, configs, run_dirs, launched, workers_started)
 
 
 def _check_folders(cfg: RunConfig, run_dir: Path) -> None:

@@ -38,7 +38,7 @@ from launcher.training.guard import (
     Diverged,
     Health,
     diverged_message,
-    stop_message,
+    non_finite_message,
 )
 from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
@@ -414,7 +414,7 @@ def fit(
                 _stop(sink, step, samples, diverged_message(step, lr, settings.health))
             _log_skipped(loss, step, samples, lr, settings.health, sink, t.backend)
             if len(bad) >= settings.nonfinite_limit:
-                _stop(sink, step, samples, stop_message(bad, lr, bad[0] - 1))
+                _stop(sink, step, samples, non_finite_message(bad, lr, bad[0] - 1))
             loss = loss.loss  # None when skipped: no loss of it is logged
         else:
             bad = []

@@ -29,6 +29,7 @@ from launcher.training.job import (
     write_plan_files,
 )
 from launcher.types.plan import BatchPlan
+from launcher.types.state import CheckpointState, Progress
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Job:
     model: Any
     loss_fn: Any
     dtype: torch.dtype
-    found: tuple[dict, Path] | None = None  # the checkpoint to resume: (state, path)
+    found: tuple[CheckpointState, Path] | None = None  # the checkpoint to resume: (state, path)
     origin: tuple[int, int] = (0, 0)  # (step, samples) the resumed stage starts from
     stage: Any = None  # the adaptive ramp's stage at the checkpoint
     backend: Any = None
@@ -233,7 +234,7 @@ def _feed(job: Job) -> Any:
     return Feed(train_batches, eval_batches)
 
 
-def _progress(job: Job) -> dict[str, Any]:
+def _progress(job: Job) -> Progress:
     """What the checkpoint resumed from measured so far (training seconds, the noise meter's
     averages, the loss at the start); empty for a fresh run."""
     return job.found[0].get("progress", {}) if job.found is not None else {}
