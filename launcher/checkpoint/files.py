@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from launcher.training.faults import test_kill
+from launcher.faults import test_kill
 
 FOLDER = "checkpoints"
 LATEST = "latest"

@@ -44,11 +44,11 @@ from launcher.memory.profile import (
     save_cached,
 )
 from launcher.models import build_model
+from launcher.models.loss import LossMismatch, classifies, make_loss
 from launcher.models.outputs import logits_of
 from launcher.optim import build_optimizer
 from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
-from launcher.training.loss import LossMismatch, classifies, make_loss
 
 OOM_ERROR = torch.OutOfMemoryError
 
@@ -146,7 +146,7 @@ def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -
     counts as giving it: the run then says so when it evaluates)."""
     from launcher.config.components import CrossEntropyConfig
     from launcher.data import data_spec
-    from launcher.training.loss import classifies
+    from launcher.models.loss import classifies
 
     if isinstance(loss, CrossEntropyConfig):
         return True

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import log
+from launcher import faults, log
 from launcher.backends.capabilities import capabilities
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
@@ -19,7 +19,6 @@ from launcher.cluster import preemption
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
-from launcher.training import faults
 from launcher.training.guard import Diverged, params_finite, state_message
 from launcher.training.loop import Trainee
 from launcher.training.metrics import MetricsSink

@@ -12,10 +12,10 @@ import torch
 
 from launcher.backends.base import Backend
 from launcher.data.batches import call, rows, to_device
+from launcher.models.loss import CrossEntropy, UserLoss
 from launcher.models.outputs import logits_of
 from launcher.planning.plan import BatchPlan
 from launcher.training.guard import Diverged, state_message
-from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
 
 if TYPE_CHECKING:

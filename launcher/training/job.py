@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import log
+from launcher import faults, log
 from launcher.backends import check as check_backend
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.execution import MemoryConfig
@@ -405,5 +405,6 @@ def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]
     from launcher.cluster import preemption
     from launcher.training.phases import train_job
 
+    faults.waits_for(preemption.received)  # a test's WAIT ends on a signal the job received
     with preemption.handled():
         return train_job(cfg, launched, run_dir)

@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
-from launcher import log
+from launcher import faults, log
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
 from launcher.planning.plan import BatchPlan
 from launcher.planning.render import format_plan
-from launcher.training import faults
 from launcher.training.job import (
     create_run_dir,
     plan_for,
@@ -84,8 +83,8 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     from launcher.data.stream import Snapshots
     from launcher.memory.probe import check_model_fits
     from launcher.models import build_model
+    from launcher.models.loss import make_loss
     from launcher.models.outputs import shifts_labels
-    from launcher.training.loss import make_loss
 
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
