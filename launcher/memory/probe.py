@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import logging
+import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,11 +25,20 @@ from typing import Any
 import torch
 
 from launcher import log
-from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
+from launcher.backends.capabilities import capabilities
+from launcher.backends.ds_config import reduce_bucket_elements
+from launcher.config.components import (
+    CrossEntropyConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    UserModelConfig,
+)
 from launcher.config.execution import BackendConfig, MemoryConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete, to_dict
-from launcher.data import DataSpec, fake_batch
+from launcher.config.targets import locate
+from launcher.data import DataSpec, data_spec, fake_batch
 from launcher.data.batches import call
 from launcher.errors import ConfigError
 from launcher.memory.profile import (
@@ -43,12 +54,14 @@ from launcher.memory.profile import (
     load_cached,
     save_cached,
 )
+from launcher.memory.sharding import model_bytes, sharding_credit
 from launcher.models import build_model
 from launcher.models.loss import LossMismatch, classifies, make_loss
 from launcher.models.outputs import logits_of
 from launcher.optim import build_optimizer
 from launcher.planning.plan import BatchPlan
 from launcher.planning.split import split_batch
+from launcher.types.provided import TARGET, source_of
 
 OOM_ERROR = torch.OutOfMemoryError
 
@@ -134,8 +147,6 @@ def _check_classes(names: str, spec: DataSpec, outputs: Any, y: torch.Tensor) ->
 
 def _holds_gradients(backend: BackendConfig) -> bool:
     """Whether the probe's step holds earlier micro-steps' gradients (a sharding backend)."""
-    from launcher.backends.capabilities import capabilities
-
     return capabilities(backend).sharding is not None
 
 
@@ -144,10 +155,6 @@ def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -
     your loss where the model's outputs are class scores of integer targets, which one forward
     of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
     counts as giving it: the run then says so when it evaluates)."""
-    from launcher.config.components import CrossEntropyConfig
-    from launcher.data import data_spec
-    from launcher.models.loss import classifies
-
     if isinstance(loss, CrossEntropyConfig):
         return True
     spec = data_spec(data)
@@ -317,15 +324,9 @@ def _code_version(model: ModelConfig) -> str:
     changed model is measured again); built-in models change with the launcher's version."""
     if not isinstance(model, UserModelConfig):
         return ""
-    import inspect
-    import os
-
-    from launcher import api
-    from launcher.config.targets import locate
-
     try:
-        if model.target == api.TARGET:  # launcher.run(model=...): the object's own code
-            path = inspect.getsourcefile(api.source_of("model"))
+        if model.target == TARGET:  # launcher.run(model=...): the object's own code
+            path = inspect.getsourcefile(source_of("model"))
         else:
             path = inspect.getsourcefile(inspect.unwrap(locate(model.target, "model")))
         stat = os.stat(path) if path else None
@@ -400,19 +401,13 @@ def measured_cap(
 def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[int, str]:
     """Bytes the backend holds beyond one plain training step (negative: less, a sharding
     backend's credit), and what they are."""
-    from launcher.backends.capabilities import capabilities
-
     b = cfg.backend
     sharding = capabilities(b).sharding
     if sharding is not None:
-        from launcher.memory.sharding import model_bytes, sharding_credit
-
         counts = model_bytes(cfg.model, cfg.trainer.dtype, spec, plan, cfg.optim)
         credit = sharding_credit(counts, plan.world_size, sharding, plan.oom_recovery)
         return -credit.bytes, credit.text
     if capabilities(b).zero_buckets:
-        from launcher.backends.ds_config import reduce_bucket_elements
-
         bucket = reduce_bucket_elements(b)
         itemsize = 2 if b.mixed_precision != "no" and not b.autocast else 4
         extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
