@@ -19,14 +19,18 @@ from launcher.planning.prior import budget, find_prior
 from launcher.planning.tokens import tokens_per_sample
 from launcher.training.budgeting import budget_config, budget_of, budget_plan
 
+# An adaptive ramp's stage: (its batch, origin step, origin samples, the earlier stages' (step,
+# samples, batch)), as plan_batch continues from it
+Stage = tuple[int, int, int, tuple[tuple[int, int, int], ...]]
+
 
 def plan_for(
     cfg: RunConfig,
     launched: Topology,
     epoch: tuple[int, str] | None = None,
-    memory: dict | None = None,
+    memory: dict[str, Any] | None = None,
     origin: tuple[int, int] = (0, 0),
-    stage: tuple | None = None,
+    stage: Stage | None = None,
 ) -> tuple[Topology, BatchPlan]:
     """Topology and plan; the epoch size is the data config's declared one unless given.
     `stage`: an adaptive ramp's batch, origin and history (plan_batch)."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from launcher import faults, log
 from launcher.backends import build_backend
+from launcher.backends.base import Backend
 from launcher.backends.ds_config import check_buffers
 from launcher.batchsize import speed
 from launcher.batchsize.meter import NoiseMeter
@@ -26,12 +27,12 @@ from launcher.checkpoint.paths import WriteFailed
 from launcher.cluster import preemption
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
-from launcher.data import build_splits, eval_loader, loader_settings, train_loader
+from launcher.data import Source, Splits, build_splits, eval_loader, loader_settings, train_loader
 from launcher.data.stream import Snapshots
 from launcher.errors import ConfigError
 from launcher.memory.probe import check_fit, check_model_fits, measured_cap, record_oom
 from launcher.models import build_model
-from launcher.models.loss import make_loss
+from launcher.models.loss import CrossEntropy, UserLoss, make_loss
 from launcher.models.outputs import context_length, shifts_labels
 from launcher.optim import build_optimizer
 from launcher.planning.adaptive import decide, event
@@ -40,10 +41,18 @@ from launcher.planning.render import format_plan
 from launcher.training.checkpointer import Checkpointer
 from launcher.training.evaluation import check_replicas
 from launcher.training.guard import Health
-from launcher.training.job_plan import plan_for, probes_memory, with_budget
+from launcher.training.job_plan import Stage, plan_for, probes_memory, with_budget
 from launcher.training.loop import Feed, Hooks, Settings, Trainee, fit
 from launcher.training.metrics import MetricsSink, open_trackers
 from launcher.training.run_folder import create_run_dir, reuses_run_dir, write_plan_files
+
+
+class PreparedOptimizer(Protocol):
+    """The optimizer a backend's `prepare` returns: torch's, Accelerate's wrapper of it, or
+    DeepSpeed's ZeRO optimizer (no torch Optimizer). The loop sets each group's LR; the backend
+    steps, saves and loads it."""
+
+    param_groups: list[dict[str, Any]]
 
 
 @dataclass
@@ -55,24 +64,37 @@ class Job:
     launched: Topology
     run_dir: Path
     topology: Topology
-    splits: Any
+    splits: Splits
     epoch: tuple[int, str]  # (samples per epoch, where that number comes from)
     plan: BatchPlan
-    model: Any
-    loss_fn: Any
+    model: torch.nn.Module  # from prepare on: as the backend wrapped it (DDP, DeepSpeed's engine)
+    loss_fn: CrossEntropy | UserLoss
     dtype: torch.dtype
-    found: tuple[dict, Path] | None = None  # the checkpoint to resume: (state, path)
+    sources: tuple[Source, Source]  # (train, eval) as the loaders read them
+    snapshots: Snapshots  # a stream's saved places by position (launcher/data/stream.py)
+    found: tuple[dict[str, Any], Path] | None = None  # the checkpoint to resume: (state, path)
     origin: tuple[int, int] = (0, 0)  # (step, samples) the resumed stage starts from
-    stage: Any = None  # the adaptive ramp's stage at the checkpoint
-    backend: Any = None
-    optimizer: Any = None
-    report: dict | None = None  # the memory probe's profile report
-    sources: Any = None  # (train, eval) as the loaders read them (launcher/data Source)
-    snapshots: Any = None  # a stream's saved places by position (launcher/data/stream.py)
+    stage: Stage | None = None  # the adaptive ramp's stage at the checkpoint
+    optimizer: PreparedOptimizer | None = None  # from prepare on
+    report: dict[str, Any] | None = None  # the memory probe's profile report
+    _backend: Backend | None = None  # built by prepare
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, from `prepare` on (the phases after it use it)."""
+        if self._backend is None:
+            raise RuntimeError("a phase used the job's backend before prepare built it")
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
 
     @property
     def main(self) -> bool:
-        return self.backend.rank == 0 if self.backend is not None else self.topology.rank == 0
+        if self._backend is not None:
+            return self._backend.rank == 0
+        return self.topology.rank == 0
 
     def replan(self) -> BatchPlan:
         """The plan for this job's facts so far: its data, checkpoint stage, measured memory."""
@@ -112,11 +134,22 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
     _check_context(cfg.data, model)
-    job = Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
     budget = getattr(cfg.data, "micro_batch_tokens", 0)
-    job.sources = splits.sources(shift=shifts_labels(model), budget=budget)
-    job.snapshots = Snapshots()
-    return job
+    sources = splits.sources(shift=shifts_labels(model), budget=budget)
+    return Job(
+        cfg,
+        launched,
+        run_dir,
+        topology,
+        splits,
+        epoch,
+        plan,
+        model,
+        loss_fn,
+        dtype,
+        sources,
+        Snapshots(),
+    )
 
 
 def _check_context(data: Any, model: Any) -> None:
@@ -191,7 +224,8 @@ def restore(job: Job) -> int:
         return 0
     state, path = job.found
     how = resume.restore(state, path, job.backend, job.model, job.optimizer)
-    start_step, plan = state["step"], job.plan
+    start_step: int = state["step"]
+    plan = job.plan
     if job.main:
         log.info(
             f"launcher: resuming from {path}: step {start_step:,} of {plan.steps:,} "
@@ -306,6 +340,7 @@ class _Events:
         batch = job.backend.flags(batch or 0)[0]
         if not batch:
             return None
+        assert noise is not None  # rank 0 grew on it, and every rank's is the same (a collective)
         before = (current.origin_step, current.origin_samples, current.global_batch)
         stage = (batch, step, current.samples_at(step), (*current.grown, before))
         larger = plan_for(job.cfg, job.launched, job.epoch, job.report, stage=stage)[1]
@@ -361,7 +396,11 @@ def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any
     """The run's last metrics line; the replicas checked equal, model_final.pt written, and the
     micro-step timings of the batch-size advice logged before it."""
     backend = t.backend
-    final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
+    final: dict[str, Any] = {
+        "final": True,
+        "step": plan.end_step,
+        "samples": plan.samples_at(plan.end_step),
+    }
     if plan.stop_step is not None:  # ended early: resuming without the stop trains on
         final["stopped_early"] = True
     if backend.device.type == "cuda":  # what training needed, against the plan's prediction
