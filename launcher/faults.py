@@ -114,10 +114,12 @@ class _Scaled:
         self.loss_fn, self.factor = loss_fn, factor
 
     def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn.sum(outputs, y) * self.factor
+        scaled: torch.Tensor = self.loss_fn.sum(outputs, y) * self.factor
+        return scaled
 
     def token_sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn.token_sum(outputs, y) * self.factor
+        scaled: torch.Tensor = self.loss_fn.token_sum(outputs, y) * self.factor
+        return scaled
 
     def __getattr__(self, name: str) -> Any:  # per_token, counted: the loss's own
         return getattr(self.loss_fn, name)

@@ -34,7 +34,7 @@ from launcher.config.components import (
     ModelConfig,
     UserModelConfig,
 )
-from launcher.config.execution import BackendConfig, MemoryConfig
+from launcher.config.execution import BackendConfig, DeepSpeedConfig, MemoryConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.schema import RunConfig, require_concrete, to_dict
 from launcher.config.targets import locate
@@ -120,7 +120,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
         except LossMismatch as exc:
             raise ConfigError(f"{_names(cfg.model, cfg.data)}: {exc}") from exc.__cause__
     del outputs  # as in the loop's micro-step, which keeps no reference to them in backward
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -339,7 +339,9 @@ def _auto_micro(plan: BatchPlan, max_micro: int, cap: int) -> int:
     return split_batch(plan.global_batch, plan.world_size, "auto", max_micro, cap)[0]
 
 
-def _first_traces(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> list:
+def _first_traces(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str
+) -> list[tuple[int, Trace]]:
     """Traces at the probe sizes, or at 1 and 2 samples when those do not fit the device."""
     for sizes in (PROBE_SIZES, (1, 2)):
         try:
@@ -408,6 +410,7 @@ def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[i
         credit = sharding_credit(counts, plan.world_size, sharding, plan.oom_recovery)
         return -credit.bytes, credit.text
     if capabilities(b).zero_buckets:
+        assert isinstance(b, DeepSpeedConfig)  # only DeepSpeed has ZeRO's buckets
         bucket = reduce_bucket_elements(b)
         itemsize = 2 if b.mixed_precision != "no" and not b.autocast else 4
         extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
@@ -502,7 +505,12 @@ MAX_CEILINGS = 8  # out-of-memory records kept per cache entry (the newest)
 
 
 def record_oom(
-    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, report: dict, micro: int
+    cfg: RunConfig,
+    spec: DataSpec,
+    plan: BatchPlan,
+    device: str,
+    report: dict[str, Any],
+    micro: int,
 ) -> None:
     """Keep in the cached profile that `micro` ran out of memory under this budget: a ceiling
     for runs with no more room, beside the measured lines, which stay as measured (one event on

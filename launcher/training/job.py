@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from launcher import faults, log
 from launcher.checkpoint.lock import NAME, acquire, release, shared
@@ -44,14 +44,17 @@ def on_device(cfg: RunConfig, device: str) -> RunConfig:
     them): mixed precision bf16 on CUDA (fp16 on GPUs without bf16), none on CPU; channels-last
     on CUDA."""
     backend, trainer = cfg.backend, cfg.trainer
-    if backend.mixed_precision == "auto":
-        backend = dataclasses.replace(backend, mixed_precision=_auto_precision(device))
+    if (
+        backend.mixed_precision == "auto"
+    ):  # FSDP declares no fp16, yet gets it on a GPU without bf16
+        precision = _auto_precision(device)
+        backend = dataclasses.replace(backend, mixed_precision=precision)  # type: ignore[arg-type]
     if trainer.channels_last == "auto":
         trainer = dataclasses.replace(trainer, channels_last=device == "cuda")
     return dataclasses.replace(cfg, backend=backend, trainer=trainer)
 
 
-def _auto_precision(device: str) -> str:
+def _auto_precision(device: str) -> Literal["no", "bf16", "fp16"]:
     if device != "cuda":
         return "no"
     import torch
@@ -61,7 +64,7 @@ def _auto_precision(device: str) -> str:
     return "bf16"  # and for plan_only on a declared CUDA cluster without a GPU here
 
 
-def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dict:
+def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dict[str, Any]:
     """plan_only: the profile estimated with fake tensors, against the declared device memory."""
     from launcher.memory.probe import estimated_cap  # heavy: torch
     from launcher.memory.profile import GB, free_bytes  # heavy: torch
@@ -89,7 +92,7 @@ def validate(
     overrides: list[str],
     multirun: bool,
     config_dir: Path | None = None,
-    provided: dict[str, dict] | None = None,
+    provided: dict[str, dict[str, Any]] | None = None,
     launched: Topology | None = None,
 ) -> Jobs:
     """Compose and check every job before anything is written: its config, its plan for the
@@ -144,15 +147,16 @@ def _check_folders(cfg: RunConfig, run_dir: Path) -> None:
     check_writable(run_dir, "run_dir")
     if probes_memory(cfg.memory, cfg.micro_batch) and cfg.memory.cache != "off":
         check_writable(cfg.memory.cache_dir, "memory.cache_dir")
-    if isinstance(getattr(cfg.data, "cache_dir", None), str):
-        check_writable(cfg.data.cache_dir, "data.cache_dir")
+    cache_dir = getattr(cfg.data, "cache_dir", None)
+    if isinstance(cache_dir, str):
+        check_writable(cache_dir, "data.cache_dir")
 
 
 def launch(
     overrides: list[str],
     multirun: bool,
     config_dir: Path | None = None,
-    provided: dict[str, dict] | None = None,
+    provided: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """validate, then run the jobs in order in this process (or start trainer.devices workers on
     this machine that do). `provided`: config nodes that replace whole groups (launcher.run's
