@@ -32,7 +32,7 @@ from launcher.config.compose import user_config_dir
 from launcher.errors import ConfigError
 from launcher.training.job import launch
 from launcher.types.provided import PARTS, TARGET, describe, hold, is_module, release
-from launcher.types.provided import provided as provided  # the callable TARGET names: keep it
+from launcher.types.provided import provided as provided  # what TARGET, the _target_, names
 
 
 def _nodes(model: Any, data: Any, loss: Any) -> dict[str, dict[str, Any]]:

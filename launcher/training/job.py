@@ -44,10 +44,8 @@ def on_device(cfg: RunConfig, device: str) -> RunConfig:
     them): mixed precision bf16 on CUDA (fp16 on GPUs without bf16), none on CPU; channels-last
     on CUDA."""
     backend, trainer = cfg.backend, cfg.trainer
-    if (
-        backend.mixed_precision == "auto"
-    ):  # FSDP declares no fp16, yet gets it on a GPU without bf16
-        precision = _auto_precision(device)
+    if backend.mixed_precision == "auto":
+        precision = _auto_precision(device)  # fp16 on a GPU without bf16, which FsdpConfig lacks
         backend = dataclasses.replace(backend, mixed_precision=precision)  # type: ignore[arg-type]
     if trainer.channels_last == "auto":
         trainer = dataclasses.replace(trainer, channels_last=device == "cuda")
