@@ -108,12 +108,12 @@ def main() -> None:
     from launcher.memory.probe import backend_overhead, estimated_cap, measured_cap
     from launcher.memory.profile import GB, MemoryProfile
     from launcher.models import build_model
+    from launcher.models.loss import make_loss
     from launcher.optim import build_optimizer
     from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.guard import Health
     from launcher.training.job import on_device
     from launcher.training.loop import Settings, Trainee, _step_or_oom, train_step
-    from launcher.training.loss import make_loss
 
     torch.set_num_threads(1)
     cache = tempfile.mkdtemp(prefix="fsdp-memory-")

@@ -3,13 +3,15 @@
     python -m launcher [--config-dir DIR] [+recipe=NAME] [key=value ...]
     launcher.run([key=value ...], model=..., data=..., loss=...)      # from a script
 
-Importing the package imports nothing heavy (no torch); `run` loads the rest when called.
+Importing the package imports nothing heavy (no torch, no numpy); `run` loads the rest when
+called.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from launcher.cluster.preemption import Stopped
 from launcher.errors import ConfigError
 
 __version__ = "0.1.0"
@@ -18,14 +20,6 @@ __all__ = ["ConfigError", "Stopped", "run"]
 
 def run(*args: Any, **kwargs: Any) -> Any:
     """Plan and train from Python; see launcher.api.run."""
-    from launcher.api import run as api_run
+    from launcher.api import run as api_run  # heavy: numpy
 
     return api_run(*args, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Stopped":
-        from launcher.cluster.preemption import Stopped
-
-        return Stopped
-    raise AttributeError(f"module 'launcher' has no attribute {name!r}")

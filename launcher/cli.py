@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             traceback.print_exception(cause)  # a user factory's or model's own error
         if isinstance(exc, Stopped):
-            from launcher.training.faults import test_kill
+            from launcher.faults import test_kill
 
             test_kill(0, "exit")  # a test's second signal while a stopped run exits
     if code and message and os.environ.get("RANK", "0") == "0":
@@ -141,7 +141,7 @@ def _exit_now(code: int) -> None:
     import atexit
 
     atexit._run_exitfuncs()
-    from launcher.training.faults import test_kill
+    from launcher.faults import test_kill
 
     test_kill(0, "exited")  # a test's signal in the process's last moments
     for stream in (sys.stdout, sys.stderr):

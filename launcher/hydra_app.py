@@ -219,7 +219,8 @@ def main(argv: list[str]) -> None:
     if chosen is not None:
         checked.append(f"run_dir={hydra_quote(chosen)}")
     from launcher.cluster.topology import from_env
-    from launcher.training.job import create_run_dir, restart_note, reuses_run_dir, validate
+    from launcher.training.job import validate
+    from launcher.training.run_folder import create_run_dir, restart_note, reuses_run_dir
 
     plugin = _plugins(overrides, multirun)
     slurm = _slurm_shape(checked, multirun, config_dir) if plugin == "submitit_slurm" else None

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.cluster.topology import Topology
     from launcher.config.compose import compose_run, split_config_dir
     from launcher.planning.render import format_plan
-    from launcher.training.job import estimated_plan, job_run_dir, run_stamp
+    from launcher.training.job import estimated_plan
+    from launcher.training.run_folder import job_run_dir, run_stamp
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):

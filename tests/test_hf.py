@@ -22,8 +22,8 @@ from torch import nn
 from launcher.config.targets import instantiate, locate
 from launcher.data import IGNORE_INDEX
 from launcher.errors import ConfigError
+from launcher.models.loss import CrossEntropy
 from launcher.models.outputs import context_length, default_blocks, logits_of, shift, shifts_labels
-from launcher.training.loss import CrossEntropy
 
 VOCAB = 100
 LLAMA = {  # a tiny Llama: 2 decoder layers of width 32

@@ -139,7 +139,7 @@ def test_torchruns_rendezvous_id_names_the_default_folder(tmp_path, monkeypatch,
     restart) the default folder is outputs/<recipe>/torchrun-ID, found again, never suffixed;
     torchrun's `none` (no --rdzv-id) and trainer.devices workers keep the launch time, and a
     restart without an id says that it starts over; an id that cannot name a folder is one line."""
-    from launcher.training.job import reuses_run_dir, run_stamp
+    from launcher.training.run_folder import reuses_run_dir, run_stamp
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")

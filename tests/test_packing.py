@@ -159,7 +159,7 @@ def test_an_unsized_stream_s_epoch_names_the_key_that_stated_it(tmp_path, length
     packs of data.pack_length) or trainer.samples states, and the row names that key."""
     from launcher.config.compose import compose_run
     from launcher.planning.tokens import in_samples
-    from launcher.training.job import unsized_epoch
+    from launcher.training.job_plan import unsized_epoch
     from tests.stream_project import write_project
 
     conf = write_project(tmp_path)

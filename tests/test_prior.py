@@ -16,7 +16,7 @@ from launcher.batchsize.prior import budget, find_prior, from_records
 from launcher.config.schema import to_dict
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.render import format_plan
-from launcher.training.job import with_budget
+from launcher.training.job_plan import with_budget
 from tests.helpers import composed
 
 NOISE = 400.0  # every line's tr(Sigma)/|G|^2: the run's critical batch is exactly this

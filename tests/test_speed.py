@@ -9,7 +9,7 @@ import torch
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.batchsize.speed import ladder, time_micro_steps
 from launcher.data.tensors import TensorPairs
-from launcher.training.loss import CrossEntropy
+from launcher.models.loss import CrossEntropy
 from tests.helpers import composed
 
 

@@ -18,15 +18,14 @@ TOKENS = "converts the keys in tokens of the top level and four groups, by the d
 
 WHOLE_CONFIG = {
     "training/job.py": {
-        "plan_for": JOB,
         "on_device": JOB,
         "estimated_memory": JOB,
         "_check_folders": JOB,
-        "write_plan_files": RECORD,
-        "with_budget": RECORD,
         "estimated_plan": JOB,
         "execute": JOB,
     },
+    "training/job_plan.py": {"plan_for": JOB, "with_budget": RECORD},
+    "training/run_folder.py": {"write_plan_files": RECORD},
     "training/phases.py": {"train_job": JOB, "set_up": JOB},
     "training/budgeting.py": {"budget_config": PLAN},
     "training/checkpointer.py": {"__init__": RECORD},

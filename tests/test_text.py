@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from launcher.cli import main
 from launcher.config.compose import compose_run
 from launcher.data import build_splits, declared_epoch_samples
-from launcher.training.loss import CrossEntropy
+from launcher.models.loss import CrossEntropy
 from tests.helpers import write_corpus
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]

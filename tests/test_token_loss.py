@@ -1,5 +1,5 @@
 """The cross-entropy of sequences is a mean per counted token over the whole global batch (issue
-22; launcher/training/loss.py): targets of -100 are left out of the sum and of the count, however
+22; launcher/models/loss.py): targets of -100 are left out of the sum and of the count, however
 the global batch is split into ranks, micro-batches and out-of-memory re-splits.
 
 Stated tolerance: float64 throughout; parameters after one SGD step (lr 1) within 1e-10 absolute
@@ -20,10 +20,10 @@ from torch import nn
 from launcher.batchsize.meter import _small_batch
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
+from launcher.models.loss import IGNORE_INDEX, CrossEntropy, UserLoss
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.loop import Feed, Hooks, Settings, Trainee, accumulate, fit
-from launcher.training.loss import IGNORE_INDEX, CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
 from tests.helpers import composed, free_port
 

@@ -283,7 +283,7 @@ def test_activation_checkpointing_recomputes_the_named_blocks(project):
     try:
         from launcher.data import data_spec
         from launcher.models import build_model
-        from launcher.training.loss import CrossEntropy
+        from launcher.models.loss import CrossEntropy
 
         conf = ROOT / "examples" / "waves" / "conf"
         plain = compose_run(["+recipe=waves"], conf)

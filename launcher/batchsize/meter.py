@@ -10,7 +10,7 @@ The plan's `noise` mode (plan.noise_mode) says which two batch sizes are compare
   lr 0.48); splitting every step cost 18% of the step time on the CPU default run.
 against the global gradient after the all-reduce (before clipping). The loss of a piece of n
 samples is divided by the per-device batch P, so its mean-gradient norm is (P/n) x larger. A
-loss per token (sequences, launcher/training/loss.py) is divided by the global batch's counted
+loss per token (sequences, launcher/models/loss.py) is divided by the global batch's counted
 tokens / the world size instead; for it the loop gives as n the piece's counted tokens in samples
 of the global batch's mean counted length, for which the same (P/n) holds and which is the
 piece's samples when no target is ignored: the estimate stays one in samples. Those sizes may

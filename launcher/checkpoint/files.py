@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from launcher.checkpoint.paths import WriteFailed
-from launcher.training.faults import test_kill
+from launcher.faults import test_kill
 from launcher.types.state import CheckpointState
 
 FOLDER = "checkpoints"

@@ -25,7 +25,7 @@ from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
 from launcher.planning.plan import batch_key
 from launcher.planning.tokens import TWINS, in_samples, tokens_per_sample
-from launcher.types.plan import BatchPlan
+from launcher.types.plan import AdaptiveStage, BatchPlan
 from launcher.types.state import CheckpointState, Progress, RngState, SavedConfig, SavedPlan
 
 FORMAT = 1
@@ -239,16 +239,14 @@ def check(cfg: RunConfig, state: CheckpointState, path: Path) -> tuple[int, int]
     return origin
 
 
-def adaptive_stage(
-    ramp: RampConfig, state: CheckpointState
-) -> tuple[int, int, int, tuple[tuple[int, ...], ...]] | None:
-    """An adaptive ramp's (batch, origin step, origin samples, earlier stages) in the checkpoint,
-    which the plan continues from; None for other runs."""
+def adaptive_stage(ramp: RampConfig, state: CheckpointState) -> AdaptiveStage | None:
+    """An adaptive ramp's stage in the checkpoint (batch, origin, earlier stages), which the plan
+    continues from; None for other runs."""
     if ramp.mode != "adaptive":
         return None
     p = state["plan"]
-    grown = tuple(tuple(int(v) for v in g) for g in p.get("grown", ()))
-    return state["global_batch"], p["origin_step"], p["origin_samples"], grown
+    grown = tuple((int(g[0]), int(g[1]), int(g[2])) for g in p.get("grown", ()))
+    return AdaptiveStage(state["global_batch"], p["origin_step"], p["origin_samples"], grown)
 
 
 def check_optimizer(state: CheckpointState, plan: BatchPlan, path: Path) -> None:

@@ -24,6 +24,7 @@ FOLDERS = {
     "launcher.slurm_templates": "slurm",
 }
 DISTRIBUTION = 'name = "globalbatch"'  # the checkout's pyproject.toml says it
+PACKAGE_DIR = Path(__file__).parent.parent  # the `launcher` package's folder (this is config/)
 
 
 class NotInstalled(LauncherError):
@@ -33,9 +34,7 @@ class NotInstalled(LauncherError):
 @cache
 def source_tree() -> Path | None:
     """The checkout the running `launcher` package was imported from, or None (installed)."""
-    import launcher
-
-    top = Path(launcher.__file__).resolve().parent.parent
+    top = PACKAGE_DIR.resolve().parent
     try:
         ours = DISTRIBUTION in (top / "pyproject.toml").read_text()
     except (OSError, UnicodeDecodeError):
@@ -51,10 +50,8 @@ def _folder(package: str) -> Path:
     try:
         path = Path(str(files(package)))
     except ModuleNotFoundError:
-        import launcher
-
         raise NotInstalled(
-            f"{package} is missing beside {Path(launcher.__file__).parent}: the launcher's "
+            f"{package} is missing beside {PACKAGE_DIR}: the launcher's "
             "install is incomplete; reinstall it (pip install --force-reinstall globalbatch)"
         ) from None
     if not path.is_dir():  # a zipped install: the launcher needs its files on disk

@@ -85,8 +85,8 @@ class RunConfig:
     run directory to start from"""
     target_accuracy: float | None = None
     """the eval accuracy a run should reach: the plan checks that trainer.epochs suffice at this
-    global batch, from an earlier run's noise scale (launcher/planning/prior.py); null = the earlier
-    run's own final result"""
+    global batch, from an earlier run's noise scale (launcher/batchsize/prior.py); null = the
+    earlier run's own final result"""
     objective: Literal["eval_accuracy", "eval_loss", "samples_to_target"] = "eval_accuracy"
     """what each job returns to a Hydra sweeper (launcher/training/objective.py): the final eval
     accuracy (maximize), the final eval loss, or the samples to target_accuracy (minimize)"""

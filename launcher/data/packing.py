@@ -8,7 +8,7 @@ and no position is padding.
 
 What packing must not do is teach the model to predict one document's first token from the end of
 another (unrelated) document: a target whose token starts a document is IGNORE_INDEX (left out of
-the loss and of the counted targets, launcher/training/loss.py). A target inside a document is kept
+the loss and of the counted targets, launcher/models/loss.py). A target inside a document is kept
 even across a pack's edge: the last position of a pack predicts the first token of the next pack
 when both belong to the same document. Attention is not masked at the boundaries (the usual
 trade-off of packing: a position may attend to the previous document's tokens, but it is never

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import inspect
 import logging
+import os
 import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +25,20 @@ from typing import Any
 import torch
 
 from launcher import log
+from launcher.backends.ds_config import reduce_bucket_elements
 from launcher.config.capabilities import capabilities
-from launcher.config.components import DataConfig, LossConfig, ModelConfig, UserModelConfig
-from launcher.config.execution import BackendConfig, MemoryConfig
+from launcher.config.components import (
+    CrossEntropyConfig,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    UserModelConfig,
+)
+from launcher.config.execution import BackendConfig, DeepSpeedConfig, MemoryConfig
 from launcher.config.optimizers import family_of
 from launcher.config.schema import RunConfig, require_concrete, to_dict
-from launcher.data import DataSpec, fake_batch
+from launcher.config.targets import locate
+from launcher.data import DataSpec, data_spec, fake_batch
 from launcher.data.batches import call
 from launcher.errors import ConfigError
 from launcher.memory.profile import (
@@ -44,12 +54,14 @@ from launcher.memory.profile import (
     load_cached,
     save_cached,
 )
+from launcher.memory.sharding import model_bytes, sharding_credit
 from launcher.models import build_model
+from launcher.models.loss import LossMismatch, classifies, make_loss
 from launcher.models.outputs import logits_of
 from launcher.optim import build_optimizer
 from launcher.planning.split import split_batch
-from launcher.training.loss import LossMismatch, classifies, make_loss
 from launcher.types.plan import BatchPlan
+from launcher.types.provided import TARGET, source_of
 
 OOM_ERROR = torch.OutOfMemoryError
 
@@ -108,7 +120,7 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
         except LossMismatch as exc:
             raise ConfigError(f"{_names(cfg.model, cfg.data)}: {exc}") from exc.__cause__
     del outputs  # as in the loop's micro-step, which keeps no reference to them in backward
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -143,10 +155,6 @@ def gives_accuracy(model_cfg: ModelConfig, data: DataConfig, loss: LossConfig) -
     your loss where the model's outputs are class scores of integer targets, which one forward
     of two samples on fake tensors shows (nothing is allocated; a model fake tensors cannot run
     counts as giving it: the run then says so when it evaluates)."""
-    from launcher.config.components import CrossEntropyConfig
-    from launcher.data import data_spec
-    from launcher.training.loss import classifies
-
     if isinstance(loss, CrossEntropyConfig):
         return True
     spec = data_spec(data)
@@ -316,15 +324,9 @@ def _code_version(model: ModelConfig) -> str:
     changed model is measured again); built-in models change with the launcher's version."""
     if not isinstance(model, UserModelConfig):
         return ""
-    import inspect
-    import os
-
-    from launcher import api
-    from launcher.config.targets import locate
-
     try:
-        if model.target == api.TARGET:  # launcher.run(model=...): the object's own code
-            path = inspect.getsourcefile(api.source_of("model"))
+        if model.target == TARGET:  # launcher.run(model=...): the object's own code
+            path = inspect.getsourcefile(source_of("model"))
         else:
             path = inspect.getsourcefile(inspect.unwrap(locate(model.target, "model")))
         stat = os.stat(path) if path else None
@@ -337,7 +339,9 @@ def _auto_micro(plan: BatchPlan, max_micro: int, cap: int) -> int:
     return split_batch(plan.global_batch, plan.world_size, "auto", max_micro, cap)[0]
 
 
-def _first_traces(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> list:
+def _first_traces(
+    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str
+) -> list[tuple[int, Trace]]:
     """Traces at the probe sizes, or at 1 and 2 samples when those do not fit the device."""
     for sizes in (PROBE_SIZES, (1, 2)):
         try:
@@ -402,14 +406,11 @@ def backend_overhead(cfg: RunConfig, spec: DataSpec, plan: BatchPlan) -> tuple[i
     b = cfg.backend
     sharding = capabilities(b).sharding
     if sharding is not None:
-        from launcher.memory.sharding import model_bytes, sharding_credit
-
         counts = model_bytes(cfg.model, cfg.trainer.dtype, spec, plan, cfg.optim)
         credit = sharding_credit(counts, plan.world_size, sharding, plan.oom_recovery)
         return -credit.bytes, credit.text
     if capabilities(b).zero_buckets:
-        from launcher.backends.ds_config import reduce_bucket_elements
-
+        assert isinstance(b, DeepSpeedConfig)  # only DeepSpeed has ZeRO's buckets
         bucket = reduce_bucket_elements(b)
         itemsize = 2 if b.mixed_precision != "no" and not b.autocast else 4
         extra = 2 * bucket * itemsize  # measured on an H100: two buckets' worth (bench/README.md)
@@ -504,7 +505,12 @@ MAX_CEILINGS = 8  # out-of-memory records kept per cache entry (the newest)
 
 
 def record_oom(
-    cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, report: dict, micro: int
+    cfg: RunConfig,
+    spec: DataSpec,
+    plan: BatchPlan,
+    device: str,
+    report: dict[str, Any],
+    micro: int,
 ) -> None:
     """Keep in the cached profile that `micro` ran out of memory under this budget: a ceiling
     for runs with no more room, beside the measured lines, which stay as measured (one event on

@@ -164,7 +164,7 @@ def free_bytes(device: str, local_processes: int) -> int:
 
 
 # ------------------------------------------------------------------------------- measuring
-class StorageMeter(TorchDispatchMode):
+class StorageMeter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Live and peak bytes of the tensor storages created while it is active (CPU or fake).
 
     Every op's outputs pass through `__torch_dispatch__`; a storage is counted once when first seen
@@ -173,7 +173,7 @@ class StorageMeter(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.live = 0
         self.trace: list[int] = []  # live bytes after each op
         self.ops: list[str] = []  # which op
@@ -191,7 +191,13 @@ class StorageMeter(TorchDispatchMode):
     def _release(self, nbytes: int) -> None:
         self.live -= nbytes
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):

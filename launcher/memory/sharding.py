@@ -33,15 +33,14 @@ weights, where a bf16 FSDP2 forward computes in bf16 throughout (measured: 15-20
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.config.capabilities import Sharding
+from launcher.config.components import ModelConfig
+from launcher.config.optimization import OptimConfig
+from launcher.data import DataSpec
+from launcher.models import blocks_of, build_model
 from launcher.types.plan import BatchPlan
-
-if TYPE_CHECKING:
-    from launcher.config.components import ModelConfig
-    from launcher.config.optimization import OptimConfig
-    from launcher.data import DataSpec
 
 GATHERED_BLOCKS = 3  # computed, prefetched for backward, and the one being copied out
 
@@ -115,9 +114,8 @@ def model_bytes(
     step on zero gradients."""
     import torch
 
-    from launcher.backends.fsdp import shard_units
-    from launcher.models import blocks_of, build_model
-    from launcher.optim import build_optimizer
+    from launcher.backends.fsdp import shard_units  # heavy: torch
+    from launcher.optim import build_optimizer  # heavy: torch
 
     dtype = getattr(torch, dtype_name)
     default = torch.get_default_dtype()

@@ -16,8 +16,10 @@ from typing import Any
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import ModelConfig, UserModelConfig
+from launcher.config.targets import instantiate
 from launcher.data import DataSpec
 from launcher.errors import ConfigError
+from launcher.types.provided import copy_into_context, is_provided_instance
 
 MODELS = {
     "mlp": "launcher.models.mlp",
@@ -31,7 +33,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
     """The model, built in the current default device and dtype. `fresh=False` (the model a run
     trains) may return an instance handed to launcher.run() itself."""
     if isinstance(cfg, UserModelConfig):
-        from launcher.models.outputs import drop_cache
+        from launcher.models.outputs import drop_cache  # heavy: torch
 
         model = _user_model(cfg, fresh)
         drop_cache(model)  # a Transformers model's: training reads none
@@ -43,7 +45,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec, fresh: bool = True) -> Any:
             )
         model = importlib.import_module(MODELS[cfg.name]).build(cfg, spec)
     if cfg.activation_checkpointing:
-        from launcher.models.checkpointing import checkpoint_blocks
+        from launcher.models.checkpointing import checkpoint_blocks  # heavy: torch
 
         blocks = blocks_of(cfg, model)
         if not blocks:
@@ -63,7 +65,7 @@ def blocks_of(cfg: ModelConfig, model: Any) -> tuple[type, ...]:
     or where you name none, those a Transformers model declares in `_no_split_modules`, e.g.
     LlamaDecoderLayer)."""
     if isinstance(cfg, UserModelConfig):
-        from launcher.models.outputs import default_blocks
+        from launcher.models.outputs import default_blocks  # heavy: torch
 
         return _named_classes(model, cfg.checkpoint_blocks or default_blocks(model))
     return tuple(importlib.import_module(MODELS[cfg.name]).BLOCKS)
@@ -71,9 +73,6 @@ def blocks_of(cfg: ModelConfig, model: Any) -> tuple[type, ...]:
 
 def _user_model(cfg: UserModelConfig, fresh: bool) -> Any:
     from torch import nn
-
-    from launcher.api import copy_into_context, is_provided_instance
-    from launcher.config.targets import instantiate
 
     model = instantiate(cfg.target, cfg.kwargs, "model")
     if not isinstance(model, nn.Module):

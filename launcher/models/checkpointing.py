@@ -9,7 +9,7 @@ context below puts them back as the first forward left them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -32,7 +32,9 @@ def _keep_buffers(block: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-def _contexts(block: nn.Module) -> tuple:
+def _contexts(
+    block: nn.Module,
+) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
     return nullcontext(), _keep_buffers(block)  # (first forward, recomputation)
 
 

@@ -23,6 +23,7 @@ def build(cfg: CNN1DConfig, spec: DataSpec) -> nn.Module:
         )
     in_ch, length = spec.input_shape
     c = cfg.channels
+    assert spec.num_classes is not None  # build_model refuses data that declares none
     for kernel in (5, 3, 3):
         length = _out_len(length, kernel, 2, 1)
     return nn.Sequential(

@@ -27,7 +27,7 @@ class GPT(nn.Module):
         self.tokens = nn.Embedding(vocab, cfg.width)
         self.positions = nn.Embedding(context, cfg.width)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
+        blocks = [
             nn.TransformerEncoderLayer(
                 cfg.width,
                 cfg.heads,
@@ -38,12 +38,13 @@ class GPT(nn.Module):
                 norm_first=True,
             )
             for _ in range(cfg.layers)
-        )
+        ]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, vocab, bias=False)
         self.head.weight = self.tokens.weight  # tied (one parameter)
         self.apply(_init)
-        for block in self.blocks:
+        for block in blocks:
             for proj in (block.self_attn.out_proj, block.linear2):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.layers))
 
@@ -54,7 +55,8 @@ class GPT(nn.Module):
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=idx.device)
         for block in self.blocks:
             x = block(x, src_mask=mask, is_causal=True)
-        return self.head(self.norm(x))
+        logits: torch.Tensor = self.head(self.norm(x))
+        return logits
 
 
 def _init(m: nn.Module) -> None:
@@ -73,4 +75,5 @@ def build(cfg: GPTConfig, spec: DataSpec) -> nn.Module:
             f"model.name='gpt': needs token sequences (data=text), the data gives inputs of "
             f"shape {spec.input_shape}"
         )
+    assert spec.num_classes is not None  # build_model refuses data that declares none
     return GPT(cfg, vocab=spec.num_classes, context=spec.input_shape[0])

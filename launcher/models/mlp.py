@@ -19,5 +19,6 @@ def build(cfg: MLPConfig, spec: DataSpec) -> nn.Module:
     for _ in range(cfg.depth):
         layers.append(Block(nn.Linear(width, cfg.hidden), nn.ReLU()))
         width = cfg.hidden
+    assert spec.num_classes is not None  # build_model refuses data that declares none
     layers.append(nn.Linear(width, spec.num_classes))
     return nn.Sequential(*layers)

@@ -2,7 +2,7 @@
 labels are shifted (Transformers' causal-LM convention), its blocks, its context length.
 
 A Transformers model returns a `ModelOutput` (a dataclass that is also a dict) whose `logits` the
-launcher's own per-token loss takes (launcher/training/loss.py: summed over the global batch,
+launcher's own per-token loss takes (launcher/models/loss.py: summed over the global batch,
 divided by its counted targets, which is Transformers' loss with `num_items_in_batch`). A causal
 language model is given its labels unshifted and predicts token t + 1 at position t; `shift` moves
 the labels as Transformers' `ForCausalLMLoss` (transformers/loss/loss_utils.py) does, so target t
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from launcher.data.batches import shift as shift  # the loader shifts (data/batches.py)
+from launcher.models.gpt import GPT
 
 # A forward that hands its labels to the model's own loss function (PreTrainedModel.loss_function)
 _CALLS_LOSS_FUNCTION = re.compile(r"\bself\.loss_function\(")
@@ -108,8 +109,6 @@ def context_length(model: Any) -> int | None:
     """The longest sequence the model takes: a Transformers model's max_position_embeddings (or
     n_positions; for a composite model its text decoder's), the built-in GPT's position table;
     None where the model states none."""
-    from launcher.models.gpt import GPT
-
     if isinstance(model, GPT):
         return int(model.positions.num_embeddings)
     config = getattr(model, "config", None)

@@ -28,4 +28,5 @@ def build(cfg: ResNetConfig, spec: DataSpec) -> nn.Module:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
-    return model
+    built: nn.Module = model
+    return built

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher import log
+from launcher import faults, log
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
@@ -18,7 +18,6 @@ from launcher.cluster import preemption
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
-from launcher.training import faults
 from launcher.training.guard import Diverged, params_finite, state_message
 from launcher.training.loop import Trainee
 from launcher.training.metrics import MetricsSink

@@ -12,9 +12,9 @@ import torch
 
 from launcher.backends.base import Backend
 from launcher.data.batches import call, rows, to_device
+from launcher.models.loss import CrossEntropy, UserLoss
 from launcher.models.outputs import logits_of
 from launcher.training.guard import Diverged, state_message
-from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
 from launcher.types.plan import BatchPlan
 

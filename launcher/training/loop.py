@@ -21,14 +21,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from launcher import log
+from launcher import faults, log
 from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
 from launcher.data.batches import call, rows, to_device
+from launcher.models.loss import CrossEntropy, UserLoss
 from launcher.models.outputs import logits_of
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
-from launcher.training import faults
 from launcher.training.evaluation import DEFAULT_LOSS, Evaluations
 from launcher.training.guard import (
     DIVERGED,
@@ -40,7 +40,6 @@ from launcher.training.guard import (
     diverged_message,
     non_finite_message,
 )
-from launcher.training.loss import CrossEntropy, UserLoss
 from launcher.training.metrics import MetricsSink
 from launcher.types.plan import BatchPlan
 

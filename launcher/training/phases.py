@@ -10,26 +10,51 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from launcher import log
+from launcher import faults, log
+from launcher.backends import build_backend
+from launcher.backends.base import Backend
+from launcher.backends.ds_config import check_buffers
+from launcher.batchsize import speed
+from launcher.batchsize.meter import NoiseMeter
+from launcher.batchsize.run_advice import print_advice
+from launcher.checkpoint import resume
+from launcher.checkpoint.files import torch_save
+from launcher.checkpoint.paths import WriteFailed
+from launcher.cluster import preemption
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.schema import RunConfig
+from launcher.data import Source, Splits, build_splits, eval_loader, loader_settings, train_loader
+from launcher.data.stream import Snapshots
 from launcher.errors import ConfigError
+from launcher.memory.probe import check_fit, check_model_fits, measured_cap, record_oom
+from launcher.models import build_model
+from launcher.models.loss import CrossEntropy, UserLoss, make_loss
+from launcher.models.outputs import context_length, shifts_labels
+from launcher.optim import build_optimizer
+from launcher.planning.adaptive import decide, event
+from launcher.planning.length import noise_window_samples
 from launcher.planning.render import format_plan
-from launcher.training import faults
-from launcher.training.job import (
-    create_run_dir,
-    plan_for,
-    probes_memory,
-    reuses_run_dir,
-    with_budget,
-    write_plan_files,
-)
-from launcher.types.plan import BatchPlan
+from launcher.training.checkpointer import Checkpointer
+from launcher.training.evaluation import check_replicas
+from launcher.training.guard import Health
+from launcher.training.job_plan import plan_for, probes_memory, with_budget
+from launcher.training.loop import Feed, Hooks, Settings, Trainee, fit
+from launcher.training.metrics import MetricsSink, open_trackers
+from launcher.training.run_folder import create_run_dir, reuses_run_dir, write_plan_files
+from launcher.types.plan import AdaptiveStage, BatchPlan
 from launcher.types.state import CheckpointState, Progress
+
+
+class PreparedOptimizer(Protocol):
+    """The optimizer a backend's `prepare` returns: torch's, Accelerate's wrapper of it, or
+    DeepSpeed's ZeRO optimizer (no torch Optimizer). The loop sets each group's LR; the backend
+    steps, saves and loads it."""
+
+    param_groups: list[dict[str, Any]]
 
 
 @dataclass
@@ -41,24 +66,37 @@ class Job:
     launched: Topology
     run_dir: Path
     topology: Topology
-    splits: Any
+    splits: Splits
     epoch: tuple[int, str]  # (samples per epoch, where that number comes from)
     plan: BatchPlan
-    model: Any
-    loss_fn: Any
+    model: torch.nn.Module  # from prepare on: as the backend wrapped it (DDP, DeepSpeed's engine)
+    loss_fn: CrossEntropy | UserLoss
     dtype: torch.dtype
+    sources: tuple[Source, Source]  # (train, eval) as the loaders read them
+    snapshots: Snapshots  # a stream's saved places by position (launcher/data/stream.py)
     found: tuple[CheckpointState, Path] | None = None  # the checkpoint to resume: (state, path)
     origin: tuple[int, int] = (0, 0)  # (step, samples) the resumed stage starts from
-    stage: Any = None  # the adaptive ramp's stage at the checkpoint
-    backend: Any = None
-    optimizer: Any = None
-    report: dict | None = None  # the memory probe's profile report
-    sources: Any = None  # (train, eval) as the loaders read them (launcher/data Source)
-    snapshots: Any = None  # a stream's saved places by position (launcher/data/stream.py)
+    stage: AdaptiveStage | None = None  # the adaptive ramp's stage at the checkpoint
+    optimizer: PreparedOptimizer | None = None  # from prepare on
+    report: dict[str, Any] | None = None  # the memory probe's profile report
+    _backend: Backend | None = None  # built by prepare
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, from `prepare` on (the phases after it use it)."""
+        if self._backend is None:
+            raise RuntimeError("a phase used the job's backend before prepare built it")
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
 
     @property
     def main(self) -> bool:
-        return self.backend.rank == 0 if self.backend is not None else self.topology.rank == 0
+        if self._backend is not None:
+            return self._backend.rank == 0
+        return self.topology.rank == 0
 
     def replan(self) -> BatchPlan:
         """The plan for this job's facts so far: its data, checkpoint stage, measured memory."""
@@ -80,14 +118,6 @@ def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, An
 
 def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
     """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
-    from launcher.backends.ds_config import check_buffers
-    from launcher.data import build_splits
-    from launcher.data.stream import Snapshots
-    from launcher.memory.probe import check_model_fits
-    from launcher.models import build_model
-    from launcher.models.outputs import shifts_labels
-    from launcher.training.loss import make_loss
-
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
@@ -106,17 +136,26 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         model = model.to(memory_format=torch.channels_last)
     check_buffers(cfg.backend, [n for n, b in model.named_buffers() if b.is_floating_point()])
     _check_context(cfg.data, model)
-    job = Job(cfg, launched, run_dir, topology, splits, epoch, plan, model, loss_fn, dtype)
     budget = getattr(cfg.data, "micro_batch_tokens", 0)
-    job.sources = splits.sources(shift=shifts_labels(model), budget=budget)
-    job.snapshots = Snapshots()
-    return job
+    sources = splits.sources(shift=shifts_labels(model), budget=budget)
+    return Job(
+        cfg,
+        launched,
+        run_dir,
+        topology,
+        splits,
+        epoch,
+        plan,
+        model,
+        loss_fn,
+        dtype,
+        sources,
+        Snapshots(),
+    )
 
 
 def _check_context(data: Any, model: Any) -> None:
     """A packed sequence the model can take: data.pack_length within its context (positions)."""
-    from launcher.models.outputs import context_length
-
     length = getattr(data, "pack_length", 0)
     context = context_length(model) if length else None
     if context is not None and length > context:
@@ -129,8 +168,6 @@ def _check_context(data: Any, model: Any) -> None:
 def find_checkpoint(job: Job) -> None:
     """The newest usable checkpoint of run_dir, checked against this run; the plan re-made at
     its step (and its adaptive stage). A finished run without one is refused."""
-    from launcher.checkpoint import resume
-
     cfg, run_dir = job.cfg, job.run_dir
     found = resume.find(cfg.resume, run_dir, log.warn) if job.plan.checkpoints else None
     if found is not None:
@@ -154,10 +191,6 @@ def prepare(job: Job) -> None:
     """The backend; the memory probe (or the fit check) and the plan it caps; the optimizer;
     the run folder (rank 0 makes it, every rank gets its path) with the plan written and
     printed; compile; the backend's prepare."""
-    from launcher.backends import build_backend
-    from launcher.memory.probe import check_fit, measured_cap
-    from launcher.optim import build_optimizer
-
     cfg, topology = job.cfg, job.topology
     backend = job.backend = build_backend(cfg, topology.device)
     if backend.world_size != topology.world_size:
@@ -189,13 +222,12 @@ def prepare(job: Job) -> None:
 def restore(job: Job) -> int:
     """The checkpoint's weights and optimizer state (exactly, or re-sharded for another world
     size); returns the step to start from."""
-    from launcher.checkpoint import resume
-
     if job.found is None:
         return 0
     state, path = job.found
     how = resume.restore(state, path, job.backend, job.model, job.optimizer)
-    start_step, plan = state["step"], job.plan
+    start_step: int = state["step"]
+    plan = job.plan
     if job.main:
         log.info(
             f"launcher: resuming from {path}: step {start_step:,} of {plan.steps:,} "
@@ -215,9 +247,6 @@ def restore(job: Job) -> int:
 def _feed(job: Job) -> Any:
     """The train stream per plan and step, and one evaluation loader per micro-batch (its
     workers persist)."""
-    from launcher.data import eval_loader, loader_settings, train_loader
-    from launcher.training.loop import Feed
-
     loading = loader_settings(job.cfg.data, job.topology.device)
     (train, evaluation), rank, seed = job.sources, job.backend.rank, job.cfg.seed
     evals: dict[int, Any] = {}
@@ -242,8 +271,6 @@ def _progress(job: Job) -> Progress:
 
 def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
     """The metrics sink (rank 0 writes) and the noise meter, both continued from a checkpoint."""
-    from launcher.training.metrics import MetricsSink, open_trackers
-
     cfg, plan, main = job.cfg, job.plan, job.main
     progress = _progress(job)
     sink = MetricsSink(
@@ -258,9 +285,6 @@ def _outputs(job: Job, start_step: int) -> tuple[Any, Any]:
     )
     meter = None
     if plan.noise != "off":
-        from launcher.batchsize.meter import NoiseMeter
-        from launcher.planning.length import noise_window_samples
-
         window = noise_window_samples(cfg.trainer, plan.epoch_samples)
         meter = NoiseMeter(job.backend, window, cfg.trainer.noise_split_every)
         if "noise" in progress:
@@ -299,15 +323,11 @@ class _Events:
             if new.ramp or not job.plan.ramp:  # not for a ramp-up stage: plan.json keeps the ramp
                 write_plan_files(job.run_dir, job.cfg, new, job.topology.device)
         if job.report is not None:
-            from launcher.memory.probe import record_oom
-
             device = str(job.backend.device)
             record_oom(job.cfg, job.splits.spec, old, device, job.report, old.micro_batch)
 
     def grow(self, step: int, current: BatchPlan, noise: float | None) -> BatchPlan | None:
         """The adaptive ramp's decision at a log step (rank 0's), and the plan it leads to."""
-        from launcher.planning.adaptive import decide, event
-
         job = self.job
         ramp = job.cfg.ramp
         steps = step - current.origin_step
@@ -322,8 +342,9 @@ class _Events:
         batch = job.backend.flags(batch or 0)[0]
         if not batch:
             return None
+        assert noise is not None  # rank 0 grew on it, and every rank's is the same (a collective)
         before = (current.origin_step, current.origin_samples, current.global_batch)
-        stage = (batch, step, current.samples_at(step), (*current.grown, before))
+        stage = AdaptiveStage(batch, step, current.samples_at(step), (*current.grown, before))
         larger = plan_for(job.cfg, job.launched, job.epoch, job.report, stage=stage)[1]
         record, line = event(current, larger, noise, ramp.noise_factor)
         self.sink.log(record)
@@ -336,10 +357,6 @@ class _Events:
 def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     """The loop from `start_step`, checkpoints and stops by the Checkpointer, then the final
     record: replica check, weights, the speed ladder for the advice. The sink is closed."""
-    from launcher.training.checkpointer import Checkpointer
-    from launcher.training.guard import Health
-    from launcher.training.loop import Hooks, Settings, Trainee, fit
-
     cfg, backend = job.cfg, job.backend
     t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
     sink, meter = _outputs(job, start_step)
@@ -365,7 +382,6 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     )
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)  # the probe steps are not training
-    from launcher.cluster import preemption
 
     preemption.training()  # a signal now stops the run at a step boundary, with a checkpoint
     try:
@@ -381,10 +397,12 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
 def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any]:
     """The run's last metrics line; the replicas checked equal, model_final.pt written, and the
     micro-step timings of the batch-size advice logged before it."""
-    from launcher.training.evaluation import check_replicas
-
     backend = t.backend
-    final = {"final": True, "step": plan.end_step, "samples": plan.samples_at(plan.end_step)}
+    final: dict[str, Any] = {
+        "final": True,
+        "step": plan.end_step,
+        "samples": plan.samples_at(plan.end_step),
+    }
     if plan.stop_step is not None:  # ended early: resuming without the stop trains on
         final["stopped_early"] = True
     if backend.device.type == "cuda":  # what training needed, against the plan's prediction
@@ -395,8 +413,6 @@ def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any
     if job.main:
         _save_final(weights, job.run_dir / "model_final.pt")
     if job.main and plan.noise != "off":  # the throughput curve of the batch-size advice
-        from launcher.batchsize import speed
-
         largest = speed.largest_micro(plan, job.cfg.max_micro_batch, plan.epoch_samples)
         sizes = speed.ladder(plan.micro_batch, largest)
         times = speed.time_micro_steps(t.model, backend, job.sources[0], sizes, t.dtype, t.loss_fn)
@@ -412,8 +428,6 @@ def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any
             (f"test accuracy {accuracy:.4f} " if accuracy is not None else "test ")
             + f"({result['eval_samples']:,} samples), eval loss {result['eval_loss']:.4f}"
         )
-        from launcher.batchsize.run_advice import print_advice
-
         cfg = job.cfg
         print_advice(job.run_dir, plan, cfg.target_accuracy, cfg.optim, cfg.cluster)
     return {**result, "run_dir": str(job.run_dir)}
@@ -421,13 +435,9 @@ def finish(job: Job, result: dict[str, float], plan: BatchPlan) -> dict[str, Any
 
 def _save_final(weights: dict[str, Any], path: Path) -> None:
     """model_final.pt, or WriteFailed (one line) with no partial file left."""
-    from launcher.checkpoint.files import torch_save
-
     try:
         with open(path, "wb") as f:
             torch_save(weights, f)
     except OSError as exc:
-        from launcher.checkpoint.paths import WriteFailed
-
         path.unlink(missing_ok=True)
         raise WriteFailed("the final weights", path, exc) from None

@@ -9,6 +9,10 @@ yet updated), `stopping` (a signal's checkpoint saved, the run about to stop) or
 `kill -9` would), USR1, USR2, TERM or INT (sends that signal to this process), FILL (fills the
 file system of the file LAUNCHER_TEST_FILL names), WAIT (blocks until SIGUSR1 or SIGTERM
 arrives, at most 10 minutes, so a test can deliver it from outside at a known step).
+
+This module is at the bottom of the package (README "Architecture", layer 1): it imports no other
+launcher module, so every layer may call its hooks. What ends a WAIT, the job's record of the
+signals it received (launcher/cluster/preemption.py), is handed in by the job (`waits_for`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,34 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from launcher.types.plan import BatchPlan
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+class Split(Protocol):
+    """What test_oom_hook reads of a plan (a BatchPlan, which lives above this layer)."""
+
+    @property
+    def micro_batch(self) -> int: ...
+
+    @property
+    def accumulation(self) -> int: ...
+
+
+def _no_signal() -> int:
+    return 0
+
+
+_signals: Callable[[], int] = _no_signal  # what ends a WAIT: the signals received so far
+
+
+def waits_for(signals: Callable[[], int]) -> None:
+    """A WAIT ends once `signals()` is non-zero: the job hands in preemption.received, the
+    record its signal handlers keep (a signal that came before the WAIT ends it at once)."""
+    global _signals
+    _signals = signals
 
 
 def test_kill(step: int, phase: str) -> None:
@@ -34,10 +60,8 @@ def test_kill(step: int, phase: str) -> None:
         if (at_step, at_phase) != (str(step), phase):
             continue
         if action == "WAIT":
-            from launcher.cluster import preemption
-
             deadline = time.monotonic() + 600
-            while not preemption.received() and time.monotonic() < deadline:
+            while not _signals() and time.monotonic() < deadline:
                 time.sleep(0.05)
         elif action == "FILL":
             _fill(os.environ["LAUNCHER_TEST_FILL"])
@@ -63,7 +87,7 @@ def _fill(path: str) -> None:
             return
 
 
-def test_oom_hook(rank: int, step: int, plan: BatchPlan) -> Callable[[int], None] | None:
+def test_oom_hook(rank: int, step: int, plan: Split) -> Callable[[int], None] | None:
     """Test hook: LAUNCHER_TEST_OOM=RANK:STEP:MAX_MICRO makes that rank run out of memory before
     the last micro-step of every step >= STEP while its micro-batch is above MAX_MICRO (a CPU
     stand-in for a GPU that cannot hold the activations)."""
@@ -90,10 +114,12 @@ class _Scaled:
         self.loss_fn, self.factor = loss_fn, factor
 
     def sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn.sum(outputs, y) * self.factor
+        scaled: torch.Tensor = self.loss_fn.sum(outputs, y) * self.factor
+        return scaled
 
     def token_sum(self, outputs: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn.token_sum(outputs, y) * self.factor
+        scaled: torch.Tensor = self.loss_fn.token_sum(outputs, y) * self.factor
+        return scaled
 
     def __getattr__(self, name: str) -> Any:  # per_token, counted: the loss's own
         return getattr(self.loss_fn, name)

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import CrossEntropyConfig, LossConfig
+from launcher.config.targets import instantiate
 from launcher.data import IGNORE_INDEX
+from launcher.errors import ConfigError
 
 
 class LossMismatch(ValueError):
@@ -167,9 +169,6 @@ def classifies(outputs: Any, y: torch.Tensor) -> bool:
 def make_loss(cfg: LossConfig, label_smoothing: float = 0.0) -> CrossEntropy | UserLoss:
     if isinstance(cfg, CrossEntropyConfig):
         return CrossEntropy(label_smoothing)
-    from launcher.config.targets import instantiate
-    from launcher.errors import ConfigError
-
     fn = instantiate(cfg.target, cfg.kwargs, "loss")
     if not callable(fn):
         raise ConfigError(
