@@ -43,15 +43,26 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
+from launcher.backends import teardown
+from launcher.batchsize.advice import critical_batch
 from launcher.batchsize.branches import crossing, format_result
+from launcher.batchsize.sweep import read_job
+from launcher.checkpoint import files as checkpoint_files
+from launcher.checkpoint.paths import WriteFailed, check_writable
+from launcher.cluster.topology import from_env, slurm_env
+from launcher.config.schema import RunConfig, to_run_config
 from launcher.errors import ConfigError, LauncherError
 from launcher.planning.plan import PlanInput, plan_batch
+from launcher.training.job import execute
 from launcher.types.state import CheckpointState
+
+Branch = tuple[int, RunConfig, float]  # k, the branch's config, its LR
 
 PROG = "launcher.cbs"
 BRANCH_KEYS = (  # set by the probe for every branch: an override of them is refused
@@ -78,12 +89,12 @@ def _parse_ks(text: str) -> list[int]:
     return ks
 
 
-def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[CheckpointState, Path, list[dict]]:
+def pick_checkpoint(
+    run_dir: Path, step: int | None
+) -> tuple[CheckpointState, Path, list[dict[str, Any]]]:
     """The checkpoint to branch from (`step`'s, or the newest before the end of the run), its
     path, and the run's metrics records."""
-    from launcher.batchsize.sweep import read_job
-    from launcher.checkpoint import files as checkpoint
-    from launcher.checkpoint.resume import check_state
+    from launcher.checkpoint.resume import check_state  # heavy: torch
 
     if not run_dir.is_dir():
         raise ConfigError(f"{str(run_dir)!r}: no such directory")
@@ -91,8 +102,8 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[CheckpointState, P
     if "steps" not in plan:
         raise ConfigError(f"{str(run_dir / 'plan.json')!r}: not a plan (no integer steps)")
     end = plan["steps"]
-    found = checkpoint.checkpoints(run_dir)
-    steps = {int(checkpoint.NAME.match(p.name).group(1)): p for p in found}
+    found = checkpoint_files.checkpoints(run_dir)  # each a NAME match
+    steps = {int(_match(checkpoint_files.NAME, p.name).group(1)): p for p in found}
     if step is not None:
         if step not in steps:
             have = ", ".join(f"{s:,}" for s in sorted(steps)) or "none"
@@ -107,8 +118,8 @@ def pick_checkpoint(run_dir: Path, step: int | None) -> tuple[CheckpointState, P
             )
         path = steps[max(inside)]
     try:
-        loaded = checkpoint.load(path, lambda message: None, check_state)
-    except checkpoint.Unusable as exc:
+        loaded = checkpoint_files.load(path, lambda message: None, check_state)
+    except checkpoint_files.Unusable as exc:
         raise ConfigError(str(exc)) from None
     if loaded is None:
         raise ConfigError(f"{str(path)!r}: not a usable checkpoint (digest or format)")
@@ -133,8 +144,14 @@ def branch_samples(requested: str, largest_batch: int, epoch_samples: int) -> in
     return samples
 
 
+def _match(pattern: re.Pattern[str], text: str) -> re.Match[str]:
+    found = pattern.match(text)
+    assert found is not None, text
+    return found
+
+
 def branch_config(
-    saved: dict,
+    saved: dict[str, Any],
     batch: int,
     out: Path,
     checkpoint: Path,
@@ -142,13 +159,11 @@ def branch_config(
     cooldown: int,
     every_epochs: float,
     extra: list[str],
-) -> Any:
+) -> RunConfig:
     """The RunConfig of one branch: the checkpoint's config, resumed at `batch`, ending at
     `stop` samples after a cooldown of `cooldown` samples, evaluated every `every_epochs` (at
     the end only when that is the branch's length)."""
-    from omegaconf import OmegaConf
-
-    from launcher.config.schema import to_run_config
+    from omegaconf import OmegaConf  # on demand: --help need not load it
 
     node = copy.deepcopy(saved)
     node |= {"global_batch": batch, "run_dir": str(out), "resume": str(checkpoint)}
@@ -163,14 +178,14 @@ def branch_config(
             merged = OmegaConf.merge(OmegaConf.create(node), OmegaConf.from_dotlist(extra))
         except Exception as exc:  # noqa: BLE001 - OmegaConf's errors: one line
             raise ConfigError(f"branch overrides {extra}: {exc}") from None
-        node = OmegaConf.to_container(merged, resolve=True)
+        node = cast(dict[str, Any], OmegaConf.to_container(merged, resolve=True))
     return to_run_config(node)
 
 
-def noise_beside(records: list[dict], samples: int, batch: int) -> dict[str, float | None]:
+def noise_beside(
+    records: list[dict[str, Any]], samples: int, batch: int
+) -> dict[str, float | None]:
     """The run's logged B_simple nearest before `samples`, and its critical batch up to there."""
-    from launcher.batchsize.advice import critical_batch
-
     train = [r for r in records if "loss" in r and r.get("samples", math.inf) <= samples]
     logged = [r["noise_scale"] for r in train if r.get("noise_scale") is not None]
     estimate = critical_batch(train, batch)
@@ -182,7 +197,7 @@ def noise_beside(records: list[dict], samples: int, batch: int) -> dict[str, flo
 
 def _parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
-        def error(self, message: str):  # one line and exit 2, as the launcher does
+        def error(self, message: str) -> NoReturn:  # one line and exit 2, as the launcher does
             raise ConfigError(message)
 
     parser = Parser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
@@ -249,14 +264,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def prepare(
     argv: list[str],
-) -> tuple[argparse.Namespace, CheckpointState, Path, list[Any], int, Path]:
+) -> tuple[argparse.Namespace, CheckpointState, Path, list[Branch], int, Path]:
     """Check everything before a branch trains: (args, checkpoint state, its path, one
     RunConfig per k, the samples per branch, the output folder)."""
-    from launcher.checkpoint.paths import check_writable
-    from launcher.checkpoint.resume import check_optimizer
-    from launcher.cluster.topology import from_env
-
     args, overrides = parse(argv)
+    from launcher.checkpoint.resume import check_optimizer  # heavy: torch
+
     ks = _parse_ks(args.k)
     if not 0 < args.tolerance < 1:
         raise ConfigError(f"--tolerance={args.tolerance}: must be in (0, 1)")
@@ -311,21 +324,22 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     finally:
         if "torch" in sys.modules:
-            from launcher.backends import teardown
-
             teardown()
     if result is not None:
         print(format_result(result), flush=True)
     return 0
 
 
-def run_branches(args, state, path, configs, samples, out) -> dict | None:  # noqa: ANN001
+def run_branches(
+    args: argparse.Namespace,
+    state: dict[str, Any],
+    path: Path,
+    configs: list[Branch],
+    samples: int,
+    out: Path,
+) -> dict[str, Any] | None:
     """Train every branch; rank 0 writes OUT/cbs.json and gets the result (others: None)."""
-    import os
-
-    from launcher.cluster.topology import from_env, slurm_env
-    from launcher.training.guard import Diverged
-    from launcher.training.job import execute
+    from launcher.training.guard import Diverged  # heavy: torch
 
     os.environ.update(slurm_env(os.environ))
     launched = from_env()
@@ -371,12 +385,9 @@ def run_branches(args, state, path, configs, samples, out) -> dict | None:  # no
     return result
 
 
-def _write_result(path: Path, result: dict) -> None:
+def _write_result(path: Path, result: dict[str, Any]) -> None:
     """cbs.json, atomically (a temporary file renamed): valid JSON, a non-finite number (a
     diverged branch's loss and gap) as null; a failed write is WriteFailed (exit 5)."""
-    import os
-
-    from launcher.checkpoint.paths import WriteFailed
 
     def finite(value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):

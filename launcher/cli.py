@@ -17,7 +17,18 @@ import sys
 import traceback
 from pathlib import Path
 
-from launcher.errors import ConfigError
+from launcher.backends import teardown
+from launcher.cluster.preemption import EXIT_CODE, Stopped
+from launcher.cluster.spawn import die_with_parent
+from launcher.config.compose import (
+    DEFAULT_RECIPE,
+    GROUPS,
+    group_options,
+    recipe_names,
+    split_config_dir,
+)
+from launcher.errors import ConfigError, LauncherError
+from launcher.faults import test_kill
 
 USAGE = """usage: python -m launcher [-m] [--config-dir DIR] [+recipe=NAME] [key=value ...]
 
@@ -44,8 +55,6 @@ for a finished run, or a sweep's table, critical-batch fit and plots.
 
 
 def _usage(config_dir: Path | None) -> str:
-    from launcher.config.compose import DEFAULT_RECIPE, GROUPS, group_options, recipe_names
-
     def options(group: str) -> str:
         return "|".join(group_options(group, config_dir))
 
@@ -59,10 +68,8 @@ def _usage(config_dir: Path | None) -> str:
 
 
 def run(args: list[str]) -> None:
-    from launcher import hydra_app
-    from launcher.checkpoint.lock import join
+    from launcher import hydra_app  # heavy: hydra
 
-    join()  # a trainer.devices worker shares its launcher's lock of the run folder
     try:
         hydra_app.main(args)
     except hydra_app.Failed as failed:  # a job's error, carried through Hydra
@@ -70,8 +77,6 @@ def run(args: list[str]) -> None:
 
 
 def _help(args: list[str]) -> int:
-    from launcher.config.compose import split_config_dir
-
     try:
         config_dir = split_config_dir(args)[0]
     except ConfigError as exc:
@@ -82,15 +87,10 @@ def _help(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.cluster.spawn import die_with_parent
-
     die_with_parent()  # a worker of torch's elastic agent: first, before anything can hang
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         return _help(args)
-    from launcher.cluster.preemption import Stopped
-    from launcher.errors import LauncherError
-
     # Errors raised once ranks are connected (the memory cap is agreed by a collective, an
     # out-of-memory at micro-batch 1 by the flag gather) are raised by every rank alike, so
     # every path below may tear the process group down with a barrier.
@@ -107,14 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         ):
             traceback.print_exception(cause)  # a user factory's or model's own error
         if isinstance(exc, Stopped):
-            from launcher.faults import test_kill
-
             test_kill(0, "exit")  # a test's second signal while a stopped run exits
     if code and message and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     if "torch" in sys.modules:  # a process group can only exist once torch was imported
-        from launcher.backends import teardown
-
         teardown()
     return code
 
@@ -126,8 +122,6 @@ def console() -> None:
     except BrokenPipeError:  # `python -m launcher --help | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    from launcher.cluster.preemption import EXIT_CODE
-
     if code == EXIT_CODE:  # stopped by a signal
         _exit_now(code)
     sys.exit(code)
@@ -141,8 +135,6 @@ def _exit_now(code: int) -> None:
     import atexit
 
     atexit._run_exitfuncs()
-    from launcher.faults import test_kill
-
     test_kill(0, "exited")  # a test's signal in the process's last moments
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to say

@@ -18,14 +18,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import launcher
+from launcher.config.compose import recipe_names, register_recipe
+from launcher.config.defaults import register
+from launcher.config.hydra_internals import BASH_PYTHON_BRANCH, completion_shells
 from launcher.errors import ConfigError
 
 DISTRIBUTION = "globalbatch"  # pyproject.toml: the name `launcher` is taken on the public index
 SUBCOMMANDS = ("install", "uninstall", "query")
 MODULE = re.compile(r"\s*\S*python[\d.]*\s+-m\s+launcher(?=\s|$)")  # how a query's line starts
-# Hydra 1.3's bash script (hydra/_internal/core_plugins/bash_completion.py), where it tells a
-# `python FILE.py` line from a command's: the branch for `python -m launcher` goes first
-PYTHON_BRANCH = '    if [ "${words[0]}" == "python" ]; then\n'
+# the branch for `python -m launcher`, before Hydra's for `python FILE.py` (BASH_PYTHON_BRANCH)
 MODULE_BRANCH = (
     '    if [ "${words[0]}" == "python" ] && [ "${words[1]}" == "-m" ] '
     '&& [ "${words[2]}" == "launcher" ]; then\n'
@@ -38,11 +40,9 @@ def version() -> str:
     """What `--version` prints: the launcher's version, then Hydra's own line. The version is the
     installed distribution's; a source tree that is not installed says its own (launcher/
     __init__.py, which tests keep equal to pyproject.toml) and where it is."""
-    from importlib import metadata
+    from importlib import metadata  # on demand: it is slow to import
 
     import hydra
-
-    import launcher
 
     here = Path(launcher.__file__).parent
     try:
@@ -58,19 +58,10 @@ def version() -> str:
     return f"{DISTRIBUTION} {own}\nHydra {hydra.__version__}"
 
 
-def shells() -> list[str]:
-    """The shells Hydra's completion plugins serve (bash, fish, zsh)."""
-    from hydra.core.plugins import Plugins
-    from hydra.plugins.completion_plugin import CompletionPlugin
-
-    plugins = Plugins.instance().discover(CompletionPlugin)
-    return sorted(p.provides() for p in plugins)  # type: ignore[attr-defined]
-
-
 def check_completion(overrides: list[str]) -> str:
     """The one subcommand `-sc` needs (install=SHELL, uninstall=SHELL or query=SHELL); returns
     it. Anything else is one line: Hydra's own answer is a traceback."""
-    available = shells()
+    available = completion_shells()
     allowed = f"give one of install, uninstall, query=SHELL (SHELL: {', '.join(available)})"
     example = 'e.g. eval "$(python -m launcher -sc install=bash)"'
     given = " ".join(overrides)
@@ -118,17 +109,14 @@ def query_line(line: str) -> str:
 def module_script(script: str) -> str:
     """Hydra's bash completion script, also completing `python -m launcher ...` (Hydra's own
     completes `python FILE.py`, which `-m launcher` is not)."""
-    if script.count(PYTHON_BRANCH) != 1:  # hydra-core is pinned (pyproject.toml); a test holds it
+    if script.count(BASH_PYTHON_BRANCH) != 1:  # hydra-core is pinned; a test holds it
         raise RuntimeError("Hydra's bash completion script is not Hydra 1.3's")
-    return script.replace(PYTHON_BRANCH, MODULE_BRANCH)
+    return script.replace(BASH_PYTHON_BRANCH, MODULE_BRANCH)
 
 
 def prepare_query() -> None:
     """Before Hydra answers a query: its line without `python -m launcher`, and every built-in
     recipe known to Hydra (a run registers only the one it selects), so `+recipe=` completes."""
-    from launcher.config.compose import recipe_names, register_recipe
-    from launcher.config.defaults import register
-
     if "COMP_LINE" not in os.environ:  # Hydra's query reads it: a KeyError traceback
         raise ConfigError(
             "--shell-completion query=SHELL: the installed completion runs it, with the line "

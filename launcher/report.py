@@ -57,10 +57,12 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from launcher.batchsize.advice import format_advice
+from launcher.batchsize.history import format_history, probes
 from launcher.batchsize.plots import plot_report, plot_run
+from launcher.batchsize.run_advice import advice_or_why, next_sentence
 from launcher.batchsize.sweep import (
     find_jobs,
     format_report,
@@ -69,6 +71,8 @@ from launcher.batchsize.sweep import (
     summarize_job,
     summarize_sweep,
 )
+from launcher.checkpoint.paths import WriteFailed, check_writable
+from launcher.config.schema import to_run_config
 from launcher.errors import ConfigError, LauncherError
 
 Writer = Callable[[Path], Any]  # writes one output file at the path it is given
@@ -87,9 +91,6 @@ def run_report(run_dir: Path, target: float | None) -> tuple[str, dict[str, Writ
     training, the batch over samples) to write. `target`: the eval accuracy its
     epochs-to-target column counts to (None: the run's target_accuracy, else its own final eval
     loss)."""
-    from launcher.batchsize.history import format_history, probes
-    from launcher.batchsize.run_advice import advice_or_why, next_sentence
-
     plan, records = read_job(run_dir)
     missing = [k for k in ADVICE_KEYS if not isinstance(plan.get(k), int)]
     if missing:
@@ -119,8 +120,6 @@ def run_report(run_dir: Path, target: float | None) -> tuple[str, dict[str, Writ
 def _run_config(run_dir: Path) -> tuple[Any, str]:
     """(the run's RunConfig from its config.yaml, "") or (None, why not): not there, or written
     by another version of the launcher. A config.yaml that is no YAML mapping is bad input."""
-    from launcher.config.schema import to_run_config
-
     node = read_config(run_dir)
     if node is None:
         return None, "the run folder has no config.yaml"
@@ -198,8 +197,6 @@ def write_files(out: Path, key: str, files: dict[str, Writer]) -> list[Path]:
     import contextlib
     import os
 
-    from launcher.checkpoint.paths import WriteFailed, check_writable
-
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{key}={str(out)!r}: not a directory")
     check_writable(out, key)
@@ -224,11 +221,11 @@ def write_files(out: Path, key: str, files: dict[str, Writer]) -> list[Path]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, as the launcher does, not the usage
+    def error(self, message: str) -> NoReturn:  # one line and exit 2, as the launcher does
         raise ConfigError(message)
 
 
-def _ran(job_dir: Path, params: dict) -> bool:
+def _ran(job_dir: Path, params: dict[str, Any]) -> bool:
     """Whether a job folder's .hydra/overrides.yaml holds every one of `params`."""
     import yaml
 

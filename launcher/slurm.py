@@ -19,18 +19,17 @@ import sys
 from pathlib import Path
 
 from launcher.cluster.sbatch import job_script, submit
+from launcher.cluster.topology import Topology
+from launcher.config.compose import compose_run, split_config_dir
 from launcher.errors import ConfigError
+from launcher.planning.render import format_plan
+from launcher.training.job import estimated_plan
+from launcher.training.run_folder import job_run_dir, run_stamp
 
 USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.cluster.topology import Topology
-    from launcher.config.compose import compose_run, split_config_dir
-    from launcher.planning.render import format_plan
-    from launcher.training.job import estimated_plan
-    from launcher.training.run_folder import job_run_dir, run_stamp
-
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(f"usage:\n{USAGE}")

@@ -287,12 +287,12 @@ def test_an_error_in_a_plugins_process_comes_back_as_one_line() -> None:
 
 
 def test_submitit_slurm_gets_its_shape_and_resources_from_the_cluster() -> None:
+    from launcher.cluster.plugins import submitit_settings
     from launcher.config.compose import compose_run
-    from launcher.hydra_app import _submitit
 
     extra = ["slurm.partition=gpu", "slurm.extra=--qos high --exclusive", "slurm.time=90"]
     cfg = compose_run(["cluster=h100x256", *extra])
-    found = _submitit([cfg], [])
+    found = submitit_settings([cfg], [])
     add = "+hydra.launcher.additional_parameters"
     assert found == [
         "hydra.launcher.nodes=32",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launcher.config.checks import TARGET_KEY
 from launcher.config.components import DataConfig
+from launcher.config.compose import config_dir_args, hydra_quote
 from launcher.config.placement import ClusterConfig, SlurmConfig
 from launcher.config.resources import slurm_dir
 from launcher.config.schema import RunConfig, to_dict
@@ -63,11 +64,11 @@ def resources(
             )
         found["mem-per-gpu"] = s.mem_per_gpu
     elif s.mem == "auto":
-        known = c.device_memory_gb != "auto"
-        if c.device == "cuda" and known:
-            found["mem-per-gpu"] = f"{math.ceil(c.device_memory_gb)}G"
-        elif c.device == "cpu" and known:
-            found["mem"] = f"{math.ceil(c.devices_per_node * c.device_memory_gb)}G"
+        size = c.device_memory_gb
+        if c.device == "cuda" and size != "auto":
+            found["mem-per-gpu"] = f"{math.ceil(size)}G"
+        elif c.device == "cpu" and size != "auto":
+            found["mem"] = f"{math.ceil(int(c.devices_per_node) * size)}G"
         else:
             found["mem"] = "0"
     elif s.mem is not None:
@@ -86,7 +87,8 @@ def directives(cfg: RunConfig, run_dir: Path, workdir: Path) -> list[str]:
             f"run_dir={str(run_dir)!r}: holds a backslash, which Slurm's --output cannot name "
             "(a \\ in it is dropped and turns off %j); choose a folder without one"
         )
-    tasks = c.devices_per_node if template_name(cfg.cluster, cfg.slurm) == "multi_node_srun" else 1
+    srun = template_name(cfg.cluster, cfg.slurm) == "multi_node_srun"
+    tasks = int(c.devices_per_node) if srun else 1  # check_shape: an int
     options = [f"--job-name=launcher-{cfg.recipe}", f"--nodes={c.nodes}"]
     options.append(f"--ntasks-per-node={tasks}")
     if c.device == "cuda":
@@ -155,8 +157,6 @@ def job_script(
     config_dir: Path | None = None,
 ) -> str:
     """The rendered job.sbatch text."""
-    from launcher.config.compose import config_dir_args, hydra_quote
-
     name = template_name(cfg.cluster, cfg.slurm)
     args = [o for o in overrides if not o.startswith("run_dir=")]
     args.append(f"run_dir={hydra_quote(str(run_dir))}")

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import uuid
+from typing import Any
 
 from launcher.cluster.preemption import EXIT_CODE
 from launcher.errors import LauncherError
@@ -42,7 +43,8 @@ class WorkersFailed(LauncherError):
     def line(self) -> str:
         return f"{self.prefix}{self.message}" if self.message else ""
 
-    def __reduce__(self) -> tuple:  # back from a Hydra launcher plugin's process
+    def __reduce__(self) -> tuple[type[WorkersFailed], tuple[int, str | None]]:
+        # back from a Hydra launcher plugin's process, pickled
         return WorkersFailed, (self.code, self.message)
 
 
@@ -72,7 +74,9 @@ def spawn(processes: int, args: list[str], env: dict[str, str] | None = None) ->
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     options = {f.name for f in dataclasses.fields(LaunchConfig)}
-    extra = {"signals_to_handle": SIGNALS} if "signals_to_handle" in options else {}
+    extra: dict[str, Any] = {}  # what this torch's LaunchConfig takes of these
+    if "signals_to_handle" in options:
+        extra["signals_to_handle"] = SIGNALS
     if "shutdown_timeout" in options:
         extra["shutdown_timeout"] = SHUTDOWN_TIMEOUT_S
     config = LaunchConfig(

@@ -18,13 +18,14 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
 
 from launcher.config.checks import own_options, twins_disagree
 from launcher.config.components import UserDataConfig, UserModelConfig
+from launcher.config.defaults import register
+from launcher.config.hydra_internals import defaults_cycle, file_being_read, initialized
 from launcher.config.resources import conf_dir, conf_search_path, recipes_dir
 from launcher.config.schema import RunConfig, to_run_config
 from launcher.errors import ConfigError
@@ -144,37 +145,21 @@ def _yaml_error(exc: Any) -> ConfigError:
 
 
 def _cycle_error(exc: RecursionError, config_dir: Path | None) -> ConfigError:
-    """A defaults list that includes itself, named from Hydra's recursion (its frames hold each
-    config it was expanding), or another endless recursion said as such."""
-    seen: list[str] = []
-    frame_tb = exc.__traceback__
-    while frame_tb is not None:
-        frame = frame_tb.tb_frame
-        if frame.f_code.co_name == "_create_defaults_tree_impl" and "root" in frame.f_locals:
-            path = str(frame.f_locals["root"].node.get_config_path())
-            if path in seen:
-                cycle = [*seen[seen.index(path) :], path]
-                where = f"--config-dir={str(config_dir)!r}: " if config_dir else ""
-                return ConfigError(
-                    f"{where}circular defaults: {' -> '.join(f'{c}.yaml' for c in cycle)} (a "
-                    "defaults list includes a config that includes it again)"
-                )
-            seen.append(path)
-        frame_tb = frame_tb.tb_next
-    return ConfigError("composing the config recursed without end (circular defaults?)")
+    """A defaults list that includes itself, named from Hydra's recursion (the configs it was
+    expanding), or another endless recursion said as such."""
+    cycle = defaults_cycle(exc)
+    if cycle is None:
+        return ConfigError("composing the config recursed without end (circular defaults?)")
+    where = f"--config-dir={str(config_dir)!r}: " if config_dir else ""
+    return ConfigError(
+        f"{where}circular defaults: {' -> '.join(f'{c}.yaml' for c in cycle)} (a "
+        "defaults list includes a config that includes it again)"
+    )
 
 
 def _file_of(exc: BaseException) -> str:
-    """The config file Hydra was reading when `exc` was raised (its file source's `full_path`)."""
-    found, tb = "a config file", exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "load_config" and isinstance(
-            frame.f_locals.get("full_path"), str
-        ):
-            found = frame.f_locals["full_path"]
-        tb = tb.tb_next
-    return found
+    """The config file Hydra was reading when `exc` was raised."""
+    return file_being_read(exc) or "a config file"
 
 
 def _hydra_error(exc: BaseException, config_dir: Path | None = None) -> ConfigError:
@@ -208,30 +193,10 @@ def _hydra_error(exc: BaseException, config_dir: Path | None = None) -> ConfigEr
     return ConfigError("; ".join(lines[:3]))
 
 
-@contextmanager
-def _hydra(config_dir: Path | None) -> Iterator[None]:
+def _hydra(config_dir: Path | None) -> AbstractContextManager[None]:
     """Hydra initialised as for an app with the launcher's config (config/resources.py) and
     `--config-dir`."""
-    from hydra import version
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
-
-    version.setbase("1.3")
-    search_path = create_config_search_path(conf_search_path())
-    if config_dir is not None:  # where hydra._internal.utils.run_hydra puts --config-dir
-        search_path.prepend(
-            provider="command-line",
-            path=f"file://{config_dir}",
-            anchor=SearchPathQuery(provider="schema"),
-        )
-    GlobalHydra.instance().clear()
-    Hydra.create_main_hydra2("launcher", search_path)
-    try:
-        yield
-    finally:
-        GlobalHydra.instance().clear()
+    return initialized("launcher", conf_search_path(), config_dir)
 
 
 def compose_dict(overrides: list[str], config_dir: Path | None = None) -> dict[str, Any]:
@@ -288,8 +253,6 @@ def check_composes(overrides: list[str], config_dir: Path | None = None) -> None
 def prepare_overrides(overrides: list[str], config_dir: Path | None) -> tuple[str, list[str]]:
     """(recipe, the overrides as Hydra composes them): the recipe selected as a global package
     and registered when built in, the launcher's own group options set with `++`."""
-    from launcher.config.defaults import register
-
     recipe, overrides = _recipe_of(_launcher_options(overrides))
     register()  # the schema's defaults, which the packaged YAML extends
     register_recipe(recipe, config_dir)
