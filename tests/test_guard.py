@@ -148,8 +148,9 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     from launcher.planning.plan import plan_batch
     from launcher.training.checkpointer import Checkpointer
     from launcher.training.guard import Diverged
-    from launcher.training.loop import Trainee
+    from launcher.training.loss import CrossEntropy
     from launcher.training.metrics import MetricsSink
+    from launcher.types.bundles import Trainee
     from tests.helpers import composed
 
     cfg = composed(["model=mlp", "global_batch=64", f"run_dir={tmp_path / 'run'}"])
@@ -163,7 +164,11 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     (tmp_path / "run").mkdir()
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
     saver = Checkpointer(
-        cfg, tmp_path / "run", Trainee(model, optimizer, backend, torch.float32), sink, None
+        cfg,
+        tmp_path / "run",
+        Trainee(model, optimizer, backend, torch.float32, CrossEntropy()),
+        sink,
+        None,
     )
     with pytest.raises(
         Diverged, match="the parameters are not finite after step 1; checkpoint not written"

@@ -29,6 +29,7 @@ from launcher.training.job import (
     with_budget,
     write_plan_files,
 )
+from launcher.types.bundles import Feed, Hooks, Settings, Trainee
 
 
 @dataclass
@@ -215,7 +216,6 @@ def _feed(job: Job) -> Any:
     """The train stream per plan and step, and one evaluation loader per micro-batch (its
     workers persist)."""
     from launcher.data import eval_loader, loader_settings, train_loader
-    from launcher.training.loop import Feed
 
     loading = loader_settings(job.cfg.data, job.topology.device)
     (train, evaluation), rank, seed = job.sources, job.backend.rank, job.cfg.seed
@@ -337,7 +337,7 @@ def train(job: Job, start_step: int) -> tuple[dict[str, float], BatchPlan]:
     record: replica check, weights, the speed ladder for the advice. The sink is closed."""
     from launcher.training.checkpointer import Checkpointer
     from launcher.training.guard import Health
-    from launcher.training.loop import Hooks, Settings, Trainee, fit
+    from launcher.training.loop import fit
 
     cfg, backend = job.cfg, job.backend
     t = Trainee(job.model, job.optimizer, backend, backend.input_dtype(job.dtype), job.loss_fn)
