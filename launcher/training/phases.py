@@ -394,7 +394,7 @@ def _final_record(job: Job, t: Any, plan: BatchPlan, sink: Any) -> dict[str, Any
     if job.main:
         _save_final(weights, job.run_dir / "model_final.pt")
     if job.main and plan.noise != "off":  # the throughput curve of the batch-size advice
-        from launcher.batchsize import speed
+        from launcher.training import speed
 
         largest = speed.largest_micro(plan, job.cfg.max_micro_batch, plan.epoch_samples)
         sizes = speed.ladder(plan.micro_batch, largest)
