@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, TypeAlias
 
 import torch
 
@@ -26,14 +26,13 @@ class Loss(Protocol):
 
     def per_token(self, y: torch.Tensor, /) -> bool:
         """Whether the loss of targets like `y` is a mean per token (sequences): then it is a
-        TokenLoss."""
+        TokenLoss (the loop relies on that)."""
 
     def sum(self, outputs: Any, y: torch.Tensor, /) -> torch.Tensor: ...
 
     def eval_counts(self, outputs: Any, y: torch.Tensor, /) -> torch.Tensor: ...
 
 
-@runtime_checkable
 class TokenLoss(Loss, Protocol):
     """A loss that can also be a mean per token over the global batch (the cross-entropy of
     sequences): the loop counts a step's target tokens first, then sums each micro-batch's."""
