@@ -113,7 +113,8 @@ def main() -> None:
     from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.guard import Health
     from launcher.training.job import on_device
-    from launcher.training.loop import Settings, Trainee, _step_or_oom, train_step
+    from launcher.training.loop import _step_or_oom, train_step
+    from launcher.types.bundles import Settings, Trainee
 
     torch.set_num_threads(1)
     cache = tempfile.mkdtemp(prefix="fsdp-memory-")

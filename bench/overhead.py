@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from launcher.training.loss import CrossEntropy
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.batchsize.meter import NoiseMeter
@@ -34,8 +35,9 @@ from launcher.models import build_model
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device
-from launcher.training.loop import Feed, Settings, Trainee, fit
+from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink
+from launcher.types.bundles import Feed, Settings, Trainee
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCK["wall"]
@@ -56,7 +58,7 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = Fals
     noise = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if meter else None
     start = _clock()
     fit(
-        Trainee(model, optimizer, backend, torch.float32),
+        Trainee(model, optimizer, backend, torch.float32, CrossEntropy()),
         plan,
         Feed(
             lambda plan, step: train_loader(splits.train, plan, 0, 0, step),

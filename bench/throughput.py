@@ -76,6 +76,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from launcher.training.loss import CrossEntropy
 
 from launcher.backends import build_backend
 from launcher.batchsize.meter import NoiseMeter
@@ -86,8 +87,9 @@ from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
 from launcher.training.job import on_device
-from launcher.training.loop import Feed, Settings, Trainee, fit
+from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink
+from launcher.types.bundles import Feed, Settings, Trainee
 
 R50_TRAIN_FLOP = 24.5e9  # per image at 224 x 224: forward 8.2 GFLOP (4.1 GMAC), backward 2x
 PEAK_BF16 = {  # dense bf16 tensor-core peak, FLOP/s (NVIDIA data sheets)
@@ -150,7 +152,7 @@ def launcher_side(cfg, spec, plan, backend, pool, evals, noise: bool, tmp: str, 
         _sync(backend.device)
         start = time.perf_counter()
         fit(
-            Trainee(model, optimizer, backend, torch.float32),
+            Trainee(model, optimizer, backend, torch.float32, CrossEntropy()),
             plan,
             Feed(lambda plan, step: itertools.cycle(pool), lambda plan: evals),
             sink,

@@ -60,7 +60,7 @@ from launcher.config.schema import RunConfig, to_run_config
 from launcher.errors import ConfigError, LauncherError
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import execute
-from launcher.types.state import CheckpointState
+from launcher.types.state import CheckpointState, SavedConfig
 
 Branch = tuple[int, RunConfig, float]  # k, the branch's config, its LR
 
@@ -151,7 +151,7 @@ def _match(pattern: re.Pattern[str], text: str) -> re.Match[str]:
 
 
 def branch_config(
-    saved: dict[str, Any],
+    saved: SavedConfig,
     batch: int,
     out: Path,
     checkpoint: Path,
@@ -165,7 +165,7 @@ def branch_config(
     the end only when that is the branch's length)."""
     from omegaconf import OmegaConf  # on demand: --help need not load it
 
-    node = copy.deepcopy(saved)
+    node: dict[str, Any] = dict(copy.deepcopy(saved))
     node |= {"global_batch": batch, "run_dir": str(out), "resume": str(checkpoint)}
     node |= {"plan_only": False, "global_batch_tokens": None}  # the batch in samples, k x
     node["checkpoint"] |= {"allow_global_batch_change": True, "every_minutes": 0, "keep": 1}
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_branches(
     args: argparse.Namespace,
-    state: dict[str, Any],
+    state: CheckpointState,
     path: Path,
     configs: list[Branch],
     samples: int,
@@ -346,7 +346,7 @@ def run_branches(
     batch = state["global_batch"]
     losses, rows = [], []
     for k, cfg, lr in configs:
-        row = {"k": k, "global_batch": k * batch, "lr": lr}
+        row: dict[str, Any] = {"k": k, "global_batch": k * batch, "lr": lr}
         try:
             final = execute(cfg, launched, out / f"k{k}")
         except Diverged as exc:  # a measurement: this batch does not train at this LR

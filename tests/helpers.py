@@ -195,10 +195,12 @@ def sgd_step_on_rank(
     from launcher.backends import teardown
     from launcher.backends.accelerate import AccelerateBackend
     from launcher.data import LoaderSettings, eval_loader, train_loader
+    from launcher.models.loss import CrossEntropy
     from launcher.optim import build_optimizer
     from launcher.planning.plan import PlanInput, plan_batch
-    from launcher.training.loop import Feed, Settings, Trainee, fit
+    from launcher.training.loop import fit
     from launcher.training.metrics import MetricsSink
+    from launcher.types.bundles import Feed, Settings, Trainee
 
     cfg = composed(
         [f"global_batch={global_batch}", f"micro_batch={micro}", "optim=sgd", "optim.base_lr=1.0"]
@@ -217,7 +219,7 @@ def sgd_step_on_rank(
         lambda p: eval_loader(source, p, rank),
     )
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
-    t = Trainee(model, optimizer, backend, torch.float64)
+    t = Trainee(model, optimizer, backend, torch.float64, CrossEntropy())
     fit(t, plan, feed, sink, Settings(log_every=1, eval_every_samples=global_batch))
     params = {n: p.detach().clone() for n, p in backend.unwrap(model).named_parameters()}
     teardown()

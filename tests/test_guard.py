@@ -142,14 +142,16 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     1e9, cannot get there through a step whose gradient norm is finite, so the state is made
     so here): the checkpoint due is refused (every rank checks), Diverged (exit 4), nothing
     written."""
+    from launcher.training.loss import CrossEntropy
+
     from launcher.backends.accelerate import AccelerateBackend
     from launcher.models import build_model
     from launcher.optim import build_optimizer
     from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.checkpointer import Checkpointer
     from launcher.training.guard import Diverged
-    from launcher.training.loop import Trainee
     from launcher.training.metrics import MetricsSink
+    from launcher.types.bundles import Trainee
     from tests.helpers import composed
 
     cfg = composed(["model=mlp", "global_batch=64", f"run_dir={tmp_path / 'run'}"])
@@ -163,7 +165,11 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     (tmp_path / "run").mkdir()
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
     saver = Checkpointer(
-        cfg, tmp_path / "run", Trainee(model, optimizer, backend, torch.float32), sink, None
+        cfg,
+        tmp_path / "run",
+        Trainee(model, optimizer, backend, torch.float32, CrossEntropy()),
+        sink,
+        None,
     )
     with pytest.raises(
         Diverged, match="the parameters are not finite after step 1; checkpoint not written"

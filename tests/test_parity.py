@@ -17,10 +17,12 @@ from launcher.backends.accelerate import AccelerateBackend
 from launcher.data import eval_loader, train_loader
 from launcher.data.tensors import TensorPairs
 from launcher.models import build_model
+from launcher.models.loss import CrossEntropy
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
-from launcher.training.loop import Feed, Settings, Trainee, fit
+from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink
+from launcher.types.bundles import Feed, Settings, Trainee
 from tests.helpers import (
     PARITY_ARGS,
     accelerate_launch,
@@ -56,7 +58,7 @@ def _train_in_process(
     model, optimizer = backend.prepare(model, optimizer, plan)
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
     fit(
-        Trainee(model, optimizer, backend, torch.float64),
+        Trainee(model, optimizer, backend, torch.float64, CrossEntropy()),
         plan,
         Feed(
             lambda plan, step: train_loader(data, plan, 0, 0, step),

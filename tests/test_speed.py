@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from launcher.backends.accelerate import AccelerateBackend
-from launcher.batchsize.speed import ladder, time_micro_steps
 from launcher.data.tensors import TensorPairs
 from launcher.models.loss import CrossEntropy
+from launcher.training.speed import ladder, time_micro_steps
 from tests.helpers import composed
 
 

@@ -23,8 +23,9 @@ from launcher.data.tensors import TensorPairs
 from launcher.models.loss import IGNORE_INDEX, CrossEntropy, UserLoss
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
-from launcher.training.loop import Feed, Hooks, Settings, Trainee, accumulate, fit
+from launcher.training.loop import accumulate, fit
 from launcher.training.metrics import MetricsSink
+from launcher.types.bundles import Feed, Hooks, Settings, Trainee
 from tests.helpers import composed, free_port
 
 N, L, V = 16, 6, 7  # sequences (one global batch), positions, vocabulary
@@ -82,7 +83,7 @@ def _one_step(
         lambda p, step: train_loader(data, p, backend.rank, 0, step),
         lambda p: eval_loader(data, p, backend.rank),
     )
-    t = Trainee(model, optimizer, backend, torch.float64)
+    t = Trainee(model, optimizer, backend, torch.float64, CrossEntropy())
     seen = resplits if resplits is not None else []
     hooks = Hooks(
         on_oom=lambda old, new, step, ranks: seen.append((new.micro_batch, new.accumulation))

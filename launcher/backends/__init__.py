@@ -1,29 +1,54 @@
-"""Backends by name."""
+"""Backends by name: each name's class, imported when it is built (each loads torch), and
+checked by mypy against the protocol the loop and the job call (launcher/types/backend.py)."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
+from launcher.backends.ds_config import ds_config, write_ds_config
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
 from launcher.errors import ConfigError
+from launcher.types.backend import Backend
 from launcher.types.plan import BatchPlan
 
-BACKENDS = {
-    "accelerate": "launcher.backends.accelerate:AccelerateBackend",
-    "deepspeed": "launcher.backends.deepspeed:DeepSpeedBackend",
-    "fsdp": "launcher.backends.fsdp:FsdpBackend",
+# A backend class: built from the run's config and the device ("cpu", "cuda")
+Factory = Callable[[RunConfig, str], Backend]
+
+
+def _accelerate() -> Factory:
+    from launcher.backends.accelerate import AccelerateBackend  # heavy: torch
+
+    return AccelerateBackend
+
+
+def _deepspeed() -> Factory:
+    from launcher.backends.deepspeed import DeepSpeedBackend  # heavy: torch
+
+    return DeepSpeedBackend
+
+
+def _fsdp() -> Factory:
+    from launcher.backends.fsdp import FsdpBackend  # heavy: torch
+
+    return FsdpBackend
+
+
+BACKENDS: dict[str, Callable[[], Factory]] = {
+    "accelerate": _accelerate,
+    "deepspeed": _deepspeed,
+    "fsdp": _fsdp,
 }
 
 
 def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
     """Raise ConfigError where the backend cannot run `plan` (before any process starts work)."""
     if cfg.backend.name == "deepspeed":
-        from launcher.backends.ds_config import ds_config
-
         ds_config(cfg, plan, device)
-    if cfg.backend.name == "fsdp" and cfg.backend.mixed_precision == "fp16":
+    fsdp = cfg.backend.name == "fsdp"
+    # FsdpConfig offers no fp16, but `auto` becomes fp16 on a GPU without bf16 (job.on_device)
+    if fsdp and cfg.backend.mixed_precision == "fp16":
         raise ConfigError(
             "backend.mixed_precision='fp16' (auto on a GPU without bf16): backend=fsdp offers bf16 "
             "or no (fp16 loss scaling would need a sharded gradient scaler); set "
@@ -37,8 +62,6 @@ def check(cfg: RunConfig, plan: BatchPlan, device: str) -> None:
 def write_config(run_dir: Any, cfg: RunConfig, plan: BatchPlan, device: str) -> None:
     """The backend's own config file beside plan.json, where it has one (ds_config.json)."""
     if capabilities(cfg.backend).config_file:
-        from launcher.backends.ds_config import ds_config, write_ds_config
-
         write_ds_config(run_dir, ds_config(cfg, plan, device))
 
 
@@ -55,6 +78,5 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def build_backend(cfg: RunConfig, device: str) -> Any:
-    module, _, cls = BACKENDS[cfg.backend.name].partition(":")
-    return getattr(importlib.import_module(module), cls)(cfg, device)
+def build_backend(cfg: RunConfig, device: str) -> Backend:
+    return BACKENDS[cfg.backend.name]()(cfg, device)

@@ -2,11 +2,14 @@
 
 Accumulation is driven by the loop (Accelerator's own accumulation counter is not used): the plan
 says how many micro-steps make a step, and `no_sync` skips the all-reduce for all but the last.
+Accelerate ships no type information: what the Accelerator returns is Any here, and is typed
+where it is handed on.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,41 +30,61 @@ class AccelerateBackend(Collectives):
         self.rank = self.acc.process_index
         self.device = self.acc.device
 
-    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
-        return self.acc.prepare(model, optimizer)
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
+    ) -> tuple[torch.nn.Module, Any]:
+        prepared: tuple[torch.nn.Module, Any] = self.acc.prepare(model, optimizer)
+        return prepared
 
-    def replan(self, model: Any, plan: BatchPlan) -> None:
+    def replan(self, model: torch.nn.Module, plan: BatchPlan) -> None:
         """Nothing to tell: the loop drives accumulation."""
 
     def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # autocast casts inside the forward
 
-    def unwrap(self, model: Any) -> torch.nn.Module:
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         # Accelerator.unwrap_model imports deepspeed (seconds) just to rule it out; DDP is all here
-        return (
-            model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        )
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            module: torch.nn.Module = model.module
+            return module
+        return model
 
-    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return self.unwrap(model).state_dict()
 
-    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
-        return optimizer.state_dict()  # replicated: the same, whole, on every rank
+    def optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+        state: dict[str, Any] = optimizer.state_dict()  # replicated: whole on every rank
+        return state
 
     def load_state(
-        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        weights: dict[str, Any],
+        opt_state: dict[str, Any],
     ) -> None:
         self.unwrap(model).load_state_dict(weights)
         optimizer.load_state_dict(opt_state)
 
-    def gathered(self, model: Any) -> AbstractContextManager:
+    def save_shards(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path
+    ) -> dict[str, list[Any]] | None:
+        raise NotImplementedError("backend=accelerate writes whole checkpoints (optimizer_state)")
+
+    def load_shards(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, files: list[str]
+    ) -> None:
+        raise NotImplementedError("backend=accelerate loads whole checkpoints (load_state)")
+
+    def gathered(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return nullcontext()  # every rank holds all parameters
 
-    def begin_deferred_step(self, model: Any) -> None:
+    def begin_deferred_step(self, model: torch.nn.Module) -> None:
         """Nothing: no collective runs before the gradient reduction."""
 
-    def no_sync(self, model: Any) -> AbstractContextManager:
-        return self.acc.no_sync(model)
+    def no_sync(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        skipped: AbstractContextManager[None] = self.acc.no_sync(model)
+        return skipped
 
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
@@ -70,7 +93,7 @@ class AccelerateBackend(Collectives):
         scaler = self.acc.scaler  # fp16 only: GradScaler unscales in clip or step
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
-    def reduce_gradients(self, model: Any) -> None:
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
         """Average the gradients over ranks (for steps whose backward ran without DDP's sync)."""
         if self.world_size > 1:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -78,11 +101,11 @@ class AccelerateBackend(Collectives):
             for g in grads:
                 g.div_(self.world_size)
 
-    def step(self, model: Any, optimizer: Any) -> None:
+    def step(self, model: torch.nn.Module, optimizer: Any) -> None:
         if self.clip:
             self.acc.clip_grad_norm_(model.parameters(), self.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def drop_gradients(self, model: Any, optimizer: Any) -> None:
+    def drop_gradients(self, model: torch.nn.Module, optimizer: Any) -> None:
         optimizer.zero_grad(set_to_none=True)

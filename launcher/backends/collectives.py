@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ class Collectives:
 
     world_size: int
     device: torch.device
-    _cpu_group: Any = None
+    _cpu_group: dist.ProcessGroup | None = None
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -34,7 +35,9 @@ class Collectives:
         if self.world_size == 1:
             return [flag]
         if self._cpu_group is None:
-            self._cpu_group = dist.new_group(backend="gloo")
+            group = dist.new_group(backend="gloo")
+            assert isinstance(group, dist.ProcessGroup)  # all ranks: none is NON_GROUP_MEMBER
+            self._cpu_group = group
         out = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         dist.all_gather(out, torch.tensor([flag]), group=self._cpu_group)
         return [int(t) for t in out]
@@ -67,7 +70,9 @@ class Collectives:
             flat_in_place(list(model.buffers()), lambda t: dist.broadcast(t, src=0))
 
 
-def flat_in_place(tensors: list[torch.Tensor], collective: Any) -> None:
+def flat_in_place(
+    tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object]
+) -> None:
     """Run `collective` once per dtype on a flat copy of `tensors`, then copy the result back."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
@@ -75,5 +80,6 @@ def flat_in_place(tensors: list[torch.Tensor], collective: Any) -> None:
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
         collective(flat)
-        for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+        parts = torch.split(flat, [t.numel() for t in group])  # Tensor.split is untyped
+        for t, part in zip(group, parts, strict=True):
             t.copy_(part.view_as(t))

@@ -7,18 +7,24 @@ per micro-batch with the loop's own loss normalisation (`scale_wrt_gas=False`), 
 an out-of-memory error; ZeRO 2/3 reduce inside backward. The launcher's optimizer (SGD, AdamW,
 LARS, LAMB) is the client optimizer, so nothing is JIT-compiled; DeepSpeed's fused CUDA
 optimizers are opt-in (`backend.fused_optimizer`).
+
+DeepSpeed ships no type information: the engine (the prepared model, which the methods below
+take as `model`), its optimizer and what its functions return are Any here, typed where they are
+handed on.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from launcher.backends.collectives import Collectives
 from launcher.backends.ds_config import ds_config
+from launcher.config.execution import DeepSpeedConfig
 from launcher.config.schema import RunConfig
 from launcher.planning.rules import checkpointing
 from launcher.types.plan import BatchPlan
@@ -28,6 +34,8 @@ class DeepSpeedBackend(Collectives):
     def __init__(self, cfg: RunConfig, device: str) -> None:
         import deepspeed
 
+        assert isinstance(cfg.backend, DeepSpeedConfig)  # the registry builds it for its name
+        self.b = cfg.backend  # this backend's config section (backend.*)
         if device == "cpu":
             # the shared-memory all-reduce op is JIT-compiled C++ (~50 s on first use); gloo
             # does the job on CPU. Private switch, checked by the tests (no compile, no stall).
@@ -46,13 +54,17 @@ class DeepSpeedBackend(Collectives):
         self.cfg = cfg
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
-        self.engine: Any = None
+        self.engine: Any = None  # the DeepSpeedEngine `prepare` makes (untyped)
 
-    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
+    ) -> tuple[torch.nn.Module, Any]:
         import deepspeed
 
         config = ds_config(self.cfg, plan, self.device.type)
-        self._groups = [list(g["params"]) for g in optimizer.param_groups]  # checkpoint order
+        # the parameters in checkpoint order
+        self._groups: list[list[torch.Tensor]] = [list(g["params"]) for g in optimizer.param_groups]
+        kwargs: dict[str, Any]
         if "optimizer" in config:  # DeepSpeed builds its fused optimizer over our param groups
             groups = [
                 {"params": g["params"], "weight_decay": g["weight_decay"]}
@@ -72,19 +84,23 @@ class DeepSpeedBackend(Collectives):
     def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """bf16/fp16 modes hold the module in half precision: its inputs must match."""
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        b = self.cfg.backend
+        b = self.b
         return dtype if b.autocast else half.get(b.mixed_precision, dtype)
 
     def unwrap(self, model: Any) -> torch.nn.Module:
-        return model.module
+        module: torch.nn.Module = model.module
+        return module
 
-    def gathered(self, model: Any) -> AbstractContextManager:
+    def gathered(self, model: Any) -> AbstractContextManager[None]:
         """Under ZeRO 3 every rank holds a shard: gather the full parameters for reading."""
-        if self.cfg.backend.zero_stage < 3:
+        if self.b.zero_stage < 3:
             return nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(model.module.parameters()))
+        gathered: AbstractContextManager[None] = deepspeed.zero.GatheredParameters(
+            list(model.module.parameters())
+        )
+        return gathered
 
     def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
         """The module's state with the float32 master weights of bf16/fp16 modes (collective
@@ -101,7 +117,7 @@ class DeepSpeedBackend(Collectives):
             from torch._utils import _unflatten_dense_tensors
 
             copies = getattr(opt, "fp32_groups", None) or [
-                _unflatten_dense_tensors(flat, params)
+                _unflatten_dense_tensors(flat, params)  # type: ignore[no-untyped-call]
                 for flat, params in zip(opt.fp32_groups_flat, opt.fp16_groups, strict=True)
             ]
             for params, fulls in zip(opt.fp16_groups, copies, strict=True):
@@ -116,7 +132,7 @@ class DeepSpeedBackend(Collectives):
         `checkpoints` row allows is exactly these two cases)."""
         on, why = checkpointing(self.cfg.checkpoint, self.cfg.backend)
         assert on, why
-        return self.cfg.backend.zero_stage > 0
+        return self.b.zero_stage > 0
 
     @staticmethod
     def _link_state(optimizer: Any) -> None:
@@ -129,10 +145,11 @@ class DeepSpeedBackend(Collectives):
     def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
         """torch's state-dict format over the launcher's param groups, tensors whole."""
         if not self._sharded():
-            return model.optimizer.state_dict()
+            whole: dict[str, Any] = model.optimizer.state_dict()
+            return whole
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        if self.cfg.backend.zero_stage < 3:
+        if self.b.zero_stage < 3:
             self._link_state(optimizer)
         sample = next(s for s in optimizer.optimizer.state.values() if s)
         keys = sorted(k for k, v in sample.items() if v.dim() > 0)
@@ -158,7 +175,7 @@ class DeepSpeedBackend(Collectives):
 
         first = opt_state["state"][0]
         scalars = {k: v.to(self.device) for k, v in first.items() if v.dim() == 0}
-        if self.cfg.backend.zero_stage == 3:  # create the sub-groups' state, as a step would
+        if self.b.zero_stage == 3:  # create the sub-groups' state, as a step would
             for flat in optimizer.fp32_partitioned_groups_flat:
                 state = {k: torch.zeros_like(flat) for k, v in first.items() if v.dim()}
                 optimizer.optimizer.state[flat] = state | {k: v.clone() for k, v in scalars.items()}
@@ -179,12 +196,12 @@ class DeepSpeedBackend(Collectives):
             names = {v.data_ptr(): k for k, v in model.module.state_dict().items() if v.numel()}
             keys = [names[p.data_ptr()] for p in params]
         for i, (p, key) in enumerate(zip(params, keys, strict=True)):
-            if self.cfg.backend.zero_stage == 3:
+            if self.b.zero_stage == 3:
                 _set_zero3_partition(optimizer, p, weights[key], None)
             else:
                 safe_set_full_fp32_param(p, weights[key].to(self.device))
             for k, v in opt_state["state"][i].items():
-                if v.dim() and self.cfg.backend.zero_stage == 3:
+                if v.dim() and self.b.zero_stage == 3:
                     _set_zero3_partition(optimizer, p, v, k)
                 elif v.dim():
                     safe_set_full_optimizer_state(p, v.to(self.device), k)
@@ -192,10 +209,16 @@ class DeepSpeedBackend(Collectives):
         with deepspeed.zero.GatheredParameters(list(model.module.parameters()), modifier_rank=0):
             model.module.load_state_dict(weights)
 
+    def save_shards(self, model: Any, optimizer: Any, folder: Path) -> dict[str, list[Any]] | None:
+        raise NotImplementedError("backend=deepspeed writes whole checkpoints (optimizer_state)")
+
+    def load_shards(self, model: Any, optimizer: Any, folder: Path, files: list[str]) -> None:
+        raise NotImplementedError("backend=deepspeed loads whole checkpoints (load_state)")
+
     def begin_deferred_step(self, model: Any) -> None:
         """Nothing: no collective runs before the gradient reduction."""
 
-    def no_sync(self, model: Any) -> AbstractContextManager:
+    def no_sync(self, model: Any) -> AbstractContextManager[None]:
         return nullcontext()  # ZeRO 0/1 reduce in step(); ZeRO 2/3 partition in backward
 
     def backward(self, loss: torch.Tensor) -> None:

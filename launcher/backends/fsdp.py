@@ -43,14 +43,22 @@ import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 
 from launcher.backends.collectives import Collectives
+from launcher.checkpoint.files import hash_files
+from launcher.checkpoint.shards import SafePlanner, SafeReader, Unsafe
+from launcher.config.execution import FsdpConfig
 from launcher.config.schema import RunConfig, require_concrete
+from launcher.models import blocks_of
 from launcher.types.plan import BatchPlan
+
+if TYPE_CHECKING:  # seconds to import: where a backend is built, not where shard_units is read
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.fsdp import FSDPModule
 
 PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 
@@ -58,7 +66,8 @@ PARAM_DTYPES = {"no": None, "bf16": torch.bfloat16}
 class FsdpBackend(Collectives):
     def __init__(self, cfg: RunConfig, device: str) -> None:
         require_concrete(cfg.backend, cfg.trainer)
-        self.cfg = cfg
+        assert isinstance(cfg.backend, FsdpConfig)  # the registry builds it for its name
+        self.cfg, self.b = cfg, cfg.backend  # b: this backend's config section (backend.*)
         if device == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
@@ -75,19 +84,19 @@ class FsdpBackend(Collectives):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.deferred = False  # the OOM-safe path (plan.oom_recovery): set by prepare
-        self._units: list[Any] = []  # the FSDP modules, root last
+        self._units: list[FSDPModule] = []  # the FSDP modules, root last
         self._names: list[list[str]] = []  # the optimizer's parameters by name, group by group
         self._pending = False  # a deferred step has gathered parameters and not reduced yet
 
     # ----------------------------------------------------------------------------- set-up
-    def prepare(self, model: torch.nn.Module, optimizer: Any, plan: BatchPlan) -> tuple[Any, Any]:
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
+    ) -> tuple[torch.nn.Module, Any]:
         """Shard `model` unit by unit and point `optimizer` at the sharded parameters."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from launcher.models import blocks_of
-
-        b = self.cfg.backend
+        b = self.b
         param_dtype = PARAM_DTYPES[b.mixed_precision]
         # without a half parameter dtype, gradients reduce in the parameters' own (float64 too)
         reduce_dtype = torch.float32 if param_dtype and b.reduce_dtype == "float32" else None
@@ -96,14 +105,16 @@ class FsdpBackend(Collectives):
         model.to(self.device)
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-        kwargs = {"mesh": mesh, "mp_policy": policy}
         units = shard_units(model, blocks_of(self.cfg.model, model))
         if self.cfg.trainer.compile:
             _compile_units(model, units)
-        for unit in units:
-            fully_shard(unit, reshard_after_forward=b.reshard_after_forward, **kwargs)
-        fully_shard(model, **kwargs)
-        self._units = [*units, model]
+        self._units = [  # fully_shard gives back the module, its class made an FSDPModule
+            fully_shard(
+                unit, mesh=mesh, mp_policy=policy, reshard_after_forward=b.reshard_after_forward
+            )
+            for unit in units
+        ]
+        self._units.append(fully_shard(model, mesh=mesh, mp_policy=policy))
         sharded = dict(model.named_parameters())
         for group, group_names in zip(optimizer.param_groups, self._names, strict=True):
             group["params"] = [sharded[n] for n in group_names]
@@ -114,17 +125,17 @@ class FsdpBackend(Collectives):
                 unit.set_reshard_after_backward(False, recurse=False)
         return model, optimizer
 
-    def replan(self, model: Any, plan: BatchPlan) -> None:
+    def replan(self, model: torch.nn.Module, plan: BatchPlan) -> None:
         """Nothing to tell: the loop drives accumulation."""
 
     def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return dtype  # the policy casts floating inputs to the parameter dtype
 
-    def unwrap(self, model: Any) -> torch.nn.Module:
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # fully_shard changes the module's class in place
 
     # ----------------------------------------------------------------------------- a step
-    def begin_deferred_step(self, model: Any) -> None:
+    def begin_deferred_step(self, model: torch.nn.Module) -> None:
         """Gather every unit's parameters (every rank, before any forward): the micro-steps
         that follow run no collective."""
         for unit in self._units:
@@ -132,18 +143,18 @@ class FsdpBackend(Collectives):
             unit.unshard()
         self._pending = True
 
-    def no_sync(self, model: Any) -> AbstractContextManager:
+    def no_sync(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         if self.deferred:
             return nullcontext()  # gradient sync is off for the whole deferred step
         return _sync_off(model)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
 
     def gradient_scale(self) -> float:
         return 1.0
 
-    def reduce_gradients(self, model: Any) -> None:
+    def reduce_gradients(self, model: torch.nn.Module) -> None:
         """Deferred steps: reduce-scatter the accumulated gradients now (FSDP2's post-backward
         per parameter group, then the root's final callback, which waits for them)."""
         if not self._pending:
@@ -155,22 +166,22 @@ class FsdpBackend(Collectives):
                 group.post_backward()
                 group.reduce_grads = group.all_reduce_grads = False
                 group.reshard_after_backward = False
-        root = model._get_fsdp_state()
+        root = _sharded(model)._get_fsdp_state()
         root._state_ctx.is_last_backward = True
         root._root_post_backward_final_callback()
         self._end_deferred()
 
-    def step(self, model: Any, optimizer: Any) -> None:
+    def step(self, model: torch.nn.Module, optimizer: Any) -> None:
         if self.cfg.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def drop_gradients(self, model: Any, optimizer: Any) -> None:
+    def drop_gradients(self, model: torch.nn.Module, optimizer: Any) -> None:
         """Discard a step's gradients on this rank: FSDP2's per-iteration state reset (it may
         have stopped mid-forward), the unsharded accumulations freed, the parameters resharded."""
         if self._pending:
-            model.reset_iter_state()
+            _sharded(model).reset_iter_state()
             for unit in self._units:
                 for group in unit._get_fsdp_state()._fsdp_param_groups:
                     for param in group.fsdp_params:
@@ -183,36 +194,37 @@ class FsdpBackend(Collectives):
 
     def _end_deferred(self) -> None:
         for unit in self._units[:-1]:
-            unit.set_reshard_after_forward(self.cfg.backend.reshard_after_forward, recurse=False)
+            unit.set_reshard_after_forward(self.b.reshard_after_forward, recurse=False)
         self._units[-1].set_reshard_after_forward(False, recurse=False)  # the root's default
         self._pending = False
 
     # ----------------------------------------------------------------------------- state
-    def gathered(self, model: Any) -> AbstractContextManager:
+    def gathered(self, model: torch.nn.Module) -> AbstractContextManager[None]:
         return nullcontext()  # state_dict gathers what it needs itself
 
-    def state_dict(self, model: Any) -> dict[str, torch.Tensor]:
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The whole float32 state on rank 0 (every rank takes part; the others get {})."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=_full())
+        state = get_model_state_dict(model, options=_full())
+        return cast(dict[str, torch.Tensor], state)  # full_state_dict: plain tensors
 
-    def optimizer_state(self, model: Any, optimizer: Any) -> dict[str, Any]:
+    def optimizer_state(self, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
         """Not asked for: this backend's checkpoints are sharded (save_shards)."""
         raise NotImplementedError("backend=fsdp writes sharded checkpoints (save_shards)")
 
-    def save_shards(self, model: Any, optimizer: Any, folder: Path) -> dict[str, list[Any]] | None:
+    def save_shards(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path
+    ) -> dict[str, list[Any]] | None:
         """Every rank writes its shards of the model and optimizer state into `folder`
         (torch.distributed.checkpoint, fsynced) and hashes its own files; rank 0 gets the whole
         manifest (launcher/checkpoint/files.py), the others None. A rank that cannot write
         (disk full) makes every rank raise."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
-
-        from launcher.checkpoint.files import hash_files
+        from torch.distributed.checkpoint.state_dict_saver import save
 
         try:
-            dcp.save(self._sharded_state(model, optimizer), checkpoint_id=folder)
+            save(self._sharded_state(model, optimizer), checkpoint_id=folder)
         except CheckpointException as exc:  # a BaseException holding every rank's error
             raise _os_error(exc) from None
         mine = sorted(folder.glob(f"__{self.rank}_*"))
@@ -221,30 +233,30 @@ class FsdpBackend(Collectives):
         manifests = self.gather_objects(hash_files(mine))
         return {k: v for m in manifests for k, v in m.items()} if self.rank == 0 else None
 
-    def load_shards(self, model: Any, optimizer: Any, folder: Path, files: list[str]) -> None:
+    def load_shards(
+        self, model: torch.nn.Module, optimizer: Any, folder: Path, files: list[str]
+    ) -> None:
         """A sharded checkpoint into this rank's shards; saved on another number of ranks, the
         shards are re-split by torch.distributed.checkpoint (elastic resume). `files`: the
         manifest's names, the only files its metadata may point at; nothing it holds is
         unpickled as code (checkpoint/shards.py)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-
-        from launcher.checkpoint.shards import SafePlanner, SafeReader, Unsafe
+        from torch.distributed.checkpoint.state_dict_loader import load
 
         state = self._sharded_state(model, optimizer)
         try:
-            dcp.load(state, storage_reader=SafeReader(folder, files), planner=SafePlanner())
+            load(state, storage_reader=SafeReader(folder, files), planner=SafePlanner())
         except CheckpointException as exc:  # a BaseException holding every rank's error
             raise Unsafe(f"{folder} cannot be loaded safely ({_first_error(exc)})") from None
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
     @staticmethod
-    def _sharded_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    def _sharded_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
@@ -256,7 +268,11 @@ class FsdpBackend(Collectives):
         }
 
     def load_state(
-        self, model: Any, optimizer: Any, weights: dict[str, Any], opt_state: dict[str, Any]
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        weights: dict[str, Any],
+        opt_state: dict[str, Any],
     ) -> None:
         """A checkpoint's whole tensors (every rank read it) scattered into this rank's shards."""
         from torch.distributed.checkpoint.state_dict import (
@@ -273,7 +289,7 @@ class FsdpBackend(Collectives):
         groups = []
         for group, names in zip(opt_state["param_groups"], self._names, strict=True):
             groups.append({**group, "params": [_fqn(n) for n in names]})
-        by_name = {
+        by_name: dict[str, Any] = {  # torch's OptimizerStateType, keyed by parameter name
             "state": {order[int(i)]: s for i, s in opt_state["state"].items()},
             "param_groups": groups,
         }
@@ -310,20 +326,29 @@ def _fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
-def _full() -> Any:
+def _full() -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def _sharded(model: torch.nn.Module) -> FSDPModule:
+    """The model `prepare` sharded, as the FSDPModule fully_shard made its class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    assert isinstance(model, FSDPModule), type(model)
+    return model
+
+
 @contextmanager
-def _sync_off(model: Any) -> Iterator[None]:
+def _sync_off(model: torch.nn.Module) -> Iterator[None]:
     """A micro-step that is not the last of its step: gradients accumulate unreduced."""
-    model.set_requires_gradient_sync(False)
+    sharded = _sharded(model)
+    sharded.set_requires_gradient_sync(False)
     try:
         yield
     finally:
-        model.set_requires_gradient_sync(True)
+        sharded.set_requires_gradient_sync(True)
 
 
 def _compile_units(model: torch.nn.Module, units: list[torch.nn.Module]) -> None:
@@ -334,7 +359,7 @@ def _compile_units(model: torch.nn.Module, units: list[torch.nn.Module]) -> None
     as nn.TransformerEncoderLayer is only traced when its own forward is compiled."""
     model._compiled_call_impl = None
     for unit in units:
-        unit.forward = torch.compile(unit.forward)  # type: ignore[method-assign]
+        unit.forward = torch.compile(unit.forward)
 
 
 def shard_units(model: torch.nn.Module, blocks: tuple[type, ...]) -> list[torch.nn.Module]:

@@ -10,7 +10,7 @@ Pollux (Qiao et al., OSDI'21): goodput(B) = throughput(B) x efficiency(B), with 
 efficiency efficiency(B) = (phi + B0)/(phi + B) for noise scale phi: the progress one sample makes
 at batch B relative to batch B0 (here B0 = the run's batch, so "vs now" is a plain ratio).
 
-Throughput, measured: after training, launcher/batchsize/speed.py times one micro-step (forward,
+Throughput, measured: after training, launcher/training/speed.py times one micro-step (forward,
 backward) at micro-batches 2, 4, 8, ... up to the plan's cap. What a step spends besides its
 micro-steps (loading, all-reduce, optimizer, the loop), t_step, is the step time measured in
 training minus accumulation x t_micro(micro) of the run's plan. A step of global batch B on W ranks

@@ -44,7 +44,7 @@ def _folder(cfg: Cifar10Config) -> Path:
     if not folder.is_dir() and cfg.download:
         import fcntl
 
-        from torchvision.datasets import CIFAR10  # type: ignore[import-untyped]
+        from torchvision.datasets import CIFAR10
 
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".download.lock", "w") as lock:  # ranks of one machine: one download
@@ -147,7 +147,7 @@ class Images(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
 
 def build(cfg: Cifar10Config) -> Splits:
-    from torchvision.transforms import v2  # type: ignore[import-untyped]
+    from torchvision.transforms import v2
 
     folder = _folder(cfg)
     train_x, train_y = read_batches(folder, TRAIN_FILES, cfg.verify)

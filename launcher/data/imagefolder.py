@@ -37,7 +37,7 @@ def epoch_samples(cfg: ImageFolderConfig) -> tuple[int, str]:
 
 
 def build(cfg: ImageFolderConfig) -> Splits:
-    from torchvision import datasets, transforms  # type: ignore[import-untyped]
+    from torchvision import datasets, transforms
 
     root = _root(cfg)
     normalize = transforms.Normalize(MEAN, STD)

@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from launcher import faults, log
+from launcher.batchsize.meter import NoiseMeter
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint import resume
 from launcher.checkpoint.cadence import Cadence
+from launcher.checkpoint.paths import WriteFailed
 from launcher.cluster import preemption
 from launcher.config.capabilities import capabilities
 from launcher.config.schema import RunConfig
+from launcher.data.stream import Snapshots
 from launcher.errors import ConfigError
-from launcher.training.guard import Diverged, params_finite, state_message
-from launcher.training.loop import Trainee
+from launcher.training.guard import Diverged, Health, params_finite, state_message
 from launcher.training.metrics import MetricsSink
+from launcher.types.bundles import Trainee
 from launcher.types.plan import BatchPlan
 from launcher.types.state import Progress
 
@@ -34,9 +37,9 @@ class Checkpointer:
         run_dir: Path,
         t: Trainee,
         sink: MetricsSink,
-        meter: Any,
-        health: Any = None,
-        snapshots: Any = None,
+        meter: NoiseMeter | None,
+        health: Health | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.t, self.sink, self.meter = cfg, run_dir, t, sink, meter
         self.health = health  # guard.Health: its loss at the start goes into the checkpoint
@@ -105,21 +108,20 @@ class Checkpointer:
         )
         path = None
         if self.main:
+            assert state is not None  # capture gives rank 0 the state
             path = checkpoint.save(self.run_dir, step, state, self.cfg.checkpoint.keep, manifest)
             self.sink.log({"event": "checkpoint", "step": step, "path": str(path)})
         self.last_save = time.monotonic()
         self.sink.resume()
         return path
 
-    def _write_shards(self, step: int) -> dict[str, Any] | None:
+    def _write_shards(self, step: int) -> dict[str, list[Any]] | None:
         """Every rank's shards into the checkpoint's temporary folder; rank 0 gets the manifest.
         A rank that cannot write makes every rank fail: WriteFailed, the folder removed."""
         where = checkpoint.shards_tmp(self.run_dir, step)
         try:
             return self.t.backend.save_shards(self.t.model, self.t.optimizer, where)
         except OSError as exc:  # on any rank: every rank gets it
-            from launcher.checkpoint.paths import WriteFailed
-
             if self.main:
                 shutil.rmtree(where, ignore_errors=True)
             before = checkpoint.checkpoints(self.run_dir)

@@ -6,31 +6,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from launcher.backends.base import Backend
 from launcher.data.batches import call, rows, to_device
-from launcher.models.loss import CrossEntropy, UserLoss
+from launcher.models.loss import CrossEntropy
 from launcher.models.outputs import logits_of
 from launcher.training.guard import Diverged, state_message
 from launcher.training.metrics import MetricsSink
+from launcher.types.backend import Backend
+from launcher.types.bundles import Feed, Loss, Trainee
 from launcher.types.plan import BatchPlan
-
-if TYPE_CHECKING:
-    from launcher.training.loop import Feed, Trainee
 
 DEFAULT_LOSS = CrossEntropy()
 
 
 @torch.no_grad()
 def evaluate(
-    model: Any,
+    model: torch.nn.Module,
     batches: Iterable[Any],
     backend: Backend,
     dtype: torch.dtype,
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS,
+    loss_fn: Loss = DEFAULT_LOSS,
 ) -> dict[str, float]:
     """Accuracy and mean loss over the whole eval split (each rank holds a disjoint shard); per
     token for sequences, no label smoothing. With your loss: its mean per sample, and accuracy
@@ -62,7 +60,7 @@ class Evaluations:
 
     def __init__(self, t: Trainee, feed: Feed, sink: MetricsSink, first: int, every: int) -> None:
         self.t, self.feed, self.sink, self.every = t, feed, sink, every
-        self.plain = CrossEntropy() if isinstance(t.loss_fn, CrossEntropy) else t.loss_fn
+        self.plain: Loss = CrossEntropy() if isinstance(t.loss_fn, CrossEntropy) else t.loss_fn
         self.next = (first // every + 1) * every
         self.result: dict[str, float] = {}
 
@@ -89,7 +87,7 @@ def _pause(sink: MetricsSink, backend: Backend) -> None:
     sink.pause()
 
 
-def check_replicas(model: Any, backend: Backend, step: int) -> float:
+def check_replicas(model: torch.nn.Module, backend: Backend, step: int) -> float:
     """Raise if the ranks' parameters or buffers (BatchNorm statistics, synced after every step)
     differ; returns the digest (float64 sum of squares). Call inside `backend.gathered`."""
     digest = torch.zeros(1, device=backend.device, dtype=torch.float64)
@@ -102,4 +100,4 @@ def check_replicas(model: Any, backend: Backend, step: int) -> float:
         raise Diverged(state_message(step, "model_final.pt"))
     if any(d != every[0] for d in every):
         raise RuntimeError(f"replicas differ across ranks after training: digests {every}")
-    return every[0]
+    return float(every[0])

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from launcher.errors import LauncherError
+from launcher.types.bundles import StepHealth
 
 OOM, NON_FINITE, SPIKE, DIVERGED = 1, 2, 4, 8  # bits of the per-step flag (train.py gathers them)
 WINDOW = 20  # applied steps a spike is measured against
@@ -115,7 +116,7 @@ def state_message(step: int, what: str) -> str:
     )
 
 
-def diverged_message(step: int, lr: float, health: Health) -> str:
+def diverged_message(step: int, lr: float, health: StepHealth) -> str:
     """The one line of a run stopped by a loss that climbed and stayed up (DIVERGED)."""
     return (
         f"launcher: diverged: the loss stayed above {health.diverge_factor:g} x its value at the "

@@ -1,11 +1,11 @@
 """The training loop: micro-steps, accumulation, LR per step, evaluation, metrics.
 
 It knows nothing of Hydra or DeepSpeed: it gets a built model and optimizer (a Trainee), the
-BatchPlan, a backend and the micro-batch streams (a Feed). The loss is normalised by the global
-batch (launcher/training/loss.py): each rank sums its per-sample losses over `accumulation`
-micro-batches and divides by its per-device batch, or for a loss per token (sequences) sums its
-token losses and divides by the global batch's counted tokens / the world size; the backend's
-all-reduce then averages over ranks, which is the mean over the global batch.
+BatchPlan, a backend and the micro-batch streams (a Feed; launcher/types/bundles.py). The loss is
+normalised by the global batch (launcher/models/loss.py): each rank sums its per-sample losses
+over `accumulation` micro-batches and divides by its per-device batch, or for a loss per token
+(sequences) sums its token losses and divides by the global batch's counted tokens / the world
+size; the backend's all-reduce then averages over ranks, which is the mean over the global batch.
 """
 
 from __future__ import annotations
@@ -16,79 +16,30 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 
 from launcher import faults, log
-from launcher.backends.base import Backend
 from launcher.batchsize.meter import NoiseMeter
 from launcher.data.batches import call, rows, to_device
-from launcher.models.loss import CrossEntropy, UserLoss
 from launcher.models.outputs import logits_of
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
-from launcher.training.evaluation import DEFAULT_LOSS, Evaluations
+from launcher.training.evaluation import Evaluations
 from launcher.training.guard import (
     DIVERGED,
     NON_FINITE,
     OOM,
     SPIKE,
     Diverged,
-    Health,
     diverged_message,
     non_finite_message,
 )
 from launcher.training.metrics import MetricsSink
+from launcher.types.backend import Backend
+from launcher.types.bundles import Feed, Hooks, Loss, Settings, StepHealth, TokenLoss, Trainee
 from launcher.types.plan import BatchPlan
-
-
-@dataclass(frozen=True)
-class Trainee:
-    """What a step runs on: the prepared model and optimizer, the backend that owns them, the
-    training loss (launcher/training/loss.py) and the dtype floating-point inputs are cast to."""
-
-    model: Any
-    optimizer: Any
-    backend: Backend
-    dtype: torch.dtype
-    loss_fn: CrossEntropy | UserLoss = DEFAULT_LOSS
-
-
-@dataclass(frozen=True)
-class Feed:
-    """The data: `train(plan, step)` yields the plan's micro-batches from `step` on (this rank's
-    share; a new plan after a ramp stage or an OOM re-split gets a new stream), `evaluation(plan)`
-    the eval split's."""
-
-    train: Callable[[BatchPlan, int], Iterable[Any]]
-    evaluation: Callable[[BatchPlan], Iterable[Any]]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How the loop runs: metrics every `log_every` steps, an evaluation every
-    `eval_every_samples`; OOM-safe steps; the step-health check (launcher/training/guard.py)."""
-
-    log_every: int
-    eval_every_samples: int
-    oom_recovery: bool = True
-    health: Health | None = None
-    skip_spikes: bool = False
-    nonfinite_limit: int = 3
-
-
-@dataclass(frozen=True)
-class Hooks:
-    """What the job does at the loop's events. `after_step(step, plan)`: after every completed
-    step (checkpoints, stopping); `on_oom(old, new, step, ranks)`: after an out-of-memory re-split;
-    `grow(step, plan, noise)`: the adaptive ramp's decision at a log step (a collective), the
-    plan of a larger batch or None."""
-
-    after_step: Callable[[int, BatchPlan], None] | None = None
-    on_oom: Callable[[BatchPlan, BatchPlan, int, list[int]], None] | None = None
-    grow: Callable[[int, BatchPlan, float | None], BatchPlan | None] | None = None
 
 
 def accumulate(
@@ -101,7 +52,7 @@ def accumulate(
     split: bool = False,
 ) -> torch.Tensor:
     """Forward and backward over `plan.accumulation` micro-batches; returns this rank's mean loss
-    (launcher/training/loss.py: one value per sample, a sequence's the mean over its positions).
+    (launcher/models/loss.py: one value per sample, a sequence's the mean over its positions).
 
     Gradients add up locally; with `sync_in_backward` the last backward also all-reduces them
     (DDP's overlapped reduction), otherwise the caller reduces them after checking every rank.
@@ -117,6 +68,7 @@ def accumulate(
     if count != plan.accumulation:  # token-budget micro-batches: the meter sees this step's
         plan = dataclasses.replace(plan, accumulation=count)
     batches, tokens = _step_batches(t, micro_batches, plan)
+    token_loss = _token_loss(t.loss_fn) if tokens else None
     seen = 0.0  # samples (or counted tokens in samples) so far: the rank mode's piece
     for j in range(count):
         if before_micro_step is not None:
@@ -133,14 +85,14 @@ def accumulate(
             last = j == plan.accumulation - 1 and k == len(pieces) - 1
             with nullcontext() if last and sync_in_backward else backend.no_sync(model):
                 outputs = logits_of(call(model, xp))
-                if tokens:
-                    loss = t.loss_fn.token_sum(outputs, yp) * (plan.world_size / tokens)
+                if token_loss is not None:
+                    loss = token_loss.token_sum(outputs, yp) * (plan.world_size / tokens)
                 else:
                     loss = t.loss_fn.sum(outputs, yp) / plan.per_device_batch
                 del outputs
                 backend.backward(loss)
             if meter is not None:
-                size = _size(t, batch, k if split else None, plan, tokens)
+                size = _size(token_loss, batch, k if split else None, plan, tokens)
                 seen += size
                 meter.backward_done(model, plan, j, k, seen if plan.noise == "rank" else size)
             total += loss.detach()
@@ -169,21 +121,29 @@ def _step_batches(
     if not t.loss_fn.per_token(torch.as_tensor(first[1])):
         return itertools.chain([first], micro_batches), 0.0
     step = [first, *(next(micro_batches) for _ in range(plan.accumulation - 1))]
-    local = sum(t.loss_fn.counted(torch.as_tensor(b[1])) for b in step)
+    local = sum(_token_loss(t.loss_fn).counted(torch.as_tensor(b[1])) for b in step)
     return iter(step), float(max(sum(t.backend.flags(local)), 1))
 
 
-def _size(t: Trainee, batch: Any, half: int | None, plan: BatchPlan, tokens: float) -> float:
+def _token_loss(loss_fn: Loss) -> TokenLoss:
+    """A loss whose `per_token` said yes: a loss per token, as the Loss protocol promises (a
+    cast, not a check: the test hook's wrapper passes `counted` on through __getattr__)."""
+    return cast(TokenLoss, loss_fn)
+
+
+def _size(
+    token_loss: TokenLoss | None, batch: Any, half: int | None, plan: BatchPlan, tokens: float
+) -> float:
     """A piece's size in samples for the noise meter (launcher/batchsize/meter.py): the micro-batch
-    or its half `half` (0, 1); for a loss per token its counted tokens in samples of the global
-    batch's mean counted length, which its loss weighs it as (its samples, with no ignored
-    target)."""
+    or its half `half` (0, 1); for a loss per token (`token_loss`, over `tokens` counted in the
+    global batch) its counted tokens in samples of the global batch's mean counted length, which
+    its loss weighs it as (its samples, with no ignored target)."""
     y = torch.as_tensor(batch[1])
     if half is not None:
         y = y[: len(y) // 2] if half == 0 else y[len(y) // 2 :]
-    if not tokens:
+    if token_loss is None:
         return len(y)
-    return t.loss_fn.counted(y) * plan.global_batch / tokens
+    return token_loss.counted(y) * plan.global_batch / tokens
 
 
 def train_step(
@@ -193,12 +153,12 @@ def train_step(
     meter: NoiseMeter | None = None,
     split: bool = False,
     settings: Settings | None = None,
-) -> torch.Tensor | Skipped:
+) -> torch.Tensor | Skipped | list[int]:
     """One optimizer step over `plan.accumulation` micro-batches, DDP's overlapped reduction;
     returns this rank's mean loss, or Skipped (not applied) when the health check flags it on
-    any rank."""
+    any rank (the type's list of ranks out of memory: never here, an error ends the run)."""
     total = accumulate(t, micro_batches, plan, meter=meter, split=split)
-    return _checked(t, plan, meter, total, 0, settings)
+    return _checked(t, plan, meter, total, settings)
 
 
 class Skipped:
@@ -221,18 +181,18 @@ def _checked(
     plan: BatchPlan,
     meter: NoiseMeter | None,
     loss: torch.Tensor | None,
-    failed: int,
     settings: Settings | None,
 ) -> torch.Tensor | Skipped | list[int]:
     """Gather every rank's flag (out of memory, non-finite, spike) and apply the step only if
-    none forbids it. Returns the loss, Skipped, or the ranks that ran out of memory."""
+    none forbids it. `loss` None: this rank ran out of memory. Returns the loss, Skipped, or the
+    ranks that ran out of memory."""
     model, backend = t.model, t.backend
     health = settings.health if settings is not None else None
-    bits = failed
-    if not failed and health is not None:
+    bits = OOM if loss is None else 0
+    if loss is not None and health is not None:
         bits = health.bits(loss, model, check_grads=backend.gradient_scale() == 1.0)
     flags = backend.flags(bits)
-    if any(f & OOM for f in flags):
+    if loss is None or any(f & OOM for f in flags):  # this rank's own flag has OOM if None
         return [r for r, f in enumerate(flags) if f & OOM]
     skip_spikes = settings is not None and settings.skip_spikes
     forbid = NON_FINITE | DIVERGED | (SPIKE if skip_spikes else 0)
@@ -271,12 +231,12 @@ def _step_or_oom(
     """
     hook = faults.test_oom_hook(t.backend.rank, step, plan)
     t.backend.begin_deferred_step(t.model)
+    loss: torch.Tensor | None
     try:
         loss = accumulate(t, batches, plan, False, hook, meter, split)
-        failed = 0
     except OOM_ERRORS:
-        loss, failed = None, OOM
-    outcome = _checked(t, plan, meter, loss, failed, settings)
+        loss = None
+    outcome = _checked(t, plan, meter, loss, settings)
     if isinstance(outcome, list):  # out of memory on these ranks: drop the partial step
         t.backend.drop_gradients(t.model, t.optimizer)
         if meter is not None:
@@ -354,6 +314,9 @@ def _one_step(
     return _step_or_oom(t, at.batches, at.current, at.step, meter, split, settings), lr
 
 
+NO_HOOKS = Hooks()
+
+
 def fit(
     t: Trainee,
     plan: BatchPlan,
@@ -363,7 +326,7 @@ def fit(
     *,
     start_step: int = 0,
     meter: NoiseMeter | None = None,
-    hooks: Hooks = Hooks(),
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[dict[str, float], BatchPlan]:
     """Train from `start_step` to `plan.end_step` (`plan.steps`, or an early stop); returns the
     final evaluation and the final plan. `meter` measures the gradient noise scale
@@ -407,18 +370,23 @@ def fit(
             continue
         at.step += 1
         step, end, samples = at.step, at.plan.end_step, at.current.samples_at(at.step)
+        trained: torch.Tensor | None = loss if isinstance(loss, torch.Tensor) else None
         if isinstance(loss, Skipped):
+            health = settings.health
+            assert health is not None  # only the health check flags a step
             bad = [*bad, step] if loss.ranks(NON_FINITE) else []
             if loss.ranks(DIVERGED) and not loss.ranks(NON_FINITE):
-                _stop(sink, step, samples, diverged_message(step, lr, settings.health))
-            _log_skipped(loss, step, samples, lr, settings.health, sink, t.backend)
+                _stop(sink, step, samples, diverged_message(step, lr, health))
+            _log_skipped(loss, step, samples, lr, health, sink, t.backend)
             if len(bad) >= settings.nonfinite_limit:
                 _stop(sink, step, samples, non_finite_message(bad, lr, bad[0] - 1))
-            loss = loss.loss  # None when skipped: no loss of it is logged
+            trained = loss.loss  # None when skipped: no loss of it is logged
         else:
             bad = []
         logged = step % settings.log_every == 0 or step == end
-        noise = _log(t, at, sink, meter, loss, lr, first) if logged and loss is not None else None
+        noise = None
+        if logged and trained is not None:
+            noise = _log(t, at, sink, meter, trained, lr, first)
         evals.maybe(at.current, step, samples, step == end)
         sink.advance()
         if hooks.grow is not None and logged and step < end:
@@ -477,7 +445,7 @@ def _log_skipped(
     step: int,
     samples: int,
     lr: float,
-    health: Any,
+    health: StepHealth,
     sink: MetricsSink,
     backend: Backend,
 ) -> None:

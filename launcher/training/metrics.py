@@ -11,10 +11,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
+from launcher.checkpoint.paths import WriteFailed
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
+
+if TYPE_CHECKING:  # both load when they are asked for (trainer.tensorboard, trainer.progress)
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
 
 TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # trainer.trackers -> module to import
 
@@ -106,8 +111,6 @@ def _written(what: str, path: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        from launcher.checkpoint.paths import WriteFailed
-
         raise WriteFailed(what, path, exc) from None
 
 
@@ -136,13 +139,15 @@ class MetricsSink:
         trackers: list[Any] | None = None,
     ) -> None:
         self.enabled = run_dir is not None
-        self._file = self._tb = self._bar = None
+        self._file: TextIO | None = None
+        self._tb: SummaryWriter | None = None
+        self._bar: tqdm[Any] | None = None
         self._trackers = trackers or []
         self._t0 = time.perf_counter()
         self._train_s0 = train_s  # training seconds before this process (a resumed run)
         self._excluded = 0.0  # seconds of evaluation and checkpoints since `start`
         self._paused_at: float | None = None
-        if not self.enabled:
+        if run_dir is None:  # not rank 0
             return
         path = run_dir / "metrics.jsonl"
         if path.exists():  # a restart: keep what the checkpoint it continues from had seen
@@ -199,7 +204,7 @@ class MetricsSink:
         """One line in metrics.jsonl; numeric fields of a line with `samples` also go to
         TensorBoard at x = samples, grouped by tensorboard_tag (runs at different global batches
         line up); trackers get them at `step`."""
-        if not self.enabled:
+        if self._file is None:  # not rank 0
             return
         record = finite_or_none(record)  # valid JSON always: a non-finite number is null
         with _written("metrics", self._file.name):

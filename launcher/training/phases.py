@@ -16,9 +16,7 @@ import torch
 
 from launcher import faults, log
 from launcher.backends import build_backend
-from launcher.backends.base import Backend
 from launcher.backends.ds_config import check_buffers
-from launcher.batchsize import speed
 from launcher.batchsize.meter import NoiseMeter
 from launcher.batchsize.run_advice import print_advice
 from launcher.checkpoint import resume
@@ -38,13 +36,16 @@ from launcher.optim import build_optimizer
 from launcher.planning.adaptive import decide, event
 from launcher.planning.length import noise_window_samples
 from launcher.planning.render import format_plan
+from launcher.training import speed
 from launcher.training.checkpointer import Checkpointer
 from launcher.training.evaluation import check_replicas
 from launcher.training.guard import Health
 from launcher.training.job_plan import plan_for, probes_memory, with_budget
-from launcher.training.loop import Feed, Hooks, Settings, Trainee, fit
+from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink, open_trackers
 from launcher.training.run_folder import create_run_dir, reuses_run_dir, write_plan_files
+from launcher.types.backend import Backend
+from launcher.types.bundles import Feed, Hooks, Settings, Trainee
 from launcher.types.plan import AdaptiveStage, BatchPlan
 from launcher.types.state import CheckpointState, Progress
 

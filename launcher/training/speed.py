@@ -20,6 +20,12 @@ from typing import Any
 
 import torch
 
+from launcher.data import as_source, first_samples
+from launcher.data.batches import call, rows, to_device
+from launcher.models.outputs import logits_of
+from launcher.training.loop import OOM_ERRORS
+from launcher.types.backend import Backend
+from launcher.types.bundles import Loss
 from launcher.types.plan import BatchPlan
 
 
@@ -41,22 +47,17 @@ def largest_micro(plan: BatchPlan, max_micro_batch: int, samples: int) -> int:
 
 
 def time_micro_steps(
-    model: Any,
-    backend: Any,
+    model: torch.nn.Module,
+    backend: Backend,
     source: Any,
     sizes: list[int],
     dtype: torch.dtype,
-    loss_fn: Any,
+    loss_fn: Loss,
     repeats: int = 3,
 ) -> dict[str, Any]:
     """{"micro_step_seconds": {size: median seconds per micro-step},
     "micro_step_repeats": {size: the seconds of each repeat},
     "micro_step_out_of_memory_at": size or None} (a metrics line)."""
-    from launcher.data import as_source, first_samples
-    from launcher.data.batches import call, rows, to_device
-    from launcher.models.outputs import logits_of
-    from launcher.training.loop import OOM_ERRORS
-
     module = backend.unwrap(model)
     n = max(sizes)  # samples repeat when the split is smaller: the time is what is measured
     x, y = first_samples(as_source(source), n)
