@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from launcher.training.loss import CrossEntropy
+from launcher.models.loss import CrossEntropy
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.batchsize.meter import NoiseMeter

@@ -76,7 +76,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from launcher.training.loss import CrossEntropy
+from launcher.models.loss import CrossEntropy
 
 from launcher.backends import build_backend
 from launcher.batchsize.meter import NoiseMeter
