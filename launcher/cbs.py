@@ -255,6 +255,7 @@ def prepare(
     from launcher.checkpoint.paths import check_writable
     from launcher.checkpoint.resume import check_optimizer
     from launcher.cluster.topology import from_env
+    from launcher.training.job import concrete
 
     args, overrides = parse(argv)
     ks = _parse_ks(args.k)
@@ -282,15 +283,17 @@ def prepare(
     if out.exists():
         raise ConfigError(f"--out={str(out)!r}: exists already; choose a new folder")
     check_writable(out, "--out")
-    world = from_env().world_size
+    launched = from_env()
     configs = []
     for k in ks:
         every = saved_plan["total_samples"] / saved_plan["epoch_samples"]  # the end only
-        cfg = branch_config(
+        branch = branch_config(
             state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, overrides
         )
+        cfg = concrete(branch, launched)  # as the branch trains it (run_branches: execute)
         origin = (state["step"], done) if k > 1 else (0, 0)
-        plan = plan_batch(PlanInput(cfg, world, saved_plan["epoch_samples"], origin=origin))
+        epoch = saved_plan["epoch_samples"]
+        plan = plan_batch(PlanInput(cfg, launched.world_size, epoch, origin=origin))
         try:
             check_optimizer(state, plan, path)
         except ConfigError as exc:

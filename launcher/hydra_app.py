@@ -488,11 +488,10 @@ def _task(cfg: Any) -> float | None:
     from omegaconf import OmegaConf
 
     from launcher.batchsize.sweep import read_job
-    from launcher.cluster.topology import resolve
     from launcher.config.compose import DEFAULT_RECIPE, check_clashes, config_dir_args, hydra_quote
     from launcher.config.schema import to_run_config
     from launcher.training import objective
-    from launcher.training.job import execute, on_device, start_workers
+    from launcher.training.job import concrete, execute, start_workers
 
     hydra = HydraConfig.get()
     context = CONTEXT or _elsewhere(hydra)
@@ -503,9 +502,8 @@ def _task(cfg: Any) -> float | None:
     if context.scratch is not None and context.real is not None:  # a rank > 0: where it resumes
         run_dir = context.real / run_dir.relative_to(context.scratch)
     node |= {"recipe": choices.get("recipe@_global_", DEFAULT_RECIPE), "run_dir": str(run_dir)}
-    run_cfg = to_run_config(node)
     launched = context.launched
-    run_cfg = on_device(run_cfg, resolve(run_cfg.cluster, launched, run_cfg.plan_only).device)
+    run_cfg = concrete(to_run_config(node), launched)  # the job's, as Hydra composed it
     if context.workers:
         task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
         worker = ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]

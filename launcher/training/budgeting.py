@@ -12,30 +12,32 @@ micro-batch of a step, its longest samples, is no fair small batch; on one proce
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
 
-from launcher.config.schema import RunConfig
+from launcher.config.components import DataConfig
+from launcher.config.schema import ConcreteConfig
 from launcher.errors import ConfigError
+from launcher.types.plan import BatchPlan
 
 DRAWS = 64  # random steps the plan's padding estimate averages over
 
 
-def budget_of(data: Any) -> int:
+def budget_of(data: DataConfig) -> int:
     """data.micro_batch_tokens of your data's config; 0 for any other data."""
     return int(getattr(data, "micro_batch_tokens", 0) or 0)
 
 
-def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
+def budget_config(cfg: ConcreteConfig, world_size: int) -> ConcreteConfig:
     """The config the plan is made from: micro_batch = the per-device batch (the budget cuts
     it); refused where a budget cannot apply."""
-    from launcher.data import build_splits
-    from launcher.data.stream import is_stream
-    from launcher.planning.tokens import in_samples
+    from launcher.data import build_splits  # heavy: numpy
+    from launcher.data.stream import is_stream  # heavy: torch
 
     budget = budget_of(cfg.data)
     key = f"data.micro_batch_tokens={budget}"
     splits = build_splits(cfg.data)
-    if is_stream(splits.train) or getattr(cfg.data, "pack_length", 0) or splits.collate is None:
+    packed = getattr(cfg.data, "pack_length", 0)
+    if is_stream(splits.train) or packed or splits.collate is None:
         raise ConfigError(
             f"{key}: needs map-style data of variable-length samples and your collate_fn that "
             "pads them (a stream's lengths are not known before a step; packed sequences all "
@@ -53,15 +55,19 @@ def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
             f"{key}: smaller than the longest sample ({longest:,} tokens, {splits.spec.worst}); "
             f"must be at least {longest:,}"
         )
-    gb = in_samples(cfg).global_batch
-    return dataclasses.replace(cfg, micro_batch=max(gb // world_size, 1))
+    per_device = max(cfg.global_batch // world_size, 1)
+    return ConcreteConfig(dataclasses.replace(cfg, micro_batch=per_device))
 
 
-def budget_plan(data: Any, plan: Any, lengths: Any) -> Any:
+def budget_plan(data: DataConfig, plan: BatchPlan, lengths: Sequence[int]) -> BatchPlan:
     """The plan's micro_batch, accumulation and noise rows for a token budget."""
     import numpy as np
 
-    from launcher.data.budget import expected_padding, fixed_padding, split_by_tokens
+    from launcher.data.budget import (  # heavy: numpy
+        expected_padding,
+        fixed_padding,
+        split_by_tokens,
+    )
 
     budget, per_device = budget_of(data), plan.per_device_batch
     sample = np.asarray(lengths)

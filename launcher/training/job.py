@@ -21,10 +21,11 @@ from launcher.cluster import preemption
 from launcher.cluster.spawn import spawn
 from launcher.cluster.topology import Topology, from_env, local_processes, resolve, slurm_env
 from launcher.config.compose import compose_dict, config_dir_args, split_sweep
-from launcher.config.schema import RunConfig, to_run_config
+from launcher.config.schema import ConcreteConfig, RunConfig, to_run_config
 from launcher.data import data_spec, declared_epoch_samples
 from launcher.errors import ConfigError
 from launcher.planning.render import format_plan
+from launcher.planning.split import batch_step
 from launcher.planning.tokens import in_samples
 from launcher.training.job_plan import plan_for, probes_memory, with_budget
 from launcher.training.metrics import check_trackers
@@ -37,6 +38,17 @@ from launcher.training.run_folder import (
     write_plan_files,
 )
 from launcher.types.plan import BatchPlan
+
+
+def concrete(cfg: RunConfig, launched: Topology) -> ConcreteConfig:
+    """The config a job trains with, made once per process and job where the process takes the
+    job in (validate, a Hydra job, python -m launcher.slurm, a branch of python -m launcher.cbs):
+    its device `auto`s resolved for the device that trains it (on_device), its quantities stated
+    in tokens converted into samples (launcher/planning/tokens.py), a global batch in tokens
+    refused with the nearest values that split over the processes that train it."""
+    topology = resolve(cfg.cluster, launched, cfg.plan_only)
+    cfg = on_device(cfg, topology.device)
+    return ConcreteConfig(in_samples(cfg, batch_step(topology.world_size, cfg.micro_batch)))
 
 
 def on_device(cfg: RunConfig, device: str) -> RunConfig:
@@ -77,10 +89,11 @@ def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dic
 
 @dataclasses.dataclass(frozen=True)
 class ValidatedLaunch:
-    """A validated launch: every job's overrides, config and run folder, and the processes."""
+    """A validated launch: every job's overrides, concrete config and run folder, and the
+    processes."""
 
     overrides: list[list[str]]
-    configs: list[RunConfig]
+    configs: list[ConcreteConfig]
     run_dirs: list[Path]
     launched: Topology  # what trains: the processes trainer.devices starts, or what started us
     workers: int  # trainer.devices workers to start on this machine (0: this process trains)
@@ -93,13 +106,13 @@ def validate(
     provided: dict[str, dict[str, Any]] | None = None,
     launched: Topology | None = None,
 ) -> ValidatedLaunch:
-    """Compose and check every job before anything is written: its config, its plan for the
-    processes that will train it (`launched`: those a Hydra launcher plugin will start, else
-    this process's), its trackers, its run folder."""
+    """Compose and check every job before anything is written: its config, made concrete
+    (`concrete`), its plan for the processes that will train it (`launched`: those a Hydra
+    launcher plugin will start, else this process's), its trackers, its run folder."""
     jobs = split_sweep(overrides) if multirun else [overrides]
-    configs = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
+    composed = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
     for key in ("backend", "trainer.devices"):
-        if len({_get(cfg, key) for cfg in configs}) > 1:
+        if len({_get(cfg, key) for cfg in composed}) > 1:
             raise ConfigError(
                 f"-m: a sweep cannot vary {key} (it is fixed per process); launch one sweep per "
                 "setting"
@@ -108,20 +121,20 @@ def validate(
     launched = launched or from_env()
     workers = max(
         local_processes(cfg.trainer, cfg.cluster, launched, _visible_gpus(launched))
-        for cfg in configs
+        for cfg in composed
     )
     # plan_only plans for the workers without starting them: the dry run is the real run
-    workers_started = 0 if all(cfg.plan_only for cfg in configs) else workers
+    workers_started = 0 if all(cfg.plan_only for cfg in composed) else workers
     if workers_started and provided:
         raise ConfigError(
-            f"trainer.devices={configs[0].trainer.devices}: would start {workers} workers as "
+            f"trainer.devices={composed[0].trainer.devices}: would start {workers} workers as "
             f"`python -m launcher`, which cannot rebuild the {', '.join(provided)} handed to "
             f"launcher.run(); start your script on every rank instead (torchrun --nproc_per_node "
             f"{workers} your_script.py), or set trainer.devices=1"
         )
     if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
-    configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
+    configs = [concrete(c, launched) for c in composed]
     stamp = run_stamp() if any(cfg.run_dir is None for cfg in configs) else ""
     run_dirs = [
         job_run_dir(cfg.run_dir, cfg.recipe, stamp, i if multirun else None)
@@ -213,9 +226,8 @@ def _visible_gpus(launched: Topology) -> int:
     return torch.cuda.device_count()
 
 
-def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
+def estimated_plan(cfg: ConcreteConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
     """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
-    cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
     epoch = declared_epoch_samples(cfg.data)  # once: a text corpus is counted by listing files
     topology, plan = plan_for(cfg, launched, epoch)
     if probes_memory(cfg.memory, cfg.micro_batch):
@@ -227,13 +239,11 @@ def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchP
     return topology, plan
 
 
-def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+def execute(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only).
-    The job's config is the one it trains with: its device `auto`s resolved, its quantities
-    stated in tokens converted into samples (launcher/planning/tokens.py; validate's plans
-    refused those that do not convert), as config.yaml and the checkpoints record it."""
+    `cfg` is the job's concrete config (`concrete`), as config.yaml and the checkpoints record
+    it."""
     log.set_rank(launched.rank)
-    cfg = in_samples(on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device))
     if cfg.plan_only:
         topology, plan = estimated_plan(cfg, launched)
         plan = with_budget(cfg, plan, run_dir)

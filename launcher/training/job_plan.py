@@ -1,4 +1,5 @@
-"""A job's plan: the topology and BatchPlan for its config, re-made as facts arrive (the data's
+"""A job's plan: the topology and BatchPlan for its concrete config (launcher/training/job.py
+concrete), re-made as facts arrive (the data's
 epoch, a checkpoint's stage, the measured memory); whether the memory probe sets the micro-batch;
 the budget row judged from an earlier run beside the run folder."""
 
@@ -12,17 +13,16 @@ from launcher.backends import check as check_backend
 from launcher.batchsize.prior import budget, find_prior
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.execution import MemoryConfig
-from launcher.config.schema import RunConfig
+from launcher.config.schema import ConcreteConfig, RunConfig
 from launcher.data import build_splits, declared_epoch_samples, loading
 from launcher.errors import ConfigError
 from launcher.planning.plan import PlanInput, plan_batch
-from launcher.planning.tokens import tokens_per_sample
 from launcher.training.budgeting import budget_config, budget_of, budget_plan
 from launcher.types.plan import AdaptiveStage, BatchPlan
 
 
 def plan_for(
-    cfg: RunConfig,
+    cfg: ConcreteConfig,
     launched: Topology,
     epoch: tuple[int, str] | None = None,
     memory: dict[str, Any] | None = None,
@@ -69,9 +69,9 @@ def plan_for(
 
 
 def unsized_epoch(data: Any, trainer: Any, source: str) -> tuple[int, str]:
-    """A stream without len(): one epoch is trainer.samples (trainer.tokens, converted)."""
-    per = tokens_per_sample(data)
-    samples = trainer.samples or (trainer.tokens // per if per else 0)
+    """A stream without len(): one epoch is trainer.samples (of a concrete config: what
+    trainer.tokens converts into, when it states the length)."""
+    samples = trainer.samples
     if samples <= 0:
         target = getattr(data, "target", data)
         raise ConfigError(

@@ -26,7 +26,7 @@ from launcher.checkpoint.files import torch_save
 from launcher.checkpoint.paths import WriteFailed
 from launcher.cluster import preemption
 from launcher.cluster.topology import Topology, resolve
-from launcher.config.schema import RunConfig
+from launcher.config.schema import ConcreteConfig
 from launcher.data import Source, Splits, build_splits, eval_loader, loader_settings, train_loader
 from launcher.data.stream import Snapshots
 from launcher.errors import ConfigError
@@ -62,7 +62,7 @@ class Job:
     """What the phases build and share. `plan` is re-made as facts arrive: the data's size, the
     checkpoint's stage, the measured memory."""
 
-    cfg: RunConfig
+    cfg: ConcreteConfig
     launched: Topology
     run_dir: Path
     topology: Topology
@@ -106,7 +106,7 @@ class Job:
         return plan
 
 
-def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+def train_job(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Train one job; returns its final evaluation and run folder."""
     job = set_up(cfg, launched, run_dir)
     find_checkpoint(job)
@@ -116,7 +116,7 @@ def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, An
     return finish(job, result, plan)
 
 
-def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
+def set_up(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> Job:
     """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
