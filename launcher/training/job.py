@@ -27,7 +27,7 @@ from launcher.errors import ConfigError
 from launcher.planning.render import format_plan
 from launcher.planning.split import batch_step
 from launcher.planning.tokens import in_samples
-from launcher.training.job_plan import plan_for, probes_memory, with_budget
+from launcher.training.job_plan import Facts, Planned, plan_for, probes_memory, with_budget
 from launcher.training.metrics import check_trackers
 from launcher.training.run_folder import (
     create_run_dir,
@@ -89,12 +89,13 @@ def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dic
 
 @dataclasses.dataclass(frozen=True)
 class ValidatedLaunch:
-    """A validated launch: every job's overrides, concrete config and run folder, and the
-    processes."""
+    """A validated launch: every job's overrides, concrete config, run folder and plan (from the
+    epoch its data declares), and the processes."""
 
     overrides: list[list[str]]
     configs: list[ConcreteConfig]
     run_dirs: list[Path]
+    planned: list[Planned]
     launched: Topology  # what trains: the processes trainer.devices starts, or what started us
     workers: int  # trainer.devices workers to start on this machine (0: this process trains)
 
@@ -140,8 +141,9 @@ def validate(
         job_run_dir(cfg.run_dir, cfg.recipe, stamp, i if multirun else None)
         for i, cfg in enumerate(configs)
     ]
+    planned = []
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
-        plan_for(cfg, launched)
+        planned.append(plan_for(cfg, launched, Facts(declared_epoch_samples(cfg.data))))
         check_trackers(cfg.trainer.trackers)
         if launched.rank == 0:  # one process checks: ranks sharing a file system would race
             _check_folders(cfg, run_dir)
@@ -150,7 +152,7 @@ def validate(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    return ValidatedLaunch(jobs, configs, run_dirs, launched, workers_started)
+    return ValidatedLaunch(jobs, configs, run_dirs, planned, launched, workers_started)
 
 
 def _check_folders(cfg: RunConfig, run_dir: Path) -> None:
@@ -187,18 +189,20 @@ def launch(
         return []
     results = []
     log.set_rank(jobs.launched.rank)
-    for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
+    for i, (cfg, run_dir, planned) in enumerate(
+        zip(jobs.configs, jobs.run_dirs, jobs.planned, strict=True)
+    ):
         if multirun:
             log.info(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}")
         note = restart_note(cfg.run_dir)
         if note and jobs.launched.rank == 0:
             log.warn(note)
         if not reuses_run_dir(cfg.run_dir) or jobs.launched.rank > 0:  # a new folder: unlocked
-            results.append(execute(cfg, jobs.launched, run_dir))
+            results.append(execute(cfg, jobs.launched, run_dir, planned))
             continue
         acquire(run_dir)
         try:
-            results.append(execute(cfg, jobs.launched, run_dir))
+            results.append(execute(cfg, jobs.launched, run_dir, planned))
         finally:
             release(run_dir.absolute() / NAME, os.getpid())
     return results
@@ -226,26 +230,33 @@ def _visible_gpus(launched: Topology) -> int:
     return torch.cuda.device_count()
 
 
-def estimated_plan(cfg: ConcreteConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
-    """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
-    epoch = declared_epoch_samples(cfg.data)  # once: a text corpus is counted by listing files
-    topology, plan = plan_for(cfg, launched, epoch)
+def estimated_plan(
+    cfg: ConcreteConfig, launched: Topology, planned: Planned | None = None
+) -> tuple[Topology, BatchPlan]:
+    """The plan_only plan: for the declared cluster, with the memory estimated, not measured.
+    `planned`: validate's plan of this job (the same facts: the declared epoch), continued from."""
+    if planned is None:  # a text corpus is counted by listing its files: once
+        planned = plan_for(cfg, launched, Facts(declared_epoch_samples(cfg.data)))
     if probes_memory(cfg.memory, cfg.micro_batch):
-        _, plan = plan_for(cfg, launched, epoch, estimated_memory(cfg, topology, plan))
+        memory = estimated_memory(cfg, planned.topology, planned.plan)
+        planned = plan_for(cfg, launched, dataclasses.replace(planned.facts, memory=memory))
     else:  # the estimate's steps would have checked that model, data and loss fit together
         from launcher.memory.probe import check_fit  # heavy: torch
 
-        check_fit(cfg, data_spec(cfg.data), plan, topology.device)
-    return topology, plan
+        check_fit(cfg, data_spec(cfg.data), planned.plan, planned.topology.device)
+    return planned.topology, planned.plan
 
 
-def execute(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+def execute(
+    cfg: ConcreteConfig, launched: Topology, run_dir: Path, planned: Planned | None = None
+) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only).
     `cfg` is the job's concrete config (`concrete`), as config.yaml and the checkpoints record
-    it."""
+    it; `planned`, validate's plan of it, which plan_only continues from (training plans from the
+    data it builds: launcher/training/job_plan.py)."""
     log.set_rank(launched.rank)
     if cfg.plan_only:
-        topology, plan = estimated_plan(cfg, launched)
+        topology, plan = estimated_plan(cfg, launched, planned)
         plan = with_budget(cfg, plan, run_dir)
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg.run_dir))
         write_plan_files(run_dir, cfg, plan, topology.device)
