@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from launcher.models.loss import CrossEntropy
 
 from launcher.backends.accelerate import AccelerateBackend
 from launcher.batchsize.meter import NoiseMeter
@@ -32,6 +31,7 @@ from launcher.config.compose import compose_run
 from launcher.data import build_splits, eval_loader, train_loader
 from launcher.data.sampler import epoch_permutation
 from launcher.models import build_model
+from launcher.models.loss import CrossEntropy
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device

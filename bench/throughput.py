@@ -76,13 +76,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from launcher.models.loss import CrossEntropy
 
 from launcher.backends import build_backend
 from launcher.batchsize.meter import NoiseMeter
 from launcher.config.compose import compose_run
 from launcher.data import data_spec
 from launcher.models import build_model
+from launcher.models.loss import CrossEntropy
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at

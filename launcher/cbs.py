@@ -56,13 +56,13 @@ from launcher.batchsize.sweep import read_job
 from launcher.checkpoint import files as checkpoint_files
 from launcher.checkpoint.paths import WriteFailed, check_writable
 from launcher.cluster.topology import from_env, slurm_env
-from launcher.config.schema import RunConfig, to_run_config
+from launcher.config.schema import ConcreteConfig, RunConfig, to_run_config
 from launcher.errors import ConfigError, LauncherError
 from launcher.planning.plan import PlanInput, plan_batch
-from launcher.training.job import execute
+from launcher.training.job import concrete, execute
 from launcher.types.state import CheckpointState, SavedConfig
 
-Branch = tuple[int, RunConfig, float]  # k, the branch's config, its LR
+Branch = tuple[int, ConcreteConfig, float]  # k, the branch's config, its LR
 
 PROG = "launcher.cbs"
 BRANCH_KEYS = (  # set by the probe for every branch: an override of them is refused
@@ -295,15 +295,17 @@ def prepare(
     if out.exists():
         raise ConfigError(f"--out={str(out)!r}: exists already; choose a new folder")
     check_writable(out, "--out")
-    world = from_env().world_size
+    launched = from_env()
     configs = []
     for k in ks:
         every = saved_plan["total_samples"] / saved_plan["epoch_samples"]  # the end only
-        cfg = branch_config(
+        branch = branch_config(
             state["config"], k * batch, out / f"k{k}", path, stop, cooldown, every, overrides
         )
+        cfg = concrete(branch, launched)  # as the branch trains it (run_branches: execute)
         origin = (state["step"], done) if k > 1 else (0, 0)
-        plan = plan_batch(PlanInput(cfg, world, saved_plan["epoch_samples"], origin=origin))
+        epoch = saved_plan["epoch_samples"]
+        plan = plan_batch(PlanInput(cfg, launched.world_size, epoch, origin=origin))
         try:
             check_optimizer(state, plan, path)
         except ConfigError as exc:

@@ -54,7 +54,7 @@ from launcher import log
 from launcher.checkpoint import rollback
 from launcher.checkpoint.lock import join
 from launcher.cluster import plugins
-from launcher.cluster.topology import Topology, from_env, resolve, slurm_env
+from launcher.cluster.topology import Topology, from_env, slurm_env
 from launcher.config.compose import (
     DEFAULT_RECIPE,
     check_clashes,
@@ -314,7 +314,7 @@ def _elsewhere(hydra: HydraConf) -> Context:
 
 
 def _train(cfg: DictConfig, given: Context | None) -> float | None:
-    from launcher.training.job import execute, on_device, start_workers  # heavy: numpy
+    from launcher.training.job import concrete, execute, start_workers  # heavy: numpy
 
     hydra = HydraConfig.get()
     context = given or _elsewhere(hydra)
@@ -329,7 +329,7 @@ def _train(cfg: DictConfig, given: Context | None) -> float | None:
         {**cast(dict[str, Any], node), "recipe": recipe, "run_dir": str(run_dir)}
     )
     launched = context.launched
-    run_cfg = on_device(run_cfg, resolve(run_cfg.cluster, launched, run_cfg.plan_only).device)
+    run_cfg = concrete(run_cfg, launched)  # the job's, as Hydra composed it
     if context.workers:
         task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *QUIET]

@@ -23,7 +23,7 @@ from launcher.cluster.topology import Topology
 from launcher.config.compose import compose_run, split_config_dir
 from launcher.errors import ConfigError
 from launcher.planning.render import format_plan
-from launcher.training.job import estimated_plan
+from launcher.training.job import concrete, estimated_plan
 from launcher.training.run_folder import job_run_dir, run_stamp
 
 USAGE = __doc__.split("\n\n")[1]
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path.cwd()
         run_dir = (workdir / job_run_dir(cfg.run_dir, cfg.recipe, run_stamp(), None)).resolve()
         text = job_script(cfg, overrides, run_dir, workdir, config_dir)
-        _, plan = estimated_plan(cfg, Topology(1, 0, 0, 1, cfg.cluster.device))
+        launched = Topology(1, 0, 0, 1, cfg.cluster.device)
+        _, plan = estimated_plan(concrete(cfg, launched), launched)
         run_dir.mkdir(parents=True, exist_ok=True)
         script = run_dir / "job.sbatch"
         script.write_text(text)

@@ -142,10 +142,9 @@ def test_parameters_that_overflow_are_never_saved(tmp_path) -> None:
     1e9, cannot get there through a step whose gradient norm is finite, so the state is made
     so here): the checkpoint due is refused (every rank checks), Diverged (exit 4), nothing
     written."""
-    from launcher.models.loss import CrossEntropy
-
     from launcher.backends.accelerate import AccelerateBackend
     from launcher.models import build_model
+    from launcher.models.loss import CrossEntropy
     from launcher.optim import build_optimizer
     from launcher.planning.plan import PlanInput, plan_batch
     from launcher.training.checkpointer import Checkpointer

@@ -164,7 +164,7 @@ def test_an_unsized_stream_s_epoch_names_the_key_that_stated_it(tmp_path, length
 
     conf = write_project(tmp_path)
     cfg = compose_run(["+recipe=streamed", "data=documents", "+data.form=stream", length], conf)
-    for each in (cfg, in_samples(cfg)):  # as composed, and as the run has it (tokens converted)
-        epoch, why = unsized_epoch(each.data, each.trainer, " (a stream without len())")
-        assert epoch == samples
-        assert why == f" (a stream without len(); one epoch = {key})"
+    cfg = in_samples(cfg)  # as the run has it: tokens converted (launcher/training/job.py concrete)
+    epoch, why = unsized_epoch(cfg.data, cfg.trainer, " (a stream without len())")
+    assert epoch == samples
+    assert why == f" (a stream without len(); one epoch = {key})"

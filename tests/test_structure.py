@@ -16,8 +16,11 @@ RECORD = "records or compares the whole config (checkpoint, earlier run, tracker
 SCRIPT = "an sbatch script carries the whole command line: overrides, recipe, _target_ paths"
 TOKENS = "converts the keys in tokens of the top level and four groups, by the data's seq_len"
 
+WHOLE = ("RunConfig", "ConcreteConfig")  # the whole config: as composed, or made concrete
+
 WHOLE_CONFIG = {
     "training/job.py": {
+        "concrete": JOB,
         "on_device": JOB,
         "estimated_memory": JOB,
         "_check_folders": JOB,
@@ -35,7 +38,11 @@ WHOLE_CONFIG = {
     "planning/split.py": {"split_for": PLAN},
     "planning/ramp.py": {"ramp_stages": PLAN, "scaled_stage": PLAN},
     "planning/adaptive.py": {"stage_plan": PLAN},
-    "planning/tokens.py": {"in_samples": TOKENS, "stated_in_tokens": TOKENS},
+    "planning/tokens.py": {
+        "in_samples": TOKENS,
+        "stated_in_tokens": TOKENS,
+        "require_in_samples": TOKENS,
+    },
     "memory/probe.py": dict.fromkeys(
         [
             "_step",
@@ -70,7 +77,7 @@ def _whole_config_functions() -> set[tuple[str, str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
-                if any(a.annotation and ast.unparse(a.annotation) == "RunConfig" for a in args):
+                if any(a.annotation and ast.unparse(a.annotation) in WHOLE for a in args):
                     found.add((module, node.name))
     return found
 

@@ -15,6 +15,7 @@ import torch
 
 from launcher.checkpoint import files as checkpoint
 from launcher.checkpoint.resume import check
+from launcher.cluster.topology import Topology
 from launcher.config.compose import compose_run
 from launcher.config.schema import RunConfig, to_dict
 from launcher.errors import ConfigError
@@ -23,6 +24,7 @@ from launcher.planning.ramp import starts
 from launcher.planning.render import format_plan
 from launcher.planning.split import batch_step, split_batch
 from launcher.planning.tokens import in_samples, to_samples
+from launcher.training.job import concrete
 from tests.helpers import read_metrics, run_cli, write_corpus
 
 EPOCH = 116_988  # sequences of 256 tokens in an epoch (any number: the plan is given it)
@@ -31,6 +33,13 @@ EPOCH = 116_988  # sequences of 256 tokens in an epoch (any number: the plan is 
 @functools.cache
 def _gpt(*overrides: str) -> RunConfig:
     return compose_run(["+recipe=gpt_small", *overrides])
+
+
+def _planned(cfg: RunConfig, world: int = 1):
+    """The plan of `cfg` as a job on `world` processes makes it: the config made concrete (its
+    tokens converted, for that world) once, then planned (launcher/training/job.py)."""
+    launched = Topology(world, 0, 0, world, "cpu")
+    return plan_batch(PlanInput(concrete(cfg, launched), world, EPOCH))
 
 
 def _nearest(message: str) -> list[int]:
@@ -127,7 +136,7 @@ def test_tokens_need_sequence_data():
 def test_the_nearest_global_batches_in_tokens_are_ones_the_plan_accepts(world, micro, tokens):
     cfg = _gpt(f"global_batch_tokens={tokens}", f"micro_batch={micro}")
     with pytest.raises(ConfigError) as err:
-        plan_batch(PlanInput(cfg, world, EPOCH))
+        _planned(cfg, world)
     msg = str(err.value)
     assert msg.startswith(f"global_batch_tokens={tokens}: ") and "\n" not in msg
     near = _nearest(msg)
@@ -136,9 +145,7 @@ def test_the_nearest_global_batches_in_tokens_are_ones_the_plan_accepts(world, m
     step = batch_step(world, micro)[0]
     for t in near:
         split_batch(t // 256, world, micro, 1024)  # accepted: no error
-        plan = plan_batch(
-            PlanInput(_gpt(f"global_batch_tokens={t}", f"micro_batch={micro}"), world, EPOCH)
-        )
+        plan = _planned(_gpt(f"global_batch_tokens={t}", f"micro_batch={micro}"), world)
         assert plan.global_batch == t // 256 and plan.global_batch % step == 0
     for bad in (near[0] + 256, near[-1] - 256):  # between them: refused
         if near[0] < bad < near[-1]:
@@ -177,7 +184,7 @@ SAME = [  # the same run stated in tokens and in samples
 
 
 def test_a_run_in_tokens_plans_exactly_as_the_same_run_in_samples():
-    tokens, samples = (plan_batch(PlanInput(_gpt(*o), 4, EPOCH)) for o in SAME)
+    tokens, samples = (_planned(_gpt(*o), 4) for o in SAME)
     assert tokens.in_tokens == (
         "global_batch_tokens",
         "schedule.warmup_tokens",
@@ -200,7 +207,7 @@ def test_a_run_in_tokens_plans_exactly_as_the_same_run_in_samples():
 
 
 def test_the_printed_plan_shows_tokens_and_sequences():
-    plan = plan_batch(PlanInput(_gpt(*SAME[0]), 4, EPOCH))
+    plan = _planned(_gpt(*SAME[0]), 4)
     why = plan.reasons
     assert why["global_batch"] == (
         "262,144 tokens / 256 tokens per sequence = 1,024 sequences (global_batch_tokens)"
@@ -214,26 +221,24 @@ def test_the_printed_plan_shows_tokens_and_sequences():
     table = format_plan(plan)
     assert re.search(r"global_batch +1,024 sequences = 262,144 tokens  262,144 tokens", table)
     assert re.search(r"warmup_samples +5,850 = 1,497,600 tokens  1,497,600 tokens", table)
-    plain = format_plan(plan_batch(PlanInput(_gpt(*SAME[1]), 4, EPOCH)))
+    plain = format_plan(_planned(_gpt(*SAME[1]), 4))
     assert re.search(r"global_batch +1024  1024 \(global_batch\)", plain)
 
 
 def test_the_warmup_in_tokens_holds_for_a_swapped_optimizer_and_may_be_zero():
-    swapped = plan_batch(
-        PlanInput(_gpt("global_batch=1024", "schedule.warmup_tokens=25600"), 1, EPOCH)
-    )
+    swapped = _planned(_gpt("global_batch=1024", "schedule.warmup_tokens=25600"))
     assert (swapped.optimizer, swapped.warmup_samples) == ("lamb", 100)
-    none = plan_batch(PlanInput(_gpt("schedule.warmup_tokens=0"), 1, EPOCH))
+    none = _planned(_gpt("schedule.warmup_tokens=0"))
     assert none.warmup_samples == 0
     assert none.reasons["warmup_samples"] == "no warmup (schedule.warmup_tokens=0)"
 
 
 def test_a_run_length_in_tokens_covers_its_sequences():
-    plan = plan_batch(PlanInput(_gpt("trainer.tokens=256000"), 1, EPOCH))  # 1,000 sequences of 64
+    plan = _planned(_gpt("trainer.tokens=256000"))  # 1,000 sequences of 64
     assert (plan.steps, plan.total_samples) == (16, 1024)
     assert "the last step runs 24 samples into the next epoch" in plan.reasons["steps"]
     with pytest.raises(ConfigError, match="^global_batch_tokens=524288 .*trainer.tokens"):
-        plan_batch(PlanInput(_gpt("trainer.tokens=256000", "global_batch_tokens=524288"), 1, EPOCH))
+        _planned(_gpt("trainer.tokens=256000", "global_batch_tokens=524288"))
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -253,7 +258,6 @@ def test_resume_accepts_a_run_in_tokens_and_a_changed_batch_in_tokens_is_a_batch
     run = ("global_batch_tokens=65536", "schedule.warmup_tokens=25600", "trainer.tokens=2560000")
     state = _saved(_gpt(*run))
     assert check(in_samples(_gpt(*run)), state, Path("ckpt")) == (0, 0)
-    assert check(_gpt(*run), state, Path("ckpt")) == (0, 0)  # converts what it is given
     samples = ("global_batch=256", "schedule.warmup_samples=100", "trainer.samples=10000")
     assert check(_gpt(*samples), state, Path("ckpt")) == (0, 0)  # the same run in samples
     old = json.loads(json.dumps(_saved(_gpt())))  # a checkpoint from before the keys in tokens
@@ -265,13 +269,13 @@ def test_resume_accepts_a_run_in_tokens_and_a_changed_batch_in_tokens_is_a_batch
     assert check(_gpt(), old, Path("ckpt")) == (0, 0)
     changed = (*run[1:], "global_batch_tokens=131072")
     with pytest.raises(ConfigError) as err:
-        check(_gpt(*changed), state, Path("ckpt"))
+        check(in_samples(_gpt(*changed)), state, Path("ckpt"))
     assert str(err.value).startswith(
         "global_batch_tokens=131072 (512 sequences): ckpt was trained with global batch 256"
     )
     assert "resume with global_batch_tokens=65536, or say checkpoint.allow" in str(err.value)
     allowed = _gpt(*changed, "checkpoint.allow_global_batch_change=true")
-    assert check(allowed, state, Path("ckpt")) == (4, 1024)
+    assert check(in_samples(allowed), state, Path("ckpt")) == (4, 1024)
 
 
 # ------------------------------------------------------------------------- a real text run

@@ -21,10 +21,10 @@ import torch
 from launcher.checkpoint import files as checkpoint
 from launcher.config.capabilities import capabilities
 from launcher.config.optimization import RampConfig, ScheduleConfig
-from launcher.config.schema import RunConfig, to_dict
+from launcher.config.schema import ConcreteConfig, RunConfig, to_dict
 from launcher.errors import ConfigError
 from launcher.planning.plan import batch_key
-from launcher.planning.tokens import TWINS, in_samples, tokens_per_sample
+from launcher.planning.tokens import TWINS, tokens_per_sample
 from launcher.types.plan import AdaptiveStage, BatchPlan
 from launcher.types.state import CheckpointState, Progress, RngState, SavedConfig, SavedPlan
 
@@ -187,11 +187,10 @@ LOADING_KEYS = (
 )
 
 
-def check(cfg: RunConfig, state: CheckpointState, path: Path) -> tuple[int, int]:
+def check(cfg: ConcreteConfig, state: CheckpointState, path: Path) -> tuple[int, int]:
     """Refuse to continue a checkpoint with a config that would train something else; returns
-    the plan's origin (step, samples) where the current global batch took over. A batch stated
-    in tokens is its sequences (launcher/planning/tokens.py), as everything the config says."""
-    cfg = in_samples(cfg)
+    the plan's origin (step, samples) where the current global batch took over. `cfg` is the
+    job's concrete config: a batch stated in tokens is its sequences, as everything it says."""
     if "shards" in state and not capabilities(cfg.backend).sharded_checkpoints:
         raise ConfigError(
             f"backend.name={cfg.backend.name!r}: {path} holds shards written by backend=fsdp "

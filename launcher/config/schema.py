@@ -14,7 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, NewType, Union
 
 from launcher.config.checks import (
     TARGET_KEY,
@@ -133,6 +133,13 @@ def require_concrete(backend: BackendConfig, trainer: TrainerConfig) -> None:
             "backend.mixed_precision / trainer.channels_last are 'auto': resolve them for the "
             "device first (launcher.training.job.on_device)"
         )
+
+
+# A RunConfig as a job trains with it: its device-dependent `auto`s resolved and its quantities
+# stated in tokens converted into samples. Each process makes it once per job
+# (launcher.training.job.concrete) and hands it down: the planner, resume and everything that
+# records the config read it, and none converts it again.
+ConcreteConfig = NewType("ConcreteConfig", RunConfig)
 
 
 # ------------------------------------------------------------------------------- dict -> dataclass

@@ -18,7 +18,7 @@ from launcher.config.execution import TrainerConfig
 from launcher.config.optimization import OptimConfig, ScheduleConfig
 from launcher.config.optimizers import OPTIMIZER_FACTS
 from launcher.config.ranges import COUNT
-from launcher.config.schema import RunConfig
+from launcher.config.schema import ConcreteConfig
 from launcher.errors import ConfigError
 from launcher.planning.adaptive import stage_plan
 from launcher.planning.length import run_length, run_samples
@@ -33,8 +33,13 @@ from launcher.planning.rules import (
     scale_lr,
     weight_decay,
 )
-from launcher.planning.split import batch_step, split_for
-from launcher.planning.tokens import in_samples, length_key, stated_in_tokens, tokens_per_sample
+from launcher.planning.split import split_for
+from launcher.planning.tokens import (
+    length_key,
+    require_in_samples,
+    stated_in_tokens,
+    tokens_per_sample,
+)
 from launcher.types.plan import AdaptiveStage, BatchPlan
 
 MOST_OF_THE_RUN = 0.5  # a warmup over more than this share of the run's samples gets a note
@@ -42,12 +47,13 @@ MOST_OF_THE_RUN = 0.5  # a warmup over more than this share of the run's samples
 
 @dataclass(frozen=True)
 class PlanInput:
-    """What a plan is made from: the run's config, the world size and the training split's size
+    """What a plan is made from: the run's config as the job trains with it (its quantities in
+    samples: launcher/training/job.py concrete), the world size and the training split's size
     (each with where it comes from, for the reasons), the memory probe's report, and where the
     run stands: `origin` (step, samples) already done at another global batch (a global batch
     changed on resume), or an adaptive ramp's `stage` (None: its start)."""
 
-    cfg: RunConfig
+    cfg: ConcreteConfig
     world_size: int
     epoch_samples: int
     _: KW_ONLY
@@ -64,11 +70,11 @@ def plan_batch(given: PlanInput) -> BatchPlan:
     The memory report's `cap` is the largest micro-batch the device memory allows. With a ramp-up
     (ramp.start_batch) its stages come first (`ramp_stages`) and the plan's origin is where
     global_batch takes over. An adaptive ramp (ramp.mode=adaptive) plans the batch it trains now
-    (`given.stage`, by default its start). Quantities stated in tokens are converted into samples
-    first (launcher/planning/tokens.py).
+    (`given.stage`, by default its start). Quantities stated in tokens are read as the samples
+    they were converted into (launcher/planning/tokens.py); a config not converted is refused.
     """
-    cfg = in_samples(given.cfg, batch_step(given.world_size, given.cfg.micro_batch))
-    given = dataclasses.replace(given, cfg=cfg)
+    cfg = given.cfg
+    require_in_samples(cfg)
     key = batch_key(cfg.global_batch, cfg.global_batch_tokens)
     _within_the_data(key, cfg.global_batch, cfg.trainer, given.epoch_samples)
     if cfg.ramp.mode == "adaptive":

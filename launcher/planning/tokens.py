@@ -17,9 +17,9 @@ other twins are unused unless set (null or 0), and a twin set to another value t
 key gives is refused, naming both. A count that is not whole, or that the plan would refuse (a
 global batch that does not split over the devices, a ramp start that does not double up to
 global_batch), is refused with the nearest valid token values. Converting a converted config
-changes nothing: a job's config is converted once (launcher/training/job.py execute), so its
-config.yaml, its checkpoints and every reader of it see the samples, and plan_batch converts
-the config it is given.
+changes nothing, but each process converts a job's config once (launcher/training/job.py
+concrete), so its plans, config.yaml, checkpoints and every reader of it see the samples; the
+planner refuses a config that states tokens not yet converted (require_in_samples).
 """
 
 from __future__ import annotations
@@ -150,6 +150,20 @@ def in_samples(cfg: RunConfig, batch_step: tuple[int, str] = (1, "")) -> RunConf
         changed.setdefault(group, {})[twin] = samples
     parts = {g: dataclasses.replace(getattr(cfg, g), **v) for g, v in changed.items()}
     return dataclasses.replace(cfg, global_batch=gb, **parts)
+
+
+def require_in_samples(cfg: RunConfig) -> None:
+    """Raise if a quantity `cfg` states in tokens is not yet its twin in samples: the planner
+    must never read a twin the tokens did not set (in_samples sets them, once per process)."""
+    seq = tokens_per_sample(cfg.data)
+    for key, tokens, twin in stated_in_tokens(cfg):
+        group, _, name = twin.rpartition(".")
+        value = getattr(getattr(cfg, group) if group else cfg, name)
+        if not seq or value is None or value * seq != tokens:
+            raise RuntimeError(
+                f"{key}={tokens}: not converted into {twin} ({value}); plan the config a job "
+                "trains with (launcher.training.job.concrete), not the one composed"
+            )
 
 
 def _multiple(step: int) -> Callable[[int], bool]:

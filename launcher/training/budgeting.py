@@ -15,9 +15,8 @@ import dataclasses
 from collections.abc import Sequence
 
 from launcher.config.components import DataConfig
-from launcher.config.schema import RunConfig
+from launcher.config.schema import ConcreteConfig
 from launcher.errors import ConfigError
-from launcher.planning.tokens import in_samples
 from launcher.types.plan import BatchPlan
 
 DRAWS = 64  # random steps the plan's padding estimate averages over
@@ -28,7 +27,7 @@ def budget_of(data: DataConfig) -> int:
     return int(getattr(data, "micro_batch_tokens", 0) or 0)
 
 
-def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
+def budget_config(cfg: ConcreteConfig, world_size: int) -> ConcreteConfig:
     """The config the plan is made from: micro_batch = the per-device batch (the budget cuts
     it); refused where a budget cannot apply."""
     from launcher.data import build_splits  # heavy: numpy
@@ -56,8 +55,8 @@ def budget_config(cfg: RunConfig, world_size: int) -> RunConfig:
             f"{key}: smaller than the longest sample ({longest:,} tokens, {splits.spec.worst}); "
             f"must be at least {longest:,}"
         )
-    gb = in_samples(cfg).global_batch
-    return dataclasses.replace(cfg, micro_batch=max(gb // world_size, 1))
+    per_device = max(cfg.global_batch // world_size, 1)
+    return ConcreteConfig(dataclasses.replace(cfg, micro_batch=per_device))
 
 
 def budget_plan(data: DataConfig, plan: BatchPlan, lengths: Sequence[int]) -> BatchPlan:

@@ -21,12 +21,13 @@ from launcher.cluster import preemption
 from launcher.cluster.spawn import spawn
 from launcher.cluster.topology import Topology, from_env, local_processes, resolve, slurm_env
 from launcher.config.compose import compose_dict, config_dir_args, split_sweep
-from launcher.config.schema import RunConfig, to_run_config
+from launcher.config.schema import ConcreteConfig, RunConfig, to_run_config
 from launcher.data import data_spec, declared_epoch_samples
 from launcher.errors import ConfigError
 from launcher.planning.render import format_plan
+from launcher.planning.split import batch_step
 from launcher.planning.tokens import in_samples
-from launcher.training.job_plan import plan_for, probes_memory, with_budget
+from launcher.training.job_plan import Facts, Planned, plan_for, probes_memory, with_budget
 from launcher.training.metrics import check_trackers
 from launcher.training.run_folder import (
     create_run_dir,
@@ -37,6 +38,17 @@ from launcher.training.run_folder import (
     write_plan_files,
 )
 from launcher.types.plan import BatchPlan
+
+
+def concrete(cfg: RunConfig, launched: Topology) -> ConcreteConfig:
+    """The config a job trains with, made once per process and job where the process takes the
+    job in (validate, a Hydra job, python -m launcher.slurm, a branch of python -m launcher.cbs):
+    its device `auto`s resolved for the device that trains it (on_device), its quantities stated
+    in tokens converted into samples (launcher/planning/tokens.py), a global batch in tokens
+    refused with the nearest values that split over the processes that train it."""
+    topology = resolve(cfg.cluster, launched, cfg.plan_only)
+    cfg = on_device(cfg, topology.device)
+    return ConcreteConfig(in_samples(cfg, batch_step(topology.world_size, cfg.micro_batch)))
 
 
 def on_device(cfg: RunConfig, device: str) -> RunConfig:
@@ -77,11 +89,13 @@ def estimated_memory(cfg: RunConfig, topology: Topology, plan: BatchPlan) -> dic
 
 @dataclasses.dataclass(frozen=True)
 class ValidatedLaunch:
-    """A validated launch: every job's overrides, config and run folder, and the processes."""
+    """A validated launch: every job's overrides, concrete config, run folder and plan (from the
+    epoch its data declares), and the processes."""
 
     overrides: list[list[str]]
-    configs: list[RunConfig]
+    configs: list[ConcreteConfig]
     run_dirs: list[Path]
+    planned: list[Planned]
     launched: Topology  # what trains: the processes trainer.devices starts, or what started us
     workers: int  # trainer.devices workers to start on this machine (0: this process trains)
 
@@ -93,13 +107,13 @@ def validate(
     provided: dict[str, dict[str, Any]] | None = None,
     launched: Topology | None = None,
 ) -> ValidatedLaunch:
-    """Compose and check every job before anything is written: its config, its plan for the
-    processes that will train it (`launched`: those a Hydra launcher plugin will start, else
-    this process's), its trackers, its run folder."""
+    """Compose and check every job before anything is written: its config, made concrete
+    (`concrete`), its plan for the processes that will train it (`launched`: those a Hydra
+    launcher plugin will start, else this process's), its trackers, its run folder."""
     jobs = split_sweep(overrides) if multirun else [overrides]
-    configs = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
+    composed = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
     for key in ("backend", "trainer.devices"):
-        if len({_get(cfg, key) for cfg in configs}) > 1:
+        if len({_get(cfg, key) for cfg in composed}) > 1:
             raise ConfigError(
                 f"-m: a sweep cannot vary {key} (it is fixed per process); launch one sweep per "
                 "setting"
@@ -108,27 +122,28 @@ def validate(
     launched = launched or from_env()
     workers = max(
         local_processes(cfg.trainer, cfg.cluster, launched, _visible_gpus(launched))
-        for cfg in configs
+        for cfg in composed
     )
     # plan_only plans for the workers without starting them: the dry run is the real run
-    workers_started = 0 if all(cfg.plan_only for cfg in configs) else workers
+    workers_started = 0 if all(cfg.plan_only for cfg in composed) else workers
     if workers_started and provided:
         raise ConfigError(
-            f"trainer.devices={configs[0].trainer.devices}: would start {workers} workers as "
+            f"trainer.devices={composed[0].trainer.devices}: would start {workers} workers as "
             f"`python -m launcher`, which cannot rebuild the {', '.join(provided)} handed to "
             f"launcher.run(); start your script on every rank instead (torchrun --nproc_per_node "
             f"{workers} your_script.py), or set trainer.devices=1"
         )
     if workers:
         launched = Topology(workers, 0, 0, workers, launched.device, "trainer.devices", True)
-    configs = [on_device(c, resolve(c.cluster, launched, c.plan_only).device) for c in configs]
+    configs = [concrete(c, launched) for c in composed]
     stamp = run_stamp() if any(cfg.run_dir is None for cfg in configs) else ""
     run_dirs = [
         job_run_dir(cfg.run_dir, cfg.recipe, stamp, i if multirun else None)
         for i, cfg in enumerate(configs)
     ]
+    planned = []
     for cfg, run_dir in zip(configs, run_dirs, strict=True):
-        plan_for(cfg, launched)
+        planned.append(plan_for(cfg, launched, Facts(declared_epoch_samples(cfg.data))))
         check_trackers(cfg.trainer.trackers)
         if launched.rank == 0:  # one process checks: ranks sharing a file system would race
             _check_folders(cfg, run_dir)
@@ -137,7 +152,7 @@ def validate(
                 f"run_dir={str(run_dir)!r}: already holds a run; choose a new one (or resume=auto "
                 "to continue it)"
             )
-    return ValidatedLaunch(jobs, configs, run_dirs, launched, workers_started)
+    return ValidatedLaunch(jobs, configs, run_dirs, planned, launched, workers_started)
 
 
 def _check_folders(cfg: RunConfig, run_dir: Path) -> None:
@@ -174,18 +189,20 @@ def launch(
         return []
     results = []
     log.set_rank(jobs.launched.rank)
-    for i, (cfg, run_dir) in enumerate(zip(jobs.configs, jobs.run_dirs, strict=True)):
+    for i, (cfg, run_dir, planned) in enumerate(
+        zip(jobs.configs, jobs.run_dirs, jobs.planned, strict=True)
+    ):
         if multirun:
             log.info(f"[multirun] job {i}: {' '.join(jobs.overrides[i])}")
         note = restart_note(cfg.run_dir)
         if note and jobs.launched.rank == 0:
             log.warn(note)
         if not reuses_run_dir(cfg.run_dir) or jobs.launched.rank > 0:  # a new folder: unlocked
-            results.append(execute(cfg, jobs.launched, run_dir))
+            results.append(execute(cfg, jobs.launched, run_dir, planned))
             continue
         acquire(run_dir)
         try:
-            results.append(execute(cfg, jobs.launched, run_dir))
+            results.append(execute(cfg, jobs.launched, run_dir, planned))
         finally:
             release(run_dir.absolute() / NAME, os.getpid())
     return results
@@ -213,29 +230,33 @@ def _visible_gpus(launched: Topology) -> int:
     return torch.cuda.device_count()
 
 
-def estimated_plan(cfg: RunConfig, launched: Topology) -> tuple[Topology, BatchPlan]:
-    """The plan_only plan: for the declared cluster, with the memory estimated, not measured."""
-    cfg = on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device)
-    epoch = declared_epoch_samples(cfg.data)  # once: a text corpus is counted by listing files
-    topology, plan = plan_for(cfg, launched, epoch)
+def estimated_plan(
+    cfg: ConcreteConfig, launched: Topology, planned: Planned | None = None
+) -> tuple[Topology, BatchPlan]:
+    """The plan_only plan: for the declared cluster, with the memory estimated, not measured.
+    `planned`: validate's plan of this job (the same facts: the declared epoch), continued from."""
+    if planned is None:  # a text corpus is counted by listing its files: once
+        planned = plan_for(cfg, launched, Facts(declared_epoch_samples(cfg.data)))
     if probes_memory(cfg.memory, cfg.micro_batch):
-        _, plan = plan_for(cfg, launched, epoch, estimated_memory(cfg, topology, plan))
+        memory = estimated_memory(cfg, planned.topology, planned.plan)
+        planned = plan_for(cfg, launched, dataclasses.replace(planned.facts, memory=memory))
     else:  # the estimate's steps would have checked that model, data and loss fit together
         from launcher.memory.probe import check_fit  # heavy: torch
 
-        check_fit(cfg, data_spec(cfg.data), plan, topology.device)
-    return topology, plan
+        check_fit(cfg, data_spec(cfg.data), planned.plan, planned.topology.device)
+    return planned.topology, planned.plan
 
 
-def execute(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+def execute(
+    cfg: ConcreteConfig, launched: Topology, run_dir: Path, planned: Planned | None = None
+) -> dict[str, Any]:
     """Plan, and unless plan_only, train. Returns the final evaluation (empty under plan_only).
-    The job's config is the one it trains with: its device `auto`s resolved, its quantities
-    stated in tokens converted into samples (launcher/planning/tokens.py; validate's plans
-    refused those that do not convert), as config.yaml and the checkpoints record it."""
+    `cfg` is the job's concrete config (`concrete`), as config.yaml and the checkpoints record
+    it; `planned`, validate's plan of it, which plan_only continues from (training plans from the
+    data it builds: launcher/training/job_plan.py)."""
     log.set_rank(launched.rank)
-    cfg = in_samples(on_device(cfg, resolve(cfg.cluster, launched, cfg.plan_only).device))
     if cfg.plan_only:
-        topology, plan = estimated_plan(cfg, launched)
+        topology, plan = estimated_plan(cfg, launched, planned)
         plan = with_budget(cfg, plan, run_dir)
         run_dir = create_run_dir(run_dir, reuses_run_dir(cfg.run_dir))
         write_plan_files(run_dir, cfg, plan, topology.device)

@@ -1,6 +1,34 @@
-"""A job's plan: the topology and BatchPlan for its config, re-made as facts arrive (the data's
-epoch, a checkpoint's stage, the measured memory); whether the memory probe sets the micro-batch;
-the budget row judged from an earlier run beside the run folder."""
+"""A job's plan: the topology and BatchPlan for its concrete config (launcher/training/job.py
+concrete) and the facts it is made from; whether the memory probe sets the micro-batch; the
+budget row judged from an earlier run beside the run folder.
+
+A plan is a function of the config, the processes and its Facts (the training split's size, the
+memory report, where the run stands). A process plans a job once, and again only when a fact is
+new; no plan repeats one from the same facts. The plans of one job, by process:
+
+- the launching process (job.validate; every process of a launch runs it, workers included): 1,
+  with the epoch the data config declares, for the processes that will train: the check before
+  anything is written.
+- plan_only (job.estimated_plan): validate's plan when it is handed down (launcher.run()), else 1
+  with the declared epoch (a Hydra job, python -m launcher.slurm); then 1 with the memory
+  estimated (fake tensors, the devices planned for) when the probe would set the micro-batch
+  (memory.probe and micro_batch=auto). So launcher.run() under plan_only: 2 with that estimate,
+  1 without.
+- training (launcher/training/phases.py): set_up 1, with the epoch counted in the built data (a
+  new fact beside the declared one: its number or its source); find_checkpoint 1 when the
+  checkpoint moves the run's origin (a global batch changed on resume) or holds an adaptive
+  ramp's stage, none when it resumes where the plan already stands; prepare 1 with the measured
+  memory when the probe ran; 1 at each growth of an adaptive ramp. An out-of-memory re-split
+  is no new plan: the loop halves the plan's micro-batch (launcher/planning/split.py
+  shrink_micro_batch). So launcher.run() of a fresh run on one process: 3 with the probe (validate,
+  set_up, prepare), 2 without.
+
+A Hydra job (launcher/hydra_app.py) makes its own concrete config from the config Hydra composed
+for it and plans it as above without a handed-down plan: under the basic launcher it runs in the
+launching process, so `python -m launcher plan_only=true` plans 3 times with the estimate.
+python -m launcher.cbs plans each branch once to check it, then trains it as above.
+tests/test_job_plan.py counts them.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +40,40 @@ from launcher.backends import check as check_backend
 from launcher.batchsize.prior import budget, find_prior
 from launcher.cluster.topology import Topology, resolve
 from launcher.config.execution import MemoryConfig
-from launcher.config.schema import RunConfig
-from launcher.data import build_splits, declared_epoch_samples, loading
+from launcher.config.schema import ConcreteConfig, RunConfig
+from launcher.data import build_splits, loading
 from launcher.errors import ConfigError
 from launcher.planning.plan import PlanInput, plan_batch
-from launcher.planning.tokens import tokens_per_sample
 from launcher.training.budgeting import budget_config, budget_of, budget_plan
 from launcher.types.plan import AdaptiveStage, BatchPlan
 
 
-def plan_for(
-    cfg: RunConfig,
-    launched: Topology,
-    epoch: tuple[int, str] | None = None,
-    memory: dict[str, Any] | None = None,
-    origin: tuple[int, int] = (0, 0),
-    stage: AdaptiveStage | None = None,
-) -> tuple[Topology, BatchPlan]:
-    """Topology and plan; the epoch size is the data config's declared one unless given.
-    `stage`: an adaptive ramp's batch, origin and history (plan_batch)."""
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What a job's plan is made from besides its config and the processes: the training split's
+    size (samples per epoch, where that number comes from; 0: a stream without len()), the memory
+    report (the probe's, or plan_only's estimate; None: none), and where the run stands: `origin`
+    (step, samples) done at another global batch, an adaptive ramp's `stage` (plan_batch)."""
+
+    epoch: tuple[int, str]
+    memory: dict[str, Any] | None = None
+    origin: tuple[int, int] = (0, 0)
+    stage: AdaptiveStage | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A job's plan, with the facts it was made from and the topology it plans for."""
+
+    facts: Facts
+    topology: Topology
+    plan: BatchPlan
+
+
+def plan_for(cfg: ConcreteConfig, launched: Topology, facts: Facts) -> Planned:
+    """The topology and plan for `facts` (the one place a job's plan is made)."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)
-    samples, source = epoch if epoch is not None else declared_epoch_samples(cfg.data)
+    samples, source = facts.epoch
     if samples == 0:  # a stream without len() (data/stream.py): its epoch is the run's length
         samples, source = unsized_epoch(cfg.data, cfg.trainer, source)
     c = cfg.cluster
@@ -52,9 +93,9 @@ def plan_for(
             samples,
             epoch_source=source,
             world_source=where,
-            memory=memory,
-            origin=origin,
-            stage=stage,
+            memory=facts.memory,
+            origin=facts.origin,
+            stage=facts.stage,
         )
     )
     check_backend(cfg, plan, topology.device)
@@ -65,13 +106,13 @@ def plan_for(
         from launcher.data.lengths import lengths  # heavy: torch
 
         plan = budget_plan(cfg.data, plan, lengths(build_splits(cfg.data).train))
-    return topology, plan
+    return Planned(facts, topology, plan)
 
 
 def unsized_epoch(data: Any, trainer: Any, source: str) -> tuple[int, str]:
-    """A stream without len(): one epoch is trainer.samples (trainer.tokens, converted)."""
-    per = tokens_per_sample(data)
-    samples = trainer.samples or (trainer.tokens // per if per else 0)
+    """A stream without len(): one epoch is trainer.samples (of a concrete config: what
+    trainer.tokens converts into, when it states the length)."""
+    samples = trainer.samples
     if samples <= 0:
         target = getattr(data, "target", data)
         raise ConfigError(

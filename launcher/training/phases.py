@@ -24,7 +24,7 @@ from launcher.checkpoint.files import torch_save
 from launcher.checkpoint.paths import WriteFailed
 from launcher.cluster import preemption
 from launcher.cluster.topology import Topology, resolve
-from launcher.config.schema import RunConfig
+from launcher.config.schema import ConcreteConfig
 from launcher.data import Source, Splits, build_splits, eval_loader, loader_settings, train_loader
 from launcher.data.stream import Snapshots
 from launcher.errors import ConfigError
@@ -40,7 +40,7 @@ from launcher.training import speed
 from launcher.training.checkpointer import Checkpointer
 from launcher.training.evaluation import check_replicas
 from launcher.training.guard import Health
-from launcher.training.job_plan import plan_for, probes_memory, with_budget
+from launcher.training.job_plan import Facts, plan_for, probes_memory, with_budget
 from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink, open_trackers
 from launcher.training.run_folder import create_run_dir, reuses_run_dir, write_plan_files
@@ -60,15 +60,15 @@ class PreparedOptimizer(Protocol):
 
 @dataclass
 class Job:
-    """What the phases build and share. `plan` is re-made as facts arrive: the data's size, the
-    checkpoint's stage, the measured memory."""
+    """What the phases build and share. `plan` is re-made as facts arrive (`facts`: the data's
+    size, the checkpoint's origin and stage, the measured memory; launcher/training/job_plan.py)."""
 
-    cfg: RunConfig
+    cfg: ConcreteConfig
     launched: Topology
     run_dir: Path
     topology: Topology
     splits: Splits
-    epoch: tuple[int, str]  # (samples per epoch, where that number comes from)
+    facts: Facts  # what `plan` was made from
     plan: BatchPlan
     model: torch.nn.Module  # from prepare on: as the backend wrapped it (DDP, DeepSpeed's engine)
     loss_fn: CrossEntropy | UserLoss
@@ -76,10 +76,7 @@ class Job:
     sources: tuple[Source, Source]  # (train, eval) as the loaders read them
     snapshots: Snapshots  # a stream's saved places by position (launcher/data/stream.py)
     found: tuple[CheckpointState, Path] | None = None  # the checkpoint to resume: (state, path)
-    origin: tuple[int, int] = (0, 0)  # (step, samples) the resumed stage starts from
-    stage: AdaptiveStage | None = None  # the adaptive ramp's stage at the checkpoint
     optimizer: PreparedOptimizer | None = None  # from prepare on
-    report: dict[str, Any] | None = None  # the memory probe's profile report
     _backend: Backend | None = None  # built by prepare
 
     @property
@@ -99,15 +96,13 @@ class Job:
             return self._backend.rank == 0
         return self.topology.rank == 0
 
-    def replan(self) -> BatchPlan:
-        """The plan for this job's facts so far: its data, checkpoint stage, measured memory."""
-        _, plan = plan_for(
-            self.cfg, self.launched, self.epoch, self.report, self.origin, self.stage
-        )
-        return plan
+    def replan(self, facts: Facts) -> None:
+        """The plan for `facts`; none is made when they are the plan's own (the same plan)."""
+        if facts != self.facts:
+            self.facts, self.plan = facts, plan_for(self.cfg, self.launched, facts).plan
 
 
-def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
+def train_job(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> dict[str, Any]:
     """Train one job; returns its final evaluation and run folder."""
     job = set_up(cfg, launched, run_dir)
     find_checkpoint(job)
@@ -117,7 +112,7 @@ def train_job(cfg: RunConfig, launched: Topology, run_dir: Path) -> dict[str, An
     return finish(job, result, plan)
 
 
-def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
+def set_up(cfg: ConcreteConfig, launched: Topology, run_dir: Path) -> Job:
     """Threads and cuDNN, the data, the first plan, the model (seeded) and the loss."""
     topology = resolve(cfg.cluster, launched, cfg.plan_only)  # launch() validated the plan
     if cfg.trainer.cpu_threads:
@@ -126,8 +121,8 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     faults.test_kill(0, "preparing")  # a test's signal while the data is prepared
     splits = build_splits(cfg.data)
-    epoch = splits.epoch()
-    _, plan = plan_for(cfg, launched, epoch)
+    facts = Facts(splits.epoch())  # counted: validate planned the epoch the config declares
+    plan = plan_for(cfg, launched, facts).plan
     check_model_fits(cfg, splits.spec, plan, topology.device, topology.local_world_size)
     dtype = getattr(torch, cfg.trainer.dtype)
     torch.manual_seed(cfg.seed)
@@ -145,7 +140,7 @@ def set_up(cfg: RunConfig, launched: Topology, run_dir: Path) -> Job:
         run_dir,
         topology,
         splits,
-        epoch,
+        facts,
         plan,
         model,
         loss_fn,
@@ -167,15 +162,16 @@ def _check_context(data: Any, model: Any) -> None:
 
 
 def find_checkpoint(job: Job) -> None:
-    """The newest usable checkpoint of run_dir, checked against this run; the plan re-made at
-    its step (and its adaptive stage). A finished run without one is refused."""
+    """The newest usable checkpoint of run_dir, checked against this run; the plan re-made from
+    its origin (a global batch changed) or its adaptive stage, if it has either. A finished run
+    without one is refused."""
     cfg, run_dir = job.cfg, job.run_dir
     found = resume.find(cfg.resume, run_dir, log.warn) if job.plan.checkpoints else None
     if found is not None:
         job.found = found
-        job.origin = resume.check(cfg, *found)
-        job.stage = resume.adaptive_stage(cfg.ramp, found[0])
-        job.plan = job.replan()
+        origin = resume.check(cfg, *found)
+        stage = resume.adaptive_stage(cfg.ramp, found[0])
+        job.replan(dataclasses.replace(job.facts, origin=origin, stage=stage))
         resume.check_optimizer(found[0], job.plan, found[1])
     elif (run_dir / "plan.json").exists():  # launch() allowed it: resume=auto
         if (run_dir / "model_final.pt").exists():
@@ -202,8 +198,8 @@ def prepare(job: Job) -> None:
     device = str(backend.device)
     if probes_memory(cfg.memory, cfg.micro_batch):
         local = topology.local_world_size
-        _, job.report = measured_cap(cfg, job.splits.spec, job.plan, device, local, backend.all_min)
-        job.plan = job.replan()  # RNG state kept
+        _, report = measured_cap(cfg, job.splits.spec, job.plan, device, local, backend.all_min)
+        job.replan(dataclasses.replace(job.facts, memory=report))  # RNG state kept
     else:  # the probe's steps would have checked that model, data and loss fit together
         check_fit(cfg, job.splits.spec, job.plan, device)
     plan = job.plan
@@ -323,9 +319,10 @@ class _Events:
             )
             if new.ramp or not job.plan.ramp:  # not for a ramp-up stage: plan.json keeps the ramp
                 write_plan_files(job.run_dir, job.cfg, new, job.topology.device)
-        if job.report is not None:
+        report = job.facts.memory  # the probe's (None: not probed)
+        if report is not None:
             device = str(job.backend.device)
-            record_oom(job.cfg, job.splits.spec, old, device, job.report, old.micro_batch)
+            record_oom(job.cfg, job.splits.spec, old, device, report, old.micro_batch)
 
     def grow(self, step: int, current: BatchPlan, noise: float | None) -> BatchPlan | None:
         """The adaptive ramp's decision at a log step (rank 0's), and the plan it leads to."""
@@ -346,7 +343,7 @@ class _Events:
         assert noise is not None  # rank 0 grew on it, and every rank's is the same (a collective)
         before = (current.origin_step, current.origin_samples, current.global_batch)
         stage = AdaptiveStage(batch, step, current.samples_at(step), (*current.grown, before))
-        larger = plan_for(job.cfg, job.launched, job.epoch, job.report, stage=stage)[1]
+        larger = plan_for(job.cfg, job.launched, dataclasses.replace(job.facts, stage=stage)).plan
         record, line = event(current, larger, noise, ramp.noise_factor)
         self.sink.log(record)
         if job.main:
