@@ -1,5 +1,6 @@
-"""Shared fixtures: a small MNIST-1D cache, the one-process reference run, the built wheel.
-The helpers the tests import are in helpers.py."""
+"""Shared fixtures: a small MNIST-1D cache, the one-process reference run, the built wheel;
+and the environment every process of the suite runs in (ONE_THREAD). The helpers the tests
+import are in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,64 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import PARITY_ARGS, ROOT, final_state, run_cli
+# One compute thread per process, in this one (set before numpy and torch start their pools) and,
+# through the environment, in every process a test starts (the launcher, torchrun's and
+# mp.spawn's workers). A pool per process sized by the machine's cores multiplies the threads by
+# the processes running at once: where a job beside the suite holds the rest of a task limit
+# (a container's pids.max, a user's ulimit -u), creating a thread fails with EAGAIN,
+# "Resource temporarily unavailable", in ProcessGroupGloo(...) or in fork. The suite's models are
+# small: one thread is also the faster setting on a shared 2-core machine.
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1",  # torch's intra-op pool (OpenMP)
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",  # numpy's BLAS, sized at import
+    "TORCHINDUCTOR_COMPILE_THREADS": "1",  # Inductor compiles in the process: no worker pool
+    "RAYON_NUM_THREADS": "1",  # the tokenizers library's pool
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(ONE_THREAD)
+
+from tests.helpers import PARITY_ARGS, ROOT, final_state, train_here  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_python(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test not marked slow starts no Python process (a launcher, torchrun, mp.spawn's
+    workers): each costs seconds of start-up, and those are the slow tier's. Tools (mount,
+    scontrol) and DataLoader's forked workers are allowed."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import multiprocessing.process
+
+    def refuse(what: str) -> None:
+        raise RuntimeError(
+            f"{request.node.nodeid} starts {what}: a test of the fast tier (-m 'not slow') starts "
+            "no Python process; mark it @pytest.mark.slow, or run the launcher in this process "
+            "(tests/helpers.py train_here)"
+        )
+
+    popen, start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+
+    def checked_popen(self: subprocess.Popen[Any], args: Any, *more: Any, **kwargs: Any) -> None:
+        first = args if isinstance(args, (str, bytes, os.PathLike)) else next(iter(args), "")
+        name = os.path.basename(os.fsdecode(first).split()[0] if first else "")
+        if name.startswith("python") or os.fsdecode(first) == sys.executable:
+            refuse(f"a Python process ({name})")
+        popen(self, args, *more, **kwargs)
+
+    def checked_start(self: multiprocessing.process.BaseProcess) -> None:
+        if getattr(self, "_start_method", None) == "spawn":
+            refuse("a spawned Python process (multiprocessing)")
+        start(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked_popen)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", checked_start)
 
 
 @pytest.fixture(scope="session")
@@ -22,14 +77,11 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def one_rank_reference(tmp_path_factory, data_cache) -> dict:
-    """PARITY_ARGS trained by one process with micro-batch 32: the parameters every other
-    launch of the same global batch must reproduce (float64, 1e-10)."""
+    """PARITY_ARGS trained on one rank (in this process) with micro-batch 32: the parameters
+    every other launch of the same global batch must reproduce (float64, 1e-10)."""
     cwd = tmp_path_factory.mktemp("one-rank")
-    res = run_cli(
-        [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", f"run_dir={cwd / 'run'}"],
-        cwd,
-    )
-    assert res.returncode == 0, res.stderr
+    args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=32", "run_dir=run"]
+    assert train_here(args, cwd).returncode == 0
     return final_state(cwd / "run")
 
 

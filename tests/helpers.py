@@ -40,9 +40,18 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
-def accelerate_launch(port: int) -> list[str]:
+def torchrun(nproc: int = 2) -> list[str]:
+    """`torchrun` arguments (after a python) for NPROC processes on this machine. Its rendezvous
+    port is one the OS says is free now: a fixed port is taken while another suite, or another
+    test's launch, runs beside this one."""
+    port = str(free_port())
+    return ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+
+
+def accelerate_launch() -> list[str]:
     """`accelerate launch` arguments for 2 CPU processes on gloo (its --cpu flag would start one,
-    shared/notes/environment-facts.md)."""
+    shared/notes/environment-facts.md), on a port free now (torchrun's above)."""
+    port = free_port()
     return [
         "-m",
         "accelerate.commands.launch",
@@ -69,6 +78,33 @@ def run_cli(
 ):
     """Run `python -m launcher ARGS` (or PREFIX -m launcher ARGS) in `cwd`; returns the result."""
     return run_process((prefix or [sys.executable]) + ["-m", "launcher", *args], cwd, timeout, env)
+
+
+def train_here(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """run_cli in this process: `python -m launcher ARGS` in `cwd`, with the tests' HOME (and
+    `env` on top: never a kill); returns its exit code and output as run_cli does. For a run the
+    test reads, not one whose process it tests: a process would add its start-up (3-4 s of CPU,
+    most of a small run), and the run is the same (one thread in both, ONE_THREAD in
+    conftest.py). Not for mixed precision: Accelerate's state is one per process, and the
+    in-process runs' is `no`."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from launcher.cli import main
+
+    assert "LAUNCHER_TEST_KILL" not in (env or {}), "a kill needs a process of its own"
+    here, out, err = Path.cwd(), io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, {"HOME": TEST_HOME, **(env or {})}):  # the caches under ~
+        os.chdir(cwd)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(args)
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):

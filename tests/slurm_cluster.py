@@ -14,6 +14,7 @@ Needs root; `skip_reason()` says why a cluster cannot be started.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _first_job_id() -> int:
+    """A job's torchrun port is 20000 + its id (launcher/cluster/topology.py): ids starting
+    anywhere in 1..12,000 keep two test clusters running at once (two suites) off each other's
+    ports, and below the ports the OS hands out (32,768 and up)."""
+    return random.randrange(1, 12_000, 100)
 
 
 def _slurm_conf(d: Path, cred_expire: int, extra: str) -> str:
@@ -73,6 +81,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
+FirstJobId={_first_job_id()}
 ReturnToService=2
 JobRequeue=1
 MinJobAge=3600
@@ -200,7 +209,7 @@ class SlurmCluster:
         while (state := self.job_info(job_id)["JobState"]) not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout}s\n" + self.logs())
-            time.sleep(0.2)
+            time.sleep(0.5)  # each look is an scontrol process: jobs take seconds
         return state
 
     def stop(self, timeout: float = 30.0) -> None:

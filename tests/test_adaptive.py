@@ -17,7 +17,7 @@ from launcher.planning.adaptive import decide, stage_plan
 from launcher.planning.plan import PlanInput, _plan, plan_batch
 from launcher.planning.schedule import lr_at
 from launcher.types.plan import AdaptiveStage
-from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
+from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli, train_here
 
 ADAPTIVE = ["global_batch=2048", "ramp.mode=adaptive", "ramp.start_batch=32"]
 
@@ -121,10 +121,11 @@ RUN = [
 
 @pytest.mark.slow
 def test_decisions_survive_a_kill_and_a_resume_exactly(tmp_path, data_cache) -> None:
+    """The kills and the run on two ranks are processes; the others run in this one."""
     cmd = [*RUN, f"data.cache_dir={data_cache}"]
     whole = tmp_path / "whole"
     whole.mkdir()
-    res = run_cli(cmd, whole)
+    res = train_here(cmd, whole)
     assert res.returncode == 0, res.stderr[-3000:]
     records = read_metrics(whole / "run")
     events = [r for r in records if r.get("event") == "ramp"]
@@ -143,7 +144,7 @@ def test_decisions_survive_a_kill_and_a_resume_exactly(tmp_path, data_cache) -> 
     same.mkdir()
     res = run_cli(cmd, same, env={"LAUNCHER_TEST_KILL": f"{grew + 2}:step"})
     assert res.returncode == -9, res.stderr[-2000:]
-    res = run_cli(cmd, same)
+    res = train_here(cmd, same)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming from {same / 'run' / 'checkpoints'}" in res.stdout or "resuming" in res.stdout
     assert "launcher: ramp:" not in res.stdout  # the decision was made before the checkpoint

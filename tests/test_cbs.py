@@ -13,7 +13,7 @@ from launcher.cbs import crossing
 from launcher.errors import ConfigError
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
-from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, composed, read_metrics, run_process, train_here
 
 ARGS = [
     *SMALL_DATA,
@@ -82,7 +82,7 @@ def test_an_early_stop_keeps_the_schedule_and_cools_down_to_zero() -> None:
 def trained(tmp_path_factory, data_cache):
     """A 100-step run at batch 32 with checkpoints every 20 steps."""
     cwd = tmp_path_factory.mktemp("cbs")
-    res = run_cli([*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"], cwd)
+    res = train_here([*ARGS, f"data.cache_dir={data_cache}", "run_dir=run"], cwd)
     assert res.returncode == 0, res.stderr
     return cwd / "run"
 
@@ -144,11 +144,16 @@ def test_branches_train_the_same_samples_at_k_times_the_batch(trained) -> None:
         (["--samples", "1920"], "not before the run's end"),
     ],
 )
-def test_bad_input_is_one_line_and_nothing_trains(trained, args, message) -> None:
+def test_bad_input_is_one_line_and_nothing_trains(trained, args, message, monkeypatch, capsys):
+    """launcher.cbs.main in this process (test_no_checkpoint_before_the_end starts a process)."""
+    from launcher.cbs import main
+
     out = trained.parent / "refused"
-    res = _cbs([str(trained), "--step", "40", "--k", "1,2,4", "--out", str(out), *args], trained)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert message in res.stderr
+    monkeypatch.chdir(trained)
+    assert main([str(trained), "--step", "40", "--k", "1,2,4", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert message in err
     assert not out.exists()
 
 
@@ -217,17 +222,23 @@ def test_malformed_input_is_one_line_in_process(
 
 @pytest.mark.slow
 def test_no_checkpoint_before_the_end(tmp_path, data_cache) -> None:
-    res = run_cli([*ARGS[:-2], f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
+    """The run in this process; launcher.cbs as a process (its refusal's exit code)."""
+    res = train_here([*ARGS[:-2], f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr
     res = _cbs([str(tmp_path / "run")], tmp_path)
     assert res.returncode == 2 and "no checkpoint before the end of the run" in res.stderr
 
 
 @pytest.mark.slow
-def test_a_ramped_run_is_refused(tmp_path, data_cache) -> None:
+def test_a_ramped_run_is_refused(tmp_path, data_cache, monkeypatch, capsys) -> None:
+    """The run and launcher.cbs in this process."""
+    from launcher.cbs import main
+
     ramp = ["ramp.start_batch=16", "ramp.samples=320"]
-    res = run_cli([*ARGS, *ramp, f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
+    res = train_here([*ARGS, *ramp, f"data.cache_dir={data_cache}", "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr
-    res = _cbs([str(tmp_path / "run"), "--k", "1,2"], tmp_path)
-    assert res.returncode == 2 and "trained with a batch ramp" in res.stderr
-    assert res.stderr.count("\n") == 1 and not list((tmp_path / "run").glob("cbs-*"))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(tmp_path / "run"), "--k", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with a batch ramp" in err
+    assert err.count("\n") == 1 and not list((tmp_path / "run").glob("cbs-*"))

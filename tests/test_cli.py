@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from launcher.cli import main
-from tests.helpers import SMALL_DATA, checkout_copy, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, checkout_copy, read_metrics, run_cli, run_process, train_here
 
 BAD_INPUTS = [
     (
@@ -50,6 +50,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, message, tmp_path, m
     assert list(tmp_path.iterdir()) == []  # no run directory, no outputs/
 
 
+@pytest.mark.slow
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     res = run_cli(["global_batch=1000", "cluster=h100x256", "plan_only=true"], tmp_path)
     assert res.returncode == 2
@@ -61,6 +62,7 @@ def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
     run_dir = tmp_path / "plan"
     res = run_cli(
@@ -93,6 +95,7 @@ def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
         assert row in res.stdout
 
 
+@pytest.mark.slow
 def test_plan_only_with_a_cached_estimate_does_not_import_dynamo(tmp_path):
     """Start-up (bench/startup.py): the first plan_only traces the model with FakeTensorMode,
     which imports torch._dynamo (~1.3 s); a second one with the same model reads the cached
@@ -111,7 +114,7 @@ def test_plan_only_with_a_cached_estimate_does_not_import_dynamo(tmp_path):
 
 @pytest.mark.slow
 def test_plan_only_lars_above_8k_and_multirun(tmp_path):
-    res = run_cli(
+    res = train_here(
         ["-m", "+recipe=resnet50", "global_batch=8192,32768", "plan_only=true", "cluster=h100x256"],
         tmp_path,
     )
@@ -154,7 +157,7 @@ def test_default_run_shortened_reaches_90_percent(tmp_path, data_cache):
 @pytest.mark.slow
 def test_resnet_recipe_trains_on_synthetic_data(tmp_path):
     """The torchvision path end to end (ResNet-18 on tiny synthetic images, accumulation 2)."""
-    res = run_cli(
+    res = train_here(
         [
             "+recipe=resnet50",
             "data=synthetic",
@@ -179,7 +182,7 @@ def test_resnet_recipe_trains_on_synthetic_data(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_trains_each_job_in_its_own_run_dir(tmp_path, data_cache):
-    res = run_cli(
+    res = train_here(
         [
             "-m",
             "global_batch=32,64",
@@ -232,13 +235,13 @@ def test_resnet_recipe_trains_on_an_image_folder(tmp_path):
     _image_folder(tmp_path / "imgs", per_class=8)
     common = ["+recipe=resnet50", f"data.root={tmp_path / 'imgs'}", "model.arch=resnet18"]
     common += ["data.image_size=32", "data.workers=0", "global_batch=8", "trainer.epochs=1"]
-    res = run_cli([*common, "data.num_classes=2", "run_dir=run"], tmp_path)
+    res = train_here([*common, "data.num_classes=2", "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert (plan["epoch_samples"], plan["steps"]) == (16, 2)
     final_eval = [m for m in read_metrics(tmp_path / "run") if "eval_accuracy" in m][-1]
     assert final_eval["eval_samples"] == 16
-    wrong = run_cli([*common, "data.num_classes=1000", "run_dir=run2"], tmp_path)
+    wrong = train_here([*common, "data.num_classes=1000", "run_dir=run2"], tmp_path)
     assert wrong.returncode == 2 and not (tmp_path / "run2").exists()
     assert "data.num_classes=1000: " in wrong.stderr and "has 2 class folders" in wrong.stderr
 
@@ -258,7 +261,7 @@ def test_measured_memory_caps_the_micro_batch_and_is_cached(tmp_path, data_cache
     args += ["memory.budget_gb=0.001", "memory.margin_gb=0", f"memory.cache_dir={tmp_path}/mem"]
     plans = []
     for run in ("first", "second"):
-        res = run_cli([*args, f"run_dir={run}"], tmp_path)
+        res = train_here([*args, f"run_dir={run}"], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
         plans.append(json.loads((tmp_path / run / "plan.json").read_text()))
     first, second = plans
@@ -289,6 +292,7 @@ def test_a_budget_below_one_sample_is_refused(extra, said, tmp_path, monkeypatch
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_checkout_runs_with_its_own_config_whatever_is_installed(tmp_path):
     """`python -m launcher` inside a checkout imports that checkout's launcher/ (first on
     sys.path) and composes from that checkout's conf/ and recipes/, not an installed copy's."""

@@ -19,7 +19,16 @@ from launcher.backends.ds_config import ds_config
 from launcher.cli import main
 from launcher.errors import ConfigError
 from launcher.planning.plan import PlanInput, plan_batch
-from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, run_process
+from tests.helpers import (
+    SMALL_DATA,
+    accelerate_launch,
+    composed,
+    free_port,
+    read_metrics,
+    run_cli,
+    run_process,
+    torchrun,
+)
 
 ATOL = 1e-6
 LOSS_RTOL = 1e-6
@@ -183,10 +192,10 @@ def test_a_given_ds_config_keeps_its_own_keys_and_must_agree_with_the_plan(tmp_p
         assert message in str(info.value)
 
 
-def test_plan_only_writes_the_ds_config_a_run_would_use(tmp_path):
+def test_plan_only_writes_the_ds_config_a_run_would_use(tmp_path, monkeypatch):
     args = [DS, "global_batch=512", "cluster=a100x8", "plan_only=true", "memory.probe=false"]
-    res = run_cli([*args, "backend.zero_stage=1", "run_dir=p"], tmp_path)
-    assert res.returncode == 0, res.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "backend.zero_stage=1", "run_dir=p"]) == 0
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     config = json.loads((tmp_path / "p" / "ds_config.json").read_text())
     assert config["train_batch_size"] == plan["global_batch"] == 512
@@ -208,22 +217,16 @@ RUN_ARGS = [
 ]  # 5 steps of micro 16 x accumulation 2 x 2 ranks, inside the warmup
 
 
-def _launcher(name: str, port: int) -> list[str]:
-    """2 CPU processes through torchrun or `accelerate launch` (MULTI_CPU on gloo)."""
-    if name == "torchrun":
-        args = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    else:
-        args = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-        args += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        args += ["--main_process_port", str(port)]
-    return [sys.executable, "-m", *args]
+def _launcher(name: str) -> list[str]:
+    """2 CPU processes through torchrun or `accelerate launch` (MULTI_CPU on gloo), each on a
+    port free now."""
+    return [sys.executable, *(torchrun() if name == "torchrun" else accelerate_launch())]
 
 
 def _run(
     args: list[str],
     cwd: Path,
     name: str,
-    port: int,
     env: dict | None = None,
     launcher: str = "torchrun",
 ) -> Path:
@@ -233,7 +236,7 @@ def _run(
     res = run_cli(
         [*RUN_ARGS, *args, f"run_dir={name}"],
         cwd,
-        prefix=_launcher(launcher, port),
+        prefix=_launcher(launcher),
         env={"TORCH_EXTENSIONS_DIR": str(ext), **(env or {})},
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -259,7 +262,7 @@ def accelerate_runs(tmp_path_factory, data_cache) -> dict[str, Path]:
     """The Accelerate backend's runs, one per optimizer, that DeepSpeed must reproduce."""
     cwd = tmp_path_factory.mktemp("accelerate")
     return {
-        optim: _run([f"data.cache_dir={data_cache}", f"optim={optim}"], cwd, optim, 29531)
+        optim: _run([f"data.cache_dir={data_cache}", f"optim={optim}"], cwd, optim)
         for optim in ("sgd", "lars", "lamb")
     }
 
@@ -281,7 +284,7 @@ def test_deepspeed_matches_accelerate(optim, extra, accelerate_runs, tmp_path, d
     """(ZeRO 0 is started by `accelerate launch`, the others by torchrun.)"""
     launcher = "accelerate" if extra == ["backend.zero_stage=0"] and optim == "sgd" else "torchrun"
     args = [DS, f"optim={optim}", f"data.cache_dir={data_cache}", *extra]
-    got = _run(args, tmp_path, "ds", 29532, launcher=launcher)
+    got = _run(args, tmp_path, "ds", launcher=launcher)
     _assert_same_training(got, accelerate_runs[optim])
     config = json.loads((got / "ds_config.json").read_text())
     assert config["gradient_accumulation_steps"] == 2 and config["train_batch_size"] == 64
@@ -298,7 +301,7 @@ def test_bf16_trains_like_float32_and_saves_float32_weights(
     float32 training, losses within 1e-3 relative (measured: 0.2-0.3% and 3e-5)."""
     args = [DS, f"backend.zero_stage={mode[4]}", "backend.mixed_precision=bf16"]
     args += ["backend.autocast=true"] if mode.endswith("autocast") else []
-    got = _run([*args, f"data.cache_dir={data_cache}"], tmp_path, "bf16", 29535)
+    got = _run([*args, f"data.cache_dir={data_cache}"], tmp_path, "bf16")
     ref, state = (
         torch.load(accelerate_runs["sgd"] / "model_final.pt"),
         torch.load(got / "model_final.pt"),
@@ -335,7 +338,7 @@ def test_the_deepspeed_launcher_runs_a_written_ds_config_unchanged(
         "--num_gpus",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         "--module",
         "launcher",
     ]  # adds --local_rank=N
@@ -363,8 +366,8 @@ def test_out_of_memory_under_zero1_keeps_the_global_batch(tmp_path, data_cache):
     """Rank 1 runs out of memory at step 2 with micro 16: both ranks drop the step and the engine
     goes on with micro 8 x accumulation 4, ending where a micro-8 run from the start ends."""
     common = [DS, "backend.zero_stage=1", f"data.cache_dir={data_cache}"]
-    clean = _run([*common, "micro_batch=8"], tmp_path, "clean", 29534)
-    hit = _run(common, tmp_path, "oom", 29534, env={"LAUNCHER_TEST_OOM": "1:2:8"})
+    clean = _run([*common, "micro_batch=8"], tmp_path, "clean")
+    hit = _run(common, tmp_path, "oom", env={"LAUNCHER_TEST_OOM": "1:2:8"})
     assert [m for m in read_metrics(hit) if m.get("event") == "out_of_memory"] == [
         {"event": "out_of_memory", "step": 2, "samples": 128, "ranks": [1], "micro_batch": 8}
         | {"accumulation": 4}  # step 2 starts after 2 x 64 samples: they are rerun
@@ -377,6 +380,7 @@ def test_out_of_memory_under_zero1_keeps_the_global_batch(tmp_path, data_cache):
     _assert_same_training(hit, clean)
 
 
+@pytest.mark.slow
 def test_the_accelerate_backend_never_imports_deepspeed(tmp_path, data_cache):
     """Importing DeepSpeed costs seconds: only backend=deepspeed may pay for it."""
     args = [*RUN_ARGS, f"data.cache_dir={data_cache}", "run_dir=r"]

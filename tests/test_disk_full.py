@@ -34,6 +34,7 @@ def _run(disk, tmp_path, data_cache, extra: list[str]):
     return run_cli(args, tmp_path, env=env)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_last(disk, tmp_path, data_cache):
     res = _run(disk, tmp_path, data_cache, ["checkpoint.every_samples=64"])
     assert res.returncode == 5, res.stderr[-3000:]
@@ -50,6 +51,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_last(disk, tmp
     assert state["step"] == 1 and path.name == "step-000000001.pt"
 
 
+@pytest.mark.slow
 def test_metrics_that_do_not_fit_are_one_line(disk, tmp_path, data_cache) -> None:
     """25 steps, a line each: more than the page the file already has (tmpfs pages are 4 KiB)."""
     res = _run(disk, tmp_path, data_cache, ["trainer.epochs=1"])
@@ -61,6 +63,7 @@ def test_metrics_that_do_not_fit_are_one_line(disk, tmp_path, data_cache) -> Non
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_tensorboard_that_does_not_fit_is_one_line(disk, tmp_path, data_cache) -> None:
     """The events file is written by TensorBoard's own thread; its error surfaces as one line."""
     res = _run(disk, tmp_path, data_cache, ["trainer.tensorboard=true", "trainer.epochs=1"])
@@ -68,6 +71,7 @@ def test_tensorboard_that_does_not_fit_is_one_line(disk, tmp_path, data_cache) -
     assert "launcher: error: cannot write " in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything(disk, tmp_path) -> None:
     """The issue's read-only mount: found by the folder check (launcher/checkpoint/paths.py), one
     line."""
@@ -80,6 +84,7 @@ def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything(disk, tmp_pat
     )
 
 
+@pytest.mark.slow
 def test_shards_that_do_not_fit_are_one_line_and_keep_the_last(disk, tmp_path, data_cache):
     """backend=fsdp on 2 ranks: the shard folder of step 2 does not fit; every rank stops (no
     hang), one line, exit 5, no partial folder, the sharded checkpoint of step 1 loads."""

@@ -66,6 +66,7 @@ BF16_ACCURACY = 0.03  # final test accuracy, absolute
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_bf16_autocast_trains_like_float32(device, tmp_path, data_cache):
     """bf16 autocast vs float32, same seed, data and plan: the loss curves agree within the
     stated tolerances step by step and the test accuracy within 3 points."""

@@ -64,6 +64,7 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(devices, tmp_pat
     assert (tmp_path / "run" / "model_final.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_keeps_diverging_stops_in_one_line(tmp_path, data_cache) -> None:
     """The issue's optim.base_lr=1000 (unclipped): three non-finite steps in a row stop the run
     with exit 4 and one line naming the steps, the LR and what to try; no checkpoint, no final
@@ -184,6 +185,7 @@ def _spec():
 
 
 @pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.slow
 def test_a_loss_spike_is_an_event_and_optionally_skipped(skip, tmp_path, data_cache) -> None:
     """Step 25's loss x 50 (after a full window of 20 applied steps): a loss_spike event; the
     step is applied unless trainer.skip_spikes."""

@@ -24,6 +24,7 @@ from tests.helpers import (
     refused_in_process,
     run_cli,
     run_process,
+    torchrun,
 )
 
 PLAN = ["plan_only=true", "memory.probe=false", "trainer.cpu_threads=1"]
@@ -179,6 +180,7 @@ def test_chdir_is_honoured_where_one_process_trains(tmp_path, monkeypatch) -> No
     assert (tmp_path / "here" / "plan.json").exists()
 
 
+@pytest.mark.slow
 def test_flags_that_show_and_train_nothing(tmp_path) -> None:
     def launcher(*args: str):
         res = run_process([sys.executable, "-m", "launcher", *args], tmp_path)
@@ -365,10 +367,10 @@ def test_every_rank_resumes_from_a_sweep_jobs_own_subdir(one_rank_reference, tmp
 
     args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16"]
     sweep = ["-m", *args, "hydra.sweep.dir=sw", "hydra.sweep.subdir=b${global_batch}"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    first = run_cli([*sweep, "trainer.stop_after_samples=192"], tmp_path, prefix=torchrun)
+    two = [sys.executable, *torchrun()]
+    first = run_cli([*sweep, "trainer.stop_after_samples=192"], tmp_path, prefix=two)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(sweep, tmp_path, prefix=[*torchrun, "--master_port", "29547"])
+    again = run_cli(sweep, tmp_path, prefix=[sys.executable, *torchrun()])
     assert again.returncode == 0, again.stderr[-3000:]
     run = tmp_path / "sw" / "b64"
     assert "resuming from" in again.stdout and not (tmp_path / "sw" / "0").exists()

@@ -58,6 +58,7 @@ def _holder(folder: Path, env: dict | None = None) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_folder_in_use_is_refused_in_one_line(tmp_path) -> None:
     with _holder(tmp_path / "run") as other:
         try:
@@ -137,6 +138,7 @@ def _race(folder: str, start, results) -> None:
     time.sleep(600)  # held until the test kills it: every contender tried while it held
 
 
+@pytest.mark.slow
 def test_taking_over_a_stale_lock_is_atomic(tmp_path) -> None:
     """Contenders started together on a folder whose lock names a dead process: one wins."""
     context = multiprocessing.get_context("fork")
@@ -161,6 +163,7 @@ def test_taking_over_a_stale_lock_is_atomic(tmp_path) -> None:
         assert json.loads((folder / ".lock").read_text())["pid"] in won
 
 
+@pytest.mark.slow
 def test_a_worker_keeps_the_folder_taken_after_its_launcher_dies(tmp_path, monkeypatch) -> None:
     """The workers of trainer.devices share the lock: kill -9 of the launcher leaves it held
     while a worker lives (a rerun waits LINGER_S, then is refused), and free once none does."""
@@ -184,6 +187,7 @@ def test_a_worker_keeps_the_folder_taken_after_its_launcher_dies(tmp_path, monke
     lock.release(tmp_path / "run" / ".lock", os.getpid())
 
 
+@pytest.mark.slow
 def test_a_worker_whose_launchers_lock_is_gone_stops(tmp_path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".lock").write_text("")

@@ -24,7 +24,7 @@ from launcher.memory.profile import (
     upper_lines,
 )
 from launcher.planning.plan import PlanInput, plan_batch
-from tests.helpers import composed, run_cli
+from tests.helpers import composed, train_here
 
 
 def test_storage_meter_counts_bytes_exactly():
@@ -110,9 +110,11 @@ RECIPES = {
 }
 RECIPES["cnn1d-float64"] = ["trainer.dtype=float64"]  # built in float64, also as fake tensors
 RECIPES["resnet18-checkpointing"] = [*RECIPES["resnet18"], "model.activation_checkpointing=true"]
+# a real ResNet takes seconds per case: those run with the slow tier
+NAMES = [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n for n in sorted(RECIPES)]
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", NAMES)
 def test_measured_profile_predicts_unseen_sizes_exactly_on_cpu(name, tmp_path):
     """3 probe steps (sizes 2 and 8, then the chosen size) predict counted peaks at other sizes."""
     cfg, spec, plan = _setup(*RECIPES[name], "memory.budget_gb=0.003", tmp_path=tmp_path)
@@ -129,7 +131,7 @@ def test_measured_profile_predicts_unseen_sizes_exactly_on_cpu(name, tmp_path):
     assert probe_peak(cfg, spec, plan, "cpu", cap + 1) > report["budget_bytes"]
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", NAMES)
 def test_estimate_with_fake_tensors_matches_measurement(name, tmp_path):
     """Estimated (fake tensors, nothing allocated) vs measured on this CPU: equal at every size."""
     cfg, spec, plan = _setup(*RECIPES[name], tmp_path=tmp_path)
@@ -257,7 +259,7 @@ def test_one_out_of_memory_event_does_not_poison_later_runs(tmp_path, data_cache
     cache = tmp_path / "memcache"
     args = [f"data.cache_dir={data_cache}", "data.num_samples=4000", "trainer.epochs=1"]
     args += [f"memory.cache_dir={cache}", "trainer.progress=false", "trainer.tensorboard=false"]
-    hit = run_cli([*args, "run_dir=hit"], tmp_path, env={"LAUNCHER_TEST_OOM": "0:5:64"})
+    hit = train_here([*args, "run_dir=hit"], tmp_path, env={"LAUNCHER_TEST_OOM": "0:5:64"})
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert "OUT OF MEMORY on rank(s) [0] at step 5 with micro-batch 512" in hit.stderr
     (entry,) = cache.glob("*.json")
@@ -266,11 +268,11 @@ def test_one_out_of_memory_event_does_not_poison_later_runs(tmp_path, data_cache
     assert stored["lines"] == json.loads(entry.read_text())["lines"]
     short = ["trainer.epochs=0.2", "checkpoint.keep=1"]
     for name, budget in (("small", ["memory.budget_gb=10"]), ("same", [])):
-        run = run_cli([*args, *short, *budget, f"run_dir={name}"], tmp_path)
+        run = train_here([*args, *short, *budget, f"run_dir={name}"], tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         row = next(line for line in run.stdout.splitlines() if line.startswith("memory "))
         assert "fits 127 samples (capped at 127;" in row, row  # the lines themselves unchanged
-    fresh = run_cli([*args, *short, "memory.cache=refresh", "run_dir=r"], tmp_path)
+    fresh = train_here([*args, *short, "memory.cache=refresh", "run_dir=r"], tmp_path)
     assert fresh.returncode == 0 and "capped" not in fresh.stdout, fresh.stderr[-3000:]
     assert (
         "ceilings" not in json.loads(entry.read_text())

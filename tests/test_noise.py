@@ -122,10 +122,11 @@ def test_meter_in_the_loop_matches_an_independent_computation(
 ) -> None:
     """One step at global batch 64 (float64): the logged |G|^2 and tr(Sigma) (an EMA after one
     update is that update) equal two_batch on gradients computed here, within 1e-9."""
-    from tests.helpers import SMALL_DATA, read_metrics, run_cli
+    from tests.helpers import SMALL_DATA, read_metrics, run_cli, train_here
 
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "memory.probe=false"]
-    res = run_cli(
+    run = train_here if devices == 1 else run_cli  # one process: this one
+    res = run(
         [*args, "trainer.epochs=0.04", "trainer.dtype=float64", "trainer.log_every=1"]
         + ["trainer.progress=false", f"trainer.devices={devices}", *extra, "run_dir=run"],
         tmp_path,

@@ -30,6 +30,7 @@ from tests.helpers import (
     final_state,
     read_metrics,
     run_cli,
+    torchrun,
 )
 
 TOL = 1e-10
@@ -93,10 +94,7 @@ def _init_params() -> dict[str, torch.Tensor]:
     return build_model(cfg.model, _spec()).double().state_dict()
 
 
-LAUNCHERS = {
-    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"],
-    "accelerate": accelerate_launch(29518),
-}
+LAUNCHERS = {"torchrun": torchrun, "accelerate": accelerate_launch}  # each on a port free now
 
 
 @pytest.mark.slow
@@ -110,7 +108,7 @@ def test_two_gloo_ranks_match_one_rank(launch, one_rank_reference, tmp_path, dat
         [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=16", f"run_dir={run_dir}"]
         + ([launch] if spawn else []),
         tmp_path,
-        prefix=None if spawn else [sys.executable, *LAUNCHERS[launch]],
+        prefix=None if spawn else [sys.executable, *LAUNCHERS[launch]()],
     )
     assert res.returncode == 0, res.stderr[-3000:]
     plan = (run_dir / "plan.json").read_text()
@@ -143,12 +141,13 @@ def test_out_of_memory_on_one_rank_keeps_the_global_batch_and_matches_a_clean_ru
 ):
     """Rank 1 of 2 runs out of memory at step 2 with micro 16: both ranks drop the step and go on
     with micro 8 x accumulation 4; the result equals a run with micro 8 from the start."""
-    torchrun = [sys.executable, *LAUNCHERS["torchrun"]]
+    two = [sys.executable, *torchrun()]
     common = [*PARITY_ARGS, f"data.cache_dir={data_cache}"]
-    clean = run_cli([*common, "micro_batch=8", "run_dir=clean"], tmp_path, prefix=torchrun)
+    clean = run_cli([*common, "micro_batch=8", "run_dir=clean"], tmp_path, prefix=two)
     assert clean.returncode == 0, clean.stderr[-3000:]
     env = {"LAUNCHER_TEST_OOM": "1:2:8"}
-    hit = run_cli([*common, "micro_batch=16", "run_dir=oom"], tmp_path, prefix=torchrun, env=env)
+    two = [sys.executable, *torchrun()]
+    hit = run_cli([*common, "micro_batch=16", "run_dir=oom"], tmp_path, prefix=two, env=env)
     assert hit.returncode == 0, hit.stderr[-3000:]
     assert "OUT OF MEMORY on rank(s) [1] at step 2 with micro-batch 16" in hit.stderr
     plan = json.loads((tmp_path / "oom" / "plan.json").read_text())
@@ -168,6 +167,7 @@ def test_out_of_memory_on_one_rank_keeps_the_global_batch_and_matches_a_clean_ru
         torch.testing.assert_close(got[name], value, atol=TOL, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_one_sample_stops_with_one_line(tmp_path, data_cache):
     res = run_cli(
         [*PARITY_ARGS, f"data.cache_dir={data_cache}", "micro_batch=2", "run_dir=r"],
@@ -190,7 +190,7 @@ def test_two_ranks_with_batchnorm_end_with_identical_parameters_and_buffers(tmp_
     args = ["+recipe=resnet50", "model.arch=resnet18", "data=synthetic", "data.train_samples=64"]
     args += ["data.eval_samples=16", "data.input_shape=[3,16,16]", "data.num_classes=10"]
     args += ["data.workers=0", "global_batch=16", "trainer.epochs=1", "memory.probe=false"]
-    res = run_cli([*args, "run_dir=run"], tmp_path, prefix=[sys.executable, *LAUNCHERS["torchrun"]])
+    res = run_cli([*args, "run_dir=run"], tmp_path, prefix=[sys.executable, *torchrun()])
     assert res.returncode == 0, res.stderr[-3000:]
     final = read_metrics(tmp_path / "run")[-1]
     assert final["final"] and final["step"] == 4

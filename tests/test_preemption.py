@@ -19,6 +19,8 @@ import torch
 from launcher.checkpoint import files as checkpoint
 from tests.helpers import PARITY_ARGS, final_state, launcher_env, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # each test signals a real launcher process
+
 TOL = 1e-10
 
 
@@ -34,7 +36,6 @@ def _steps_and_events(run_dir) -> tuple[list[int], list[tuple]]:
     return steps, events
 
 
-@pytest.mark.slow
 def test_signals_stop_after_a_checkpoint_and_the_rerun_matches(
     one_rank_reference, tmp_path, data_cache
 ):
@@ -95,7 +96,6 @@ def _signal_the_agent_at_step_3(cmd: list[str], cwd, sig: signal.Signals) -> tup
     return agent.returncode, err
 
 
-@pytest.mark.slow
 def test_sigusr1_to_the_trainer_devices_agent_reaches_the_workers(
     one_rank_reference, tmp_path, data_cache
 ):
@@ -160,7 +160,6 @@ def test_a_signal_in_the_last_moments_of_a_stopped_run_changes_nothing(tmp_path,
     assert res.returncode == 3, (res.returncode, res.stderr[-3000:])
 
 
-@pytest.mark.slow
 def test_ctrl_c_to_the_trainer_devices_agent_stops_with_exit_3(tmp_path, data_cache):
     """Ctrl-C (SIGINT) to `python -m launcher trainer.devices=2`: the workers stop after the
     same step with a checkpoint, and the launcher exits 3 as one process would (it was 130)."""

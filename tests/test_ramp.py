@@ -18,7 +18,7 @@ from launcher.config.compose import compose_run
 from launcher.data.sampler import GlobalBatchSampler, epoch_permutation
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.planning.schedule import lr_at
-from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli
+from tests.helpers import PARITY_ARGS, final_state, read_metrics, run_cli, train_here
 
 RAMP = ["global_batch=512", "ramp.start_batch=64", "ramp.samples=48000", "trainer.epochs=3"]
 
@@ -140,7 +140,7 @@ def test_a_ramp_run_resumed_mid_ramp_on_two_ranks_matches_the_whole_run(tmp_path
     cmd = [*RUN, f"data.cache_dir={data_cache}"]
     whole = tmp_path / "whole"
     whole.mkdir()
-    res = run_cli(cmd, whole)
+    res = train_here(cmd, whole)  # in this process; the kill and the 2 ranks are processes
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads((whole / "run" / "plan.json").read_text())
     assert [(s["global_batch"], s["steps"]) for s in plan["ramp"]] == [(16, 10), (32, 15)]

@@ -16,7 +16,15 @@ import yaml
 from launcher.cli import main
 from launcher.config.compose import compose_run
 from launcher.data import build_splits
-from tests.helpers import SMALL_DATA, composed, read_metrics, run_cli, write_cifar10, write_corpus
+from tests.helpers import (
+    SMALL_DATA,
+    composed,
+    read_metrics,
+    run_cli,
+    train_here,
+    write_cifar10,
+    write_corpus,
+)
 
 TINY_GPT = ["model.layers=2", "model.width=32", "model.heads=2", "data.seq_len=16"]
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false"]
@@ -170,7 +178,7 @@ def test_label_smoothing_reaches_the_training_loss(tmp_path, data_cache):
 
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "trainer.epochs=0.04"]
     args += ["trainer.dtype=float64", "trainer.label_smoothing=0.2", "trainer.log_every=1"]
-    res = run_cli([*args, "run_dir=run", *QUIET], tmp_path)
+    res = train_here([*args, "run_dir=run", *QUIET], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     logged = next(m["loss"] for m in read_metrics(tmp_path / "run") if m.get("step") == 1)
     cfg = composed(args)

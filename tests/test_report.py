@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from launcher.batchsize.sweep import (
     summarize_sweep,
 )
 from launcher.report import main
-from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process
+from tests.helpers import SMALL_DATA, read_metrics, run_cli, run_process, train_here
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BATCHES = [32 * 2**i for i in range(8)]  # 32 .. 4096
@@ -31,6 +32,14 @@ BATCHES = [32 * 2**i for i in range(8)]  # 32 .. 4096
 
 def report(args: list[str], cwd: Path):
     return run_process([sys.executable, "-m", "launcher.report", *args], cwd, timeout=120)
+
+
+def report_here(args: list[str], cwd: Path, monkeypatch, capsys):
+    """report() in this process (launcher.report.main); the real sweep's tests start it."""
+    monkeypatch.chdir(cwd)
+    code = main(args)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def table(markdown: str) -> list[dict[str, str]]:
@@ -154,13 +163,13 @@ def write_job(folder: Path, batch: int) -> None:
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_report_of_a_synthetic_sweep(tmp_path: Path) -> None:
+def test_report_of_a_synthetic_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
     sweep = tmp_path / "sweep"
     for name, batch in zip("2031", (32, 64, 128, 256), strict=True):  # folders not in B order
         write_job(sweep / name, batch)
     (sweep / "notes").mkdir()  # not a job
     (sweep / "0" / "checkpoints").mkdir()
-    res = report([str(sweep), "--target", str(TARGET)], tmp_path)
+    res = report_here([str(sweep), "--target", str(TARGET)], tmp_path, monkeypatch, capsys)
     assert res.returncode == 0, res.stderr
     markdown = (sweep / "report.md").read_text()
     assert markdown in res.stdout and str(sweep / "report.png") in res.stdout
@@ -188,10 +197,11 @@ def test_report_of_a_synthetic_sweep(tmp_path: Path) -> None:
     )
 
 
-def test_report_out_dir(tmp_path: Path) -> None:
+def test_report_out_dir(tmp_path: Path, monkeypatch, capsys) -> None:
     for name, batch in (("0", 32), ("1", 64)):
         write_job(tmp_path / "sweep" / name, batch)
-    res = report(["sweep", "--target", "0.95", "--out", "elsewhere/r"], tmp_path)
+    args = ["sweep", "--target", "0.95", "--out", "elsewhere/r"]
+    res = report_here(args, tmp_path, monkeypatch, capsys)
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "sweep" / "report.md").exists()
     markdown = (tmp_path / "elsewhere" / "r" / "report.md").read_text()
@@ -215,21 +225,23 @@ def test_report_out_dir(tmp_path: Path) -> None:
         ([], "required: sweep_dir"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], message: str, monkeypatch, capsys
+) -> None:
     (tmp_path / "empty" / "not-a-job").mkdir(parents=True)
     write_job(tmp_path / "sweep" / "0", 64)
-    res = report(args, tmp_path)
+    res = report_here(args, tmp_path, monkeypatch, capsys)
     assert res.returncode == 2
     assert res.stderr.startswith("launcher.report: error: ") and message in res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert not list(tmp_path.rglob("report.*"))
 
 
-def test_corrupt_metrics_is_bad_input(tmp_path: Path) -> None:
+def test_corrupt_metrics_is_bad_input(tmp_path: Path, monkeypatch, capsys) -> None:
     write_job(tmp_path / "sweep" / "0", 64)
     with open(tmp_path / "sweep" / "0" / "metrics.jsonl", "a") as f:
         f.write('{"step": 1\n{"step": 2, "loss"')  # a broken line, then a half-written last one
-    res = report(["sweep"], tmp_path)
+    res = report_here(["sweep"], tmp_path, monkeypatch, capsys)
     assert res.returncode == 2 and "metrics.jsonl' line 11: not a metrics record" in res.stderr
 
 
@@ -287,7 +299,7 @@ def test_a_real_run_that_does_not_learn_gets_no_advice(tmp_path: Path, data_cach
     (test_report_of_a_real_sweep: the same tiny runs at their own lr get advice.)"""
     args = [*SMALL_DATA, f"data.cache_dir={data_cache}", "global_batch=64", "trainer.epochs=2"]
     args += ["optim.base_lr=1e-9", "trainer.progress=false", "trainer.tensorboard=false"]
-    res = run_cli([*args, "run_dir=run"], tmp_path)
+    res = train_here([*args, "run_dir=run"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     said = res.stdout + res.stderr
     assert "batch-size advice: none (the run did not learn: its final eval loss" in said

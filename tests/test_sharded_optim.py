@@ -22,6 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from launcher.optim.lamb import LAMB
 from launcher.optim.lars import LARS
 
+pytestmark = pytest.mark.slow  # one pair of real gloo processes (mp.spawn)
+
 WORLD = 2
 STEPS, MORE = 3, 2  # steps before the state dict is taken; steps after it is reloaded
 # float32: the sharded norms sum the two slices' squares, the unsharded one all at once, so the

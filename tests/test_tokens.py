@@ -25,7 +25,7 @@ from launcher.planning.render import format_plan
 from launcher.planning.split import batch_step, split_batch
 from launcher.planning.tokens import in_samples, to_samples
 from launcher.training.job import concrete
-from tests.helpers import read_metrics, run_cli, write_corpus
+from tests.helpers import read_metrics, run_cli, train_here, write_corpus
 
 EPOCH = 116_988  # sequences of 256 tokens in an epoch (any number: the plan is given it)
 
@@ -300,19 +300,21 @@ TEXT = [
 
 @pytest.mark.slow
 def test_a_text_run_in_tokens_killed_and_resumed_ends_bit_identical(tmp_path):
+    """The kill in a process of its own; the whole run, the refusal and the resumed run in this
+    one (train_here)."""
     write_corpus(tmp_path / "c.txt", 3000)
     data = [f"data.path={tmp_path / 'c.txt'}", f"data.cache_dir={tmp_path / 'cache'}"]
-    whole = run_cli([*TEXT, *data, "run_dir=whole"], tmp_path)
+    whole = train_here([*TEXT, *data, "run_dir=whole"], tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     cmd = [*TEXT, *data, "run_dir=run"]
     killed = run_cli(cmd, tmp_path, env={"LAUNCHER_TEST_KILL": "5:step"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     state, _ = checkpoint.load(tmp_path / "run", pytest.fail)
     assert (state["step"], state["consumed_samples"], state["global_batch"]) == (4, 128, 32)
-    refused = run_cli([*cmd, "global_batch_tokens=1024"], tmp_path)
+    refused = train_here([*cmd, "global_batch_tokens=1024"], tmp_path)
     assert refused.returncode == 2
     assert "launcher: error: global_batch_tokens=1024 (64 sequences): " in refused.stderr
-    done = run_cli(cmd, tmp_path)
+    done = train_here(cmd, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "launcher: resuming from" in done.stdout
     ref = torch.load(tmp_path / "whole" / "model_final.pt", weights_only=True)

@@ -20,7 +20,7 @@ from launcher.cli import main
 from launcher.config.compose import compose_run
 from launcher.config.schema import to_dict, to_run_config
 from launcher.errors import ConfigError
-from tests.helpers import ROOT, final_state, read_metrics, run_cli, run_process
+from tests.helpers import ROOT, final_state, read_metrics, run_cli, run_process, torchrun
 from tests.user_project import PACKAGE, write_project
 
 
@@ -419,11 +419,11 @@ print("RESULT", result["eval_accuracy"], result["run_dir"])
 @pytest.mark.slow
 def test_a_users_script_under_torchrun_hands_every_rank_its_objects(project, tmp_path):
     (project / "train_script.py").write_text(SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    torchrun += ["--master_port", "29541", "train_script.py"]
     res = run_process(
         [
-            *torchrun,
+            sys.executable,
+            *torchrun(),
+            "train_script.py",
             "+recipe=tiny",
             f"run_dir={tmp_path / 'run'}",
             f"memory.cache_dir={tmp_path / 'cache'}",
@@ -440,6 +440,7 @@ def test_a_users_script_under_torchrun_hands_every_rank_its_objects(project, tmp
     assert float(res.stdout.split("RESULT")[1].split()[0]) > 0.9
 
 
+@pytest.mark.slow
 def test_run_cli_uses_the_same_flags_as_hydra(project, tmp_path):
     """-cd DIR and --config-dir=DIR are Hydra's spellings too (a real process: nothing cached)."""
     res = run_cli(["-cd", str(project / "conf"), "--help"], tmp_path)

@@ -18,7 +18,15 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT, accelerate_launch, checkout_copy, read_metrics, wheel_env
+from tests.helpers import (
+    ROOT,
+    accelerate_launch,
+    checkout_copy,
+    free_port,
+    read_metrics,
+    torchrun,
+    wheel_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -134,39 +142,16 @@ def test_a_target_that_does_not_import_is_one_line_from_a_real_process(wheel_pyt
     assert not (project / "outputs").exists()
 
 
-LAUNCHES = {
-    "trainer.devices=2": (["-m", "launcher"], ["trainer.devices=2"], 2),
-    "torchrun": (
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29571",
-            "-m",
-            "launcher",
-        ],
-        [],
-        2,
-    ),
-    "accelerate launch": (
-        [*accelerate_launch(29572), "-m", "launcher"],
-        [],
-        2,
-    ),
-    "backend=deepspeed": (["-m", "launcher"], ["backend=deepspeed"], 1),
+LAUNCHES = {  # (the command's words after python, made at the launch: ports free then)
+    "trainer.devices=2": (lambda: ["-m", "launcher"], ["trainer.devices=2"], 2),
+    "torchrun": (lambda: [*torchrun(), "-m", "launcher"], [], 2),
+    "accelerate launch": (lambda: [*accelerate_launch(), "-m", "launcher"], [], 2),
+    "backend=deepspeed": (lambda: ["-m", "launcher"], ["backend=deepspeed"], 1),
     "deepspeed CLI": (
-        [
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            "29573",
-            "--module",
-            "launcher",
-        ],
+        lambda: (
+            ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+            + ["--master_port", str(free_port()), "--module", "launcher"]
+        ),
         ["backend=deepspeed", "backend.zero_stage=1"],
         2,
     ),
@@ -176,7 +161,7 @@ LAUNCHES = {
 @pytest.mark.parametrize("how", list(LAUNCHES))
 def test_every_launch_path_trains_the_users_model(wheel_python, project, how):
     prefix, extra, world = LAUNCHES[how]
-    args = [*prefix, "--config-dir", "conf", "+recipe=waves", *extra, "run_dir=run", *QUIET]
+    args = [*prefix(), "--config-dir", "conf", "+recipe=waves", *extra, "run_dir=run", *QUIET]
     res = run(wheel_python, args, project)
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads((project / "run" / "plan.json").read_text())
@@ -224,7 +209,7 @@ def test_the_launchers_features_work_on_the_users_model(wheel_python, project, e
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_the_examples_script_trains_through_launcher_run(wheel_python, project, ranks):
-    prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29574"]
+    prefix = torchrun()
     res = run(
         wheel_python, [*(prefix if ranks == 2 else []), "train.py", "run_dir=run", *QUIET], project
     )
