@@ -1,6 +1,6 @@
-"""Shared fixtures: a small MNIST-1D cache, the one-process reference run, the built wheel;
-and the environment every process of the suite runs in (ONE_THREAD). The helpers the tests
-import are in helpers.py."""
+"""Shared fixtures: a small MNIST-1D cache, the one-rank reference run, the built wheel; the
+environment every process of the suite runs in (ONE_THREAD) and the fast tier's rule (no Python
+process of its own). The helpers the tests import are in helpers.py."""
 
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from tests.helpers import (
     run_cli,
     run_process,
     torchrun,
+    train_here,
 )
 
 ATOL = 1e-6
@@ -323,10 +324,11 @@ def test_the_deepspeed_launcher_runs_a_written_ds_config_unchanged(
 ):
     """plan_only for 1 node x 2 devices writes ds_config.json; the `deepspeed` launcher trains
     with that file as it is and reproduces the Accelerate run. The same file under 1 process is
-    refused by the plan (its accumulation is 2, one process needs 4), not by DeepSpeed."""
+    refused by the plan (its accumulation is 2, one process needs 4), not by DeepSpeed. (The plan
+    and the refusal in this process.)"""
     common = [*RUN_ARGS, DS, "backend.zero_stage=1", f"data.cache_dir={data_cache}"]
     two = ["cluster.nodes=1", "cluster.devices_per_node=2", "cluster.device=cpu"]
-    res = run_cli([*common, *two, "plan_only=true", "run_dir=plan"], tmp_path)
+    res = train_here([*common, *two, "plan_only=true", "run_dir=plan"], tmp_path)
     assert res.returncode == 0, res.stderr
     written = tmp_path / "plan" / "ds_config.json"
     before = written.read_text()
@@ -348,7 +350,7 @@ def test_the_deepspeed_launcher_runs_a_written_ds_config_unchanged(
     _assert_same_training(tmp_path / "run", accelerate_runs["sgd"])
     assert written.read_text() == before
 
-    res = run_cli([*use, "run_dir=one"], tmp_path)
+    res = train_here([*use, "run_dir=one"], tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert (
         res.stderr.strip()

@@ -139,7 +139,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-        timeout=timedelta(seconds=60),
+        timeout=timedelta(seconds=600),  # a busy machine starts one rank long after the other
     )  # fmt: skip
     mesh = init_device_mesh("cpu", (WORLD,))
     full = StateDictOptions(full_state_dict=True)
