@@ -281,10 +281,11 @@ def test_preempted_job_checkpoints_requeues_and_finishes(
 
 @pytest.mark.slow
 def test_allocation_of_another_shape_fails_with_one_line(slurm, tmp_path, data_cache):
-    """The rendered 2 x 1 script, told (by an extra argument) to expect 2 devices per node."""
+    """The rendered 2 x 1 script (test_two_node_job_matches_one_process runs it as rendered),
+    told (by an extra argument) to expect 2 devices per node."""
     args = [*PARITY_ARGS, f"data.cache_dir={data_cache}", "run_dir=run", *TWO_NODES]
-    job = _submit(slurm, tmp_path, args)
-    assert slurm.wait(job, timeout=600) == "COMPLETED"
+    rendered = run_process([sys.executable, "-m", "launcher.slurm", *args], tmp_path, env=slurm.env)
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
     script = tmp_path / "run" / "job.sbatch"
     bad = slurm.submit(script, ["cluster.devices_per_node=2", "run_dir=run2"], cwd=tmp_path)
     assert slurm.wait(bad, timeout=600) == "FAILED"
