@@ -30,7 +30,30 @@ ONE_THREAD = {
 }
 os.environ.update(ONE_THREAD)
 
-from tests.helpers import PARITY_ARGS, ROOT, final_state, train_here  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FAILED_PROCESSES,
+    PARITY_ARGS,
+    ROOT,
+    final_state,
+    first_errors,
+    train_here,
+)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failing test's report gets the first error lines of every process it ran that failed
+    (helpers.run_process): a rank's abort or traceback, which the test's message (the stderr's
+    tail, torchrun's summary) does not show."""
+    report = yield
+    if call.when == "setup":
+        FAILED_PROCESSES.clear()
+    elif report.failed and call.when == "call":
+        for i, result in enumerate(FAILED_PROCESSES):
+            command = " ".join(str(part) for part in result.args)[:300]
+            head = f"exit code {result.returncode}: {command}"
+            report.sections.append((f"failed process {i + 1}", f"{head}\n{first_errors(result)}"))
+    return report
 
 
 @pytest.fixture(autouse=True)

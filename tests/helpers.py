@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -107,9 +108,15 @@ def train_here(
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+# The processes of the running test that ended with a non-zero code (cleared per test by
+# conftest.py, which puts their errors into a failing test's report: a test's own message shows
+# the stderr's tail, where torchrun's summary hides a rank's first error).
+FAILED_PROCESSES: list[subprocess.CompletedProcess[str]] = []
+
+
 def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
     """Run `cmd` in `cwd` with the tests' environment (and `env` on top); returns the result."""
-    return subprocess.run(
+    result = subprocess.run(
         cmd,
         cwd=cwd,
         env=launcher_env() | (env or {}),
@@ -117,6 +124,22 @@ def run_process(cmd: list[str], cwd: Path, timeout: int = 600, env: dict | None 
         text=True,
         timeout=timeout,
     )
+    if result.returncode != 0:
+        FAILED_PROCESSES.append(result)
+    return result
+
+
+ERROR_LINE = re.compile(
+    r"terminate called|what\(\)|Error|error:|Traceback|Fatal|Signal \d+|SIG[A-Z]+|enforce fail"
+)
+
+
+def first_errors(result: subprocess.CompletedProcess[str], most: int = 30) -> str:
+    """The lines of a failed process's stderr that say what went wrong first (a rank's C++
+    abort, a Python error), in order, at most MOST: what a stderr tail of torchrun's failure
+    summary leaves out."""
+    lines = [line for line in result.stderr.splitlines() if ERROR_LINE.search(line)]
+    return "\n".join(lines[:most])
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
