@@ -4,6 +4,13 @@ Accumulation is driven by the loop (Accelerator's own accumulation counter is no
 says how many micro-steps make a step, and `no_sync` skips the all-reduce for all but the last.
 Accelerate ships no type information: what the Accelerator returns is Any here, and is typed
 where it is handed on.
+
+Where Accelerate's per-step wrappers reduce to the plain call (`direct`: no fp16 GradScaler, a
+DDP/CPU/single-device setup, its own accumulation counter at 1), the step calls torch itself:
+`Accelerator.backward` then only divides the loss by 1 (one more op forward and backward),
+`AcceleratedOptimizer.step` looks the `lomo_optim` package up on disk twice per call
+(`importlib.util.find_spec`, uncached) and `zero_grad` reads the optimizer's signature. Together
+0.23 ms of a 5.6 ms step on the bench's CPU run (bench/README.md, "Loop overhead (issue 33)").
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ class AccelerateBackend(Collectives):
         self.world_size = self.acc.num_processes
         self.rank = self.acc.process_index
         self.device = self.acc.device
+        from accelerate.utils import DistributedType
+
+        plain_kinds = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        self.direct = (
+            self.acc.scaler is None
+            and self.acc.distributed_type in plain_kinds
+            and self.acc.gradient_accumulation_steps == 1
+        )
 
     def prepare(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: BatchPlan
@@ -83,11 +98,16 @@ class AccelerateBackend(Collectives):
         """Nothing: no collective runs before the gradient reduction."""
 
     def no_sync(self, model: torch.nn.Module) -> AbstractContextManager[None]:
+        if self.world_size == 1:  # Accelerate's answer too, after building its state per call
+            return nullcontext()
         skipped: AbstractContextManager[None] = self.acc.no_sync(model)
         return skipped
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.acc.backward(loss)
+        if self.direct:
+            torch.autograd.backward(loss)  # what loss.backward() calls
+        else:
+            self.acc.backward(loss)
 
     def gradient_scale(self) -> float:
         scaler = self.acc.scaler  # fp16 only: GradScaler unscales in clip or step
@@ -101,11 +121,30 @@ class AccelerateBackend(Collectives):
             for g in grads:
                 g.div_(self.world_size)
 
-    def step(self, model: torch.nn.Module, optimizer: Any) -> None:
-        if self.clip:
+    def step(
+        self, model: torch.nn.Module, optimizer: Any, norms: torch.Tensor | None = None
+    ) -> None:
+        if self.direct:  # what Accelerate's clip, step and zero_grad come to here
+            inner = getattr(optimizer, "optimizer", optimizer)  # inside AcceleratedOptimizer
+            if self.clip:
+                clip(list(model.parameters()), self.clip, norms)
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+            return
+        if self.clip:  # fp16: Accelerate unscales the gradients first
             self.acc.clip_grad_norm_(model.parameters(), self.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def drop_gradients(self, model: torch.nn.Module, optimizer: Any) -> None:
         optimizer.zero_grad(set_to_none=True)
+
+
+def clip(parameters: list[torch.nn.Parameter], most: float, norms: torch.Tensor | None) -> None:
+    """torch.nn.utils.clip_grad_norm_ (2-norm); given the gradients' per-tensor `norms`, their
+    total is taken from those: torch takes it the same way, the vector norm of the per-tensor
+    norms (grouped by device and dtype; one group, as usual, gives the same bits)."""
+    if norms is None:
+        torch.nn.utils.clip_grad_norm_(parameters, most)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, most, torch.linalg.vector_norm(norms))
