@@ -198,3 +198,42 @@ def test_a_loss_spike_is_an_event_and_optionally_skipped(skip, tmp_path, data_ca
     assert event["step"] == 25 and event["skipped"] is skip
     assert event["rank0_loss"] > 5 * event["rank0_recent_mean"]
     assert (25 in [r["step"] for r in records if "loss" in r]) is not skip
+
+
+def _with_grads(seed: int) -> torch.nn.Module:
+    """A small model in which one gradient is large (so a clip at 1.0 changes it)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(32, 6) * 10, torch.randint(0, 3, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    return model
+
+
+def test_the_health_checks_norms_serve_the_clip_and_the_meter_bit_for_bit() -> None:
+    """The gradient norms the health check computes are reused on one rank (loop._checked) by
+    the clip (accelerate.clip) and the noise meter: the results are the same bits as computing
+    them again, torch.nn.utils.clip_grad_norm_ and meter.squared_norm."""
+    from launcher.backends.accelerate import clip
+    from launcher.batchsize.meter import squared_norm
+
+    for seed in range(3):
+        mine, theirs = _with_grads(seed), _with_grads(seed)
+        health = Health(spike_factor=0, diverge_factor=0)
+        assert health.bits(torch.tensor(1.0), mine, check_grads=True) == 0
+        assert health.norms is not None and health.norms.shape == (4,)
+        assert torch.equal(health.norms.double().square().sum(), squared_norm(theirs))
+        total = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 1.0)
+        assert total > 1.0  # the clip did something
+        clip(list(mine.parameters()), 1.0, health.norms)
+        for a, b in zip(mine.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_no_norms_are_kept_from_a_step_whose_loss_is_not_finite() -> None:
+    health = Health(spike_factor=0, diverge_factor=0)
+    model = _with_grads(0)
+    assert health.bits(torch.tensor(1.0), model, check_grads=True) == 0
+    assert health.bits(torch.tensor(float("inf")), model, check_grads=True) == NON_FINITE
+    assert health.norms is None
+    assert health.bits(torch.tensor(1.0), model, check_grads=False) == 0
+    assert health.norms is None  # fp16: the scaler owns the gradients, none computed

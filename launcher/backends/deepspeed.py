@@ -230,7 +230,7 @@ class DeepSpeedBackend(Collectives):
     def reduce_gradients(self, model: Any) -> None:
         """Nothing here: `engine.step()` reduces (ZeRO 0/1) or finalises (ZeRO 2/3)."""
 
-    def step(self, model: Any, optimizer: Any) -> None:
+    def step(self, model: Any, optimizer: Any, norms: torch.Tensor | None = None) -> None:
         model.step()  # clips, steps, zeroes the gradients
 
     def drop_gradients(self, model: Any, optimizer: Any) -> None:

@@ -171,7 +171,9 @@ class FsdpBackend(Collectives):
         root._root_post_backward_final_callback()
         self._end_deferred()
 
-    def step(self, model: torch.nn.Module, optimizer: Any) -> None:
+    def step(
+        self, model: torch.nn.Module, optimizer: Any, norms: torch.Tensor | None = None
+    ) -> None:
         if self.cfg.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
         optimizer.step()

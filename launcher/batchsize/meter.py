@@ -80,13 +80,16 @@ class NoiseMeter:
             factor = (plan.per_device_batch / n) ** 2
             self._small = (squared_norm(model) * factor, n)
 
-    def reduced(self, model: Any, plan: BatchPlan) -> None:
-        """After the all-reduce, before clipping and the optimizer step."""
+    def reduced(self, model: Any, plan: BatchPlan, norms: torch.Tensor | None = None) -> None:
+        """After the all-reduce, before clipping and the optimizer step. `norms`: the
+        gradients' per-tensor norms where the loop has them (guard.py grad_norms: the same
+        values squared_norm would compute from)."""
         if self._small is None:  # split mode, a step that was not split
             return
         scale2 = self.backend.gradient_scale() ** 2  # fp16: the gradients are still scaled
         small_sq, small = self._small
-        big_sq = squared_norm(model) / scale2
+        big = squared_norm(model) if norms is None else norms.double().square().sum()
+        big_sq = big / scale2
         self._pending.append((small_sq / scale2, small, big_sq, plan.global_batch, self._samples))
         self._small = None
 

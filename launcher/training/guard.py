@@ -64,12 +64,18 @@ class Health:
         self.loss = math.nan  # this rank's loss of the step just checked
         self.mean = math.nan  # what it was compared with
         self.median = math.nan  # of the window, against the start (DIVERGED)
+        self.norms: torch.Tensor | None = None  # this step's gradient norms, one per tensor
 
     def bits(self, loss: torch.Tensor, model: Any, check_grads: bool) -> int:
-        """NON_FINITE, SPIKE and/or DIVERGED for this rank's step (one device-to-host copy)."""
-        self.loss = float(loss)
-        if not math.isfinite(self.loss) or (check_grads and not grads_finite(model)):
+        """NON_FINITE, SPIKE and/or DIVERGED for this rank's step (one device-to-host copy).
+        The gradient norms it computes stay in `norms` for the step's clip and noise meter."""
+        self.loss, self.norms = float(loss), None
+        if not math.isfinite(self.loss):
             return NON_FINITE
+        if check_grads:
+            self.norms = grad_norms(model)
+            if self.norms is not None and not bool(torch.isfinite(self.norms).all()):
+                return NON_FINITE
         if self.start is None:
             self.start = self.loss
         self.mean = sum(self.recent) / len(self.recent) if self.recent else math.nan
@@ -95,11 +101,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def grads_finite(model: Any) -> bool:
+def grad_norms(model: Any) -> torch.Tensor | None:
+    """The 2-norms of this rank's gradients (its shards), one per tensor in parameter order,
+    stacked (None: no gradient): what torch's clip_grad_norm_ and the noise meter compute from
+    the same tensors (torch._foreach_norm)."""
     grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    return torch.stack(torch._foreach_norm(grads)) if grads else None
 
 
 def params_finite(model: Any) -> bool:

@@ -63,7 +63,7 @@ def accumulate(
     global count, whose mean over the ranks is the global batch's loss.
     """
     model, backend = t.model, t.backend
-    total = torch.zeros((), device=backend.device, dtype=torch.float64)
+    total: torch.Tensor | None = None  # float64: the sum of the micro-steps' losses
     count = _count(micro_batches, plan)
     if count != plan.accumulation:  # token-budget micro-batches: the meter sees this step's
         plan = dataclasses.replace(plan, accumulation=count)
@@ -95,7 +95,9 @@ def accumulate(
                 size = _size(token_loss, batch, k if split else None, plan, tokens)
                 seen += size
                 meter.backward_done(model, plan, j, k, seen if plan.noise == "rank" else size)
-            total += loss.detach()
+            piece = loss.detach().to(torch.float64)
+            total = piece if total is None else total + piece
+    assert total is not None  # a step has at least one micro-batch
     return total
 
 
@@ -202,9 +204,11 @@ def _checked(
             meter.dropped()
         return Skipped(flags)
     backend.reduce_gradients(model)
+    # one rank: nothing was reduced, the health check's gradient norms are this step's
+    norms = health.norms if health is not None and backend.world_size == 1 else None
     if meter is not None:
-        meter.reduced(model, plan)
-    backend.step(model, t.optimizer)
+        meter.reduced(model, plan, norms)
+    backend.step(model, t.optimizer, norms)
     backend.sync_buffers(model)
     if health is not None:
         health.applied()

@@ -60,8 +60,13 @@ class Backend(Protocol):
     def reduce_gradients(self, model: torch.nn.Module) -> None:
         """Average the gradients over ranks (for steps whose backward ran without a sync)."""
 
-    def step(self, model: torch.nn.Module, optimizer: Any) -> None:
-        """Clip (optim.clip_grad_norm), apply the optimizer step, zero the gradients."""
+    def step(
+        self, model: torch.nn.Module, optimizer: Any, norms: torch.Tensor | None = None
+    ) -> None:
+        """Clip (optim.clip_grad_norm), apply the optimizer step, zero the gradients. `norms`:
+        the per-tensor 2-norms of exactly these gradients where the loop has them (the health
+        check's, when nothing reduced the gradients since), which the clip may use instead of
+        computing them again."""
 
     def drop_gradients(self, model: torch.nn.Module, optimizer: Any) -> None:
         """Discard the partial gradients of a step that will not be taken."""

@@ -62,6 +62,11 @@ class StepHealth(Protocol):
     @property
     def diverge_factor(self) -> float: ...
 
+    @property
+    def norms(self) -> torch.Tensor | None:
+        """The 2-norms of this rank's gradients of the step just checked, one per tensor
+        (None: not computed, as when the loss was not finite or fp16's scaler owns them)."""
+
     def bits(self, loss: torch.Tensor, model: Any, check_grads: bool) -> int:
         """NON_FINITE, SPIKE and/or DIVERGED (guard.py) for this rank's step."""
 
