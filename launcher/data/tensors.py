@@ -21,5 +21,9 @@ class TensorPairs(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.x)
 
     def __getitem__(self, index: np.ndarray | int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(index)
-        return self.x[idx], self.y[idx]
+        if isinstance(index, (int, np.integer)):
+            return self.x[index], self.y[index]
+        # index_select: the same rows as x[idx], without advanced indexing's general machinery
+        # (2-3x faster on CPU for a micro-batch of rows; bench/README.md, issue 33)
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
