@@ -3,14 +3,20 @@ loop and a Lightning loop, same model and data.
 
 All train the MNIST-1D CNN at global batch 512 on one CPU thread for the same number of steps,
 in this process, alternating runs; the ratio of median samples/s is the result (target: launcher
->= 0.98 x hand-written). The launcher side is the real path: plan, Accelerate backend, sampler,
-DataLoader, LR per step, metrics.jsonl + TensorBoard every `log_every` steps, one evaluation at the
-end (every side). The progress bar is off on the launcher side (it only writes to the terminal).
-The Accelerate and Lightning loops get the same batches the same way (a DataLoader over whole
-index arrays of one permutation per epoch, no per-sample collation), SGD with the same LR curve set
-each step, no logging, no progress bar, no checkpoints: what their loops add is what is measured.
+>= 0.98 x hand-written). The launcher side is the real path with what a default run has on: plan,
+Accelerate backend, sampler, DataLoader, LR per step, out-of-memory-safe steps, the step-health
+check, the noise meter in the plan's mode, metrics.jsonl + TensorBoard every `log_every` steps,
+one evaluation at the end (every side). The progress bar is off (it only writes to the terminal).
+Every side clips the gradient norm as the recipe does (optim.clip_grad_norm). The hand-written
+loop takes one permutation per epoch and indexes the data with it; the Accelerate and Lightning
+loops get the same batches the same way (a DataLoader over whole index arrays, no per-sample
+collation), SGD with the same LR curve set each step, no logging, no progress bar, no
+checkpoints: what their loops add is what is measured.
 
-    python bench/overhead.py [--epochs 5] [--repeats 5] [--clock wall|cpu] [--peers]
+`--features` also runs the launcher with one feature off at a time and gives each feature's cost
+per step: (median with it - median without it) / steps.
+
+    python bench/overhead.py [--epochs 5] [--repeats 5] [--clock wall|cpu] [--peers] [--features]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from launcher.models import build_model
 from launcher.models.loss import CrossEntropy
 from launcher.optim import build_optimizer
 from launcher.planning.plan import PlanInput, plan_batch
+from launcher.training.guard import Health
 from launcher.training.job import on_device
 from launcher.training.loop import fit
 from launcher.training.metrics import MetricsSink
@@ -41,11 +48,14 @@ from launcher.types.bundles import Feed, Settings, Trainee
 
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = CLOCK["wall"]
+# What a default run has on (training/phases.py), each of which --features turns off in turn.
+FEATURES = ("noise meter", "health check", "oom-safe step", "tensorboard")
 
 
-def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = False) -> float:
-    """The launcher's real loop, `fit()`, with one final evaluation (and with `meter` the
-    noise-scale meter, as job.py builds it); returns seconds."""
+def launcher_loop(cfg, splits, backend, run_dir: Path | None, off: tuple[str, ...] = ()) -> float:
+    """The launcher's real loop, `fit()`, with one final evaluation and what a default run has
+    on (the noise meter in the plan's mode, the health check, out-of-memory-safe steps,
+    TensorBoard) except the FEATURES in `off`; returns seconds."""
     plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
@@ -53,9 +63,13 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = Fals
     model, optimizer = backend.prepare(model, optimizer, plan)
     if run_dir is not None:
         run_dir.mkdir()
-    sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=True, progress=False)
+    tensorboard = "tensorboard" not in off
+    sink = MetricsSink(run_dir, total_steps=plan.steps, tensorboard=tensorboard, progress=False)
     window = cfg.trainer.noise_window * plan.total_samples
+    meter = plan.noise != "off" and "noise meter" not in off
     noise = NoiseMeter(backend, window, cfg.trainer.noise_split_every) if meter else None
+    t = cfg.trainer
+    health = Health(t.spike_factor, t.diverge_factor) if "health check" not in off else None
     start = _clock()
     fit(
         Trainee(model, optimizer, backend, torch.float32, CrossEntropy()),
@@ -65,7 +79,14 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = Fals
             lambda plan: eval_loader(splits.eval, plan, 0),
         ),
         sink,
-        Settings(log_every=cfg.trainer.log_every, eval_every_samples=plan.total_samples),
+        Settings(
+            log_every=t.log_every,
+            eval_every_samples=plan.total_samples,
+            oom_recovery=plan.oom_recovery and "oom-safe step" not in off,
+            health=health,
+            skip_spikes=t.skip_spikes,
+            nonfinite_limit=t.nonfinite_limit,
+        ),
         meter=noise,
     )
     elapsed = _clock() - start
@@ -74,22 +95,29 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, meter: bool = Fals
 
 
 def handwritten_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int) -> float:
-    """What one would write by hand: index tensors, cosine with warmup, SGD; returns seconds."""
+    """What one would write by hand: a permutation per epoch, index tensors, cosine with
+    warmup, the recipe's gradient clipping, SGD; returns seconds."""
     x_all, y_all = splits.train.x, splits.train.y
     n = len(x_all)
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.spec)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.base_lr, momentum=0.9)
+    clip = cfg.optim.clip_grad_norm
     start = _clock()
+    order, shuffled = torch.empty(0, dtype=torch.long), -1
     for step in range(steps):
         seen = step * 512
         epoch, offset = divmod(seen, n)
-        idx = torch.from_numpy(epoch_permutation(n, 0, epoch)[offset : offset + 512])
+        if epoch != shuffled:
+            order, shuffled = torch.from_numpy(epoch_permutation(n, 0, epoch)), epoch
+        idx = order[offset : offset + 512]
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, seen, peak, warmup, total)
         loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     _evaluate(model, splits)
     return _clock() - start
@@ -138,6 +166,8 @@ def accelerate_loop(cfg, splits, steps: int, peak: float, warmup: int, total: in
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
+        if cfg.optim.clip_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         opt.step()
     _evaluate(model, splits)
     return _clock() - start
@@ -176,6 +206,7 @@ def lightning_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        gradient_clip_val=cfg.optim.clip_grad_norm or None,
     )
     start = _clock()
     trainer.fit(module, loader)
@@ -194,13 +225,14 @@ def main() -> None:
         help="cpu: this process's CPU time (all its threads), immune to other tenants of a VM",
     )
     parser.add_argument("--peers", action="store_true", help="also Accelerate and Lightning loops")
+    parser.add_argument(
+        "--features", action="store_true", help="also the launcher with each feature off"
+    )
     args = parser.parse_args()
     global _clock
     _clock = CLOCK[args.clock]
     torch.set_num_threads(1)
-    cfg = compose_run(
-        ["global_batch=512", f"trainer.epochs={args.epochs}", "trainer.noise_scale=false"]
-    )
+    cfg = compose_run(["global_batch=512", f"trainer.epochs={args.epochs}"])
     cfg = on_device(cfg, "cpu")
     splits = build_splits(cfg.data)
     plan = plan_batch(PlanInput(cfg, 1, len(splits.train)))
@@ -208,17 +240,24 @@ def main() -> None:
     times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
     peers = {"accelerate": accelerate_loop, "lightning": lightning_loop} if args.peers else {}
     curve = (plan.steps, plan.lr, plan.warmup_samples, plan.total_samples)
+    without = FEATURES if args.features else ()
     with tempfile.TemporaryDirectory() as tmp:
+        launcher_loop(cfg, splits, backend, Path(tmp) / "first")  # torch's lazy imports: once
         for r in range(args.repeats):
             times["hand-written"].append(handwritten_loop(cfg, splits, *curve))
             times["launcher"].append(launcher_loop(cfg, splits, backend, Path(tmp) / str(r)))
             for name, loop in peers.items():
                 times.setdefault(name, []).append(loop(cfg, splits, *curve))
+            for feature in without:
+                run_dir = Path(tmp) / f"{r}-{feature.replace(' ', '-')}"
+                seconds = launcher_loop(cfg, splits, backend, run_dir, (feature,))
+                times.setdefault(f"- {feature}", []).append(seconds)
     samples = plan.steps * 512
     rate = {k: samples / statistics.median(v) for k, v in times.items()}
     print(
         f"steps per run {plan.steps}, global batch 512, repeats {args.repeats}, 1 thread, "
-        f"{args.clock} clock"
+        f"{args.clock} clock, noise meter mode {plan.noise} (split every "
+        f"{cfg.trainer.noise_split_every}), clip {cfg.optim.clip_grad_norm}"
     )
     for k, v in times.items():
         print(
@@ -230,6 +269,13 @@ def main() -> None:
         print(f"ratio {name} / hand-written = {ratio:.3f} (medians)")
     best = {k: min(v) for k, v in times.items()}
     print(f"ratio of the fastest runs = {best['hand-written'] / best['launcher']:.3f}")
+    step_ms = statistics.median(times["launcher"]) / plan.steps * 1e3
+    for feature in without:
+        cost = statistics.median(times["launcher"]) - statistics.median(times[f"- {feature}"])
+        print(
+            f"{feature:>14}: {cost / plan.steps * 1e3:+.3f} ms per step "
+            f"({cost / plan.steps * 1e3 / step_ms:+.1%} of the default step's {step_ms:.2f} ms)"
+        )
 
 
 if __name__ == "__main__":
