@@ -70,6 +70,8 @@ def accumulate(
     batches, tokens = _step_batches(t, micro_batches, plan)
     token_loss = _token_loss(t.loss_fn) if tokens else None
     seen = 0.0  # samples (or counted tokens in samples) so far: the rank mode's piece
+    if meter is not None and plan.noise == "split" and not split:
+        meter = None  # split mode measures split steps only: nothing to read in this one
     for j in range(count):
         if before_micro_step is not None:
             before_micro_step(j)
