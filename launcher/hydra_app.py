@@ -10,7 +10,10 @@ records, logging, launcher and sweeper, with the launcher's checks first.
 2. Every job of a run or a grid sweep is composed and checked (job.validate) before Hydra starts:
    bad input, Hydra's own included (an unknown hydra.foo, a plugin that is not installed), is one
    line with exit 2 and nothing written (launcher/checkpoint/rollback.py undoes what Hydra wrote
-   before a job refused it).
+   before a job refused it). The check composes what Hydra's run will (the overrides Hydra gets,
+   its run folder and mode aside), and Hydra's run is handed that composition
+   (hydra_internals.composing_once): a run is composed once, and its job takes the checked
+   config and plan (Context.job).
 3. Where runs go has one source of truth, Hydra's: hydra.run.dir for a run, hydra.sweep.dir and
    hydra.sweep.subdir for a sweep's jobs. `run_dir=DIR` is an alias of hydra.run.dir=DIR (of
    hydra.sweep.dir=DIR under -m: the jobs go to DIR/0, DIR/1, ...); both given, they must agree.
@@ -67,9 +70,14 @@ from launcher.config.compose import (
     split_sweep,
     user_config_dir,
 )
-from launcher.config.hydra_internals import command_line_parser, config_dir_of, run_hydra
+from launcher.config.hydra_internals import (
+    command_line_parser,
+    composing_once,
+    config_dir_of,
+    run_hydra,
+)
 from launcher.config.resources import conf_search_path
-from launcher.config.schema import to_run_config
+from launcher.config.schema import ConcreteConfig, to_run_config
 from launcher.errors import ConfigError, LauncherError
 from launcher.flags import shell_completion, version
 from launcher.training import objective
@@ -77,6 +85,7 @@ from launcher.training.run_folder import create_run_dir, restart_note, reuses_ru
 
 if TYPE_CHECKING:
     from launcher.training.job import ValidatedLaunch  # heavy: numpy
+    from launcher.training.job_plan import Planned  # heavy: numpy
 
 LOCAL_RANK = ("--local_rank=", "--local-rank=")  # the `deepspeed` launcher appends it
 REFUSED = {
@@ -126,6 +135,9 @@ class Context:
     scratch: Path | None = None
     real: Path | None = None
     locked: Path | None = None  # the folder whose lock this process holds (its workers share it)
+    # a run's (not a sweep's) job as checked: its concrete config and plan, which the job takes
+    # over (the config Hydra hands it is the one checked: hydra_internals.composing_once)
+    job: tuple[ConcreteConfig, Planned] | None = None
 
 
 def _refuse(message: str) -> NoReturn:
@@ -196,14 +208,31 @@ def main(argv: list[str]) -> None:
         _run(args, Task())
         return
     chosen = placement(overrides, multirun)
-    jobs, rank, extra = _checked(overrides, chosen, multirun, config_dir)
-    real = Path(chosen) if chosen else jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+    with composing_once():  # the checked composition is the one Hydra's run is handed
+        _launch(args, overrides, chosen, multirun, config_dir)
+
+
+def _launch(
+    args: argparse.Namespace,
+    overrides: list[str],
+    chosen: str | None,
+    multirun: bool,
+    config_dir: Path | None,
+) -> None:
+    # the overrides Hydra composes (Hydra's run folder settings added after: where); ranks > 0
+    # quiet Hydra's outputs: checked with them, so that the check composes what Hydra will
     user = [o for o in overrides if o.partition("=")[0] != "run_dir"]
-    context = Context(config_dir, jobs.launched, jobs.workers, rank, real=real.absolute())
+    user += QUIET if _other_rank() else []
+    jobs, rank, extra = _checked(user, chosen, multirun, config_dir)
+    real = Path(chosen) if chosen else jobs.run_dirs[0].parent if multirun else jobs.run_dirs[0]
+    job = None if multirun else (jobs.configs[0], jobs.planned[0])
+    context = Context(config_dir, jobs.launched, jobs.workers, rank, real=real.absolute(), job=job)
     if rank > 0:  # Hydra's outputs of this process go nowhere; it trains in rank 0's folder
         scratch = Path(tempfile.mkdtemp(prefix="launcher-rank-"))
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        where = [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", *QUIET]
+        where = [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
+        if QUIET[0] not in user:  # (the environment did not say the rank before the check)
+            where += QUIET
         args.overrides = [*prepare_overrides(user, config_dir)[1], *where, *extra]
         _run(args, Task(replace(context, scratch=scratch)))
         return
@@ -221,26 +250,32 @@ def main(argv: list[str]) -> None:
             raise
 
 
+def _other_rank() -> bool:
+    """This process is a rank > 0, as the environment says it (its errors: said by the check)."""
+    try:
+        return from_env(cuda=False).rank > 0
+    except ConfigError:
+        return False
+
+
 def _checked(
     overrides: list[str], chosen: str | None, multirun: bool, config_dir: Path | None
 ) -> tuple[ValidatedLaunch, int, list[str]]:
-    """Every job composed and checked (job.validate) for the processes it trains on, and the
-    plugins chosen; returns the jobs, this process's rank, and the overrides that set the chosen
-    launcher and sweeper from the jobs (submitit_slurm's job shape, the search's direction)."""
+    """Every job composed from `overrides` (Hydra's, the run folder aside: `chosen` is its
+    run_dir) and checked (job.validate) for the processes it trains on, and the plugins chosen;
+    returns the jobs, this process's rank, and the overrides that set the chosen launcher and
+    sweeper from the jobs (submitit_slurm's job shape, the search's direction)."""
     from launcher.training.job import validate  # heavy: numpy
 
-    checked = [o for o in overrides if o.partition("=")[0] not in PLACEMENT]
-    if chosen is not None:
-        checked.append(f"run_dir={hydra_quote(chosen)}")
     launcher = _value(overrides, "hydra/launcher") or "basic"
     plugins.check_choice(launcher, _value(overrides, "hydra/sweeper") or "basic", multirun)
     if launcher != "basic":  # (from_env imports torch: only when it matters)
         plugins.check_launched(launcher, from_env())
     slurm = None
     if launcher == "submitit_slurm":  # validate plans for the Slurm job's world
-        first = split_sweep(checked)[0] if multirun else checked
+        first = split_sweep(overrides)[0] if multirun else overrides
         slurm = plugins.slurm_shape(compose_run(first, config_dir).cluster)
-    jobs = validate(checked, multirun, config_dir, launched=slurm)
+    jobs = validate(overrides, multirun, config_dir, launched=slurm, chosen=chosen)
     rank = from_env().rank
     several = jobs.workers > 1 or jobs.launched.world_size > 1
     if _value(overrides, "hydra.job.chdir") in ("true", "True") and several:
@@ -320,23 +355,27 @@ def _train(cfg: DictConfig, given: Context | None) -> float | None:
     context = given or _elsewhere(hydra)
     choices = dict(hydra.runtime.choices)
     check_clashes(choices, context.config_dir)
-    node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     run_dir = Path(hydra.runtime.output_dir)
     if context.scratch is not None and context.real is not None:  # a rank > 0: where it resumes
         run_dir = context.real / run_dir.relative_to(context.scratch)
-    recipe = choices.get("recipe@_global_", DEFAULT_RECIPE)
-    run_cfg = to_run_config(
-        {**cast(dict[str, Any], node), "recipe": recipe, "run_dir": str(run_dir)}
-    )
-    launched = context.launched
-    run_cfg = concrete(run_cfg, launched)  # the job's, as Hydra composed it
+    launched, planned = context.launched, None
+    if context.job is not None and hydra.mode == RunMode.RUN:  # the run checked here: its job
+        checked, planned = context.job
+        run_cfg = ConcreteConfig(replace(checked, run_dir=str(run_dir)))
+    else:
+        node = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        recipe = choices.get("recipe@_global_", DEFAULT_RECIPE)
+        composed = to_run_config(
+            {**cast(dict[str, Any], node), "recipe": recipe, "run_dir": str(run_dir)}
+        )
+        run_cfg = concrete(composed, launched)  # the job's, as Hydra composed it
     if context.workers:
         task_overrides = [o for o in hydra.overrides.task if o.partition("=")[0] != "run_dir"]
         args = [*config_dir_args(context.config_dir), *task_overrides, *QUIET]
         folder = f"hydra.run.dir={hydra_quote(str(run_dir))}"
         start_workers(context.workers, [*args, folder], context.locked)
     else:
-        run_dir = Path(execute(run_cfg, launched, run_dir)["run_dir"])
+        run_dir = Path(execute(run_cfg, launched, run_dir, planned)["run_dir"])
     if context.rank > 0 or run_cfg.plan_only:
         return None
     searched = hydra.mode == RunMode.MULTIRUN and "BasicSweeper" not in hydra.sweeper._target_

@@ -176,3 +176,46 @@ def test_completion_shells_and_the_bash_script(capsys: Any) -> None:
     assert internals.completion_shells() == ["bash", "fish", "zsh"]
     BashCompletion(config_loader=None).install()  # type: ignore[arg-type]
     assert capsys.readouterr().out.count(internals.BASH_PYTHON_BRANCH) == 1
+
+
+def test_composing_once_hands_a_run_the_checked_composition(tmp_path: Path, monkeypatch) -> None:
+    """Inside composing_once, a run's composition of the checked overrides followed by Hydra's
+    settings (SETTLED_AFTER: its run folder, its mode) is the checked composition with them
+    applied: the same config, hydra node and records included, as Hydra composes it itself (here
+    outside composing_once); Hydra's question for the mode (a MULTIRUN composition without the
+    sweep check) gets the same answer. Anything else after the checked overrides (a key of the
+    job's config, a group option) is composed anew, and so is everything outside."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    config_dir = _config_dir(tmp_path)
+    checked = prepare_overrides(["global_batch=48", *QUIET], config_dir)[1]
+    settled = [f"hydra.run.dir='{tmp_path / 'a b'}'", "hydra.mode=RUN"]
+
+    def load(overrides: list[str], mode: RunMode = RunMode.RUN, check: bool = True) -> Any:
+        with internals.initialized("launcher", conf_search_path(), config_dir):
+            loader = GlobalHydra.instance().hydra.config_loader  # type: ignore[union-attr]
+            return loader.load_configuration("config", overrides, mode, True, check)
+
+    expected = OmegaConf.to_container(load([*checked, *settled]))
+    composed: list[list[str]] = []
+    compose_for_real = ConfigLoaderImpl._load_configuration_impl
+
+    def composes(self: Any, **kwargs: Any) -> Any:
+        composed.append(kwargs["overrides"])
+        return compose_for_real(self, **kwargs)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "_load_configuration_impl", composes)
+    with internals.composing_once():
+        assert load(checked).global_batch == 48
+        asked = load([*checked, settled[0]], RunMode.MULTIRUN, check=False)
+        assert asked.hydra.mode is None
+        assert asked.hydra.run.dir == str(tmp_path / "a b")
+        assert OmegaConf.to_container(load([*checked, *settled])) == expected
+        assert composed == [checked]
+        assert load([*checked, "seed=3"]).seed == 3
+        assert load([*checked, *settled, "hydra/job_logging=default"]).hydra.run.dir
+        assert len(composed) == 3
+    load(checked)
+    assert len(composed) == 4

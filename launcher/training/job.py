@@ -106,12 +106,18 @@ def validate(
     config_dir: Path | None = None,
     provided: dict[str, dict[str, Any]] | None = None,
     launched: Topology | None = None,
+    chosen: str | None = None,
 ) -> ValidatedLaunch:
     """Compose and check every job before anything is written: its config, made concrete
     (`concrete`), its plan for the processes that will train it (`launched`: those a Hydra
-    launcher plugin will start, else this process's), its trackers, its run folder."""
+    launcher plugin will start, else this process's), its trackers, its run folder. `chosen`:
+    the run folder the command line chose, set on each job's composed config (launcher/hydra_app.py:
+    Hydra composes it as its run folder, which the job takes as its run_dir)."""
     jobs = split_sweep(overrides) if multirun else [overrides]
-    composed = [to_run_config(compose_dict(job, config_dir) | (provided or {})) for job in jobs]
+    placed = {} if chosen is None else {"run_dir": chosen}
+    composed = [
+        to_run_config(compose_dict(job, config_dir) | (provided or {}) | placed) for job in jobs
+    ]
     for key in ("backend", "trainer.devices"):
         if len({_get(cfg, key) for cfg in composed}) > 1:
             raise ConfigError(

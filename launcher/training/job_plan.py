@@ -23,11 +23,13 @@ new; no plan repeats one from the same facts. The plans of one job, by process:
   shrink_micro_batch). So launcher.run() of a fresh run on one process: 3 with the probe (validate,
   set_up, prepare), 2 without.
 
-A Hydra job (launcher/hydra_app.py) makes its own concrete config from the config Hydra composed
-for it and plans it as above without a handed-down plan: under the basic launcher it runs in the
-launching process, so `python -m launcher plan_only=true` plans 3 times with the estimate.
-python -m launcher.cbs plans each branch once to check it, then trains it as above.
-tests/test_job_plan.py counts them.
+A Hydra job (launcher/hydra_app.py) of a run, in the launching process (the basic launcher),
+takes validate's concrete config and plan, as launcher.run() does: Hydra hands it the config the
+launcher composed and checked (launcher/config/hydra_internals.py composing_once), so `python -m
+launcher plan_only=true` composes once and plans 2 times with the estimate. A sweep's jobs, and
+a job in a launcher plugin's process, make their own concrete config from the config Hydra
+composed for them and plan it as above without a handed-down plan. python -m launcher.cbs plans
+each branch once to check it, then trains it as above. tests/test_job_plan.py counts them.
 """
 
 from __future__ import annotations
