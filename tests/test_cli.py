@@ -99,14 +99,19 @@ def test_plan_only_goyal_on_256_devices_writes_config_and_plan_only(tmp_path):
 def test_plan_only_with_a_cached_estimate_does_not_import_dynamo(tmp_path):
     """Start-up (bench/startup.py): the first plan_only traces the model with FakeTensorMode,
     which imports torch._dynamo (~1.3 s); a second one with the same model reads the cached
-    estimate and must not import it."""
+    estimate and must not import it, nor a third with a fixed micro-batch, whose fit check the
+    cached estimate's fake steps made (another dtype is checked again)."""
     cmd = [sys.executable, "-X", "importtime", "-m", "launcher", "plan_only=true"]
     cmd.append(f"memory.cache_dir={tmp_path / 'mem'}")
     first = run_process([*cmd, "run_dir=a"], tmp_path)
     second = run_process([*cmd, "run_dir=b", "global_batch=256"], tmp_path)
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    fixed = run_process([*cmd, "run_dir=c", "micro_batch=64"], tmp_path)
+    other = run_process([*cmd, "run_dir=d", "micro_batch=64", "trainer.dtype=float64"], tmp_path)
+    for done in (first, second, fixed, other):
+        assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"\|\s+torch\._dynamo\n", first.stderr)  # what the check sees when it happens
-    assert "torch._dynamo" not in second.stderr
+    assert "torch._dynamo" not in second.stderr and "torch._dynamo" not in fixed.stderr
+    assert re.search(r"\|\s+torch\._dynamo\n", other.stderr)  # not cached: checked again
     plans = [json.loads((tmp_path / d / "plan.json").read_text()) for d in "ab"]
     assert plans[0]["memory"]["lines"] == plans[1]["memory"]["lines"]
     assert "from cache entry" in plans[1]["memory"]["note"]

@@ -202,10 +202,14 @@ def _fake_limit(exc: BaseException) -> bool:
 def check_fit(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str) -> None:
     """One step of two samples of a fresh model (fake tensors for plan_only): the model takes the
     data's inputs and its outputs fit the loss, or ConfigError in one line. The memory probe's
-    steps check the same; this is for runs that do not probe."""
+    steps check the same; this is for runs that do not probe. Under plan_only a cached estimate
+    of the same model, loss and data (memory.cache=use) has checked it: fake tensors, which
+    import torch._dynamo (~1 s), are not started again."""
     if not cfg.plan_only:
         _step(cfg, spec, plan, device, 2)
         return
+    if _cached(cfg.memory, _cache_key(cfg, spec, plan, FAKE))[0] is not None:
+        return  # a cached estimate of the same model, loss and data: its fake steps checked it
     try:
         with fake_mode():
             _step(cfg, spec, plan, "cpu", 2)
