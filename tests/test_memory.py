@@ -294,3 +294,68 @@ def test_an_out_of_memory_in_training_teaches_the_cache(tmp_path):
     assert cached.max_micro(report["budget_bytes"]) == failed - 1
     again, report2 = measured_cap(cfg, spec, plan, "cpu", 1, lambda v: v)
     assert report2["source"] == "cached" and again == failed - 1
+
+
+OOMS = {  # however the memory limit is imposed, as each reaches the model's forward
+    "torch.OutOfMemoryError": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+    "CUDA error text": RuntimeError("CUDA error: out of memory"),
+    "CPU allocator text": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 1024 bytes"
+    ),
+}
+
+
+def _forward_raises(monkeypatch, error: BaseException, from_micro: int = 0) -> None:
+    """The probe's model raises `error` in its forward at micro-batches >= from_micro."""
+    import launcher.memory.probe as probe
+
+    build = probe.build_model
+
+    def raising(*args, **kwargs):
+        model = build(*args, **kwargs)
+
+        def hook(module, inputs):
+            if inputs[0].shape[0] >= from_micro:
+                raise error
+
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(probe, "build_model", raising)
+
+
+@pytest.mark.parametrize("kind", sorted(OOMS))
+def test_out_of_memory_in_the_probe_forward_is_out_of_memory_not_a_config_error(
+    kind, tmp_path, monkeypatch
+):
+    """The probe's model check wraps a model's errors into one ConfigError line, but an
+    out-of-memory error raised inside the forward stays itself (bench/memory_finder.py's virtual
+    device raises the CPU allocator's text), and the first probe sizes fall back to 1 and 2."""
+    from launcher.memory.probe import _first_traces
+    from launcher.memory.profile import is_oom
+
+    cfg, spec, plan = _setup(tmp_path=tmp_path)
+    _forward_raises(monkeypatch, OOMS[kind])
+    with pytest.raises(RuntimeError) as raised:
+        _step(cfg, spec, plan, "cpu", 2)
+    assert raised.value is OOMS[kind] and is_oom(raised.value)
+    monkeypatch.undo()
+    _forward_raises(monkeypatch, OOMS[kind], from_micro=3)  # the probe sizes 2 and 8: 8 fails
+    assert [n for n, _ in _first_traces(cfg, spec, plan, "cpu")] == [1, 2]
+
+
+def test_a_shape_error_in_the_probe_forward_is_still_one_config_error_line(tmp_path, monkeypatch):
+    """A genuine model error (a layer of the wrong width for the data) is not out of memory."""
+    import launcher.memory.probe as probe
+    from launcher.errors import ConfigError
+    from launcher.memory.profile import is_oom
+
+    cfg, spec, plan = _setup(tmp_path=tmp_path)
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(spec.input_shape[-1] + 1, 10))
+    monkeypatch.setattr(probe, "build_model", lambda *args, **kwargs: wrong)
+    with pytest.raises(ConfigError) as raised:
+        _step(cfg, spec, plan, "cpu", 2)
+    message = str(raised.value)
+    assert "\n" not in message and "RuntimeError: mat1 and mat2 shapes" in message, message
+    assert not is_oom(raised.value.__cause__)

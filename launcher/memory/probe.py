@@ -51,6 +51,7 @@ from launcher.memory.profile import (
     fit_traces,
     free_bytes,
     human_bytes,
+    is_oom,
     load_cached,
     save_cached,
 )
@@ -62,8 +63,6 @@ from launcher.optim import build_optimizer
 from launcher.planning.split import split_batch
 from launcher.types.plan import BatchPlan
 from launcher.types.provided import TARGET, source_of
-
-OOM_ERROR = torch.OutOfMemoryError
 
 
 def _step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, micro: int) -> None:
@@ -106,10 +105,8 @@ def _seeded_step(cfg: RunConfig, spec: DataSpec, plan: BatchPlan, device: str, m
     with torch.autocast(device.split(":")[0], dtype=half, enabled=precision != "no"):
         try:
             outputs = logits_of(call(model, x))
-        except OOM_ERROR:
-            raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            if _fake_limit(exc):
+            if is_oom(exc) or _fake_limit(exc):  # the device's limit, not the model's error
                 raise
             raise ConfigError(
                 f"{_names(cfg.model, cfg.data)}: {_first_line(exc)} {_inputs(x)}"
@@ -350,7 +347,9 @@ def _first_traces(
     for sizes in (PROBE_SIZES, (1, 2)):
         try:
             return [(n, probe_trace(cfg, spec, plan, device, n)) for n in sizes]
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_oom(exc):
+                raise
             gc.collect()
             torch.cuda.empty_cache()
     raise ConfigError(
@@ -380,7 +379,9 @@ def measured_cap(
             predicted = profile.peak(micro)
             try:
                 observed = probe_peak(cfg, spec, plan, device, micro)
-            except torch.OutOfMemoryError:
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not is_oom(exc):
+                    raise
                 observed = budget + 1  # what matters: it did not fit
             steps += 1
             note += (

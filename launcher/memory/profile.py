@@ -30,6 +30,20 @@ from launcher.config.execution import MemoryConfig
 GB = 1024**3  # the config's *_gb values are GiB, as nvidia-smi and torch report them
 PROBE_SIZES = (2, 8)
 CEILING_SLACK = 1.1  # an out-of-memory error at budget B still counts for budgets up to 1.1 B
+# an allocator's own words in a RuntimeError that is not torch.OutOfMemoryError: the CPU
+# allocator's ("DefaultCPUAllocator: can't allocate memory"), CUDA's outside the caching allocator
+# ("CUDA error: out of memory") and any device's "... out of memory" (HIP, MPS)
+OOM_TEXTS = ("out of memory", "can't allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is the device running out of memory, however the limit is imposed: torch's
+    OutOfMemoryError (CUDA's caching allocator, a per-process memory fraction, the fault hook) or
+    a RuntimeError in an allocator's own words (OOM_TEXTS). The probe tells it from an error of
+    the model on the data (a shape mismatch: one ConfigError line) by this."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in OOM_TEXTS)
 
 
 @dataclass(frozen=True)
