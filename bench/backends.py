@@ -35,6 +35,8 @@ reported as a ratio to the DDP run of the same repeat.
     python bench/backends.py --repeats 3 --tiny [--out FILE.json]      # 2 CPU ranks (gloo)
     python bench/backends.py --device cuda --repeats 1 --budget-s 70 --no-baseline  # gpu_check.sh
     python bench/backends.py --device cuda --repeats 1 --plan-only --no-baseline    # a dry run
+    python bench/backends.py --smoke   # seconds: DDP on 2 ranks, a 1 x 16 GPT for 2 steps, and
+                                       # the Accelerate import baseline; fails if a run fails
 """
 
 from __future__ import annotations
@@ -265,9 +267,15 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="JSON of every run")
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
+    p.add_argument("--smoke", action="store_true", help="DDP, a 1 x 16 GPT, 2 steps")
     args = p.parse_args()
 
     size = dict(SIZES[args.device])
+    libraries = ["accelerate", "deepspeed", "fsdp"]
+    if args.smoke:
+        size.update(layers=1, width=16, heads=1, seq_len=16, micro_batch=2, steps=2)
+        args.configs, args.repeats, args.skip_steps, args.log_every = ["ddp"], 1, 0, 1
+        args.tiny, args.no_baseline, libraries = False, False, ["accelerate"]
     if args.steps:
         size["steps"] = args.steps
     nproc = args.nproc
@@ -301,7 +309,7 @@ def main() -> None:
         "runs": [],
     }
     if not args.no_baseline and not args.plan_only:
-        for lib in ("accelerate", "deepspeed", "fsdp"):
+        for lib in libraries:
             cmd = torchrun(nproc, ["--baseline", lib, args.device])
             r = run_ranks(cmd, nproc, tmp, f"baseline-{lib}", args.run_timeout_s)
             report["baseline"][lib] = r
@@ -376,6 +384,9 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
+    runs = [*report["baseline"].values(), *report["tiny"].values(), *report["runs"]]
+    if args.smoke and any(r["code"] != 0 for r in runs):
+        sys.exit("bench/backends.py --smoke: a run failed (its output above)")
 
 
 def summarize(report: dict, configs: list[str]) -> dict:

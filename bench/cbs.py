@@ -4,6 +4,7 @@ to the 8-batch MNIST-1D sweep, 407, at less cost than that sweep).
 
     python bench/cbs.py --out /tmp/cbs --seeds 3 --batch 32 --at 96000 \
         --k 1,2,4,8,16 --samples 131072 --tolerance 0.05 [-- launcher overrides]
+    python bench/cbs.py --smoke   # seconds: seed 0, a checkpoint at 3,200 samples, k 1 and 2
 
 Per seed: one run of the recipe at --batch that stops at --at samples with a checkpoint there
 (trainer.stop_after_samples), then the probe from that checkpoint. Prints, per seed, every
@@ -19,6 +20,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "checkpoint.every_minutes=0"]
@@ -27,7 +29,7 @@ SWEEP_SAMPLES = 8 * 20 * 32_000  # python -m launcher -m global_batch=32,...,409
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="required but with --smoke (a temporary folder)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--at", type=int, default=96_000, help="samples to the checkpoint")
@@ -36,8 +38,19 @@ def main() -> None:
     parser.add_argument("--tolerance", default="0.05")
     parser.add_argument("--cooldown", default="0.5")
     parser.add_argument("--reference", type=float, default=407.0, help="the sweep's B_crit")
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 100 steps, k 1,2, 1,024")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.out is None and not args.smoke:
+        parser.error("--out is required")
+    if args.smoke:
+        args.seeds, args.batch, args.at, args.k, args.samples = 1, 32, 3200, "1,2", "1024"
+    with tempfile.TemporaryDirectory(prefix="bench-cbs-") as tmp:
+        args.out = args.out or Path(tmp)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in range(args.seeds):

@@ -4,7 +4,7 @@ never be stopped; the table says how close each came (the largest median-of-20 /
 ratio it reached) and which diverging runs the rule stopped, at which step.
 
     python bench/divergence.py --seeds 3 --steps 60 --out /tmp/divergence
-    python bench/divergence.py --smoke --out /tmp/divergence-smoke   # seconds: one tiny run
+    python bench/divergence.py --smoke   # seconds: MNIST-1D, one seed, healthy and diverging
 
 The recipes run at CPU size (small data, small inputs, 60 steps: every step logged); their
 optimizer, LR rule, warmup and schedule are the recipes' own. ResNet-50 and CIFAR-10 train on
@@ -21,6 +21,7 @@ import pickle
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +115,17 @@ def main() -> None:
     parser.add_argument("--healthy", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--recipes", default="mnist1d,gpt_small,cifar10,resnet50,resnet50_lars")
     parser.add_argument("--smoke", action="store_true", help="one tiny run of each kind")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="required but with --smoke (a temporary folder)")
     args = parser.parse_args()
-    make_data(args.out / "data")
-    table = cases(args.out / "data")
+    if args.out is None and not args.smoke:
+        parser.error("--out is required")
+    with tempfile.TemporaryDirectory(prefix="bench-divergence-") as tmp:
+        run(args, args.out or Path(tmp))
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
+    make_data(out / "data")
+    table = cases(out / "data")
     recipes = ["mnist1d"] if args.smoke else args.recipes.split(",")
     seeds, steps = (1, WINDOW + 5) if args.smoke else (args.seeds, args.steps)
     summary = {}
@@ -128,19 +136,22 @@ def main() -> None:
         kinds = [("diverging", [f"optim.base_lr={lr * args.factor:g}"])]
         for kind, extra in [("healthy", [])] * args.healthy + kinds:
             for seed in range(seeds):
-                out = args.out / f"{recipe}-{kind}-{seed}"
-                got = one([*overrides, *extra], out, steps, seed)
-                summary[out.name] = got
+                run_dir = out / f"{recipe}-{kind}-{seed}"
+                got = one([*overrides, *extra], run_dir, steps, seed)
+                summary[run_dir.name] = got
                 stop = "-" if got["stopped"] is None else str(got["stopped"])
                 print(
                     f"{recipe:<14} {kind:<10} {seed:>4} {got['code']:>4} {stop:>10} "
                     f"{got['rule'] or '-':>10} {got['ratio']:>10.3g}",
                     flush=True,
                 )
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     healthy_stopped = [k for k, v in summary.items() if "healthy" in k and v["code"] != 0]
     if healthy_stopped:
         sys.exit(f"healthy runs that did not finish: {healthy_stopped}")
+    broken = [k for k, v in summary.items() if v["code"] not in (0, 4)]  # 4: stopped, diverged
+    if args.smoke and broken:
+        sys.exit(f"runs that failed (not 0, not diverged): {broken}")
 
 
 if __name__ == "__main__":

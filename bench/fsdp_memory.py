@@ -18,6 +18,8 @@ with. On CUDA (--device cuda, one process per GPU, NCCL) the allocator's own pea
     python -m torch.distributed.run --nproc_per_node 2 bench/fsdp_memory.py --micro 8 \\
         [--json OUT] -- +recipe=gpt_small model.layers=6 ... [trainer.oom_recovery=false]
 
+    python bench/fsdp_memory.py --smoke   # seconds: itself on 2 gloo ranks, a 2 x 32 GPT, 2 steps
+
 micro_batch stays auto (the probe runs) with max_micro_batch=--micro, which must be what the
 cap allows. Rank 0 prints one JSON line: per rank the measured peak, the predictions (measured
 probe and estimate) with and without the sharding credit, and the plan's memory row.
@@ -28,6 +30,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -93,14 +97,27 @@ class _Meter:
         return sum(d["Total"] for d in self.tracker.get_tracker_snapshot("peak").values())
 
 
+SMOKE_GPT = ["+recipe=gpt_small", "model.layers=2", "model.width=32", "model.heads=2"]
+SMOKE_GPT += ["data.seq_len=16", "global_batch=8"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--micro", type=int, required=True)
+    parser.add_argument("--micro", type=int, help="required but with --smoke")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", default="")
+    parser.add_argument("--smoke", action="store_true", help="2 ranks, a 2 x 32 GPT, 2 steps")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.smoke and "LOCAL_RANK" not in os.environ:  # not started by torchrun: start 2 ranks
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+        sys.exit(subprocess.run([*run, "2", __file__, *sys.argv[1:]]).returncode)
+    if args.smoke:  # micro-batch 2 x accumulation 2 per rank
+        args.micro, args.steps = 2, 2
+        args.overrides = SMOKE_GPT + args.overrides
+    if args.micro is None:
+        parser.error("--micro is required")
 
     from launcher.backends.fsdp import FsdpBackend
     from launcher.config.compose import compose_run

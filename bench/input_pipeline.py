@@ -16,6 +16,7 @@ from the end of that first wave to the last batch read. The training process onl
 model, no copy to a device); its own core is not among the workers' unless the workers take all.
 
     python bench/input_pipeline.py [--images 1024] [--workers 1,2,16] [--seconds 10] [--out x.json]
+    python bench/input_pipeline.py --smoke   # seconds: 32 small JPEGs, workers 0 and 1, 0.5 s each
 """
 
 from __future__ import annotations
@@ -124,7 +125,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=200, help="passes the sampler may make")
     parser.add_argument("--root", type=Path, help="an existing ImageFolder root (no JPEGs made)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="32 JPEGs of 64 x 48, 0.5 s a count")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.classes, args.width, args.height = 32, 2, 64, 48
+        args.batch, args.workers, args.seconds = 4, "0,1", 0.5
     counts = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root

@@ -13,12 +13,14 @@ Ground truth: the largest micro-batch whose real step fits, found by bisection o
     python bench/memory_finder.py [--budget-mib 256] [--image 32] [--arch resnet18]
     python bench/memory_finder.py --device cuda --budget-mib 8192 --image 224 --arch resnet50 \\
         --precision bf16 --start 256        (on a GPU: bench/gpu_check.sh)
+    python bench/memory_finder.py --smoke   # seconds: a 200 MiB budget, Lightning 3 trials
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import tempfile
 import time
@@ -32,7 +34,7 @@ from launcher.config.compose import compose_run
 from launcher.data import data_spec
 from launcher.data.synthetic import SyntheticDataset
 from launcher.memory.probe import _step, measured_cap
-from launcher.memory.profile import StorageMeter
+from launcher.memory.profile import StorageMeter, is_oom
 from launcher.planning.plan import PlanInput, plan_batch
 from launcher.training.job import on_device
 
@@ -66,10 +68,6 @@ def setup(args: argparse.Namespace, cache: str):
     )
     cfg = on_device(cfg, "cuda" if args.device.startswith("cuda") else "cpu")
     return cfg, data_spec(cfg.data), plan_batch(PlanInput(cfg, 1, 1_281_167))
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 def trial(cfg, spec, plan, device: str, budget: int, n: int) -> None:
@@ -129,7 +127,7 @@ def accelerate_finder(cfg, spec, plan, device: str, budget: int, start_size: int
     return {"found": found, "steps": len(trials), "seconds": time.perf_counter() - start}
 
 
-def lightning_finder(cfg, spec, plan, device: str, budget: int) -> dict:
+def lightning_finder(cfg, spec, plan, device: str, budget: int, trials: int = 25) -> dict:
     import lightning as L
     from lightning.pytorch.tuner import Tuner
 
@@ -171,7 +169,7 @@ def lightning_finder(cfg, spec, plan, device: str, budget: int) -> dict:
         start = time.perf_counter()
         with BudgetedMeter(budget) if device == "cpu" else nullcontext():
             module = Module()  # parameters live on the virtual device too
-            found = Tuner(trainer).scale_batch_size(module, mode="binsearch", max_trials=25)
+            found = Tuner(trainer).scale_batch_size(module, mode="binsearch", max_trials=trials)
         seconds = time.perf_counter() - start
     return {"found": found, "steps": len(steps), "seconds": seconds}
 
@@ -192,11 +190,19 @@ def main() -> None:
         "on a GPU the launcher's default 0.5 covers the allocator's)",
     )
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="200 MiB, --start 64, 3 trials")
     args = parser.parse_args()
+    trials = 25  # Lightning's
+    if (
+        args.smoke
+    ):  # ResNet-18 holds ~146 MiB at any size; Lightning failed outside its trials at 165
+        args.budget_mib, args.start, trials = 200, 64, 3
     budget = int(args.budget_mib * MIB)
     device = args.device
     if device == "cpu":
-        torch.set_num_threads(2)
+        torch.set_num_threads(
+            1 if args.smoke else 2
+        )  # smoke: 2 threads on a busy machine: 4x slower
         where = f"budget {args.budget_mib:g} MiB of counted tensor bytes (virtual device)"
     else:  # a real allocator limit: out of memory where the budget ends
         torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.mem_get_info()[1])
@@ -220,9 +226,12 @@ def main() -> None:
                 cfg, spec, plan, device, budget, args.start
             ),
             "lightning Tuner.scale_batch_size(binsearch)": lambda: lightning_finder(
-                cfg, spec, plan, device, budget
+                cfg, spec, plan, device, budget, trials
             ),
         }
+        if args.smoke and importlib.util.find_spec("lightning") is None:
+            del methods["lightning Tuner.scale_batch_size(binsearch)"]
+            print("smoke: Lightning's finder skipped (lightning not installed: the bench extra)")
         rows = {}
         for name, method in methods.items():  # each row as soon as it is known
             r = rows[name] = method()

@@ -13,6 +13,7 @@ vary by 10-20% on a shared VM, the meter's own work is timed in isolation on the
 gradients (a local norm, the global norm, a tenth of a flush) against one training step.
 
     python bench/noise_overhead.py [--epochs 5] [--repeats 7]
+    python bench/noise_overhead.py --smoke   # seconds: 1 epoch, 1 repeat, 20 meter calls
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help="1 epoch, 1 repeat, 20 meter calls")
     args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.repeats = 1, 1
     torch.set_num_threads(1)
     base = ["global_batch=512", f"trainer.epochs={args.epochs}"]
     configs = {
@@ -64,7 +68,7 @@ def main() -> None:
             f"{k:>27}: median {statistics.median(v):.3f} s, {rate[k]:,.0f} samples/s, "
             f"ratio to off {rate[k] / base:.3f} (runs: {', '.join(f'{t:.3f}' for t in v)})"
         )
-    work, step = meter_cost(configs["512x1 on"], splits, backend)
+    work, step = meter_cost(configs["512x1 on"], splits, backend, 20 if args.smoke else 2000)
     print(
         f"meter work per measured step {work * 1e6:.0f} us, a training step at 512x1 "
         f"{step * 1e3:.2f} ms: {work / step:.2%} when every step is measured, "

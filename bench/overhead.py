@@ -17,11 +17,13 @@ checkpoints: what their loops add is what is measured.
 per step: (median with it - median without it) / steps.
 
     python bench/overhead.py [--epochs 5] [--repeats 5] [--clock wall|cpu] [--peers] [--features]
+    python bench/overhead.py --smoke   # seconds: 1 epoch, 1 repeat, --features, the installed peers
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import tempfile
@@ -228,7 +230,10 @@ def main() -> None:
     parser.add_argument(
         "--features", action="store_true", help="also the launcher with each feature off"
     )
+    parser.add_argument("--smoke", action="store_true", help="1 epoch, 1 repeat, all sides")
     args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.repeats, args.peers, args.features = 1, 1, True, True
     global _clock
     _clock = CLOCK[args.clock]
     torch.set_num_threads(1)
@@ -239,6 +244,9 @@ def main() -> None:
     backend = AccelerateBackend(cfg, "cpu")
     times: dict[str, list[float]] = {"hand-written": [], "launcher": []}
     peers = {"accelerate": accelerate_loop, "lightning": lightning_loop} if args.peers else {}
+    if args.smoke and importlib.util.find_spec("lightning") is None:
+        del peers["lightning"]
+        print("smoke: the Lightning loop skipped (lightning not installed: the bench extra)")
     curve = (plan.steps, plan.lr, plan.warmup_samples, plan.total_samples)
     without = FEATURES if args.features else ()
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ Runs the real CLI (`python -m launcher ...`) for each config and seed, two proce
 (one torch thread each), and prints a markdown table of final test accuracy.
 
     python bench/quality.py [--seeds 0 1 2] [--epochs 20] [--only B2048] [--out FILE.json]
+    python bench/quality.py --smoke   # seconds: B512 and B2048, seed 0, 0.1 epoch (a few steps)
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=20)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--only", default="", help="run the configs whose name contains this")
+    parser.add_argument("--smoke", action="store_true", help="B512, B2048: seed 0, 0.1 epoch")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.epochs = [0], 0.1
     configs = {k: v for k, v in CONFIGS.items() if args.only in k}
+    if args.smoke:  # two at a time, as always; the B2048 run swaps to LAMB
+        configs = {k: v for k, v in configs.items() if "default policy" in k}
     jobs = [(name, ov, s) for name, ov in configs.items() for s in args.seeds]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
         accs = list(pool.map(lambda j: run_one(*j, args.epochs, Path(tmp)), jobs))

@@ -3,6 +3,7 @@ accuracy, over seeds, in one run on one machine (issue 18, part 2).
 
     python bench/ramp.py --out /tmp/ramp --seeds 3 --target 0.97 --jobs 2 \
         --fixed 32,64,128,256,512,1024,2048 --adaptive 512:1,512:0.25,2048:1 [-- overrides]
+    python bench/ramp.py --smoke   # seconds: fixed 512 and adaptive 32 -> 512, seed 0, 0.5 epoch
 
 Every configuration is one `python -m launcher -m seed=0,...` sweep of the recipe, evaluated
 every trainer.eval_every_epochs=0.25 (checkpoints, TensorBoard and the progress bar off; the noise
@@ -21,6 +22,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,15 +56,27 @@ def sweep(name: str, args: list[str], seeds: int, out: Path, target: float) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="required but with --smoke (a temporary folder)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--fixed", default="32,64,128,256,512,1024,2048")
     parser.add_argument("--adaptive", default="512:1,512:0.25,2048:1")
     parser.add_argument("--start", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="fixed 512, adaptive 512:1, 0.5 epoch")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.out is None and not args.smoke:
+        parser.error("--out is required")
+    if args.smoke:  # the adaptive run's first stages: 32 samples a step, min_steps 5
+        args.seeds, args.fixed, args.adaptive, args.target = 1, "512", "512:1", 0.5
+        args.overrides = [*args.overrides, "trainer.epochs=0.5", "ramp.min_steps=5"]
+    with tempfile.TemporaryDirectory(prefix="bench-ramp-") as tmp:
+        args.out = args.out or Path(tmp)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     configs = {f"fixed-{b}": [f"global_batch={b}"] for b in args.fixed.split(",") if b}
     for spec in filter(None, args.adaptive.split(",")):
@@ -92,6 +106,11 @@ def main() -> None:
             f"{finals} | {ramp} |"
         )
     (args.out / "summary.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    failed = [name for name, runs in results.items() if any(not r["final"] for r in runs)]
+    if args.smoke and failed:  # a run without an evaluation: its sweep failed
+        for name in failed:
+            print((args.out / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+        sys.exit(f"runs without an evaluation: {failed}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the final evaluation loss's max (the worst seed) and mean.
         --out /tmp/seeds [-- launcher overrides, e.g. optim.clip_grad_norm=1.0]
     python bench/seeds.py --metric loss --batches 16,256 --seeds 3 --out /tmp/gpt -- \
         +recipe=gpt_small ...   # another recipe: its overrides after --
+    python bench/seeds.py --smoke   # seconds: batch 512, seeds 0-1, 0.1 epoch, a temporary --out
 
 One `python -m launcher -m seed=0,...` sweep per batch (`--jobs` of them at a time; the recipe's
 trainer.cpu_threads=1 keeps them from sharing a core); checkpoints, TensorBoard and the progress
@@ -24,6 +25,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,10 +56,22 @@ def main() -> None:
     parser.add_argument("--batches", default="32,64,128,256,512,1024,2048")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="required but with --smoke (a temporary folder)")
     parser.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
+    parser.add_argument("--smoke", action="store_true", help="batch 512, 2 seeds, 0.1 epoch")
     parser.add_argument("overrides", nargs="*", help="launcher overrides (after --)")
     args = parser.parse_args()
+    if args.out is None and not args.smoke:
+        parser.error("--out is required")
+    if args.smoke:
+        args.batches, args.seeds = "512", 2
+        args.overrides = [*args.overrides, "trainer.epochs=0.1"]
+    with tempfile.TemporaryDirectory(prefix="bench-seeds-") as tmp:
+        args.out = args.out or Path(tmp)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     extra = args.overrides
@@ -79,6 +93,11 @@ def main() -> None:
         print(f"| {batch} | {show(worst(values))} | {show(statistics.mean(values))} | {per_seed} |")
     summary = {"overrides": args.overrides, args.metric: {str(b): a for b, a in results.items()}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    failed = [b for b, values in results.items() if 0.0 in values or math.inf in values]
+    if args.smoke and failed:  # a run that failed counts as accuracy 0 (loss inf)
+        for batch in failed:
+            print((args.out / f"b{batch}.log").read_text()[-3000:], file=sys.stderr)
+        sys.exit(f"runs failed at global batch {failed}")
 
 
 if __name__ == "__main__":

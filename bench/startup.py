@@ -12,6 +12,7 @@ plan_only commands run from another checkout of the launcher (DIR first on PYTHO
 worktree of an older commit), alternating with this one's in the same minutes.
 
     python bench/startup.py [--repeats 9] [--clock wall|cpu] [--other DIR] [-- LAUNCHER ARGS ...]
+    python bench/startup.py --smoke   # seconds: one repeat, no warm-up runs
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--other", help="another checkout's root, measured alternating")
+    parser.add_argument("--smoke", action="store_true", help="one repeat, no warm-up")
     parser.add_argument("args", nargs="*", help="more launcher arguments (after --)")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     global CLOCK
     CLOCK = args.clock
     floor = [sys.executable, "-c", "import torch"]
@@ -74,16 +78,18 @@ def main() -> None:
                 *args.args,
             ]
 
-        wall(floor, tmp)  # warm the file cache for all three and fill the shared memory cache
-        for side, env in sides.items():
-            wall(launcher(f"{side}warm", f"{side}cache"), tmp, env)
+        if not args.smoke:  # (smoke: each cached run reads its cold run's cache)
+            wall(floor, tmp)  # warm the file cache for all three and fill the shared memory cache
+            for side, env in sides.items():
+                wall(launcher(f"{side}warm", f"{side}cache"), tmp, env)
         for i in range(args.repeats):
             times["import torch"].append(wall(floor, tmp))
             for side, env in sides.items():
                 label = f"{side}: " if side else ""
                 cold = launcher(f"{side}cold{i}", f"{side}cold-cache{i}")
                 times[f"{label}plan_only, cold"].append(wall(cold, tmp, env))
-                cached = launcher(f"{side}run{i}", f"{side}cache")
+                cache = f"{side}cold-cache{i}" if args.smoke else f"{side}cache"
+                cached = launcher(f"{side}run{i}", cache)
                 times[f"{label}plan_only"].append(wall(cached, tmp, env))
     for name, runs in times.items():
         print(

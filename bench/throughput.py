@@ -62,6 +62,8 @@ time, each headed by its run's seconds under the profiler.
     python bench/throughput.py --device cpu --arch resnet18 --image 64 --batch 16 --steps 4  # smoke
     python bench/throughput.py --device cpu --model gpt --layers 2 --width 64 --heads 2 --seq 64 \
         --batch 8 --steps 6 --repeats 2  # smoke
+    python bench/throughput.py --smoke   # seconds: a ResNet-18 and a 1-layer GPT, 2 steps, 1
+                                         # repeat each, --profile into a temporary folder
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -321,7 +324,28 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=Path, help="profiler tables of one more run per side")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="both models at tiny sizes")
     args = parser.parse_args()
+    if not args.smoke:
+        run(parser, args)
+        return
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine: 3x slower
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        for model, sizes in SMOKE.items():  # the sizes after the command line's flags: they win
+            profile = ["--profile", str(Path(tmp, f"{model}.txt"))]
+            run(parser, parser.parse_args([*sys.argv[1:], *sizes, *profile]))
+
+
+SMOKE = {  # --smoke: each model at a tiny size, 2 steps, 1 repeat
+    "resnet": ["--model", "resnet", "--arch", "resnet18", "--image", "32", "--batch", "4"],
+    "gpt": ["--model", "gpt", "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16"]
+    + ["--batch", "2"],
+}
+for _sizes in SMOKE.values():
+    _sizes += ["--steps", "2", "--repeats", "1"]
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     gpt = args.model == "gpt"
     if args.batch is None:
         args.batch = 16 if gpt else 256
