@@ -193,16 +193,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="200 MiB, --start 64, 3 trials")
     args = parser.parse_args()
     trials = 25  # Lightning's
-    if (
-        args.smoke
-    ):  # ResNet-18 holds ~146 MiB at any size; Lightning failed outside its trials at 165
+    if args.smoke:  # ResNet-18 holds ~146 MiB at any size; Lightning failed at 165 MiB
         args.budget_mib, args.start, trials = 200, 64, 3
     budget = int(args.budget_mib * MIB)
     device = args.device
     if device == "cpu":
-        torch.set_num_threads(
-            1 if args.smoke else 2
-        )  # smoke: 2 threads on a busy machine: 4x slower
+        torch.set_num_threads(1 if args.smoke else 2)  # smoke: 2 on a busy machine: 4x slower
         where = f"budget {args.budget_mib:g} MiB of counted tensor bytes (virtual device)"
     else:  # a real allocator limit: out of memory where the budget ends
         torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.mem_get_info()[1])
@@ -215,8 +211,6 @@ def main() -> None:
             f"{args.arch}, 3x{args.image}x{args.image}, SGD, precision {args.precision}, {where}; "
             f"true largest micro-batch {truth} ({truth_steps} real steps to find)"
         )
-        print("| method | micro-batch found | / true | training steps run | wall s | fits? |")
-        print("|---|---|---|---|---|---|", flush=True)
         methods = {
             "launcher (probe: 2 traces + verify)": lambda: launcher_probe(cfg, spec, plan, device),
             "launcher, cached (a requeue or resume)": lambda: launcher_probe(
@@ -232,6 +226,8 @@ def main() -> None:
         if args.smoke and importlib.util.find_spec("lightning") is None:
             del methods["lightning Tuner.scale_batch_size(binsearch)"]
             print("smoke: Lightning's finder skipped (lightning not installed: the bench extra)")
+        print("| method | micro-batch found | / true | training steps run | wall s | fits? |")
+        print("|---|---|---|---|---|---|", flush=True)
         rows = {}
         for name, method in methods.items():  # each row as soon as it is known
             r = rows[name] = method()
