@@ -56,9 +56,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(args.repeats):
         for name, cfg in configs.items():
-            times[name].append(
-                launcher_loop(cfg, splits, backend, None, plans[name].noise != "off")
-            )
+            times[name].append(launcher_loop(cfg, splits, backend, None))  # meter: the plan's mode
     steps = plans["512x1 off"].steps
     print(f"{steps} steps at global batch 512 per run, {args.repeats} repeats, 1 thread")
     rate = {k: steps * 512 / statistics.median(v) for k, v in times.items()}
