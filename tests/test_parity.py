@@ -42,9 +42,10 @@ def backend() -> AccelerateBackend:
 
 
 def _train_in_process(
-    backend, micro_batch: int, optim: str, oom_recovery: bool = True
+    backend, micro_batch: int, optim: str, oom_recovery: bool = True, fails: Exception | None = None
 ) -> dict[str, torch.Tensor]:
-    """Six optimizer steps of the real loop on fixed random data, float64."""
+    """Six optimizer steps of the real loop on fixed random data, float64. `fails`: raised by
+    a training forward of more than 16 samples (a device that holds no more)."""
     cfg = composed(
         ["model=mlp", "global_batch=64", f"micro_batch={micro_batch}", f"optim={optim}"]
         + ["optim.ref_batch=32", "trainer.epochs=1", "schedule.warmup_epochs=0.5"]
@@ -55,6 +56,13 @@ def _train_in_process(
     assert plan.steps == 6 and plan.micro_batch == micro_batch
     torch.manual_seed(0)
     model = build_model(cfg.model, _spec()).double()
+    if fails is not None:
+
+        def full(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if module.training and len(args[0]) > 16:
+                raise fails
+
+        model.register_forward_pre_hook(full)
     optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
     model, optimizer = backend.prepare(model, optimizer, plan)
     sink = MetricsSink(None, total_steps=plan.steps, tensorboard=False, progress=False)
@@ -86,6 +94,27 @@ def test_accumulation_matches_one_big_batch(backend, optim: str) -> None:
             torch.testing.assert_close(accumulated[name], ref, atol=TOL, rtol=0, msg=name)
     start = {k: v for k, v in _init_params().items()}
     assert any((big[k] - start[k]).abs().max() > 1e-3 for k in start), "training did not move"
+
+
+CPU_OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8388608 bytes."
+
+
+def test_an_out_of_memory_error_in_any_form_re_splits_and_matches_one_big_batch(backend) -> None:
+    """An out-of-memory error however the limit is imposed (torch's OutOfMemoryError, the CPU
+    allocator's RuntimeError, CUDA's text: memory/profile.py is_oom) halves the micro-batch of
+    64 until 16 fits, and the run learns what one batch of 64 learns; another RuntimeError ends
+    the run as raised."""
+    big = _train_in_process(backend, 64, "sgd", oom_recovery=False)
+    for error in (
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+        RuntimeError(CPU_OOM),
+        RuntimeError("CUDA error: out of memory"),
+    ):
+        resplit = _train_in_process(backend, 64, "sgd", fails=error)
+        for name, ref in big.items():
+            torch.testing.assert_close(resplit[name], ref, atol=TOL, rtol=0, msg=name)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"):
+        _train_in_process(backend, 64, "sgd", fails=RuntimeError("mat1 and mat2 shapes differ"))
 
 
 def _init_params() -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from launcher import faults, log
 from launcher.batchsize.meter import NoiseMeter
 from launcher.data.batches import call, rows, to_device
+from launcher.memory.profile import is_oom
 from launcher.models.outputs import logits_of
 from launcher.planning.schedule import lr_at
 from launcher.planning.split import shrink_micro_batch
@@ -217,9 +218,6 @@ def _checked(
     return Skipped(flags, loss) if any(flags) else loss
 
 
-OOM_ERRORS = (torch.OutOfMemoryError,)
-
-
 def _step_or_oom(
     t: Trainee,
     batches: Iterator[Any],
@@ -240,7 +238,9 @@ def _step_or_oom(
     loss: torch.Tensor | None
     try:
         loss = accumulate(t, batches, plan, False, hook, meter, split)
-    except OOM_ERRORS:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_oom(exc):  # out of memory however the limit is imposed (profile.is_oom)
+            raise
         loss = None
     outcome = _checked(t, plan, meter, loss, settings)
     if isinstance(outcome, list):  # out of memory on these ranks: drop the partial step

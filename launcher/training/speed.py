@@ -22,8 +22,8 @@ import torch
 
 from launcher.data import as_source, first_samples
 from launcher.data.batches import call, rows, to_device
+from launcher.memory.profile import is_oom
 from launcher.models.outputs import logits_of
-from launcher.training.loop import OOM_ERRORS
 from launcher.types.backend import Backend
 from launcher.types.bundles import Loss
 from launcher.types.plan import BatchPlan
@@ -83,7 +83,9 @@ def time_micro_steps(
                     p.grad = None
             timed[size] = runs[1:]
             seconds[size] = statistics.median(runs[1:])
-    except OOM_ERRORS:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_oom(exc):
+            raise
         failed = size
         for p in module.parameters():
             p.grad = None
