@@ -121,6 +121,17 @@ def finite_or_none(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _add_scalars(writer: SummaryWriter, tags: dict[str, float], x: int) -> None:
+    """The line's scalars as one TensorBoard event at x, each as add_scalar writes it (a
+    Summary value with `simple_value`): one event and one queue item per line instead of one
+    per scalar (add_scalar costs ~43 us each here, its writer thread's work included)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = [Summary.Value(tag=tag, simple_value=float(v)) for tag, v in tags.items()]
+    file_writer: Any = writer._get_file_writer()  # type: ignore[no-untyped-call]  # add_scalar's
+    file_writer.add_summary(Summary(value=values), global_step=x)
+
+
 class MetricsSink:
     """Writes what the loop reports. On ranks other than 0 every method does nothing. A restart
     at `resume_step` drops the lines and TensorBoard events of later steps (the checkpoint it
@@ -215,12 +226,11 @@ class MetricsSink:
             if k not in ("step", "samples") and isinstance(v, (int, float)) and "step" in record
         }
         if self._tb is not None and "samples" in record:
+            tags = {tensorboard_tag(key): value for key, value in scalars.items()}
+            if "loss" in record:
+                tags["train/step"] = record["step"]
             with _written("TensorBoard events in", self._tb.log_dir):  # its thread's error too
-                for key, value in scalars.items():
-                    self._tb.add_scalar(tensorboard_tag(key), value, global_step=record["samples"])
-                if "loss" in record:
-                    step, samples = record["step"], record["samples"]
-                    self._tb.add_scalar("train/step", step, global_step=samples)
+                _add_scalars(self._tb, tags, record["samples"])
         if scalars:
             for tracker in self._trackers:
                 tracker.log(scalars, step=record["step"])
