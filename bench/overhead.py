@@ -96,6 +96,89 @@ def launcher_loop(cfg, splits, backend, run_dir: Path | None, off: tuple[str, ..
     return elapsed
 
 
+def timed_calls(cfg, splits, backend, plan, run_dir: Path, calls: int) -> dict[str, float]:
+    """Each feature's own per-step work timed alone (the median of `calls` timings, each after a
+    fresh backward where the feature reads gradients, as in the loop), in ms per training step:
+    what the whole-loop differences measure too, without the loop's run-to-run spread.
+    - noise meter: a split step (two half micro-batches and the first half's norm) minus a plain
+      one, over `trainer.noise_split_every` steps, plus its per-log-line flush over `log_every`;
+    - health check: Health.bits with the gradients and the clip that reuses their norms, minus
+      the clip alone (which computes them itself);
+    - tensorboard: metrics lines with TensorBoard minus without (timed as a batch: its writer
+      thread serializes after the call returns), over `log_every`;
+    - oom-safe step: on one process it runs nothing the plain step does not (no_sync, the
+      reduction and the flag gather are the same no-ops), so it is not timed here."""
+    from launcher.backends.accelerate import clip
+    from launcher.batchsize.meter import squared_norm
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, splits.spec)
+    optimizer = build_optimizer(plan.optimizer, cfg.optim, model, plan.lr, plan.weight_decay)
+    model, optimizer = backend.prepare(model, optimizer, plan)
+    x, y = splits.train.x[:512], splits.train.y[:512]
+    t = cfg.trainer
+
+    def pieces(n: int) -> None:
+        for i in range(0, 512, 512 // n):
+            loss = F.cross_entropy(model(x[i : i + 512 // n]), y[i : i + 512 // n], reduction="sum")
+            backend.backward(loss)
+            if n == 2 and i == 0:
+                squared_norm(model)
+
+    def median_ms(work, before=None) -> float:
+        spent = []
+        for _ in range(calls):
+            if before is not None:
+                before()
+            start = time.process_time()
+            work()
+            spent.append(time.process_time() - start)
+            optimizer.zero_grad(set_to_none=True)
+        return statistics.median(spent) * 1e3
+
+    split = median_ms(lambda: pieces(2)) - median_ms(lambda: pieces(1))
+    meter = NoiseMeter(backend, t.noise_window * plan.total_samples, t.noise_split_every)
+
+    def flush() -> None:
+        meter.start_step(0, plan)
+        pieces(2)
+        meter.backward_done(model, plan, 0, 0, 256.0)
+        meter.reduced(model, plan)
+
+    flush_ms = median_ms(meter.flush, before=flush)
+    health = Health(t.spike_factor, t.diverge_factor)
+    loss = torch.tensor(2.3)
+    most = cfg.optim.clip_grad_norm
+    params = list(model.parameters())
+
+    def checked() -> None:
+        health.bits(loss, model, True)
+        if most:
+            clip(params, most, health.norms)
+
+    bits = median_ms(checked, before=lambda: pieces(1))
+    if most:
+        bits -= median_ms(lambda: clip(params, most, None), before=lambda: pieces(1))
+    record = {"step": 1, "samples": 512, "epoch": 0.01, "global_batch": 512, "loss": 2.3}
+    record |= {"lr": 0.1, "samples_per_s": 9e4, "train_s": 1.0, "data_wait": 0.01}
+    record |= {"grad_sq": 0.1, "grad_trace": 10.0, "noise_scale": 100.0}
+    lines = {}
+    for tensorboard in (False, True):
+        folder = run_dir / f"tensorboard-{tensorboard}"
+        folder.mkdir(parents=True)
+        sink = MetricsSink(folder, total_steps=10**6, tensorboard=tensorboard, progress=False)
+        start = time.process_time()
+        for _ in range(calls):
+            sink.log(record)
+        sink.close()  # its events written
+        lines[tensorboard] = (time.process_time() - start) / calls * 1e3
+    return {
+        "noise meter": split / t.noise_split_every + flush_ms / t.log_every,
+        "health check": bits,
+        "tensorboard": (lines[True] - lines[False]) / t.log_every,
+    }
+
+
 def handwritten_loop(cfg, splits, steps: int, peak: float, warmup: int, total: int) -> float:
     """What one would write by hand: a permutation per epoch, index tensors, cosine with
     warmup, the recipe's gradient clipping, SGD; returns seconds."""
@@ -260,6 +343,7 @@ def main() -> None:
                 run_dir = Path(tmp) / f"{r}-{feature.replace(' ', '-')}"
                 seconds = launcher_loop(cfg, splits, backend, run_dir, (feature,))
                 times.setdefault(f"- {feature}", []).append(seconds)
+        alone = timed_calls(cfg, splits, backend, plan, Path(tmp), 200) if without else {}
     samples = plan.steps * 512
     rate = {k: samples / statistics.median(v) for k, v in times.items()}
     print(
@@ -280,10 +364,12 @@ def main() -> None:
     step_ms = statistics.median(times["launcher"]) / plan.steps * 1e3
     for feature in without:
         cost = statistics.median(times["launcher"]) - statistics.median(times[f"- {feature}"])
-        print(
-            f"{feature:>14}: {cost / plan.steps * 1e3:+.3f} ms per step "
-            f"({cost / plan.steps * 1e3 / step_ms:+.1%} of the default step's {step_ms:.2f} ms)"
-        )
+        ms = cost / plan.steps * 1e3
+        line = f"{feature:>14}: {ms:+.3f} ms per step ({ms / step_ms:+.1%} of {step_ms:.2f} ms)"
+        if feature in alone:
+            line += f"; its calls timed alone: {alone[feature]:.3f} ms per step"
+            line += f" ({alone[feature] / step_ms:.1%})"
+        print(line)
 
 
 if __name__ == "__main__":
